@@ -1,0 +1,75 @@
+"""The ASGI application: a thin dispatcher in front of the pipeline.
+
+Pure ASGI on the hot path (no framework work per proxied request). Health, readiness and
+metrics are answered here; the admin API and dashboard are mounted as a Starlette app when
+present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sluicegate.gateway import Gateway
+from sluicegate.proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
+from sluicegate.proxy.errors import GatewayError
+
+log = logging.getLogger("sluicegate.app")
+
+ASGIApp = Any
+
+
+class GatewayApp:
+    """``create_app(gateway)``: routes ``/openai/…`` and ``/deployments/…`` to the pipeline."""
+
+    def __init__(self, gateway: Gateway, admin_app: ASGIApp | None = None) -> None:
+        self.gateway = gateway
+        self.pipeline = gateway.pipeline
+        self.admin_app = admin_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith(("/openai/", "/deployments/")):
+                await self.pipeline(scope, receive, send)
+            elif path == "/healthz":
+                await send_json(send, 200, {"status": "ok"})
+            elif path == "/readyz":
+                ok = await asyncio.to_thread(self.gateway.ready)
+                await send_json(
+                    send, 200 if ok else 503, {"status": "ok" if ok else "storage unreachable"}
+                )
+            elif path == "/metrics" and self.gateway.config.metrics.enabled:
+                self.gateway.update_ledger_metrics()
+                body = self.gateway.metrics.render()
+                await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4")])
+            elif self.admin_app is not None and path.startswith(("/admin", "/dashboard")):
+                await self.admin_app(scope, receive, send)
+            else:
+                await send_error(send, GatewayError(404, "404", "Resource not found"), [])
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.start()
+                except Exception as exc:
+                    log.exception("the gateway could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.gateway.stop()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(gateway: Gateway) -> GatewayApp:
+    return GatewayApp(gateway)

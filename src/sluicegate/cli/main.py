@@ -1,0 +1,289 @@
+"""``sluicegate`` — the command line: serve | demo | config check | keys | usage | simulate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sluicegate.config.loader import ConfigError, environment_problems, load_config
+from sluicegate.config.model import GatewayConfig
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="sluicegate: a gateway for Azure OpenAI."
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check a configuration file.")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage subscriptions and their keys.")
+usage_app = typer.Typer(no_args_is_help=True, help="Usage reports from the ledger.")
+app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
+app.add_typer(usage_app, name="usage")
+
+ConfigOpt = Annotated[
+    Path,
+    typer.Option("--config", "-c", envvar="SLUICEGATE_CONFIG", help="Path of gateway.yaml."),
+]
+
+
+def _load(path: Path) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(exc.explain(), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = Path("gateway.yaml"),
+    host: Annotated[str | None, typer.Option(help="Override listen.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override listen.port.")] = None,
+) -> None:
+    """Run the gateway in the foreground (SIGTERM stops it gracefully)."""
+    cfg = _load(config)
+    problems = environment_problems(cfg, dict(os.environ))
+    if problems:
+        typer.echo(f"{config}: cannot start:", err=True)
+        for p in problems:
+            typer.echo(f"  {p}", err=True)
+        raise typer.Exit(2)
+    from sluicegate.server import serve as run
+
+    raise typer.Exit(run(cfg, host=host, port=port))
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to check")]) -> None:
+    """Validate a configuration file; every problem is printed with its location."""
+    cfg = _load(path)
+    warnings = environment_problems(cfg, dict(os.environ))
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(
+        f"{path}: ok ({len(cfg.backends)} backends, {len(cfg.deployments)} deployments, "
+        f"{len(cfg.products)} products, mode {cfg.mode})"
+    )
+
+
+def _admin(config: Path):  # type: ignore[no-untyped-def]
+    from sluicegate.cli.context import open_admin
+
+    return open_admin(_load(config))
+
+
+def _print_sub(data: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        typer.echo(f"{key:>22}: {value}")
+
+
+@keys_app.command("create")
+def keys_create(
+    product: Annotated[str, typer.Option(help="Product the subscription belongs to.")],
+    owner: Annotated[str, typer.Option(help="Team or user that owns it.")],
+    name: Annotated[str, typer.Option(help="Display name.")],
+    config: ConfigOpt = Path("gateway.yaml"),
+    expires_in_days: Annotated[
+        float | None, typer.Option(help="Expire after this many days.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a subscription and print its two keys (shown only this once)."""
+    from sluicegate.admin.service import AdminError, subscription_view
+
+    service = _admin(config)
+    expires = time.time() + expires_in_days * 86400 if expires_in_days else None
+    try:
+        issued = service.create_subscription(
+            product=product, owner=owner, name=name, expires_at=expires
+        )
+    except AdminError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    data = subscription_view(issued.subscription)
+    data["primary_key"] = issued.primary_key
+    data["secondary_key"] = issued.secondary_key
+    _print_sub(data, as_json)
+    if not as_json:
+        typer.echo("\nThe keys are shown only now; store them safely.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    config: ConfigOpt = Path("gateway.yaml"),
+    search: Annotated[str | None, typer.Option(help="Filter by id, name or owner.")] = None,
+    offset: int = 0,
+    limit: int = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List subscriptions (keys are never shown, only their prefixes)."""
+    from sluicegate.admin.service import subscription_view
+
+    subs, total = _admin(config).list(offset=offset, limit=limit, search=search)
+    rows = [subscription_view(s) for s in subs]
+    if as_json:
+        typer.echo(json.dumps({"total": total, "items": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{total} subscription(s)")
+    for col in ("id", "name", "owner", "product", "state", "primary_key_prefix"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            *(str(r[c]) for c in ("id", "name", "owner", "product", "state", "primary_key_prefix"))
+        )
+    Console().print(table)
+
+
+def _state_command(action: str):  # type: ignore[no-untyped-def]
+    def command(
+        subscription_id: Annotated[str, typer.Argument(metavar="ID")],
+        config: ConfigOpt = Path("gateway.yaml"),
+    ) -> None:
+        from sluicegate.admin.service import AdminError
+
+        service = _admin(config)
+        try:
+            sub = getattr(service, action)(subscription_id)
+        except AdminError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"{sub.id}: {sub.state.value}")
+
+    command.__doc__ = f"{action.capitalize()} a subscription."
+    return command
+
+
+for _action in ("suspend", "resume", "cancel"):
+    keys_app.command(_action)(_state_command(_action))
+
+
+@keys_app.command("show")
+def keys_show(
+    subscription_id: Annotated[str, typer.Argument(metavar="ID")],
+    config: ConfigOpt = Path("gateway.yaml"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one subscription."""
+    from sluicegate.admin.service import AdminError, subscription_view
+
+    try:
+        sub = _admin(config).get(subscription_id)
+    except AdminError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    _print_sub(subscription_view(sub), as_json)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    subscription_id: Annotated[str, typer.Argument(metavar="ID")],
+    key: Annotated[str, typer.Option(help="primary or secondary")] = "primary",
+    config: ConfigOpt = Path("gateway.yaml"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Replace one of the two keys; the other keeps working (rotate without downtime)."""
+    from sluicegate.admin.service import AdminError
+
+    if key not in ("primary", "secondary"):
+        typer.echo("error: --key must be primary or secondary", err=True)
+        raise typer.Exit(2)
+    try:
+        issued = _admin(config).rotate(subscription_id, key)  # type: ignore[arg-type]
+    except AdminError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    value = issued.primary_key or issued.secondary_key
+    if as_json:
+        typer.echo(json.dumps({"id": subscription_id, f"{key}_key": value}))
+    else:
+        typer.echo(f"new {key} key for {subscription_id}: {value}\n(shown only now)")
+
+
+def _parse_time(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO date or date-time: {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+@usage_app.command("report")
+def usage_report(
+    config: ConfigOpt = Path("gateway.yaml"),
+    start: Annotated[
+        str | None, typer.Option("--from", help="ISO date/time (UTC), default: 30 days ago")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="ISO date/time (UTC), default: now")
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="subscription|owner|product|deployment|backend|model")
+    ] = "subscription",
+    fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
+) -> None:
+    """Tokens per subscription, owner, product or deployment over a period."""
+    from sluicegate.cli.reporting import print_report
+
+    now = time.time()
+    print_report(
+        _load(config), _parse_time(start, now - 30 * 86400), _parse_time(end, now), by, fmt
+    )
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Simulator YAML.")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8081,
+) -> None:
+    """Run the built-in Azure OpenAI simulator."""
+    from sluicegate.simulator.cli import simulate as run
+
+    raise typer.Exit(run(config, host, port))
+
+
+@app.command()
+def demo(
+    port: int = 8080,
+    sim_port: int = 8081,
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(
+        "var/demo"
+    ),
+) -> None:
+    """Start the simulator and the gateway, create a demo key and print working examples."""
+    from sluicegate.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(port=port, sim_port=sim_port, workdir=workdir))
+
+
+def run() -> None:
+    app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Read ``gateway.yaml``, validate it and explain every error with its location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sluicegate.config.model import GatewayConfig
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``problems`` lists one line per error, each starting
+    with the location in the file (``backends[1].url: …``)."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def explain(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        lines.extend(f"  {p}" for p in self.problems)
+        return "\n".join(lines)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "value_error" and not loc and ": " in msg:
+            # Cross-reference errors already carry their own locations, joined by "; ".
+            problems.extend(msg.split("; "))
+        else:
+            problems.append(f"{_location(loc)}: {msg}")
+    return problems
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate already-parsed YAML data. Raises ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of settings"])
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from exc
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a YAML file. Raises ``ConfigError`` (also for unreadable files and
+    YAML syntax errors, with the line and column)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        raise ConfigError(source, [f"{where}: {getattr(exc, 'problem', exc)}"]) from exc
+    return parse_config(data, source)
+
+
+def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list[str]:
+    """Problems only visible at start: secrets named in the file but missing from the
+    environment. ``config check`` reports them as warnings, ``serve`` refuses to start."""
+    problems: list[str] = []
+    for i, backend in enumerate(config.backends):
+        if backend.auth.type == "api-key" and backend.auth.key_env not in environ:
+            problems.append(
+                f"backends[{i}].auth.key_env: environment variable "
+                f"{backend.auth.key_env} is not set"
+            )
+    if config.mode == "cluster" and config.security.key_secret_env not in environ:
+        problems.append(
+            f"security.key_secret_env: cluster mode needs {config.security.key_secret_env} set "
+            "(the same value on every instance)"
+        )
+    return problems

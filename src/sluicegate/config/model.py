@@ -1,0 +1,196 @@
+"""The declarative configuration: ``gateway.yaml`` as validated pydantic models.
+
+Everything here is data. It is parsed and validated once (``config.loader``) and compiled into
+the runtime objects the gateway uses (``runtime``); nothing reads the environment afterwards,
+except where a model names an environment variable that holds a secret (secrets never need to
+be written into the file).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Seconds to finish in-flight requests after SIGTERM before they are closed.
+    graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
+
+
+class BackendAuthConfig(_Strict):
+    """How the gateway authenticates to a backend.
+
+    ``api-key``: the key is read from the environment variable ``key_env`` at start.
+    ``none``: nothing is added (an OpenAI-compatible server without auth).
+    """
+
+    type: Literal["api-key", "none"] = "api-key"
+    key_env: str | None = None
+    header: str = "api-key"
+
+    @model_validator(mode="after")
+    def _key_env_for_api_key(self) -> BackendAuthConfig:
+        if self.type == "api-key" and not self.key_env:
+            raise ValueError(
+                "auth type api-key needs key_env: the environment variable that holds the key"
+            )
+        return self
+
+
+class TimeoutsConfig(_Strict):
+    connect: float = Field(default=5.0, gt=0)
+    #: Seconds from sending the request to the response's status line and headers.
+    first_byte: float = Field(default=120.0, gt=0)
+    #: Seconds allowed between two chunks of a response body.
+    between_chunks: float = Field(default=60.0, gt=0)
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    auth: BackendAuthConfig = BackendAuthConfig(type="none")
+    kind: Literal["ptu", "paygo", "other"] = "paygo"
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_connections: int = Field(default=256, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        return value.rstrip("/")
+
+
+class DeploymentConfig(_Strict):
+    """A deployment name that clients use, mapped to a backend and its deployment name."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    backend: str
+    backend_deployment: str | None = None
+    #: The model behind it (chooses the tokenizer for estimates), e.g. ``gpt-4o-mini``.
+    model: str | None = None
+
+    @property
+    def upstream_name(self) -> str:
+        return self.backend_deployment or self.name
+
+
+class ProductConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    #: Deployment names this product may use; ``["*"]`` means all.
+    deployments: list[str] = Field(default_factory=lambda: ["*"])
+    #: Limit policy (tokens/requests per minute, quota); see docs/limits.md.
+    limits: dict[str, Any] | None = None
+
+
+class StorageConfig(_Strict):
+    #: ``sqlite:///relative/or/absolute.db`` (default) or ``postgresql://user@host/db``.
+    url: str = "sqlite:///var/sluicegate.db"
+    #: Where records wait on local disk while the database is unreachable.
+    spill_dir: str = "var/spill"
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_seconds: float = Field(default=0.2, gt=0)
+    max_pending: int = Field(default=100_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+
+class RedisConfig(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "sg"
+    fail_mode: Literal["open", "closed"] = "open"
+
+
+class AdminConfig(_Strict):
+    #: Environment variable holding the admin API token.
+    token_env: str = "SLUICEGATE_ADMIN_TOKEN"
+
+
+class SecurityConfig(_Strict):
+    #: Environment variable holding the secret that keys are hashed with. In embedded mode,
+    #: when it is unset, a secret is generated once and kept beside the database.
+    key_secret_env: str = "SLUICEGATE_KEY_SECRET"
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    #: At most this many subscriptions get their own label value; the rest share "other".
+    max_subscription_labels: int = Field(default=200, ge=0)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: One JSON line per request.
+    access_log: bool = True
+
+
+class GatewayConfig(_Strict):
+    mode: Literal["embedded", "cluster"] = "embedded"
+    listen: ListenConfig = ListenConfig()
+    storage: StorageConfig = StorageConfig()
+    redis: RedisConfig | None = None
+    admin: AdminConfig = AdminConfig()
+    security: SecurityConfig = SecurityConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    #: Seconds between checks for subscription changes (every instance sees a change in time).
+    refresh_seconds: float = Field(default=0.5, gt=0, le=5)
+    #: Backend that serves paths under /openai/ the gateway has no route of its own for.
+    passthrough_backend: str | None = None
+    backends: list[BackendConfig] = Field(min_length=1)
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    products: list[ProductConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        errors: list[str] = []
+        backend_names = [b.name for b in self.backends]
+        _duplicates("backends", backend_names, errors)
+        _duplicates("deployments", [d.name for d in self.deployments], errors)
+        _duplicates("products", [p.name for p in self.products], errors)
+        deployment_names = {d.name for d in self.deployments}
+        for i, dep in enumerate(self.deployments):
+            if dep.backend not in backend_names:
+                errors.append(
+                    f"deployments[{i}].backend: unknown backend {dep.backend!r} "
+                    f"(known: {', '.join(backend_names)})"
+                )
+        for i, prod in enumerate(self.products):
+            for name in prod.deployments:
+                if name != "*" and name not in deployment_names:
+                    errors.append(f"products[{i}].deployments: unknown deployment {name!r}")
+        if self.passthrough_backend and self.passthrough_backend not in backend_names:
+            errors.append(f"passthrough_backend: unknown backend {self.passthrough_backend!r}")
+        if self.mode == "cluster":
+            if self.redis is None:
+                errors.append("redis: cluster mode needs a redis section with a url")
+            if self.storage.url.startswith("sqlite"):
+                errors.append("storage.url: cluster mode needs a PostgreSQL url")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def _duplicates(section: str, names: list[str], errors: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            errors.append(f"{section}[{i}].name: duplicate name {name!r}")
+        seen.add(name)

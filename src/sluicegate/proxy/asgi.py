@@ -1,0 +1,95 @@
+"""Small ASGI helpers for the hot path (pure ASGI: no framework per request)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from sluicegate.proxy.errors import GatewayError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_CT = (b"content-type", b"application/json; charset=utf-8")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was read."""
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode("ascii"))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json(
+    send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send_bytes(send, status, orjson.dumps(obj), [JSON_CT, *(headers or [])])
+
+
+async def send_error(send: Send, error: GatewayError, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = [JSON_CT, *extra]
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers)
+    await send_bytes(send, error.status, error.body(), headers)
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes with 413 (early, from
+    ``content-length``, when the client declares it)."""
+    declared = header(scope, b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _too_large(limit)
+        except ValueError:
+            raise GatewayError(400, "InvalidRequest", "Content-Length is not a number.") from None
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
+    parts = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "RequestEntityTooLarge",
+        f"The request body is larger than this gateway accepts ({limit} bytes). "
+        "Send a smaller request.",
+    )

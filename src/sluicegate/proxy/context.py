@@ -1,0 +1,68 @@
+"""Per-request state carried through the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.auth.subscriptions import Subscription
+from sluicegate.proxy.routes import Route
+from sluicegate.runtime import Deployment, Product
+from sluicegate.tokens.usage import Usage
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    ts: float
+    started: float  # monotonic
+    route: Route
+    client_ip: str | None = None
+    subscription: Subscription | None = None
+    product: Product | None = None
+    deployment: Deployment | None = None
+    backend_name: str | None = None
+    body: bytes = b""
+    json: dict[str, Any] | None = None
+    stream: bool = False
+    #: The gateway added stream_options.include_usage for a client that did not ask for it.
+    injected_usage: bool = False
+    status: int = 0
+    outcome: Outcome = Outcome.OK
+    usage: Usage | None = None
+    usage_estimated: bool = False
+    model: str | None = None
+    ttfb: float | None = None  # monotonic time of the first byte to the client
+    error_code: str | None = None
+    prompt_estimate: int | None = None
+    #: Headers the gateway adds to the client's response (limits, request id).
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Opaque state of the limiter for this request (a reservation to settle).
+    admission: Any = None
+
+    def record(self, now_mono: float) -> UsageRecord:
+        usage = self.usage
+        return UsageRecord(
+            request_id=self.request_id,
+            ts=self.ts,
+            subscription_id=self.subscription.id if self.subscription else None,
+            owner=self.subscription.owner if self.subscription else None,
+            product=self.product.name if self.product else None,
+            deployment=self.deployment.name if self.deployment else None,
+            backend=self.backend_name,
+            operation=self.route.operation or "unknown",
+            status=self.status,
+            outcome=self.outcome,
+            model=self.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            total_tokens=usage.total_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            reasoning_tokens=usage.reasoning_tokens if usage else 0,
+            streamed=self.stream,
+            usage_estimated=self.usage_estimated,
+            ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 3),
+            duration_ms=round((now_mono - self.started) * 1000, 3),
+            error_code=self.error_code,
+        )

@@ -1,0 +1,272 @@
+"""The request path: authenticate → admit → route → forward → relay → settle → record.
+
+Each step is a small method; decisions live in pure modules (routes, credentials, headers,
+usage) and this class only carries them out. The contract: every request that reached a
+subscription produces exactly one usage record (per upstream attempt), whatever happens —
+success, refusal, backend failure, client disconnect, cancellation at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+
+from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.auth.credentials import find_key
+from sluicegate.auth.index import SubscriptionIndex
+from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.clock import Clock
+from sluicegate.proxy import errors
+from sluicegate.proxy.asgi import (
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_error,
+    send_json,
+)
+from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.errors import GatewayError
+from sluicegate.proxy.relay import forward
+from sluicegate.proxy.routes import RouteKind, match_route
+from sluicegate.runtime import Runtime
+from sluicegate.upstream.headers import strip_key_from_query
+
+log = logging.getLogger("sluicegate.proxy")
+
+REQUEST_ID_HEADER = b"x-sluicegate-request-id"
+
+
+class Admitter(Protocol):
+    """The limiter as the pipeline sees it (see ``limits``)."""
+
+    async def admit(self, ctx: RequestContext) -> None:
+        """Reserve capacity for the request or raise ``GatewayError`` (429/403/503)."""
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """Settle the reservation with the usage in ``ctx`` (or release it on failure)."""
+
+
+class Pipeline:
+    """Serves everything under ``/openai/`` (and APIM's ``/deployments/``)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        index: SubscriptionIndex,
+        clock: Clock,
+        sinks: list[Callable[[UsageRecord], None]],
+        admitter: Admitter | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.index = index
+        self.clock = clock
+        self.sinks = sinks
+        self.admitter = admitter
+        self.max_body = runtime.config.security.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext(
+            request_id=uuid.uuid4().hex,
+            ts=self.clock.now(),
+            started=self.clock.monotonic(),
+            route=match_route(scope["method"], scope["path"]),
+            client_ip=(scope.get("client") or (None,))[0],
+        )
+        ctx.response_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode("ascii")))
+        try:
+            await self._handle(ctx, scope, receive, send)
+        except GatewayError as exc:
+            ctx.status, ctx.error_code = exc.status, exc.code
+            if ctx.outcome is Outcome.OK:
+                ctx.outcome = Outcome.REJECTED
+            await send_error(send, exc, ctx.response_headers)
+        except ClientGone:
+            ctx.status, ctx.outcome = 499, Outcome.ABORTED
+        except asyncio.CancelledError:
+            # Shutdown past its grace period: still write the record, then let it go.
+            ctx.outcome = Outcome.ABORTED
+            ctx.status = ctx.status or 499
+            self._finish_sync(ctx)
+            raise
+        except Exception:
+            log.exception("unexpected error in the request path (request %s)", ctx.request_id)
+            ctx.status, ctx.outcome, ctx.error_code = 500, Outcome.BACKEND_ERROR, "GatewayError"
+            err = GatewayError(
+                500,
+                "InternalServerError",
+                f"The gateway failed to process the request (request id {ctx.request_id}).",
+            )
+            try:
+                await send_error(send, err, ctx.response_headers)
+            except Exception:  # the response had already started; nothing more to say
+                log.debug("could not send the error response", exc_info=True)
+        if self.admitter is not None and ctx.admission is not None:
+            try:
+                await self.admitter.finish(ctx)
+            except Exception:
+                log.exception("settling the limits failed (request %s)", ctx.request_id)
+        self._finish_sync(ctx)
+
+    def _finish_sync(self, ctx: RequestContext) -> None:
+        if ctx.subscription is None:
+            return  # unauthenticated: metrics and logs only, no ledger row for a stranger
+        record = ctx.record(self.clock.monotonic())
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:
+                log.exception("a usage sink failed (request %s)", ctx.request_id)
+        ctx.subscription = None  # written once, even if called again on cancellation
+
+    async def _handle(
+        self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        route = ctx.route
+        if route.kind is RouteKind.NOT_FOUND:
+            raise errors.resource_not_found()
+        self._authenticate(ctx, scope)
+        if route.kind is RouteKind.MODELS:
+            await self._models(ctx, send)
+            ctx.status = 200
+            return
+        ctx.body = await read_body(scope, receive, self.max_body)
+        if route.kind is RouteKind.PASSTHROUGH:
+            backend = self.runtime.passthrough
+            ctx.backend_name = backend.name
+            url = f"{backend.base_url}/openai/{route.upstream_suffix}"
+        else:
+            url = self._prepare(ctx, scope)
+            backend = ctx.deployment.backend  # type: ignore[union-attr]
+        query = strip_key_from_query(scope["query_string"])
+        if query:
+            url = f"{url}?{query}"
+        if self.admitter is not None and route.metered:
+            await self.admitter.admit(ctx)
+        await forward(ctx, backend, scope, receive, send, url, self.clock)
+
+    def _authenticate(self, ctx: RequestContext, scope: Scope) -> None:
+        presented = find_key(scope["headers"], scope["query_string"])
+        if presented.ambiguous:
+            raise errors.ambiguous_key()
+        if presented.key is None:
+            raise errors.missing_key()
+        match = self.index.lookup(presented.key)
+        if match is None:
+            raise errors.invalid_key()
+        sub = match.subscription
+        if sub.state is not SubscriptionState.ACTIVE:
+            raise GatewayError(
+                403,
+                "SubscriptionInactive",
+                f"Subscription {sub.id} is {sub.state.value}. Ask the gateway's operators to "
+                "resume it or to issue a new subscription.",
+            )
+        if sub.expires_at is not None and sub.expires_at <= ctx.ts:
+            raise GatewayError(
+                403,
+                "SubscriptionExpired",
+                f"Subscription {sub.id} expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sub.expires_at))}. "
+                "Ask the gateway's operators to extend it.",
+            )
+        product = self.runtime.products.get(sub.product)
+        if product is None:
+            raise GatewayError(
+                403,
+                "ProductNotFound",
+                f"Subscription {sub.id} belongs to product {sub.product!r}, which this gateway "
+                "no longer offers. Ask the gateway's operators to move it.",
+            )
+        ctx.subscription, ctx.product = sub, product
+
+    def _prepare(self, ctx: RequestContext, scope: Scope) -> str:
+        """Parse and check the JSON body, pick the deployment, and return the upstream URL.
+        Changes the body only where the gateway must (usage for streams, backend names)."""
+        route = ctx.route
+        content_type = header(scope, b"content-type") or b""
+        needs_json = route.metered or route.kind is RouteKind.V1
+        body: dict[str, Any] | None = None
+        if needs_json:
+            if b"json" not in content_type.lower():
+                raise GatewayError(
+                    415,
+                    "UnsupportedMediaType",
+                    "This operation takes a JSON body: send 'Content-Type: application/json'.",
+                )
+            try:
+                parsed = orjson.loads(ctx.body)
+            except orjson.JSONDecodeError as exc:
+                raise errors.bad_request(
+                    "InvalidJson", f"The request body is not valid JSON ({exc.msg} at {exc.pos})."
+                ) from None
+            if not isinstance(parsed, dict):
+                raise errors.bad_request("InvalidJson", "The request body must be a JSON object.")
+            body = parsed
+            ctx.json = body
+        name = route.deployment
+        if name is None:
+            model = body.get("model") if body is not None else None
+            if not isinstance(model, str) or not model:
+                raise errors.bad_request(
+                    "MissingModel",
+                    "The request body must name the deployment in 'model' on the v1 API.",
+                )
+            name = model
+        deployment = self.runtime.deployments.get(name)
+        if deployment is None:
+            raise errors.deployment_not_found(name)
+        product = ctx.product
+        assert product is not None
+        if not product.allows(name):
+            raise GatewayError(
+                403,
+                "DeploymentNotAllowed",
+                f"Your subscription's product {product.name!r} does not include deployment "
+                f"{name!r}. GET /openai/v1/models lists the deployments you may use.",
+            )
+        ctx.deployment = deployment
+        ctx.backend_name = deployment.backend.name
+        changed = False
+        if body is not None:
+            ctx.stream = body.get("stream") is True
+            if ctx.stream and route.operation in ("chat/completions", "completions"):
+                options = body.get("stream_options")
+                if not (isinstance(options, dict) and options.get("include_usage") is True):
+                    new_options = dict(options) if isinstance(options, dict) else {}
+                    new_options["include_usage"] = True
+                    body["stream_options"] = new_options
+                    ctx.injected_usage = changed = True
+            if route.kind is RouteKind.V1 and deployment.upstream_name != name:
+                body["model"] = deployment.upstream_name
+                changed = True
+        if changed:
+            ctx.body = orjson.dumps(body)
+        base = deployment.backend.base_url
+        if route.kind is RouteKind.DEPLOYMENT:
+            return f"{base}/openai/deployments/{deployment.upstream_name}/{route.upstream_suffix}"
+        return f"{base}/openai/{route.upstream_suffix}"
+
+    async def _models(self, ctx: RequestContext, send: Send) -> None:
+        product = ctx.product
+        assert product is not None
+        data = [
+            {
+                "id": d.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "sluicegate",
+                "model": d.model,
+            }
+            for d in self.runtime.deployments.values()
+            if product.allows(d.name)
+        ]
+        await send_json(send, 200, {"object": "list", "data": data}, ctx.response_headers)

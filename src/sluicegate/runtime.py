@@ -1,0 +1,71 @@
+"""The compiled configuration: what the request path reads, built once from ``GatewayConfig``.
+
+Lookups the request path needs (deployment by name, product by name, allowed deployments) are
+plain dicts and frozensets here, so a request does no parsing of configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluicegate.config.model import DeploymentConfig, GatewayConfig, ProductConfig
+from sluicegate.upstream.backend import Backend
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    backend: Backend
+    upstream_name: str
+    model: str | None
+    config: DeploymentConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    name: str
+    description: str
+    #: None means every deployment.
+    allowed: frozenset[str] | None
+    limits: dict[str, Any] | None
+    config: ProductConfig
+
+    def allows(self, deployment: str) -> bool:
+        return self.allowed is None or deployment in self.allowed
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: GatewayConfig
+    backends: dict[str, Backend]
+    deployments: dict[str, Deployment]
+    products: dict[str, Product]
+    passthrough: Backend
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def secrets(self) -> list[str]:
+        return [s for b in self.backends.values() for s in b.secrets()]
+
+
+def compile_runtime(config: GatewayConfig, environ: dict[str, str] | None = None) -> Runtime:
+    """Build the runtime objects. Reads the backends' secrets from the environment (once)."""
+    env = dict(os.environ) if environ is None else environ
+    backends = {b.name: Backend(b, env) for b in config.backends}
+    deployments = {
+        d.name: Deployment(d.name, backends[d.backend], d.upstream_name, d.model, d)
+        for d in config.deployments
+    }
+    products = {
+        p.name: Product(
+            p.name,
+            p.description,
+            None if "*" in p.deployments else frozenset(p.deployments),
+            p.limits,
+            p,
+        )
+        for p in config.products
+    }
+    passthrough = backends[config.passthrough_backend or config.backends[0].name]
+    return Runtime(config, backends, deployments, products, passthrough)

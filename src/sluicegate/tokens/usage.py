@@ -1,0 +1,167 @@
+"""Reading the token usage a backend reports, from JSON bodies and from SSE streams.
+
+Pure code: no I/O. The stream scanner sees the bytes as they pass through the relay, splits
+them into events, forwards each event unchanged (or drops the usage-only chunk the gateway
+asked for on the client's behalf), and picks the usage out of the final chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_from_object(usage: Any) -> Usage | None:
+    """Chat/completions/embeddings (`prompt_tokens`…) and Responses (`input_tokens`…) shapes."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or "output_tokens" in usage:
+        prompt = _int(usage.get("input_tokens"))
+        completion = _int(usage.get("output_tokens"))
+        in_details = usage.get("input_tokens_details") or {}
+        out_details = usage.get("output_tokens_details") or {}
+    else:
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        in_details = usage.get("prompt_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or {}
+    total = _int(usage.get("total_tokens")) or prompt + completion
+    cached = _int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    return Usage(prompt, completion, total, cached, reasoning)
+
+
+def usage_from_body(body: bytes) -> tuple[Usage | None, str | None]:
+    """Usage and model from a whole JSON response body; (None, None) when there is none."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    model = obj.get("model")
+    return usage_from_object(obj.get("usage")), model if isinstance(model, str) else None
+
+
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_RESPONSE_DONE = b'"response.completed"'
+
+
+class StreamScanner:
+    """Splits an SSE byte stream into events and extracts usage on the way.
+
+    ``feed(chunk)`` returns the bytes to forward now (whole events only; a partial event waits
+    for the rest). When ``strip_usage_chunk`` is set, the usage-only chunk (``choices: []`` with
+    ``usage``) is removed: the gateway asked for it on behalf of a client that did not.
+    The events forwarded are kept (by reference, no copies) so that the completion can be
+    estimated if the stream ends without usage. Not thread-safe: one per stream.
+    """
+
+    __slots__ = ("_pending", "done", "model", "relayed", "strip_usage_chunk", "usage")
+
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        self.strip_usage_chunk = strip_usage_chunk
+        self._pending = b""
+        self.usage: Usage | None = None
+        self.model: str | None = None
+        self.done = False
+        self.relayed: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[: end + 2], data[end + 2 :]
+        if b'"usage"' not in complete and b"[DONE]" not in complete:
+            self.relayed.append(complete)
+            return complete
+        out: list[bytes] = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if not self._inspect(event):
+                out.append(event + b"\n\n")
+        forwarded = b"".join(out)
+        self.relayed.append(forwarded)
+        return forwarded
+
+    def flush(self) -> bytes:
+        """Whatever partial event is left at the end of the stream."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _inspect(self, event: bytes) -> bool:
+        """Look at one event; True when it must be dropped."""
+        if event.endswith(b"[DONE]"):
+            self.done = True
+            return False
+        if not any(m in event for m in _USAGE_MARKERS):
+            return False
+        payload = _event_data(event)
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if _RESPONSE_DONE in event and isinstance(obj.get("response"), dict):
+            obj = obj["response"]
+            self.done = True
+        usage = usage_from_object(obj.get("usage"))
+        if usage is None:
+            return False
+        self.usage = usage
+        model = obj.get("model")
+        if isinstance(model, str) and model:
+            self.model = model
+        return self.strip_usage_chunk and obj.get("choices") == []
+
+    def relayed_text(self) -> str:
+        """The generated text that reached the client (for estimates after an abort)."""
+        parts: list[str] = []
+        for block in self.relayed:
+            for event in block.split(b"\n\n"):
+                if not event or event.endswith(b"[DONE]"):
+                    continue
+                try:
+                    obj = orjson.loads(_event_data(event))
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                for choice in obj.get("choices") or ():
+                    if isinstance(choice, dict):
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") if isinstance(delta, dict) else None
+                        if isinstance(text, str):
+                            parts.append(text)
+                        elif isinstance(choice.get("text"), str):
+                            parts.append(choice["text"])
+                if isinstance(obj.get("delta"), str):  # Responses API text deltas
+                    parts.append(obj["delta"])
+        return "".join(parts)
+
+
+def _event_data(event: bytes) -> bytes:
+    """The concatenated ``data:`` lines of one SSE event."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)

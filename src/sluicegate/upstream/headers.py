@@ -1,0 +1,87 @@
+"""Header hygiene between client, gateway and backend: pure functions over header lists."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+#: Never forwarded in either direction (RFC 9110 §7.6.1 plus framing the gateway redoes).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+
+#: The client's credentials: the backend gets the gateway's own instead.
+CLIENT_CREDENTIALS = frozenset({"api-key", "authorization", "ocp-apim-subscription-key"})
+
+#: Request headers the gateway sets itself.
+REQUEST_DROPPED = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding", "cookie", "expect"}
+
+#: Response headers the gateway sets itself (the body may be re-framed or decompressed).
+RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding", "set-cookie", "server", "date"}
+
+
+def upstream_request_headers(
+    client_headers: list[tuple[bytes, bytes]],
+    backend_auth: list[tuple[str, str]],
+    request_id: str,
+) -> dict[str, str]:
+    """The headers to send to the backend: the client's, minus hop-by-hop and credentials,
+    plus the backend's auth and a correlation id. Names are lower case."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in client_headers:
+        name = raw_name.decode("latin-1")
+        if name in REQUEST_DROPPED or name.startswith("x-sluicegate-"):
+            continue
+        value = raw_value.decode("latin-1")
+        if name in out:
+            out[name] = f"{out[name]}, {value}"
+        else:
+            out[name] = value
+    out.setdefault("x-ms-client-request-id", request_id)
+    out["accept-encoding"] = "identity"
+    for name, value in backend_auth:
+        out[name] = value
+    return out
+
+
+def client_response_headers(
+    upstream: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The backend's response headers the client may see, then the gateway's own.
+
+    Where the gateway sets a header itself (``extra``), its value replaces the backend's:
+    the client is limited by the gateway, not by the backend's shared deployment.
+    """
+    own = {name for name, _ in extra}
+    out = [
+        (name.lower(), value)
+        for name, value in upstream
+        if name.lower().decode("latin-1") not in RESPONSE_DROPPED and name.lower() not in own
+    ]
+    out.extend(extra)
+    return out
+
+
+def strip_key_from_query(query_string: bytes) -> str:
+    """The query string for the backend: everything but ``subscription-key``."""
+    if not query_string:
+        return ""
+    if b"subscription-key" not in query_string:
+        return query_string.decode("latin-1")
+    pairs = [
+        (k, v)
+        for k, v in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+        if k != "subscription-key"
+    ]
+    return urlencode(pairs)

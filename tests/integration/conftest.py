@@ -1,0 +1,84 @@
+"""Fixtures for integration tests: a real simulator and a real gateway on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sluicegate.accounting.records import UsageRecord
+from sluicegate.admin.service import AdminService, IssuedKeys
+from sluicegate.simulator.config import SimConfig, SimDeployment
+from sluicegate.simulator.server import SimulatorThread
+from sluicegate.storage.reports import fetch_records
+from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+
+
+def sim_config(**overrides: Any) -> SimConfig:
+    deployments = [
+        SimDeployment(name="gpt-4o-mini", model="gpt-4o-mini-2024-07-18", kind="chat",
+                      tpm=10_000_000, rpm=100_000),
+        SimDeployment(name="gpt-4o", model="gpt-4o-2024-08-06", kind="chat",
+                      tpm=10_000_000, rpm=100_000),
+        SimDeployment(name="text-embedding-3-small", model="text-embedding-3-small",
+                      kind="embeddings", tpm=10_000_000, rpm=100_000),
+    ]
+    data: dict[str, Any] = {"deployments": deployments, "api_keys": [BACKEND_KEY]}
+    data.update(overrides)
+    return SimConfig(**data)
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    sim = SimulatorThread(sim_config())
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+class Harness:
+    """A gateway in front of a simulator, with helpers to make keys and read the ledger."""
+
+    def __init__(self, gw: GatewayThread, sim: SimulatorThread) -> None:
+        self.gw = gw
+        self.sim = sim
+        g = gw.gateway
+        self.admin = AdminService(g.config, g.repository, g.hasher)
+
+    @property
+    def url(self) -> str:
+        return self.gw.url
+
+    def new_key(self, product: str = "starter", owner: str = "team-a", name: str = "k") -> IssuedKeys:
+        issued = self.admin.create_subscription(product=product, owner=owner, name=name)
+        self.gw.gateway.refresher.refresh_now()  # no waiting for the next poll in tests
+        return issued
+
+    def records(self, expect: int | None = None) -> list[UsageRecord]:
+        """The ledger's rows; with ``expect``, wait (up to 5 s) until there are that many,
+        since a record is written just after the client has read the last byte."""
+        deadline = time.monotonic() + 5
+        while True:
+            assert self.gw.gateway.ledger.flush(10.0)
+            rows = fetch_records(self.gw.gateway.engine, limit=1_000_000)
+            if expect is None or len(rows) >= expect or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+    def sim_log(self) -> list[dict[str, Any]]:
+        resp = httpx.get(f"{self.sim.url}/_sim/log")
+        resp.raise_for_status()
+        data = resp.json()
+        return data["entries"] if isinstance(data, dict) else data
+
+
+@pytest.fixture
+def harness(tmp_path: Path, simulator: SimulatorThread) -> Iterator[Harness]:
+    gw = GatewayThread(gateway_config(tmp_path, {"sim": simulator.url}))
+    gw.start()
+    yield Harness(gw, simulator)
+    gw.stop()

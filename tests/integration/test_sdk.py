@@ -1,0 +1,86 @@
+"""The official openai SDK, unchanged but for endpoint and key, through the gateway."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.integration.conftest import Harness
+
+API_VERSION = "2024-10-21"
+MESSAGES = [{"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}]
+
+
+def azure(h: Harness, key: str) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(azure_endpoint=h.url, api_key=key, api_version=API_VERSION,
+                              max_retries=0)
+
+
+def v1(h: Harness, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{h.url}/openai/v1", api_key=key, max_retries=0)
+
+
+def test_chat_with_both_clients(harness: Harness) -> None:
+    key = harness.new_key().primary_key
+    assert key
+    for client in (azure(harness, key), v1(harness, key)):
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=7)
+        assert reply.choices[0].message.content
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 7
+    records = harness.records(expect=2)
+    assert len(records) == 2
+    assert all(r.outcome == "ok" and r.completion_tokens == 7 and not r.streamed for r in records)
+    assert {r.subscription_id for r in records} == {harness.admin.list()[0][0].id}
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streaming_with_and_without_include_usage(harness: Harness, include_usage: bool) -> None:
+    key = harness.new_key().primary_key
+    assert key
+    for client in (azure(harness, key), v1(harness, key)):
+        kwargs = {"stream_options": {"include_usage": True}} if include_usage else {}
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=True, **kwargs
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(text.split()) == 5
+        usage_chunks = [c for c in chunks if c.usage is not None]
+        if include_usage:
+            assert len(usage_chunks) == 1
+            assert usage_chunks[0].usage is not None
+            assert usage_chunks[0].usage.completion_tokens == 5
+        else:
+            assert usage_chunks == []  # the gateway's own usage request stays hidden
+    records = harness.records(expect=2)
+    assert len(records) == 2
+    for r in records:
+        assert r.streamed
+        assert r.completion_tokens == 5
+        assert r.prompt_tokens > 0
+        assert not r.usage_estimated
+    # The backend was always asked for usage, whatever the client said.
+    upstream = [e for e in harness.sim_log() if e.get("streamed")]
+    assert upstream
+    assert all(e.get("include_usage") for e in upstream)
+
+
+def test_embeddings_and_models(harness: Harness) -> None:
+    key = harness.new_key(product="embeddings-only").primary_key
+    assert key
+    for client in (azure(harness, key), v1(harness, key)):
+        result = client.embeddings.create(model="text-embedding-3-small", input=["one two three", "four"])
+        assert len(result.data) == 2
+        assert result.usage.prompt_tokens > 0
+    models = [m.id for m in v1(harness, key).models.list()]
+    assert models == ["text-embedding-3-small"]
+    with pytest.raises(openai.PermissionDeniedError):
+        azure(harness, key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    records = harness.records()
+    ok = [r for r in records if r.outcome == "ok" and r.operation == "embeddings"]
+    assert len(ok) == 2
+    assert all(r.total_tokens == r.prompt_tokens > 0 for r in ok)
+    assert [r.operation for r in records if r.outcome == "ok"].count("models") == 1
+    refused = [r for r in records if r.outcome == "rejected"]
+    assert [r.status for r in refused] == [403]
