@@ -1,0 +1,46 @@
+"""``sluicegate simulate``: run the simulator in the foreground (the lead wires it to Typer)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sluicegate.simulator.config import (
+    SimConfig,
+    SimConfigError,
+    default_sim_config,
+    load_sim_config,
+)
+from sluicegate.simulator.server import run_simulator
+
+
+def _describe(config: SimConfig, url: str) -> str:
+    lines = [f"Azure OpenAI simulator listening on {url} (region {config.region!r})"]
+    for d in config.deployments:
+        limits = f"tpm={d.tpm or '∞'} rpm={d.rpm or '∞'}"
+        lines.append(f"  {d.kind:<10} {d.name} → {d.model}  {limits}")
+    keys = ", ".join(config.api_keys) or "(none)"
+    lines.append(f"  api keys: {keys}")
+    lines.append(f"  e.g. AzureOpenAI(azure_endpoint={url!r}, api_key=…, api_version='2024-10-21')")
+    lines.append("  Ctrl-C to stop.")
+    return "\n".join(lines)
+
+
+def simulate(config_path: Path | None, host: str, port: int) -> int:
+    """Serve the simulator until SIGINT/SIGTERM. Returns the exit code: 0 after a clean stop,
+    2 if the config file is invalid, 1 if the address cannot be bound."""
+    try:
+        config = load_sim_config(config_path) if config_path is not None else default_sim_config()
+    except SimConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(url: str) -> None:
+        print(_describe(config, url), flush=True)
+
+    try:
+        run_simulator(config, host, port, on_ready=ready)
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
