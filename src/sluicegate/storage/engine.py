@@ -1,0 +1,107 @@
+"""Engines for the two supported databases: SQLite (embedded mode) and PostgreSQL (cluster mode).
+
+Everything in ``sluicegate.storage`` takes an :class:`~sqlalchemy.engine.Engine` made here, so
+that both databases are set up the same way wherever they are used (gateway, CLI, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+#: How long SQLite waits for another connection's write lock before giving up (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+#: libpq connection parameters applied unless the URL sets them itself. A short connect timeout
+#: and aggressive TCP keepalives make an outage visible in seconds instead of minutes, which is
+#: what lets the ledger writer switch to buffering and spilling quickly.
+POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 3,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms: give up on unacknowledged writes to a vanished server
+    "application_name": "sluicegate",
+}
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url`` and pin the driver: ``postgresql://`` and ``postgres://`` mean psycopg 3.
+
+    An explicit driver (``postgresql+psycopg2://``) is left alone. SQLite URLs are unchanged.
+    """
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_engine_for(url: str | URL) -> Engine:
+    """Create an engine for ``url``, configured for sluicegate.
+
+    SQLite (file): WAL journal (readers never block the writer), ``synchronous=NORMAL`` (a
+    committed transaction survives a process crash; after a power loss the last few may be
+    rolled back), a busy timeout, foreign keys on; the file's directory is created if missing.
+    PostgreSQL: psycopg 3, ``pool_pre_ping`` (a connection killed by a server restart is
+    replaced transparently), a 3 s connect timeout and TCP keepalives.
+
+    The engine is thread-safe as SQLAlchemy engines are: share it, but not its connections.
+    Use a SQLite *file*: with ``sqlite://`` (in memory) every thread would see its own empty
+    database, and the ledger writer writes from a thread of its own.
+    """
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend == "postgresql":
+        connect_args = {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in parsed.query}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    raise ValueError(
+        f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or "
+        "postgresql://USER@HOST/DB"
+    )
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL itself needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    return engine
+
+
+def ping(engine: Engine) -> bool:
+    """Return whether the database answers a trivial query now. Never raises."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except (SQLAlchemyError, OSError) as exc:
+        log.debug("database ping failed: %s", exc)
+        return False
+    return True
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL with any password hidden, for logs and error messages."""
+    return engine.url.render_as_string(hide_password=True)

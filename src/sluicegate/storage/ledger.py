@@ -1,0 +1,514 @@
+"""The batching ledger writer: usage records off the request path and into SQL, none lost.
+
+The request path only calls :meth:`LedgerWriter.submit`, which appends to an in-memory queue
+and returns. One background thread drains the queue in batches of ``batch_size`` (or whatever
+arrived within ``flush_interval``) with ``INSERT … ON CONFLICT (request_id, attempt) DO
+NOTHING``, so a batch that is retried after an ambiguous failure, or replayed from the spill
+file, is stored exactly once.
+
+While the database is unreachable the thread retries the same batch with capped exponential
+backoff (``retry_initial`` doubling up to ``retry_max``). Records keep arriving; about
+``max_pending`` of them are kept in memory and the newer overflow is appended to the spill
+file (JSON lines, fsynced per batch). When the database answers again the backlog is written
+and the spill file is replayed and removed. A spill file left by an earlier run (or a crash)
+is replayed on ``start()``.
+
+A record the database refuses for its content (a value too long for its column, for example)
+would otherwise block the queue forever: such a batch is retried record by record and each
+refused record is appended to ``<spill_path>.rejected`` (same format) and counted as
+``rejected``, so an operator can see and repair it.
+
+Crash loss window: after ``kill -9`` (or a power cut) the records lost are those submitted but
+neither committed nor spilled: the in-memory queue plus the batch in flight, at most about
+``max_pending + batch_size`` records, in the normal case only the last ``flush_interval``'s
+worth. ``close()`` leaves no such window: what it cannot write it spills. The thread is a
+daemon thread, so a process that exits without calling ``close()`` loses the queue as a crash
+would. (With SQLite's ``synchronous=NORMAL`` a power cut may also roll back the last
+committed transactions.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
+
+from sluicegate.accounting.records import UsageRecord
+from sluicegate.clock import Clock, SystemClock
+from sluicegate.storage.rows import record_to_row
+from sluicegate.storage.schema import usage_records
+from sluicegate.storage.spill import SpillFile
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[int, UsageRecord]  # (submission sequence number, record)
+_State = Literal["new", "running", "closing", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStats:
+    """A snapshot of a writer's counters (all counts since the writer was created).
+
+    ``pending``: records submitted but not yet durable (queued, in flight or being spilled).
+    ``written``: submitted records committed to the database (a duplicate counts as written).
+    ``failures``: failed write attempts (each retry of a batch counts once).
+    ``spilled``: records appended to the spill file. ``replayed``: spill-file records written.
+    ``rejected``: records the database refused for their content (see ``.rejected`` file).
+    ``last_write_seconds``: how long the last successful batch insert took.
+    ``last_write_at``: when it finished (``clock.now()``); None before the first.
+    ``healthy``: the last database attempt succeeded (True until one fails).
+    """
+
+    pending: int
+    written: int
+    failures: int
+    spilled: int
+    replayed: int
+    rejected: int
+    last_write_seconds: float | None
+    last_write_at: float | None
+    healthy: bool
+
+
+class LedgerWriter:
+    """Writes usage records to ``usage_records`` from a background thread.
+
+    ``engine`` is an :class:`Engine` (shared with the caller, not disposed here) or a factory
+    called once in the writer's thread (the engine is then owned and disposed on ``close()``).
+
+    Thread-safety: ``submit()`` may be called from any thread, including the asyncio event
+    loop: it only takes a lock that is never held during I/O, does no I/O (except after
+    ``close()``, see there), and never raises. ``flush()``, ``close()`` and ``stats()`` are
+    thread-safe too; ``flush()`` and ``close()`` block, so call them off the event loop
+    (``asyncio.to_thread``). ``start()`` and ``close()`` are meant to be called once each.
+
+    The ``clock`` times the statistics; waiting and backoff use real time, as threads must.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | Callable[[], Engine],
+        *,
+        spill_path: Path,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        max_pending: int = 100_000,
+        clock: Clock | None = None,
+        retry_initial: float = 0.2,
+        retry_max: float = 2.0,
+    ) -> None:
+        if batch_size < 1 or max_pending < 0 or flush_interval <= 0:
+            raise ValueError("batch_size >= 1, max_pending >= 0 and flush_interval > 0 needed")
+        if isinstance(engine, Engine):
+            _check_dialect(engine)
+            self._engine: Engine | None = engine
+            self._engine_factory: Callable[[], Engine] | None = None
+        else:
+            self._engine = None
+            self._engine_factory = engine
+        self._spill = SpillFile(spill_path)
+        self._rejects = SpillFile(Path(str(spill_path) + ".rejected"))
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_pending = max_pending
+        self._clock = clock or SystemClock()
+        self._retry_initial = retry_initial
+        self._retry_max = max(retry_max, retry_initial)
+
+        self._cond = threading.Condition(threading.Lock())
+        # Everything below is guarded by self._cond.
+        self._state: _State = "new"
+        self._queue: deque[_Item] = deque()
+        self._inflight: list[_Item] = []  # the batch the thread is writing, oldest first
+        self._shedding: list[list[_Item]] = []  # groups being appended to the spill file
+        self._next_seq = 0
+        self._flush_waiters = 0
+        self._spill_pending = False
+        self._thread: threading.Thread | None = None
+        self._written = self._failures = self._spilled = self._replayed = self._rejected = 0
+        self._last_write_seconds: float | None = None
+        self._last_write_at: float | None = None
+        self._healthy = True
+
+    @property
+    def spill_path(self) -> Path:
+        return self._spill.path
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<LedgerWriter {self._state} pending={s.pending} written={s.written} "
+            f"failures={s.failures} spilled={s.spilled} healthy={s.healthy}>"
+        )
+
+    # -- the public interface ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread; a spill file left by an earlier run is replayed first."""
+        with self._cond:
+            if self._state != "new":
+                raise RuntimeError(f"cannot start a writer that is {self._state}")
+            self._state = "running"
+            self._spill_pending = self._spill.exists()
+            self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, record: UsageRecord) -> None:
+        """Queue ``record`` for writing. Non-blocking, thread-safe, never raises.
+
+        Before ``start()`` records wait in the queue. After ``close()`` there is no thread to
+        write them, so the record is appended to the spill file at once (blocking file I/O,
+        but nothing is lost; the next writer replays it).
+        """
+        try:
+            with self._cond:
+                if self._state != "closed":
+                    self._queue.append((self._next_seq, record))
+                    self._next_seq += 1
+                    n = len(self._queue)
+                    if n == 1 or n == self._batch_size:
+                        self._cond.notify_all()
+                    return
+            self._spill.append([record])
+            with self._cond:
+                self._spilled += 1
+        except Exception:
+            log.exception("ledger: could not queue usage record %s", _ident(record))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every record submitted before this call is durable (written or spilled).
+
+        Returns False if that did not happen within ``timeout`` seconds (the database is
+        down and the records are still waiting in memory, or the writer was never started).
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._next_seq
+            self._flush_waiters += 1
+            self._cond.notify_all()
+            try:
+                while self._oldest_pending() < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: float) -> None:
+        """Write everything and stop; what cannot be written is spilled, so none is lost.
+
+        Waits up to ``timeout`` seconds for the thread to write the backlog (and replay a
+        spill file). If the database fails meanwhile, or the time runs out, the records left
+        are appended to the spill file before this returns. Idempotent.
+        """
+        with self._cond:
+            if self._state == "closed":
+                return
+            never_started = self._state == "new"
+            if never_started and not self._queue and not self._spill.exists():
+                self._state = "closed"
+                return
+        if never_started:
+            self.start()  # so that what was queued before start() is written, not just spilled
+        with self._cond:
+            self._state = "closing"
+            self._cond.notify_all()
+            thread = self._thread
+        assert thread is not None
+        thread.join(timeout)
+        with self._cond:
+            self._state = "closed"
+            # Anything the thread did not get to (records submitted after it drained, or all
+            # of them if it is stuck on the database) goes to the spill file from here. The
+            # in-flight batch may yet be committed as well: duplicates are ignored on replay.
+            leftovers = [*self._inflight, *self._queue] if thread.is_alive() else [*self._queue]
+            self._queue.clear()
+            if leftovers:
+                self._shedding.append(leftovers)
+        if leftovers:
+            log.warning("ledger: spilling %d record(s) left at close", len(leftovers))
+            self._spill_group(leftovers)
+            with self._cond:
+                lost = len(self._queue)
+            if lost:
+                log.error("ledger: %d record(s) could be neither written nor spilled", lost)
+        if thread.is_alive():
+            log.error("ledger: writer thread still busy after %.1f s; left running", timeout)
+        elif self._engine_factory is not None and self._engine is not None:
+            self._engine.dispose()
+
+    def stats(self) -> LedgerStats:
+        """A consistent snapshot of the counters. Thread-safe, cheap."""
+        with self._cond:
+            return LedgerStats(
+                pending=self._pending_count(),
+                written=self._written,
+                failures=self._failures,
+                spilled=self._spilled,
+                replayed=self._replayed,
+                rejected=self._rejected,
+                last_write_seconds=self._last_write_seconds,
+                last_write_at=self._last_write_at,
+                healthy=self._healthy,
+            )
+
+    # -- bookkeeping (call with self._cond held) ------------------------------------------
+
+    def _pending_count(self) -> int:
+        return len(self._queue) + len(self._inflight) + sum(len(g) for g in self._shedding)
+
+    def _oldest_pending(self) -> int:
+        """Sequence number of the oldest record not yet durable (``_next_seq`` if none).
+
+        Batches are taken from the head and overflow from the tail of the queue, and each
+        list is in submission order, so the first element of each is its oldest.
+        """
+        heads = [g[0][0] for g in (self._inflight, self._queue, *self._shedding) if g]
+        return min(heads, default=self._next_seq)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # A bug, not a database problem. Keep the records: spill them, and let close()
+            # spill whatever arrives after this (the thread is gone, so it is not alive).
+            log.exception("ledger: writer thread failed; spilling what it holds")
+            with self._cond:
+                self._healthy = False
+            self._spill_remaining()
+
+    def _loop(self) -> None:
+        backoff = 0.0  # 0 while the database is healthy
+        while True:
+            if backoff > 0:
+                self._wait_backoff(backoff)
+            with self._cond:
+                if backoff == 0:
+                    self._wait_for_work()
+                if self._state == "closed":
+                    return  # close() gave up on us and spilled what we held
+                closing = self._state == "closing"
+                if closing and not (self._queue or self._inflight or self._spill_pending):
+                    return
+                if not self._inflight:
+                    n = min(self._batch_size, len(self._queue))
+                    self._inflight = [self._queue.popleft() for _ in range(n)]
+                batch = [record for _, record in self._inflight]
+            if closing and backoff > 0:
+                # The database was failing when close() came: do not keep the caller waiting.
+                self._spill_remaining()
+                return
+            if self._attempt(batch):
+                backoff = 0.0
+            else:
+                backoff = min(max(backoff * 2, self._retry_initial), self._retry_max)
+                self._shed_overflow()
+
+    def _wait_for_work(self) -> None:
+        """Block until there is a batch worth writing (held lock: self._cond)."""
+        while not (self._queue or self._inflight or self._spill_pending) and self._state not in (
+            "closing",
+            "closed",
+        ):
+            self._cond.wait()
+        deadline = time.monotonic() + self._flush_interval
+        while (
+            len(self._queue) < self._batch_size
+            and self._state == "running"
+            and not self._flush_waiters
+            and not self._inflight
+        ):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+
+    def _wait_backoff(self, backoff: float) -> None:
+        """Sleep ``backoff`` seconds before a retry, spilling overflow as it accumulates."""
+        deadline = time.monotonic() + backoff
+        while True:
+            self._shed_overflow()
+            with self._cond:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._state != "running":
+                    return
+                self._cond.wait(min(remaining, self._flush_interval))
+
+    def _attempt(self, batch: list[UsageRecord]) -> bool:
+        """Write the in-flight batch, then replay the spill file if one waits. True if done."""
+        started = self._clock.monotonic()
+        try:
+            rejected = self._write(batch) if batch else 0
+            with self._cond:
+                self._written += len(batch) - rejected
+                self._inflight = []
+                if batch:
+                    self._last_write_seconds = self._clock.monotonic() - started
+                    self._last_write_at = self._clock.now()
+                if not self._healthy:
+                    log.info("ledger: database reachable again")
+                self._healthy = True
+                self._cond.notify_all()
+                replay = self._spill_pending
+            if replay:
+                replayed = self._spill.replay(self._write, batch_size=self._batch_size)
+                log.info("ledger: replayed %d record(s) from %s", replayed, self._spill.path)
+                with self._cond:
+                    self._replayed += replayed
+                    self._spill_pending = False
+            return True
+        except Exception as exc:
+            with self._cond:
+                self._failures += 1
+                if self._healthy:
+                    log.warning("ledger: write failed, will retry: %s", exc)
+                else:
+                    log.debug("ledger: write failed again: %s", exc)
+                self._healthy = False
+            return False
+
+    def _write(self, records: Sequence[UsageRecord]) -> int:
+        """Insert ``records`` idempotently; raise if the database could not take them.
+
+        Returns how many records were rejected: a record that cannot be encoded, or that the
+        database refuses for its content, would fail every retry and block the ledger, so it
+        is set aside in the ``.rejected`` file instead (a refused batch is retried record by
+        record to find it).
+        """
+        engine = self._get_engine()  # outside the try: a bad engine is not bad content
+        rejected = 0
+        rows: list[tuple[UsageRecord, dict[str, Any]]] = []
+        for record in records:
+            try:
+                rows.append((record, record_to_row(record)))
+            except Exception as exc:
+                log.error("ledger: record %s cannot be encoded: %r", _ident(record), exc)
+                self._reject(record)
+                rejected += 1
+        if not rows:
+            return rejected
+        try:
+            self._insert(engine, [row for _, row in rows])
+            return rejected
+        except Exception as exc:
+            if not _is_content_error(exc):
+                raise
+        for record, row in rows:
+            try:
+                self._insert(engine, [row])
+            except Exception as exc:
+                if not _is_content_error(exc):
+                    raise
+                log.error("ledger: record %s rejected by the database: %s", _ident(record), exc)
+                self._reject(record)
+                rejected += 1
+        return rejected
+
+    def _reject(self, record: UsageRecord) -> None:
+        try:
+            self._rejects.append([record])
+        except OSError:
+            raise  # retried with the batch: the record must not be lost to a full disk
+        except Exception:
+            log.exception("ledger: record %s cannot even be encoded; dropped", _ident(record))
+        with self._cond:
+            self._rejected += 1
+
+    @staticmethod
+    def _insert(engine: Engine, rows: list[dict[str, Any]]) -> None:
+        insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        statement = insert(usage_records).on_conflict_do_nothing(
+            index_elements=["request_id", "attempt"]
+        )
+        with engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def _get_engine(self) -> Engine:
+        if self._engine is None:
+            assert self._engine_factory is not None
+            engine = self._engine_factory()
+            _check_dialect(engine)
+            self._engine = engine
+        return self._engine
+
+    # -- spilling -------------------------------------------------------------------------
+
+    def _shed_overflow(self) -> None:
+        """Move the newest records beyond ``max_pending`` from memory to the spill file."""
+        with self._cond:
+            excess = min(self._pending_count() - self._max_pending, len(self._queue))
+            if excess <= 0:
+                return
+            group = [self._queue.pop() for _ in range(excess)]
+            group.reverse()
+            self._shedding.append(group)
+        self._spill_group(group)
+
+    def _spill_remaining(self) -> None:
+        """Spill everything held in memory (closing with the database down, or a crash)."""
+        with self._cond:
+            group = [*self._inflight, *self._queue]
+            self._inflight = []
+            self._queue.clear()
+            if not group:
+                return
+            self._shedding.append(group)
+        log.warning("ledger: spilling %d record(s) to %s", len(group), self._spill.path)
+        self._spill_group(group)
+
+    def _spill_group(self, group: list[_Item]) -> None:
+        """Append a group (already listed in ``_shedding``) to the spill file."""
+        ok = False
+        try:
+            self._spill.append([record for _, record in group])
+            ok = True
+        except Exception:
+            log.exception("ledger: could not write the spill file %s", self._spill.path)
+        with self._cond:
+            self._shedding = [g for g in self._shedding if g is not group]
+            if ok:
+                self._spilled += len(group)
+                self._spill_pending = True
+            else:
+                # Keep them in memory (in submission order) and try again later.
+                self._failures += 1
+                merged = sorted([*self._queue, *group], key=lambda item: item[0])
+                self._queue = deque(merged)
+            self._cond.notify_all()
+
+
+def _check_dialect(engine: Engine) -> None:
+    if engine.dialect.name not in ("sqlite", "postgresql"):
+        raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")
+
+
+def _is_content_error(exc: BaseException) -> bool:
+    """Whether the database refused the data itself, as opposed to being unavailable.
+
+    Content errors (a value too long or out of range, a NOT NULL violated, a parameter the
+    driver cannot convert) fail again on every retry; anything else (connection refused or
+    lost, locked, schema missing) may pass later and is retried.
+    """
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError | SQLAlchemyError | OSError):
+        return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+    return isinstance(exc, TypeError | ValueError | OverflowError)
+
+
+def _ident(record: UsageRecord) -> str:
+    # Defensive: used in the error path of submit(), which must not raise on a bad argument.
+    return f"{getattr(record, 'request_id', '?')}#{getattr(record, 'attempt', '?')}"

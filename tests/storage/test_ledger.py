@@ -1,0 +1,214 @@
+"""LedgerWriter conformance, on SQLite and PostgreSQL: exactly once, in batches, never blocking."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from sluicegate.accounting.records import Outcome
+from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.ledger import LedgerWriter
+from sluicegate.storage.reports import count_records, fetch_records
+from sluicegate.storage.schema import usage_records
+from sluicegate.storage.spill import SpillFile
+from tests.storage.conftest import RecordFactory
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_records_are_stored_field_for_field(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    records = [
+        make_record(0),
+        make_record(1, outcome=Outcome.ABORTED, usage_estimated=True, ttfb_ms=None),
+        make_record(2, subscription_id=None, owner=None, product=None, model=None, extra={}),
+        make_record(3, status=429, outcome=Outcome.BACKEND_ERROR, error_code="429", attempt=2),
+        make_record(4, caller="oid:1234", prompt_tokens=2**40, total_tokens=2**40 + 5),
+    ]
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl")
+    writer.start()
+    for r in records:
+        writer.submit(r)
+    assert writer.flush(10)
+    assert fetch_records(engine) == records
+    stats = writer.stats()
+    assert (stats.pending, stats.written, stats.failures, stats.spilled) == (0, 5, 0, 0)
+    assert stats.healthy and stats.last_write_at is not None
+    assert stats.last_write_seconds is not None and stats.last_write_seconds >= 0
+    writer.close(10)
+    assert not (tmp_path / "spill.jsonl").exists()
+
+
+def test_a_record_submitted_twice_is_stored_once(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl", batch_size=2)
+    writer.start()
+    first = make_record(1)
+    for _ in range(3):
+        writer.submit(first)
+    writer.submit(make_record(1, attempt=2))  # a retry is a record of its own
+    writer.close(10)
+    rows = fetch_records(engine)
+    assert [(r.request_id, r.attempt) for r in rows] == [("req-000001", 1), ("req-000001", 2)]
+    assert rows[0] == first
+
+
+def test_concurrent_submitters_lose_and_duplicate_nothing(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    threads_n, per_thread = 8, 1500
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl", batch_size=200)
+    writer.start()
+    barrier = threading.Barrier(threads_n)
+
+    def produce(k: int) -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            writer.submit(make_record(k * per_thread + i))
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    writer.close(60)
+    expected = threads_n * per_thread
+    with engine.connect() as conn:
+        rows, distinct = conn.execute(
+            select(func.count(), func.count(func.distinct(usage_records.c.request_id)))
+        ).one()
+    assert (rows, distinct) == (expected, expected)
+    stats = writer.stats()
+    assert (stats.written, stats.pending, stats.failures, stats.spilled) == (expected, 0, 0, 0)
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    writer = LedgerWriter(
+        engine, spill_path=tmp_path / "spill.jsonl", batch_size=10, flush_interval=60
+    )
+    writer.start()
+    for i in range(10):
+        writer.submit(make_record(i))
+    assert wait_until(lambda: writer.stats().written == 10)
+    writer.submit(make_record(10))  # a partial batch waits for the interval ...
+    time.sleep(0.2)
+    assert writer.stats().written == 10
+    started = time.monotonic()
+    assert writer.flush(10)  # ... unless someone flushes
+    assert time.monotonic() - started < 5
+    assert count_records(engine) == 11
+    writer.close(10)
+
+
+def test_submit_before_start_and_after_close_loses_nothing(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    spill_path = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, spill_path=spill_path)
+    writer.submit(make_record(1))  # queued until start
+    assert writer.flush(0.05) is False
+    writer.start()
+    assert writer.flush(10)
+    writer.close(10)
+    writer.submit(make_record(2))  # no thread any more: straight to the spill file
+    assert writer.stats().spilled == 1
+    assert [r.request_id for r in SpillFile(spill_path).read_all()] == ["req-000002"]
+
+    successor = LedgerWriter(engine, spill_path=spill_path)
+    successor.start()
+    assert wait_until(lambda: successor.stats().replayed == 1)
+    successor.close(10)
+    assert [r.request_id for r in fetch_records(engine)] == ["req-000001", "req-000002"]
+    assert not spill_path.exists()
+
+
+def test_close_without_start_writes_what_was_queued(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl")
+    writer.submit(make_record(1))
+    writer.close(10)
+    assert count_records(engine) == 1
+    writer.close(10)  # idempotent
+
+
+def test_a_record_the_database_refuses_is_set_aside_not_retried_forever(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    spill_path = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, spill_path=spill_path, batch_size=50)
+    writer.start()
+    poison = make_record(2, operation=None)  # NOT NULL in every database
+    for r in [make_record(1), poison, make_record(3)]:
+        writer.submit(r)
+    assert writer.flush(10)
+    writer.submit(make_record(4))  # the ledger keeps going
+    writer.close(10)
+    assert [r.request_id for r in fetch_records(engine)] == [
+        "req-000001",
+        "req-000003",
+        "req-000004",
+    ]
+    stats = writer.stats()
+    assert (stats.written, stats.rejected, stats.failures) == (3, 1, 0)
+    assert [r.request_id for r in SpillFile(Path(f"{spill_path}.rejected")).read_all()] == [
+        "req-000002"
+    ]
+
+
+def test_an_engine_factory_is_called_in_the_writer_and_disposed(
+    db_url: str, engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    made: list[Engine] = []
+    pools: list[object] = []
+
+    def factory() -> Engine:
+        made.append(create_engine_for(db_url))
+        pools.append(made[-1].pool)
+        return made[-1]
+
+    writer = LedgerWriter(factory, spill_path=tmp_path / "spill.jsonl")
+    writer.start()
+    writer.submit(make_record(1))
+    writer.close(10)
+    assert len(made) == 1
+    assert made[0].pool is not pools[0]  # dispose() replaces the pool, closing its connections
+    assert count_records(engine) == 1
+
+
+def test_repr_shows_the_state(engine: Engine, tmp_path: Path) -> None:
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl")
+    assert repr(writer).startswith("<LedgerWriter new pending=0 written=0")
+    writer.start()
+    writer.close(5)
+    assert "closed" in repr(writer)
+
+
+def test_submit_never_raises_and_garbage_does_not_block_the_ledger(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl")
+    writer.start()
+    writer.submit(None)  # type: ignore[arg-type]
+    writer.submit(make_record(1))
+    assert writer.flush(10)
+    writer.close(10)
+    assert [r.request_id for r in fetch_records(engine)] == ["req-000001"]
+    stats = writer.stats()
+    assert (stats.written, stats.rejected, stats.failures, stats.healthy) == (1, 1, 0, True)
