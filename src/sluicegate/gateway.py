@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from sluicegate.accounting.records import UsageRecord
@@ -67,7 +68,7 @@ class Gateway:
             max_pending=config.storage.max_pending,
             clock=self.clock,
         )
-        sinks = [self.ledger.submit]
+        sinks: list[Callable[[UsageRecord], None]] = [self.ledger.submit]
         if config.metrics.enabled:
             sinks.append(self.metrics.observe)
         if config.logging.access_log:
@@ -109,7 +110,7 @@ class Gateway:
         self.metrics.ledger_pending.set(stats.pending)
         self.metrics.ledger_written.set(stats.written)
         self.metrics.ledger_failures.set(stats.failures)
-        self.metrics.ledger_latency.set(stats.last_write_seconds)
+        self.metrics.ledger_latency.set(stats.last_write_seconds or 0.0)
 
     def record(self, record: UsageRecord) -> None:
         for sink in self.sinks:

@@ -199,7 +199,7 @@ def keys_rotate(
         typer.echo("error: --key must be primary or secondary", err=True)
         raise typer.Exit(2)
     try:
-        issued = _admin(config).rotate(subscription_id, key)  # type: ignore[arg-type]
+        issued = _admin(config).rotate(subscription_id, key)
     except AdminError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode
 
 #: Never forwarded in either direction (RFC 9110 §7.6.1 plus framing the gateway redoes).
@@ -56,7 +57,7 @@ def upstream_request_headers(
 
 
 def client_response_headers(
-    upstream: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
+    upstream: Sequence[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
     """The backend's response headers the client may see, then the gateway's own.
 
