@@ -1,0 +1,255 @@
+"""What an admission decided, as the pipeline needs it: status, message, headers, reservation.
+
+Pure data and pure functions; no I/O. :func:`decide` turns a store's answer into an
+:class:`Admission`:
+
+* all counters had room → allowed, with a :class:`Reservation` to settle or release;
+* a token quota is exhausted → **403** ``TokenQuotaExceeded`` (quota wins over rate limits,
+  since waiting a minute would not help), ``Retry-After`` until the period renews and
+  ``x-should-retry: false``;
+* a TPM or RPM window is full → **429** ``TokenRateLimitExceeded`` /
+  ``RequestRateLimitExceeded`` with ``Retry-After`` (whole seconds, rounded up) and
+  ``retry-after-ms``: when the oldest buckets free enough room for *this* request;
+* a request larger than a whole limit → 429 (or 403 for a quota) ``TokenRequestTooLarge``
+  with ``x-should-retry: false`` and no ``Retry-After``: no wait would let it through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+from sluicegate.limits.periods import PERIOD_NOUNS, zone
+from sluicegate.limits.store import NEVER, CounterKind
+
+if TYPE_CHECKING:
+    from sluicegate.limits.limiter import LimitRequest
+
+LimitKind = Literal["tokens", "requests", "quota"]
+
+LIMIT_TOKENS_HEADER = "x-ratelimit-limit-tokens"
+REMAINING_TOKENS_HEADER = "x-ratelimit-remaining-tokens"
+LIMIT_REQUESTS_HEADER = "x-ratelimit-limit-requests"
+REMAINING_REQUESTS_HEADER = "x-ratelimit-remaining-requests"
+RETRY_AFTER_MS_HEADER = "retry-after-ms"
+SHOULD_RETRY_HEADER = "x-should-retry"
+
+CODE_TOKENS = "TokenRateLimitExceeded"
+CODE_REQUESTS = "RequestRateLimitExceeded"
+CODE_QUOTA = "TokenQuotaExceeded"
+CODE_TOO_LARGE = "TokenRequestTooLarge"
+CODE_UNAVAILABLE = "LimitStoreUnavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    """One limit of one :class:`LimitRequest` as the admission found (or left) it."""
+
+    kind: LimitKind
+    request: LimitRequest
+    limit: int
+    used: int
+    cost: int
+    retry_after_ms: int
+    period_end_ms: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.used, 0)
+
+    @property
+    def refused(self) -> bool:
+        return self.retry_after_ms != 0
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """Tokens an admission put into one window (``slot``) of one counter."""
+
+    name: str
+    kind: CounterKind
+    slot: int
+    amount: int
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """Handle for :meth:`Limiter.settle` / :meth:`Limiter.release`; the first of them wins."""
+
+    charges: tuple[Charge, ...]
+    origin: str
+    tokens: int
+    done: bool = False
+
+
+def _ceil_s(ms: int) -> str:
+    return str(max(math.ceil(ms / 1000), 1))
+
+
+def _duration(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(math.ceil(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days} d" if days else "", f"{hours} h" if hours else ""]
+    parts += [f"{minutes} min" if minutes else "", f"{sec} s" if sec and not days else ""]
+    return " ".join(part for part in parts if part)
+
+
+def _label(request: LimitRequest) -> str:
+    return request.label or request.key
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The limiter's decision for one request.
+
+    ``status`` is 200 when allowed, else 429 (rate), 403 (quota) or 503 (store unavailable,
+    fail-closed). ``code`` and ``reason`` are for the error body; ``headers()`` lists the
+    headers to add to the response (also when allowed). ``reservation`` is set when allowed.
+    """
+
+    allowed: bool
+    status: int
+    code: str | None
+    reason: str
+    retry_after_s: float
+    reservation: Reservation | None
+    limits: tuple[LimitStatus, ...] = ()
+    should_retry: bool = True
+    retry_after_headers: tuple[str, ...] = ("Retry-After",)
+
+    def headers(self) -> list[tuple[str, str]]:
+        """``x-ratelimit-*`` for the tightest TPM and RPM limit, the policies' configured
+        remaining-tokens/-quota headers, and on refusal the retry headers."""
+        out: list[tuple[str, str]] = []
+        for kind, limit_name, remaining_name in (
+            ("tokens", LIMIT_TOKENS_HEADER, REMAINING_TOKENS_HEADER),
+            ("requests", LIMIT_REQUESTS_HEADER, REMAINING_REQUESTS_HEADER),
+        ):
+            matching = [status for status in self.limits if status.kind == kind]
+            if matching:
+                tightest = min(matching, key=lambda status: status.remaining)
+                out.append((limit_name, str(tightest.limit)))
+                out.append((remaining_name, str(tightest.remaining)))
+        configured: dict[str, int] = {}
+        for status in self.limits:
+            policy = status.request.policy
+            name = (
+                policy.remaining_tokens_header
+                if status.kind == "tokens"
+                else policy.remaining_quota_header
+                if status.kind == "quota"
+                else None
+            )
+            if name is not None:
+                configured[name] = min(configured.get(name, status.remaining), status.remaining)
+        out += [(name, str(value)) for name, value in configured.items()]
+        if not self.allowed:
+            if self.code != CODE_TOO_LARGE:
+                ms = max(math.ceil(self.retry_after_s * 1000), 1)
+                names = {name.lower(): name for name in self.retry_after_headers}
+                out += [(name, _ceil_s(ms)) for name in names.values()]
+                if RETRY_AFTER_MS_HEADER not in names:
+                    out.append((RETRY_AFTER_MS_HEADER, str(ms)))
+            if not self.should_retry:
+                out.append((SHOULD_RETRY_HEADER, "false"))
+        return out
+
+    def consumed_headers(self, tokens: int) -> list[tuple[str, str]]:
+        """The policies' ``tokens_consumed_header`` with the reported usage (send only once
+        the backend's usage is known, as APIM does)."""
+        names = {status.request.policy.tokens_consumed_header for status in self.limits}
+        return [(name, str(tokens)) for name in sorted(n for n in names if n)]
+
+
+ALLOWED_UNLIMITED = Admission(True, 200, None, "", 0.0, None)
+
+
+def unavailable(retry_after_s: float, requests: Sequence[LimitRequest]) -> Admission:
+    """The admission when the shared store is down and the store fails closed (503)."""
+    names = tuple({request.policy.retry_after_header for request in requests}) or ("Retry-After",)
+    return Admission(
+        allowed=False,
+        status=503,
+        code=CODE_UNAVAILABLE,
+        reason=(
+            "The gateway's rate-limit store is unavailable, so requests cannot be admitted; "
+            f"retry after {math.ceil(retry_after_s)} s."
+        ),
+        retry_after_s=retry_after_s,
+        reservation=None,
+        retry_after_headers=names,
+    )
+
+
+def _refusal(status: LimitStatus, now_ms: int) -> tuple[int, str, str, bool]:
+    """``(http status, code, reason, should_retry)`` for the limit that binds."""
+    label = _label(status.request)
+    policy = status.request.policy
+    if status.kind == "quota":
+        noun = PERIOD_NOUNS[policy.token_quota_period or "daily"]
+        renews = datetime.fromtimestamp(
+            status.period_end_ms / 1000, zone(policy.quota_timezone)
+        ).isoformat()
+        if status.retry_after_ms == NEVER:
+            reason = (
+                f"This request needs an estimated {status.cost} tokens, more than the whole "
+                f"token quota of {status.limit} tokens per {noun} for {label}; lower max_tokens "
+                "(or max_completion_tokens) or ask for a larger quota."
+            )
+            return 403, CODE_TOO_LARGE, reason, False
+        reason = (
+            f"Token quota of {status.limit} tokens per {noun} is exhausted for {label}; "
+            f"it renews at {renews} (in {_duration(status.period_end_ms - now_ms)})."
+        )
+        return 403, CODE_QUOTA, reason, False
+    what = "Token" if status.kind == "tokens" else "Request"
+    unit = "tokens" if status.kind == "tokens" else "requests"
+    if status.retry_after_ms == NEVER:
+        reason = (
+            f"This request needs an estimated {status.cost} tokens, more than the whole limit "
+            f"of {status.limit} tokens per minute for {label}; lower max_tokens "
+            "(or max_completion_tokens) or ask for a higher limit."
+        )
+        return 429, CODE_TOO_LARGE, reason, False
+    reason = (
+        f"{what} limit of {status.limit} {unit} per minute exceeded for {label}; "
+        f"retry after {_duration(status.retry_after_ms)}."
+    )
+    return 429, CODE_TOKENS if status.kind == "tokens" else CODE_REQUESTS, reason, True
+
+
+def decide(
+    allowed: bool,
+    statuses: tuple[LimitStatus, ...],
+    reservation: Reservation | None,
+    now_ms: int,
+) -> Admission:
+    """Build the :class:`Admission` for a store's answer (see the module docstring)."""
+    if allowed:
+        return Admission(True, 200, None, "", 0.0, reservation, statuses)
+    refused = [status for status in statuses if status.refused]
+    quotas = [status for status in refused if status.kind == "quota"]
+    candidates = quotas or refused
+    never = [status for status in candidates if status.retry_after_ms == NEVER]
+    binding = never[0] if never else max(candidates, key=lambda status: status.retry_after_ms)
+    http_status, code, reason, should_retry = _refusal(binding, now_ms)
+    retry_ms = 0 if never else binding.retry_after_ms
+    names = tuple(dict.fromkeys(status.request.policy.retry_after_header for status in refused))
+    return Admission(
+        allowed=False,
+        status=http_status,
+        code=code,
+        reason=reason,
+        retry_after_s=retry_ms / 1000,
+        reservation=None,
+        limits=statuses,
+        should_retry=should_retry,
+        retry_after_headers=names,
+    )

@@ -1,0 +1,121 @@
+-- sluicegate: check and charge several limit counters atomically, all or none.
+--
+-- Why our own script and not the `limits` package: its moving-window script keeps one list
+-- entry per unit of cost, so a 1,000,000 tokens-per-minute limit would become a
+-- million-entry list. Here a sliding counter is one hash of at most window/bucket fields
+-- (bucket index -> amount), and a quota is one integer key per period: constant memory per
+-- counter key, whatever the limit. The maths is the same as sluicegate/limits/memory.py
+-- (see sluicegate/limits/store.py); the conformance tests run both.
+--
+-- Time comes from the caller (ARGV[1], epoch ms of the gateway's injected clock), not from
+-- Redis TIME: the script stays deterministic, and the window maths is testable with a fake
+-- clock. Gateways must keep their clocks in sync (NTP); skew only moves a charge between
+-- adjacent one-second buckets.
+--
+-- KEYS[i]  one key per counter (distinct)
+-- ARGV[1]  now_ms
+-- ARGV[2]  grace_ms: how long a fixed (quota) counter outlives its period
+-- then 5 values per counter i, from ARGV[3 + (i-1)*5]:
+--   kind ("s" sliding | "f" fixed), limit, cost,
+--   sliding: window_ms, bucket_ms      fixed: end_ms, 0
+--
+-- Returns {allowed, used_1..used_n, retry_1..retry_n, slot_1..slot_n}:
+--   used:  count after the charge when allowed, else the count found
+--   retry: 0 = room, -1 = cost exceeds the whole limit, else ms until there is room
+--   slot:  bucket index charged (sliding) or 0 (fixed)
+
+local now = tonumber(ARGV[1])
+local grace = tonumber(ARGV[2])
+local n = #KEYS
+local used, retry, slot, kinds, costs, ttls = {}, {}, {}, {}, {}, {}
+local allowed = 1
+
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local kind = ARGV[base]
+  local limit = tonumber(ARGV[base + 1])
+  local cost = tonumber(ARGV[base + 2])
+  local need = math.max(cost, 1)
+  kinds[i] = kind
+  costs[i] = cost
+  if kind == "s" then
+    local window = tonumber(ARGV[base + 3])
+    local bucket = tonumber(ARGV[base + 4])
+    local nb = math.floor(window / bucket)
+    local current = math.floor(now / bucket)
+    local oldest = current - nb + 1
+    local flat = redis.call("HGETALL", KEYS[i])
+    local total = 0
+    local live, dead = {}, {}
+    for j = 1, #flat, 2 do
+      local index = tonumber(flat[j])
+      local amount = tonumber(flat[j + 1])
+      if index < oldest then
+        dead[#dead + 1] = flat[j]
+      else
+        total = total + amount
+        live[#live + 1] = {index, amount}
+      end
+    end
+    if #dead > 0 then
+      redis.call("HDEL", KEYS[i], unpack(dead))
+    end
+    used[i] = total
+    slot[i] = current
+    ttls[i] = window + bucket
+    if total + need <= limit then
+      retry[i] = 0
+    elseif need > limit then
+      retry[i] = -1
+    else
+      table.sort(live, function(a, b) return a[1] < b[1] end)
+      local excess = total + need - limit
+      local freed = 0
+      retry[i] = -1
+      for _, entry in ipairs(live) do
+        freed = freed + entry[2]
+        if freed >= excess then
+          retry[i] = (entry[1] + nb) * bucket - now
+          break
+        end
+      end
+    end
+  else
+    local end_ms = tonumber(ARGV[base + 3])
+    local total = tonumber(redis.call("GET", KEYS[i]) or "0")
+    used[i] = total
+    slot[i] = 0
+    ttls[i] = math.max(end_ms + grace - now, 1)
+    if total + need <= limit then
+      retry[i] = 0
+    elseif need > limit then
+      retry[i] = -1
+    else
+      retry[i] = math.max(end_ms - now, 0)
+    end
+  end
+  if retry[i] ~= 0 then
+    allowed = 0
+  end
+end
+
+if allowed == 1 then
+  for i = 1, n do
+    if kinds[i] == "s" then
+      -- A zero cost still creates its bucket, so that a later settle lands.
+      used[i] = used[i] + costs[i]
+      redis.call("HINCRBY", KEYS[i], string.format("%d", slot[i]), costs[i])
+      redis.call("PEXPIRE", KEYS[i], ttls[i])
+    else
+      used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
+      -- Relative to the caller's clock (like every time here), not Redis's own.
+      redis.call("PEXPIRE", KEYS[i], ttls[i])
+    end
+  end
+end
+
+local reply = {allowed}
+for i = 1, n do reply[#reply + 1] = used[i] end
+for i = 1, n do reply[#reply + 1] = retry[i] end
+for i = 1, n do reply[#reply + 1] = slot[i] end
+return reply

@@ -1,0 +1,186 @@
+"""In-process counter store for the embedded mode (and the fail-open fallback of Redis).
+
+All work is synchronous and short (a few dict and deque operations per counter), so the
+async methods never yield to the event loop; a ``threading.Lock`` makes the store safe to
+share between threads too. Memory per key is constant (at most ``window/bucket`` buckets);
+idle counters are swept out every :data:`SWEEP_INTERVAL_MS` of caller time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+from sluicegate.limits.store import (
+    FIXED_GRACE_MS,
+    NEVER,
+    Adjustment,
+    Counter,
+    CounterState,
+    StoreResult,
+)
+
+SWEEP_INTERVAL_MS = 60_000
+
+
+class _Sliding:
+    """Buckets ``[index, amount]`` in increasing index order, and their sum."""
+
+    __slots__ = ("bucket_ms", "buckets", "total", "window_ms")
+
+    def __init__(self, window_ms: int, bucket_ms: int) -> None:
+        self.buckets: deque[list[int]] = deque()
+        self.total = 0
+        self.window_ms = window_ms
+        self.bucket_ms = bucket_ms
+
+    def idle(self, now_ms: int) -> bool:
+        """True when even the newest bucket has left the window."""
+        return not self.buckets or self.buckets[-1][0] * self.bucket_ms + self.window_ms <= now_ms
+
+    def evict(self, oldest: int) -> None:
+        buckets = self.buckets
+        while buckets and buckets[0][0] < oldest:
+            self.total -= buckets.popleft()[1]
+
+    def retry_after_ms(self, need: int, limit: int, bucket_ms: int, n: int, now_ms: int) -> int:
+        excess = self.total + need - limit
+        freed = 0
+        for index, amount in self.buckets:
+            freed += amount
+            if freed >= excess:
+                return (index + n) * bucket_ms - now_ms
+        return NEVER  # unreachable while need <= limit
+
+
+class _Fixed:
+    __slots__ = ("expires_ms", "used")
+
+    def __init__(self, expires_ms: int) -> None:
+        self.used = 0
+        self.expires_ms = expires_ms
+
+
+class MemoryStore:
+    """Counters in a dict; see :mod:`sluicegate.limits.store` for the semantics."""
+
+    origin = "memory"
+
+    def __init__(self, origin: str = "memory") -> None:
+        self.origin = origin
+        self._sliding: dict[str, _Sliding] = {}
+        self._fixed: dict[str, _Fixed] = {}
+        self._lock = threading.Lock()
+        self._next_sweep_ms = 0
+
+    def __len__(self) -> int:
+        return len(self._sliding) + len(self._fixed)
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryStore(origin={self.origin!r}, sliding={len(self._sliding)}, "
+            f"fixed={len(self._fixed)})"
+        )
+
+    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+        return self.admit_sync(counters, now_ms)
+
+    async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
+        self.adjust_sync(adjustments, origin)
+
+    async def aclose(self) -> None:
+        return None
+
+    def admit_sync(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+        with self._lock:
+            if now_ms >= self._next_sweep_ms:
+                self._sweep(now_ms)
+            states: list[CounterState] = []
+            allowed = True
+            windows: list[_Sliding | _Fixed] = []
+            for counter in counters:
+                need = max(counter.cost, 1)
+                if counter.kind == "sliding":
+                    sliding = self._sliding.get(counter.name)
+                    if sliding is None:
+                        sliding = self._sliding[counter.name] = _Sliding(
+                            counter.window_ms, counter.bucket_ms
+                        )
+                    n = counter.window_ms // counter.bucket_ms
+                    current = now_ms // counter.bucket_ms
+                    sliding.evict(current - n + 1)
+                    windows.append(sliding)
+                    used, slot = sliding.total, current
+                    if used + need <= counter.limit:
+                        retry = 0
+                    elif need > counter.limit:
+                        retry = NEVER
+                    else:
+                        retry = sliding.retry_after_ms(
+                            need, counter.limit, counter.bucket_ms, n, now_ms
+                        )
+                else:
+                    fixed = self._fixed.get(counter.name)
+                    if fixed is None:
+                        fixed = self._fixed[counter.name] = _Fixed(counter.end_ms + FIXED_GRACE_MS)
+                    windows.append(fixed)
+                    used, slot = fixed.used, 0
+                    if used + need <= counter.limit:
+                        retry = 0
+                    elif need > counter.limit:
+                        retry = NEVER
+                    else:
+                        retry = max(counter.end_ms - now_ms, 0)
+                if retry != 0:
+                    allowed = False
+                states.append(CounterState(used, retry, slot))
+            if not allowed:
+                return StoreResult(False, tuple(states), self.origin)
+            charged: list[CounterState] = []
+            for counter, window, state in zip(counters, windows, states, strict=True):
+                cost = counter.cost
+                if isinstance(window, _Sliding):
+                    # A zero cost still opens its bucket, so that a later settle lands.
+                    buckets = window.buckets
+                    slot = state.slot
+                    if buckets and buckets[-1][0] >= slot:
+                        # Same bucket, or the clock stepped back: add to the newest one.
+                        buckets[-1][1] += cost
+                        slot = buckets[-1][0]
+                    else:
+                        buckets.append([slot, cost])
+                    window.total += cost
+                    charged.append(CounterState(window.total, 0, slot))
+                else:
+                    window.used += cost
+                    charged.append(CounterState(window.used, 0, 0))
+            return StoreResult(True, tuple(charged), self.origin)
+
+    def adjust_sync(self, adjustments: Sequence[Adjustment], origin: str) -> None:
+        with self._lock:
+            for adjustment in adjustments:
+                if adjustment.kind == "sliding":
+                    sliding = self._sliding.get(adjustment.name)
+                    if sliding is None:
+                        continue
+                    for bucket in sliding.buckets:
+                        if bucket[0] == adjustment.slot:
+                            new = max(bucket[1] + adjustment.delta, 0)
+                            sliding.total += new - bucket[1]
+                            bucket[1] = new
+                            break
+                else:
+                    fixed = self._fixed.get(adjustment.name)
+                    if fixed is not None:
+                        fixed.used = max(fixed.used + adjustment.delta, 0)
+
+    def _sweep(self, now_ms: int) -> None:
+        """Drop counters with nothing left in their window (the in-memory "TTL")."""
+        self._next_sweep_ms = now_ms + SWEEP_INTERVAL_MS
+        idle = [name for name, sliding in self._sliding.items() if sliding.idle(now_ms)]
+        for name in idle:
+            del self._sliding[name]
+        expired = [name for name, fixed in self._fixed.items() if fixed.expires_ms <= now_ms]
+        for name in expired:
+            del self._fixed[name]

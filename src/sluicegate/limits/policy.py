@@ -1,0 +1,157 @@
+"""The limit policy of a product, overridable per subscription (APIM's azure-openai-token-limit).
+
+A :class:`LimitPolicy` is immutable and validated once when the configuration is loaded;
+typos are errors (``extra="forbid"``). Every limit is optional: a policy with none of
+``tokens_per_minute``, ``requests_per_minute`` and ``token_quota`` admits everything. See
+``docs/limits.md`` for the attribute-by-attribute mapping to APIM.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sluicegate.tokens.estimate import TokenEstimate
+
+QuotaPeriod = Literal["hourly", "daily", "weekly", "monthly", "yearly"]
+CounterKeyKind = Literal["subscription", "owner", "product", "client_ip"]
+MaxTokensAction = Literal["reject", "clamp"]
+
+DEFAULT_COMPLETION_TOKENS = 1024
+"""Completion tokens reserved when a request sets no ``max_tokens``: a typical answer fits,
+and the settle step corrects the counters to the real usage once the response ends."""
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+_KEY_PREFIX: dict[CounterKeyKind, str] = {
+    "subscription": "sub",
+    "owner": "owner",
+    "product": "product",
+    "client_ip": "ip",
+}
+
+
+class LimitPolicy(BaseModel):
+    """Token and request limits for one counter key.
+
+    ``tokens_per_minute`` and ``requests_per_minute`` are sliding 60-second windows (429 when
+    exceeded); ``token_quota`` is a fixed calendar window of ``token_quota_period`` in
+    ``quota_timezone`` (403 when exhausted). ``counter_key`` says whose counter is charged.
+    ``estimate_prompt_tokens=False`` skips tokenising the prompt (the completion budget is
+    still reserved, and the real prompt is charged at settle). ``max_tokens_ceiling`` bounds
+    what a request may ask for: rejected (400) or clamped. The ``*_header`` fields name the
+    extra headers returned to the client (``None`` = not sent), as APIM's attributes do.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    token_quota: int | None = Field(default=None, gt=0)
+    token_quota_period: QuotaPeriod | None = None
+    quota_timezone: str = "UTC"
+    counter_key: CounterKeyKind = "subscription"
+    estimate_prompt_tokens: bool = True
+    default_completion_tokens: int = Field(default=DEFAULT_COMPLETION_TOKENS, ge=0)
+    max_tokens_ceiling: int | None = Field(default=None, gt=0)
+    max_tokens_action: MaxTokensAction = "reject"
+    remaining_tokens_header: HeaderName | None = None
+    remaining_quota_header: HeaderName | None = None
+    tokens_consumed_header: HeaderName | None = None
+    retry_after_header: HeaderName = "Retry-After"
+
+    @field_validator("token_quota_period", mode="before")
+    @classmethod
+    def _lower_period(cls, value: object) -> object:
+        # APIM spells the periods "Hourly", "Daily", …: accept that spelling too.
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value == "UTC":
+            return value
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin; the "
+                "system time-zone database or the tzdata package must be installed)"
+            ) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _quota_has_period(self) -> LimitPolicy:
+        if (self.token_quota is None) != (self.token_quota_period is None):
+            raise ValueError("token_quota and token_quota_period must be set together")
+        return self
+
+    @property
+    def has_limits(self) -> bool:
+        return (
+            self.tokens_per_minute is not None
+            or self.requests_per_minute is not None
+            or self.token_quota is not None
+        )
+
+
+def merge(
+    product_policy: LimitPolicy | None, subscription_overrides: Mapping[str, Any]
+) -> LimitPolicy:
+    """The product's policy with a subscription's overrides applied field by field.
+
+    An override wins even when it is ``None`` (``{"tokens_per_minute": None}`` lifts the
+    product's TPM for that subscription). The result is validated again, so an unknown field
+    or an invalid combination raises ``pydantic.ValidationError``.
+    """
+    base = product_policy.model_dump() if product_policy is not None else {}
+    return LimitPolicy.model_validate({**base, **subscription_overrides})
+
+
+def resolve_counter_key(
+    policy: LimitPolicy,
+    *,
+    subscription_id: str,
+    owner: str | None = None,
+    product: str | None = None,
+    client_ip: str | None = None,
+) -> str:
+    """The counter key value for a request, e.g. ``"sub:abc"`` or ``"owner:team-a"``.
+
+    One counter per key value is shared wherever the same key is used (as in APIM). A
+    subscription without an owner (or product) falls back to its own subscription counter;
+    an unknown client IP is counted under ``ip:unknown``.
+    """
+    kind = policy.counter_key
+    value: str | None
+    if kind == "owner":
+        value = owner
+    elif kind == "product":
+        value = product
+    elif kind == "client_ip":
+        value = client_ip or "unknown"
+    else:
+        value = subscription_id
+    if not value:
+        kind, value = "subscription", subscription_id
+    return f"{_KEY_PREFIX[kind]}:{value}"
+
+
+def tokens_to_reserve(policy: LimitPolicy, estimate: TokenEstimate, *, stream: bool = False) -> int:
+    """Tokens to reserve at admission: the completion budget, plus the prompt estimate when
+    the policy estimates prompts or the request streams (APIM always estimates streams)."""
+    prompt = estimate.prompt_tokens if policy.estimate_prompt_tokens or stream else 0
+    return prompt + estimate.completion_tokens

@@ -1,0 +1,227 @@
+"""Redis counter store for the cluster mode: one Lua script round trip per admission.
+
+The scripts live in ``limits/lua/`` (``admit.lua``, ``adjust.lua``) and are run with
+EVALSHA through ``register_script`` (re-loaded automatically after a Redis restart). Keys are
+``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
+window + one bucket, quota counters are integers expiring at period end + grace, so every
+key expires on its own. All keys of one admission are touched by one script, so on a Redis
+Cluster they must share a hash slot: put a hash tag in the prefix (``"{sg}:limits:"``).
+
+Time: the gateway's injected clock is passed to the scripts (see ``admit.lua`` for why).
+
+When Redis cannot be reached, ``fail_mode`` decides:
+
+* ``"open"`` (default): admissions are decided by an in-memory fallback store, per instance,
+  until Redis answers again; a warning is logged once per outage and ``stats`` counts it.
+* ``"closed"``: :meth:`admit` raises :class:`StoreUnavailable` (the limiter turns it into
+  a 503 with ``Retry-After``).
+
+Either way Redis is tried again ``retry_interval_s`` (monotonic clock) after the failure, by
+one admission at a time, so recovery is automatic and a dead server costs at most one
+timeout per interval. Settles of reservations made in Redis that cannot reach Redis are
+dropped and counted (the estimate stays charged until the window ends). A script that timed
+out may still have run in Redis, so the request can be charged there and in the fallback:
+the error is on the side of counting too much, never of admitting too much.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from sluicegate.clock import Clock
+from sluicegate.limits.memory import MemoryStore
+from sluicegate.limits.store import (
+    FIXED_GRACE_MS,
+    Adjustment,
+    Counter,
+    CounterState,
+    StoreResult,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+FailMode = Literal["open", "closed"]
+REDIS_ORIGIN = "redis"
+FALLBACK_ORIGIN = "fallback"
+
+
+def _script(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(slots=True)
+class RedisStoreStats:
+    """Counters for metrics: outages begun, admissions decided while Redis was down
+    (by the fallback, or refused when failing closed) and adjustments dropped."""
+
+    outages: int = 0
+    fallback_admissions: int = 0
+    refused_admissions: int = 0
+    dropped_adjustments: int = 0
+
+
+class RedisStore:
+    """A :class:`~sluicegate.limits.store.CounterStore` on Redis (see the module docstring).
+
+    ``url_or_client`` is a ``redis://`` URL (the store then owns the client: a blocking pool
+    of ``max_connections``, ``socket_timeout_s`` timeouts, one immediate reconnect after a
+    dropped connection) or a ``redis.asyncio.Redis`` the caller owns (give it a
+    ``BlockingConnectionPool`` and short timeouts too: any Redis error counts as an outage).
+    ``prefix`` starts every key (give each gateway deployment its own). Safe for concurrent
+    use from one event loop.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | aioredis.Redis,
+        prefix: str,
+        clock: Clock,
+        fail_mode: FailMode = "open",
+        *,
+        retry_interval_s: float = 5.0,
+        socket_timeout_s: float = 0.5,
+        max_connections: int = 64,
+        fallback: MemoryStore | None = None,
+    ) -> None:
+        if fail_mode not in ("open", "closed"):
+            raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
+        if isinstance(url_or_client, str):
+            # A blocking pool: a burst of admissions waits for a connection instead of
+            # failing with "too many connections" (which would look like an outage).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url_or_client,
+                max_connections=max_connections,
+                timeout=socket_timeout_s * 4,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
+                # Reconnect once at once after a dropped connection (a restarted server),
+                # but never repeat a timed-out script: it may have run and charged.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
+            self._owns_client = True
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+        self.prefix = prefix
+        self.fail_mode: FailMode = fail_mode
+        self.retry_interval_s = retry_interval_s
+        self.stats = RedisStoreStats()
+        self._clock = clock
+        self._fallback = fallback if fallback is not None else MemoryStore(FALLBACK_ORIGIN)
+        self._admit_script = self._client.register_script(_script("admit.lua"))
+        self._adjust_script = self._client.register_script(_script("adjust.lua"))
+        self._down_until: float | None = None
+
+    @property
+    def available(self) -> bool:
+        """False from a failed call until Redis answers again."""
+        return self._down_until is None
+
+    def __repr__(self) -> str:
+        state = "up" if self.available else "down"
+        return (
+            f"RedisStore(prefix={self.prefix!r}, fail_mode={self.fail_mode!r}, {state}, "
+            f"outages={self.stats.outages}, fallback={self._fallback!r})"
+        )
+
+    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+        if not self._should_try_redis():
+            return self._while_down(counters, now_ms)
+        args: list[Any] = [now_ms, FIXED_GRACE_MS]
+        for counter in counters:
+            if counter.kind == "sliding":
+                args += ["s", counter.limit, counter.cost, counter.window_ms, counter.bucket_ms]
+            else:
+                args += ["f", counter.limit, counter.cost, counter.end_ms, 0]
+        keys = [self.prefix + counter.name for counter in counters]
+        try:
+            reply = await self._admit_script(keys=keys, args=args)
+        except RedisError as exc:
+            self._mark_down(exc)
+            return self._while_down(counters, now_ms)
+        self._mark_up()
+        n = len(counters)
+        values = [int(value) for value in reply]
+        states = tuple(
+            CounterState(values[1 + i], values[1 + n + i], values[1 + 2 * n + i]) for i in range(n)
+        )
+        return StoreResult(values[0] == 1, states, REDIS_ORIGIN)
+
+    async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
+        if not adjustments:
+            return
+        if origin != REDIS_ORIGIN:
+            self._fallback.adjust_sync(adjustments, origin)
+            return
+        if not self._should_try_redis():
+            self.stats.dropped_adjustments += len(adjustments)
+            return
+        keys = [self.prefix + adjustment.name for adjustment in adjustments]
+        args: list[Any] = []
+        for adjustment in adjustments:
+            kind = "s" if adjustment.kind == "sliding" else "f"
+            args += [kind, adjustment.slot, adjustment.delta]
+        try:
+            await self._adjust_script(keys=keys, args=args)
+        except RedisError as exc:
+            self._mark_down(exc)
+            self.stats.dropped_adjustments += len(adjustments)
+            return
+        self._mark_up()
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    def _should_try_redis(self) -> bool:
+        if self._down_until is None:
+            return True
+        now = self._clock.monotonic()
+        if now < self._down_until:
+            return False
+        # Claim the probe: concurrent callers keep using the fallback until it answers.
+        self._down_until = now + self.retry_interval_s
+        return True
+
+    def _while_down(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+        if self.fail_mode == "closed":
+            self.stats.refused_admissions += 1
+            until = self._down_until or 0.0
+            wait = max(until - self._clock.monotonic(), 0.0) or self.retry_interval_s
+            raise StoreUnavailable("the Redis limit store is unavailable", wait)
+        self.stats.fallback_admissions += 1
+        return self._fallback.admit_sync(counters, now_ms)
+
+    def _mark_down(self, exc: RedisError) -> None:
+        if self._down_until is None:
+            self.stats.outages += 1
+            action = (
+                "failing open: enforcing limits per instance in memory"
+                if self.fail_mode == "open"
+                else "failing closed: refusing requests with 503"
+            )
+            logger.warning(
+                "Redis limit store unavailable (%s: %s); %s; retrying every %.1f s",
+                type(exc).__name__,
+                exc,
+                action,
+                self.retry_interval_s,
+            )
+        self._down_until = self._clock.monotonic() + self.retry_interval_s
+
+    def _mark_up(self) -> None:
+        if self._down_until is not None:
+            logger.info("Redis limit store is reachable again; counting in Redis")
+            self._down_until = None

@@ -1,0 +1,140 @@
+"""The counter store protocol: check-and-charge several counters atomically, adjust later.
+
+Two implementations keep exactly the same window maths: :class:`~.memory.MemoryStore`
+(embedded mode, in process) and :class:`~.redis_store.RedisStore` (cluster mode, one Lua
+script per admission). ``tests/limits`` runs one conformance suite against both.
+
+Window maths, shared by both (all times are integer epoch milliseconds from the caller):
+
+* **Sliding** counters (TPM, RPM) split the window into buckets of ``bucket_ms``; a bucket
+  ``b`` (covering ``[b*bucket_ms, (b+1)*bucket_ms)``) counts until ``(b + n)*bucket_ms``
+  where ``n = window_ms / bucket_ms``. So at most ``limit`` is charged within the current
+  bucket and the ``n - 1`` before it: no burst at a minute boundary, constant memory per key
+  (at most ``n`` buckets), and a refused request learns exactly when the oldest buckets
+  free enough room.
+* **Fixed** counters (quotas) count from the period start (part of the counter's name) until
+  ``end_ms``; they are kept :data:`FIXED_GRACE_MS` longer so that late settles still land.
+* A request is admitted when, for every counter, ``used + max(cost, 1) <= limit`` (so a
+  zero-cost request is still refused once a counter is at or over its limit, as APIM blocks
+  everything after an overshoot); then every counter is charged ``cost``. Otherwise nothing
+  is charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+CounterKind = Literal["sliding", "fixed"]
+
+FIXED_GRACE_MS = 600_000
+"""How long a quota counter outlives its period, so settles of late responses still land."""
+
+NEVER = -1
+"""``retry_after_ms`` of a counter whose cost exceeds its whole limit: waiting cannot help."""
+
+
+class LimitsError(Exception):
+    """Base of the errors raised by the limits package."""
+
+
+class StoreUnavailable(LimitsError):
+    """The shared counter store cannot be reached and the store is configured to fail closed.
+
+    ``retry_after_s`` is when the store will be tried again.
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One counter to check and charge in an admission.
+
+    ``name`` identifies the counter in the store (the store adds its own prefix). Sliding
+    counters use ``window_ms`` and ``bucket_ms``; fixed counters use ``end_ms``.
+    """
+
+    name: str
+    kind: CounterKind
+    limit: int
+    cost: int
+    window_ms: int = 0
+    bucket_ms: int = 0
+    end_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A counter as the admission found it.
+
+    ``used`` is the count after the charge when admitted, else the count found.
+    ``retry_after_ms`` is 0 when this counter had room, :data:`NEVER` when the cost exceeds
+    the whole limit, else how long until it would have room. ``slot`` is the bucket charged
+    (sliding) or 0 (fixed), needed to adjust the same window later.
+    """
+
+    used: int
+    retry_after_ms: int
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """Outcome of one atomic admission; ``states`` line up with the counters given.
+
+    ``origin`` names the store that decided (``"memory"``, ``"redis"`` or ``"fallback"``);
+    adjustments of this admission must be sent back with the same origin.
+    """
+
+    allowed: bool
+    states: tuple[CounterState, ...]
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """Change a counter already charged by ``delta`` (negative gives tokens back).
+
+    Only the window that was charged is touched (``slot`` for sliding counters); a window
+    that has expired meanwhile is left alone. Counters never go below zero.
+    """
+
+    name: str
+    kind: CounterKind
+    slot: int
+    delta: int
+
+
+class CounterStore(Protocol):
+    """Atomic multi-counter admission. Implementations must be safe for concurrent use."""
+
+    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+        """Check every counter and charge all of them, or none (see the module docstring).
+
+        Counter names must be distinct. May raise :class:`StoreUnavailable`.
+        """
+        ...
+
+    async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
+        """Apply adjustments to counters charged by an admission with this ``origin``.
+
+        Never raises for an unreachable store (the adjustment is dropped and counted).
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections owned by the store."""
+        ...
+
+
+@runtime_checkable
+class SyncCounterStore(Protocol):
+    """A store that can also decide without awaiting (the in-memory store's fast path)."""
+
+    def admit_sync(self, counters: Sequence[Counter], now_ms: int) -> StoreResult: ...
+
+    def adjust_sync(self, adjustments: Sequence[Adjustment], origin: str) -> None: ...

@@ -1,0 +1,319 @@
+"""One conformance suite for every counter store: the same limiter, the same answers.
+
+Each test runs against the in-memory store and the Redis store (real Redis, own prefix),
+driven by a fake clock; times are relative to T0, a minute boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sluicegate.clock import FakeClock
+from sluicegate.limits.admission import Admission
+from sluicegate.limits.limiter import Limiter, LimitRequest
+from sluicegate.limits.policy import LimitPolicy
+from tests.limits.conftest import epoch
+
+TPM = LimitPolicy(tokens_per_minute=10_000)
+
+
+def headers(admission: Admission) -> dict[str, str]:
+    return dict(admission.headers())
+
+
+async def admit(
+    limiter: Limiter, tokens: int, policy: LimitPolicy = TPM, key: str = "sub:a"
+) -> Admission:
+    return await limiter.admit([LimitRequest(key, policy, tokens)])
+
+
+async def test_tpm_admits_until_full_then_refuses_with_exact_retry_after(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    first = await admit(limiter, 6000)
+    assert first.allowed and first.status == 200
+    assert headers(first)["x-ratelimit-remaining-tokens"] == "4000"
+    assert headers(first)["x-ratelimit-limit-tokens"] == "10000"
+
+    clock.advance(10)
+    second = await admit(limiter, 4000)
+    assert second.allowed
+    assert headers(second)["x-ratelimit-remaining-tokens"] == "0"
+
+    clock.advance(10.5)
+    refused = await admit(limiter, 3000)
+    assert not refused.allowed
+    assert refused.status == 429
+    assert refused.code == "TokenRateLimitExceeded"
+    assert refused.reservation is None
+    # The 6000 charged at T0 leave the window at T0+60: 39.5 s from now (T0+20.5).
+    assert refused.retry_after_s == pytest.approx(39.5)
+    h = headers(refused)
+    assert h["Retry-After"] == "40"
+    assert h["retry-after-ms"] == "39500"
+    assert h["x-ratelimit-remaining-tokens"] == "0"
+    assert "x-should-retry" not in h
+    assert "10000 tokens per minute" in refused.reason and "sub:a" in refused.reason
+
+    clock.advance(39.4)
+    assert not (await admit(limiter, 3000)).allowed
+    clock.advance(0.1)
+    again = await admit(limiter, 3000)
+    assert again.allowed
+    assert headers(again)["x-ratelimit-remaining-tokens"] == "3000"
+
+
+async def test_retry_after_waits_for_as_many_buckets_as_the_request_needs(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    for step, tokens in ((0, 3000), (5, 3000), (5, 4000)):
+        clock.advance(step)
+        assert (await admit(limiter, tokens)).allowed
+    clock.advance(20)  # T0+30, the window holds 3000@T0, 3000@T0+5, 4000@T0+10
+    small = await admit(limiter, 2000)
+    assert small.retry_after_s == pytest.approx(30.0)  # T0's bucket frees enough
+    large = await admit(limiter, 5000)
+    assert large.retry_after_s == pytest.approx(35.0)  # needs T0+5's bucket too
+
+
+async def test_rpm_counts_requests_and_release_keeps_them(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    policy = LimitPolicy(requests_per_minute=3)
+    for _ in range(3):
+        admission = await admit(limiter, 10, policy)
+        assert admission.allowed
+        await limiter.release(admission.reservation)
+        clock.advance(1)
+    refused = await admit(limiter, 10, policy)
+    assert refused.status == 429
+    assert refused.code == "RequestRateLimitExceeded"
+    assert refused.retry_after_s == pytest.approx(57.0)
+    h = headers(refused)
+    assert h["x-ratelimit-limit-requests"] == "3"
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-limit-tokens" not in h
+
+
+async def test_no_double_burst_at_a_minute_boundary(limiter: Limiter, clock: FakeClock) -> None:
+    clock.advance(59.5)
+    assert (await admit(limiter, 10_000)).allowed
+    clock.advance(1.0)  # T0+60.5: a fixed window would be empty again
+    refused = await admit(limiter, 1)
+    assert not refused.allowed
+    assert refused.retry_after_s == pytest.approx(58.5)  # bucket T0+59 ends at T0+119
+    clock.advance(58.4)
+    assert not (await admit(limiter, 1)).allowed
+    clock.advance(0.1)
+    assert (await admit(limiter, 10_000)).allowed
+
+
+async def test_tokens_per_sliding_minute_never_exceed_the_limit(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    """Requests every 0.7 s for 3 minutes: any 60 s span holds at most the limit."""
+    policy = LimitPolicy(tokens_per_minute=5000)
+    admitted: list[tuple[float, int]] = []
+    for i in range(260):
+        tokens = 300 + (i * 37) % 500
+        if (await admit(limiter, tokens, policy)).allowed:
+            admitted.append((clock.now(), tokens))
+        clock.advance(0.7)
+    assert sum(t for _, t in admitted) > 10_000  # the limit kept being reusable
+    for start, _ in admitted:
+        in_window = sum(t for at, t in admitted if start <= at < start + 59)
+        assert in_window <= 5000
+
+
+async def test_request_larger_than_the_limit_is_refused_for_good(limiter: Limiter) -> None:
+    refused = await admit(limiter, 10_001)
+    assert refused.status == 429
+    assert refused.code == "TokenRequestTooLarge"
+    h = headers(refused)
+    assert h["x-should-retry"] == "false"
+    assert "Retry-After" not in h and "retry-after-ms" not in h
+    assert "10001" in refused.reason
+    assert (await admit(limiter, 10_000)).allowed  # nothing was charged
+
+
+async def test_quota_refuses_with_403_until_the_month_renews(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    policy = LimitPolicy(token_quota=1000, token_quota_period="monthly")
+    clock.set(epoch("2024-01-31T23:59:50"))
+    assert (await admit(limiter, 800, policy)).allowed
+    refused = await admit(limiter, 300, policy)
+    assert refused.status == 403
+    assert refused.code == "TokenQuotaExceeded"
+    assert refused.retry_after_s == pytest.approx(10.0)
+    h = headers(refused)
+    assert h["x-should-retry"] == "false"
+    assert h["Retry-After"] == "10"
+    assert "2024-02-01T00:00:00+00:00" in refused.reason
+    assert (await admit(limiter, 200, policy)).allowed  # what is left is still usable
+    clock.set(epoch("2024-02-01T00:00:00"))
+    assert (await admit(limiter, 1000, policy)).allowed
+
+
+@pytest.mark.parametrize(
+    ("period", "timezone", "full_at", "renews_at"),
+    [
+        ("monthly", "UTC", "2024-02-29T23:59:59", "2024-03-01T00:00:00"),  # leap day
+        ("monthly", "UTC", "2023-02-28T23:59:59", "2023-03-01T00:00:00"),
+        ("yearly", "UTC", "2024-12-31T23:59:59.5", "2025-01-01T00:00:00"),
+        ("weekly", "UTC", "2024-03-10T12:00:00", "2024-03-11T00:00:00"),  # Sunday → Monday
+        ("daily", "UTC", "2024-03-10T23:00:00", "2024-03-11T00:00:00"),
+        ("hourly", "UTC", "2024-03-10T23:15:00", "2024-03-11T00:00:00"),
+        ("daily", "Asia/Tokyo", "2024-01-01T14:59:59", "2024-01-01T15:00:00"),
+        # New York on the day clocks go forward: the local day is 23 hours long.
+        ("daily", "America/New_York", "2024-03-10T10:00:00", "2024-03-11T04:00:00"),
+        ("monthly", "Europe/Berlin", "2024-03-31T21:00:00", "2024-03-31T22:00:00"),
+    ],
+)
+async def test_quota_period_edges(
+    limiter: Limiter,
+    clock: FakeClock,
+    period: str,
+    timezone: str,
+    full_at: str,
+    renews_at: str,
+) -> None:
+    policy = LimitPolicy.model_validate(
+        {"token_quota": 100, "token_quota_period": period, "quota_timezone": timezone}
+    )
+    clock.set(epoch(full_at))
+    assert (await admit(limiter, 100, policy)).allowed
+    refused = await admit(limiter, 1, policy)
+    assert refused.status == 403
+    assert refused.retry_after_s == pytest.approx(epoch(renews_at) - epoch(full_at))
+    clock.set(epoch(renews_at) - 0.001)
+    assert not (await admit(limiter, 1, policy)).allowed
+    clock.set(epoch(renews_at))
+    assert (await admit(limiter, 100, policy)).allowed
+
+
+async def test_several_limits_are_reserved_all_or_none(limiter: Limiter) -> None:
+    sub_tpm = LimitPolicy(tokens_per_minute=10_000)
+    sub_quota = LimitPolicy(token_quota=10_000, token_quota_period="daily")
+    owner_tpm = LimitPolicy(tokens_per_minute=5000, counter_key="owner")
+    assert (await limiter.admit([LimitRequest("owner:o", owner_tpm, 3000)])).allowed
+
+    refused = await limiter.admit(
+        [
+            LimitRequest("sub:a", sub_tpm, 4000),
+            LimitRequest("sub:a", sub_quota, 4000),
+            LimitRequest("owner:o", owner_tpm, 4000),
+        ]
+    )
+    assert refused.status == 429
+    assert "5000 tokens per minute" in refused.reason and "owner:o" in refused.reason
+    # Nothing was charged on the subscription's TPM nor on its quota.
+    whole = await limiter.admit(
+        [LimitRequest("sub:a", sub_tpm, 10_000), LimitRequest("sub:a", sub_quota, 10_000)]
+    )
+    assert whole.allowed
+
+
+async def test_quota_refusal_wins_over_rate_refusal(limiter: Limiter) -> None:
+    policy = LimitPolicy(tokens_per_minute=1000, token_quota=1500, token_quota_period="daily")
+    assert (await admit(limiter, 1000, policy)).allowed
+    refused = await admit(limiter, 600, policy)
+    assert refused.status == 403 and refused.code == "TokenQuotaExceeded"
+
+
+async def test_the_same_counter_in_two_policies_is_charged_once(limiter: Limiter) -> None:
+    loose = LimitRequest("sub:a", LimitPolicy(tokens_per_minute=50_000), 3000)
+    tight = LimitRequest("sub:a", LimitPolicy(tokens_per_minute=4000), 3000)
+    first = await limiter.admit([loose, tight])
+    assert first.allowed
+    assert headers(first)["x-ratelimit-remaining-tokens"] == "1000"  # the tighter one shows
+    assert not (await limiter.admit([loose, tight])).allowed
+    assert (await limiter.admit([loose])).allowed
+
+
+async def test_settle_down_returns_the_unused_estimate(limiter: Limiter) -> None:
+    policy = LimitPolicy(tokens_per_minute=10_000, token_quota=20_000, token_quota_period="daily")
+    admission = await admit(limiter, 5000, policy)
+    await limiter.settle(admission.reservation, 2000)
+    after = await admit(limiter, 1, policy)
+    assert headers(after)["x-ratelimit-remaining-tokens"] == str(10_000 - 2000 - 1)
+    assert (await admit(limiter, 7999, policy)).allowed
+    assert not (await admit(limiter, 1, policy)).allowed
+
+
+async def test_settle_up_overshoots_and_then_blocks_even_zero_cost(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    admission = await admit(limiter, 1000)
+    clock.advance(30)
+    await limiter.settle(admission.reservation, 12_000)  # never refused at settle time
+    zero = await admit(limiter, 0)
+    assert not zero.allowed
+    assert zero.retry_after_s == pytest.approx(30.0)  # the T0 bucket must leave
+    clock.advance(30)
+    assert (await admit(limiter, 0)).allowed
+
+
+async def test_settle_of_quota_raises_the_period_counter(limiter: Limiter) -> None:
+    policy = LimitPolicy(token_quota=10_000, token_quota_period="daily")
+    admission = await admit(limiter, 100, policy)
+    await limiter.settle(admission.reservation, 9_950)
+    refused = await admit(limiter, 100, policy)
+    assert refused.status == 403
+    assert (await admit(limiter, 50, policy)).allowed
+
+
+async def test_release_gives_tokens_back_and_only_once(limiter: Limiter) -> None:
+    policy = LimitPolicy(tokens_per_minute=10_000, requests_per_minute=100)
+    admission = await admit(limiter, 8000, policy)
+    await limiter.release(admission.reservation)
+    await limiter.release(admission.reservation)  # second call is a no-op
+    await limiter.settle(admission.reservation, 5000)  # so is a settle after a release
+    after = await admit(limiter, 10_000, policy)
+    assert after.allowed
+    assert headers(after)["x-ratelimit-remaining-requests"] == "98"
+
+
+async def test_settle_after_the_window_moved_on_does_not_touch_new_windows(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    admission = await admit(limiter, 4000)
+    clock.advance(61)
+    assert (await admit(limiter, 10_000)).allowed
+    await limiter.release(admission.reservation)  # its bucket is gone: nothing happens
+    assert not (await admit(limiter, 1)).allowed
+
+
+async def test_concurrent_admissions_never_exceed_the_limit(limiter: Limiter) -> None:
+    policy = LimitPolicy(tokens_per_minute=5000, requests_per_minute=1000)
+    results = await asyncio.gather(*(admit(limiter, 100, policy) for _ in range(120)))
+    assert sum(result.allowed for result in results) == 50
+    after = await admit(limiter, 0, policy)
+    assert not after.allowed
+    assert headers(after)["x-ratelimit-remaining-requests"] == str(1000 - 50)
+
+
+async def test_concurrent_multi_limit_admissions_stay_all_or_none(limiter: Limiter) -> None:
+    shared = LimitPolicy(tokens_per_minute=3000)
+    own = LimitPolicy(tokens_per_minute=1000)
+
+    async def one(i: int) -> bool:
+        requests = [LimitRequest("owner:o", shared, 100), LimitRequest(f"sub:{i % 5}", own, 100)]
+        return (await limiter.admit(requests)).allowed
+
+    results = await asyncio.gather(*(one(i) for i in range(100)))
+    assert sum(results) == 30  # the owner's 3000 tokens bind
+    used = 0
+    for i in range(5):
+        probe = await limiter.admit([LimitRequest(f"sub:{i}", own, 0)])
+        used += 1000 - int(headers(probe)["x-ratelimit-remaining-tokens"])
+    assert used == 3000  # refused admissions reserved nothing on the subscriptions
+
+
+async def test_no_limits_admits_without_headers(limiter: Limiter) -> None:
+    admission = await admit(limiter, 10**9, LimitPolicy())
+    assert admission.allowed
+    assert admission.headers() == []
+    await limiter.settle(admission.reservation, 10)

@@ -1,0 +1,118 @@
+"""Policies: validation, product/subscription merge, counter keys, reservation size, ceiling."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from sluicegate.limits.ceiling import apply_max_tokens_ceiling
+from sluicegate.limits.policy import LimitPolicy, merge, resolve_counter_key, tokens_to_reserve
+from sluicegate.tokens.estimate import TokenEstimate
+
+
+def test_defaults_are_apim_like() -> None:
+    policy = LimitPolicy()
+    assert not policy.has_limits
+    assert policy.counter_key == "subscription"
+    assert policy.estimate_prompt_tokens is True
+    assert policy.default_completion_tokens == 1024
+    assert policy.retry_after_header == "Retry-After"
+    assert policy.remaining_tokens_header is None
+    assert policy.remaining_quota_header is None
+    assert policy.tokens_consumed_header is None
+    assert policy.quota_timezone == "UTC"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"tokens_per_minit": 10},  # typo
+        {"tokens_per_minute": 0},
+        {"token_quota": 100},  # no period
+        {"token_quota_period": "daily"},  # no quota
+        {"token_quota": 100, "token_quota_period": "fortnightly"},
+        {"quota_timezone": "Mars/Olympus"},
+        {"retry_after_header": "Retry After"},
+        {"max_tokens_action": "truncate"},
+        {"counter_key": "team"},
+    ],
+)
+def test_invalid_policies_are_errors(data: dict[str, object]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        LimitPolicy.model_validate(data)
+
+
+def test_apim_period_spelling_is_accepted() -> None:
+    policy = LimitPolicy.model_validate({"token_quota": 5, "token_quota_period": "Monthly"})
+    assert policy.token_quota_period == "monthly"
+
+
+def test_policies_are_immutable() -> None:
+    policy = LimitPolicy(tokens_per_minute=10)
+    with pytest.raises(pydantic.ValidationError):
+        policy.tokens_per_minute = 20
+
+
+def test_subscription_overrides_win_field_by_field() -> None:
+    product = LimitPolicy(
+        tokens_per_minute=10_000,
+        requests_per_minute=60,
+        token_quota=1_000_000,
+        token_quota_period="monthly",
+        remaining_tokens_header="x-remaining",
+    )
+    merged = merge(product, {"tokens_per_minute": 50_000, "requests_per_minute": None})
+    assert merged.tokens_per_minute == 50_000
+    assert merged.requests_per_minute is None  # an explicit None lifts the limit
+    assert merged.token_quota == 1_000_000
+    assert merged.remaining_tokens_header == "x-remaining"
+    assert merge(None, {"tokens_per_minute": 5}) == LimitPolicy(tokens_per_minute=5)
+    with pytest.raises(pydantic.ValidationError):
+        merge(product, {"tokens_per_minuet": 1})
+    with pytest.raises(pydantic.ValidationError):
+        merge(product, {"token_quota_period": None})
+
+
+def test_counter_keys() -> None:
+    def key(kind: str, **kwargs: str | None) -> str:
+        policy = LimitPolicy.model_validate({"counter_key": kind})
+        return resolve_counter_key(policy, subscription_id="s1", **kwargs)
+
+    assert key("subscription", owner="o") == "sub:s1"
+    assert key("owner", owner="team-a") == "owner:team-a"
+    assert key("owner", owner=None) == "sub:s1"  # a standalone subscription
+    assert key("product", product="gold") == "product:gold"
+    assert key("client_ip", client_ip="10.1.2.3") == "ip:10.1.2.3"
+    assert key("client_ip") == "ip:unknown"
+
+
+def test_tokens_to_reserve() -> None:
+    estimate = TokenEstimate(120, 1000, True, "tiktoken:o200k_base")
+    assert tokens_to_reserve(LimitPolicy(), estimate) == 1120
+    off = LimitPolicy(estimate_prompt_tokens=False)
+    assert tokens_to_reserve(off, estimate) == 1000
+    assert tokens_to_reserve(off, estimate, stream=True) == 1120  # APIM: streams estimate
+
+
+def test_ceiling_rejects_or_clamps_what_the_client_asked_for() -> None:
+    reject = LimitPolicy(max_tokens_ceiling=4096)
+    clamp = LimitPolicy(max_tokens_ceiling=4096, max_tokens_action="clamp")
+    body = {"messages": [], "max_tokens": 8000, "max_completion_tokens": 100}
+
+    refused = apply_max_tokens_ceiling(body, "chat.completions", reject)
+    assert refused.error is not None and "4096" in refused.error and "max_tokens" in refused.error
+    assert refused.body is body
+
+    clamped = apply_max_tokens_ceiling(body, "chat.completions", clamp)
+    assert clamped.error is None and clamped.changed
+    assert clamped.body == {"messages": [], "max_tokens": 4096, "max_completion_tokens": 100}
+    assert body["max_tokens"] == 8000  # the original is not modified
+
+    responses = apply_max_tokens_ceiling({"max_output_tokens": 5000}, "responses", clamp)
+    assert responses.body == {"max_output_tokens": 4096}
+    fine = apply_max_tokens_ceiling({"max_tokens": 4096}, "completions", reject)
+    assert fine.error is None and not fine.changed
+    absent = apply_max_tokens_ceiling({"messages": []}, "chat.completions", reject)
+    assert absent.error is None and not absent.changed
+    assert apply_max_tokens_ceiling(body, "embeddings", reject).error is None
+    assert apply_max_tokens_ceiling(body, "chat.completions", LimitPolicy()).error is None

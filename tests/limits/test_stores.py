@@ -1,0 +1,110 @@
+"""Store-level checks: keys expire, memory stays bounded, and both stores agree step by step."""
+
+from __future__ import annotations
+
+import random
+
+import redis.asyncio as aioredis
+
+from sluicegate.clock import FakeClock
+from sluicegate.limits.limiter import Limiter, LimitRequest
+from sluicegate.limits.memory import MemoryStore
+from sluicegate.limits.periods import period_bounds
+from sluicegate.limits.policy import LimitPolicy
+from sluicegate.limits.redis_store import RedisStore
+from sluicegate.limits.store import FIXED_GRACE_MS, NEVER, Adjustment, Counter
+
+
+def sliding(name: str, limit: int, cost: int) -> Counter:
+    return Counter(name, "sliding", limit, cost, window_ms=60_000, bucket_ms=1000)
+
+
+async def test_redis_keys_carry_ttls(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    store = RedisStore(redis_client, redis_prefix, clock)
+    limiter = Limiter(store, clock)
+    policy = LimitPolicy(
+        tokens_per_minute=1000,
+        requests_per_minute=10,
+        token_quota=5000,
+        token_quota_period="hourly",
+    )
+    assert (await limiter.admit([LimitRequest("sub:ttl", policy, 10)])).allowed
+    keys = sorted([k.decode() async for k in redis_client.scan_iter(match=redis_prefix + "*")])
+    start_ms, end_ms = period_bounds("hourly", clock.now())
+    assert keys == [
+        f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}",
+        f"{redis_prefix}sub:ttl:rpm",
+        f"{redis_prefix}sub:ttl:tpm",
+    ]
+    for key in keys[1:]:
+        assert 60_000 < await redis_client.pttl(key) <= 61_000
+    quota_ttl = await redis_client.pttl(keys[0])
+    expected = end_ms + FIXED_GRACE_MS - int(clock.now() * 1000)
+    assert expected - 1000 < quota_ttl <= expected
+
+
+async def test_redis_adjust_never_recreates_an_expired_key(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    store = RedisStore(redis_client, redis_prefix, clock)
+    await store.adjust(
+        [Adjustment("gone:tpm", "sliding", 5, 100), Adjustment("gone:q", "fixed", 0, 100)],
+        "redis",
+    )
+    assert [k async for k in redis_client.scan_iter(match=redis_prefix + "*")] == []
+
+
+async def test_memory_store_forgets_idle_counters() -> None:
+    store = MemoryStore()
+    quota = Counter("k:quota", "fixed", 100, 1, end_ms=120_000)
+    for i in range(50):
+        assert store.admit_sync([sliding(f"k{i}:tpm", 100, 1)], 1000).allowed
+    assert store.admit_sync([quota], 1000).allowed
+    assert len(store) == 51
+    store.admit_sync([sliding("other:tpm", 100, 1)], 30_000)
+    assert len(store) == 52
+    store.admit_sync([sliding("other:tpm", 100, 1)], 61_000)  # sweep: the k* buckets ended
+    assert len(store) == 2  # "other" is live, the quota is kept through its grace period
+    store.admit_sync([sliding("other:tpm", 100, 1)], 120_000 + FIXED_GRACE_MS + 60_000)
+    assert len(store) == 1
+    assert "sliding=1" in repr(store)
+
+
+async def test_memory_and_redis_agree_step_by_step(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """A seeded random mix of admissions and adjustments gives identical answers."""
+    memory = MemoryStore()
+    redis_store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    rng = random.Random(20240229)
+    now_ms = 1_700_000_040_000
+    charged: list[tuple[str, str, int, int]] = []
+    never_seen = False
+    for _ in range(400):
+        now_ms += rng.choice((0, 130, 700, 1000, 4100, 15_000))
+        if charged and rng.random() < 0.25:
+            name, kind, slot, amount = charged.pop(rng.randrange(len(charged)))
+            delta = rng.randint(-amount, amount)
+            adjustment = [Adjustment(name, kind, slot, delta)]  # type: ignore[arg-type]
+            memory.adjust_sync(adjustment, "memory")
+            await redis_store.adjust(adjustment, "redis")
+            continue
+        counters = [
+            sliding(f"s{rng.randrange(3)}:tpm", 2000, rng.choice((0, 50, 400, 900, 2500))),
+            Counter(f"s{rng.randrange(2)}:rpm", "sliding", 20, 1, window_ms=60_000, bucket_ms=1000),
+            Counter(
+                f"q:{now_ms // 300_000}", "fixed", 9000, rng.randrange(0, 600),
+                end_ms=(now_ms // 300_000 + 1) * 300_000,
+            ),
+        ]  # fmt: skip
+        mem = memory.admit_sync(counters, now_ms)
+        red = await redis_store.admit(counters, now_ms)
+        assert (mem.allowed, mem.states) == (red.allowed, red.states)
+        never_seen = never_seen or any(s.retry_after_ms == NEVER for s in mem.states)
+        if mem.allowed:
+            for counter, state in zip(counters, mem.states, strict=True):
+                if counter.cost:
+                    charged.append((counter.name, counter.kind, state.slot, counter.cost))
+    assert never_seen
