@@ -14,8 +14,10 @@ from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
 from sluicegate.auth.keys import KeyHasher, load_key_secret
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
+from sluicegate.limits import CounterStore, Limiter, MemoryStore
 from sluicegate.logs import AccessLog
 from sluicegate.metrics.registry import GatewayMetrics
+from sluicegate.proxy.admission import LimitsAdmitter
 from sluicegate.proxy.pipeline import Admitter, Pipeline
 from sluicegate.runtime import Runtime, compile_runtime
 from sluicegate.storage.engine import create_engine_for
@@ -68,15 +70,34 @@ class Gateway:
             max_pending=config.storage.max_pending,
             clock=self.clock,
         )
-        sinks: list[Callable[[UsageRecord], None]] = [self.ledger.submit]
+        observers: list[Callable[[UsageRecord], None]] = []
         if config.metrics.enabled:
-            sinks.append(self.metrics.observe)
+            observers.append(self.metrics.observe)
         if config.logging.access_log:
-            sinks.append(AccessLog().write)
-        self.sinks = sinks
-        self.admitter: Admitter | None = None
-        self.pipeline = Pipeline(self.runtime, self.index, self.clock, sinks, self.admitter)
+            observers.append(AccessLog().write)
+        self.sinks: list[Callable[[UsageRecord], None]] = [self.ledger.submit, *observers]
+        self.limit_store: CounterStore = self._limit_store(config)
+        self.limiter = Limiter(self.limit_store, self.clock)
+        policies = {name: p.limits for name, p in self.runtime.products.items()}
+        self.admitter: Admitter | None = (
+            LimitsAdmitter(self.limiter, policies) if any(policies.values()) else None
+        )
+        self.pipeline = Pipeline(
+            self.runtime, self.index, self.clock, self.sinks, self.admitter, observers
+        )
         self.started = False
+
+    def _limit_store(self, config: GatewayConfig) -> CounterStore:
+        if config.mode == "cluster" and config.redis is not None:
+            from sluicegate.limits.redis_store import RedisStore
+
+            return RedisStore(
+                config.redis.url,
+                f"{config.redis.prefix}:limits:",
+                self.clock,
+                fail_mode=config.redis.fail_mode,
+            )
+        return MemoryStore()
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.config.storage.url)
@@ -96,6 +117,9 @@ class Gateway:
         for backend in self.runtime.backends.values():
             await backend.close()
         await asyncio.to_thread(self.ledger.close, ledger_timeout)
+        close = getattr(self.limit_store, "aclose", None)
+        if close is not None:
+            await close()
         self.engine.dispose()
         self.started = False
         log.info("gateway stopped")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluicegate.config.model import DeploymentConfig, GatewayConfig, ProductConfig
+from sluicegate.limits.policy import LimitPolicy
 from sluicegate.upstream.backend import Backend
 
 
@@ -29,7 +30,7 @@ class Product:
     description: str
     #: None means every deployment.
     allowed: frozenset[str] | None
-    limits: dict[str, Any] | None
+    limits: tuple[LimitPolicy, ...]
     config: ProductConfig
 
     def allows(self, deployment: str) -> bool:
@@ -62,7 +63,7 @@ def compile_runtime(config: GatewayConfig, environ: dict[str, str] | None = None
             p.name,
             p.description,
             None if "*" in p.deployments else frozenset(p.deployments),
-            p.limits,
+            p.limit_policies(),
             p,
         )
         for p in config.products

@@ -8,6 +8,7 @@ import httpx
 
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import sim_config
+from tests.integration.test_lifecycle import wait_status
 from tests.support.gateway import BACKEND_KEY, GatewayProcess, gateway_config
 
 
@@ -21,6 +22,7 @@ def test_backend_key_never_leaks(tmp_path: Path) -> None:
         out = httpx.post(f"{gw.url}/admin-not-there")  # unauthenticated noise
         seen: list[str] = [out.text, str(out.headers)]
         key = _key_from_cli(gw.config_path)
+        wait_status(gw.url, key, 200)
         chat = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         with httpx.Client(timeout=10) as c:

@@ -8,10 +8,12 @@ be written into the file).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sluicegate.limits.policy import LimitPolicy
 
 
 class _Strict(BaseModel):
@@ -89,8 +91,14 @@ class ProductConfig(_Strict):
     description: str = ""
     #: Deployment names this product may use; ``["*"]`` means all.
     deployments: list[str] = Field(default_factory=lambda: ["*"])
-    #: Limit policy (tokens/requests per minute, quota); see docs/limits.md.
-    limits: dict[str, Any] | None = None
+    #: Limit policy or policies (tokens/requests per minute, quota, each with its counter
+    #: key); see docs/limits.md.
+    limits: LimitPolicy | list[LimitPolicy] | None = None
+
+    def limit_policies(self) -> tuple[LimitPolicy, ...]:
+        if self.limits is None:
+            return ()
+        return tuple(self.limits) if isinstance(self.limits, list) else (self.limits,)
 
 
 class StorageConfig(_Strict):

@@ -40,6 +40,8 @@ class RequestContext:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: Opaque state of the limiter for this request (a reservation to settle).
     admission: Any = None
+    #: The record has been written.
+    finished: bool = False
 
     def record(self, now_mono: float) -> UsageRecord:
         usage = self.usage

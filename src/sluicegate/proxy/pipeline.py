@@ -65,11 +65,15 @@ class Pipeline:
         clock: Clock,
         sinks: list[Callable[[UsageRecord], None]],
         admitter: Admitter | None = None,
+        observers: list[Callable[[UsageRecord], None]] | None = None,
     ) -> None:
+        """``sinks`` receive every record of an authenticated request (the ledger among
+        them); ``observers`` (metrics, access log) also those of unauthenticated ones."""
         self.runtime = runtime
         self.index = index
         self.clock = clock
         self.sinks = sinks
+        self.observers = observers or []
         self.admitter = admitter
         self.max_body = runtime.config.security.max_body_bytes
 
@@ -117,15 +121,18 @@ class Pipeline:
         self._finish_sync(ctx)
 
     def _finish_sync(self, ctx: RequestContext) -> None:
-        if ctx.subscription is None:
-            return  # unauthenticated: metrics and logs only, no ledger row for a stranger
+        if ctx.finished:
+            return  # written once, even if called again on cancellation
+        ctx.finished = True
         record = ctx.record(self.clock.monotonic())
-        for sink in self.sinks:
+        # Unauthenticated requests reach the metrics and the log, not the ledger: a stranger
+        # cannot fill the ledger.
+        sinks = self.sinks if ctx.subscription is not None else self.observers
+        for sink in sinks:
             try:
                 sink(record)
             except Exception:
                 log.exception("a usage sink failed (request %s)", ctx.request_id)
-        ctx.subscription = None  # written once, even if called again on cancellation
 
     async def _handle(
         self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send

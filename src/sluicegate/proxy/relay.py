@@ -180,6 +180,12 @@ def _estimate(ctx: RequestContext, scanner: StreamScanner) -> None:
 
     model = ctx.deployment.model if ctx.deployment else None
     completion = estimate_text_tokens(scanner.relayed_text(), model)
-    prompt = ctx.prompt_estimate or 0
+    prompt = ctx.prompt_estimate
+    if prompt is None:
+        from sluicegate.tokens.estimate import estimate_request_tokens
+
+        prompt = estimate_request_tokens(
+            ctx.json or {}, ctx.route.operation, model, 0
+        ).prompt_tokens
     ctx.usage = Usage(prompt, completion, prompt + completion)
     ctx.usage_estimated = True
