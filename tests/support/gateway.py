@@ -18,6 +18,7 @@ import uvicorn
 import yaml
 
 from sluicegate.app import create_app
+from sluicegate.clock import Clock
 from sluicegate.config.loader import parse_config
 from sluicegate.config.model import GatewayConfig
 from sluicegate.gateway import Gateway
@@ -94,11 +95,11 @@ def gateway_environ() -> dict[str, str]:
 class GatewayThread:
     """A real gateway (uvicorn + the app) on a free loopback port, in a background thread."""
 
-    def __init__(self, config: GatewayConfig | dict[str, Any]) -> None:
+    def __init__(self, config: GatewayConfig | dict[str, Any], clock: Clock | None = None) -> None:
         if isinstance(config, dict):
             config = parse_config(config)
         self.config = config
-        self.gateway = Gateway(config, environ=gateway_environ())
+        self.gateway = Gateway(config, environ=gateway_environ(), clock=clock)
         self.port = free_port()
         uv = uvicorn.Config(
             create_app(self.gateway),

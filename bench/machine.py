@@ -1,0 +1,126 @@
+"""The machine and the versions a run measured, for the record and the report's header."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from targets import BENCH, REPO, Target
+
+
+def _run(argv: Sequence[str], cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, cwd=cwd, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout + done.stderr).strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.system()
+
+
+def _pkg_versions(python: Path, names: Sequence[str]) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        f"for n in {list(names)!r}:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "out['python'] = sys.version.split()[0]\n"
+        "print(json.dumps(out))\n"
+    )
+    text = _run([str(python), "-c", code])
+    try:
+        import json
+
+        data: dict[str, str] = json.loads(text.splitlines()[-1])
+        return data
+    except (ValueError, IndexError):
+        return {}
+
+
+def _git_revision() -> str:
+    rev = _run(["git", "rev-parse", "--short", "HEAD"], REPO)
+    if not re.fullmatch(r"[0-9a-f]{4,40}", rev):
+        return "unknown"
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO)
+    return rev + ("+dirty" if dirty else "")
+
+
+def describe(
+    args: argparse.Namespace, targets: Sequence[Target], load_cpu: int | None, proxy_cpu: int | None
+) -> dict[str, Any]:
+    """Everything a reader needs to judge and repeat the run."""
+    names = {t.name for t in targets}
+    versions: dict[str, Any] = {
+        "sluicegate": _pkg_versions(
+            REPO / ".venv/bin/python", ["sluicegate", "uvicorn", "uvloop", "httptools", "aiohttp"]
+        ),
+        "wrk": (_run(["wrk", "-v"]).splitlines() or [""])[0].split(" Copyright")[0],
+        "nginx": _run(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
+        "sluicegate_git": _git_revision(),
+    }
+    if "litellm" in names:
+        versions["litellm"] = _pkg_versions(BENCH / ".venv-litellm/bin/python", ["litellm"])
+    if "sluicegate-cluster" in names:
+        found = re.search(r"v=(\S+)", _run(["redis-server", "--version"]))
+        versions["redis"] = found.group(1) if found else "unknown"
+        versions["postgresql"] = _run(["postgres", "--version"]) or _run(["psql", "--version"])
+    load1, load5, _ = os.getloadavg()
+    return {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "epoch": time.time(),
+        "command": args.command or "bash bench/run.sh",
+        "quick": bool(args.quick),
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "rounds": args.rounds,
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_cpu": load_cpu,
+        "proxy_cpu": proxy_cpu,
+        "loadavg_at_start": [round(load1, 2), round(load5, 2)],
+        "machine": {
+            "cpu": _cpu_model(),
+            "memory_gib": _mem_gib(),
+            "kernel": platform.release(),
+            "os": _os_name(),
+        },
+        "versions": versions,
+    }

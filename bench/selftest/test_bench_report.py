@@ -1,0 +1,138 @@
+"""Results → summary, checks and Markdown, from synthetic runs with known answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import checks
+import report
+import soak
+from render import render_markdown
+
+
+def _run(kind: str, conns: int, rps: float, cores: float, p50: float, p99: float,
+         rnd: int = 1, errors: int = 0) -> dict[str, Any]:  # fmt: skip
+    return {
+        "round": rnd, "kind": kind, "concurrency": conns, "requests": int(rps * 10),
+        "duration_s": 10.0, "rps": rps, "errors": {"status": errors}, "error_count": errors,
+        "latency_ms": {"p50": p50, "p99": p99}, "proxy_cores": cores,
+        "rps_per_core": rps / cores, "upstream_cores": 0.3, "loadgen_cores": 0.3,
+        "upstream_requests": int(rps * 10),
+    }  # fmt: skip
+
+
+def _record(name: str, json64: float, stream64: float, p50: float, p99: float,
+            rss: float = 80.0) -> dict[str, Any]:  # fmt: skip
+    return {
+        "target": name, "label": name,
+        "runs": [
+            _run("json", 1, 1000 / p50, 0.5, p50, p99),
+            _run("json", 64, json64 * 0.9, 1.0, 10, 20, rnd=1),
+            _run("json", 64, json64, 1.0, 9, 19, rnd=2),
+            _run("stream", 1, 500 / p50, 0.5, p50 * 2, p99 * 2),
+            _run("stream", 64, stream64, 1.0, 20, 40),
+        ],
+        "memory": {"rss_mib": rss, "hwm_mib": rss, "processes": 1, "workers": 1,
+                   "rss_mib_per_worker": rss},
+        "probe": {},
+    }  # fmt: skip
+
+
+def _records() -> list[dict[str, Any]]:
+    return [
+        _record("baseline", 90000, 11000, 0.01, 0.03, rss=24),
+        _record("bare", 7500, 5000, 0.30, 0.80, rss=45),
+        _record("sluicegate", 4000, 3800, 0.40, 1.20, rss=90),
+        _record("sluicegate-cluster", 3000, 2900, 0.45, 1.40, rss=95),
+        _record("litellm", 80, 30, 12.0, 20.0, rss=490),
+    ]
+
+
+def _data() -> dict[str, Any]:
+    targets = [{k: v for k, v in r.items() if k != "runs"} for r in _records()]
+    return {"meta": {}, "results": report.summarize(_records()), "targets": targets}
+
+
+def _find(results: list[dict[str, Any]], target: str, kind: str, conns: int) -> dict[str, Any]:
+    return next(
+        r for r in results if (r["target"], r["kind"], r["concurrency"]) == (target, kind, conns)
+    )
+
+
+def test_summary_takes_the_best_round_and_computes_ratios() -> None:
+    results = report.summarize(_records())
+    sg = _find(results, "sluicegate", "json", 64)
+    assert sg["rps"] == 4000
+    assert sg["best_round"] == 2
+    assert sg["ratio_vs_baseline"] == round(4000 / 90000, 3)
+    assert sg["ratio_vs_bare_per_core"] == round(4000 / 7500, 3)
+    assert len(sg["rounds"]) == 2
+    c1 = _find(results, "sluicegate", "json", 1)
+    assert c1["added_p50_ms"] == 0.39
+    assert c1["added_p99_ms"] == 1.17
+
+
+def test_checks_pass_and_fail_on_the_stated_thresholds() -> None:
+    by_id = {c["id"]: c for c in checks.compute_checks(_data())}
+    assert by_id["json_vs_bare"]["passed"] is True  # 4000 / 7500 = 0.53
+    assert by_id["json_vs_litellm"]["passed"] is True  # 4000 / 80 = 50
+    assert by_id["stream_vs_json"]["passed"] is True  # 0.95
+    assert by_id["cluster_vs_embedded"]["passed"] is True  # 0.75
+    assert by_id["added_p50_json"]["passed"] is True
+    assert by_id["added_p99_stream"]["passed"] is False  # 2.4 - 0.06 > 1.5
+    assert by_id["memory_sluicegate"]["passed"] is True
+    assert by_id["soak_sluicegate"]["passed"] is None
+
+
+def test_a_missing_or_erroneous_target_is_not_judged() -> None:
+    records = [r for r in _records() if r["target"] != "litellm"]
+    for run in records[2]["runs"]:
+        if run["kind"] == "stream":
+            run["error_count"] = run["requests"]
+    data = {"results": report.summarize(records), "targets": []}
+    by_id = {c["id"]: c for c in checks.compute_checks(data)}
+    assert by_id["json_vs_litellm"]["passed"] is None
+    assert by_id["json_vs_litellm"]["measured"] == "not measured"
+    assert by_id["stream_vs_json"]["passed"] is None
+
+
+def test_probe_warnings_are_carried_into_checks_and_report() -> None:
+    data = _data()
+    data["targets"][2]["probe"] = {"warnings": ["limiter not verified"]}
+    by_id = {c["id"]: c for c in checks.compute_checks(data)}
+    assert "warnings about sluicegate" in by_id["json_vs_bare"]["measured"]
+    assert "warnings" not in by_id["memory_sluicegate-cluster"]["measured"]
+    data["checks"] = list(by_id.values())
+    assert "limiter not verified" in render_markdown(data)
+
+
+def test_results_file_keeps_an_earlier_soak(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    report.merge_soak(path, {"meta": {"started": "s"}, "targets": [], "failures": {}})
+    report.write_results(path, {"quick": True}, _records(), {"nginx": "nginx not found"})
+    data = report.load(path)
+    assert data["soak"]["meta"]["started"] == "s"
+    assert data["failures"] == {"nginx": "nginx not found"}
+    assert data["checks"]
+    md = tmp_path / "B.md"
+    report.render(path, md)
+    text = md.read_text()
+    assert "| sluicegate | json | 4,000 |" in text
+    assert "nginx not found" in text
+    assert "## Method" in text
+
+
+def _samples(rss: list[float]) -> list[dict[str, float]]:
+    return [{"t": 10.0 * (i + 1), "rss_mib": v} for i, v in enumerate(rss)]
+
+
+def test_soak_verdicts() -> None:
+    flat = soak.judge(_samples([90.0 + (i % 3) * 0.5 for i in range(60)]))
+    assert flat["flat"] is True
+    assert abs(flat["slope_mib_per_hour"]) < 5
+    growing = soak.judge(_samples([90.0 + i * 0.2 for i in range(60)]))
+    assert growing["flat"] is False
+    assert growing["growth_mib"] > 5
+    assert soak.judge(_samples([90.0] * 10))["flat"] is None
+    assert soak.judge([])["flat"] is None
