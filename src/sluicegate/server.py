@@ -55,6 +55,7 @@ def build_server(
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # X-Forwarded-For is trusted only from configured proxies
         date_header=False,
         timeout_graceful_shutdown=int(config.listen.graceful_shutdown_seconds),
         timeout_keep_alive=30,

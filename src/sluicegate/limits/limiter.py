@@ -47,8 +47,14 @@ from sluicegate.limits.store import (
     SyncCounterStore,
 )
 
-WINDOW_MS = 60_000
 BUCKET_MS = 1_000
+#: A charge made at any moment of bucket ``b`` stays counted until ``b`` is 61 buckets old,
+#: i.e. at least a full 60 s after the request's true arrival. With exactly 60 buckets a
+#: charge made late in a bucket would leave the window up to one bucket early, and an
+#: arbitrary 60-s span of arrival times could hold up to a bucket's worth too much (clients
+#: waking together when a bucket frees make that a whole limit). The price is at most 1/61 of
+#: the limit left unused at the edge.
+WINDOW_MS = 60_000 + BUCKET_MS
 
 
 @dataclass(frozen=True, slots=True)

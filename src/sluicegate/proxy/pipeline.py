@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -79,7 +79,7 @@ class Pipeline:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
-            request_id=uuid.uuid4().hex,
+            request_id=os.urandom(16).hex(),
             ts=self.clock.now(),
             started=self.clock.monotonic(),
             route=match_route(scope["method"], scope["path"]),

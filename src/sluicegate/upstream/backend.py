@@ -57,7 +57,6 @@ class Backend:
             connector=connector,
             timeout=self.timeout,
             auto_decompress=True,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
