@@ -89,7 +89,11 @@ class StreamScanner:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if b'"usage"' not in complete and b"[DONE]" not in complete:
+        if not self.done and b"data: [DONE]" in complete:
+            self.done = True
+        # Fast path, nearly every chunk: no usage object in it (``"usage":null`` does not
+        # count), so it is forwarded as it came, without splitting it into events.
+        if not any(m in complete for m in _USAGE_MARKERS):
             self.relayed.append(complete)
             return complete
         out: list[bytes] = []
@@ -112,7 +116,7 @@ class StreamScanner:
         if event.endswith(b"[DONE]"):
             self.done = True
             return False
-        if not any(m in event for m in _USAGE_MARKERS):
+        if _USAGE_MARKERS[0] not in event and _USAGE_MARKERS[1] not in event:
             return False
         payload = _event_data(event)
         try:
