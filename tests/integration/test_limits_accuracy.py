@@ -13,10 +13,12 @@ import json
 import os
 import random
 import secrets
+import threading
 import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
@@ -25,7 +27,7 @@ from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.reports import fetch_records
 from tests.integration.conftest import sim_config
-from tests.integration.test_lifecycle import cli, wait_status
+from tests.integration.test_lifecycle import cli
 from tests.support.gateway import GatewayProcess, gateway_config
 from tests.support.pg import throwaway_database
 
@@ -122,45 +124,45 @@ def _limited(tmp: Path, sim: SimulatorThread, **extra: object) -> dict[str, obje
     )
 
 
-@pytest.mark.slow
-def test_accuracy_embedded(tmp_path: Path) -> None:
-    sim = _sim()
-    gw = GatewayProcess(tmp_path, _limited(tmp_path, sim))
+def _wait_visible(url: str, key: str) -> None:
+    """Until the gateway knows the key, without spending tokens (listing models is free)."""
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{url}/openai/v1/models", headers={"api-key": key}).status_code != 200:
+        assert time.monotonic() < deadline, "the key did not reach the gateway"
+        time.sleep(0.05)
+
+
+def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
+    gw = GatewayProcess(tmp, _limited(tmp, sim))
     try:
         gw.start()
         key = json.loads(cli(gw.config_path, "keys", "create", "--product", "starter",
                              "--owner", "o", "--name", "n", "--json"))["primary_key"]
-        wait_status(gw.url, key, 200)
-        time.sleep(61)  # let wait_status's request leave the window
+        _wait_visible(gw.url, key)
         since = time.time()
         statuses = asyncio.run(_load([gw.url], key, SECONDS))
         assert gw.terminate() == 0
     finally:
         gw.kill()
-        sim.stop()
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
-    records = fetch_records(engine, limit=10_000_000)
+    engine = create_engine_for(f"sqlite:///{tmp / 'ledger.db'}")
+    out["embedded"] = (fetch_records(engine, limit=10_000_000), statuses, since)
     engine.dispose()
-    _check(records, statuses, since, "embedded")
 
 
-@pytest.mark.slow
-def test_accuracy_cluster_three_gateways_sharing_redis(tmp_path: Path) -> None:
-    sim = _sim()
+def _cluster(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
     prefix = "sgt" + secrets.token_hex(4)
     gws: list[GatewayProcess] = []
     with throwaway_database() as db_url:
         try:
-            cfg = _limited(tmp_path, sim, mode="cluster", storage_url=db_url,
+            cfg = _limited(tmp, sim, mode="cluster", storage_url=db_url,
                            redis={"url": "redis://127.0.0.1:6379/0", "prefix": prefix})
-            gws = [GatewayProcess(tmp_path, cfg) for _ in range(3)]
+            gws = [GatewayProcess(tmp, cfg) for _ in range(3)]
             for gw in gws:
                 gw.start()
             key = json.loads(cli(gws[0].config_path, "keys", "create", "--product", "starter",
                                  "--owner", "o", "--name", "n", "--json"))["primary_key"]
             for gw in gws:
-                wait_status(gw.url, key, 200)
-            time.sleep(61)
+                _wait_visible(gw.url, key)
             since = time.time()
             statuses = asyncio.run(_load([gw.url for gw in gws], key, SECONDS))
             for gw in gws:
@@ -168,8 +170,38 @@ def test_accuracy_cluster_three_gateways_sharing_redis(tmp_path: Path) -> None:
         finally:
             for gw in gws:
                 gw.kill()
-            sim.stop()
         engine = create_engine_for(db_url)
-        records = fetch_records(engine, limit=10_000_000)
+        out["cluster x3"] = (fetch_records(engine, limit=10_000_000), statuses, since)
         engine.dispose()
-    _check(records, statuses, since, "cluster x3")
+
+
+@pytest.mark.slow
+def test_accuracy_embedded_and_cluster(tmp_path: Path) -> None:
+    """Both runs at once (they share nothing but the simulator, which has no limits here),
+    so the suite pays three minutes, not six."""
+    sim = _sim()
+    out: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def run(fn: object, sub: str) -> None:
+        try:
+            (tmp_path / sub).mkdir()
+            fn(tmp_path / sub, sim, out)  # type: ignore[operator]
+        except BaseException as exc:  # reported below, in the test's own thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(_embedded, "embedded")),
+               threading.Thread(target=run, args=(_cluster, "cluster"))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sim.stop()
+    if errors:
+        raise errors[0]
+    for label, result in out.items():
+        records, statuses, since = result  # type: ignore[misc]
+        _check(records, statuses, since, label)
+    assert set(out) == {"embedded", "cluster x3"}
