@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from sluicegate.gateway import Gateway
@@ -71,5 +73,10 @@ class GatewayApp:
                 return
 
 
-def create_app(gateway: Gateway) -> GatewayApp:
-    return GatewayApp(gateway)
+def create_app(gateway: Gateway, environ: Mapping[str, str] | None = None) -> GatewayApp:
+    """The gateway's ASGI app, with the admin API (``/admin/api``), the dashboard
+    (``/dashboard``) and the background rollup job. The admin token is read from
+    ``environ`` (default ``os.environ``) once, here."""
+    from sluicegate.admin.mount import mount_admin
+
+    return mount_admin(gateway, os.environ if environ is None else environ)

@@ -4,19 +4,47 @@ dashboard (none of them touches the database directly).
 Operations are synchronous (they talk to the database); async callers run them in a thread.
 A new key's value is returned exactly once, by the call that makes it; only its keyed hash is
 stored.
+
+Usage, cost and forecasts need the database engine (``engine=``); every report first brings
+the rollups up to date (``Rollups.catch_up``), so what it shows includes every record the
+ledger has committed. Backend state and ledger statistics come from the running gateway
+(``backend_status=``, ``ledger_stats=``) and are empty when the service runs in the CLI.
 """
 
 from __future__ import annotations
 
+import builtins
+import csv
+import io
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
+from sluicegate.accounting.chargeback import (
+    DIMENSIONS,
+    ChargeReport,
+    Series,
+    charge_report,
+    usage_series,
+)
+from sluicegate.accounting.forecast import BreakEven, Projection, break_even, forecast
+from sluicegate.accounting.periods import Granularity
+from sluicegate.accounting.pricing import PriceTable, cost_of_records, nanos_text
+from sluicegate.accounting.records import UsageRecord
+from sluicegate.accounting.rollups import RollupRun, Rollups
 from sluicegate.auth.keys import KeyHasher, display_prefix, generate_key
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
+from sluicegate.storage.ledger import LedgerStats
+from sluicegate.storage.reports import fetch_records
 from sluicegate.storage.subscriptions import SubscriptionRepository
+
+#: The longest range one report may cover (days): keeps a request from scanning years.
+MAX_REPORT_DAYS = 3660
 
 
 class AdminError(Exception):
@@ -62,12 +90,21 @@ class AdminService:
         repository: SubscriptionRepository,
         hasher: KeyHasher,
         clock: Clock | None = None,
+        *,
+        engine: Engine | None = None,
+        backend_status: Callable[[], list[dict[str, Any]]] | None = None,
+        ledger_stats: Callable[[], LedgerStats] | None = None,
     ) -> None:
         self.config = config
         self.repository = repository
         self.hasher = hasher
         self.clock = clock or SystemClock()
         self._products = {p.name for p in config.products}
+        self.engine = engine
+        self.prices = PriceTable(config)
+        self.rollups = Rollups(engine, self.prices, self.clock) if engine is not None else None
+        self._backend_status = backend_status
+        self._ledger_stats = ledger_stats
 
     def products(self) -> list[dict[str, Any]]:
         return [
@@ -170,5 +207,270 @@ class AdminService:
     def cancel(self, subscription_id: str) -> Subscription:
         return self.set_state(subscription_id, SubscriptionState.CANCELLED)
 
+    # -- usage, cost, forecasts ----------------------------------------------------------------
 
-__all__ = ["AdminError", "AdminService", "IssuedKeys", "subscription_view"]
+    def _rollups(self) -> Rollups:
+        if self.rollups is None:
+            raise AdminError(503, "usage reports need the database: build the service with engine=")
+        return self.rollups
+
+    def _range(self, start: float, end: float) -> None:
+        if not (0 <= start < end):
+            raise AdminError(422, "'from' must be before 'to' (and not before 1970)")
+        if end - start > MAX_REPORT_DAYS * 86400:
+            raise AdminError(422, f"a report covers at most {MAX_REPORT_DAYS} days")
+
+    def refresh_rollups(self) -> RollupRun:
+        """Bring the rollups up to date now (reports do this themselves)."""
+        return self._rollups().catch_up()
+
+    def rebuild_rollups(self, start: float, end: float) -> RollupRun:
+        """Recompute and re-price ``[start, end)`` from the raw records still kept."""
+        self._range(start, end)
+        return self._rollups().rebuild(start, end)
+
+    def usage_report(
+        self,
+        *,
+        start: float,
+        end: float,
+        by: str = "subscription",
+        subscription_id: str | None = None,
+    ) -> ChargeReport:
+        """Tokens and cost per ``by`` over ``[start, end)`` (widened to whole hours)."""
+        self._range(start, end)
+        if by not in DIMENSIONS:
+            raise AdminError(422, f"'by' must be one of {', '.join(DIMENSIONS)}")
+        rollups = self._rollups()
+        rollups.catch_up()
+        return charge_report(
+            rollups.engine,
+            self.prices,
+            start=start,
+            end=end,
+            by=by,
+            subscription_id=subscription_id,
+        )
+
+    def usage_series(
+        self,
+        *,
+        start: float,
+        end: float,
+        granularity: Granularity = "day",
+        by: str = "subscription",
+        top: int = 8,
+        subscription_id: str | None = None,
+    ) -> Series:
+        """Per-bucket tokens and cost of the ``top`` keys (the rest as ``(other)``)."""
+        self._range(start, end)
+        if by not in DIMENSIONS:
+            raise AdminError(422, f"'by' must be one of {', '.join(DIMENSIONS)}")
+        if not 1 <= top <= 50:
+            raise AdminError(422, "'top' must be 1..50")
+        rollups = self._rollups()
+        rollups.catch_up()
+        try:
+            return usage_series(
+                rollups.engine,
+                self.prices,
+                start=start,
+                end=end,
+                granularity=granularity,
+                by=by,
+                top=top,
+                subscription_id=subscription_id,
+            )
+        except ValueError as exc:
+            raise AdminError(422, str(exc)) from None
+
+    def forecast(
+        self, *, offset: int = 0, limit: int = 50, subscription_id: str | None = None
+    ) -> tuple[builtins.list[Projection], Projection, int]:
+        """Month-end projections per subscription (a page, by MTD cost) and of the total."""
+        if limit < 1 or limit > 1000 or offset < 0:
+            raise AdminError(422, "limit must be 1..1000 and offset >= 0")
+        rollups = self._rollups()
+        rollups.catch_up()
+        return forecast(
+            rollups.engine,
+            self.prices,
+            self.clock.now(),
+            offset=offset,
+            limit=limit,
+            subscription_id=subscription_id,
+        )
+
+    def break_even(self) -> builtins.list[BreakEven]:
+        """PTU against pay-as-you-go per deployment, for this month's traffic."""
+        rollups = self._rollups()
+        rollups.catch_up()
+        return break_even(rollups.engine, self.prices, self.config, self.clock.now())
+
+    def records(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        subscription_id: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> builtins.list[tuple[UsageRecord, int | None]]:
+        """Raw records (oldest first) with their cost in nanos (None: unpriced)."""
+        if limit < 1 or limit > 1000 or offset < 0:
+            raise AdminError(422, "limit must be 1..1000 and offset >= 0")
+        engine = self._rollups().engine
+        recs = fetch_records(
+            engine,
+            start=start,
+            end=end,
+            subscription_id=subscription_id,
+            limit=limit,
+            offset=offset,
+        )
+        costs = cost_of_records(
+            self.prices,
+            [
+                (
+                    r.deployment,
+                    r.model,
+                    r.backend,
+                    r.ts,
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    r.completion_tokens,
+                )
+                for r in recs
+            ],
+        )
+        return list(zip(recs, costs, strict=True))
+
+    def prices_view(self) -> dict[str, Any]:
+        """The price table as configured, and the deployments it leaves unpriced."""
+        return {
+            "currency": self.prices.currency,
+            "prices": [
+                {
+                    "deployment": p.deployment,
+                    "model": p.model,
+                    "input_per_million": str(p.input),
+                    "cached_input_per_million": str(
+                        p.cached_input if p.cached_input is not None else p.input
+                    ),
+                    "output_per_million": str(p.output),
+                    "currency": p.currency,
+                    "effective_from": p.effective_from.timestamp() if p.effective_from else None,
+                }
+                for p in self.config.prices
+            ],
+            "ptu": [
+                {
+                    "backend": p.backend,
+                    "deployment": p.deployment,
+                    "monthly_cost": str(p.monthly_cost),
+                    "currency": p.currency,
+                    "effective_from": p.effective_from.timestamp() if p.effective_from else None,
+                    "units": p.units,
+                }
+                for p in self.config.ptu
+            ],
+            "unpriced": self.prices.unpriced_deployments(),
+        }
+
+    def backends(self) -> builtins.list[dict[str, Any]]:
+        """Each backend's state as the running gateway sees it (empty outside a gateway)."""
+        if self._backend_status is None:
+            return [
+                {"name": b.name, "url": b.url, "kind": b.kind, "state": "unknown"}
+                for b in self.config.backends
+            ]
+        return self._backend_status()
+
+    def ledger(self) -> dict[str, Any]:
+        """Ledger writer statistics and the rollups' progress."""
+        out: dict[str, Any] = {}
+        if self._ledger_stats is not None:
+            s = self._ledger_stats()
+            out.update(
+                pending=s.pending,
+                written=s.written,
+                failures=s.failures,
+                spilled=s.spilled,
+                rejected=s.rejected,
+                last_write_seconds=s.last_write_seconds,
+                healthy=s.healthy,
+            )
+        if self.rollups is not None:
+            last_id, purged = self.rollups.state()
+            out.update(rollup_last_record_id=last_id, raw_purged_before=purged)
+        return out
+
+
+def money(nanos: int) -> str:
+    """Nanos as an exact decimal string of the currency unit (``"12.345000000"``)."""
+    return nanos_text(nanos)
+
+
+REPORT_COLUMNS = (
+    "key",
+    "requests",
+    "attempts",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "errors",
+    "paygo_cost",
+    "ptu_cost",
+    "cost",
+    "currency",
+    "unpriced_records",
+    "unpriced_tokens",
+)
+
+
+def report_rows(report: ChargeReport) -> list[dict[str, Any]]:
+    """The report as plain rows (money as exact decimal strings), the total last."""
+    rows = []
+    for row in [*report.rows, report.total]:
+        rows.append(
+            {
+                "key": row.key if row is not report.total else "(total)",
+                "requests": row.requests,
+                "attempts": row.attempts,
+                "prompt_tokens": row.prompt_tokens,
+                "cached_tokens": row.cached_tokens,
+                "completion_tokens": row.completion_tokens,
+                "total_tokens": row.total_tokens,
+                "errors": row.errors,
+                "paygo_cost": money(row.paygo_nanos),
+                "ptu_cost": money(row.ptu_nanos),
+                "cost": money(row.cost_nanos),
+                "currency": report.currency,
+                "unpriced_records": row.unpriced_records,
+                "unpriced_tokens": row.unpriced_tokens,
+            }
+        )
+    return rows
+
+
+def report_csv(report: ChargeReport) -> str:
+    """The charge-back report as CSV: a header line, one line per group, the total last
+    (key ``(total)``). Money columns are exact decimals in the currency unit."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in report_rows(report):
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+__all__ = [
+    "AdminError",
+    "AdminService",
+    "IssuedKeys",
+    "money",
+    "report_csv",
+    "report_rows",
+    "subscription_view",
+]

@@ -16,5 +16,8 @@ def open_admin(config: GatewayConfig) -> AdminService:
     migrate(config.storage.url)
     engine = create_engine_for(config.storage.url)
     return AdminService(
-        config, SubscriptionRepository(engine), key_hasher_for(config, dict(os.environ))
+        config,
+        SubscriptionRepository(engine),
+        key_hasher_for(config, dict(os.environ)),
+        engine=engine,
     )

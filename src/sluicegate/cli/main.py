@@ -1,4 +1,5 @@
-"""``sluicegate`` — the command line: serve | demo | config check | keys | usage | simulate."""
+"""``sluicegate`` — the command line: serve | demo | config check | keys | usage | forecast |
+simulate."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to chec
     warnings = environment_problems(cfg, dict(os.environ))
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
+    from sluicegate.accounting.pricing import PriceTable
+
+    for w in PriceTable(cfg).unpriced_deployments():
+        typer.echo(f"warning: prices: {w}", err=True)
     typer.echo(
         f"{path}: ok ({len(cfg.backends)} backends, {len(cfg.deployments)} deployments, "
         f"{len(cfg.products)} products, mode {cfg.mode})"
@@ -236,13 +241,27 @@ def usage_report(
     ] = "subscription",
     fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
 ) -> None:
-    """Tokens per subscription, owner, product or deployment over a period."""
+    """Tokens and cost per subscription, owner, product, deployment, backend or model over a
+    period (whole hours, UTC), with PTU reservations allocated."""
     from sluicegate.cli.reporting import print_report
 
     now = time.time()
     print_report(
         _load(config), _parse_time(start, now - 30 * 86400), _parse_time(end, now), by, fmt
     )
+
+
+@app.command()
+def forecast(
+    config: ConfigOpt = Path("gateway.yaml"),
+    limit: Annotated[int, typer.Option(help="How many subscriptions (by cost so far).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Projected month-end tokens and cost per subscription, and PTU against pay-as-you-go per
+    deployment (method: docs/chargeback.md)."""
+    from sluicegate.cli.reporting import print_forecast
+
+    print_forecast(_load(config), limit, as_json)
 
 
 @app.command()

@@ -1,55 +1,177 @@
-"""Printing usage reports as a table, CSV or JSON."""
+"""Printing usage reports and forecasts as a table, CSV or JSON (through the admin service,
+like the admin API and the dashboard)."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import json
 import sys
 import time
 
 import typer
 
+from sluicegate.accounting.chargeback import DIMENSIONS
+from sluicegate.accounting.pricing import format_money
+from sluicegate.admin.service import AdminError, money, report_csv, report_rows
+from sluicegate.cli.context import open_admin
 from sluicegate.config.model import GatewayConfig
-from sluicegate.storage.engine import create_engine_for
-from sluicegate.storage.migrations import migrate
-from sluicegate.storage.reports import usage_report
-
-_BY = ("subscription", "owner", "product", "deployment", "backend", "model")
 
 
 def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: str) -> None:
-    if by not in _BY:
-        raise typer.BadParameter(f"--by must be one of {', '.join(_BY)}")
+    """Tokens and cost per ``by`` (rows sorted by cost), the total last."""
+    if by not in DIMENSIONS:
+        raise typer.BadParameter(f"--by must be one of {', '.join(DIMENSIONS)}")
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter("--format must be table, csv or json")
-    migrate(config.storage.url)
-    engine = create_engine_for(config.storage.url)
-    rows = [dataclasses.asdict(r) for r in usage_report(engine, start=start, end=end, by=by)]  # type: ignore[arg-type]
-    engine.dispose()
+    service = open_admin(config)
+    try:
+        report = service.usage_report(start=start, end=end, by=by)
+    except AdminError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
     if fmt == "json":
-        typer.echo(json.dumps({"from": start, "to": end, "by": by, "rows": rows}, indent=2))
+        out = {
+            "from": report.start,
+            "to": report.end,
+            "by": by,
+            "currency": report.currency,
+            "rows": report_rows(report),
+        }
+        typer.echo(json.dumps(out, indent=2))
         return
-    columns = list(rows[0].keys()) if rows else ["key", "requests", "total_tokens"]
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buf.getvalue())
+        sys.stdout.write(report_csv(report))
         return
     from rich.console import Console
     from rich.table import Table
 
     fmt_t = "%Y-%m-%d %H:%M"
     title = (
-        f"Usage by {by}, {time.strftime(fmt_t, time.gmtime(start))} – "
-        f"{time.strftime(fmt_t, time.gmtime(end))} UTC"
+        f"Usage by {by}, {time.strftime(fmt_t, time.gmtime(report.start))} – "
+        f"{time.strftime(fmt_t, time.gmtime(report.end))} UTC, cost in {report.currency}"
     )
     table = Table(title=title)
-    for col in columns:
-        table.add_column(col.replace("_", " "), justify="left" if col == "key" else "right")
-    for row in rows:
-        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
+    for col in (
+        "key",
+        "requests",
+        "input",
+        "output",
+        "total tokens",
+        "PTU share",
+        "cost",
+        "unpriced",
+    ):
+        table.add_column(col, justify="left" if col == "key" else "right")
+    for row in [*report.rows, report.total]:
+        table.add_row(
+            "(total)" if row is report.total else str(row.key),
+            f"{row.requests:,}",
+            f"{row.prompt_tokens:,}",
+            f"{row.completion_tokens:,}",
+            f"{row.total_tokens:,}",
+            format_money(row.ptu_nanos, 4),
+            format_money(row.cost_nanos, 4),
+            f"{row.unpriced_records:,}" if row.unpriced_records else "",
+        )
     Console().print(table)
+    if report.total.unpriced_records:
+        typer.echo(
+            f"warning: {report.total.unpriced_records:,} record(s) have no price and are not in "
+            "the cost; 'sluicegate config check' lists unpriced deployments",
+            err=True,
+        )
+
+
+def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
+    """Month-end projections per subscription, and PTU against pay-as-you-go per deployment."""
+    service = open_admin(config)
+    items, total, count = service.forecast(limit=limit)
+    deployments = service.break_even()
+    currency = service.prices.currency
+    if as_json:
+        out = {
+            "currency": currency,
+            "subscriptions": [
+                {
+                    "id": p.key,
+                    "mtd_tokens": p.mtd_tokens,
+                    "mtd_cost": money(p.mtd_cost_nanos),
+                    "projected_tokens": p.projected_tokens,
+                    "projected_cost": money(p.projected_cost_nanos),
+                    "method": p.method,
+                }
+                for p in items
+            ],
+            "total": {
+                "mtd_tokens": total.mtd_tokens,
+                "projected_tokens": total.projected_tokens,
+                "projected_cost": money(total.projected_cost_nanos),
+            },
+            "deployments": [
+                {
+                    "deployment": d.deployment,
+                    "projected_tokens": d.projected_tokens,
+                    "paygo_monthly_cost": None
+                    if d.paygo_monthly_nanos is None
+                    else money(d.paygo_monthly_nanos),
+                    "ptu_monthly_cost": None
+                    if d.ptu_monthly_nanos is None
+                    else money(d.ptu_monthly_nanos),
+                    "break_even_tokens": d.break_even_tokens,
+                    "cheaper": d.cheaper,
+                    "note": d.note,
+                }
+                for d in deployments
+            ],
+        }
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(
+        title=f"Month-end forecast ({count} subscriptions with usage, cost in {currency})"
+    )
+    for col in (
+        "subscription",
+        "tokens so far",
+        "cost so far",
+        "projected tokens",
+        "projected cost",
+        "method",
+    ):
+        table.add_column(col, justify="left" if col in ("subscription", "method") else "right")
+    for p in [*items, total]:
+        table.add_row(
+            "(total)" if p is total else str(p.key),
+            f"{p.mtd_tokens:,}",
+            format_money(p.mtd_cost_nanos, 4),
+            f"{p.projected_tokens:,}",
+            format_money(p.projected_cost_nanos, 4),
+            p.method,
+        )
+    console.print(table)
+    be = Table(title="PTU or pay-as-you-go, per deployment (this month's traffic)")
+    for col in (
+        "deployment",
+        "projected tokens",
+        "peak tokens/min",
+        "pay-as-you-go/month",
+        "PTU/month",
+        "break-even tokens",
+        "cheaper",
+        "note",
+    ):
+        be.add_column(col, justify="left" if col in ("deployment", "cheaper", "note") else "right")
+    for d in deployments:
+        be.add_row(
+            d.deployment,
+            f"{d.projected_tokens:,}",
+            f"{d.peak_tokens_per_minute:,}",
+            "—" if d.paygo_monthly_nanos is None else format_money(d.paygo_monthly_nanos),
+            "—" if d.ptu_monthly_nanos is None else format_money(d.ptu_monthly_nanos),
+            "—" if d.break_even_tokens is None else f"{d.break_even_tokens:,}",
+            d.cheaper or "—",
+            d.note,
+        )
+    console.print(be)

@@ -8,7 +8,9 @@ be written into the file).
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -149,6 +151,119 @@ class LoggingConfig(_Strict):
     access_log: bool = True
 
 
+def _to_utc(value: Any) -> Any:
+    """A YAML date (``2026-01-01``) means midnight UTC; a naive date-time is UTC."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _six_decimals(value: Decimal) -> Decimal:
+    if value.as_tuple().exponent < -6:  # type: ignore[operator]
+        raise ValueError("at most 6 decimal places")
+    return value
+
+
+class PriceConfig(_Strict):
+    """Pay-as-you-go price of one deployment (or of every deployment of a model), per million
+    tokens, in force from ``effective_from`` until the next entry for the same match.
+
+    A ``deployment`` entry wins over a ``model`` entry; ``model`` is compared with the
+    deployment's configured ``model`` (and, for records of deployments no longer configured,
+    with the model the backend reported). See docs/chargeback.md.
+    """
+
+    deployment: str | None = None
+    model: str | None = None
+    #: Prompt tokens, per million.
+    input: Decimal = Field(ge=0)
+    #: Cached prompt tokens, per million (default: the input price).
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    #: Completion tokens (reasoning included), per million.
+    output: Decimal = Field(default=Decimal(0), ge=0)
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    #: When this price starts to apply (UTC); default: always.
+    effective_from: datetime | None = None
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _utc(cls, value: Any) -> Any:
+        return _to_utc(value)
+
+    @field_validator("input", "cached_input", "output")
+    @classmethod
+    def _precision(cls, value: Decimal | None) -> Decimal | None:
+        return None if value is None else _six_decimals(value)
+
+    @model_validator(mode="after")
+    def _one_match(self) -> PriceConfig:
+        if (self.deployment is None) == (self.model is None):
+            raise ValueError("give exactly one of deployment or model")
+        return self
+
+
+class PtuCostConfig(_Strict):
+    """A provisioned (PTU) reservation: its monthly cost is allocated to teams by their share
+    of the tokens served by the matching backend (and deployment, when given). Tokens it
+    serves carry no per-token price."""
+
+    backend: str | None = None
+    deployment: str | None = None
+    monthly_cost: Decimal = Field(ge=0)
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    effective_from: datetime | None = None
+    #: Provisioned throughput units reserved (informational; used by the break-even view).
+    units: int | None = Field(default=None, ge=1)
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _utc(cls, value: Any) -> Any:
+        return _to_utc(value)
+
+    @field_validator("monthly_cost")
+    @classmethod
+    def _precision(cls, value: Decimal) -> Decimal:
+        return _six_decimals(value)
+
+    @model_validator(mode="after")
+    def _some_match(self) -> PtuCostConfig:
+        if self.backend is None and self.deployment is None:
+            raise ValueError("give a backend, a deployment or both")
+        return self
+
+
+class PtuQuoteConfig(_Strict):
+    """What a PTU reservation would cost for a deployment or model: the input of the
+    break-even forecast (PTU against pay-as-you-go for the observed traffic)."""
+
+    deployment: str | None = None
+    model: str | None = None
+    unit_monthly_cost: Decimal = Field(gt=0)
+    #: Input tokens per minute one unit sustains.
+    tokens_per_minute_per_unit: int = Field(gt=0)
+    #: One output token uses the capacity of this many input tokens.
+    output_token_weight: Decimal = Field(default=Decimal(4), ge=0)
+    min_units: int = Field(default=15, ge=1)
+    unit_increment: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _one_match(self) -> PtuQuoteConfig:
+        if (self.deployment is None) == (self.model is None):
+            raise ValueError("give exactly one of deployment or model")
+        return self
+
+
+class RetentionConfig(_Strict):
+    #: Raw usage records older than this many days are deleted once rolled up (None: keep).
+    raw_records_days: float | None = Field(default=None, gt=0)
+    #: Hourly rollups older than this are deleted (None: keep); daily rollups are kept.
+    hourly_rollups_days: float | None = Field(default=None, gt=0)
+    #: Seconds between two runs of the background job that updates rollups and purges.
+    rollup_interval_seconds: float = Field(default=10.0, gt=0)
+
+
 class GatewayConfig(_Strict):
     mode: Literal["embedded", "cluster"] = "embedded"
     listen: ListenConfig = ListenConfig()
@@ -165,6 +280,13 @@ class GatewayConfig(_Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     deployments: list[DeploymentConfig] = Field(min_length=1)
     products: list[ProductConfig] = Field(min_length=1)
+    #: Pay-as-you-go prices (per million tokens), with effective dates.
+    prices: list[PriceConfig] = Field(default_factory=list)
+    #: Provisioned (PTU) reservations and their monthly cost.
+    ptu: list[PtuCostConfig] = Field(default_factory=list)
+    #: PTU quotes for the break-even forecast.
+    ptu_quotes: list[PtuQuoteConfig] = Field(default_factory=list)
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -191,9 +313,42 @@ class GatewayConfig(_Strict):
                 errors.append("redis: cluster mode needs a redis section with a url")
             if self.storage.url.startswith("sqlite"):
                 errors.append("storage.url: cluster mode needs a PostgreSQL url")
+        errors.extend(_accounting_problems(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+def _accounting_problems(config: GatewayConfig) -> list[str]:
+    """Cross-references of prices, PTU entries and quotes (see docs/chargeback.md)."""
+    errors: list[str] = []
+    backends = {b.name for b in config.backends}
+    deployments = {d.name for d in config.deployments}
+    seen: set[tuple[str, str, datetime | None]] = set()
+    for i, price in enumerate(config.prices):
+        kind = "deployment" if price.deployment else "model"
+        name = price.deployment or price.model
+        assert name is not None
+        if kind == "deployment" and name not in deployments:
+            errors.append(f"prices[{i}].deployment: unknown deployment {name!r}")
+        if (kind, name, price.effective_from) in seen:
+            errors.append(f"prices[{i}]: a second price for {kind} {name!r} from the same date")
+        seen.add((kind, name, price.effective_from))
+    for i, ptu in enumerate(config.ptu):
+        if ptu.backend is not None and ptu.backend not in backends:
+            errors.append(f"ptu[{i}].backend: unknown backend {ptu.backend!r}")
+        if ptu.deployment is not None and ptu.deployment not in deployments:
+            errors.append(f"ptu[{i}].deployment: unknown deployment {ptu.deployment!r}")
+    for i, quote in enumerate(config.ptu_quotes):
+        if quote.deployment is not None and quote.deployment not in deployments:
+            errors.append(f"ptu_quotes[{i}].deployment: unknown deployment {quote.deployment!r}")
+    currencies = {p.currency for p in config.prices} | {p.currency for p in config.ptu}
+    if len(currencies) > 1:
+        errors.append(
+            f"prices: one currency per gateway, found {', '.join(sorted(currencies))} "
+            "(convert the prices to one currency)"
+        )
+    return errors
 
 
 def _duplicates(section: str, names: list[str], errors: list[str]) -> None:

@@ -1,34 +1,164 @@
 """Prometheus metrics in one registry per gateway (never the process-global default one).
 
+Everything per request is derived from the same ``UsageRecord`` the ledger stores (``observe``
+is a sink beside the ledger), so after any run the token and request counters equal the
+ledger's totals (tests/admin/test_metrics_ledger.py proves it).
+
 Label sets are bounded: at most ``max_subscription_labels`` subscriptions get their own label
-value, the rest are counted under ``other``. Names follow the OpenTelemetry GenAI semantic
-conventions where one exists (``gen_ai_client_token_usage``, ``gen_ai_server_time_to_first_token``),
-translated to Prometheus style.
+value, the rest are counted under ``other``; products, deployments and backends come from the
+configuration, statuses and error codes from small fixed sets. Names follow the OpenTelemetry
+GenAI semantic conventions where one exists (``gen_ai.client.token.usage`` with
+``gen_ai.token.type`` = input/output, ``gen_ai.server.time_to_first_token``,
+``gen_ai.server.request.duration``), translated to Prometheus style; the rest are
+``sluicegate_*``. See docs/grafana-dashboard.json for a dashboard over them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from sluicegate.accounting.records import UsageRecord
+from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.clock import Clock, SystemClock
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_WINDOW_SLOTS = 30
+#: Error codes of limiter refusals (see limits/admission.py); other refusals are not counted.
+_LIMIT_CODES = frozenset(
+    {
+        "TokenRateLimitExceeded",
+        "RequestRateLimitExceeded",
+        "TokenQuotaExceeded",
+        "TokenRequestTooLarge",
+        "LimitStoreUnavailable",
+        "MaxTokensCeilingExceeded",
+    }
+)
+_SLOT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSample:
+    """What a backend looks like right now (for ``/metrics`` and the admin API)."""
+
+    name: str
+    state: str  # healthy | degraded | throttled | down | idle | open/half-open (routing)
+    in_flight: int
+    headroom_tokens: int | None = None
+
+
+class BackendHealth:
+    """Recent outcomes per backend over the last five minutes (30 slots of 10 s).
+
+    Fed from usage records; thread-safe. It is what the records can tell (answers, errors,
+    throttling); a circuit breaker's own state, where routing provides one, takes precedence.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        # backend → slot → [slot id, attempts, errors, throttled]
+        self._slots: dict[str, list[list[int]]] = {}
+        self._last: dict[str, tuple[int, float]] = {}  # backend → (status, monotonic time)
+
+    def observe(self, backend: str, status: int, outcome: Outcome) -> None:
+        now = self._clock.monotonic()
+        slot_id = int(now // _SLOT_SECONDS)
+        with self._lock:
+            slots = self._slots.setdefault(backend, [[-1, 0, 0, 0] for _ in range(_WINDOW_SLOTS)])
+            slot = slots[slot_id % _WINDOW_SLOTS]
+            if slot[0] != slot_id:
+                slot[:] = [slot_id, 0, 0, 0]
+            slot[1] += 1
+            if outcome is Outcome.BACKEND_ERROR:
+                slot[2] += 1
+            if status == 429:
+                slot[3] += 1
+            self._last[backend] = (status, now)
+
+    def recent(self, backend: str) -> dict[str, float | int | None]:
+        """Attempts, errors and 429s in the window, and the last status and its age (s)."""
+        now = self._clock.monotonic()
+        oldest = int(now // _SLOT_SECONDS) - _WINDOW_SLOTS + 1
+        attempts = errors = throttled = 0
+        with self._lock:
+            for slot_id, a, e, t in self._slots.get(backend, []):
+                if slot_id >= oldest:
+                    attempts, errors, throttled = attempts + a, errors + e, throttled + t
+            last = self._last.get(backend)
+        return {
+            "attempts": attempts,
+            "errors": errors,
+            "throttled": throttled,
+            "last_status": last[0] if last else None,
+            "last_seen_seconds_ago": round(now - last[1], 3) if last else None,
+        }
+
+    def state(self, backend: str) -> str:
+        r = self.recent(backend)
+        attempts, errors = int(r["attempts"] or 0), int(r["errors"] or 0)
+        if attempts == 0:
+            return "idle"
+        if r["last_status"] == 429 and (r["last_seen_seconds_ago"] or 0) < 60:
+            return "throttled"
+        if errors == attempts and attempts >= 3:
+            return "down"
+        if errors / attempts > 0.2:
+            return "degraded"
+        return "healthy"
+
+
+class _BackendCollector(Collector):
+    """Backend state, in-flight requests and headroom, read at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[BackendSample]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = GaugeMetricFamily(
+            "sluicegate_backend_state",
+            "1 for the backend's current state (healthy, degraded, throttled, down, idle, ...).",
+            labels=["backend", "state"],
+        )
+        in_flight = GaugeMetricFamily(
+            "sluicegate_backend_in_flight", "Requests in flight to the backend.", labels=["backend"]
+        )
+        headroom = GaugeMetricFamily(
+            "sluicegate_backend_headroom_tokens",
+            "Tokens the backend said it still accepts in its current window.",
+            labels=["backend"],
+        )
+        for sample in self.source():
+            states.add_metric([sample.name, sample.state], 1)
+            in_flight.add_metric([sample.name], sample.in_flight)
+            if sample.headroom_tokens is not None:
+                headroom.add_metric([sample.name], sample.headroom_tokens)
+        yield states
+        yield in_flight
+        yield headroom
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
 
 
 class GatewayMetrics:
     """The gateway's metrics. ``observe`` is called once per usage record (thread-safe)."""
 
-    def __init__(self, max_subscription_labels: int = 200) -> None:
+    def __init__(self, max_subscription_labels: int = 200, clock: Clock | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_subs = max_subscription_labels
         self._subs: set[str] = set()
         self._lock = threading.Lock()
+        self.health = BackendHealth(clock or SystemClock())
         r = self.registry
         self.requests = Counter(
             "sluicegate_requests",
-            "Requests by status and outcome.",
+            "Upstream attempts and refused requests, by status and outcome.",
             ["deployment", "status", "outcome"],
             registry=r,
         )
@@ -36,6 +166,12 @@ class GatewayMetrics:
             "gen_ai_client_token_usage",
             "Tokens used, by type (input/output).",
             ["subscription", "product", "deployment", "backend", "token_type"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "sluicegate_cached_input_tokens",
+            "Prompt tokens served from the backend's prompt cache (part of input).",
+            ["product", "deployment", "backend"],
             registry=r,
         )
         self.ttfb = Histogram(
@@ -54,7 +190,7 @@ class GatewayMetrics:
         )
         self.rejections = Counter(
             "sluicegate_limit_rejections",
-            "Requests refused by the limiter.",
+            "Requests refused by the limiter, by error code.",
             ["reason"],
             registry=r,
         )
@@ -62,6 +198,18 @@ class GatewayMetrics:
             "sluicegate_auth_failures",
             "Failed authentication attempts.",
             ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sluicegate_upstream_retries",
+            "Upstream attempts after the first (retries), by the backend retried on.",
+            ["deployment", "backend"],
+            registry=r,
+        )
+        self.spillover = Counter(
+            "sluicegate_spillover",
+            "Requests moved from one backend to another (failover or priority spill-over).",
+            ["deployment", "from_backend", "to_backend"],
             registry=r,
         )
         self.ledger_pending = Gauge(
@@ -84,6 +232,19 @@ class GatewayMetrics:
             "Duration of the last ledger write.",
             registry=r,
         )
+        self._backend_collector: _BackendCollector | None = None
+
+    def watch_backends(self, source: Callable[[], Iterable[BackendSample]]) -> None:
+        """Export backend state from ``source`` at every scrape (a later call replaces it)."""
+        if self._backend_collector is not None:
+            self._backend_collector.source = source
+            return
+        self._backend_collector = _BackendCollector(source)
+        self.registry.register(self._backend_collector)
+
+    def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
+        """For routing: a request left ``from_backend`` for ``to_backend``."""
+        self.spillover.labels(deployment, from_backend, to_backend).inc()
 
     def _sub_label(self, subscription_id: str | None) -> str:
         if subscription_id is None:
@@ -99,13 +260,25 @@ class GatewayMetrics:
     def observe(self, record: UsageRecord) -> None:
         deployment = record.deployment or "none"
         self.requests.labels(deployment, str(record.status), record.outcome.value).inc()
+        product, backend = record.product or "none", record.backend or "none"
         if record.prompt_tokens or record.completion_tokens:
             sub = self._sub_label(record.subscription_id)
-            product, backend = record.product or "none", record.backend or "none"
             self.tokens.labels(sub, product, deployment, backend, "input").inc(record.prompt_tokens)
             self.tokens.labels(sub, product, deployment, backend, "output").inc(
                 record.completion_tokens
             )
+        if record.cached_tokens:
+            self.cached_tokens.labels(product, deployment, backend).inc(record.cached_tokens)
+        if record.outcome is Outcome.REJECTED:
+            code = record.error_code or str(record.status)
+            if record.status == 401:
+                self.auth_failures.labels(code).inc()
+            elif code in _LIMIT_CODES:
+                self.rejections.labels(code).inc()
+        if record.attempt > 1:
+            self.retries.labels(deployment, backend).inc()
+        if record.backend is not None and record.outcome is not Outcome.REJECTED:
+            self.health.observe(record.backend, record.status, record.outcome)
         if record.ttfb_ms is not None:
             self.ttfb.labels(deployment).observe(record.ttfb_ms / 1000)
         self.duration.labels(deployment).observe(record.duration_ms / 1000)

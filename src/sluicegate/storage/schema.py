@@ -111,3 +111,51 @@ state_version = Table(
     Column("id", Integer(), primary_key=True, autoincrement=False),
     Column("version", BigInteger(), nullable=False),
 )
+
+
+def _rollup_table(name: str) -> Table:
+    """A rollup of ``usage_records``: one row per bucket (an hour or a UTC day, ``bucket`` its
+    start in epoch seconds) and group. Maintained by ``sluicegate.accounting.rollups``, which
+    also prices it: ``cost_nanos`` is the pay-as-you-go cost in 1e-9 currency units;
+    ``unpriced_*`` count records that had tokens but no price."""
+    return Table(
+        name,
+        metadata,
+        Column("bucket", BigInteger(), nullable=False),
+        Column("subscription_id", String(64), nullable=True),
+        Column("owner", String(200), nullable=True),
+        Column("product", String(100), nullable=True),
+        Column("deployment", String(200), nullable=True),
+        Column("backend", String(200), nullable=True),
+        Column("model", String(200), nullable=True),
+        Column("requests", BigInteger(), nullable=False),
+        Column("attempts", BigInteger(), nullable=False),
+        Column("prompt_tokens", BigInteger(), nullable=False),
+        Column("cached_tokens", BigInteger(), nullable=False),
+        Column("completion_tokens", BigInteger(), nullable=False),
+        Column("total_tokens", BigInteger(), nullable=False),
+        Column("reasoning_tokens", BigInteger(), nullable=False),
+        Column("errors", BigInteger(), nullable=False),
+        Column("aborted", BigInteger(), nullable=False),
+        Column("estimated", BigInteger(), nullable=False),
+        Column("cost_nanos", BigInteger(), nullable=False),
+        Column("unpriced_records", BigInteger(), nullable=False),
+        Column("unpriced_tokens", BigInteger(), nullable=False),
+        Index(None, "bucket"),
+        Index(None, "subscription_id", "bucket"),
+    )
+
+
+usage_hourly = _rollup_table("usage_hourly")
+usage_daily = _rollup_table("usage_daily")
+
+#: One row (id 1): how far the rollups have read ``usage_records`` (by id), and before which
+#: time raw records have been purged (rollups there can no longer be rebuilt).
+rollup_state = Table(
+    "rollup_state",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=False),
+    Column("last_record_id", BigInteger(), nullable=False),
+    Column("raw_purged_before", Double(), nullable=True),
+    Column("updated_at", Double(), nullable=True),
+)

@@ -1,0 +1,323 @@
+"""Hourly and daily rollups of the ledger, priced, kept up to date incrementally.
+
+How it stays correct without touching the ledger writer:
+
+- ``rollup_state.last_record_id`` is a watermark over ``usage_records.id``. ``catch_up()``
+  finds the hours that records above it fall into, and *recomputes* each such hour from the raw
+  records (delete the hour's rows, insert the fresh aggregate), then the day that contains it
+  from its hours. Recomputing is idempotent, so a crash, a concurrent run or a batch replayed
+  from the ledger's spill file (old timestamps, new ids) never double-counts.
+- On PostgreSQL, ids are handed out before commit, so a record with a lower id can become
+  visible after a higher one. Each run therefore rescans ``POSTGRES_OVERLAP`` ids below the
+  watermark (more than the ledger writers can have in flight) and recomputes those hours too.
+- Runs serialise on a lock (an advisory transaction lock on PostgreSQL, the write lock on
+  SQLite), one transaction per day of work, so the ledger writer is never blocked for long.
+- Pricing happens here (see ``pricing``): each hour is split where a price starts, so every
+  record is charged the price in force at its timestamp. Rollups keep their cost after the raw
+  records are purged; ``rebuild()`` re-prices a range while its raw records exist.
+- Hours before ``raw_purged_before`` cannot be recomputed (their raw records are gone): a late
+  record for such an hour is *added* as an extra row (reports sum rows, so rows of one group
+  need not be unique).
+
+All methods block on database I/O; call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Table,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+from sluicegate.accounting.periods import DAY, HOUR, floor_day, floor_hour
+from sluicegate.accounting.pricing import PriceTable
+from sluicegate.accounting.records import Outcome
+from sluicegate.clock import Clock, SystemClock
+from sluicegate.storage.schema import rollup_state, usage_daily, usage_hourly, usage_records
+
+log = logging.getLogger("sluicegate.rollups")
+
+#: Ids rescanned below the watermark on PostgreSQL (see the module docstring).
+POSTGRES_OVERLAP = 50_000
+_PG_LOCK_KEY = 0x51_0C_E6_A7_E0_00_00_02
+
+GROUP_COLUMNS = ("subscription_id", "owner", "product", "deployment", "backend", "model")
+COUNT_COLUMNS = (
+    "requests",
+    "attempts",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+    "errors",
+    "aborted",
+    "estimated",
+    "cost_nanos",
+    "unpriced_records",
+    "unpriced_tokens",
+)
+_ERRORS = (str(Outcome.CLIENT_ERROR), str(Outcome.BACKEND_ERROR), str(Outcome.REJECTED))
+
+
+@dataclass(frozen=True, slots=True)
+class RollupRun:
+    """What one ``catch_up``/``rebuild`` did."""
+
+    hours: int
+    days: int
+    last_record_id: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeRun:
+    raw_deleted: int
+    hourly_deleted: int
+    raw_purged_before: float | None
+
+
+def _hour_of(conn: Connection) -> ColumnElement[Any]:
+    ts = usage_records.c.ts
+    if conn.dialect.name == "postgresql":
+        return cast(func.floor(ts / HOUR), BigInteger) * HOUR
+    # SQLite truncates toward zero when casting REAL to INTEGER: floor for positive times.
+    return cast(ts / HOUR, BigInteger) * HOUR
+
+
+def _raw_aggregates() -> list[ColumnElement[Any]]:
+    c = usage_records.c
+
+    def n(cond: ColumnElement[bool]) -> ColumnElement[Any]:
+        return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+    return [
+        n(c.attempt == 1).label("requests"),
+        func.count().label("attempts"),
+        func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(c.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(c.total_tokens), 0).label("total_tokens"),
+        func.coalesce(func.sum(c.reasoning_tokens), 0).label("reasoning_tokens"),
+        n(c.outcome.in_(_ERRORS)).label("errors"),
+        n(c.outcome == str(Outcome.ABORTED)).label("aborted"),
+        n(c.usage_estimated.is_(True)).label("estimated"),
+        n((c.prompt_tokens + c.completion_tokens) > 0).label("billable"),
+    ]
+
+
+class Rollups:
+    """Maintains ``usage_hourly``/``usage_daily`` for one database. Thread-safe."""
+
+    def __init__(self, engine: Engine, prices: PriceTable, clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.clock = clock or SystemClock()
+
+    def __repr__(self) -> str:
+        return f"<Rollups {self.engine.url.render_as_string(hide_password=True)}>"
+
+    # -- public ----------------------------------------------------------------------------
+
+    def state(self) -> tuple[int, float | None]:
+        """``(last_record_id, raw_purged_before)``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(rollup_state).where(rollup_state.c.id == 1)).one()
+        return int(row.last_record_id), row.raw_purged_before
+
+    def catch_up(self) -> RollupRun:
+        """Bring the rollups up to date with every record committed so far."""
+        started = time.monotonic()
+        with self.engine.connect() as conn:
+            watermark, purged = self._read_state(conn)
+            top = conn.execute(select(func.max(usage_records.c.id))).scalar()
+            if top is None or int(top) <= watermark:
+                return RollupRun(0, 0, watermark, time.monotonic() - started)
+            top = int(top)
+            overlap = POSTGRES_OVERLAP if conn.dialect.name == "postgresql" else 0
+            c = usage_records.c
+            new_ids = and_(c.id > max(watermark - overlap, 0), c.id <= top)
+            hours = sorted(
+                int(h) for (h,) in conn.execute(select(_hour_of(conn)).where(new_ids).distinct())
+            )
+        late = [h for h in hours if purged is not None and h < purged]
+        hours = [h for h in hours if purged is None or h >= purged]
+        days = self._recompute(hours)
+        if late:
+            self._add_late(late, watermark, top)
+        with self.engine.connect() as conn:
+            self._lock(conn)
+            current, _ = self._read_state(conn)
+            conn.execute(
+                update(rollup_state)
+                .where(rollup_state.c.id == 1)
+                .values(last_record_id=max(current, top), updated_at=self.clock.now())
+            )
+            conn.commit()
+        return RollupRun(len(hours), days, top, time.monotonic() - started)
+
+    def rebuild(self, start: float, end: float) -> RollupRun:
+        """Recompute (and re-price) every hour of ``[start, end)`` whose raw records are still
+        kept. Used after correcting a price; hours before the purge horizon are left alone."""
+        started = time.monotonic()
+        _, purged = self.state()
+        first = floor_hour(max(start, purged or start))
+        hours = list(range(first, int(end), HOUR))
+        days = self._recompute(hours)
+        return RollupRun(len(hours), days, self.state()[0], time.monotonic() - started)
+
+    def purge(
+        self, *, raw_days: float | None, hourly_days: float | None, chunk: int = 10_000
+    ) -> PurgeRun:
+        """Delete raw records older than ``raw_days`` (whole UTC days, only records already
+        rolled up) and hourly rollups older than ``hourly_days``. In chunks of ``chunk`` rows,
+        one transaction each."""
+        now = self.clock.now()
+        raw_deleted = hourly_deleted = 0
+        watermark, purged = self.state()
+        if raw_days is not None:
+            cutoff = float(floor_day(now - raw_days * DAY))
+            if purged is None or cutoff > purged:
+                # Mark first: from now on late records for these hours are added, not recomputed.
+                with self.engine.connect() as conn:
+                    self._lock(conn)
+                    conn.execute(
+                        update(rollup_state)
+                        .where(rollup_state.c.id == 1)
+                        .values(raw_purged_before=cutoff)
+                    )
+                    conn.commit()
+                purged = cutoff
+            c = usage_records.c
+            while True:
+                ids = select(c.id).where(c.ts < purged, c.id <= watermark).limit(chunk)
+                with self.engine.begin() as conn:
+                    n = conn.execute(delete(usage_records).where(c.id.in_(ids))).rowcount
+                raw_deleted += n
+                if n < chunk:
+                    break
+        if hourly_days is not None:
+            cutoff_h = floor_day(now - hourly_days * DAY)
+            with self.engine.begin() as conn:
+                hourly_deleted = conn.execute(
+                    delete(usage_hourly).where(usage_hourly.c.bucket < cutoff_h)
+                ).rowcount
+        return PurgeRun(raw_deleted, hourly_deleted, purged)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _lock(self, conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            key = _PG_LOCK_KEY - (1 << 64) if _PG_LOCK_KEY >= 1 << 63 else _PG_LOCK_KEY
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _read_state(self, conn: Connection) -> tuple[int, float | None]:
+        row = conn.execute(select(rollup_state).where(rollup_state.c.id == 1)).one()
+        return int(row.last_record_id), row.raw_purged_before
+
+    def _recompute(self, hours: Iterable[int]) -> int:
+        by_day: dict[int, list[int]] = defaultdict(list)
+        for h in hours:
+            by_day[floor_day(h)].append(h)
+        for day, day_hours in sorted(by_day.items()):
+            with self.engine.connect() as conn:
+                self._lock(conn)
+                for h in day_hours:
+                    rows = self._price(conn, h, h + HOUR, h, None)
+                    conn.execute(delete(usage_hourly).where(usage_hourly.c.bucket == h))
+                    if rows:
+                        conn.execute(insert(usage_hourly), rows)
+                self._recompute_day(conn, day)
+                conn.commit()
+        return len(by_day)
+
+    def _recompute_day(self, conn: Connection, day: int) -> None:
+        h = usage_hourly.c
+        conn.execute(delete(usage_daily).where(usage_daily.c.bucket == day))
+        groups = [h[name] for name in GROUP_COLUMNS]
+        sums = [func.sum(h[name]) for name in COUNT_COLUMNS]
+        query = (
+            select(literal(day, BigInteger), *groups, *sums)
+            .where(h.bucket >= day, h.bucket < day + DAY)
+            .group_by(*groups)
+        )
+        conn.execute(
+            insert(usage_daily).from_select(["bucket", *GROUP_COLUMNS, *COUNT_COLUMNS], query)
+        )
+
+    def _price(
+        self, conn: Connection, start: int, end: int, bucket: int, ids: tuple[int, int] | None
+    ) -> list[dict[str, Any]]:
+        """Aggregate and price the raw records of ``[start, end)`` (optionally only ids in
+        ``(lo, hi]``) into rollup rows for ``bucket``, split where prices change."""
+        c = usage_records.c
+        groups = [c[name] for name in GROUP_COLUMNS]
+        out: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for seg_start, seg_end in self.prices.segments(start, end):
+            query = select(*groups, *_raw_aggregates()).where(c.ts >= seg_start, c.ts < seg_end)
+            if ids is not None:
+                query = query.where(c.id > ids[0], c.id <= ids[1])
+            for r in conn.execute(query.group_by(*groups)):
+                m = r._mapping
+                key = tuple(m[name] for name in GROUP_COLUMNS)
+                row = out.get(key)
+                if row is None:
+                    row = {"bucket": bucket, **dict(zip(GROUP_COLUMNS, key, strict=True))}
+                    row.update({name: 0 for name in COUNT_COLUMNS})
+                    out[key] = row
+                for name in COUNT_COLUMNS[:10]:
+                    row[name] += int(m[name])
+                rate = self.prices.resolve(m["deployment"], m["model"], m["backend"], seg_start)
+                billable = int(m["billable"])
+                if rate is None:
+                    if billable:
+                        row["unpriced_records"] += billable
+                        row["unpriced_tokens"] += int(m["prompt_tokens"]) + int(
+                            m["completion_tokens"]
+                        )
+                else:
+                    row["cost_nanos"] += rate.cost_nanos(
+                        int(m["prompt_tokens"]),
+                        int(m["cached_tokens"]),
+                        int(m["completion_tokens"]),
+                    )
+        return list(out.values())
+
+    def _add_late(self, hours: list[int], lo: int, hi: int) -> None:
+        """Records that arrived for hours whose raw records were purged: add them as extra
+        rows to the hour and its day (they cannot be recomputed)."""
+        log.warning("rollups: %d hour(s) before the purge horizon got late records", len(hours))
+        for h in hours:
+            with self.engine.connect() as conn:
+                self._lock(conn)
+                rows = self._price(conn, h, h + HOUR, h, (lo, hi))
+                if rows:
+                    conn.execute(insert(usage_hourly), rows)
+                    day_rows = [dict(r, bucket=floor_day(h)) for r in rows]
+                    conn.execute(insert(usage_daily), day_rows)
+                conn.commit()
+
+
+def rollup_table(granularity: str) -> Table:
+    return usage_hourly if granularity == "hour" else usage_daily

@@ -1,0 +1,126 @@
+"""Building the admin side of a gateway: the REST API, the dashboard and the rollup job.
+
+``mount_admin(gateway, environ)`` returns the gateway's ASGI app with ``/admin/api`` and
+``/dashboard`` mounted, and ties the background rollup job to the app's lifespan: it starts
+once the gateway has started and stops when shutdown begins (the gateway then flushes its
+ledger; the next report or start rolls those last records up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+from sluicegate.accounting.job import RollupJob
+from sluicegate.admin.api import AdminApi
+from sluicegate.admin.auth import AdminAuth
+from sluicegate.admin.service import AdminService
+from sluicegate.app import GatewayApp
+from sluicegate.dashboard.views import Dashboard
+from sluicegate.gateway import Gateway
+from sluicegate.metrics.registry import BackendSample
+from sluicegate.proxy.asgi import Message, Receive, Scope, Send
+
+
+def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
+    """Each backend: configuration, in-flight requests, and what recent records say.
+
+    A ``state`` attribute on the backend object (routing's circuit breaker, where present)
+    wins over the state derived from recent records."""
+    out: list[dict[str, Any]] = []
+    for backend in gateway.runtime.backends.values():
+        recent = gateway.metrics.health.recent(backend.name)
+        state = getattr(backend, "state", None)
+        out.append(
+            {
+                "name": backend.name,
+                "url": backend.base_url,
+                "kind": backend.kind,
+                "state": str(state)
+                if state is not None
+                else gateway.metrics.health.state(backend.name),
+                "in_flight": backend.in_flight,
+                **recent,
+            }
+        )
+    return out
+
+
+def _samples(gateway: Gateway) -> list[BackendSample]:
+    return [
+        BackendSample(
+            b["name"],
+            b["state"],
+            b["in_flight"],
+            getattr(gateway.runtime.backends[b["name"]], "headroom_tokens", None),
+        )
+        for b in backend_status(gateway)
+    ]
+
+
+class AdminGatewayApp(GatewayApp):
+    """``GatewayApp`` whose lifespan also runs the rollup job."""
+
+    def __init__(self, gateway: Gateway, admin_app: Any, job: RollupJob) -> None:
+        super().__init__(gateway, admin_app)
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        job = self.job
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await asyncio.to_thread(job.stop)
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                job.start()
+            await send(message)
+
+        await super().__call__(scope, lifespan_receive, lifespan_send)
+
+
+def admin_service(gateway: Gateway) -> AdminService:
+    """The service over a running gateway (what the API and the dashboard use)."""
+    return AdminService(
+        gateway.config,
+        gateway.repository,
+        gateway.hasher,
+        gateway.clock,
+        engine=gateway.engine,
+        backend_status=lambda: backend_status(gateway),
+        ledger_stats=gateway.ledger.stats,
+    )
+
+
+def mount_admin(gateway: Gateway, environ: Mapping[str, str]) -> AdminGatewayApp:
+    token_env = gateway.config.admin.token_env
+    auth = AdminAuth(environ.get(token_env), token_env)
+    service = admin_service(gateway)
+    assert service.rollups is not None
+    gateway.metrics.watch_backends(lambda: _samples(gateway))
+
+    async def to_dashboard(request: Request) -> Response:
+        return RedirectResponse("/dashboard/", 307)
+
+    root = Starlette(
+        routes=[
+            Mount("/admin/api", AdminApi(service, auth).app()),
+            Mount("/dashboard", Dashboard(service, auth).app()),
+            Route("/admin", to_dashboard),
+            Route("/admin/", to_dashboard),
+        ]
+    )
+    job = RollupJob(service.rollups, gateway.config.retention)
+    return AdminGatewayApp(gateway, root, job)

@@ -1,0 +1,262 @@
+"""Request and response bodies of the admin API, as pydantic models.
+
+The handlers build every JSON response through these models and the OpenAPI document's
+schemas are generated from them, so the document cannot drift from what the API returns.
+Money is an exact decimal string in the report's currency (``"12.340000000"``); times are
+epoch seconds (UTC).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Printable text: no control characters (they are never a valid name and some databases
+#: refuse NUL).
+Text = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Money = Annotated[str, Field(pattern=r"^-?[0-9]+\.[0-9]{9}$", examples=["12.340000000"])]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Model):
+    code: str
+    message: str
+
+
+class Error(_Model):
+    error: ErrorBody
+
+
+class Product(_Model):
+    name: str
+    description: str
+    deployments: list[str]
+    limits: Any = None
+
+
+class ProductList(_Model):
+    items: list[Product]
+
+
+class Subscription(_Model):
+    id: str
+    name: str
+    owner: str
+    product: str
+    state: Literal["active", "suspended", "cancelled"]
+    primary_key_prefix: str
+    secondary_key_prefix: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    overrides: dict[str, Any]
+
+
+class SubscriptionPage(_Model):
+    total: int
+    offset: int
+    limit: int
+    items: list[Subscription]
+
+
+class SubscriptionCreate(_Model):
+    product: Text
+    owner: Text
+    name: Text
+    expires_at: float | None = Field(default=None, ge=0, le=32503680000)
+
+
+class IssuedSubscription(_Model):
+    """A new subscription with its two keys: shown only in this answer."""
+
+    subscription: Subscription
+    primary_key: str
+    secondary_key: str
+
+
+class RotateRequest(_Model):
+    slot: Literal["primary", "secondary"] = "primary"
+
+
+class RotatedKey(_Model):
+    """The new key: shown only in this answer."""
+
+    subscription: Subscription
+    slot: Literal["primary", "secondary"]
+    key: str
+
+
+class ReportRow(_Model):
+    key: str | None
+    requests: int
+    attempts: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    errors: int
+    paygo_cost: Money
+    ptu_cost: Money
+    cost: Money
+    unpriced_records: int
+    unpriced_tokens: int
+
+
+class PtuCharge(_Model):
+    label: str
+    start: float
+    end: float
+    cost: Money
+
+
+class Report(_Model):
+    start: float = Field(description="Start of the range covered (rounded down to the hour).")
+    end: float = Field(description="End of the range covered (rounded up to the hour).")
+    by: str
+    currency: str
+    total_rows: int
+    offset: int
+    limit: int
+    rows: list[ReportRow]
+    total: ReportRow
+    ptu: list[PtuCharge]
+
+
+class SeriesLine(_Model):
+    key: str
+    requests: list[int]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    total_tokens: list[int]
+    cost: list[Money]
+
+
+class Series(_Model):
+    start: float
+    end: float
+    granularity: Literal["hour", "day", "month"]
+    by: str
+    currency: str
+    buckets: list[float]
+    series: list[SeriesLine]
+
+
+class UsageRecord(_Model):
+    request_id: str
+    attempt: int
+    ts: float
+    subscription_id: str | None
+    owner: str | None
+    product: str | None
+    deployment: str | None
+    backend: str | None
+    operation: str
+    status: int
+    outcome: str
+    model: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    streamed: bool
+    usage_estimated: bool
+    ttfb_ms: float | None
+    duration_ms: float
+    cost: Money | None = Field(description="Null when no price applies (unpriced).")
+
+
+class RecordPage(_Model):
+    offset: int
+    limit: int
+    currency: str
+    items: list[UsageRecord]
+
+
+class Projection(_Model):
+    key: str | None
+    mtd_tokens: int
+    mtd_cost: Money
+    projected_tokens: int
+    projected_cost: Money
+    method: str
+    daily_tokens: list[int]
+
+
+class Forecast(_Model):
+    now: float
+    month_start: float
+    month_end: float
+    currency: str
+    total_rows: int
+    offset: int
+    limit: int
+    items: list[Projection]
+    total: Projection
+
+
+class BreakEven(_Model):
+    deployment: str
+    backend: str
+    on_ptu: bool
+    mtd_prompt_tokens: int
+    mtd_completion_tokens: int
+    projected_tokens: int
+    peak_tokens_per_minute: int
+    paygo_monthly_cost: Money | None
+    ptu_monthly_cost: Money | None
+    ptu_units: int | None
+    break_even_tokens: int | None
+    cheaper: Literal["ptu", "paygo"] | None
+    note: str
+
+
+class BreakEvenList(_Model):
+    currency: str
+    items: list[BreakEven]
+
+
+class Backend(_Model):
+    name: str
+    url: str
+    kind: str
+    state: str
+    in_flight: int | None = None
+    attempts: int | None = None
+    errors: int | None = None
+    throttled: int | None = None
+    last_status: int | None = None
+    last_seen_seconds_ago: float | None = None
+
+
+class BackendList(_Model):
+    items: list[Backend]
+
+
+class Prices(_Model):
+    currency: str
+    prices: list[dict[str, Any]]
+    ptu: list[dict[str, Any]]
+    unpriced: list[str]
+
+
+class Ledger(_Model):
+    pending: int | None = None
+    written: int | None = None
+    failures: int | None = None
+    spilled: int | None = None
+    rejected: int | None = None
+    last_write_seconds: float | None = None
+    healthy: bool | None = None
+    rollup_last_record_id: int | None = None
+    raw_purged_before: float | None = None
+
+
+class RollupRun(_Model):
+    hours: int
+    days: int
+    last_record_id: int
+    seconds: float

@@ -1,0 +1,484 @@
+"""The dashboard: server-rendered pages over ``AdminService``, at ``/dashboard``.
+
+Access needs the admin token, entered once on the login page; the answer is a session cookie
+(HttpOnly, SameSite=Strict, Path=/dashboard, signed; see ``admin.auth``) and the token never
+appears in a URL. Every form that changes something carries a CSRF token derived from the
+session. Pages are rendered with Jinja2 (autoescaping), charts are SVG drawn here, and the
+only script is ``static/app.js`` (copy buttons, confirmations, auto-submitting selectors); a
+Content-Security-Policy allows nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from sluicegate.accounting.periods import DAY, floor_day, floor_hour, month_bounds
+from sluicegate.accounting.pricing import nanos_to_decimal
+from sluicegate.admin.api import Query, csv_response, run
+from sluicegate.admin.auth import COOKIE_NAME, SESSION_SECONDS, AdminAuth
+from sluicegate.admin.service import AdminError, AdminService, subscription_view
+from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.dashboard import charts
+
+PAGE_SIZE = 50
+_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+PERIODS = {
+    "24h": "Last 24 hours",
+    "7d": "Last 7 days",
+    "month": "This month",
+    "30d": "Last 30 days",
+    "last-month": "Last month",
+}
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("sluicegate.dashboard", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["num"] = lambda v: f"{int(v):,}"
+    env.filters["short"] = charts.short_number
+    env.filters["dt"] = lambda t: (
+        "—" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(t)))
+    )
+    env.filters["date"] = lambda t: time.strftime("%d %b %Y", time.gmtime(float(t)))
+    return env
+
+
+def money_text(nanos: int, currency: str, places: int = 2) -> str:
+    """``$1,234.57`` (or ``1,234.57 CHF``); amounts under one cent keep 4 decimals."""
+    value = nanos_to_decimal(nanos)
+    if 0 < abs(value) < Decimal("0.01"):
+        # Small amounts keep two significant digits instead of showing as 0.00.
+        places = min(9, max(places, -math.floor(math.log10(abs(value))) + 1))
+    text = f"{value:,.{places}f}"
+    symbol = _SYMBOLS.get(currency)
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
+def money_axis(value: float, top: float, currency: str) -> str:
+    """An axis label with just enough decimals to tell the ticks apart."""
+    places = 0 if top >= 4 else min(9, max(2, -math.floor(math.log10(top / 4)) + 1))
+    symbol = _SYMBOLS.get(currency, "")
+    return f"{symbol}{value:,.{places}f}"
+
+
+def period_range(period: str, now: float) -> tuple[float, float, str]:
+    """(start, end, granularity) of a named period."""
+    if period == "24h":
+        return floor_hour(now) - 23 * 3600, now, "hour"
+    if period == "7d":
+        return floor_day(now) - 6 * DAY, now, "day"
+    if period == "30d":
+        return floor_day(now) - 29 * DAY, now, "day"
+    if period == "last-month":
+        m0, _ = month_bounds(now)
+        p0, _ = month_bounds(m0 - 1)
+        return p0, m0, "day"
+    m0, _ = month_bounds(now)
+    return m0, now, "day" if now - m0 > 2 * DAY else "hour"
+
+
+class Dashboard:
+    def __init__(self, service: AdminService, auth: AdminAuth) -> None:
+        self.service = service
+        self.auth = auth
+        self.env = _env()
+        self.env.globals["periods"] = PERIODS
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        guarded = [
+            Route("/", self.guard(self.overview)),
+            Route("/usage", self.guard(self.usage)),
+            Route("/usage.csv", self.guard(self.usage_csv)),
+            Route("/subscriptions", self.guard(self.subscriptions), methods=["GET", "POST"]),
+            Route(
+                "/subscriptions/{subscription_id}",
+                self.guard(self.subscription),
+                methods=["GET", "POST"],
+            ),
+            Route("/forecast", self.guard(self.forecast)),
+            Route("/backends", self.guard(self.backends)),
+        ]
+        static = StaticFiles(packages=[("sluicegate.dashboard", "static")])
+        return Starlette(
+            routes=[
+                Route("/login", self.login, methods=["GET", "POST"]),
+                Route("/logout", self.logout, methods=["POST"]),
+                Mount("/static", static, name="static"),
+                *guarded,
+            ]
+        )
+
+    def _now(self) -> float:
+        return self.service.clock.now()
+
+    def guard(self, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            cookie = request.cookies.get(COOKIE_NAME)
+            if not self.auth.check_session(cookie, self._now()):
+                return RedirectResponse("/dashboard/login", 303)
+            assert cookie is not None
+            form: dict[str, str] = {}
+            if request.method == "POST":
+                form = await _form(request)
+                if not self.auth.check_csrf(cookie, form.get("csrf")):
+                    return self.render(
+                        request,
+                        "error.html",
+                        {"message": "The form expired: reload the page."},
+                        403,
+                    )
+            request.state.csrf = self.auth.csrf_token(cookie)
+            request.state.form = form
+            try:
+                response: Response = await handler(request)
+            except AdminError as exc:
+                return self.render(request, "error.html", {"message": exc.message}, exc.status)
+            return response
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    def render(
+        self, request: Request, template: str, context: dict[str, Any], status: int = 200
+    ) -> HTMLResponse:
+        ctx = {
+            "request": request,
+            "csrf": getattr(request.state, "csrf", ""),
+            "path": request.url.path,
+            "currency": self.service.prices.currency,
+            "money": lambda n, places=2: money_text(int(n), self.service.prices.currency, places),
+            **context,
+        }
+        html = self.env.get_template(template).render(ctx)
+        return HTMLResponse(html, status, headers=_SECURITY_HEADERS)
+
+    def _period(self, request: Request) -> tuple[str, float, float, str]:
+        q = Query(request)
+        now = self._now()
+        period = q.text("period", tuple(PERIODS)) or "month"
+        start, end, granularity = period_range(period, now)
+        if request.query_params.get("from"):
+            period = "custom"
+            start = q.time("from", start)
+            end = q.time("to", now)
+            granularity = "hour" if end - start <= 3 * DAY else "day"
+        return period, start, end, granularity
+
+    # -- login -------------------------------------------------------------------------------
+
+    async def login(self, request: Request) -> Response:
+        error = "" if self.auth.enabled else self.auth.problem
+        if request.method == "POST" and self.auth.enabled:
+            form = await _form(request)
+            if self.auth.check_token(form.get("token", "")):
+                response = RedirectResponse("/dashboard/", 303)
+                response.set_cookie(
+                    COOKIE_NAME,
+                    self.auth.new_session(self._now()),
+                    max_age=SESSION_SECONDS,
+                    path="/dashboard",
+                    httponly=True,
+                    samesite="strict",
+                    secure=request.url.scheme == "https",
+                )
+                return response
+            error = "That is not the admin token."
+        return self.render(request, "login.html", {"error": error}, 401 if error else 200)
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/dashboard/login", 303)
+        response.delete_cookie(COOKIE_NAME, path="/dashboard")
+        return response
+
+    # -- pages -------------------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        period, start, end, granularity = self._period(request)
+        by = Query(request).text("by", ("subscription", "product", "model", "deployment", "owner"))
+        by = by or "subscription"
+        report = await run(self.service.usage_report, start=start, end=end, by=by)
+        series = await run(
+            self.service.usage_series, start=start, end=end, granularity=granularity, by=by
+        )
+        _, total_forecast, _ = await run(self.service.forecast, limit=1)
+        names = await self._names(report.rows[:10] if by == "subscription" else [])
+        labels = {k: names.get(k, k) for k in series.keys}
+        token_chart = self._chart(series, "total_tokens", "tokens", labels, "tokens-chart")
+        cost_chart = self._chart(
+            series, "cost_nanos", self.service.prices.currency, labels, "cost-chart"
+        )
+        legend = [
+            (charts.colour(i, k), labels.get(k, k), sum(series.values[k]["total_tokens"]))
+            for i, k in enumerate(series.keys)
+        ]
+        return self.render(
+            request,
+            "overview.html",
+            {
+                "period": period,
+                "start": start,
+                "end": end,
+                "by": by,
+                "granularity": granularity,
+                "report": report,
+                "top": report.rows[:10],
+                "names": names,
+                "token_chart": charts.safe(token_chart),
+                "cost_chart": charts.safe(cost_chart),
+                "legend": legend,
+                "forecast": total_forecast,
+                "backends": self.service.backends(),
+                "query": _query(request),
+            },
+        )
+
+    def _chart(
+        self, series: Any, metric: str, unit: str, labels: dict[str, str], chart_id: str
+    ) -> str:
+        if metric == "cost_nanos":
+            lines = [
+                charts.ChartSeries(
+                    k,
+                    labels.get(k, k),
+                    [float(nanos_to_decimal(v)) for v in series.values[k][metric]],
+                )
+                for k in series.keys
+            ]
+            currency = self.service.prices.currency
+            return charts.stacked_bars(
+                series.buckets,
+                lines,
+                granularity=series.granularity,
+                unit=unit,
+                fmt=lambda v: money_text(int(Decimal(str(v)) * 10**9), currency),
+                axis_fmt=lambda v, top: money_axis(v, top, currency),
+                chart_id=chart_id,
+            )
+        lines = [
+            charts.ChartSeries(k, labels.get(k, k), [float(v) for v in series.values[k][metric]])
+            for k in series.keys
+        ]
+        return charts.stacked_bars(
+            series.buckets,
+            lines,
+            granularity=series.granularity,
+            unit=unit,
+            fmt=lambda v: f"{int(v):,} {unit}",
+            chart_id=chart_id,
+        )
+
+    async def _names(self, rows: list[Any]) -> dict[str, str]:
+        """Display names of subscriptions ("name (owner)") for the given report rows."""
+        out: dict[str, str] = {}
+        for row in rows:
+            if row.key is None:
+                continue
+            try:
+                sub = await run(self.service.get, row.key)
+            except AdminError:
+                continue
+            out[row.key] = f"{sub.name} ({sub.owner})"
+        return out
+
+    async def usage(self, request: Request) -> Response:
+        q = Query(request)
+        period, start, end, _ = self._period(request)
+        by = q.text("by", ("subscription", "owner", "product", "deployment", "backend", "model"))
+        by = by or "subscription"
+        page = q.integer("page", 1, 1, 1_000_000)
+        report = await run(self.service.usage_report, start=start, end=end, by=by)
+        rows = report.rows[(page - 1) * 100 : page * 100]
+        names = await self._names(rows) if by == "subscription" else {}
+        return self.render(
+            request,
+            "usage.html",
+            {
+                "period": period,
+                "start": start,
+                "end": end,
+                "by": by,
+                "report": report,
+                "rows": rows,
+                "names": names,
+                "page": page,
+                "pages": max(1, -(-len(report.rows) // 100)),
+                "query": _query(request),
+                "csv_query": urlencode(
+                    {"by": by, "from": str(report.start), "to": str(report.end)}
+                ),
+            },
+        )
+
+    async def usage_csv(self, request: Request) -> Response:
+        q = Query(request)
+        _, start, end, _ = self._period(request)
+        by = q.text("by", ("subscription", "owner", "product", "deployment", "backend", "model"))
+        report = await run(self.service.usage_report, start=start, end=end, by=by or "subscription")
+        return csv_response(report)
+
+    async def subscriptions(self, request: Request) -> Response:
+        q = Query(request)
+        issued = None
+        error = ""
+        form: dict[str, str] = request.state.form
+        if request.method == "POST":
+            try:
+                issued = await run(
+                    self.service.create_subscription,
+                    product=form.get("product", ""),
+                    owner=form.get("owner", ""),
+                    name=form.get("name", ""),
+                )
+            except AdminError as exc:
+                error = exc.message
+        search = q.text("search")
+        state = q.text("state", tuple(SubscriptionState))
+        page = q.integer("page", 1, 1, 10_000_000)
+        subs, total = await run(
+            self.service.list,
+            offset=(page - 1) * PAGE_SIZE,
+            limit=PAGE_SIZE,
+            search=search,
+            state=state,
+        )
+        return self.render(
+            request,
+            "subscriptions.html",
+            {
+                "subs": [subscription_view(s) for s in subs],
+                "total": total,
+                "page": page,
+                "pages": max(1, -(-total // PAGE_SIZE)),
+                "search": search or "",
+                "state": state or "",
+                "products": self.service.products(),
+                "issued": issued,
+                "error": error,
+                "form": form,
+                "page_size": PAGE_SIZE,
+                "query": _query(request, drop=("page",)),
+            },
+            422 if error else 200,
+        )
+
+    async def subscription(self, request: Request) -> Response:
+        sub_id = str(request.path_params["subscription_id"])
+        shown_key: tuple[str, str] | None = None
+        if request.method == "POST":
+            action = request.state.form.get("action", "")
+            if action in ("suspend", "resume", "cancel"):
+                await run(getattr(self.service, action), sub_id)
+            elif action in ("rotate-primary", "rotate-secondary"):
+                slot = action.split("-", 1)[1]
+                issued = await run(self.service.rotate, sub_id, slot)
+                key = issued.primary_key or issued.secondary_key
+                assert key is not None
+                shown_key = (slot, key)
+            else:
+                raise AdminError(422, f"unknown action {action!r}")
+        sub = await run(self.service.get, sub_id)
+        now = self._now()
+        m0, _ = month_bounds(now)
+        granularity = "day" if now - m0 > 2 * DAY else "hour"
+        series = await run(
+            self.service.usage_series,
+            start=m0,
+            end=now,
+            granularity=granularity,
+            by="model",
+            subscription_id=sub_id,
+        )
+        report = await run(
+            self.service.usage_report, start=m0, end=now, by="model", subscription_id=sub_id
+        )
+        projections, _, _ = await run(self.service.forecast, limit=1, subscription_id=sub_id)
+        records = await run(
+            self.service.records, subscription_id=sub_id, start=m0, limit=20, offset=0
+        )
+        chart = self._chart(series, "total_tokens", "tokens", {}, "tokens-chart")
+        return self.render(
+            request,
+            "subscription.html",
+            {
+                "sub": subscription_view(sub),
+                "shown_key": shown_key,
+                "report": report,
+                "chart": charts.safe(chart),
+                "forecast": projections[0] if projections else None,
+                "records": records,
+            },
+        )
+
+    async def forecast(self, request: Request) -> Response:
+        q = Query(request)
+        page = q.integer("page", 1, 1, 1_000_000)
+        items, total, count = await run(
+            self.service.forecast, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+        )
+        names = await self._names(items)
+        spark = {p.key: charts.safe(charts.sparkline(p.daily)) for p in items}
+        deployments = await run(self.service.break_even)
+        m0, m1 = month_bounds(self._now())
+        return self.render(
+            request,
+            "forecast.html",
+            {
+                "items": items,
+                "total": total,
+                "count": count,
+                "names": names,
+                "spark": spark,
+                "deployments": deployments,
+                "page": page,
+                "pages": max(1, -(-count // PAGE_SIZE)),
+                "month_start": m0,
+                "month_end": m1,
+                "now": self._now(),
+            },
+        )
+
+    async def backends(self, request: Request) -> Response:
+        ledger = await run(self.service.ledger)
+        return self.render(
+            request,
+            "backends.html",
+            {
+                "backends": self.service.backends(),
+                "ledger": ledger,
+                "prices": self.service.prices_view(),
+            },
+        )
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form body (the dashboard sends no multipart forms)."""
+    raw = (await request.body())[:65536].decode("utf-8", "replace")
+    return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+
+def _query(request: Request, drop: tuple[str, ...] = ()) -> str:
+    return urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in drop])

@@ -1,0 +1,122 @@
+"""Rollups against the raw ledger on SQLite and PostgreSQL, and the CLI over them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy.engine import Engine
+
+from sluicegate.accounting.chargeback import charge_report, usage_series
+from sluicegate.accounting.pricing import PriceTable
+from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.accounting.rollups import Rollups
+from sluicegate.cli.main import main
+from sluicegate.clock import FakeClock
+from sluicegate.config.loader import parse_config
+from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.ledger import LedgerWriter
+from sluicegate.storage.migrations import migrate
+from sluicegate.storage.reports import ledger_totals, usage_report
+from tests.support.pg import pg_database_url, postgres_server  # noqa: F401
+
+T0 = datetime(2026, 3, 3, 22, 0, tzinfo=UTC).timestamp()
+CONFIG = {
+    "storage": {"url": "sqlite:///x.db"},
+    "backends": [{"name": "east", "url": "http://e"}],
+    "deployments": [{"name": "mini", "backend": "east", "model": "gpt-4o-mini"},
+                    {"name": "odd", "backend": "east"}],
+    "products": [{"name": "p"}],
+    "prices": [{"deployment": "mini", "input": 1, "output": 2}],
+}
+
+
+def records(n: int, start: float = T0) -> list[UsageRecord]:
+    return [
+        UsageRecord(
+            request_id=f"r{start}-{i}", ts=start + i * 97.0, subscription_id=f"sub-{i % 4}",
+            owner=f"team-{i % 2}", product="p", deployment="odd" if i % 10 == 0 else "mini",
+            backend="east", operation="chat/completions", status=200, outcome=Outcome.OK,
+            model="gpt-4o-mini", prompt_tokens=100 + i, completion_tokens=10,
+            total_tokens=110 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def write(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
+    writer = LedgerWriter(engine, spill_path=tmp / "spill.jsonl", flush_interval=0.01)
+    writer.start()
+    for r in recs:
+        writer.submit(r)
+    assert writer.flush(10)
+    writer.close(10)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    url = (
+        f"sqlite:///{tmp_path / 'l.db'}" if request.param == "sqlite"
+        else request.getfixturevalue("pg_database_url")
+    )
+    migrate(url)
+    eng = create_engine_for(url)
+    yield eng
+    eng.dispose()
+
+
+def test_rollups_match_the_raw_ledger_incrementally(engine: Engine, tmp_path: Path) -> None:
+    prices = PriceTable(parse_config(CONFIG))
+    rollups = Rollups(engine, prices, FakeClock(T0))
+    write(engine, tmp_path, records(150))  # crosses midnight
+    assert rollups.catch_up().hours >= 4
+    write(engine, tmp_path, records(40, T0 + 3600))  # more records in hours already rolled up
+    rollups.catch_up()
+    rollups.catch_up()  # idempotent
+    start, end = T0 - 86400, T0 + 3 * 86400
+    for by in ("subscription", "owner", "deployment"):
+        raw = {r.key: r for r in usage_report(engine, start=start, end=end, by=by)}  # type: ignore[arg-type]
+        rep = charge_report(engine, prices, start=start, end=end, by=by)
+        tokens = {k: r.total_tokens for k, r in raw.items()}
+        assert {r.key: r.total_tokens for r in rep.rows} == tokens
+        assert {r.key: r.requests for r in rep.rows} == {k: r.requests for k, r in raw.items()}
+    total = ledger_totals(engine)
+    rep = charge_report(engine, prices, start=start, end=end, by="owner")
+    assert rep.total.total_tokens == total.total_tokens
+    mini = [r for r in records(150) + records(40, T0 + 3600) if r.deployment == "mini"]
+    expected = sum(r.prompt_tokens * 1000 + r.completion_tokens * 2000 for r in mini)
+    assert rep.total.paygo_nanos == expected
+    assert rep.total.unpriced_records == 15 + 4
+    series = usage_series(engine, prices, start=start, end=end, granularity="day", by="owner")
+    assert sum(sum(v["total_tokens"]) for v in series.values.values()) == total.total_tokens
+
+
+def test_cli_usage_report_forecast_and_config_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = dict(CONFIG, storage={"url": f"sqlite:///{tmp_path / 'l.db'}",
+                                "spill_dir": str(tmp_path / "spill")})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    migrate(cfg["storage"]["url"])
+    engine = create_engine_for(cfg["storage"]["url"])
+    write(engine, tmp_path, records(30))
+    engine.dispose()
+    assert main(["usage", "report", "-c", str(path), "--from", "2026-03-01", "--to",
+                 "2026-04-01", "--by", "owner", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_key = {r["key"]: r for r in out["rows"]}
+    assert by_key["(total)"]["total_tokens"] == sum(r.total_tokens for r in records(30))
+    assert by_key["(total)"]["unpriced_records"] == 3
+    assert main(["usage", "report", "-c", str(path), "--from", "2026-03-01", "--to",
+                 "2026-04-01", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("key,requests,attempts")
+    assert main(["forecast", "-c", str(path), "--json"]) == 0
+    assert "deployments" in json.loads(capsys.readouterr().out)
+    assert main(["config", "check", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "deployment 'odd'" in err and "no price" in err
