@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -154,6 +155,7 @@ class GatewayMetrics:
         self._max_subs = max_subscription_labels
         self._subs: set[str] = set()
         self._lock = threading.Lock()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.health = BackendHealth(clock or SystemClock())
         r = self.registry
         self.requests = Counter(
@@ -257,31 +259,43 @@ class GatewayMetrics:
                 return subscription_id
         return "other"
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: label validation and lookup cost more than the
+        increment itself, and the label sets are bounded."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: UsageRecord) -> None:
         deployment = record.deployment or "none"
-        self.requests.labels(deployment, str(record.status), record.outcome.value).inc()
+        child = self._child
+        child(self.requests, deployment, str(record.status), record.outcome.value).inc()
         product, backend = record.product or "none", record.backend or "none"
         if record.prompt_tokens or record.completion_tokens:
             sub = self._sub_label(record.subscription_id)
-            self.tokens.labels(sub, product, deployment, backend, "input").inc(record.prompt_tokens)
-            self.tokens.labels(sub, product, deployment, backend, "output").inc(
+            child(self.tokens, sub, product, deployment, backend, "input").inc(
+                record.prompt_tokens
+            )
+            child(self.tokens, sub, product, deployment, backend, "output").inc(
                 record.completion_tokens
             )
         if record.cached_tokens:
-            self.cached_tokens.labels(product, deployment, backend).inc(record.cached_tokens)
+            child(self.cached_tokens, product, deployment, backend).inc(record.cached_tokens)
         if record.outcome is Outcome.REJECTED:
             code = record.error_code or str(record.status)
             if record.status == 401:
-                self.auth_failures.labels(code).inc()
+                child(self.auth_failures, code).inc()
             elif code in _LIMIT_CODES:
-                self.rejections.labels(code).inc()
+                child(self.rejections, code).inc()
         if record.attempt > 1:
-            self.retries.labels(deployment, backend).inc()
+            child(self.retries, deployment, backend).inc()
         if record.backend is not None and record.outcome is not Outcome.REJECTED:
             self.health.observe(record.backend, record.status, record.outcome)
         if record.ttfb_ms is not None:
-            self.ttfb.labels(deployment).observe(record.ttfb_ms / 1000)
-        self.duration.labels(deployment).observe(record.duration_ms / 1000)
+            child(self.ttfb, deployment).observe(record.ttfb_ms / 1000)
+        child(self.duration, deployment).observe(record.duration_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
