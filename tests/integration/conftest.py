@@ -20,12 +20,23 @@ from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 def sim_config(**overrides: Any) -> SimConfig:
     deployments = [
-        SimDeployment(name="gpt-4o-mini", model="gpt-4o-mini-2024-07-18", kind="chat",
-                      tpm=10_000_000, rpm=100_000),
-        SimDeployment(name="gpt-4o", model="gpt-4o-2024-08-06", kind="chat",
-                      tpm=10_000_000, rpm=100_000),
-        SimDeployment(name="text-embedding-3-small", model="text-embedding-3-small",
-                      kind="embeddings", tpm=10_000_000, rpm=100_000),
+        SimDeployment(
+            name="gpt-4o-mini",
+            model="gpt-4o-mini-2024-07-18",
+            kind="chat",
+            tpm=10_000_000,
+            rpm=100_000,
+        ),
+        SimDeployment(
+            name="gpt-4o", model="gpt-4o-2024-08-06", kind="chat", tpm=10_000_000, rpm=100_000
+        ),
+        SimDeployment(
+            name="text-embedding-3-small",
+            model="text-embedding-3-small",
+            kind="embeddings",
+            tpm=10_000_000,
+            rpm=100_000,
+        ),
     ]
     data: dict[str, Any] = {"deployments": deployments, "api_keys": [BACKEND_KEY]}
     data.update(overrides)
@@ -53,7 +64,9 @@ class Harness:
     def url(self) -> str:
         return self.gw.url
 
-    def new_key(self, product: str = "starter", owner: str = "team-a", name: str = "k") -> IssuedKeys:
+    def new_key(
+        self, product: str = "starter", owner: str = "team-a", name: str = "k"
+    ) -> IssuedKeys:
         issued = self.admin.create_subscription(product=product, owner=owner, name=name)
         self.gw.gateway.refresher.refresh_now()  # no waiting for the next poll in tests
         return issued

@@ -33,16 +33,33 @@ def key(harness: Harness) -> str:
 def test_bad_bodies(harness: Harness, key: str) -> None:
     h = {"api-key": key}
     with httpx.Client(base_url=harness.url) as c:
-        _assert_azure_error(c.post(CHAT, content=b"{not json", headers={**h, "content-type": "application/json"}), 400, "InvalidJson")
-        _assert_azure_error(c.post(CHAT, content=b"[1,2]", headers={**h, "content-type": "application/json"}), 400, "InvalidJson")
-        _assert_azure_error(c.post(CHAT, content=b"hello", headers={**h, "content-type": "text/plain"}), 415)
+        _assert_azure_error(
+            c.post(CHAT, content=b"{not json", headers={**h, "content-type": "application/json"}),
+            400,
+            "InvalidJson",
+        )
+        _assert_azure_error(
+            c.post(CHAT, content=b"[1,2]", headers={**h, "content-type": "application/json"}),
+            400,
+            "InvalidJson",
+        )
+        _assert_azure_error(
+            c.post(CHAT, content=b"hello", headers={**h, "content-type": "text/plain"}), 415
+        )
         big = b'{"messages": "' + b"x" * (9 * 1024 * 1024) + b'"}'
-        _assert_azure_error(c.post(CHAT, content=big, headers={**h, "content-type": "application/json"}), 413)
+        _assert_azure_error(
+            c.post(CHAT, content=big, headers={**h, "content-type": "application/json"}), 413
+        )
         _assert_azure_error(
             c.post("/openai/deployments/nope/chat/completions?api-version=1", json={}, headers=h),
-            404, "DeploymentNotFound",
+            404,
+            "DeploymentNotFound",
         )
-        _assert_azure_error(c.post("/openai/v1/chat/completions", json={"messages": []}, headers=h), 400, "MissingModel")
+        _assert_azure_error(
+            c.post("/openai/v1/chat/completions", json={"messages": []}, headers=h),
+            400,
+            "MissingModel",
+        )
         _assert_azure_error(c.get("/not-a-route"), 404)
     records = harness.records()
     assert len(records) == 6
@@ -58,7 +75,8 @@ def test_keys_missing_wrong_suspended_and_ambiguous(harness: Harness, key: str) 
         _assert_azure_error(c.post(CHAT, json=body, headers={"api-key": "sg-wrong"}), 401)
         _assert_azure_error(
             c.post(CHAT, json=body, headers={"api-key": key, "authorization": "Bearer sg-other"}),
-            400, "AmbiguousCredentials",
+            400,
+            "AmbiguousCredentials",
         )
         ok = c.post(CHAT, json=body, headers={"api-key": key, "authorization": f"Bearer {key}"})
         assert ok.status_code == 200
@@ -67,7 +85,9 @@ def test_keys_missing_wrong_suspended_and_ambiguous(harness: Harness, key: str) 
         sub_id = harness.admin.list()[0][0].id
         harness.admin.suspend(sub_id)
         harness.gw.gateway.refresher.refresh_now()
-        _assert_azure_error(c.post(CHAT, json=body, headers={"api-key": key}), 403, "SubscriptionInactive")
+        _assert_azure_error(
+            c.post(CHAT, json=body, headers={"api-key": key}), 403, "SubscriptionInactive"
+        )
     # The key in the query string never reaches the backend.
     for entry in harness.sim_log():
         assert "subscription-key" not in entry["path"]

@@ -16,9 +16,21 @@ from tests.support.gateway import free_port
 def test_demo_examples_work_as_printed(tmp_path: Path) -> None:
     port, sim_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sluicegate.cli.main", "demo", "--port", str(port),
-         "--sim-port", str(sim_port), "--workdir", str(tmp_path / "demo")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sluicegate.cli.main",
+            "demo",
+            "--port",
+            str(port),
+            "--sim-port",
+            str(sim_port),
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -35,13 +47,20 @@ def test_demo_examples_work_as_printed(tmp_path: Path) -> None:
         assert "Press Ctrl-C" in text, text
         curl = re.search(r"^  (curl .*?)\n\n", text, re.S | re.M)
         assert curl
-        out = subprocess.run(curl.group(1).replace("\\\n", " "), shell=True,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            curl.group(1).replace("\\\n", " "),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert '"usage"' in out.stdout, out.stdout + out.stderr
         python = re.search(r"^(  from openai import AzureOpenAI\n.*?)\n\n", text, re.S | re.M)
         assert python
         code = textwrap.dedent(python.group(1))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         assert "completion_tokens" in out.stdout
     finally:

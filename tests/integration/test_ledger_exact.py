@@ -20,13 +20,17 @@ async def _one(client: openai.AsyncAzureOpenAI, rng: random.Random, i: int) -> N
     elif kind == "chat":
         await client.chat.completions.create(
             model=rng.choice(["gpt-4o-mini", "gpt-4o"]),
-            messages=[{"role": "user", "content": words}], max_tokens=max_tokens,
+            messages=[{"role": "user", "content": words}],
+            max_tokens=max_tokens,
         )
     else:
         kwargs = {"stream_options": {"include_usage": True}} if kind == "stream_usage" else {}
         stream = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": words}],
-            max_tokens=max_tokens, stream=True, **kwargs,
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": words}],
+            max_tokens=max_tokens,
+            stream=True,
+            **kwargs,
         )
         async for _ in stream:
             pass
@@ -34,7 +38,8 @@ async def _one(client: openai.AsyncAzureOpenAI, rng: random.Random, i: int) -> N
 
 async def _v1(client: openai.AsyncOpenAI, rng: random.Random) -> None:
     await client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "a b c " * rng.randint(1, 9)}],
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "a b c " * rng.randint(1, 9)}],
         max_tokens=rng.randint(1, 20),
     )
 
@@ -44,8 +49,12 @@ def test_ledger_equals_backend_usage_over_240_mixed_requests(harness: Harness) -
     rng = random.Random(7)
 
     async def run() -> None:
-        clients = [openai.AsyncAzureOpenAI(azure_endpoint=harness.url, api_key=k,
-                                           api_version="2024-10-21", max_retries=0) for k in keys]
+        clients = [
+            openai.AsyncAzureOpenAI(
+                azure_endpoint=harness.url, api_key=k, api_version="2024-10-21", max_retries=0
+            )
+            for k in keys
+        ]
         v1 = openai.AsyncOpenAI(base_url=f"{harness.url}/openai/v1", api_key=keys[0], max_retries=0)
         sem = asyncio.Semaphore(16)
 

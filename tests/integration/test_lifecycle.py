@@ -28,7 +28,10 @@ BODY = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 
 def cli(config: Path, *args: str) -> Any:
     out = subprocess.run(
         [sys.executable, "-m", "sluicegate.cli.main", *args, "--config", str(config)],
-        env=gateway_environ(), capture_output=True, text=True, timeout=60,
+        env=gateway_environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -58,11 +61,25 @@ def test_cli_changes_reach_the_running_gateway_within_a_second(tmp_path: Path, s
     gw = GatewayProcess(tmp_path, gateway_config(tmp_path, {"sim": sim.url}, refresh_seconds=0.5))
     try:
         gw.start()
-        made = json.loads(cli(gw.config_path, "keys", "create", "--product", "starter",
-                              "--owner", "team-x", "--name", "ci", "--json"))
+        made = json.loads(
+            cli(
+                gw.config_path,
+                "keys",
+                "create",
+                "--product",
+                "starter",
+                "--owner",
+                "team-x",
+                "--name",
+                "ci",
+                "--json",
+            )
+        )
         sub_id, primary, secondary = made["id"], made["primary_key"], made["secondary_key"]
         wait_status(gw.url, primary, 200)
-        assert httpx.post(gw.url + CHAT, json=BODY, headers={"api-key": secondary}).status_code == 200
+        assert (
+            httpx.post(gw.url + CHAT, json=BODY, headers={"api-key": secondary}).status_code == 200
+        )
         listed = json.loads(cli(gw.config_path, "keys", "list", "--json"))
         assert listed["total"] == 1
         assert primary not in json.dumps(listed)
@@ -72,14 +89,20 @@ def test_cli_changes_reach_the_running_gateway_within_a_second(tmp_path: Path, s
         wait_status(gw.url, primary, 403)
         cli(gw.config_path, "keys", "resume", sub_id)
         wait_status(gw.url, primary, 200)
-        rotated = json.loads(cli(gw.config_path, "keys", "rotate", sub_id, "--key", "primary", "--json"))
+        rotated = json.loads(
+            cli(gw.config_path, "keys", "rotate", sub_id, "--key", "primary", "--json")
+        )
         new_primary = rotated["primary_key"]
         wait_status(gw.url, primary, 401)
         wait_status(gw.url, new_primary, 200)
-        assert httpx.post(gw.url + CHAT, json=BODY, headers={"api-key": secondary}).status_code == 200
+        assert (
+            httpx.post(gw.url + CHAT, json=BODY, headers={"api-key": secondary}).status_code == 200
+        )
         cli(gw.config_path, "keys", "cancel", sub_id)
         wait_status(gw.url, secondary, 403)
-        report = json.loads(cli(gw.config_path, "usage", "report", "--by", "owner", "--format", "json"))
+        report = json.loads(
+            cli(gw.config_path, "usage", "report", "--by", "owner", "--format", "json")
+        )
         assert report["rows"][0]["key"] == "team-x"
         assert report["rows"][0]["requests"] >= 4
         csv_out = cli(gw.config_path, "usage", "report", "--by", "subscription", "--format", "csv")
@@ -89,17 +112,31 @@ def test_cli_changes_reach_the_running_gateway_within_a_second(tmp_path: Path, s
 
 
 def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
-    slowish = SimDeployment(name="gpt-4o-mini", model="gpt-4o-mini", kind="chat",
-                            ttft_ms=20, tokens_per_second=200)
+    slowish = SimDeployment(
+        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=20, tokens_per_second=200
+    )
     sim = SimulatorThread(sim_config(deployments=[slowish]))
     sim.start()
-    cfg = gateway_config(tmp_path, {"sim": sim.url},
-                         deployments=[{"name": "gpt-4o-mini", "backend": "sim"}])
+    cfg = gateway_config(
+        tmp_path, {"sim": sim.url}, deployments=[{"name": "gpt-4o-mini", "backend": "sim"}]
+    )
     gw = GatewayProcess(tmp_path, cfg)
     try:
         gw.start()
-        made = json.loads(cli(gw.config_path, "keys", "create", "--product", "starter",
-                              "--owner", "o", "--name", "n", "--json"))
+        made = json.loads(
+            cli(
+                gw.config_path,
+                "keys",
+                "create",
+                "--product",
+                "starter",
+                "--owner",
+                "o",
+                "--name",
+                "n",
+                "--json",
+            )
+        )
         key = made["primary_key"]
         wait_status(gw.url, key, 200, within=2)
         stop = threading.Event()
@@ -109,8 +146,11 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
             with httpx.Client(base_url=gw.url, timeout=30) as c:
                 while not stop.is_set():
                     try:
-                        r = c.post(CHAT, json={**BODY, "stream": i % 2 == 0, "max_tokens": 20},
-                                   headers={"api-key": key})
+                        r = c.post(
+                            CHAT,
+                            json={**BODY, "stream": i % 2 == 0, "max_tokens": 20},
+                            headers={"api-key": key},
+                        )
                         answered.append(r.status_code)
                     except httpx.HTTPError:
                         if gw.proc and gw.proc.poll() is not None:
@@ -130,8 +170,11 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
         log = httpx.get(f"{sim.url}/_sim/log").json()
         sim.stop()
     entries = log["entries"] if isinstance(log, dict) else log
-    forwarded = {e["headers"]["x-ms-client-request-id"] for e in entries
-                 if "x-ms-client-request-id" in e["headers"]}
+    forwarded = {
+        e["headers"]["x-ms-client-request-id"]
+        for e in entries
+        if "x-ms-client-request-id" in e["headers"]
+    }
     engine = create_engine_for(str(cfg["storage"]["url"]))
     records = fetch_records(engine, limit=1_000_000)
     engine.dispose()

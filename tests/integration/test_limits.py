@@ -40,7 +40,8 @@ class OffsetClock(FakeClock):
 
 def limited(tmp_path: Path, sim: SimulatorThread, limits: Any, clock: Any = None) -> Harness:
     cfg = gateway_config(
-        tmp_path, {"sim": sim.url},
+        tmp_path,
+        {"sim": sim.url},
         deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
         products=[{"name": "starter", "deployments": ["*"], "limits": limits}],
     )
@@ -57,8 +58,9 @@ def stop_later() -> Iterator[list[Harness]]:
         h.gw.stop()
 
 
-def test_tpm_headers_and_429_with_real_wait(tmp_path: Path, simulator: SimulatorThread,
-                                            stop_later: list[Harness]) -> None:
+def test_tpm_headers_and_429_with_real_wait(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
     h = limited(tmp_path, simulator, {"tokens_per_minute": 100, "requests_per_minute": 50})
     stop_later.append(h)
     key = h.new_key().primary_key or ""
@@ -86,11 +88,13 @@ def test_tpm_headers_and_429_with_real_wait(tmp_path: Path, simulator: Simulator
     assert sum(1 for r in h.sim_log()) == 5  # refused requests never reached the backend
 
 
-def test_quota_403_until_the_next_month(tmp_path: Path, simulator: SimulatorThread,
-                                        stop_later: list[Harness]) -> None:
+def test_quota_403_until_the_next_month(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
     clock = FakeClock(datetime(2028, 2, 29, 23, 59, 0, tzinfo=UTC).timestamp())  # leap day
-    h = limited(tmp_path, simulator,
-                {"token_quota": 50, "token_quota_period": "monthly"}, clock=clock)
+    h = limited(
+        tmp_path, simulator, {"token_quota": 50, "token_quota_period": "monthly"}, clock=clock
+    )
     stop_later.append(h)
     key = h.new_key().primary_key or ""
     with httpx.Client(base_url=h.url, headers={"api-key": key}) as c:
@@ -107,12 +111,17 @@ def test_quota_403_until_the_next_month(tmp_path: Path, simulator: SimulatorThre
         assert c.post(CHAT, json=ONE_MESSAGE).status_code == 200
 
 
-def test_max_tokens_ceiling_reject_and_clamp(tmp_path: Path, simulator: SimulatorThread,
-                                             stop_later: list[Harness]) -> None:
-    h = limited(tmp_path, simulator, [
-        {"max_tokens_ceiling": 8, "max_tokens_action": "clamp"},
-        {"tokens_per_minute": 100_000, "counter_key": "owner"},
-    ])
+def test_max_tokens_ceiling_reject_and_clamp(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
+    h = limited(
+        tmp_path,
+        simulator,
+        [
+            {"max_tokens_ceiling": 8, "max_tokens_action": "clamp"},
+            {"tokens_per_minute": 100_000, "counter_key": "owner"},
+        ],
+    )
     stop_later.append(h)
     key = h.new_key().primary_key or ""
     with httpx.Client(base_url=h.url, headers={"api-key": key}) as c:
@@ -122,19 +131,23 @@ def test_max_tokens_ceiling_reject_and_clamp(tmp_path: Path, simulator: Simulato
     h2 = limited(tmp_path / "b", simulator, {"max_tokens_ceiling": 8})
     stop_later.append(h2)
     key2 = h2.new_key().primary_key or ""
-    r = httpx.post(h2.url + CHAT, json={**ONE_MESSAGE, "max_tokens": 500}, headers={"api-key": key2})
+    r = httpx.post(
+        h2.url + CHAT, json={**ONE_MESSAGE, "max_tokens": 500}, headers={"api-key": key2}
+    )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "MaxTokensCeilingExceeded"
 
 
-def test_sdk_waits_what_the_gateway_said_then_succeeds(tmp_path: Path, simulator: SimulatorThread,
-                                                       stop_later: list[Harness]) -> None:
+def test_sdk_waits_what_the_gateway_said_then_succeeds(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
     clock = OffsetClock()
     h = limited(tmp_path, simulator, {"tokens_per_minute": 30}, clock=clock)
     stop_later.append(h)
     key = h.new_key().primary_key or ""
-    client = openai.AzureOpenAI(azure_endpoint=h.url, api_key=key, api_version="2024-10-21",
-                                max_retries=2)
+    client = openai.AzureOpenAI(
+        azure_endpoint=h.url, api_key=key, api_version="2024-10-21", max_retries=2
+    )
     clock.offset = -57.0  # the first request happened 57 s ago, so its tokens free up in ~3 s
     client.chat.completions.create(model="gpt-4o-mini", **ONE_MESSAGE)
     clock.offset = 0.0

@@ -92,9 +92,7 @@ def _windows(records: list[UsageRecord], since: float) -> tuple[int, int, int]:
     return max(sums), min(minutes), largest
 
 
-def _check(
-    records: list[UsageRecord], statuses: dict[int, int], since: float, label: str
-) -> None:
+def _check(records: list[UsageRecord], statuses: dict[int, int], since: float, label: str) -> None:
     top, bottom, largest = _windows(records, since)
     overshoot = top - TPM
     utilisation = bottom / TPM
@@ -117,10 +115,12 @@ def _sim() -> SimulatorThread:
 
 def _limited(tmp: Path, sim: SimulatorThread, **extra: object) -> dict[str, object]:
     return gateway_config(
-        tmp, {"sim": sim.url},
+        tmp,
+        {"sim": sim.url},
         deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
         products=[{"name": "starter", "limits": {"tokens_per_minute": TPM}}],
-        logging={"access_log": False}, **extra,
+        logging={"access_log": False},
+        **extra,
     )
 
 
@@ -136,8 +136,20 @@ def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
     gw = GatewayProcess(tmp, _limited(tmp, sim))
     try:
         gw.start()
-        key = json.loads(cli(gw.config_path, "keys", "create", "--product", "starter",
-                             "--owner", "o", "--name", "n", "--json"))["primary_key"]
+        key = json.loads(
+            cli(
+                gw.config_path,
+                "keys",
+                "create",
+                "--product",
+                "starter",
+                "--owner",
+                "o",
+                "--name",
+                "n",
+                "--json",
+            )
+        )["primary_key"]
         _wait_visible(gw.url, key)
         since = time.time()
         statuses = asyncio.run(_load([gw.url], key, SECONDS))
@@ -154,13 +166,30 @@ def _cluster(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
     gws: list[GatewayProcess] = []
     with throwaway_database() as db_url:
         try:
-            cfg = _limited(tmp, sim, mode="cluster", storage_url=db_url,
-                           redis={"url": "redis://127.0.0.1:6379/0", "prefix": prefix})
+            cfg = _limited(
+                tmp,
+                sim,
+                mode="cluster",
+                storage_url=db_url,
+                redis={"url": "redis://127.0.0.1:6379/0", "prefix": prefix},
+            )
             gws = [GatewayProcess(tmp, cfg) for _ in range(3)]
             for gw in gws:
                 gw.start()
-            key = json.loads(cli(gws[0].config_path, "keys", "create", "--product", "starter",
-                                 "--owner", "o", "--name", "n", "--json"))["primary_key"]
+            key = json.loads(
+                cli(
+                    gws[0].config_path,
+                    "keys",
+                    "create",
+                    "--product",
+                    "starter",
+                    "--owner",
+                    "o",
+                    "--name",
+                    "n",
+                    "--json",
+                )
+            )["primary_key"]
             for gw in gws:
                 _wait_visible(gw.url, key)
             since = time.time()
@@ -190,8 +219,10 @@ def test_accuracy_embedded_and_cluster(tmp_path: Path) -> None:
         except BaseException as exc:  # reported below, in the test's own thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(_embedded, "embedded")),
-               threading.Thread(target=run, args=(_cluster, "cluster"))]
+    threads = [
+        threading.Thread(target=run, args=(_embedded, "embedded")),
+        threading.Thread(target=run, args=(_cluster, "cluster")),
+    ]
     try:
         for t in threads:
             t.start()

@@ -32,17 +32,37 @@ def test_redis_down_for_15_seconds(tmp_path: Path) -> None:
         try:
             for mode in ("open", "closed"):
                 cfg = gateway_config(
-                    tmp_path, {"sim": sim.url}, mode="cluster", storage_url=db_url,
+                    tmp_path,
+                    {"sim": sim.url},
+                    mode="cluster",
+                    storage_url=db_url,
                     redis={"url": redis.url, "prefix": f"sgt-{mode}", "fail_mode": mode},
-                    products=[{"name": "starter", "limits": {"tokens_per_minute": 10_000_000,
-                                                             "requests_per_minute": 1_000_000}}],
-                    deployments=[
-                        {"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}
+                    products=[
+                        {
+                            "name": "starter",
+                            "limits": {
+                                "tokens_per_minute": 10_000_000,
+                                "requests_per_minute": 1_000_000,
+                            },
+                        }
                     ],
+                    deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
                 )
                 gws[mode] = GatewayProcess(tmp_path, cfg).start()
-            key = json.loads(cli(gws["open"].config_path, "keys", "create", "--product",
-                                 "starter", "--owner", "o", "--name", "n", "--json"))["primary_key"]
+            key = json.loads(
+                cli(
+                    gws["open"].config_path,
+                    "keys",
+                    "create",
+                    "--product",
+                    "starter",
+                    "--owner",
+                    "o",
+                    "--name",
+                    "n",
+                    "--json",
+                )
+            )["primary_key"]
             for gw in gws.values():
                 deadline = time.monotonic() + 5
                 models = f"{gw.url}/openai/v1/models"
@@ -55,12 +75,16 @@ def test_redis_down_for_15_seconds(tmp_path: Path) -> None:
                 with httpx.Client(base_url=gws[mode].url, timeout=10) as c:
                     while not stop.is_set():
                         r = c.post(CHAT, json=BODY, headers={"api-key": key})
-                        timeline[mode].append((time.monotonic(), r.status_code,
-                                               r.headers.get("retry-after")))
+                        timeline[mode].append(
+                            (time.monotonic(), r.status_code, r.headers.get("retry-after"))
+                        )
                         time.sleep(0.02)
 
-            threads = [threading.Thread(target=client, args=(m,)) for m in ("open", "closed")
-                       for _ in range(2)]
+            threads = [
+                threading.Thread(target=client, args=(m,))
+                for m in ("open", "closed")
+                for _ in range(2)
+            ]
             for t in threads:
                 t.start()
             time.sleep(3)

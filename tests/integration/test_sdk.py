@@ -12,8 +12,9 @@ MESSAGES = [{"role": "user", "content": "Tell me about the sluice gates of the N
 
 
 def azure(h: Harness, key: str) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(azure_endpoint=h.url, api_key=key, api_version=API_VERSION,
-                              max_retries=0)
+    return openai.AzureOpenAI(
+        azure_endpoint=h.url, api_key=key, api_version=API_VERSION, max_retries=0
+    )
 
 
 def v1(h: Harness, key: str) -> openai.OpenAI:
@@ -70,7 +71,9 @@ def test_embeddings_and_models(harness: Harness) -> None:
     key = harness.new_key(product="embeddings-only").primary_key
     assert key
     for client in (azure(harness, key), v1(harness, key)):
-        result = client.embeddings.create(model="text-embedding-3-small", input=["one two three", "four"])
+        result = client.embeddings.create(
+            model="text-embedding-3-small", input=["one two three", "four"]
+        )
         assert len(result.data) == 2
         assert result.usage.prompt_tokens > 0
     models = [m.id for m in v1(harness, key).models.list()]

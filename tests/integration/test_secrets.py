@@ -15,8 +15,9 @@ from tests.support.gateway import BACKEND_KEY, GatewayProcess, gateway_config
 def test_backend_key_never_leaks(tmp_path: Path) -> None:
     sim = SimulatorThread(sim_config())
     sim.start()
-    gw = GatewayProcess(tmp_path, gateway_config(tmp_path, {"sim": sim.url},
-                                                 logging={"level": "debug"}))
+    gw = GatewayProcess(
+        tmp_path, gateway_config(tmp_path, {"sim": sim.url}, logging={"level": "debug"})
+    )
     try:
         gw.start()
         out = httpx.post(f"{gw.url}/admin-not-there")  # unauthenticated noise
@@ -66,8 +67,25 @@ def _key_from_cli(config_path: Path) -> str:
     from tests.support.gateway import gateway_environ
 
     out = subprocess.run(
-        [sys.executable, "-m", "sluicegate.cli.main", "keys", "create", "--config", str(config_path),
-         "--product", "starter", "--owner", "o", "--name", "n2", "--json"],
-        env=gateway_environ(), capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "sluicegate.cli.main",
+            "keys",
+            "create",
+            "--config",
+            str(config_path),
+            "--product",
+            "starter",
+            "--owner",
+            "o",
+            "--name",
+            "n2",
+            "--json",
+        ],
+        env=gateway_environ(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return str(json.loads(out.stdout)["primary_key"])

@@ -16,13 +16,18 @@ from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 @pytest.fixture
 def slow_harness(tmp_path: Path):  # type: ignore[no-untyped-def]
-    slow = SimDeployment(name="gpt-4o-mini", model="gpt-4o-mini", kind="chat",
-                         ttft_ms=50, tokens_per_second=20)
+    slow = SimDeployment(
+        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=50, tokens_per_second=20
+    )
     sim = SimulatorThread(sim_config(deployments=[slow], api_keys=[BACKEND_KEY]))
     sim.start()
-    gw = GatewayThread(gateway_config(tmp_path, {"sim": sim.url},
-                                      deployments=[{"name": "gpt-4o-mini", "backend": "sim",
-                                                    "model": "gpt-4o-mini"}]))
+    gw = GatewayThread(
+        gateway_config(
+            tmp_path,
+            {"sim": sim.url},
+            deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
+        )
+    )
     gw.start()
     yield Harness(gw, sim)
     gw.stop()
@@ -32,7 +37,9 @@ def slow_harness(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_first_event_arrives_long_before_the_last_is_sent(slow_harness: Harness) -> None:
     key = slow_harness.new_key().primary_key
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
-    url = f"{slow_harness.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    url = (
+        f"{slow_harness.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    )
     started = time.monotonic()
     arrivals: list[float] = []
     with httpx.stream("POST", url, json=body, headers={"api-key": key or ""}, timeout=30) as resp:
@@ -50,7 +57,9 @@ def test_first_event_arrives_long_before_the_last_is_sent(slow_harness: Harness)
 def test_client_disconnect_mid_stream_is_recorded_as_aborted(slow_harness: Harness) -> None:
     key = slow_harness.new_key().primary_key
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
-    url = f"{slow_harness.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    url = (
+        f"{slow_harness.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    )
     seen = 0
     with httpx.stream("POST", url, json=body, headers={"api-key": key or ""}, timeout=30) as resp:
         for line in resp.iter_lines():

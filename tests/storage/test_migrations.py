@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage import migrations
+from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.migrations import current_revision, head_revision, migrate
 from sluicegate.storage.schema import metadata, state_version
 
