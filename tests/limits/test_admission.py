@@ -53,11 +53,11 @@ async def test_refusal_uses_the_configured_retry_header_and_the_label(
     refused = await memory_limiter.admit([request])
     assert refused.reason == (
         "Token limit of 10000 tokens per minute exceeded for subscription team-a; "
-        "retry after 57.2 s."
+        "retry after 58.2 s."
     )
     headers = dict(refused.headers())
-    assert headers["x-retry-after"] == "58"
-    assert headers["retry-after-ms"] == "57250"
+    assert headers["x-retry-after"] == "59"  # T0's bucket counts until T0+61
+    assert headers["retry-after-ms"] == "58250"
     assert "Retry-After" not in headers
     assert headers["x-ratelimit-remaining-tokens"] == "1000"
 

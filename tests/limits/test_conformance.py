@@ -48,16 +48,17 @@ async def test_tpm_admits_until_full_then_refuses_with_exact_retry_after(
     assert refused.status == 429
     assert refused.code == "TokenRateLimitExceeded"
     assert refused.reservation is None
-    # The 6000 charged at T0 leave the window at T0+60: 39.5 s from now (T0+20.5).
-    assert refused.retry_after_s == pytest.approx(39.5)
+    # The 6000 charged in bucket T0 stay counted 61 buckets, until T0+61: 40.5 s from now
+    # (T0+20.5), so never less than 60 s after the request's true arrival.
+    assert refused.retry_after_s == pytest.approx(40.5)
     h = headers(refused)
-    assert h["Retry-After"] == "40"
-    assert h["retry-after-ms"] == "39500"
+    assert h["Retry-After"] == "41"
+    assert h["retry-after-ms"] == "40500"
     assert h["x-ratelimit-remaining-tokens"] == "0"
     assert "x-should-retry" not in h
     assert "10000 tokens per minute" in refused.reason and "sub:a" in refused.reason
 
-    clock.advance(39.4)
+    clock.advance(40.4)
     assert not (await admit(limiter, 3000)).allowed
     clock.advance(0.1)
     again = await admit(limiter, 3000)
@@ -73,9 +74,9 @@ async def test_retry_after_waits_for_as_many_buckets_as_the_request_needs(
         assert (await admit(limiter, tokens)).allowed
     clock.advance(20)  # T0+30, the window holds 3000@T0, 3000@T0+5, 4000@T0+10
     small = await admit(limiter, 2000)
-    assert small.retry_after_s == pytest.approx(30.0)  # T0's bucket frees enough
+    assert small.retry_after_s == pytest.approx(31.0)  # T0's bucket frees enough at T0+61
     large = await admit(limiter, 5000)
-    assert large.retry_after_s == pytest.approx(35.0)  # needs T0+5's bucket too
+    assert large.retry_after_s == pytest.approx(36.0)  # needs T0+5's bucket too (T0+66)
 
 
 async def test_rpm_counts_requests_and_release_keeps_them(
@@ -90,7 +91,7 @@ async def test_rpm_counts_requests_and_release_keeps_them(
     refused = await admit(limiter, 10, policy)
     assert refused.status == 429
     assert refused.code == "RequestRateLimitExceeded"
-    assert refused.retry_after_s == pytest.approx(57.0)
+    assert refused.retry_after_s == pytest.approx(58.0)  # T0's request leaves at T0+61
     h = headers(refused)
     assert h["x-ratelimit-limit-requests"] == "3"
     assert h["x-ratelimit-remaining-requests"] == "0"
@@ -103,8 +104,8 @@ async def test_no_double_burst_at_a_minute_boundary(limiter: Limiter, clock: Fak
     clock.advance(1.0)  # T0+60.5: a fixed window would be empty again
     refused = await admit(limiter, 1)
     assert not refused.allowed
-    assert refused.retry_after_s == pytest.approx(58.5)  # bucket T0+59 ends at T0+119
-    clock.advance(58.4)
+    assert refused.retry_after_s == pytest.approx(59.5)  # bucket T0+59 counts until T0+120
+    clock.advance(59.4)
     assert not (await admit(limiter, 1)).allowed
     clock.advance(0.1)
     assert (await admit(limiter, 10_000)).allowed
@@ -125,6 +126,28 @@ async def test_tokens_per_sliding_minute_never_exceed_the_limit(
     for start, _ in admitted:
         in_window = sum(t for at, t in admitted if start <= at < start + 59)
         assert in_window <= 5000
+
+
+async def test_no_60_second_span_of_arrivals_holds_more_than_the_limit(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    """Greedy clients arriving late in a bucket and all retrying exactly when told: no span
+    [t, t+60 s) of true arrival times may hold more than the limit. (With a 60-bucket
+    window the charges of a late arrival left after 59.1 s and this held twice the limit.)"""
+    policy = LimitPolicy(tokens_per_minute=1000)
+    clock.advance(0.9)
+    admitted: list[tuple[float, int]] = []
+    end = clock.now() + 200
+    while clock.now() < end:
+        admission = await admit(limiter, 100, policy)
+        if admission.allowed:
+            admitted.append((clock.now(), 100))
+            clock.advance(0.001)
+        else:
+            clock.advance(admission.retry_after_s)
+    assert len(admitted) >= 30  # the limit was reused minute after minute
+    for start, _ in admitted:
+        assert sum(t for at, t in admitted if start <= at < start + 60) <= 1000
 
 
 async def test_request_larger_than_the_limit_is_refused_for_good(limiter: Limiter) -> None:
@@ -251,8 +274,10 @@ async def test_settle_up_overshoots_and_then_blocks_even_zero_cost(
     await limiter.settle(admission.reservation, 12_000)  # never refused at settle time
     zero = await admit(limiter, 0)
     assert not zero.allowed
-    assert zero.retry_after_s == pytest.approx(30.0)  # the T0 bucket must leave
+    assert zero.retry_after_s == pytest.approx(31.0)  # the T0 bucket must leave (T0+61)
     clock.advance(30)
+    assert not (await admit(limiter, 0)).allowed
+    clock.advance(1)
     assert (await admit(limiter, 0)).allowed
 
 
