@@ -61,20 +61,7 @@ def test_cli_changes_reach_the_running_gateway_within_a_second(tmp_path: Path, s
     gw = GatewayProcess(tmp_path, gateway_config(tmp_path, {"sim": sim.url}, refresh_seconds=0.5))
     try:
         gw.start()
-        made = json.loads(
-            cli(
-                gw.config_path,
-                "keys",
-                "create",
-                "--product",
-                "starter",
-                "--owner",
-                "team-x",
-                "--name",
-                "ci",
-                "--json",
-            )
-        )
+        made = gw.create_key("starter", "team-x", "ci")
         sub_id, primary, secondary = made["id"], made["primary_key"], made["secondary_key"]
         wait_status(gw.url, primary, 200)
         assert (
@@ -123,20 +110,7 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path, cfg)
     try:
         gw.start()
-        made = json.loads(
-            cli(
-                gw.config_path,
-                "keys",
-                "create",
-                "--product",
-                "starter",
-                "--owner",
-                "o",
-                "--name",
-                "n",
-                "--json",
-            )
-        )
+        made = gw.create_key("starter", "o", "n")
         key = made["primary_key"]
         wait_status(gw.url, key, 200, within=2)
         stop = threading.Event()

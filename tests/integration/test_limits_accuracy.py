@@ -9,7 +9,6 @@ utilisation are printed. ``SLUICEGATE_ACCURACY_SECONDS`` shortens the run for lo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import secrets
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
@@ -27,7 +25,6 @@ from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.reports import fetch_records
 from tests.integration.conftest import sim_config
-from tests.integration.test_lifecycle import cli
 from tests.support.gateway import GatewayProcess, gateway_config
 from tests.support.pg import throwaway_database
 
@@ -124,33 +121,12 @@ def _limited(tmp: Path, sim: SimulatorThread, **extra: object) -> dict[str, obje
     )
 
 
-def _wait_visible(url: str, key: str) -> None:
-    """Until the gateway knows the key, without spending tokens (listing models is free)."""
-    deadline = time.monotonic() + 5
-    while httpx.get(f"{url}/openai/v1/models", headers={"api-key": key}).status_code != 200:
-        assert time.monotonic() < deadline, "the key did not reach the gateway"
-        time.sleep(0.05)
-
-
 def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
     gw = GatewayProcess(tmp, _limited(tmp, sim))
     try:
         gw.start()
-        key = json.loads(
-            cli(
-                gw.config_path,
-                "keys",
-                "create",
-                "--product",
-                "starter",
-                "--owner",
-                "o",
-                "--name",
-                "n",
-                "--json",
-            )
-        )["primary_key"]
-        _wait_visible(gw.url, key)
+        key = gw.create_key("starter", "o", "n")["primary_key"]
+        gw.wait_visible(key)
         since = time.time()
         statuses = asyncio.run(_load([gw.url], key, SECONDS))
         assert gw.terminate() == 0
@@ -176,22 +152,9 @@ def _cluster(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
             gws = [GatewayProcess(tmp, cfg) for _ in range(3)]
             for gw in gws:
                 gw.start()
-            key = json.loads(
-                cli(
-                    gws[0].config_path,
-                    "keys",
-                    "create",
-                    "--product",
-                    "starter",
-                    "--owner",
-                    "o",
-                    "--name",
-                    "n",
-                    "--json",
-                )
-            )["primary_key"]
+            key = gws[0].create_key("starter", "o", "n")["primary_key"]
             for gw in gws:
-                _wait_visible(gw.url, key)
+                gw.wait_visible(key)
             since = time.time()
             statuses = asyncio.run(_load([gw.url for gw in gws], key, SECONDS))
             for gw in gws:

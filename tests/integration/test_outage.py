@@ -3,7 +3,6 @@ arrives exactly once."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.reports import fetch_records
 from tests.integration.conftest import sim_config
-from tests.integration.test_lifecycle import BODY, CHAT, cli, wait_status
+from tests.integration.test_lifecycle import BODY, CHAT, wait_status
 from tests.support.gateway import GatewayProcess, gateway_config
 from tests.support.pg import PostgresServer
 
@@ -30,20 +29,7 @@ def test_postgres_down_for_20_seconds_under_load(tmp_path: Path) -> None:
     answered: list[int] = []
     try:
         gw.start()
-        made = json.loads(
-            cli(
-                gw.config_path,
-                "keys",
-                "create",
-                "--product",
-                "starter",
-                "--owner",
-                "o",
-                "--name",
-                "n",
-                "--json",
-            )
-        )
+        made = gw.create_key("starter", "o", "n")
         key = made["primary_key"]
         wait_status(gw.url, key, 200, within=2)
         stop = threading.Event()

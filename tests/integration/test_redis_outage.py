@@ -4,7 +4,6 @@ themselves, and no usage record is lost."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.reports import fetch_records
 from tests.integration.conftest import sim_config
-from tests.integration.test_lifecycle import BODY, CHAT, cli
+from tests.integration.test_lifecycle import BODY, CHAT
 from tests.support.gateway import GatewayProcess, gateway_config
 from tests.support.pg import throwaway_database
 from tests.support.redis_server import RedisServer
@@ -49,26 +48,9 @@ def test_redis_down_for_15_seconds(tmp_path: Path) -> None:
                     deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
                 )
                 gws[mode] = GatewayProcess(tmp_path, cfg).start()
-            key = json.loads(
-                cli(
-                    gws["open"].config_path,
-                    "keys",
-                    "create",
-                    "--product",
-                    "starter",
-                    "--owner",
-                    "o",
-                    "--name",
-                    "n",
-                    "--json",
-                )
-            )["primary_key"]
+            key = gws["open"].create_key("starter", "o", "n")["primary_key"]
             for gw in gws.values():
-                deadline = time.monotonic() + 5
-                models = f"{gw.url}/openai/v1/models"
-                while httpx.get(models, headers={"api-key": key}).status_code != 200:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                gw.wait_visible(key)
             stop = threading.Event()
 
             def client(mode: str) -> None:

@@ -22,7 +22,7 @@ def test_backend_key_never_leaks(tmp_path: Path) -> None:
         gw.start()
         out = httpx.post(f"{gw.url}/admin-not-there")  # unauthenticated noise
         seen: list[str] = [out.text, str(out.headers)]
-        key = _key_from_cli(gw.config_path)
+        key = gw.create_key("starter", "o", "n2")["primary_key"]
         wait_status(gw.url, key, 200)
         chat = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -57,35 +57,3 @@ def test_backend_key_never_leaks(tmp_path: Path) -> None:
     finally:
         gw.kill()
         sim.stop()
-
-
-def _key_from_cli(config_path: Path) -> str:
-    import json
-    import subprocess
-    import sys
-
-    from tests.support.gateway import gateway_environ
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sluicegate.cli.main",
-            "keys",
-            "create",
-            "--config",
-            str(config_path),
-            "--product",
-            "starter",
-            "--owner",
-            "o",
-            "--name",
-            "n2",
-            "--json",
-        ],
-        env=gateway_environ(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return str(json.loads(out.stdout)["primary_key"])

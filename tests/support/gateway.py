@@ -3,6 +3,7 @@ uvicorn) or as a separate ``sluicegate serve`` process (for signals and clusters
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -183,6 +184,37 @@ class GatewayProcess:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("gateway did not become healthy")
+
+    def create_key(
+        self, product: str = "starter", owner: str = "o", name: str = "n"
+    ) -> dict[str, Any]:
+        """A new subscription made with the real CLI (``keys create --json``)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "sluicegate.cli.main", "keys", "create", "--config",
+             str(self.config_path), "--product", product, "--owner", owner, "--name", name,
+             "--json"],
+            env=self.env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        made: dict[str, Any] = json.loads(out.stdout)
+        return made
+
+    def wait_visible(self, key: str, within: float = 5.0) -> None:
+        """Until this gateway knows ``key`` (listing models spends no tokens)."""
+        deadline = time.monotonic() + within
+        while not self._known(key):
+            if time.monotonic() > deadline:
+                raise AssertionError("the key did not reach the gateway")
+            time.sleep(0.05)
+
+    def _known(self, key: str) -> bool:
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{self.url}/openai/v1/models", headers={"api-key": key}),
+                timeout=5,
+            ) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def terminate(self, timeout: float = 60) -> int:
         assert self.proc is not None
