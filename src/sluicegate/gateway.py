@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
@@ -17,9 +18,11 @@ from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
 from sluicegate.limits import CounterStore, Limiter, MemoryStore
 from sluicegate.logs import AccessLog
-from sluicegate.metrics.registry import GatewayMetrics
+from sluicegate.metrics.registry import GatewayMetrics, RoutingSample
 from sluicegate.proxy.admission import LimitsAdmitter
 from sluicegate.proxy.pipeline import Admitter, Pipeline
+from sluicegate.routing.build import router_for
+from sluicegate.routing.state import BackendStateStore
 from sluicegate.runtime import Runtime, compile_runtime
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
@@ -53,7 +56,7 @@ class Gateway:
         env = dict(os.environ) if environ is None else environ
         self.config = config
         self.clock = clock or SystemClock()
-        self.runtime: Runtime = compile_runtime(config, env)
+        self.runtime: Runtime = compile_runtime(config, env, self.clock)
         self.engine = create_engine_for(config.storage.url)
         self.repository = SubscriptionRepository(self.engine)
         self.hasher = key_hasher_for(config, env)
@@ -83,10 +86,55 @@ class Gateway:
         self.admitter: Admitter | None = (
             LimitsAdmitter(self.limiter, policies) if any(policies.values()) else None
         )
+        self.routing_store: BackendStateStore | None = self._routing_store(config)
+        self.router = router_for(
+            self.runtime, self.clock, self.routing_store, _RoutingMetrics(self.metrics)
+        )
+        self.metrics.watch_routing(self._routing_samples)
         self.pipeline = Pipeline(
-            self.runtime, self.index, self.clock, self.sinks, self.admitter, observers
+            self.runtime,
+            self.index,
+            self.clock,
+            self.sinks,
+            self.admitter,
+            observers,
+            router=self.router,
         )
         self.started = False
+
+    def _routing_store(self, config: GatewayConfig) -> BackendStateStore | None:
+        """Cluster mode shares backend state through Redis; embedded mode keeps it in the
+        router alone (one process: there is nobody to share it with)."""
+        if config.mode == "cluster" and config.redis is not None:
+            from sluicegate.routing.redis_state import RedisStateStore
+
+            return RedisStateStore(
+                config.redis.url,
+                f"{config.redis.prefix}:routing:",
+                interval=config.routing.sync_seconds,
+            )
+        return None
+
+    def backend_states(self) -> list[dict[str, Any]]:
+        """Each backend deployment as routing sees it: state (closed / open / half-open),
+        open until (epoch seconds) and why, headroom tokens and requests (None: unknown),
+        in-flight attempts, last status and error, and the pools that use it. For the CLI
+        and the admin API; safe to call from the event loop (no I/O)."""
+        return [view.as_dict() for view in self.router.views()]
+
+    def _routing_samples(self) -> list[RoutingSample]:
+        now = self.clock.now()
+        return [
+            RoutingSample(
+                v.backend,
+                v.deployment,
+                v.state,
+                v.headroom_tokens,
+                v.headroom_requests,
+                None if v.open_until is None else round(max(0.0, v.open_until - now), 3),
+            )
+            for v in self.router.views()
+        ]
 
     def _limit_store(self, config: GatewayConfig) -> CounterStore:
         if config.mode == "cluster" and config.redis is not None:
@@ -105,6 +153,8 @@ class Gateway:
         await asyncio.to_thread(self.refresher.refresh_now)
         self.refresher.start()
         self.ledger.start()
+        if self.routing_store is not None:
+            await self.routing_store.start()
         for backend in self.runtime.backends.values():
             await backend.open()
         await asyncio.to_thread(self._preload_tokenizers)
@@ -132,6 +182,8 @@ class Gateway:
         await self.refresher.stop()
         for backend in self.runtime.backends.values():
             await backend.close()
+        if self.routing_store is not None:
+            await self.routing_store.aclose()
         await asyncio.to_thread(self.ledger.close, ledger_timeout)
         close = getattr(self.limit_store, "aclose", None)
         if close is not None:
@@ -155,3 +207,16 @@ class Gateway:
     def record(self, record: UsageRecord) -> None:
         for sink in self.sinks:
             sink(record)
+
+
+class _RoutingMetrics:
+    """The router's events as metrics (implements ``routing.RoutingObserver``)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def spilled(self, pool: str, from_backend: str, to_backend: str, reason: str) -> None:
+        self.metrics.count_spillover(pool, from_backend, to_backend)
+
+    def tripped(self, backend: str, deployment: str, reason: str) -> None:
+        self.metrics.count_trip(backend, reason)

@@ -10,18 +10,24 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluicegate.clock import Clock
 from sluicegate.config.model import DeploymentConfig, GatewayConfig, ProductConfig
 from sluicegate.limits.policy import LimitPolicy
+from sluicegate.routing.pool import Member
 from sluicegate.upstream.backend import Backend
 
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
+    """A client-facing deployment. ``backend``/``upstream_name`` are its primary member; the
+    request path routes over ``members`` (the pool; one member without ``pool:``)."""
+
     name: str
     backend: Backend
     upstream_name: str
     model: str | None
     config: DeploymentConfig
+    members: tuple[Member, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +56,13 @@ class Runtime:
         return [s for b in self.backends.values() for s in b.secrets()]
 
 
-def compile_runtime(config: GatewayConfig, environ: dict[str, str] | None = None) -> Runtime:
+def compile_runtime(
+    config: GatewayConfig, environ: dict[str, str] | None = None, clock: Clock | None = None
+) -> Runtime:
     """Build the runtime objects. Reads the backends' secrets from the environment (once)."""
     env = dict(os.environ) if environ is None else environ
-    backends = {b.name: Backend(b, env) for b in config.backends}
-    deployments = {
-        d.name: Deployment(d.name, backends[d.backend], d.upstream_name, d.model, d)
-        for d in config.deployments
-    }
+    backends = {b.name: Backend(b, env, clock) for b in config.backends}
+    deployments = {d.name: _deployment(d, backends) for d in config.deployments}
     products = {
         p.name: Product(
             p.name,
@@ -70,3 +75,18 @@ def compile_runtime(config: GatewayConfig, environ: dict[str, str] | None = None
     }
     passthrough = backends[config.passthrough_backend or config.backends[0].name]
     return Runtime(config, backends, deployments, products, passthrough)
+
+
+def _deployment(d: DeploymentConfig, backends: dict[str, Backend]) -> Deployment:
+    members = tuple(
+        Member(
+            backend=m.backend,
+            deployment=m.backend_deployment or d.upstream_name,
+            priority=m.priority,
+            weight=m.weight,
+            kind=backends[m.backend].kind,
+        )
+        for m in d.members()
+    )
+    primary = min(members, key=lambda m: m.priority)
+    return Deployment(d.name, backends[primary.backend], primary.deployment, d.model, d, members)

@@ -23,15 +23,29 @@ DEPLOYMENTS = [
     {"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"},
     {"name": "gpt-4o", "backend": "sim", "model": "gpt-4o"},
     {"name": "text-embedding-3-small", "backend": "sim", "model": "text-embedding-3-small"},
-    {"name": "gpt-4o-ptu", "backend": "ptu-east", "backend_deployment": "gpt-4o",
-     "model": "gpt-4o"},
+    {
+        "name": "gpt-4o-ptu",
+        "backend": "ptu-east",
+        "backend_deployment": "gpt-4o",
+        "model": "gpt-4o",
+    },
     {"name": "custom", "backend": "sim", "backend_deployment": "gpt-4o", "model": "custom-x"},
 ]
 PRICES = [
-    {"deployment": "gpt-4o-mini", "input": 0.15, "cached_input": 0.075, "output": 0.60,
-     "effective_from": "2026-01-01"},
-    {"deployment": "gpt-4o-mini", "input": 0.10, "cached_input": 0.05, "output": 0.40,
-     "effective_from": "2026-03-10T10:30:00Z"},
+    {
+        "deployment": "gpt-4o-mini",
+        "input": 0.15,
+        "cached_input": 0.075,
+        "output": 0.60,
+        "effective_from": "2026-01-01",
+    },
+    {
+        "deployment": "gpt-4o-mini",
+        "input": 0.10,
+        "cached_input": 0.05,
+        "output": 0.40,
+        "effective_from": "2026-03-10T10:30:00Z",
+    },
     {"model": "gpt-4o", "input": 2.50, "cached_input": 1.25, "output": 10.00},
     {"model": "text-embedding-3-small", "input": 0.02},
 ]
@@ -55,8 +69,12 @@ def per_million(record: UsageRecord) -> tuple[Decimal, Decimal] | None:
 def test_cost_per_team_with_price_change_and_ptu(tmp_path: Path) -> None:
     clock = FakeClock(datetime(2026, 3, 10, 9, 5, tzinfo=UTC).timestamp())
     with admin_gateway(
-        tmp_path, clock, backends={"sim": "SIM", "ptu-east": "SIM"}, deployments=DEPLOYMENTS,
-        products=[{"name": "starter", "deployments": ["*"]}], prices=PRICES,
+        tmp_path,
+        clock,
+        backends={"sim": "SIM", "ptu-east": "SIM"},
+        deployments=DEPLOYMENTS,
+        products=[{"name": "starter", "deployments": ["*"]}],
+        prices=PRICES,
         ptu=[{"backend": "ptu-east", "monthly_cost": str(PTU_MONTHLY), "units": 50}],
     ) as h:
         _, key_a1 = h.create("team-a", "a-chat")

@@ -27,8 +27,12 @@ def table(**extra: object) -> PriceTable:
         "prices": [
             {"model": "gpt-4o", "input": 2.5, "cached_input": 1.25, "output": 10},
             {"deployment": "mini", "input": 0.15, "cached_input": 0.075, "output": 0.6},
-            {"deployment": "mini", "input": 0.1, "output": 0.4,
-             "effective_from": "2026-03-10T10:30:00Z"},
+            {
+                "deployment": "mini",
+                "input": 0.1,
+                "output": 0.4,
+                "effective_from": "2026-03-10T10:30:00Z",
+            },
         ],
         "ptu": [{"backend": "ptu", "monthly_cost": 3100}],
         **extra,
@@ -46,7 +50,8 @@ def test_price_in_force_at_the_records_time() -> None:
     assert before.cost_nanos(2_000_000, 1_000_000, 1_000_000) == 825_000_000
     assert after.cost_nanos(2_000_000, 1_000_000, 1_000_000) == 600_000_000  # cached = input
     assert t.segments(change - 1800, change + 1800) == [
-        (change - 1800, change), (change, change + 1800)
+        (change - 1800, change),
+        (change, change + 1800),
     ]
 
 

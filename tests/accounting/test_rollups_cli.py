@@ -28,8 +28,10 @@ T0 = datetime(2026, 3, 3, 22, 0, tzinfo=UTC).timestamp()
 CONFIG = {
     "storage": {"url": "sqlite:///x.db"},
     "backends": [{"name": "east", "url": "http://e"}],
-    "deployments": [{"name": "mini", "backend": "east", "model": "gpt-4o-mini"},
-                    {"name": "odd", "backend": "east"}],
+    "deployments": [
+        {"name": "mini", "backend": "east", "model": "gpt-4o-mini"},
+        {"name": "odd", "backend": "east"},
+    ],
     "products": [{"name": "p"}],
     "prices": [{"deployment": "mini", "input": 1, "output": 2}],
 }
@@ -38,10 +40,19 @@ CONFIG = {
 def records(n: int, start: float = T0) -> list[UsageRecord]:
     return [
         UsageRecord(
-            request_id=f"r{start}-{i}", ts=start + i * 97.0, subscription_id=f"sub-{i % 4}",
-            owner=f"team-{i % 2}", product="p", deployment="odd" if i % 10 == 0 else "mini",
-            backend="east", operation="chat/completions", status=200, outcome=Outcome.OK,
-            model="gpt-4o-mini", prompt_tokens=100 + i, completion_tokens=10,
+            request_id=f"r{start}-{i}",
+            ts=start + i * 97.0,
+            subscription_id=f"sub-{i % 4}",
+            owner=f"team-{i % 2}",
+            product="p",
+            deployment="odd" if i % 10 == 0 else "mini",
+            backend="east",
+            operation="chat/completions",
+            status=200,
+            outcome=Outcome.OK,
+            model="gpt-4o-mini",
+            prompt_tokens=100 + i,
+            completion_tokens=10,
             total_tokens=110 + i,
         )
         for i in range(n)
@@ -60,7 +71,8 @@ def write(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     url = (
-        f"sqlite:///{tmp_path / 'l.db'}" if request.param == "sqlite"
+        f"sqlite:///{tmp_path / 'l.db'}"
+        if request.param == "sqlite"
         else request.getfixturevalue("pg_database_url")
     )
     migrate(url)
@@ -98,22 +110,56 @@ def test_rollups_match_the_raw_ledger_incrementally(engine: Engine, tmp_path: Pa
 def test_cli_usage_report_forecast_and_config_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = dict(CONFIG, storage={"url": f"sqlite:///{tmp_path / 'l.db'}",
-                                "spill_dir": str(tmp_path / "spill")})
+    cfg = dict(
+        CONFIG,
+        storage={"url": f"sqlite:///{tmp_path / 'l.db'}", "spill_dir": str(tmp_path / "spill")},
+    )
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg))
     migrate(cfg["storage"]["url"])
     engine = create_engine_for(cfg["storage"]["url"])
     write(engine, tmp_path, records(30))
     engine.dispose()
-    assert main(["usage", "report", "-c", str(path), "--from", "2026-03-01", "--to",
-                 "2026-04-01", "--by", "owner", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "usage",
+                "report",
+                "-c",
+                str(path),
+                "--from",
+                "2026-03-01",
+                "--to",
+                "2026-04-01",
+                "--by",
+                "owner",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     by_key = {r["key"]: r for r in out["rows"]}
     assert by_key["(total)"]["total_tokens"] == sum(r.total_tokens for r in records(30))
     assert by_key["(total)"]["unpriced_records"] == 3
-    assert main(["usage", "report", "-c", str(path), "--from", "2026-03-01", "--to",
-                 "2026-04-01", "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "usage",
+                "report",
+                "-c",
+                str(path),
+                "--from",
+                "2026-03-01",
+                "--to",
+                "2026-04-01",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[0].startswith("key,requests,attempts")
     assert main(["forecast", "-c", str(path), "--json"]) == 0
     assert "deployments" in json.loads(capsys.readouterr().out)

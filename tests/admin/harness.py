@@ -52,8 +52,12 @@ class AdminHarness:
         if stream:
             body["stream"] = True
         with httpx.stream(
-            "POST", url, params={"api-version": API_VERSION}, headers={"api-key": key},
-            json=body, timeout=30,
+            "POST",
+            url,
+            params={"api-version": API_VERSION},
+            headers={"api-key": key},
+            json=body,
+            timeout=30,
         ) as r:
             r.read()
             return r.status_code
@@ -61,8 +65,10 @@ class AdminHarness:
     def embed(self, key: str, deployment: str, text: str) -> int:
         r = httpx.post(
             f"{self.url}/openai/deployments/{deployment}/embeddings",
-            params={"api-version": API_VERSION}, headers={"api-key": key},
-            json={"input": text}, timeout=30,
+            params={"api-version": API_VERSION},
+            headers={"api-key": key},
+            json={"input": text},
+            timeout=30,
         )
         return r.status_code
 
@@ -82,9 +88,7 @@ class AdminHarness:
 
 
 @contextmanager
-def admin_gateway(
-    tmp: Path, clock: Clock | None = None, **config: Any
-) -> Iterator[AdminHarness]:
+def admin_gateway(tmp: Path, clock: Clock | None = None, **config: Any) -> Iterator[AdminHarness]:
     """Simulator + gateway with the admin token set; extra keys go into gateway.yaml."""
     sim = SimulatorThread(sim_config())
     sim.start()

@@ -58,7 +58,8 @@ def test_every_operation_needs_the_admin_token(tmp_path: Path) -> None:
             for header in ({"api-key": ADMIN_TOKEN}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
                 r = client.post(
                     "/openai/deployments/gpt-4o-mini/chat/completions",
-                    params={"api-version": "2024-10-21"}, headers=header,
+                    params={"api-version": "2024-10-21"},
+                    headers=header,
                     json={"messages": [{"role": "user", "content": "x"}]},
                 )
                 assert r.status_code == 401, r.text

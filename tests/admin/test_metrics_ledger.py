@@ -39,7 +39,8 @@ def test_prometheus_counters_equal_ledger_totals(tmp_path: Path) -> None:
         # A refused request that reached a subscription is in both (no tokens).
         r = httpx.post(
             f"{h.url}/openai/deployments/nope/chat/completions",
-            params={"api-version": "2024-10-21"}, headers={"api-key": key_a},
+            params={"api-version": "2024-10-21"},
+            headers={"api-key": key_a},
             json={"messages": [{"role": "user", "content": "x"}]},
         )
         assert r.status_code == 404
@@ -63,9 +64,7 @@ def test_prometheus_counters_equal_ledger_totals(tmp_path: Path) -> None:
         )
     requests = m["sluicegate_requests_total"]
     assert total(requests) == len(records)
-    assert total(requests, status="200", outcome="ok") == sum(
-        1 for r in records if r.status == 200
-    )
+    assert total(requests, status="200", outcome="ok") == sum(1 for r in records if r.status == 200)
     assert total(requests, status="404") == 1
     # Latency histograms saw every record too.
     assert total(m["gen_ai_server_request_duration_seconds_count"]) == len(records)

@@ -24,8 +24,10 @@ PRICES = [
     {"deployment": "gpt-4o-mini", "input": 0.15, "output": 0.60},
     {"model": "text-embedding-3-small", "input": 0.02},
 ]
-PER_MILLION = {"gpt-4o-mini": (Decimal("0.15"), Decimal("0.60")),
-               "text-embedding-3-small": (Decimal("0.02"), Decimal(0))}
+PER_MILLION = {
+    "gpt-4o-mini": (Decimal("0.15"), Decimal("0.60")),
+    "text-embedding-3-small": (Decimal("0.02"), Decimal(0)),
+}
 
 
 def shot(page: Page, name: str) -> None:
@@ -35,16 +37,16 @@ def shot(page: Page, name: str) -> None:
 
 def test_dashboard_end_to_end(tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail(f"{CHROMIUM} is missing: install it with 'apt-get install -y chromium "
-                    "chromium-driver'")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install it with 'apt-get install -y chromium chromium-driver'"
+        )
     with admin_gateway(tmp_path, prices=PRICES) as h, sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         try:
-            page = browser.new_page(viewport={"width": 1360, "height": 900},
-                                    accept_downloads=True)
+            page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True)
             page.on("dialog", lambda dialog: dialog.accept())
             # Log in: the dashboard sends strangers to the login page.
             page.goto(f"{h.url}/dashboard/")
@@ -83,7 +85,8 @@ def test_dashboard_end_to_end(tmp_path: Path) -> None:
                     messages=[{"role": "user", "content": f"hello number {i} " * (i + 1)}],
                 )
             stream = client.chat.completions.create(
-                model="gpt-4o-mini", stream=True,
+                model="gpt-4o-mini",
+                stream=True,
                 messages=[{"role": "user", "content": "stream this please"}],
             )
             for _ in stream:
@@ -93,8 +96,11 @@ def test_dashboard_end_to_end(tmp_path: Path) -> None:
             assert len(records) == 5
             tokens = sum(r.total_tokens for r in records)
             cost = sum(
-                (r.prompt_tokens * PER_MILLION[r.deployment or ""][0]
-                 + r.completion_tokens * PER_MILLION[r.deployment or ""][1]) / 1_000_000
+                (
+                    r.prompt_tokens * PER_MILLION[r.deployment or ""][0]
+                    + r.completion_tokens * PER_MILLION[r.deployment or ""][1]
+                )
+                / 1_000_000
                 for r in records
             )
 
@@ -102,8 +108,9 @@ def test_dashboard_end_to_end(tmp_path: Path) -> None:
             page.goto(f"{h.url}/dashboard/?period=24h&by=subscription")
             bars = page.locator(f"#tokens-chart rect[data-key='{sub_id}']")
             assert bars.count() >= 1
-            values = [float(bars.nth(i).get_attribute("data-value") or 0)
-                      for i in range(bars.count())]
+            values = [
+                float(bars.nth(i).get_attribute("data-value") or 0) for i in range(bars.count())
+            ]
             assert sum(values) == tokens
             row = page.locator(f"#top-table tr[data-key='{sub_id}']")
             assert row.locator("td[data-tokens]").get_attribute("data-tokens") == str(tokens)

@@ -1,5 +1,5 @@
 """``sluicegate`` — the command line: serve | demo | config check | keys | usage | forecast |
-simulate."""
+backends | simulate."""
 
 from __future__ import annotations
 
@@ -265,6 +265,30 @@ def forecast(
 
 
 @app.command()
+def backends(
+    config: ConfigOpt = Path("gateway.yaml"),
+    url: Annotated[
+        str | None, typer.Option(help="A running gateway (e.g. http://127.0.0.1:8080).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Each deployment's backend pool with its live state: circuit (closed, open until …,
+    half-open), headroom, in-flight requests (see docs/routing.md)."""
+    from sluicegate.routing.overview import collect, render
+
+    cfg = _load(config)
+    try:
+        rows, note = collect(cfg, url)
+    except Exception as exc:  # unreachable gateway or Redis: say so, no traceback
+        typer.echo(f"error: cannot read the live state: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"source": note, "items": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        render(rows, note)
+
+
+@app.command()
 def simulate(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Simulator YAML.")] = None,
     host: str = "127.0.0.1",
@@ -296,12 +320,13 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, click returns the exit code instead of raising.
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code)
     except SystemExit as exc:
         return int(exc.code or 0)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,16 +29,39 @@ class ListenConfig(_Strict):
     graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
 
 
+#: The scope of Azure OpenAI (Cognitive Services) tokens.
+COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
 class BackendAuthConfig(_Strict):
     """How the gateway authenticates to a backend.
 
     ``api-key``: the key is read from the environment variable ``key_env`` at start.
     ``none``: nothing is added (an OpenAI-compatible server without auth).
+    ``managed-identity``: an Entra ID token from the host's managed identity (system-assigned,
+    or user-assigned with ``client_id``; in AKS with workload identity configured, that).
+    ``workload-identity``: federated token file (``AZURE_FEDERATED_TOKEN_FILE``), explicitly.
+    ``service-principal``: ``tenant_id``, ``client_id`` and the secret in ``client_secret_env``.
+    Entra tokens are sent as ``Authorization: Bearer``, cached, and refreshed in the background
+    before they expire (see docs/routing.md).
     """
 
-    type: Literal["api-key", "none"] = "api-key"
+    type: Literal[
+        "api-key", "none", "managed-identity", "workload-identity", "service-principal"
+    ] = "api-key"
     key_env: str | None = None
     header: str = "api-key"
+    #: User-assigned managed identity, workload identity or service principal (app) id.
+    client_id: str | None = None
+    tenant_id: str | None = None
+    #: Environment variable holding a service principal's client secret.
+    client_secret_env: str | None = None
+    #: Entra ID authority, e.g. ``https://login.microsoftonline.us`` for Azure Government
+    #: (default: public cloud). Not used by managed identity (its endpoint is local).
+    authority_host: str | None = None
+    scope: str = COGNITIVE_SERVICES_SCOPE
+    #: Refresh a token this many seconds before it expires (at most half its lifetime).
+    refresh_before_seconds: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _key_env_for_api_key(self) -> BackendAuthConfig:
@@ -46,7 +69,20 @@ class BackendAuthConfig(_Strict):
             raise ValueError(
                 "auth type api-key needs key_env: the environment variable that holds the key"
             )
+        if self.type == "service-principal" and not (
+            self.tenant_id and self.client_id and self.client_secret_env
+        ):
+            raise ValueError(
+                "auth type service-principal needs tenant_id, client_id and client_secret_env"
+            )
+        if self.authority_host is not None and not self.authority_host.startswith("https://"):
+            raise ValueError("authority_host must be an https:// URL")
         return self
+
+    @property
+    def entra(self) -> bool:
+        """The backend takes Entra ID bearer tokens (not a static key)."""
+        return self.type in ("managed-identity", "workload-identity", "service-principal")
 
 
 class TimeoutsConfig(_Strict):
@@ -74,18 +110,65 @@ class BackendConfig(_Strict):
         return value.rstrip("/")
 
 
+class PoolMemberConfig(_Strict):
+    """One backend deployment of a pool: lower ``priority`` numbers are used first; within a
+    priority, traffic is shared in proportion to ``weight``."""
+
+    backend: str
+    #: The deployment's name on that backend (default: the pool's ``backend_deployment``, else
+    #: the client-facing deployment name).
+    backend_deployment: str | None = None
+    priority: int = Field(default=1, ge=0, le=1000)
+    weight: int = Field(default=1, ge=1, le=1000)
+
+
 class DeploymentConfig(_Strict):
-    """A deployment name that clients use, mapped to a backend and its deployment name."""
+    """A deployment name that clients use, mapped to one backend (``backend``) or to a pool
+    of backend deployments (``pool``; see docs/routing.md).
+
+    With ``pool``, ``backend`` is filled in with the first member of the lowest priority (the
+    primary, for reports); giving both is allowed only if ``backend`` is a member.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     backend: str
     backend_deployment: str | None = None
+    pool: list[PoolMemberConfig] | None = Field(default=None, min_length=1, max_length=64)
     #: The model behind it (chooses the tokenizer for estimates), e.g. ``gpt-4o-mini``.
     model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_backend(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("pool"), list):
+            return data
+        members = [m for m in data["pool"] if isinstance(m, dict) and "backend" in m]
+        if not members:
+            return data
+        primary = min(members, key=lambda m: m.get("priority", 1))["backend"]
+        backend = data.get("backend")
+        if backend is None:
+            return {**data, "backend": primary}
+        if backend not in {m["backend"] for m in members}:
+            raise ValueError(
+                f"backend {backend!r} is not a member of the pool: give backend or pool, "
+                "not both (with pool, backend is its primary member)"
+            )
+        return data
 
     @property
     def upstream_name(self) -> str:
         return self.backend_deployment or self.name
+
+    def members(self) -> list[PoolMemberConfig]:
+        """The pool, with every member's backend deployment name filled in (a deployment
+        with only ``backend`` is a one-member pool)."""
+        if self.pool is None:
+            return [PoolMemberConfig(backend=self.backend, backend_deployment=self.upstream_name)]
+        return [
+            m.model_copy(update={"backend_deployment": m.backend_deployment or self.upstream_name})
+            for m in self.pool
+        ]
 
 
 class ProductConfig(_Strict):
@@ -264,6 +347,81 @@ class RetentionConfig(_Strict):
     rollup_interval_seconds: float = Field(default=10.0, gt=0)
 
 
+class RetryConfig(_Strict):
+    """When a request goes to another backend (or waits and tries the same one again)."""
+
+    #: Upstream attempts per request, the first included.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    #: Backend statuses that send the request on to the next candidate. Connection errors and
+    #: timeouts before the first byte always do. Other 4xx (content filter) never do.
+    statuses: list[int] = Field(default_factory=lambda: [408, 429, 500, 502, 503, 504])
+    #: A single-member pool waits and retries the same backend, never longer than the
+    #: backend's retry-after-ms/retry-after and ``max_wait_seconds``.
+    wait_same: bool = True
+    max_wait_seconds: float = Field(default=10.0, ge=0, le=120)
+    #: No attempt starts later than this many seconds after the request arrived.
+    budget_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("statuses")
+    @classmethod
+    def _retryable(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if status < 400 or status > 599:
+                raise ValueError(f"{status} is not an error status")
+            if 400 <= status < 500 and status not in (408, 409, 429):
+                raise ValueError(f"{status} is a client error: retrying it cannot help")
+        return value
+
+
+class CircuitBreakerConfig(_Strict):
+    """APIM's backend circuit breaker, with a half-open probe and ``Retry-After`` honoured."""
+
+    #: Trip after this many 5xx answers, timeouts or connection errors within the interval.
+    failures: int = Field(default=3, ge=1)
+    #: Trip after this many 429s within the interval (1: the first 429 parks the backend).
+    throttles: int = Field(default=1, ge=1)
+    interval_seconds: float = Field(default=10.0, gt=0)
+    #: How long a tripped backend stays out when it said nothing (doubles on every failed
+    #: probe, up to ``max_trip_seconds``).
+    trip_seconds: float = Field(default=10.0, gt=0)
+    #: The longest a backend stays out, also when its Retry-After asks for more (Azure can
+    #: say "retry after 86400 seconds").
+    max_trip_seconds: float = Field(default=60.0, gt=0)
+    #: A 429's retry-after-ms/retry-after decides how long the backend stays out.
+    honour_retry_after: bool = True
+
+    @model_validator(mode="after")
+    def _cap(self) -> CircuitBreakerConfig:
+        if self.max_trip_seconds < self.trip_seconds:
+            raise ValueError("max_trip_seconds must be at least trip_seconds")
+        return self
+
+
+class HeadroomConfig(_Strict):
+    """Routing on the ``x-ratelimit-remaining-tokens/-requests`` backends report."""
+
+    enabled: bool = True
+    #: A backend's report is trusted this long; older, the backend counts as having room.
+    stale_seconds: float = Field(default=10.0, gt=0)
+    #: Completion tokens assumed for a request that sets no max_tokens (Azure charges some).
+    default_completion_tokens: int = Field(default=256, ge=0)
+
+
+class RoutingConfig(_Strict):
+    """Pools, retries, circuit breakers and headroom (docs/routing.md)."""
+
+    headroom: HeadroomConfig = HeadroomConfig()
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    #: Cluster mode: seconds between exchanges of backend state through Redis.
+    sync_seconds: float = Field(default=0.25, gt=0, le=10)
+
+    @field_validator("headroom", mode="before")
+    @classmethod
+    def _headroom_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class GatewayConfig(_Strict):
     mode: Literal["embedded", "cluster"] = "embedded"
     listen: ListenConfig = ListenConfig()
@@ -287,6 +445,7 @@ class GatewayConfig(_Strict):
     #: PTU quotes for the break-even forecast.
     ptu_quotes: list[PtuQuoteConfig] = Field(default_factory=list)
     retention: RetentionConfig = RetentionConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -297,11 +456,25 @@ class GatewayConfig(_Strict):
         _duplicates("products", [p.name for p in self.products], errors)
         deployment_names = {d.name for d in self.deployments}
         for i, dep in enumerate(self.deployments):
-            if dep.backend not in backend_names:
+            if dep.pool is None and dep.backend not in backend_names:
                 errors.append(
                     f"deployments[{i}].backend: unknown backend {dep.backend!r} "
                     f"(known: {', '.join(backend_names)})"
                 )
+            seen_members: set[tuple[str, str]] = set()
+            for j, member in enumerate(dep.members()):
+                if dep.pool is not None and member.backend not in backend_names:
+                    errors.append(
+                        f"deployments[{i}].pool[{j}].backend: unknown backend "
+                        f"{member.backend!r} (known: {', '.join(backend_names)})"
+                    )
+                key = (member.backend, member.backend_deployment or "")
+                if key in seen_members:
+                    errors.append(
+                        f"deployments[{i}].pool[{j}]: {member.backend}/"
+                        f"{member.backend_deployment} is already a member"
+                    )
+                seen_members.add(key)
         for i, prod in enumerate(self.products):
             for name in prod.deployments:
                 if name != "*" and name not in deployment_names:

@@ -114,6 +114,61 @@ class BackendHealth:
         return "healthy"
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingSample:
+    """One backend deployment as routing sees it (see routing.router.TargetView)."""
+
+    backend: str
+    deployment: str
+    state: str  # closed | open | half-open
+    headroom_tokens: int | None
+    headroom_requests: int | None
+    open_seconds: float | None = None  # open: seconds until it is probed again
+
+
+class _RoutingCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[RoutingSample]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["backend", "deployment"]
+        circuit = GaugeMetricFamily(
+            "sluicegate_routing_circuit_state",
+            "1 for the circuit state of each backend deployment (closed, open, half-open).",
+            labels=[*labels, "state"],
+        )
+        tokens = GaugeMetricFamily(
+            "sluicegate_routing_headroom_tokens",
+            "x-ratelimit-remaining-tokens as last reported, less what was sent since.",
+            labels=labels,
+        )
+        requests = GaugeMetricFamily(
+            "sluicegate_routing_headroom_requests",
+            "x-ratelimit-remaining-requests as last reported, less what was sent since.",
+            labels=labels,
+        )
+        open_for = GaugeMetricFamily(
+            "sluicegate_routing_open_seconds",
+            "Seconds until an open circuit is probed again (only for open circuits).",
+            labels=labels,
+        )
+        for s in self.source():
+            circuit.add_metric([s.backend, s.deployment, s.state], 1)
+            if s.open_seconds is not None:
+                open_for.add_metric([s.backend, s.deployment], s.open_seconds)
+            if s.headroom_tokens is not None:
+                tokens.add_metric([s.backend, s.deployment], s.headroom_tokens)
+            if s.headroom_requests is not None:
+                requests.add_metric([s.backend, s.deployment], s.headroom_requests)
+        yield circuit
+        yield tokens
+        yield requests
+        yield open_for
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
 class _BackendCollector(Collector):
     """Backend state, in-flight requests and headroom, read at scrape time."""
 
@@ -214,6 +269,13 @@ class GatewayMetrics:
             ["deployment", "from_backend", "to_backend"],
             registry=r,
         )
+        self.circuit_trips = Counter(
+            "sluicegate_circuit_trips",
+            "Circuit breaker trips on this instance, by backend and reason (429, 5xx, timeout, "
+            "connection, ...).",
+            ["backend", "reason"],
+            registry=r,
+        )
         self.ledger_pending = Gauge(
             "sluicegate_ledger_pending_records",
             "Usage records waiting to be written.",
@@ -246,7 +308,15 @@ class GatewayMetrics:
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""
-        self.spillover.labels(deployment, from_backend, to_backend).inc()
+        self._child(self.spillover, deployment, from_backend, to_backend).inc()
+
+    def count_trip(self, backend: str, reason: str) -> None:
+        """For routing: a breaker opened on ``backend``."""
+        self._child(self.circuit_trips, backend, reason).inc()
+
+    def watch_routing(self, source: Callable[[], Iterable[RoutingSample]]) -> None:
+        """Export per backend deployment state and headroom from ``source`` at every scrape."""
+        self.registry.register(_RoutingCollector(source))
 
     def _sub_label(self, subscription_id: str | None) -> str:
         if subscription_id is None:
@@ -275,9 +345,7 @@ class GatewayMetrics:
         product, backend = record.product or "none", record.backend or "none"
         if record.prompt_tokens or record.completion_tokens:
             sub = self._sub_label(record.subscription_id)
-            child(self.tokens, sub, product, deployment, backend, "input").inc(
-                record.prompt_tokens
-            )
+            child(self.tokens, sub, product, deployment, backend, "input").inc(record.prompt_tokens)
             child(self.tokens, sub, product, deployment, backend, "output").inc(
                 record.completion_tokens
             )

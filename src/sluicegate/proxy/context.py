@@ -42,6 +42,11 @@ class RequestContext:
     admission: Any = None
     #: The record has been written.
     finished: bool = False
+    #: The upstream attempt this context describes now (1, 2, … as the request fails over).
+    attempt: int = 1
+    #: Routing details for the record (backend deployment and kind, the upstream's status
+    #: when the gateway answered for it, why the request spilled).
+    extra: dict[str, str] = field(default_factory=dict)
 
     def record(self, now_mono: float) -> UsageRecord:
         usage = self.usage
@@ -66,5 +71,7 @@ class RequestContext:
             usage_estimated=self.usage_estimated,
             ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 3),
             duration_ms=round((now_mono - self.started) * 1000, 3),
+            attempt=self.attempt,
             error_code=self.error_code,
+            extra=dict(self.extra),
         )

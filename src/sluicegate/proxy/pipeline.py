@@ -35,9 +35,13 @@ from sluicegate.proxy.asgi import (
 )
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
-from sluicegate.proxy.relay import forward
+from sluicegate.proxy.failover import forward_routed, forward_single
 from sluicegate.proxy.routes import RouteKind, match_route
+from sluicegate.routing.build import router_for
+from sluicegate.routing.pool import Member
+from sluicegate.routing.router import Router
 from sluicegate.runtime import Runtime
+from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.headers import strip_key_from_query
 
 log = logging.getLogger("sluicegate.proxy")
@@ -66,10 +70,14 @@ class Pipeline:
         sinks: list[Callable[[UsageRecord], None]],
         admitter: Admitter | None = None,
         observers: list[Callable[[UsageRecord], None]] | None = None,
+        router: Router | None = None,
     ) -> None:
         """``sinks`` receive every record of an authenticated request (the ledger among
-        them); ``observers`` (metrics, access log) also those of unauthenticated ones."""
+        them); ``observers`` (metrics, access log) also those of unauthenticated ones.
+        ``router`` routes deployments over their pools (default: one with in-process state,
+        built from ``runtime``)."""
         self.runtime = runtime
+        self.router = router if router is not None else router_for(runtime, clock)
         self.index = index
         self.clock = clock
         self.sinks = sinks
@@ -124,15 +132,17 @@ class Pipeline:
         if ctx.finished:
             return  # written once, even if called again on cancellation
         ctx.finished = True
-        record = ctx.record(self.clock.monotonic())
+        self._emit(ctx.record(self.clock.monotonic()))
+
+    def _emit(self, record: UsageRecord) -> None:
         # Unauthenticated requests reach the metrics and the log, not the ledger: a stranger
         # cannot fill the ledger.
-        sinks = self.sinks if ctx.subscription is not None else self.observers
+        sinks = self.sinks if record.subscription_id is not None else self.observers
         for sink in sinks:
             try:
                 sink(record)
             except Exception:
-                log.exception("a usage sink failed (request %s)", ctx.request_id)
+                log.exception("a usage sink failed (request %s)", record.request_id)
 
     async def _handle(
         self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -146,19 +156,36 @@ class Pipeline:
             ctx.status = 200
             return
         ctx.body = await read_body(scope, receive, self.max_body)
+        query = strip_key_from_query(scope["query_string"])
         if route.kind is RouteKind.PASSTHROUGH:
             backend = self.runtime.passthrough
             ctx.backend_name = backend.name
             url = f"{backend.base_url}/openai/{route.upstream_suffix}"
-        else:
-            url = self._prepare(ctx, scope)
-            backend = ctx.deployment.backend  # type: ignore[union-attr]
-        query = strip_key_from_query(scope["query_string"])
-        if query:
-            url = f"{url}?{query}"
+            if query:
+                url = f"{url}?{query}"
+            await forward_single(ctx, backend, scope, receive, send, url, self.clock)
+            return
+        self._prepare(ctx, scope)
         if self.admitter is not None and route.metered:
             await self.admitter.admit(ctx)
-        await forward(ctx, backend, scope, receive, send, url, self.clock)
+        deployment = ctx.deployment
+        assert deployment is not None
+
+        def upstream(member: Member, backend: Backend) -> tuple[str, bytes]:
+            return self._upstream(ctx, query, member, backend)
+
+        await forward_routed(
+            ctx,
+            self.router,
+            self.router.pools[deployment.name],
+            self.runtime.backends,
+            upstream,
+            scope,
+            receive,
+            send,
+            self.clock,
+            self._emit,
+        )
 
     def _authenticate(self, ctx: RequestContext, scope: Scope) -> None:
         presented = find_key(scope["headers"], scope["query_string"])
@@ -195,9 +222,9 @@ class Pipeline:
             )
         ctx.subscription, ctx.product = sub, product
 
-    def _prepare(self, ctx: RequestContext, scope: Scope) -> str:
-        """Parse and check the JSON body, pick the deployment, and return the upstream URL.
-        Changes the body only where the gateway must (usage for streams, backend names)."""
+    def _prepare(self, ctx: RequestContext, scope: Scope) -> None:
+        """Parse and check the JSON body and pick the deployment. Changes the body only where
+        the gateway must (usage for streams; backend names are set per attempt)."""
         route = ctx.route
         content_type = header(scope, b"content-type") or b""
         needs_json = route.metered or route.kind is RouteKind.V1
@@ -241,7 +268,6 @@ class Pipeline:
                 f"{name!r}. GET /openai/v1/models lists the deployments you may use.",
             )
         ctx.deployment = deployment
-        ctx.backend_name = deployment.backend.name
         changed = False
         if body is not None:
             ctx.stream = body.get("stream") is True
@@ -252,15 +278,24 @@ class Pipeline:
                     new_options["include_usage"] = True
                     body["stream_options"] = new_options
                     ctx.injected_usage = changed = True
-            if route.kind is RouteKind.V1 and deployment.upstream_name != name:
-                body["model"] = deployment.upstream_name
-                changed = True
         if changed:
             ctx.body = orjson.dumps(body)
-        base = deployment.backend.base_url
+
+    def _upstream(
+        self, ctx: RequestContext, query: str, member: Member, backend: Backend
+    ) -> tuple[str, bytes]:
+        """The URL and body of an attempt on ``member``: its backend, and its deployment
+        name in the path (deployment routes) or in the body's ``model`` (v1 routes)."""
+        route = ctx.route
+        body = ctx.body
+        base = backend.base_url
         if route.kind is RouteKind.DEPLOYMENT:
-            return f"{base}/openai/deployments/{deployment.upstream_name}/{route.upstream_suffix}"
-        return f"{base}/openai/{route.upstream_suffix}"
+            url = f"{base}/openai/deployments/{member.deployment}/{route.upstream_suffix}"
+        else:
+            url = f"{base}/openai/{route.upstream_suffix}"
+            if ctx.json is not None and ctx.json.get("model") != member.deployment:
+                body = orjson.dumps({**ctx.json, "model": member.deployment})
+        return (f"{url}?{query}" if query else url), body
 
     async def _models(self, ctx: RequestContext, send: Send) -> None:
         product = ctx.product

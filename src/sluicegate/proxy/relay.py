@@ -1,9 +1,16 @@
-"""Forwarding a request to its backend and relaying the answer to the client.
+"""One upstream attempt: send the request to a backend and relay the answer to the client —
+unless it fails before the first byte went out, in which case ``AttemptFailed`` says how and
+nothing was sent (the caller may try another backend; see ``proxy/failover.py``).
 
 JSON answers are read whole (they are small) and their ``usage`` read; streams are relayed
 event by event as they arrive, never buffered whole, with the usage picked out of the final
-chunk. The upstream response is always released in this module's own ``finally`` — also when
-the client disconnects or the task is cancelled — and a disconnecting client closes it at once.
+chunk. A stream's first chunk is read before the client gets the status line, so a backend
+that answers 200 and then breaks off before sending anything still fails over invisibly.
+
+Timeouts: ``first_byte`` bounds everything up to the status line (and, for streams, the first
+chunk); ``between_chunks`` bounds every later read. The upstream response is always released
+(or closed, when unfinished) in this module's own ``finally`` — also when the client
+disconnects or the task is cancelled — and a disconnecting client closes it at once.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import orjson
@@ -19,86 +27,178 @@ from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock
 from sluicegate.proxy.asgi import Receive, Scope, Send
 from sluicegate.proxy.context import RequestContext
-from sluicegate.proxy.errors import GatewayError
+from sluicegate.routing.retry import Outcome as AttemptOutcome
+from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
 from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
 
 log = logging.getLogger("sluicegate.relay")
 
+#: How much of a failed answer's body is read (for the wait an Azure 429 message names).
+_ERROR_BODY_LIMIT = 64 * 1024
 
-async def forward(
+
+class AttemptFailed(Exception):
+    """An attempt failed and nothing reached the client. ``outcome`` is for the router and
+    the retry policy; ``status``/``code``/``message`` describe it for the record and, if
+    this was the last attempt, for the client."""
+
+    def __init__(self, outcome: AttemptOutcome, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _timed_out(backend: Backend, what: str) -> AttemptFailed:
+    return AttemptFailed(
+        AttemptOutcome(None, "timeout"),
+        504,
+        "BackendTimeout",
+        f"Backend {backend.name} did not answer within {backend.first_byte_timeout:g} s ({what}).",
+    )
+
+
+def _broken(backend: Backend, exc: BaseException | None, error: str = "broken") -> AttemptFailed:
+    detail = type(exc).__name__ if exc is not None else "no data"
+    return AttemptFailed(
+        AttemptOutcome(None, error),
+        502,
+        "BackendUnavailable",
+        f"Backend {backend.name} could not be reached or broke off ({detail}).",
+    )
+
+
+async def attempt(
     ctx: RequestContext,
     backend: Backend,
     scope: Scope,
     receive: Receive,
     send: Send,
     url: str,
+    body: bytes,
+    auth: Sequence[tuple[str, str]],
     clock: Clock,
+    *,
+    retryable: Callable[[int], bool],
+    on_headers: Callable[[Sequence[tuple[bytes, bytes]]], None],
 ) -> None:
-    """Send the request upstream and relay the response. Raises ``GatewayError`` only before
-    anything was sent to the client."""
-    headers = upstream_request_headers(scope["headers"], backend.auth_headers, ctx.request_id)
+    """Send one attempt and relay its answer. Raises ``AttemptFailed`` (nothing sent to the
+    client) on a connection error, a timeout before the first byte, a body that broke off
+    before the first byte, or a status for which ``retryable(status)`` is true.
+    ``on_headers`` receives every answer's headers (for headroom), failed ones included."""
+    headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + backend.first_byte_timeout
     backend.in_flight += 1
     try:
         try:
-            async with asyncio.timeout(backend.first_byte_timeout):
+            async with asyncio.timeout_at(deadline):
                 response = await backend.session.request(
-                    scope["method"],
-                    url,
-                    data=ctx.body or None,
-                    headers=headers,
+                    scope["method"], url, data=body or None, headers=headers,
                     allow_redirects=False,
-                )
+                )  # fmt: skip
         except TimeoutError:
-            ctx.outcome = Outcome.BACKEND_ERROR
-            raise GatewayError(
-                504,
-                "BackendTimeout",
-                f"The backend did not answer within {backend.first_byte_timeout:g} s. Retry later.",
-                retry_after=1,
-            ) from None
+            raise _timed_out(backend, "no status line") from None
         except (aiohttp.ClientError, OSError) as exc:
-            ctx.outcome = Outcome.BACKEND_ERROR
-            raise GatewayError(
-                502,
-                "BackendUnavailable",
-                "The gateway could not reach the backend that serves this deployment "
-                f"({type(exc).__name__}). Retry later.",
-                retry_after=1,
-            ) from None
+            raise _broken(backend, exc, "connection") from None
+        finished = False
         try:
-            ctx.status = response.status
-            if response.status >= 500 or response.status == 429:
-                ctx.outcome = Outcome.BACKEND_ERROR
-            elif response.status >= 400:
-                ctx.outcome = Outcome.CLIENT_ERROR
+            on_headers(response.raw_headers)
+            status = response.status
+            if retryable(status):
+                raise await _failed_answer(backend, response, clock)
             if response.content_type == "text/event-stream":
-                await _relay_stream(ctx, response, receive, send, clock)
+                first = await _first_chunk(backend, response, deadline)
+                _set_status(ctx, status)
+                finished = await _relay_stream(ctx, response, first, receive, send, clock, backend)
             else:
-                await _relay_whole(ctx, response, send, clock)
+                data = await _read_body(backend, response, None)
+                finished = True
+                _set_status(ctx, status)
+                await _send_whole(ctx, response, data, send, clock)
         finally:
-            if ctx.outcome is Outcome.ABORTED:
-                response.close()
-            else:
+            if finished and ctx.outcome is not Outcome.ABORTED:
                 response.release()
+            else:
+                response.close()
     finally:
         backend.in_flight -= 1
 
 
-async def _relay_whole(
-    ctx: RequestContext, response: aiohttp.ClientResponse, send: Send, clock: Clock
-) -> None:
-    try:
-        data = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+def _set_status(ctx: RequestContext, status: int) -> None:
+    ctx.status = status
+    if status >= 500 or status == 429:
         ctx.outcome = Outcome.BACKEND_ERROR
-        raise GatewayError(
-            502,
-            "BackendUnavailable",
-            f"The backend's response broke off ({type(exc).__name__}). Retry later.",
-            retry_after=1,
-        ) from None
+    elif status >= 400:
+        ctx.outcome = Outcome.CLIENT_ERROR
+
+
+async def _failed_answer(
+    backend: Backend, response: aiohttp.ClientResponse, clock: Clock
+) -> AttemptFailed:
+    """A retryable status: read (a bounded part of) the body for the wait it names."""
+    status = response.status
+    wait = retry_after_from_headers(response.raw_headers, clock.now())
+    code = str(status)
+    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, AttemptFailed):
+        data = await _read_body(backend, response, _ERROR_BODY_LIMIT)
+        if len(data) < _ERROR_BODY_LIMIT:
+            response.release()  # read to the end: the connection stays in the pool
+        if wait is None and status == 429:
+            wait = retry_after_from_body(data)
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            error = orjson.loads(data).get("error") or {}
+            code = str(error.get("code") or code)
+    return AttemptFailed(
+        AttemptOutcome(status, None, wait),
+        status,
+        code,
+        f"Backend {backend.name} answered {status}.",
+    )
+
+
+async def _first_chunk(
+    backend: Backend, response: aiohttp.ClientResponse, deadline: float
+) -> bytes:
+    try:
+        async with asyncio.timeout_at(deadline):
+            first = await response.content.readany()
+    except TimeoutError:
+        raise _timed_out(backend, "no first chunk") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _broken(backend, exc) from None
+    if not first:
+        raise _broken(backend, None)
+    return first
+
+
+async def _read_body(
+    backend: Backend, response: aiohttp.ClientResponse, limit: int | None
+) -> bytes:
+    """The whole body (up to ``limit`` bytes), each read bounded by ``between_chunks``."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            async with asyncio.timeout(backend.between_chunks_timeout):
+                chunk = await response.content.readany()
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size >= limit:
+                break
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise _broken(backend, exc) from None
+    return b"".join(parts)
+
+
+async def _send_whole(
+    ctx: RequestContext, response: aiohttp.ClientResponse, data: bytes, send: Send, clock: Clock
+) -> None:
     if ctx.route.metered and response.status < 300:
         ctx.usage, ctx.model = usage_from_body(data)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
@@ -111,18 +211,25 @@ async def _relay_whole(
 async def _relay_stream(
     ctx: RequestContext,
     response: aiohttp.ClientResponse,
+    first: bytes,
     receive: Receive,
     send: Send,
     clock: Clock,
-) -> None:
+    backend: Backend,
+) -> bool:
+    """Relay a stream whose first chunk was read; True if the upstream body was read to its
+    end (the connection can be reused)."""
     scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     gone = asyncio.Event()
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone, response))
     broke: str | None = None
+    ended = False
+    between = backend.between_chunks_timeout
     try:
-        async for chunk in response.content.iter_any():
+        chunk = first
+        while chunk:
             out = scanner.feed(chunk)
             if out:
                 if ctx.ttfb is None:
@@ -130,7 +237,13 @@ async def _relay_stream(
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             if gone.is_set():
                 break
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(between):
+                chunk = await response.content.readany()
+        else:
+            ended = True
+    except TimeoutError:
+        broke = f"no data for {between:g} s"
+    except (aiohttp.ClientError, OSError) as exc:
         broke = type(exc).__name__
     finally:
         watcher.cancel()
@@ -140,7 +253,7 @@ async def _relay_stream(
     if gone.is_set() and not scanner.done:
         ctx.outcome = Outcome.ABORTED
         _estimate(ctx, scanner)
-        return
+        return False
     tail = scanner.flush()
     if broke is not None or not scanner.done:
         # The backend's stream ended early: tell the client in an event it can parse.
@@ -158,6 +271,7 @@ async def _relay_stream(
         if ctx.usage is None:
             _estimate(ctx, scanner)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
+    return ended and broke is None
 
 
 async def _watch_disconnect(

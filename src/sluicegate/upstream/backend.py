@@ -1,22 +1,37 @@
 """A backend: its base URL, its credentials and a pooled HTTP client.
 
 One ``aiohttp.ClientSession`` per backend keeps connections alive between requests. The
-backend's key is read once at start and held only here; ``repr`` never shows it.
+backend's key is read once at start and held only here; ``repr`` never shows it. Backends
+authenticated with Entra ID hold a ``TokenSource`` (upstream/identity.py) that keeps a bearer
+token fresh in the background.
+
+Timeouts: the session bounds only the TCP connect (``timeouts.connect``); the relay enforces
+``first_byte`` (until the status line, and for streams until the first chunk) and
+``between_chunks`` (every later read) itself, so that a long first byte is not cut short by
+the between-chunks limit.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import aiohttp
 
+from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import BackendConfig
+from sluicegate.upstream.identity import TokenSource, credential_for
 
 
 class Backend:
     """A configured backend. The session is created by ``open()`` inside the event loop."""
 
-    def __init__(self, config: BackendConfig, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        environ: dict[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         env = os.environ if environ is None else environ
         self.config = config
         self.name = config.name
@@ -31,14 +46,50 @@ class Backend:
                     f"backend {config.name}: environment variable {config.auth.key_env} is not set"
                 )
             self.auth_headers.append((config.auth.header.lower(), key))
+        self.token_source: TokenSource | None = None
+        if config.auth.entra:
+            try:
+                credential = credential_for(config.auth, env)
+            except Exception as exc:
+                raise RuntimeError(f"backend {config.name}: {exc}") from None
+            self.token_source = TokenSource(
+                credential,
+                config.auth.scope,
+                clock or SystemClock(),
+                refresh_before=config.auth.refresh_before_seconds,
+                name=config.name,
+            )
         self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.timeouts.connect,
-            sock_read=config.timeouts.between_chunks,
+            total=None, sock_connect=config.timeouts.connect, sock_read=None
         )
         self.first_byte_timeout = config.timeouts.first_byte
+        self.between_chunks_timeout = config.timeouts.between_chunks
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
+        #: Set by the router: (state, headroom tokens) for the admin view and metrics.
+        self.status_source: Callable[[], tuple[str | None, int | None]] | None = None
+
+    @property
+    def state(self) -> str | None:
+        """``open`` or ``half-open`` while routing keeps this backend (or one of its
+        deployments) out; None when its circuit is closed, so that views fall back to the
+        health recent answers show (healthy, degraded, throttled, …)."""
+        if self.status_source is None:
+            return None
+        state = self.status_source()[0]
+        return None if state in (None, "closed") else state
+
+    @property
+    def headroom_tokens(self) -> int | None:
+        """Tokens the backend last said it accepts (summed over its deployments)."""
+        return self.status_source()[1] if self.status_source is not None else None
+
+    async def request_auth(self) -> list[tuple[str, str]]:
+        """The headers that authenticate one request (a held token is read without I/O;
+        raises ``BackendAuthError`` when no token can be had)."""
+        if self.token_source is None:
+            return self.auth_headers
+        return [("authorization", "Bearer " + await self.token_source.token())]
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -59,15 +110,20 @@ class Backend:
             auto_decompress=True,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        if self.token_source is not None:
+            await self.token_source.start()
 
     async def close(self) -> None:
+        if self.token_source is not None:
+            await self.token_source.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def secrets(self) -> list[str]:
         """The secret values this backend holds (for tests that prove none leaks)."""
-        return [value for _, value in self.auth_headers]
+        held = self.token_source.held if self.token_source is not None else None
+        return [value for _, value in self.auth_headers] + ([held.value] if held else [])
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, url={self.base_url!r}, in_flight={self.in_flight})"

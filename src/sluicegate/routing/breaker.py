@@ -1,0 +1,183 @@
+"""A circuit breaker per backend deployment: closed → open → half-open → closed.
+
+Semantics (APIM's backend circuit breaker, plus a half-open probe):
+
+* **closed**: traffic flows. Failures (5xx, timeouts, connection errors) and throttles (429)
+  are counted separately in a sliding ``interval``; reaching ``failures`` or ``throttles``
+  trips the breaker.
+* **open until T**: no traffic. T is now + the backend's ``retry-after`` when it sent one and
+  ``honour_retry_after`` is on, else now + the trip duration (``trip_seconds``, doubled after
+  each failed probe); never more than ``max_trip_seconds``.
+* **half-open** (after T): one request at a time is let through as a probe. Success closes
+  the breaker; failure opens it again.
+
+Pure state: time comes from the caller (``now``, epoch seconds of the injected clock — wall
+time because trips are shared between instances in cluster mode). Not thread-safe; used from
+one event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    failures: int = 3
+    throttles: int = 1
+    interval: float = 10.0
+    trip: float = 10.0
+    max_trip: float = 60.0
+    honour_retry_after: bool = True
+
+
+class CircuitBreaker:
+    """One target's breaker (see the module docstring)."""
+
+    __slots__ = (
+        "_failures",
+        "_probe_in_flight",
+        "_throttles",
+        "_trips_in_a_row",
+        "open_until",
+        "reason",
+        "settings",
+        "throttled",
+        "trips",
+    )
+
+    def __init__(self, settings: BreakerSettings) -> None:
+        self.settings = settings
+        self._failures: deque[float] = deque()
+        self._throttles: deque[float] = deque()
+        #: Epoch seconds until which the target is out (0: never tripped / closed).
+        self.open_until = 0.0
+        #: Why it last tripped ("429", "500", "timeout", "connection", "remote").
+        self.reason: str | None = None
+        #: The last trip was a throttle (429), not a failure.
+        self.throttled = False
+        self.trips = 0
+        self._trips_in_a_row = 0
+        self._probe_in_flight = False
+
+    def state(self, now: float) -> BreakerState:
+        if self.open_until == 0.0:
+            return BreakerState.CLOSED
+        if now < self.open_until:
+            return BreakerState.OPEN
+        return BreakerState.HALF_OPEN
+
+    def available(self, now: float) -> bool:
+        """May a request go there now? (Half-open: only while no probe is in flight.)"""
+        state = self.state(now)
+        if state is BreakerState.CLOSED:
+            return True
+        return state is BreakerState.HALF_OPEN and not self._probe_in_flight
+
+    def begin(self, now: float) -> bool:
+        """A request is sent; returns True if it is the half-open probe (which the caller
+        must end with ``success``/``failure``/``abandon``)."""
+        if self.state(now) is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def abandon(self, probe: bool) -> None:
+        """The request ended without telling anything about the backend (client gone)."""
+        if probe:
+            self._probe_in_flight = False
+
+    def success(self, now: float, probe: bool) -> bool:
+        """The backend answered (any status that is not a failure). Returns True if this
+        closed the breaker."""
+        if probe:
+            self._probe_in_flight = False
+        if self.open_until == 0.0 or now < self.open_until:
+            # An answer to a request sent before the trip says little about now.
+            return False
+        self._close()
+        return True
+
+    def failure(
+        self, now: float, reason: str, *, throttle: bool, retry_after: float | None, probe: bool
+    ) -> bool:
+        """Count a failure (``throttle``: a 429). Returns True if this tripped the breaker."""
+        if probe:
+            self._probe_in_flight = False
+        state = self.state(now)
+        if state is BreakerState.OPEN:
+            # Already out; a late 429 may still push the end out (never pull it in).
+            if throttle and retry_after is not None and self.settings.honour_retry_after:
+                self.open_until = max(self.open_until, now + min(retry_after, self._cap()))
+            return False
+        if state is BreakerState.HALF_OPEN:
+            self._trip(now, reason, throttle, retry_after)
+            return True
+        window = self._throttles if throttle else self._failures
+        window.append(now)
+        cutoff = now - self.settings.interval
+        while window and window[0] <= cutoff:
+            window.popleft()
+        threshold = self.settings.throttles if throttle else self.settings.failures
+        if len(window) >= threshold:
+            self._trip(now, reason, throttle, retry_after)
+            return True
+        return False
+
+    def force_open(self, until: float, reason: str, throttled: bool) -> bool:
+        """Another instance tripped this target (cluster mode). Returns True if it changed
+        anything (a later end than the one held)."""
+        if until <= self.open_until:
+            return False
+        self.open_until = until
+        self.reason = reason
+        self.throttled = throttled
+        self.trips += 1
+        return True
+
+    def _cap(self) -> float:
+        return self.settings.max_trip
+
+    def _trip(self, now: float, reason: str, throttle: bool, retry_after: float | None) -> None:
+        if throttle and retry_after is not None and self.settings.honour_retry_after:
+            duration = retry_after
+        else:
+            duration = self.settings.trip * (2 ** min(self._trips_in_a_row, 16))
+        self.open_until = now + max(0.0, min(duration, self._cap()))
+        if self.open_until <= now:
+            self.open_until = now + 1e-3  # "retry-after: 0" still counts as one trip
+        self.reason = reason
+        self.throttled = throttle
+        self.trips += 1
+        self._trips_in_a_row += 1
+        self._failures.clear()
+        self._throttles.clear()
+
+    def _close(self) -> None:
+        self.open_until = 0.0
+        self._trips_in_a_row = 0
+        self._failures.clear()
+        self._throttles.clear()
+
+    def describe(self, now: float) -> str:
+        state = self.state(now)
+        if state is BreakerState.OPEN:
+            return f"open for {self.open_until - now:.1f}s ({self.reason})"
+        if state is BreakerState.HALF_OPEN:
+            return "half-open (probing)" if self._probe_in_flight else "half-open"
+        return f"closed (failures={len(self._failures)}, throttles={len(self._throttles)})"
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(open_until={self.open_until:.3f}, reason={self.reason!r}, "
+            f"trips={self.trips}, failures={len(self._failures)}, "
+            f"throttles={len(self._throttles)}, probing={self._probe_in_flight})"
+        )

@@ -1,0 +1,56 @@
+"""Building the router of a gateway from its compiled configuration."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sluicegate.clock import Clock
+from sluicegate.config.model import RoutingConfig
+from sluicegate.routing.breaker import BreakerSettings
+from sluicegate.routing.retry import RetryPolicy
+from sluicegate.routing.router import Router, RouterSettings, RoutingObserver
+from sluicegate.routing.state import BackendStateStore
+
+if TYPE_CHECKING:
+    from sluicegate.runtime import Runtime
+
+
+def router_settings(config: RoutingConfig) -> RouterSettings:
+    b, r, h = config.circuit_breaker, config.retry, config.headroom
+    return RouterSettings(
+        headroom=h.enabled,
+        stale_after=h.stale_seconds,
+        default_completion_tokens=h.default_completion_tokens,
+        breaker=BreakerSettings(
+            failures=b.failures,
+            throttles=b.throttles,
+            interval=b.interval_seconds,
+            trip=b.trip_seconds,
+            max_trip=b.max_trip_seconds,
+            honour_retry_after=b.honour_retry_after,
+        ),
+        retry=RetryPolicy(
+            max_attempts=r.max_attempts,
+            statuses=r.statuses,
+            wait_same=r.wait_same,
+            max_wait=r.max_wait_seconds,
+            budget=r.budget_seconds,
+        ),
+    )
+
+
+def router_for(
+    runtime: Runtime,
+    clock: Clock,
+    store: BackendStateStore | None = None,
+    observer: RoutingObserver | None = None,
+) -> Router:
+    """A router with one pool per deployment; each backend's ``status_source`` is pointed at
+    it (the admin view and the backend metrics read state and headroom from there)."""
+    router = Router(router_settings(runtime.config.routing), clock, store, observer)
+    for deployment in runtime.deployments.values():
+        router.add_pool(deployment.name, deployment.members)
+    for backend in runtime.backends.values():
+        name = backend.name
+        backend.status_source = lambda name=name: router.backend_state(name)
+    return router

@@ -1,0 +1,412 @@
+"""The router: which backend deployment an attempt goes to, and what every answer teaches.
+
+It owns one ``Target`` per backend deployment (``backend/deployment``; pools that share one
+share its breaker and headroom) and the pools over them. Per attempt the request path calls::
+
+    choice = router.choose(pool, estimate, tried)     # None: every member is out
+    ticket = router.begin(choice.target, estimate)
+    router.report(ticket, response_headers)           # headroom, from any answer
+    router.succeeded(ticket, status) | router.failed(ticket, outcome) | router.abandoned(ticket)
+
+and, when no attempt is left, ``router.refusal(pool, outcomes)`` says what the client gets
+(429 with the shortest wait if every member is throttled, else 503, both with a wait).
+
+Choosing: the best priority group with a member that is available (breaker closed, or
+half-open with no probe in flight), not yet tried by this request and — with headroom
+routing on — whose reported headroom fits the request's estimate; weighted round-robin
+within the group. If no member fits, headroom is only a preference: the best available
+member is used anyway (the backend's own answer is the truth).
+
+All methods are synchronous and do no I/O (the store's ``publish_*`` only queue); the router
+is used from one event loop. Time is the injected clock's wall time (``now()``), because
+trips are shared between instances.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from sluicegate.clock import Clock
+from sluicegate.routing.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from sluicegate.routing.headroom import Headroom, report_from_headers
+from sluicegate.routing.pool import Member, Pool
+from sluicegate.routing.retry import Outcome, RetryPolicy, is_backend_failure
+from sluicegate.routing.state import (
+    BackendStateStore,
+    SharedHeadroom,
+    SharedTrip,
+    SharedUpdate,
+)
+
+log = logging.getLogger("sluicegate.routing")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    headroom: bool = True
+    stale_after: float = 10.0
+    default_completion_tokens: int = 256
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class RoutingObserver(Protocol):
+    """Where the router reports events worth a metric."""
+
+    def spilled(self, pool: str, from_backend: str, to_backend: str, reason: str) -> None:
+        """A request went to ``to_backend`` instead of ``from_backend`` (``reason``:
+        ``headroom``, ``unavailable`` or ``failover``)."""
+
+    def tripped(self, backend: str, deployment: str, reason: str) -> None:
+        """A breaker opened on this instance (not when another instance's trip arrives)."""
+
+
+class Target:
+    """One backend deployment's state on this instance."""
+
+    __slots__ = (
+        "backend",
+        "breaker",
+        "deployment",
+        "headroom",
+        "in_flight",
+        "key",
+        "kind",
+        "last_error",
+        "last_error_at",
+        "last_status",
+        "pools",
+    )
+
+    def __init__(self, member: Member, breaker: BreakerSettings) -> None:
+        self.key = member.key
+        self.backend = member.backend
+        self.deployment = member.deployment
+        self.kind = member.kind
+        self.breaker = CircuitBreaker(breaker)
+        self.headroom = Headroom()
+        self.in_flight = 0
+        self.last_status: int | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.pools: list[str] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Target({self.key!r}, {self.breaker!r}, {self.headroom!r}, "
+            f"in_flight={self.in_flight}, last_error={self.last_error!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    member: Member
+    target: Target
+    #: Why this member rather than the pool's first choice: ``preferred`` (it is the first
+    #: choice), ``headroom``, ``unavailable`` (better ones are out) or ``failover``.
+    reason: str
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One attempt in flight; end it exactly once."""
+
+    target: Target
+    probe: bool
+    marks: tuple[int, int]
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """What the client gets when no member can take the request."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    """A target as the CLI and the admin API show it."""
+
+    key: str
+    backend: str
+    deployment: str
+    kind: str
+    pools: list[str]
+    state: str
+    open_until: float | None
+    open_reason: str | None
+    trips: int
+    headroom_tokens: int | None
+    headroom_requests: int | None
+    headroom_age_seconds: float | None
+    in_flight: int
+    last_status: int | None
+    last_error: str | None
+    last_error_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Router:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        clock: Clock,
+        store: BackendStateStore | None = None,
+        observer: RoutingObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        self.observer = observer
+        self.targets: dict[str, Target] = {}
+        self.pools: dict[str, Pool] = {}
+        if store is not None:
+            store.subscribe(self.apply)
+
+    # --- building -----------------------------------------------------------------------------
+
+    def add_pool(self, name: str, members: Sequence[Member]) -> Pool:
+        pool = Pool(name, members)
+        for member in pool.members:
+            target = self.targets.get(member.key)
+            if target is None:
+                target = self.targets[member.key] = Target(member, self.settings.breaker)
+            target.pools.append(name)
+        self.pools[name] = pool
+        return pool
+
+    # --- choosing -----------------------------------------------------------------------------
+
+    def choose(self, pool: Pool, estimate: int, tried: Sequence[str] = ()) -> Choice | None:
+        """The member for the next attempt, or None if every untried member is out."""
+        now = self.clock.now()
+        targets = self.targets
+        stale = self.settings.stale_after
+
+        def available(m: Member) -> bool:
+            return m.key not in tried and targets[m.key].breaker.available(now)
+
+        member: Member | None = None
+        short_of_headroom = False
+        if self.settings.headroom:
+
+            def fits(m: Member) -> bool:
+                return available(m) and targets[m.key].headroom.fits(estimate, now, stale)
+
+            member = pool.pick(fits)
+            if member is None or member.priority > pool.top_priority:
+                short_of_headroom = any(available(m) for m in pool.groups[0])
+        if member is None:
+            member = pool.pick(available)
+        if member is None:
+            return None
+        first = pool.groups[0][0]
+        if tried:
+            reason = "failover"
+            origin = targets[tried[-1]].backend
+        elif member.priority > pool.top_priority:
+            reason = "headroom" if short_of_headroom else "unavailable"
+            origin = first.backend
+        else:
+            reason, origin = "preferred", ""
+        if reason != "preferred" and self.observer is not None and origin != member.backend:
+            self.observer.spilled(pool.name, origin, member.backend, reason)
+        return Choice(member, targets[member.key], reason)
+
+    # --- attempts -----------------------------------------------------------------------------
+
+    def begin(self, target: Target, estimate: int) -> Ticket:
+        target.in_flight += 1
+        probe = target.breaker.begin(self.clock.now())
+        return Ticket(target, probe, target.headroom.dispatch(estimate))
+
+    def report(self, ticket: Ticket, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Take the headroom report of an answer (any status)."""
+        report = report_from_headers(headers)
+        if report.empty:
+            return
+        now = self.clock.now()
+        target = ticket.target
+        if target.headroom.observe(report, ticket.marks, now) and self.store is not None:
+            self.store.publish_headroom(target.key, SharedHeadroom(report, now))
+
+    def succeeded(self, ticket: Ticket, status: int) -> None:
+        """The backend answered with a status that is not its own failure (2xx, 4xx)."""
+        if self._end(ticket):
+            return
+        target = ticket.target
+        target.last_status = status
+        if target.breaker.success(self.clock.now(), ticket.probe):
+            log.info("backend %s closed again (probe answered %s)", target.key, status)
+
+    def failed(self, ticket: Ticket, outcome: Outcome) -> None:
+        """The attempt failed (429, 5xx, timeout, connection error, broken body)."""
+        if outcome.status is not None and not is_backend_failure(outcome.status):
+            self.succeeded(ticket, outcome.status)
+            return
+        if self._end(ticket):
+            return
+        now = self.clock.now()
+        target = ticket.target
+        target.last_status = outcome.status
+        target.last_error = outcome.reason
+        target.last_error_at = now
+        breaker = target.breaker
+        tripped = breaker.failure(
+            now,
+            outcome.reason,
+            throttle=outcome.throttled,
+            retry_after=outcome.retry_after,
+            probe=ticket.probe,
+        )
+        if not tripped:
+            return
+        target.headroom.forget()  # when it is probed again, its answer will say
+        log.warning(
+            "backend %s tripped (%s): out for %.1f s",
+            target.key,
+            outcome.reason,
+            breaker.open_until - now,
+        )
+        if self.store is not None:
+            self.store.publish_trip(
+                target.key, SharedTrip(breaker.open_until, outcome.reason, outcome.throttled)
+            )
+        if self.observer is not None:
+            self.observer.tripped(target.backend, target.deployment, outcome.reason)
+
+    def abandoned(self, ticket: Ticket) -> None:
+        """The attempt ended without a verdict on the backend (the client left)."""
+        if self._end(ticket):
+            return
+        ticket.target.breaker.abandon(ticket.probe)
+
+    def _end(self, ticket: Ticket) -> bool:
+        """Mark the ticket ended; True if it already was."""
+        if ticket.done:
+            return True
+        ticket.done = True
+        ticket.target.in_flight -= 1
+        return False
+
+    # --- when nothing is left -----------------------------------------------------------------
+
+    def refusal(self, pool: Pool, outcomes: dict[str, Outcome]) -> Refusal:
+        """429 with the shortest wait when every member is throttled (open after a 429, or
+        answered 429 in this request), else 503 with the shortest wait until one may work."""
+        now = self.clock.now()
+        throttled: list[float] = []
+        down: list[float] = []
+        for member in pool.members:
+            breaker = self.targets[member.key].breaker
+            state = breaker.state(now)
+            outcome = outcomes.get(member.key)
+            if state is BreakerState.OPEN:
+                (throttled if breaker.throttled else down).append(breaker.open_until - now)
+            elif outcome is not None and outcome.throttled:
+                throttled.append(outcome.retry_after if outcome.retry_after is not None else 1.0)
+            else:
+                down.append(1.0)
+        name = pool.name
+        if throttled and not down:
+            wait = max(min(throttled), 0.001)
+            return Refusal(
+                429,
+                "429",
+                f"Every backend of deployment {name!r} is at its rate limit. "
+                f"Retry after {wait:.0f} seconds."
+                if wait >= 1
+                else f"Every backend of deployment {name!r} is at its rate limit. Retry shortly.",
+                wait,
+            )
+        wait = max(min(throttled + down), 1.0)
+        return Refusal(
+            503,
+            "BackendUnavailable",
+            f"No backend of deployment {name!r} can take the request now (they failed or are "
+            f"out after failures). Retry after {wait:.0f} seconds.",
+            wait,
+        )
+
+    # --- sharing and visibility ---------------------------------------------------------------
+
+    def apply(self, update: SharedUpdate) -> None:
+        """Take what an instance published (idempotent; also gets our own)."""
+        target = self.targets.get(update.key)
+        if target is None:
+            return
+        now = self.clock.now()
+        trip = update.trip
+        if (
+            trip is not None
+            and trip.open_until > now
+            and target.breaker.force_open(trip.open_until, trip.reason, trip.throttled)
+        ):
+            target.headroom.forget()
+        if update.headroom is not None:
+            target.headroom.adopt(update.headroom.report, update.headroom.reported_at)
+
+    def views(self) -> list[TargetView]:
+        now = self.clock.now()
+        stale = self.settings.stale_after
+        out: list[TargetView] = []
+        for t in self.targets.values():
+            state = t.breaker.state(now)
+            current = t.headroom.current(now, stale)
+            out.append(
+                TargetView(
+                    key=t.key,
+                    backend=t.backend,
+                    deployment=t.deployment,
+                    kind=t.kind,
+                    pools=list(t.pools),
+                    state=state.value,
+                    open_until=t.breaker.open_until if state is BreakerState.OPEN else None,
+                    open_reason=t.breaker.reason if state is not BreakerState.CLOSED else None,
+                    trips=t.breaker.trips,
+                    headroom_tokens=current.remaining_tokens if current else None,
+                    headroom_requests=current.remaining_requests if current else None,
+                    headroom_age_seconds=round(now - t.headroom.reported_at, 3)
+                    if current
+                    else None,
+                    in_flight=t.in_flight,
+                    last_status=t.last_status,
+                    last_error=t.last_error,
+                    last_error_at=t.last_error_at,
+                )
+            )
+        return out
+
+    def backend_state(self, backend: str) -> tuple[str | None, int | None]:
+        """(the worst state of the backend's targets, their summed known headroom tokens);
+        (None, None) for a backend no pool uses."""
+        now = self.clock.now()
+        order = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+        worst: BreakerState | None = None
+        tokens: int | None = None
+        for t in self.targets.values():
+            if t.backend != backend:
+                continue
+            state = t.breaker.state(now)
+            if worst is None or order[state] > order[worst]:
+                worst = state
+            current = t.headroom.current(now, self.settings.stale_after)
+            if current is not None and current.remaining_tokens is not None:
+                tokens = (tokens or 0) + current.remaining_tokens
+        return (worst.value if worst is not None else None), tokens
+
+    def __repr__(self) -> str:
+        now = self.clock.now()
+        parts = ", ".join(f"{t.key}: {t.breaker.describe(now)}" for t in self.targets.values())
+        return f"Router({len(self.pools)} pools; {parts})"

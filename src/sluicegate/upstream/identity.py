@@ -1,0 +1,253 @@
+"""Entra ID tokens for backends: managed identity, workload identity or a service principal.
+
+``credential_for(auth, environ)`` builds the ``azure-identity`` credential a backend's
+``auth`` section asks for; ``TokenSource`` holds that backend's current token and refreshes it
+in a background task before it expires, so the request path only reads a string:
+
+* a token is refreshed ``refresh_before`` seconds before it expires (at most half its lifetime
+  into it, so short-lived tokens are refreshed too); a failed refresh is retried with backoff
+  (1, 2, 4 … 30 s) while the held token stays in use;
+* ``token()`` returns the held token without I/O whenever it is still valid; only when there
+  is none (the first fetch failed, or every refresh failed until expiry) does a request wait
+  for a fetch, and concurrent requests share that one fetch.
+
+``azure-identity`` caches tokens itself and hands out a new one only within five minutes of
+expiry (or after the server's ``refresh_in``); asked earlier it returns the cached one, which
+the source notices (same expiry) and asks again shortly after. Its credentials are synchronous
+(they use ``requests``), so every fetch runs in a worker thread, never on the event loop.
+Nothing here contacts the instance metadata endpoint unless the environment makes
+``ManagedIdentityCredential`` choose it (no ``IDENTITY_ENDPOINT``, ``MSI_ENDPOINT`` or
+workload identity variables: that is IMDS on an Azure VM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sluicegate.clock import Clock
+from sluicegate.config.model import BackendAuthConfig
+
+log = logging.getLogger("sluicegate.upstream")
+
+_BACKOFF_MAX = 30.0
+_FETCH_TIMEOUT = 30.0
+
+
+class TokenCredential(Protocol):
+    """What ``azure-identity`` credentials offer (``SupportsTokenInfo``)."""
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> Any: ...
+
+
+class BackendAuthError(Exception):
+    """No token could be obtained for a backend; the message says why (no secret in it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldToken:
+    value: str
+    expires_on: float
+    fetched_at: float
+
+
+def credential_for(auth: BackendAuthConfig, environ: Mapping[str, str]) -> TokenCredential:
+    """The ``azure-identity`` credential for an Entra ``auth`` section (see BackendAuthConfig).
+
+    ``environ`` supplies the service principal's secret and workload identity's variables;
+    ``ManagedIdentityCredential`` itself reads ``os.environ`` (its endpoint variables).
+    """
+    from azure.identity import (
+        ClientSecretCredential,
+        ManagedIdentityCredential,
+        WorkloadIdentityCredential,
+    )
+
+    kwargs: dict[str, Any] = {}
+    if auth.authority_host:
+        kwargs["authority"] = auth.authority_host
+    if auth.type == "managed-identity":
+        return ManagedIdentityCredential(client_id=auth.client_id)
+    if auth.type == "workload-identity":
+        tenant = auth.tenant_id or environ.get("AZURE_TENANT_ID")
+        client = auth.client_id or environ.get("AZURE_CLIENT_ID")
+        token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE")
+        if not (tenant and client and token_file):
+            raise BackendAuthError(
+                "workload identity needs a tenant and client id (auth.tenant_id/client_id or "
+                "AZURE_TENANT_ID/AZURE_CLIENT_ID) and AZURE_FEDERATED_TOKEN_FILE"
+            )
+        return WorkloadIdentityCredential(
+            tenant_id=tenant, client_id=client, token_file_path=token_file, **kwargs
+        )
+    if auth.type == "service-principal":
+        assert auth.tenant_id and auth.client_id and auth.client_secret_env
+        secret = environ.get(auth.client_secret_env)
+        if not secret:
+            raise BackendAuthError(
+                f"environment variable {auth.client_secret_env} (the service principal's "
+                "secret) is not set"
+            )
+        return ClientSecretCredential(auth.tenant_id, auth.client_id, secret, **kwargs)
+    raise ValueError(f"auth type {auth.type!r} does not use Entra ID")
+
+
+def refresh_delay(token: HeldToken, now: float, refresh_before: float) -> float:
+    """Seconds from ``now`` until ``token`` should be replaced: ``refresh_before`` before it
+    expires, but no later than half-way through its lifetime."""
+    lifetime = max(0.0, token.expires_on - token.fetched_at)
+    lead = min(refresh_before, lifetime / 2)
+    return max(0.0, token.expires_on - lead - now)
+
+
+class TokenSource:
+    """One backend's bearer token, kept fresh in the background (module docstring).
+
+    ``sleep`` waits that many seconds of the clock (injected so that tests drive the refresh
+    with a fake clock). Use from one event loop; ``start`` and ``aclose`` from its lifespan.
+    """
+
+    def __init__(
+        self,
+        credential: TokenCredential,
+        scope: str,
+        clock: Clock,
+        *,
+        refresh_before: float = 300.0,
+        name: str = "backend",
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.credential = credential
+        self.scope = scope
+        self.clock = clock
+        self.refresh_before = refresh_before
+        self.name = name
+        self._sleep = sleep
+        self._held: HeldToken | None = None
+        self._fetching: asyncio.Task[HeldToken] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.fetches = 0
+        self.failures = 0
+        #: Requests that had to wait for a fetch (no valid token was held).
+        self.waited = 0
+        self.last_error: str | None = None
+
+    @property
+    def held(self) -> HeldToken | None:
+        return self._held
+
+    def valid(self) -> str | None:
+        """The held token if it has not expired (no I/O)."""
+        held = self._held
+        if held is not None and self.clock.now() < held.expires_on:
+            return held.value
+        return None
+
+    async def token(self) -> str:
+        """A valid token: the held one, or (only when none is valid) a fresh fetch."""
+        value = self.valid()
+        if value is not None:
+            return value
+        self.waited += 1
+        try:
+            held = await asyncio.shield(self._fetch_shared())
+        except BackendAuthError:
+            raise
+        except Exception as exc:
+            raise BackendAuthError(f"{type(exc).__name__}: {_safe(exc)}") from None
+        return held.value
+
+    async def start(self) -> None:
+        """Fetch the first token (a failure is logged, not raised: the background task
+        retries, and requests meanwhile fail over) and start refreshing."""
+        try:
+            await self._fetch_shared()
+        except Exception as exc:
+            log.error(
+                "backend %s: no Entra ID token yet (%s); retrying in the background",
+                self.name,
+                _safe(exc),
+            )
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._refresh_loop(), name=f"sluicegate-token-{self.name}"
+            )
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _fetch_shared(self) -> asyncio.Task[HeldToken]:
+        task = self._fetching
+        if task is None or task.done():
+            task = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+        return task
+
+    async def _fetch(self) -> HeldToken:
+        try:
+            info = await asyncio.wait_for(
+                asyncio.to_thread(self.credential.get_token_info, self.scope), _FETCH_TIMEOUT
+            )
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = _safe(exc)
+            raise
+        self.fetches += 1
+        previous = self._held
+        value, expires_on = str(info.token), float(info.expires_on)
+        if previous is not None and previous.value == value:
+            held = previous  # azure-identity's cached token again: keep its lifetime
+        else:
+            held = HeldToken(value, expires_on, self.clock.now())
+        self._held = held
+        self.last_error = None
+        return held
+
+    async def _refresh_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            held = self._held
+            if held is None:
+                await self._sleep(backoff)
+            else:
+                await self._sleep(refresh_delay(held, self.clock.now(), self.refresh_before))
+            previous = self._held
+            try:
+                fresh = await self._fetch_shared()
+            except Exception as exc:
+                log.warning(
+                    "backend %s: token refresh failed (%s); retrying in %.0f s",
+                    self.name,
+                    _safe(exc),
+                    backoff,
+                )
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            backoff = 1.0
+            if previous is not None and fresh.expires_on <= previous.expires_on:
+                # azure-identity handed back its cached token (not yet in its own refresh
+                # window): ask again a little later rather than spin.
+                await self._sleep(min(5.0, max(0.1, fresh.expires_on - self.clock.now()) / 4))
+
+    def __repr__(self) -> str:
+        held = self._held
+        until = f"{held.expires_on - self.clock.now():.0f}s left" if held else "none"
+        return (
+            f"TokenSource({self.name!r}, scope={self.scope!r}, token={until}, "
+            f"fetches={self.fetches}, failures={self.failures})"
+        )
+
+
+def _safe(exc: BaseException) -> str:
+    """An exception's message, first line only (azure-identity's messages hold no secret,
+    but they can be long)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
