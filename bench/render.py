@@ -11,6 +11,7 @@ ORDER = (
     "sluicegate",
     "sluicegate-nolimits",
     "sluicegate-cluster",
+    "sluicegate-cluster-nolimits",
     "litellm",
 )
 
@@ -305,7 +306,8 @@ METHOD = """\
 - **One entry point**: `bash bench/run.sh` (what `make bench` runs) installs wrk and nginx
   from Debian when missing and LiteLLM into its own virtualenv `bench/.venv-litellm`, then
   runs `bench/harness.py`. Options: `--quick` (3 s runs), `--targets a,b,c`
-  (`baseline,nginx,bare,sluicegate,sluicegate-nolimits,sluicegate-cluster,litellm`; the
+  (`baseline,nginx,bare,sluicegate,sluicegate-nolimits,sluicegate-cluster,`
+  `sluicegate-cluster-nolimits,litellm`; the
   baseline is always measured), `--soak SECONDS`, `--duration`, `--warmup`, `--rounds`,
   `--port-base` (five ports from 9001).
 - **Upstream**: `bench/upstream.py`, a raw asyncio protocol on uvloop with every response

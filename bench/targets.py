@@ -399,6 +399,12 @@ TARGETS: tuple[Target, ...] = (
         mode="cluster",
         limits=True,
     ),
+    _sg_target(
+        "sluicegate-cluster-nolimits",
+        "sluicegate cluster (Redis + PostgreSQL), limits off",
+        mode="cluster",
+        limits=False,
+    ),
     Target(
         "litellm",
         "LiteLLM proxy 1.110.2, no database",

@@ -7,6 +7,8 @@ driven by a fake clock; times are relative to T0, a minute boundary.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import random
 
 import pytest
 
@@ -124,7 +126,7 @@ async def test_tokens_per_sliding_minute_never_exceed_the_limit(
         clock.advance(0.7)
     assert sum(t for _, t in admitted) > 10_000  # the limit kept being reusable
     for start, _ in admitted:
-        in_window = sum(t for at, t in admitted if start <= at < start + 59)
+        in_window = sum(t for at, t in admitted if start <= at < start + 60)
         assert in_window <= 5000
 
 
@@ -148,6 +150,48 @@ async def test_no_60_second_span_of_arrivals_holds_more_than_the_limit(
     assert len(admitted) >= 30  # the limit was reused minute after minute
     for start, _ in admitted:
         assert sum(t for at, t in admitted if start <= at < start + 60) <= 1000
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_arrivals_and_synchronized_retries_never_overfill_a_60_second_span(
+    limiter: Limiter, clock: FakeClock, seed: int
+) -> None:
+    """Eight greedy clients, seeded, with TPM and RPM both binding: after an admission a
+    client sends again at once or late in a later second (x.900-x.999 s); after a refusal it
+    retries exactly ``retry-after-ms`` later, so refused clients wake together when a bucket
+    frees. No span [t, t+60 s) of arrival times may hold more tokens or requests than the
+    limits (with a 60-bucket window every seed here breaks one of them)."""
+    rng = random.Random(seed)
+    policy = LimitPolicy(tokens_per_minute=5000, requests_per_minute=20)
+    start_ms = int(clock.now() * 1000)
+    pending = [(start_ms + rng.randrange(3000), client) for client in range(8)]
+    heapq.heapify(pending)
+    admitted: list[tuple[int, int]] = []  # (arrival ms, tokens)
+    refusals: list[str | None] = []
+    while pending[0][0] < start_ms + 240_000:
+        at_ms, client = heapq.heappop(pending)
+        clock.set((at_ms + 0.5) / 1000)  # mid-millisecond, so float rounding cannot move it
+        assert int(clock.now() * 1000) == at_ms  # the arrival time the limiter sees
+        tokens = rng.randrange(10, 60) if rng.random() < 0.5 else rng.randrange(100, 700)
+        admission = await admit(limiter, tokens, policy, key="sub:span")
+        if admission.allowed:
+            admitted.append((at_ms, tokens))
+            if rng.random() < 0.5:
+                next_ms = at_ms + rng.randrange(3)
+            else:
+                next_ms = (at_ms // 1000 + rng.randrange(1, 4)) * 1000 + rng.randrange(900, 1000)
+        else:
+            refusals.append(admission.code)
+            next_ms = at_ms + int(headers(admission)["retry-after-ms"])
+        heapq.heappush(pending, (next_ms, client))
+    # Both limits were reused minute after minute, both refused, and clients retried.
+    assert sum(t for _, t in admitted) > 2.5 * 5000 and len(admitted) > 3 * 20
+    assert set(refusals) == {"TokenRateLimitExceeded", "RequestRateLimitExceeded"}
+    assert len(refusals) > 40
+    for first, _ in admitted:
+        span = [t for at, t in admitted if first <= at < first + 60_000]
+        assert sum(span) <= 5000, f"{sum(span)} tokens in the 60 s from {first - start_ms} ms"
+        assert len(span) <= 20, f"{len(span)} requests in the 60 s from {first - start_ms} ms"
 
 
 async def test_request_larger_than_the_limit_is_refused_for_good(limiter: Limiter) -> None:

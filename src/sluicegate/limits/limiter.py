@@ -13,7 +13,7 @@ Usage by the request pipeline::
         await limiter.settle(admission.reservation, usage.total_tokens)
 
 Every limit of every :class:`LimitRequest` becomes one counter: ``{key}:tpm`` and
-``{key}:rpm`` (sliding 60 s windows of one-second buckets) and
+``{key}:rpm`` (sliding windows of 61 one-second buckets, see :data:`WINDOW_MS`) and
 ``{key}:quota:{period}:{start_ms}`` (the calendar period). All are checked and charged in one
 atomic store call, all or none. Two requests naming the same counter (the same key used by
 two policies) share it, as in APIM, and it is charged once, against the lower limit.

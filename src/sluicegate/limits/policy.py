@@ -47,9 +47,10 @@ _KEY_PREFIX: dict[CounterKeyKind, str] = {
 class LimitPolicy(BaseModel):
     """Token and request limits for one counter key.
 
-    ``tokens_per_minute`` and ``requests_per_minute`` are sliding 60-second windows (429 when
-    exceeded); ``token_quota`` is a fixed calendar window of ``token_quota_period`` in
-    ``quota_timezone`` (403 when exhausted). ``counter_key`` says whose counter is charged.
+    ``tokens_per_minute`` and ``requests_per_minute`` are sliding windows: no 60-second span
+    of arrivals holds more than the limit (429 when exceeded); ``token_quota`` is a fixed
+    calendar window of ``token_quota_period`` in ``quota_timezone`` (403 when exhausted).
+    ``counter_key`` says whose counter is charged.
     ``estimate_prompt_tokens=False`` skips tokenising the prompt (the completion budget is
     still reserved, and the real prompt is charged at settle). ``max_tokens_ceiling`` bounds
     what a request may ask for: rejected (400) or clamped. The ``*_header`` fields name the
