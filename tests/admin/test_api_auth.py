@@ -72,3 +72,19 @@ def test_admin_api_is_off_without_a_token(tmp_path: Path) -> None:
         assert "SG_TEST_NO_SUCH_TOKEN" in r.json()["error"]["message"]
         login = httpx.post(f"{h.url}/dashboard/login", data={"token": ""})
         assert login.status_code == 401 and "SG_TEST_NO_SUCH_TOKEN" in login.text
+
+
+def test_backend_state_shows_routing_per_deployment(tmp_path: Path) -> None:
+    with admin_gateway(tmp_path) as h:
+        _, key = h.create("team-a", "a")
+        assert h.chat(key, "gpt-4o-mini", "hello there") == 200
+        r = h.api.get("/backends")
+        assert r.status_code == 200
+        items = r.json()["items"]
+        assert items
+        views = [v for b in items for v in b["routing"]]
+        used = [v for v in views if v["deployment"] == "gpt-4o-mini"]
+        assert used
+        assert used[0]["state"] == "closed"
+        assert used[0]["last_status"] == 200
+        assert used[0]["headroom_tokens"] is not None  # the simulator reports its headroom

@@ -34,6 +34,9 @@ def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
     A ``state`` attribute on the backend object (routing's circuit breaker, where present)
     wins over the state derived from recent records."""
     out: list[dict[str, Any]] = []
+    routing: dict[str, list[dict[str, Any]]] = {}
+    for view in gateway.backend_states():
+        routing.setdefault(str(view["backend"]), []).append(view)
     for backend in gateway.runtime.backends.values():
         recent = gateway.metrics.health.recent(backend.name)
         state = getattr(backend, "state", None)
@@ -47,6 +50,8 @@ def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
                 else gateway.metrics.health.state(backend.name),
                 "in_flight": backend.in_flight,
                 **recent,
+                # Circuit state, open-until, headroom and last error per backend deployment.
+                "routing": routing.get(backend.name, []),
             }
         )
     return out

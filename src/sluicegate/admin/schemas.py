@@ -230,6 +230,9 @@ class Backend(_Model):
     throttled: int | None = None
     last_status: int | None = None
     last_seen_seconds_ago: float | None = None
+    #: Routing's view of each deployment on this backend: state (closed / open / half-open),
+    #: open_until, headroom tokens and requests, in-flight attempts, last status and error.
+    routing: list[dict[str, Any]] = []
 
 
 class BackendList(_Model):
