@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sluicegate.accounting.records import UsageRecord
+from sluicegate.auth.bearer import TokenAuthenticator
 from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
 from sluicegate.auth.keys import KeyHasher, load_key_secret
 from sluicegate.clock import Clock, SystemClock
@@ -20,6 +21,7 @@ from sluicegate.limits import CounterStore, Limiter, MemoryStore
 from sluicegate.logs import AccessLog
 from sluicegate.metrics.registry import GatewayMetrics, RoutingSample
 from sluicegate.proxy.admission import LimitsAdmitter
+from sluicegate.proxy.network import NetworkPolicy
 from sluicegate.proxy.pipeline import Admitter, Pipeline
 from sluicegate.routing.build import router_for
 from sluicegate.routing.state import BackendStateStore
@@ -91,6 +93,10 @@ class Gateway:
             self.runtime, self.clock, self.routing_store, _RoutingMetrics(self.metrics)
         )
         self.metrics.watch_routing(self._routing_samples)
+        #: Client authentication by Entra ID / OIDC token (None without an ``oidc`` section).
+        self.token_auth = TokenAuthenticator.from_config(
+            config, self.clock, on_refused=self._count_auth_refusal
+        )
         self.pipeline = Pipeline(
             self.runtime,
             self.index,
@@ -99,8 +105,15 @@ class Gateway:
             self.admitter,
             observers,
             router=self.router,
+            tokens=self.token_auth,
+            network=NetworkPolicy.from_config(config),
         )
         self.started = False
+
+    def _count_auth_refusal(self, reason: str) -> None:
+        """Token refusals that are not 401s (401s are counted from their usage record)."""
+        if self.config.metrics.enabled:
+            self.metrics.auth_failures.labels(reason).inc()
 
     def _routing_store(self, config: GatewayConfig) -> BackendStateStore | None:
         """Cluster mode shares backend state through Redis; embedded mode keeps it in the
@@ -158,6 +171,8 @@ class Gateway:
         for backend in self.runtime.backends.values():
             await backend.open()
         await asyncio.to_thread(self._preload_tokenizers)
+        if self.token_auth is not None:
+            await self.token_auth.start()  # fetches the IdPs' keys; never fails the start
         # Everything built so far lives as long as the process: move it out of the garbage
         # collector's sight, so that collections on the request path only scan young objects.
         gc.collect()
@@ -180,6 +195,8 @@ class Gateway:
 
     async def stop(self, ledger_timeout: float = 30.0) -> None:
         await self.refresher.stop()
+        if self.token_auth is not None:
+            await self.token_auth.aclose()
         for backend in self.runtime.backends.values():
             await backend.close()
         if self.routing_store is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
+from typing import Any, ClassVar
 
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sluicegate.app import create_app
-from sluicegate.config.model import GatewayConfig
+from sluicegate.config.model import GatewayConfig, SecurityConfig
 from sluicegate.gateway import Gateway
 from sluicegate.logs import configure_logging
 
@@ -24,20 +25,136 @@ _BAD_REQUEST = orjson.dumps(
 )
 
 
+_DEFAULT_SECURITY = SecurityConfig()
+
+
+class _TooManyHeaders(Exception):
+    """Raised from a parser callback; httptools turns it into a parser error."""
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, answering unparseable requests in Azure's error shape
-    instead of uvicorn's plain-text 400 (clients parse ``{"error": …}``)."""
+    instead of uvicorn's plain-text 400 (clients parse ``{"error": …}``), and refusing
+    request heads with more than ``max_header_count`` fields or more than
+    ``max_header_bytes`` bytes (request line and headers) with 431, before the parser
+    buffers them: httptools sets no limit of its own. ``protocol_for`` makes a subclass with
+    a configuration's limits."""
+
+    max_header_count: ClassVar[int] = _DEFAULT_SECURITY.max_header_count
+    max_header_bytes: ClassVar[int] = _DEFAULT_SECURITY.max_header_bytes
+
+    _head_done = False
+    _head_bytes = 0
+    _head_tail = b""
+    _header_count = 0
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the answer is sent and the connection is closing
+        if not self._head_done:
+            # Count the bytes of the head only (up to the blank line), not a body that came in
+            # the same segment.
+            end = (self._head_tail + data).find(b"\r\n\r\n")
+            counted = len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+            self._head_bytes += counted
+            self._head_tail = data[-3:]
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._head_done, self._head_bytes, self._header_count = False, 0, 0
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.max_header_count:
+            self._refused = True
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_done, self._head_tail = True, b""
+        super().on_headers_complete()
+
+    def _refuse_head(self) -> None:
+        self._refused = True
+        message = (
+            f"The request has more than {self.max_header_count} header fields or a head "
+            f"longer than {self.max_header_bytes} bytes. Send fewer or smaller headers."
+        )
+        body = orjson.dumps({"error": {"code": "RequestHeaderFieldsTooLarge", "message": message}})
+        self._write_and_close(b"431 Request Header Fields Too Large", body)
 
     def send_400_response(self, msg: str) -> None:
+        if self._refused:  # a callback refused the head (too many headers)
+            self._refuse_head()
+            return
+        self._write_and_close(b"400 Bad Request", _BAD_REQUEST)
+
+    def _write_and_close(self, status: bytes, body: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request's head is refused while an earlier response is still being
+            # written: an answer now would interleave with it. Just hang up.
+            self.transport.close()
+            return
         content = [
-            b"HTTP/1.1 400 Bad Request\r\n",
+            b"HTTP/1.1 " + status + b"\r\n",
             b"content-type: application/json; charset=utf-8\r\n",
-            b"content-length: " + str(len(_BAD_REQUEST)).encode("ascii") + b"\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
             b"connection: close\r\n\r\n",
-            _BAD_REQUEST,
+            body,
         ]
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+def protocol_for(security: SecurityConfig) -> type[GatewayHttpProtocol]:
+    """The HTTP protocol class with ``security``'s header limits."""
+    return type(
+        "GatewayHttpProtocol",
+        (GatewayHttpProtocol,),
+        {
+            "max_header_count": security.max_header_count,
+            "max_header_bytes": security.max_header_bytes,
+        },
+    )
+
+
+def uvicorn_config(
+    app: Any,
+    config: GatewayConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    loop: str = "uvloop",
+) -> uvicorn.Config:
+    """uvicorn's settings for serving ``app`` as ``config`` says: header limits, TLS when
+    ``listen.tls_cert``/``tls_key`` are set, no proxy headers (``X-Forwarded-For`` is
+    believed only from configured proxies, in ``proxy.network``)."""
+    listen = config.listen
+    return uvicorn.Config(
+        app,
+        host=host or listen.host,
+        port=listen.port if port is None else port,
+        loop=loop,
+        http=protocol_for(config.security),
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,  # X-Forwarded-For is trusted only from configured proxies
+        date_header=False,
+        timeout_graceful_shutdown=int(listen.graceful_shutdown_seconds),
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=config.security.max_header_bytes,
+        ssl_certfile=listen.tls_cert,
+        ssl_keyfile=listen.tls_key,
+    )
 
 
 def build_server(
@@ -45,23 +162,7 @@ def build_server(
 ) -> uvicorn.Server:
     gateway = Gateway(config)
     app = create_app(gateway)
-    uv_config = uvicorn.Config(
-        app,
-        host=host or config.listen.host,
-        port=config.listen.port if port is None else port,
-        loop="uvloop",
-        http=GatewayHttpProtocol,
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,  # X-Forwarded-For is trusted only from configured proxies
-        date_header=False,
-        timeout_graceful_shutdown=int(config.listen.graceful_shutdown_seconds),
-        timeout_keep_alive=30,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
-    return uvicorn.Server(uv_config)
+    return uvicorn.Server(uvicorn_config(app, config, host=host, port=port))
 
 
 def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = None) -> int:

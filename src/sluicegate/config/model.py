@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sluicegate.config.oidc import OidcConfig, TokenRule, check_networks
 from sluicegate.limits.policy import LimitPolicy
 
 
@@ -27,6 +28,15 @@ class ListenConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     #: Seconds to finish in-flight requests after SIGTERM before they are closed.
     graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
+    #: Serve HTTPS with this certificate chain and private key (PEM files; both or neither).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        return self
 
 
 #: The scope of Azure OpenAI (Cognitive Services) tokens.
@@ -179,6 +189,14 @@ class ProductConfig(_Strict):
     #: Limit policy or policies (tokens/requests per minute, quota, each with its counter
     #: key); see docs/limits.md.
     limits: LimitPolicy | list[LimitPolicy] | None = None
+    #: Only clients from these addresses or CIDR networks may use the product (None: anyone).
+    #: The client address is the peer's, or X-Forwarded-For's behind a trusted proxy.
+    allowed_ips: list[str] | None = None
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_networks(value, "allowed_ips")
 
     def limit_policies(self) -> tuple[LimitPolicy, ...]:
         if self.limits is None:
@@ -220,6 +238,21 @@ class SecurityConfig(_Strict):
     #: when it is unset, a secret is generated once and kept beside the database.
     key_secret_env: str = "SLUICEGATE_KEY_SECRET"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    #: Requests with more header fields, or a longer request head (request line and headers),
+    #: are refused with 431.
+    max_header_count: int = Field(default=100, ge=16, le=10_000)
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024)
+    #: Seconds a client has to send the whole request body once the gateway starts reading it
+    #: (slow senders get 408).
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Direct peers (addresses or CIDR networks) whose X-Forwarded-For is believed. From anyone
+    #: else the header is ignored and the client address is the peer's.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return check_networks(value, "trusted_proxies")
 
 
 class MetricsConfig(_Strict):
@@ -446,6 +479,10 @@ class GatewayConfig(_Strict):
     ptu_quotes: list[PtuQuoteConfig] = Field(default_factory=list)
     retention: RetentionConfig = RetentionConfig()
     routing: RoutingConfig = RoutingConfig()
+    #: Client authentication by Entra ID / OIDC tokens (docs/entra-id.md).
+    oidc: OidcConfig | None = None
+    #: Token → subscription mapping, first match wins (docs/entra-id.md).
+    token_rules: list[TokenRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -487,6 +524,8 @@ class GatewayConfig(_Strict):
             if self.storage.url.startswith("sqlite"):
                 errors.append("storage.url: cluster mode needs a PostgreSQL url")
         errors.extend(_accounting_problems(self))
+        if self.token_rules and self.oidc is None:
+            errors.append("token_rules: rules need an oidc section with at least one issuer")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -20,6 +20,8 @@ class RequestContext:
     route: Route
     client_ip: str | None = None
     subscription: Subscription | None = None
+    #: Who called, when authenticated by token (the token's oid, else azp/appid).
+    caller: str | None = None
     product: Product | None = None
     deployment: Deployment | None = None
     backend_name: str | None = None
@@ -72,6 +74,7 @@ class RequestContext:
             ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 3),
             duration_ms=round((now_mono - self.started) * 1000, 3),
             attempt=self.attempt,
+            caller=self.caller,
             error_code=self.error_code,
             extra=dict(self.extra),
         )

@@ -18,9 +18,11 @@ from typing import Any, Protocol
 import orjson
 
 from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.auth.bearer import TokenAuthenticator
 from sluicegate.auth.credentials import find_key
 from sluicegate.auth.index import SubscriptionIndex
-from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.auth.subscriptions import Subscription, SubscriptionState
+from sluicegate.auth.tokens import TokenError, TokenFailure
 from sluicegate.clock import Clock
 from sluicegate.proxy import errors
 from sluicegate.proxy.asgi import (
@@ -36,6 +38,7 @@ from sluicegate.proxy.asgi import (
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.failover import forward_routed, forward_single
+from sluicegate.proxy.network import NetworkPolicy
 from sluicegate.proxy.routes import RouteKind, match_route
 from sluicegate.routing.build import router_for
 from sluicegate.routing.pool import Member
@@ -47,6 +50,8 @@ from sluicegate.upstream.headers import strip_key_from_query
 log = logging.getLogger("sluicegate.proxy")
 
 REQUEST_ID_HEADER = b"x-sluicegate-request-id"
+#: RFC 6750's challenge on a refused bearer token.
+_INVALID_TOKEN = ("www-authenticate", 'Bearer error="invalid_token"')
 
 
 class Admitter(Protocol):
@@ -71,11 +76,15 @@ class Pipeline:
         admitter: Admitter | None = None,
         observers: list[Callable[[UsageRecord], None]] | None = None,
         router: Router | None = None,
+        tokens: TokenAuthenticator | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
         """``sinks`` receive every record of an authenticated request (the ledger among
         them); ``observers`` (metrics, access log) also those of unauthenticated ones.
         ``router`` routes deployments over their pools (default: one with in-process state,
-        built from ``runtime``)."""
+        built from ``runtime``). ``tokens`` authenticates bearer JWTs (None: tokens are
+        refused); ``network`` decides the client address, IP allow-lists and the body read
+        timeout (default: from ``runtime``'s configuration)."""
         self.runtime = runtime
         self.router = router if router is not None else router_for(runtime, clock)
         self.index = index
@@ -84,6 +93,8 @@ class Pipeline:
         self.observers = observers or []
         self.admitter = admitter
         self.max_body = runtime.config.security.max_body_bytes
+        self.tokens = tokens
+        self.network = network if network is not None else NetworkPolicy.from_config(runtime.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
@@ -91,8 +102,9 @@ class Pipeline:
             ts=self.clock.now(),
             started=self.clock.monotonic(),
             route=match_route(scope["method"], scope["path"]),
-            client_ip=(scope.get("client") or (None,))[0],
+            client_ip=self.network.client_ip(scope),
         )
+        receive = self.network.body_deadline(receive)  # 408 for bodies that trickle in
         ctx.response_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode("ascii")))
         try:
             await self._handle(ctx, scope, receive, send)
@@ -150,7 +162,7 @@ class Pipeline:
         route = ctx.route
         if route.kind is RouteKind.NOT_FOUND:
             raise errors.resource_not_found()
-        self._authenticate(ctx, scope)
+        await self._authenticate(ctx, scope)
         if route.kind is RouteKind.MODELS:
             await self._models(ctx, send)
             ctx.status = 200
@@ -187,16 +199,26 @@ class Pipeline:
             self._emit,
         )
 
-    def _authenticate(self, ctx: RequestContext, scope: Scope) -> None:
+    async def _authenticate(self, ctx: RequestContext, scope: Scope) -> None:
+        """Key or token → an active subscription of an offered product, from an allowed
+        address. With both a key and a token, both must hold and name the same subscription
+        (docs/entra-id.md)."""
         presented = find_key(scope["headers"], scope["query_string"])
         if presented.ambiguous:
             raise errors.ambiguous_key()
-        if presented.key is None:
+        sub: Subscription | None = None
+        if presented.key is not None:
+            match = self.index.lookup(presented.key)
+            if match is None:
+                raise errors.invalid_key()
+            sub = match.subscription
+        if presented.token is not None:
+            by_token, caller = await self._token_subscription(ctx, presented.token)
+            if sub is not None and sub.id != by_token.id:
+                raise self._credentials_disagree(ctx, sub.id, by_token.id)
+            sub, ctx.caller = by_token, caller
+        if sub is None:
             raise errors.missing_key()
-        match = self.index.lookup(presented.key)
-        if match is None:
-            raise errors.invalid_key()
-        sub = match.subscription
         if sub.state is not SubscriptionState.ACTIVE:
             raise GatewayError(
                 403,
@@ -220,7 +242,51 @@ class Pipeline:
                 f"Subscription {sub.id} belongs to product {sub.product!r}, which this gateway "
                 "no longer offers. Ask the gateway's operators to move it.",
             )
+        self.network.check_product(product.name, ctx.client_ip)
         ctx.subscription, ctx.product = sub, product
+
+    # -- token authentication (auth.bearer): the hook _authenticate calls ----------------------
+
+    async def _token_subscription(
+        self, ctx: RequestContext, token: str
+    ) -> tuple[Subscription, str | None]:
+        """The subscription a bearer JWT maps to, and the caller's identity."""
+        if self.tokens is None:
+            raise GatewayError(
+                401,
+                TokenFailure.NOT_ACCEPTED.value,
+                "Access denied: this gateway does not accept Entra ID / OIDC tokens. Send a "
+                "subscription key in the 'api-key' header.",
+                headers=[_INVALID_TOKEN],
+            )
+        try:
+            match = await self.tokens.authenticate(token, ctx.request_id)
+            sub = self.index.get(match.subscription_id)
+            if sub is None:
+                raise self.tokens.no_subscription(match, ctx.request_id)
+        except TokenError as exc:
+            raise GatewayError(
+                exc.status,
+                exc.code,
+                exc.message,
+                headers=[_INVALID_TOKEN] if exc.status == 401 else None,
+                retry_after=exc.retry_after,
+            ) from None
+        return sub, match.caller
+
+    def _credentials_disagree(
+        self, ctx: RequestContext, key_sub: str, token_sub: str
+    ) -> GatewayError:
+        exc = TokenError(
+            TokenFailure.CREDENTIALS_DISAGREE,
+            f"The subscription key belongs to subscription {key_sub}, but the token maps to "
+            f"subscription {token_sub}. Send one credential, or a key and a token of the "
+            "same subscription.",
+            403,
+        )
+        if self.tokens is not None:
+            self.tokens.refused(exc, ctx.request_id)
+        return GatewayError(exc.status, exc.code, exc.message)
 
     def _prepare(self, ctx: RequestContext, scope: Scope) -> None:
         """Parse and check the JSON body and pick the deployment. Changes the body only where

@@ -1,0 +1,233 @@
+"""Request hardening on a real server: header count and size limits, the body read timeout,
+X-Forwarded-For only from trusted proxies, per-product IP allow-lists, and TLS with the SDK."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sluicegate.simulator.server import SimulatorThread
+from tests.auth.harness import API_VERSION, CHAT, MESSAGES, EntraHarness, entra_gateway
+
+SECURITY = {
+    "max_header_count": 40,
+    "max_header_bytes": 8192,
+    "body_read_timeout_seconds": 0.5,
+}
+
+
+@pytest.fixture
+def h(tmp_path: Path, simulator: SimulatorThread) -> Iterator[EntraHarness]:
+    with entra_gateway(
+        tmp_path, simulator, None, subscriptions={"team-a": "starter"}, security=SECURITY
+    ) as harness:
+        yield harness
+
+
+def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes or ``wait``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and b"connection: close" in b"".join(chunks):
+                # the answer is complete once its declared body is in
+                head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+                length = [ln for ln in head.split(b"\r\n") if ln.startswith(b"content-length")]
+                if length and len(body) >= int(length[0].split(b":")[1]):
+                    break
+        return b"".join(chunks)
+
+
+def test_too_many_headers_and_too_large_heads_get_431(h: EntraHarness) -> None:
+    key = {"api-key": h.keys["team-a"]}
+    ok = h.chat({**key, **{f"x-extra-{i}": "v" for i in range(30)}})
+    assert ok.status_code == 200, ok.text
+
+    too_many = h.chat({**key, **{f"x-extra-{i}": "v" for i in range(45)}})
+    assert too_many.status_code == 431
+    assert too_many.json()["error"]["code"] == "RequestHeaderFieldsTooLarge"
+
+    too_large = h.chat({**key, "x-big": "a" * 9000})
+    assert too_large.status_code == 431
+    assert "8192 bytes" in too_large.json()["error"]["message"]
+
+    # A head that never ends is cut off at the limit, not buffered.
+    endless = b"GET /openai/v1/models HTTP/1.1\r\nhost: x\r\nx-a: " + b"b" * 20000
+    answer = _raw(h.served.port, endless)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+    # A body larger than the head limit is fine: only the head is counted.
+    body = {"messages": [{"role": "user", "content": "x " * 20000}], "max_tokens": 2}
+    resp = httpx.post(f"{h.url}{CHAT}", json=body, headers=key, timeout=30)
+    assert resp.status_code == 200, resp.text
+    # The server still serves after all this.
+    assert h.chat(key).status_code == 200
+
+
+def test_a_body_that_trickles_in_gets_408(h: EntraHarness) -> None:
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
+        "content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    answer = _raw(h.served.port, head + b'{"messages": [', wait=10)
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"RequestTimeout"' in answer
+    assert 0.4 < took < 5
+    records = h.records(expect=1)
+    assert [(r.status, r.outcome) for r in records] == [(408, "rejected")]
+
+
+def _products(allowed: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"name": "starter", "deployments": ["*"]},
+        {"name": "private", "deployments": ["*"], "allowed_ips": allowed},
+    ]
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    products = _products(["203.0.113.0/24"])
+    with entra_gateway(
+        tmp_path / "untrusted", simulator, None, subscriptions={"p": "private"}, products=products
+    ) as h:
+        key = {"api-key": h.keys["p"]}
+        # The direct peer (127.0.0.1) is no proxy of ours: its X-Forwarded-For is ignored.
+        resp = h.chat({**key, "x-forwarded-for": "203.0.113.7"})
+        assert resp.status_code == 403, resp.text
+        assert resp.json()["error"]["code"] == "IpForbidden"
+        assert "127.0.0.1" in resp.json()["error"]["message"]
+
+    security = {"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}
+    with entra_gateway(
+        tmp_path / "trusted",
+        simulator,
+        None,
+        subscriptions={"p": "private"},
+        products=products,
+        security=security,
+    ) as h:
+        key = {"api-key": h.keys["p"]}
+        assert h.chat({**key, "x-forwarded-for": "203.0.113.7"}).status_code == 200
+        # Through two trusted proxies: the client is the first untrusted hop from the right.
+        assert h.chat({**key, "x-forwarded-for": "203.0.113.7, 10.1.2.3"}).status_code == 200
+        # A client that prepends a fake address does not get past the proxy that appended
+        # its real one.
+        resp = h.chat({**key, "x-forwarded-for": "203.0.113.7, 198.51.100.9"})
+        assert resp.status_code == 403
+        assert "198.51.100.9" in resp.json()["error"]["message"]
+        # Without the header the client is the proxy itself (not in the allow-list).
+        assert h.chat(key).status_code == 403
+        records = h.records(expect=2)
+    # Refused before the subscription was accepted: like a suspended subscription's requests,
+    # they reach the metrics and the access log, not the ledger.
+    assert sorted(r.status for r in records) == [200, 200]
+
+
+def test_allow_list_on_the_direct_peer(tmp_path: Path, simulator: SimulatorThread) -> None:
+    with entra_gateway(
+        tmp_path,
+        simulator,
+        None,
+        subscriptions={"inside": "private", "starter": "starter"},
+        products=_products(["127.0.0.0/8", "::1"]),
+    ) as h:
+        assert h.chat({"api-key": h.keys["inside"]}).status_code == 200
+    with entra_gateway(
+        tmp_path / "b",
+        simulator,
+        None,
+        subscriptions={"outside": "private", "starter": "starter"},
+        products=_products(["10.0.0.0/8"]),
+    ) as h:
+        resp = h.chat({"api-key": h.keys["outside"]})
+        assert resp.status_code == 403
+        assert "'private'" in resp.json()["error"]["message"]
+        assert h.chat({"api-key": h.keys["starter"]}).status_code == 200
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sluicegate test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "gateway.crt", tmp / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_with_the_sdk(tmp_path: Path, simulator: SimulatorThread) -> None:
+    cert, key = _self_signed(tmp_path)
+    listen = {"host": "127.0.0.1", "port": 0, "tls_cert": str(cert), "tls_key": str(key)}
+    with entra_gateway(
+        tmp_path, simulator, None, subscriptions={"team-a": "starter"}, listen=listen
+    ) as h:
+        assert h.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(verify=trust) as http:
+            client = openai.AzureOpenAI(
+                azure_endpoint=h.url,
+                api_key=h.keys["team-a"],
+                api_version=API_VERSION,
+                max_retries=0,
+                http_client=http,
+            )
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=3
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens == 3
+        # Without trusting the certificate, the client refuses the connection.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{h.url}/healthz", timeout=5)
+        # Plain HTTP to the TLS port gets no HTTP answer.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{h.served.port}/healthz", timeout=5)
+        assert [r.status for r in h.records(expect=1)] == [200]
