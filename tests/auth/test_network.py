@@ -9,6 +9,7 @@ import pytest
 
 from sluicegate.proxy.asgi import Message
 from sluicegate.proxy.errors import GatewayError
+from sluicegate.proxy.deadlines import TICK, Deadlines
 from sluicegate.proxy.network import NetworkPolicy
 
 
@@ -71,7 +72,7 @@ async def test_body_deadline_passes_a_prompt_body_through() -> None:
     async def receive() -> Message:
         return messages.pop(0)
 
-    guarded = NetworkPolicy(body_timeout=5).body_deadline(receive)
+    guarded = NetworkPolicy(body_timeout=5).body_deadline(receive, Deadlines())
     assert (await guarded())["body"] == b"ab"
     assert (await guarded())["body"] == b"c"
     assert (await guarded())["type"] == "http.disconnect"
@@ -84,7 +85,7 @@ async def test_body_deadline_applies_to_the_body_only() -> None:
         await stalled.wait()
         raise AssertionError("unreachable")
 
-    guarded = NetworkPolicy(body_timeout=0.01).body_deadline(never)
+    guarded = NetworkPolicy(body_timeout=0.01).body_deadline(never, Deadlines())
     with pytest.raises(GatewayError) as info:
         await guarded()
     assert (info.value.status, info.value.code) == (408, "RequestTimeout")
@@ -93,10 +94,10 @@ async def test_body_deadline_applies_to_the_body_only() -> None:
     # once the body is complete, later receives (disconnect watching) wait as long as needed
     queue: asyncio.Queue[Message] = asyncio.Queue()
     await queue.put({"type": "http.request", "body": b"", "more_body": False})
-    guarded = NetworkPolicy(body_timeout=0.01).body_deadline(queue.get)
+    guarded = NetworkPolicy(body_timeout=0.01).body_deadline(queue.get, Deadlines())
     await guarded()
     later = asyncio.ensure_future(guarded())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.01 + 3 * TICK)  # well past the deadline and its sweep
     assert not later.done()
     await queue.put({"type": "http.disconnect"})
     assert (await later)["type"] == "http.disconnect"

@@ -7,6 +7,7 @@ from typing import Any
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.auth.subscriptions import Subscription
+from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.routes import Route
 from sluicegate.runtime import Deployment, Product
 from sluicegate.tokens.usage import Usage
@@ -18,6 +19,8 @@ class RequestContext:
     ts: float
     started: float  # monotonic
     route: Route
+    #: The pipeline's deadlines (timeouts of the waits on the client and the backend).
+    deadlines: Deadlines
     client_ip: str | None = None
     subscription: Subscription | None = None
     #: Who called, when authenticated by token (the token's oid, else azp/appid).

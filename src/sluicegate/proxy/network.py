@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from sluicegate.config.model import GatewayConfig
 from sluicegate.proxy.asgi import Message, Receive, Scope
+from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,11 +110,10 @@ class NetworkPolicy:
                 "network or ask the gateway's operators to add yours.",
             )
 
-    def body_deadline(self, receive: Receive) -> Receive:
+    def body_deadline(self, receive: Receive, deadlines: Deadlines) -> Receive:
         """``receive`` with a deadline on the request body: the body must be complete within
         ``body_timeout`` seconds of the first read, or the read fails with 408. Messages after
         the body (a disconnect while streaming) pass through without a deadline."""
-        loop = asyncio.get_running_loop()
         timeout = self.body_timeout
         deadline: float | None = None
         done = False
@@ -123,10 +123,9 @@ class NetworkPolicy:
             if done:
                 return await receive()
             if deadline is None:
-                deadline = loop.time() + timeout
+                deadline = asyncio.get_running_loop().time() + timeout
             try:
-                # asyncio.timeout_at, not wait_for: no extra task per message on the hot path.
-                async with asyncio.timeout_at(deadline):
+                with deadlines.at(deadline):
                     message = await receive()
             except TimeoutError:
                 raise GatewayError(

@@ -36,6 +36,7 @@ from sluicegate.proxy.asgi import (
     send_json,
 )
 from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.failover import forward_routed, forward_single
 from sluicegate.proxy.network import NetworkPolicy
@@ -95,6 +96,7 @@ class Pipeline:
         self.max_body = runtime.config.security.max_body_bytes
         self.tokens = tokens
         self.network = network if network is not None else NetworkPolicy.from_config(runtime.config)
+        self.deadlines = Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
@@ -102,9 +104,11 @@ class Pipeline:
             ts=self.clock.now(),
             started=self.clock.monotonic(),
             route=match_route(scope["method"], scope["path"]),
+            deadlines=self.deadlines,
             client_ip=self.network.client_ip(scope),
         )
-        receive = self.network.body_deadline(receive)  # 408 for bodies that trickle in
+        # 408 for bodies that trickle in.
+        receive = self.network.body_deadline(receive, self.deadlines)
         ctx.response_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode("ascii")))
         try:
             await self._handle(ctx, scope, receive, send)

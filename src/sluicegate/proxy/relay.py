@@ -27,6 +27,7 @@ from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock
 from sluicegate.proxy.asgi import Receive, Scope, Send
 from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
 from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
@@ -34,6 +35,13 @@ from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
 
 log = logging.getLogger("sluicegate.relay")
+
+_INFINITY = float("inf")
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
 
 #: How much of a failed answer's body is read (for the wait an Azure 429 message names).
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -92,10 +100,11 @@ async def attempt(
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + backend.first_byte_timeout
+    deadlines = ctx.deadlines
     backend.in_flight += 1
     try:
         try:
-            async with asyncio.timeout_at(deadline):
+            with deadlines.at(deadline):
                 response = await backend.session.request(
                     scope["method"], url, data=body or None, headers=headers,
                     allow_redirects=False,
@@ -109,13 +118,13 @@ async def attempt(
             on_headers(response.raw_headers)
             status = response.status
             if retryable(status):
-                raise await _failed_answer(backend, response, clock)
+                raise await _failed_answer(deadlines, backend, response, clock)
             if response.content_type == "text/event-stream":
-                first = await _first_chunk(backend, response, deadline)
+                first = await _first_chunk(deadlines, backend, response, deadline)
                 _set_status(ctx, status)
                 finished = await _relay_stream(ctx, response, first, receive, send, clock, backend)
             else:
-                data = await _read_body(backend, response, None)
+                data = await _read_body(deadlines, backend, response, None)
                 finished = True
                 _set_status(ctx, status)
                 await _send_whole(ctx, response, data, send, clock)
@@ -137,14 +146,14 @@ def _set_status(ctx: RequestContext, status: int) -> None:
 
 
 async def _failed_answer(
-    backend: Backend, response: aiohttp.ClientResponse, clock: Clock
+    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, clock: Clock
 ) -> AttemptFailed:
     """A retryable status: read (a bounded part of) the body for the wait it names."""
     status = response.status
     wait = retry_after_from_headers(response.raw_headers, clock.now())
     code = str(status)
     with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, AttemptFailed):
-        data = await _read_body(backend, response, _ERROR_BODY_LIMIT)
+        data = await _read_body(deadlines, backend, response, _ERROR_BODY_LIMIT)
         if len(data) < _ERROR_BODY_LIMIT:
             response.release()  # read to the end: the connection stays in the pool
         if wait is None and status == 429:
@@ -161,10 +170,10 @@ async def _failed_answer(
 
 
 async def _first_chunk(
-    backend: Backend, response: aiohttp.ClientResponse, deadline: float
+    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, deadline: float
 ) -> bytes:
     try:
-        async with asyncio.timeout_at(deadline):
+        with deadlines.at(deadline):
             first = await response.content.readany()
     except TimeoutError:
         raise _timed_out(backend, "no first chunk") from None
@@ -176,21 +185,24 @@ async def _first_chunk(
 
 
 async def _read_body(
-    backend: Backend, response: aiohttp.ClientResponse, limit: int | None
+    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, limit: int | None
 ) -> bytes:
     """The whole body (up to ``limit`` bytes), each read bounded by ``between_chunks``."""
     parts: list[bytes] = []
     size = 0
+    content = response.content
+    between = backend.between_chunks_timeout
     try:
-        while True:
-            async with asyncio.timeout(backend.between_chunks_timeout):
-                chunk = await response.content.readany()
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-            if limit is not None and size >= limit:
-                break
+        with deadlines.after(between) as watch:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if limit is not None and size >= limit:
+                    break
+                watch.deadline = _now() + between
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise _broken(backend, exc) from None
     return b"".join(parts)
@@ -227,20 +239,25 @@ async def _relay_stream(
     broke: str | None = None
     ended = False
     between = backend.between_chunks_timeout
+    content = response.content
     try:
-        chunk = first
-        while chunk:
-            out = scanner.feed(chunk)
-            if out:
-                if ctx.ttfb is None:
-                    ctx.ttfb = clock.monotonic()
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            if gone.is_set():
-                break
-            async with asyncio.timeout(between):
-                chunk = await response.content.readany()
-        else:
-            ended = True
+        # One watch for the whole relay: its deadline is moved before each read and lifted
+        # while the client is sent to (a slow reader is not the backend's fault).
+        with ctx.deadlines.at(_INFINITY) as watch:
+            chunk = first
+            while chunk:
+                out = scanner.feed(chunk)
+                if out:
+                    if ctx.ttfb is None:
+                        ctx.ttfb = clock.monotonic()
+                    watch.deadline = _INFINITY
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if gone.is_set():
+                    break
+                watch.deadline = _now() + between
+                chunk = await content.readany()
+            else:
+                ended = True
     except TimeoutError:
         broke = f"no data for {between:g} s"
     except (aiohttp.ClientError, OSError) as exc:
