@@ -29,7 +29,9 @@ def looks_like_jwt(value: str) -> bool:
     return _JWT_SHAPE.fullmatch(value) is not None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Presented:
     """What a request carries. ``ambiguous``: two different keys, or two different tokens."""
 

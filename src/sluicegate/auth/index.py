@@ -20,7 +20,9 @@ from sluicegate.auth.subscriptions import KeySlot, Subscription
 log = logging.getLogger("sluicegate.auth")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class KeyMatch:
     subscription: Subscription
     slot: KeySlot

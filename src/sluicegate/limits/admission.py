@@ -44,7 +44,9 @@ CODE_TOO_LARGE = "TokenRequestTooLarge"
 CODE_UNAVAILABLE = "LimitStoreUnavailable"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class LimitStatus:
     """One limit of one :class:`LimitRequest` as the admission found (or left) it."""
 
@@ -65,7 +67,9 @@ class LimitStatus:
         return self.retry_after_ms != 0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Charge:
     """Tokens an admission put into one window (``slot``) of one counter."""
 
@@ -105,7 +109,9 @@ def _label(request: LimitRequest) -> str:
     return request.label or request.key
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Admission:
     """The limiter's decision for one request.
 
@@ -127,29 +133,39 @@ class Admission:
     def headers(self) -> list[tuple[str, str]]:
         """``x-ratelimit-*`` for the tightest TPM and RPM limit, the policies' configured
         remaining-tokens/-quota headers, and on refusal the retry headers."""
-        out: list[tuple[str, str]] = []
-        for kind, limit_name, remaining_name in (
-            ("tokens", LIMIT_TOKENS_HEADER, REMAINING_TOKENS_HEADER),
-            ("requests", LIMIT_REQUESTS_HEADER, REMAINING_REQUESTS_HEADER),
-        ):
-            matching = [status for status in self.limits if status.kind == kind]
-            if matching:
-                tightest = min(matching, key=lambda status: status.remaining)
-                out.append((limit_name, str(tightest.limit)))
-                out.append((remaining_name, str(tightest.remaining)))
-        configured: dict[str, int] = {}
+        # One pass, no intermediate lists: this runs on every admitted request.
+        tokens: tuple[int, int] | None = None  # (limit, remaining) of the tightest TPM
+        requests: tuple[int, int] | None = None
+        configured: dict[str, int] | None = None
         for status in self.limits:
-            policy = status.request.policy
-            name = (
-                policy.remaining_tokens_header
-                if status.kind == "tokens"
-                else policy.remaining_quota_header
-                if status.kind == "quota"
-                else None
-            )
+            kind = status.kind
+            remaining = status.limit - status.used
+            if remaining < 0:
+                remaining = 0
+            if kind == "tokens":
+                if tokens is None or remaining < tokens[1]:
+                    tokens = (status.limit, remaining)
+                name = status.request.policy.remaining_tokens_header
+            elif kind == "requests":
+                if requests is None or remaining < requests[1]:
+                    requests = (status.limit, remaining)
+                continue
+            else:
+                name = status.request.policy.remaining_quota_header
             if name is not None:
-                configured[name] = min(configured.get(name, status.remaining), status.remaining)
-        out += [(name, str(value)) for name, value in configured.items()]
+                if configured is None:
+                    configured = {}
+                known = configured.get(name)
+                configured[name] = remaining if known is None or remaining < known else known
+        out: list[tuple[str, str]] = []
+        if tokens is not None:
+            out.append((LIMIT_TOKENS_HEADER, str(tokens[0])))
+            out.append((REMAINING_TOKENS_HEADER, str(tokens[1])))
+        if requests is not None:
+            out.append((LIMIT_REQUESTS_HEADER, str(requests[0])))
+            out.append((REMAINING_REQUESTS_HEADER, str(requests[1])))
+        if configured:
+            out += [(name, str(value)) for name, value in configured.items()]
         if not self.allowed:
             if self.code != CODE_TOO_LARGE:
                 ms = max(math.ceil(self.retry_after_s * 1000), 1)

@@ -21,7 +21,6 @@ two policies) share it, as in APIM, and it is charged once, against the lower li
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from sluicegate.limits.policy import LimitPolicy
 from sluicegate.limits.store import (
     Adjustment,
     Counter,
+    CounterKind,
     CounterStore,
     StoreResult,
     StoreUnavailable,
@@ -48,6 +48,8 @@ from sluicegate.limits.store import (
 )
 
 BUCKET_MS = 1_000
+#: Shapes kept (one per distinct counter key and policy set in use).
+_SHAPE_CACHE_SIZE = 100_000
 #: A charge made at any moment of bucket ``b`` stays counted until ``b`` is 61 buckets old,
 #: i.e. at least a full 60 s after the request's true arrival. With exactly 60 buckets a
 #: charge made late in a bucket would leave the window up to one bucket early, and an
@@ -57,7 +59,9 @@ BUCKET_MS = 1_000
 WINDOW_MS = 60_000 + BUCKET_MS
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class LimitRequest:
     """Charge ``tokens`` (the estimate to reserve) and one request to the counters of
     ``key`` (a resolved counter key such as ``"sub:abc"``) under ``policy``. ``label`` names
@@ -73,85 +77,117 @@ class LimitRequest:
             raise ValueError("tokens to reserve cannot be negative")
 
 
-@dataclass(frozen=True, slots=True)
-class _Binding:
-    kind: LimitKind
-    request: LimitRequest
-    index: int
+@dataclass(slots=True)
+class _Spec:
+    """One distinct counter of an admission, without its cost. ``sources`` are the indices
+    of the requests whose tokens it charges (the largest of them, when several requests
+    share it); empty for a requests counter, which is charged 1."""
+
+    name: str
+    kind: CounterKind
     limit: int
-    cost: int
-    period_end_ms: int = 0
+    window_ms: int
+    bucket_ms: int
+    end_ms: int
+    sources: tuple[int, ...]
 
 
 @dataclass(slots=True)
-class Plan:
-    """The distinct counters of an admission and which limit of which request uses which."""
+class _Bind:
+    """One limit of one request: which counter it uses, under which of its own limits."""
 
-    counters: list[Counter]
-    bindings: list[_Binding]
+    kind: LimitKind
+    request: int
+    counter: int
+    limit: int
+    period_end_ms: int
 
 
-def plan(requests: Sequence[LimitRequest], now: float) -> Plan:
-    """Turn limit requests into store counters (pure; ``now`` is epoch seconds)."""
-    counters: list[Counter] = []
-    bindings: list[_Binding] = []
+@dataclass(slots=True)
+class _Shape:
+    """The counters of a list of limit requests and which limit uses which: everything but
+    the costs, so it is worked out once per (keys, policies) and period, not per request."""
+
+    specs: tuple[_Spec, ...]
+    binds: tuple[_Bind, ...]
+    #: The shape holds until this epoch millisecond (the end of its earliest quota period).
+    until_ms: int
+    policies: tuple[LimitPolicy, ...]
+
+
+_FOREVER_MS = 2**62
+
+
+def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
+    """Turn limit requests into store counters and bindings (pure; ``now`` is epoch s)."""
+    specs: list[_Spec] = []
+    binds: list[_Bind] = []
     by_name: dict[str, int] = {}
+    until_ms = _FOREVER_MS
 
-    def add(kind: LimitKind, request: LimitRequest, counter: Counter) -> None:
-        index = by_name.get(counter.name)
+    def add(kind: LimitKind, number: int, spec: _Spec) -> None:
+        index = by_name.get(spec.name)
         if index is None:
-            index = by_name[counter.name] = len(counters)
-            counters.append(counter)
+            index = by_name[spec.name] = len(specs)
+            specs.append(spec)
         else:
-            shared = counters[index]
-            counters[index] = dataclasses.replace(
-                shared, limit=min(shared.limit, counter.limit), cost=max(shared.cost, counter.cost)
-            )
-        bindings.append(_Binding(kind, request, index, counter.limit, counter.cost, counter.end_ms))
+            shared = specs[index]
+            # Shared by several requests: charged once, against the lower limit.
+            shared.limit = min(shared.limit, spec.limit)
+            shared.sources = tuple(dict.fromkeys(shared.sources + spec.sources))
+        binds.append(_Bind(kind, number, index, spec.limit, spec.end_ms))
 
-    for request in requests:
+    for number, request in enumerate(requests):
         policy, key = request.policy, request.key
         if policy.tokens_per_minute is not None:
             add(
                 "tokens",
-                request,
-                Counter(
-                    f"{key}:tpm",
-                    "sliding",
-                    policy.tokens_per_minute,
-                    request.tokens,
-                    window_ms=WINDOW_MS,
-                    bucket_ms=BUCKET_MS,
+                number,
+                _Spec(
+                    f"{key}:tpm", "sliding", policy.tokens_per_minute, WINDOW_MS, BUCKET_MS, 0,
+                    (number,),
                 ),
-            )
+            )  # fmt: skip
         if policy.requests_per_minute is not None:
             add(
                 "requests",
-                request,
-                Counter(
-                    f"{key}:rpm",
-                    "sliding",
-                    policy.requests_per_minute,
-                    1,
-                    window_ms=WINDOW_MS,
-                    bucket_ms=BUCKET_MS,
+                number,
+                _Spec(
+                    f"{key}:rpm", "sliding", policy.requests_per_minute, WINDOW_MS, BUCKET_MS, 0,
+                    (),
                 ),
-            )
+            )  # fmt: skip
         if policy.token_quota is not None and policy.token_quota_period is not None:
             period = policy.token_quota_period
             start_ms, end_ms = period_bounds(period, now, policy.quota_timezone)
+            until_ms = min(until_ms, end_ms)
             add(
                 "quota",
-                request,
-                Counter(
-                    f"{key}:quota:{period}:{start_ms}",
-                    "fixed",
-                    policy.token_quota,
-                    request.tokens,
-                    end_ms=end_ms,
+                number,
+                _Spec(
+                    f"{key}:quota:{period}:{start_ms}", "fixed", policy.token_quota, 0, 0,
+                    end_ms, (number,),
                 ),
+            )  # fmt: skip
+    return _Shape(tuple(specs), tuple(binds), until_ms, tuple(r.policy for r in requests))
+
+
+def _counters(shape: _Shape, tokens: list[int]) -> list[Counter]:
+    counters: list[Counter] = []
+    for spec in shape.specs:
+        sources = spec.sources
+        if not sources:
+            cost = 1
+        elif len(sources) == 1:
+            cost = tokens[sources[0]]
+        else:
+            cost = max([tokens[i] for i in sources])
+        counters.append(
+            Counter(
+                spec.name, spec.kind, spec.limit, cost, spec.window_ms, spec.bucket_ms, spec.end_ms
             )
-    return Plan(counters, bindings)
+        )
+    return counters
 
 
 class Limiter:
@@ -165,6 +201,7 @@ class Limiter:
         self.store = store
         self._clock = clock
         self._sync: SyncCounterStore | None = store if isinstance(store, SyncCounterStore) else None
+        self._shapes: dict[tuple[tuple[str, int], ...], _Shape] = {}
 
     def __repr__(self) -> str:
         return f"Limiter(store={self.store!r})"
@@ -177,17 +214,35 @@ class Limiter:
         """
         now = self._clock.now()
         now_ms = int(now * 1000)
-        work = plan(requests, now)
-        if not work.counters:
+        shape = self._shape(requests, now, now_ms)
+        if not shape.specs:
             return ALLOWED_UNLIMITED
+        tokens = [request.tokens for request in requests]
+        counters = _counters(shape, tokens)
         try:
             if self._sync is not None:
-                result = self._sync.admit_sync(work.counters, now_ms)
+                result = self._sync.admit_sync(counters, now_ms)
             else:
-                result = await self.store.admit(work.counters, now_ms)
+                result = await self.store.admit(counters, now_ms)
         except StoreUnavailable as exc:
             return unavailable(exc.retry_after_s, requests)
-        return _decide(work, result, tuple(requests), now_ms)
+        return _decide(shape, counters, result, requests, tokens, now_ms)
+
+    def _shape(self, requests: Sequence[LimitRequest], now: float, now_ms: int) -> _Shape:
+        """The shape of these requests, from the cache while it holds (same keys, the same
+        policy objects, the same quota periods)."""
+        cache_key = tuple([(request.key, id(request.policy)) for request in requests])
+        shape = self._shapes.get(cache_key)
+        if (
+            shape is None
+            or now_ms >= shape.until_ms
+            or any(a is not b.policy for a, b in zip(shape.policies, requests, strict=True))
+        ):
+            shape = shape_of(requests, now)
+            if len(self._shapes) >= _SHAPE_CACHE_SIZE:
+                self._shapes.clear()
+            self._shapes[cache_key] = shape
+        return shape
 
     async def settle(self, reservation: Reservation | None, actual_tokens: int) -> None:
         """Replace the reserved estimate by ``actual_tokens`` in the windows it went into.
@@ -223,38 +278,36 @@ class Limiter:
 
 
 def _decide(
-    work: Plan, result: StoreResult, requests: tuple[LimitRequest, ...], now_ms: int
+    shape: _Shape,
+    counters: list[Counter],
+    result: StoreResult,
+    requests: Sequence[LimitRequest],
+    tokens: list[int],
+    now_ms: int,
 ) -> Admission:
+    states = result.states
     statuses = tuple(
-        LimitStatus(
-            kind=binding.kind,
-            request=binding.request,
-            limit=binding.limit,
-            used=result.states[binding.index].used,
-            cost=binding.cost,
-            retry_after_ms=result.states[binding.index].retry_after_ms,
-            period_end_ms=binding.period_end_ms,
-        )
-        for binding in work.bindings
+        [
+            LimitStatus(
+                bind.kind,
+                requests[bind.request],
+                bind.limit,
+                states[bind.counter].used,
+                1 if bind.kind == "requests" else tokens[bind.request],
+                states[bind.counter].retry_after_ms,
+                bind.period_end_ms,
+            )
+            for bind in shape.binds
+        ]
     )
     reservation = None
     if result.allowed:
         charges = tuple(
-            Charge(counter.name, counter.kind, state.slot, counter.cost)
-            for counter, state, is_tokens in zip(
-                work.counters, result.states, _token_counters(work), strict=True
-            )
-            if is_tokens
+            [
+                Charge(counter.name, counter.kind, state.slot, counter.cost)
+                for spec, counter, state in zip(shape.specs, counters, states, strict=True)
+                if spec.sources  # counters of tokens are settled; counters of requests not
+            ]
         )
-        tokens = max((request.tokens for request in requests), default=0)
-        reservation = Reservation(charges, result.origin, tokens)
+        reservation = Reservation(charges, result.origin, max(tokens, default=0))
     return decide(result.allowed, statuses, reservation, now_ms)
-
-
-def _token_counters(work: Plan) -> list[bool]:
-    """Which counters count tokens (settled and released) rather than requests."""
-    is_tokens = [False] * len(work.counters)
-    for binding in work.bindings:
-        if binding.kind != "requests":
-            is_tokens[binding.index] = True
-    return is_tokens

@@ -50,7 +50,9 @@ class StoreUnavailable(LimitsError):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Counter:
     """One counter to check and charge in an admission.
 
@@ -67,7 +69,9 @@ class Counter:
     end_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class CounterState:
     """A counter as the admission found it.
 
@@ -82,7 +86,9 @@ class CounterState:
     slot: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class StoreResult:
     """Outcome of one atomic admission; ``states`` line up with the counters given.
 
@@ -95,7 +101,9 @@ class StoreResult:
     origin: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Adjustment:
     """Change a counter already charged by ``delta`` (negative gives tokens back).
 

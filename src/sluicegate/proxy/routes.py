@@ -18,7 +18,9 @@ class RouteKind(enum.Enum):
 METERED_OPERATIONS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Route:
     kind: RouteKind
     operation: str = ""

@@ -101,7 +101,9 @@ class Target:
         )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class Choice:
     member: Member
     target: Target

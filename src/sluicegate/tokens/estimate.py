@@ -65,7 +65,9 @@ _OPERATION_ALIASES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: created on every request, and a frozen dataclass's __init__ costs about
+# five times as much (object.__setattr__ per field). Treat instances as immutable.
+@dataclass(slots=True)
 class TokenEstimate:
     """A request's estimated tokens; ``method`` says how (``tiktoken:o200k_base``, ``chars/4``)."""
 
@@ -79,11 +81,44 @@ class TokenEstimate:
         return self.prompt_tokens + self.completion_tokens
 
 
+_normalised: dict[str, str] = {}
+
+
 def normalise_operation(operation: str) -> str:
     """Map spellings such as ``ChatCompletions_Create`` or ``chat/completions`` to a constant."""
+    known = _normalised.get(operation)
+    if known is not None:
+        return known
     key = operation.strip().lower().replace("/", ".").replace("_", ".").replace(" ", ".")
     key = key.removesuffix(".create")
-    return _OPERATION_ALIASES.get(key, key)
+    result = _OPERATION_ALIASES.get(key, key)
+    if len(_normalised) < 1024:  # the gateway's own operation names: a handful
+        _normalised[operation] = result
+    return result
+
+
+#: Texts up to this many characters have their token count cached (per encoding). Roles,
+#: names, system prompts and the earlier turns of a conversation come back in request after
+#: request; counting them again is the bulk of an estimate. Counting is deterministic, so the
+#: cache changes no result; it holds at most ``_COUNT_CACHE_SIZE`` entries (a few MiB).
+_COUNT_CACHE_MAX_CHARS = 512
+_COUNT_CACHE_SIZE = 8192
+_counts: dict[str, dict[str, int]] = {}
+
+
+def _count(encoding: tiktoken.Encoding, text: str) -> int:
+    if len(text) > _COUNT_CACHE_MAX_CHARS:
+        return len(encoding.encode_ordinary(text))
+    cache = _counts.get(encoding.name)
+    if cache is None:
+        cache = _counts.setdefault(encoding.name, {})
+    count = cache.get(text)
+    if count is None:
+        count = len(encoding.encode_ordinary(text))
+        if len(cache) >= _COUNT_CACHE_SIZE:
+            cache.clear()  # simpler than LRU, and a full cache only costs one re-count each
+        cache[text] = count
+    return count
 
 
 class _Meter:
@@ -105,7 +140,7 @@ class _Meter:
         if self.encoding is None:
             self.chars += len(text)
         else:
-            self.tokens += len(self.encoding.encode_ordinary(text))
+            self.tokens += _count(self.encoding, text)
 
     def json(self, value: object) -> None:
         if isinstance(value, str):
