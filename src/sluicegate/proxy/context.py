@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,14 @@ from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.routes import Route
 from sluicegate.runtime import Deployment, Product
 from sluicegate.tokens.usage import Usage
+
+
+def new_request_id() -> str:
+    """32 hex digits: the epoch millisecond (12) then 80 random bits (20). Unique without
+    coordination between instances, and increasing over time, so the ledger's unique index
+    on request ids grows at its right edge instead of at random places (cheaper inserts at
+    thousands of records per second); readers also see roughly when a request came."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 @dataclass(slots=True)

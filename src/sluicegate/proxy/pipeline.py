@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,7 +34,7 @@ from sluicegate.proxy.asgi import (
     send_error,
     send_json,
 )
-from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.context import RequestContext, new_request_id
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.failover import forward_routed, forward_single
@@ -100,7 +99,7 @@ class Pipeline:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
-            request_id=os.urandom(16).hex(),
+            request_id=new_request_id(),
             ts=self.clock.now(),
             started=self.clock.monotonic(),
             route=match_route(scope["method"], scope["path"]),
