@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from sluicegate.proxy.asgi import Message
-from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.deadlines import TICK, Deadlines
+from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.network import NetworkPolicy
 
 

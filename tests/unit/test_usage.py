@@ -1,4 +1,8 @@
+import itertools
+
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sluicegate.tokens.usage import StreamScanner, usage_from_body
 
@@ -74,3 +78,32 @@ def test_relayed_text_for_estimates() -> None:
     scanner.feed(STREAM[:half])
     assert scanner.relayed_text() == "Hello world"
     assert scanner.usage is None and not scanner.done
+
+
+USAGE_EVENT = _event({"choices": [], "model": "gpt-4o-mini-2024", "usage": USAGE})
+#: The same chunk as some servers write it, with spaces (the spaced marker).
+SPACED_USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "total_tokens": 6}}\n\n'
+
+
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=len(STREAM) + 200), max_size=12),
+    strip=st.booleans(),
+    spaced=st.booleans(),
+    usage_first=st.booleans(),
+)
+def test_any_chunking_gives_the_same_events_and_usage(
+    cuts: list[int], strip: bool, spaced: bool, usage_first: bool
+) -> None:
+    usage_event = SPACED_USAGE_EVENT if spaced else USAGE_EVENT
+    body = STREAM.replace(USAGE_EVENT, b"")
+    # The usage chunk last (as Azure sends it) or, to cover the edges, as the very first event.
+    done = b"data: [DONE]\n\n"
+    stream = usage_event + body if usage_first else body.replace(done, usage_event + done)
+    scanner = StreamScanner(strip_usage_chunk=strip)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    out = b"".join(scanner.feed(stream[a:b]) for a, b in itertools.pairwise(bounds))
+    out += scanner.flush()
+    assert out == (stream.replace(usage_event, b"") if strip else stream)
+    assert scanner.usage is not None
+    assert scanner.usage.total_tokens == (6 if spaced else 12)
+    assert scanner.done

@@ -62,6 +62,15 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _RESPONSE_DONE = b'"response.completed"'
 
 
+def _find_usage(data: bytes, start: int) -> int:
+    """Where the next usage object (either spelling) starts at or after ``start``; -1: none."""
+    compact = data.find(_USAGE_MARKERS[0], start)
+    spaced = data.find(_USAGE_MARKERS[1], start)
+    if compact < 0:
+        return spaced
+    return compact if spaced < 0 else min(compact, spaced)
+
+
 class StreamScanner:
     """Splits an SSE byte stream into events and extracts usage on the way.
 
@@ -84,25 +93,38 @@ class StreamScanner:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
             self._pending = data
             return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
+        if end == len(data):  # the usual case: whole events only, nothing to copy
+            complete, self._pending = data, b""
+        else:
+            complete, self._pending = data[:end], data[end:]
         if not self.done and b"data: [DONE]" in complete:
             self.done = True
-        # Fast path, nearly every chunk: no usage object in it (``"usage":null`` does not
-        # count), so it is forwarded as it came, without splitting it into events.
-        if not any(m in complete for m in _USAGE_MARKERS):
+        # Nearly every chunk holds no usage object (``"usage":null`` does not count) and is
+        # forwarded as it came. Otherwise only the events holding one are looked at: under
+        # load one read often brings dozens of events, and splitting them all is wasted work.
+        at = _find_usage(complete, 0)
+        if at < 0:
             self.relayed.append(complete)
             return complete
-        out: list[bytes] = []
-        for event in complete.split(b"\n\n"):
-            if not event:
-                continue
-            if not self._inspect(event):
-                out.append(event + b"\n\n")
-        forwarded = b"".join(out)
+        kept: list[bytes] = []
+        copied = 0  # complete[:copied] is settled (in ``kept`` or dropped)
+        while at >= 0:
+            first = complete.rfind(b"\n\n", 0, at)
+            first = 0 if first < 0 else first + 2
+            last = complete.find(b"\n\n", at)  # found: ``complete`` ends with a blank line
+            if self._inspect(complete[first:last]):
+                kept.append(complete[copied:first])
+                copied = last + 2
+            at = _find_usage(complete, last + 2)
+        if copied == 0:
+            forwarded = complete
+        else:
+            kept.append(complete[copied:])
+            forwarded = b"".join(kept)
         self.relayed.append(forwarded)
         return forwarded
 
