@@ -13,6 +13,7 @@ from sluicegate.app import create_app
 from sluicegate.config.model import GatewayConfig, SecurityConfig
 from sluicegate.gateway import Gateway
 from sluicegate.logs import configure_logging
+from sluicegate.proxy.asgi import DISCONNECT_HOOK, DisconnectHook, disconnect_hook
 
 _BAD_REQUEST = orjson.dumps(
     {
@@ -67,6 +68,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_done, self._head_bytes, self._header_count = False, 0, 0
         super().on_message_begin()
+        # The request's disconnect hook (proxy.asgi.DisconnectHook): relays register a
+        # callback here instead of keeping a task blocked in receive().
+        # (ASGI extension values are dicts.)
+        self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:
+            hook = disconnect_hook(cycle.scope)
+            if hook is not None:
+                hook.fire()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1

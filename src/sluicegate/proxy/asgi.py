@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -19,6 +20,56 @@ JSON_CT = (b"content-type", b"application/json; charset=utf-8")
 
 class ClientGone(Exception):
     """The client disconnected before the request was read."""
+
+
+#: Scope extension under which the gateway's HTTP protocol (``server.GatewayHttpProtocol``)
+#: offers a :class:`DisconnectHook` for the request.
+DISCONNECT_HOOK = "sluicegate.disconnect"
+
+
+class DisconnectHook:
+    """Callbacks run, in the event loop, when the client's connection is lost.
+
+    The ASGI way to learn of a disconnect is a task blocked in ``receive()``; for a stream
+    that is a task per request. The gateway's own HTTP protocol offers this hook instead
+    (``scope["extensions"][DISCONNECT_HOOK]["hook"]``), so a relay registers a callback and pays
+    nothing unless the client really leaves. Other servers: no hook, use ``receive()``.
+    """
+
+    __slots__ = ("_callbacks", "fired")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self.fired = False
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on disconnect (at once if the client has already gone)."""
+        if self.fired:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def remove(self, callback: Callable[[], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def fire(self) -> None:
+        """Called by the protocol when the connection is lost; runs each callback once."""
+        self.fired = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logging.getLogger("sluicegate.proxy").exception("a disconnect callback failed")
+
+
+def disconnect_hook(scope: Mapping[str, object]) -> DisconnectHook | None:
+    """The request's disconnect hook, when the server offers one."""
+    extensions = scope.get("extensions")
+    entry = extensions.get(DISCONNECT_HOOK) if isinstance(extensions, dict) else None
+    hook = entry.get("hook") if isinstance(entry, dict) else None
+    return hook if isinstance(hook, DisconnectHook) else None
 
 
 async def send_bytes(

@@ -25,7 +25,7 @@ import orjson
 
 from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock
-from sluicegate.proxy.asgi import Receive, Scope, Send
+from sluicegate.proxy.asgi import Receive, Scope, Send, disconnect_hook
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.routing.retry import Outcome as AttemptOutcome
@@ -122,7 +122,9 @@ async def attempt(
             if response.content_type == "text/event-stream":
                 first = await _first_chunk(deadlines, backend, response, deadline)
                 _set_status(ctx, status)
-                finished = await _relay_stream(ctx, response, first, receive, send, clock, backend)
+                finished = await _relay_stream(
+                    ctx, response, first, scope, receive, send, clock, backend
+                )
             else:
                 data = await _read_body(deadlines, backend, response, None)
                 finished = True
@@ -224,6 +226,7 @@ async def _relay_stream(
     ctx: RequestContext,
     response: aiohttp.ClientResponse,
     first: bytes,
+    scope: Scope,
     receive: Receive,
     send: Send,
     clock: Clock,
@@ -235,7 +238,17 @@ async def _relay_stream(
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     gone = asyncio.Event()
-    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone, response))
+    hook = disconnect_hook(scope)
+    watcher: asyncio.Task[None] | None = None
+
+    def client_gone() -> None:
+        gone.set()
+        response.close()  # the backend stops generating (and billing) at once
+
+    if hook is not None:
+        hook.add(client_gone)
+    else:
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, client_gone))
     broke: str | None = None
     ended = False
     between = backend.between_chunks_timeout
@@ -263,9 +276,12 @@ async def _relay_stream(
     except (aiohttp.ClientError, OSError) as exc:
         broke = type(exc).__name__
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        if hook is not None:
+            hook.remove(client_gone)
+        elif watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     if gone.is_set() and not scanner.done:
         ctx.outcome = Outcome.ABORTED
@@ -291,15 +307,12 @@ async def _relay_stream(
     return ended and broke is None
 
 
-async def _watch_disconnect(
-    receive: Receive, gone: asyncio.Event, response: aiohttp.ClientResponse
-) -> None:
-    """Wait for the client to go away; then close the upstream response at once."""
+async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
+    """Wait for the client to go away (servers without a disconnect hook), then tell."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            gone.set()
-            response.close()
+            on_gone()
             return
 
 
