@@ -1,7 +1,8 @@
 """Redis counter store for the cluster mode: one Lua script round trip per admission.
 
 The scripts live in ``limits/lua/`` (``admit.lua``, ``adjust.lua``) and are run with
-EVALSHA through ``register_script`` (re-loaded automatically after a Redis restart). Keys are
+EVALSHA, the calls of one event-loop turn sharing one pipeline (``limits/redis_batch.py``;
+scripts are re-loaded automatically after a Redis restart). Keys are
 ``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
 window + one bucket, quota counters are integers expiring at period end + grace, so every
 key expires on its own. All keys of one admission are touched by one script, so on a Redis
@@ -40,6 +41,7 @@ from redis.exceptions import RedisError
 
 from sluicegate.clock import Clock
 from sluicegate.limits.memory import MemoryStore
+from sluicegate.limits.redis_batch import BatchStats, ScriptBatcher
 from sluicegate.limits.store import (
     FIXED_GRACE_MS,
     Adjustment,
@@ -120,9 +122,16 @@ class RedisStore:
         self.stats = RedisStoreStats()
         self._clock = clock
         self._fallback = fallback if fallback is not None else MemoryStore(FALLBACK_ORIGIN)
-        self._admit_script = self._client.register_script(_script("admit.lua"))
-        self._adjust_script = self._client.register_script(_script("adjust.lua"))
+        # Calls of one event-loop turn share a pipeline (see limits/redis_batch.py).
+        self._scripts = ScriptBatcher(
+            self._client, {"admit": _script("admit.lua"), "adjust": _script("adjust.lua")}
+        )
         self._down_until: float | None = None
+
+    @property
+    def batching(self) -> BatchStats:
+        """Pipelines sent and script calls they carried (calls / pipelines = batching)."""
+        return self._scripts.stats
 
     @property
     def available(self) -> bool:
@@ -147,7 +156,7 @@ class RedisStore:
                 args += ["f", counter.limit, counter.cost, counter.end_ms, 0]
         keys = [self.prefix + counter.name for counter in counters]
         try:
-            reply = await self._admit_script(keys=keys, args=args)
+            reply = await self._scripts.call("admit", keys, args)
         except RedisError as exc:
             self._mark_down(exc)
             return self._while_down(counters, now_ms)
@@ -174,7 +183,7 @@ class RedisStore:
             kind = "s" if adjustment.kind == "sliding" else "f"
             args += [kind, adjustment.slot, adjustment.delta]
         try:
-            await self._adjust_script(keys=keys, args=args)
+            await self._scripts.call("adjust", keys, args)
         except RedisError as exc:
             self._mark_down(exc)
             self.stats.dropped_adjustments += len(adjustments)
@@ -182,6 +191,7 @@ class RedisStore:
         self._mark_up()
 
     async def aclose(self) -> None:
+        await self._scripts.drain()
         if self._owns_client:
             await self._client.aclose()
 
