@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any, ClassVar
 
 import orjson
@@ -27,6 +28,8 @@ _BAD_REQUEST = orjson.dumps(
 
 
 _DEFAULT_SECURITY = SecurityConfig()
+#: The interpreter's thread switch interval while serving (see ``serve``).
+SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 class _TooManyHeaders(Exception):
@@ -182,6 +185,11 @@ def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = 
     """Run until SIGINT/SIGTERM: then stop accepting, let in-flight requests finish within the
     grace period, flush the ledger and exit 0."""
     configure_logging(config.logging.level)
+    # The ledger writer and the rollup job are threads; when one of them holds the GIL the
+    # event loop waits up to the switch interval (5 ms by default) before it gets it back,
+    # which was most of the gateway's 99th-percentile latency. 0.5 ms bounds that wait; the
+    # extra switches cost little beside a request.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = build_server(config, host=host, port=port)
 
     # uvicorn handles SIGINT/SIGTERM itself while it runs and, once it has shut down

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.config.model import RetentionConfig
+from sluicegate.threads import ROLLUP_NICENESS, lower_priority
 
 log = logging.getLogger("sluicegate.rollups")
 
@@ -100,6 +101,7 @@ class RollupJob:
         return JobStats(self._runs, self._failures, self._last_seconds, self._last_error)
 
     def _loop(self) -> None:
+        lower_priority(ROLLUP_NICENESS)  # background work (see sluicegate.threads)
         while not self._stop.is_set():
             try:
                 self.run_once()

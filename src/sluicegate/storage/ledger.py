@@ -46,6 +46,7 @@ from sluicegate.clock import Clock, SystemClock
 from sluicegate.storage.rows import record_to_row
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
+from sluicegate.threads import LEDGER_NICENESS, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class LedgerWriter:
     # -- the writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_priority(LEDGER_NICENESS)  # the event loop comes first (see sluicegate.threads)
         try:
             self._loop()
         except BaseException:
@@ -432,10 +434,29 @@ class LedgerWriter:
         # the driver: at thousands of records per second, SQLAlchemy's per-row parameter
         # processing was the writer thread's main cost (and it shares the GIL with requests).
         columns = tuple(rows[0])
-        sql = _insert_sql(engine.dialect.name, columns)
+        dialect = engine.dialect.name
         params = [tuple(row[c] for c in columns) for row in rows]
         with engine.begin() as conn:
-            conn.exec_driver_sql(sql, params)
+            if dialect != "sqlite":
+                conn.exec_driver_sql(_insert_sql(dialect, columns, 1), params)
+                return
+            # SQLite: rows go in groups of ``_SQLITE_ROWS_PER_STATEMENT`` per statement.
+            # sqlite3's executemany releases and retakes the GIL around every row, and each
+            # retake could make the event loop wait for a thread switch: a few milliseconds
+            # of stall per batch, the gateway's 99th-percentile latency. One statement per
+            # group releases it once per group, for the whole index work.
+            k = _SQLITE_ROWS_PER_STATEMENT
+            whole = len(params) - len(params) % k
+            if whole:
+                grouped = [
+                    tuple(value for row in params[i : i + k] for value in row)
+                    for i in range(0, whole, k)
+                ]
+                conn.exec_driver_sql(_insert_sql(dialect, columns, k), grouped)
+            rest = params[whole:]
+            if rest:
+                flat = tuple(value for row in rest for value in row)
+                conn.exec_driver_sql(_insert_sql(dialect, columns, len(rest)), flat)
 
     def _get_engine(self) -> Engine:
         if self._engine is None:
@@ -515,20 +536,24 @@ def _ident(record: UsageRecord) -> str:
     return f"{getattr(record, 'request_id', '?')}#{getattr(record, 'attempt', '?')}"
 
 
-_INSERT_SQL: dict[tuple[str, tuple[str, ...]], str] = {}
+_INSERT_SQL: dict[tuple[str, tuple[str, ...], int], str] = {}
+#: Rows per INSERT statement on SQLite (24 columns: well under its 32,766 parameters).
+_SQLITE_ROWS_PER_STATEMENT = 50
 
 
-def _insert_sql(dialect: str, columns: tuple[str, ...]) -> str:
-    """``INSERT … ON CONFLICT (request_id, attempt) DO NOTHING`` for ``columns`` in the
-    driver's parameter style."""
-    cached = _INSERT_SQL.get((dialect, columns))
+def _insert_sql(dialect: str, columns: tuple[str, ...], rows: int) -> str:
+    """``INSERT … VALUES (…)[, (…)…] ON CONFLICT (request_id, attempt) DO NOTHING`` for
+    ``columns`` and ``rows`` rows per statement, in the driver's parameter style."""
+    key = (dialect, columns, rows)
+    cached = _INSERT_SQL.get(key)
     if cached is not None:
         return cached
     marker = "%s" if dialect == "postgresql" else "?"
+    one = f"({', '.join(marker for _ in columns)})"
     sql = (
         f"INSERT INTO {usage_records.name} ({', '.join(columns)}) "  # noqa: S608 - our own column names
-        f"VALUES ({', '.join(marker for _ in columns)}) "
+        f"VALUES {', '.join(one for _ in range(rows))} "
         "ON CONFLICT (request_id, attempt) DO NOTHING"
     )
-    _INSERT_SQL[(dialect, columns)] = sql
+    _INSERT_SQL[key] = sql
     return sql
