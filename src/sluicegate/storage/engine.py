@@ -84,9 +84,6 @@ def _sqlite_engine(url: URL) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
-            # 32 MiB of page cache (default 2 MiB): the ledger's indexes stay in memory while
-            # the writer inserts thousands of records a second.
-            cursor.execute("PRAGMA cache_size = -32768")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()
