@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 ORDER = (
@@ -146,6 +147,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += _probes(data)
     out += _memory(data)
     out += _soak(data.get("soak"))
+    out += _analysis()
     failures: dict[str, str] = data.get("failures", {})
     if failures:
         out += ["## Targets that could not be measured", ""]
@@ -154,6 +156,17 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += _machine(meta)
     out.append(METHOD)
     return "\n".join(out) + "\n"
+
+
+#: Hand-written analysis of the latest full run (profiles, where the time goes, what would
+#: close the gaps); included as it is, since no measurement can write it.
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
+
+
+def _analysis() -> list[str]:
+    if not ANALYSIS.exists():
+        return []
+    return [ANALYSIS.read_text(encoding="utf-8").rstrip(), ""]
 
 
 PATH_SHAPES = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -84,3 +86,19 @@ def test_concurrent_migrations_apply_once(db_url: str) -> None:
             assert conn.execute(select(state_version)).all() == [(1, 0)]
     finally:
         engine.dispose()
+
+
+def test_the_known_head_is_alembics_head() -> None:
+    assert head_revision() == migrations.HEAD
+
+
+def test_a_database_at_head_is_checked_without_loading_alembic(db_url: str) -> None:
+    migrate(db_url)
+    probe = (
+        "import sys; from sluicegate.storage.migrations import migrate; "
+        f"migrate({db_url!r}); print('alembic' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "False"

@@ -1,0 +1,131 @@
+"""Where sluicegate's time goes under load: py-spy samples, summed by module and function.
+
+Starts the fake upstream (CPU 0) and sluicegate with the benchmark's full-policy
+configuration (CPU 1), drives it with wrk at 64 connections, samples the gateway with
+py-spy for ``--seconds`` and prints the shares of CPU samples by thread, by package and by
+function (inclusive). Needs ``py-spy`` on the PATH (``pip install py-spy``) and wrk.
+
+    .venv/bin/python bench/profile.py [--kind json|stream] [--mode embedded|cluster]
+
+The output is what bench/analysis.md quotes. Nothing is written to results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import targets
+from loadgen import wrk_command
+from procs import start
+from targets import Context, wait_ready
+from workload import BODIES
+
+HERE = Path(__file__).resolve().parent
+
+
+def summarise(raw: Path, top: int) -> str:
+    """Shares of the samples: per thread, per package of the innermost frame, per function
+    anywhere on the stack (inclusive)."""
+    threads: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        thread = "ledger-writer" if "ledger" in stack and "Thread" in frames[0] else "main"
+        if "rollup" in stack.lower() and "Thread" in frames[0]:
+            thread = "rollup-job"
+        threads[thread] += n
+        leaf = frames[-1]
+        path = leaf[leaf.find("(") + 1 :].split(":")[0]
+        parts = path.split("/")
+        packages["/".join(parts[:2]) if parts[0] == "sluicegate" else parts[0]] += n
+        for name in {f.split(" (")[0] for f in frames}:
+            inclusive[name] += n
+    out = [f"samples: {total}", "", "by thread:"]
+    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in threads.most_common()]
+    out += ["", "by package (innermost frame):"]
+    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in packages.most_common(top)]
+    out += ["", "by function (inclusive):"]
+    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top * 3)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("json", "stream"), default="json")
+    parser.add_argument("--mode", choices=("embedded", "cluster"), default="embedded")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--port-base", type=int, default=9201)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        print("profile: py-spy is not on the PATH (pip install py-spy)", file=sys.stderr)
+        return 2
+    out = Path(tempfile.mkdtemp(prefix="sg-profile-"))
+    load_cpu, proxy_cpu = 0, 1
+    ctx = Context(
+        out=out,
+        pid_file=out / "pids",
+        proxy_cpu=proxy_cpu,
+        upstream_port=args.port_base,
+        run_id=f"p{os.getpid()}",
+    )
+    upstream = start(
+        "upstream",
+        [sys.executable, str(HERE / "upstream.py"), "--port", str(args.port_base)],
+        log_dir=out,
+        pid_file=out / "pids",
+        cpu=load_cpu,
+    )
+    try:
+        target = targets.BY_NAME["sluicegate" if args.mode == "embedded" else "sluicegate-cluster"]
+        assert target.launch is not None
+        port = args.port_base + 4
+        launched = target.launch(ctx, port)
+        try:
+            wait_ready(launched, port, timeout=60)
+            body = out / f"{args.kind}.json"
+            body.write_bytes(BODIES[args.kind])
+            wrk_argv, env = wrk_command(
+                f"http://127.0.0.1:{port}{targets.AZURE_PATH}",
+                body_file=body,
+                headers=launched.headers,
+                connections=64,
+                duration=args.seconds + 8,
+                cpu=load_cpu,
+            )
+            load = subprocess.Popen(wrk_argv, env=env, stdout=subprocess.DEVNULL)
+            time.sleep(3)
+            raw = out / "profile.raw"
+            subprocess.run(
+                [
+                    "py-spy", "record", "-p", str(launched.proc.proc.pid), "-d", str(args.seconds),
+                    "-r", "400", "-f", "raw", "-o", str(raw), "--nonblocking",
+                ],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            load.wait()
+            print(summarise(raw, args.top))
+        finally:
+            launched.proc.stop()
+            for fn in launched.cleanup:
+                fn()
+    finally:
+        upstream.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
