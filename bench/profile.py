@@ -31,31 +31,56 @@ from workload import BODIES
 HERE = Path(__file__).resolve().parent
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds used so far by each thread (native id) of ``pid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def thread_names(raw: Path) -> dict[int, str]:
+    """Native thread id → Python thread name, from py-spy's ``--threads`` frames."""
+    names: dict[int, str] = {}
+    for line in raw.read_text().splitlines():
+        head = line.split(";", 1)[0]
+        if head.startswith("thread (") and "): " in head:
+            tid, _, name = head[len("thread (") :].partition("): ")
+            if tid.isdigit():
+                names[int(tid)] = name
+    return names
+
+
 def summarise(raw: Path, top: int) -> str:
-    """Shares of the samples: per thread, per package of the innermost frame, per function
-    anywhere on the stack (inclusive)."""
-    threads: collections.Counter[str] = collections.Counter()
+    """Shares of the event-loop thread's samples: per package of the innermost frame and
+    per function anywhere on the stack (inclusive)."""
     packages: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames[0].endswith("MainThread"):
+            continue  # the event loop's thread only: the others are shown from /proc above
+        frames = frames[1:]
+        if not frames:
+            continue
         n = int(count)
         total += n
-        frames = stack.split(";")
-        thread = "ledger-writer" if "ledger" in stack and "Thread" in frames[0] else "main"
-        if "rollup" in stack.lower() and "Thread" in frames[0]:
-            thread = "rollup-job"
-        threads[thread] += n
         leaf = frames[-1]
         path = leaf[leaf.find("(") + 1 :].split(":")[0]
         parts = path.split("/")
         packages["/".join(parts[:2]) if parts[0] == "sluicegate" else parts[0]] += n
         for name in {f.split(" (")[0] for f in frames}:
             inclusive[name] += n
-    out = [f"samples: {total}", "", "by thread:"]
-    out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in threads.most_common()]
-    out += ["", "by package (innermost frame):"]
+    # Thread shares come from /proc (see main): py-spy also samples a runnable thread that
+    # is waiting for the core, which overstates low-priority threads.
+    out = [f"event-loop thread samples: {total}", "", "by package (innermost frame):"]
     out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in packages.most_common(top)]
     out += ["", "by function (inclusive):"]
     out += [f"  {100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top * 3)]
@@ -109,14 +134,24 @@ def main(argv: list[str] | None = None) -> int:
             load = subprocess.Popen(wrk_argv, env=env, stdout=subprocess.DEVNULL)
             time.sleep(3)
             raw = out / "profile.raw"
+            pid = launched.proc.proc.pid
+            before = thread_cpu(pid)
             subprocess.run(
                 [
-                    "py-spy", "record", "-p", str(launched.proc.proc.pid), "-d", str(args.seconds),
-                    "-r", "400", "-f", "raw", "-o", str(raw), "--nonblocking",
+                    "py-spy", "record", "-p", str(pid), "-d", str(round(args.seconds)),
+                    "-r", "400", "-f", "raw", "-o", str(raw), "--nonblocking", "--threads",
                 ],
                 check=True, capture_output=True,
             )  # fmt: skip
+            after = thread_cpu(pid)
             load.wait()
+            names = thread_names(raw)
+            used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+            print("CPU by thread (from /proc, share of one core over the sampling):")
+            for tid, seconds in sorted(used.items(), key=lambda item: -item[1]):
+                if seconds > 0:
+                    label = names.get(tid, "other (libuv, executor)")
+                    print(f"  {100 * seconds / args.seconds:5.1f} %  {label}")
             print(summarise(raw, args.top))
         finally:
             launched.proc.stop()

@@ -27,7 +27,7 @@ PURGE_EVERY_SECONDS = 3600.0
 #: records, so under heavy load (millions of records an hour) a run grows long; without
 #: pacing, a fixed interval would let the job take an ever larger share of the CPU that
 #: serves requests. Reports catch up on their own, so they stay exact either way.
-PACING = 20.0
+PACING = 50.0
 
 
 def next_wait(interval: float, last_run_seconds: float | None) -> float:

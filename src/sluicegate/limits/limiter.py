@@ -231,13 +231,22 @@ class Limiter:
     def _shape(self, requests: Sequence[LimitRequest], now: float, now_ms: int) -> _Shape:
         """The shape of these requests, from the cache while it holds (same keys, the same
         policy objects, the same quota periods)."""
-        cache_key = tuple([(request.key, id(request.policy)) for request in requests])
-        shape = self._shapes.get(cache_key)
-        if (
-            shape is None
-            or now_ms >= shape.until_ms
-            or any(a is not b.policy for a, b in zip(shape.policies, requests, strict=True))
-        ):
+        if len(requests) == 1:  # the usual case, without building lists
+            only = requests[0]
+            cache_key: tuple[tuple[str, int], ...] = ((only.key, id(only.policy)),)
+            shape = self._shapes.get(cache_key)
+            stale = (
+                shape is None or now_ms >= shape.until_ms or shape.policies[0] is not only.policy
+            )
+        else:
+            cache_key = tuple([(request.key, id(request.policy)) for request in requests])
+            shape = self._shapes.get(cache_key)
+            stale = (
+                shape is None
+                or now_ms >= shape.until_ms
+                or any(a is not b.policy for a, b in zip(shape.policies, requests, strict=True))
+            )
+        if stale or shape is None:
             shape = shape_of(requests, now)
             if len(self._shapes) >= _SHAPE_CACHE_SIZE:
                 self._shapes.clear()
