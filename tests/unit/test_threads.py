@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from sluicegate.threads import lower_priority
+from sluicegate.threads import IdleWhileCaughtUp, lower_priority
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
@@ -25,3 +25,24 @@ def test_only_the_calling_thread_is_reniced() -> None:
     thread.join()
     assert seen["thread"] == min(before + 5, 19)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_idle_while_caught_up_switches_the_calling_thread_only() -> None:
+    seen: list[int] = []
+
+    def background() -> None:
+        scheduling = IdleWhileCaughtUp()
+        tid = threading.get_native_id()
+        scheduling.update(backlog=False)
+        seen.append(os.sched_getscheduler(tid))
+        scheduling.update(backlog=True)
+        seen.append(os.sched_getscheduler(tid))
+        scheduling.update(backlog=False)
+        seen.append(os.sched_getscheduler(tid))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE]
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER

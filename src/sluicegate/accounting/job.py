@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.config.model import RetentionConfig
-from sluicegate.threads import ROLLUP_NICENESS, lower_priority
+from sluicegate.threads import ROLLUP_NICENESS, IdleWhileCaughtUp, lower_priority
 
 log = logging.getLogger("sluicegate.rollups")
 
@@ -101,7 +101,10 @@ class RollupJob:
         return JobStats(self._runs, self._failures, self._last_seconds, self._last_error)
 
     def _loop(self) -> None:
-        lower_priority(ROLLUP_NICENESS)  # background work (see sluicegate.threads)
+        # Background work (see sluicegate.threads): any request preempts it at once. If a
+        # saturated loop starves it, reports still catch up before they read.
+        lower_priority(ROLLUP_NICENESS)
+        IdleWhileCaughtUp().update(backlog=False)
         while not self._stop.is_set():
             try:
                 self.run_once()

@@ -46,7 +46,7 @@ from sluicegate.clock import Clock, SystemClock
 from sluicegate.storage.rows import record_to_row
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
-from sluicegate.threads import LEDGER_NICENESS, lower_priority
+from sluicegate.threads import LEDGER_NICENESS, IdleWhileCaughtUp, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,7 @@ class LedgerWriter:
 
     def _loop(self) -> None:
         backoff = 0.0  # 0 while the database is healthy
+        scheduling = IdleWhileCaughtUp()
         while True:
             if backoff > 0:
                 self._wait_backoff(backoff)
@@ -308,6 +309,20 @@ class LedgerWriter:
                     n = min(self._batch_size, len(self._queue))
                     self._inflight = [self._queue.popleft() for _ in range(n)]
                 batch = [record for _, record in self._inflight]
+                # Yield the core to requests at once while caught up (sluicegate.threads);
+                # compete for it normally once a few batches wait, records have waited a
+                # while (other processes keep the core busy), someone waits for a flush, or
+                # when closing.
+                backlog = (
+                    closing
+                    or self._flush_waiters > 0
+                    or len(self._queue) >= _BACKLOG_BATCHES * self._batch_size
+                    or (
+                        bool(self._queue)
+                        and self._clock.now() - self._queue[0][1].ts > _BACKLOG_AGE_SECONDS
+                    )
+                )
+            scheduling.update(backlog)
             if closing and backoff > 0:
                 # The database was failing when close() came: do not keep the caller waiting.
                 self._spill_remaining()
@@ -535,6 +550,11 @@ def _ident(record: UsageRecord) -> str:
     # Defensive: used in the error path of submit(), which must not raise on a bad argument.
     return f"{getattr(record, 'request_id', '?')}#{getattr(record, 'attempt', '?')}"
 
+
+#: Batches waiting (beyond the one in flight) from which the writer stops yielding the core.
+_BACKLOG_BATCHES = 4
+#: ... or from which the oldest waiting record is this old (seconds since its request came).
+_BACKLOG_AGE_SECONDS = 1.0
 
 _INSERT_SQL: dict[tuple[str, tuple[str, ...], int], str] = {}
 #: Rows per INSERT statement on SQLite (24 columns: well under its 32,766 parameters).
