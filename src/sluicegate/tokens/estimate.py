@@ -206,6 +206,13 @@ def _call(call: object, meter: _Meter) -> None:
 def _message(message: Mapping[str, Any], meter: _Meter) -> None:
     meter.fixed(TOKENS_PER_MESSAGE)
     for key, value in message.items():
+        if type(value) is str and key != "type":
+            # The common case, taken first: a role, a text content, a name, a tool call id.
+            # Every path below counts a string value of these keys as its text.
+            if key == "name":
+                meter.fixed(TOKENS_PER_NAME)
+            meter.text(value)
+            continue
         if key == "name":
             meter.fixed(TOKENS_PER_NAME)
         if key == "content":
