@@ -9,10 +9,9 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluicegate.accounting.records import UsageRecord
-from sluicegate.auth.bearer import TokenAuthenticator
 from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
 from sluicegate.auth.keys import KeyHasher, load_key_secret
 from sluicegate.clock import Clock, SystemClock
@@ -30,6 +29,9 @@ from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.subscriptions import SubscriptionRepository
+
+if TYPE_CHECKING:
+    from sluicegate.auth.bearer import TokenAuthenticator
 
 log = logging.getLogger("sluicegate")
 
@@ -94,9 +96,7 @@ class Gateway:
         )
         self.metrics.watch_routing(self._routing_samples)
         #: Client authentication by Entra ID / OIDC token (None without an ``oidc`` section).
-        self.token_auth = TokenAuthenticator.from_config(
-            config, self.clock, on_refused=self._count_auth_refusal
-        )
+        self.token_auth = _token_authenticator(config, self.clock, self._count_auth_refusal)
         self.pipeline = Pipeline(
             self.runtime,
             self.index,
@@ -237,3 +237,15 @@ class _RoutingMetrics:
 
     def tripped(self, backend: str, deployment: str, reason: str) -> None:
         self.metrics.count_trip(backend, reason)
+
+
+def _token_authenticator(
+    config: GatewayConfig, clock: Clock, on_refused: Callable[[str], None]
+) -> TokenAuthenticator | None:
+    """Client authentication by token, when the configuration has an ``oidc`` section.
+    Imported here: PyJWT and cryptography (~10 MiB per worker) load only when needed."""
+    if config.oidc is None:
+        return None
+    from sluicegate.auth.bearer import TokenAuthenticator
+
+    return TokenAuthenticator.from_config(config, clock, on_refused=on_refused)

@@ -12,16 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from sluicegate.accounting.records import Outcome, UsageRecord
-from sluicegate.auth.bearer import TokenAuthenticator
 from sluicegate.auth.credentials import find_key
 from sluicegate.auth.index import SubscriptionIndex
 from sluicegate.auth.subscriptions import Subscription, SubscriptionState
-from sluicegate.auth.tokens import TokenError, TokenFailure
 from sluicegate.clock import Clock
 from sluicegate.proxy import errors
 from sluicegate.proxy.asgi import (
@@ -46,6 +44,10 @@ from sluicegate.routing.router import Router
 from sluicegate.runtime import Runtime
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.headers import strip_key_from_query
+
+if TYPE_CHECKING:
+    # Imported where used: PyJWT and cryptography load only when tokens are accepted.
+    from sluicegate.auth.bearer import TokenAuthenticator
 
 log = logging.getLogger("sluicegate.proxy")
 
@@ -254,6 +256,8 @@ class Pipeline:
         self, ctx: RequestContext, token: str
     ) -> tuple[Subscription, str | None]:
         """The subscription a bearer JWT maps to, and the caller's identity."""
+        from sluicegate.auth.tokens import TokenError, TokenFailure
+
         if self.tokens is None:
             raise GatewayError(
                 401,
@@ -280,6 +284,8 @@ class Pipeline:
     def _credentials_disagree(
         self, ctx: RequestContext, key_sub: str, token_sub: str
     ) -> GatewayError:
+        from sluicegate.auth.tokens import TokenError, TokenFailure
+
         exc = TokenError(
             TokenFailure.CREDENTIALS_DISAGREE,
             f"The subscription key belongs to subscription {key_sub}, but the token maps to "

@@ -1,0 +1,19 @@
+"""A gateway that does not use them does not load the heavy optional libraries: PyJWT and
+cryptography (tokens), Redis (cluster mode), Alembic (migrations) cost ~30 MiB per worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_the_serving_modules_leave_optional_libraries_unloaded() -> None:
+    probe = (
+        "import sys; import sluicegate.server, sluicegate.app, sluicegate.gateway, "
+        "sluicegate.admin.mount, sluicegate.cli.main; "
+        "print(sorted(m for m in ('jwt', 'cryptography', 'redis', 'alembic') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
