@@ -96,54 +96,59 @@ class MemoryStore:
         with self._lock:
             if now_ms >= self._next_sweep_ms:
                 self._sweep(now_ms)
-            states: list[CounterState] = []
-            allowed = True
+            # First pass: find each counter's window and whether it has room. States are
+            # only built for the answer actually given (refusal or charge): this runs on
+            # every request.
             windows: list[_Sliding | _Fixed] = []
+            found: list[tuple[int, int, int]] = []  # (used, retry_after_ms, slot)
+            allowed = True
+            sliding_map, fixed_map = self._sliding, self._fixed
             for counter in counters:
-                need = max(counter.cost, 1)
+                need = counter.cost if counter.cost > 1 else 1
+                limit = counter.limit
                 if counter.kind == "sliding":
-                    sliding = self._sliding.get(counter.name)
+                    bucket_ms = counter.bucket_ms
+                    sliding = sliding_map.get(counter.name)
                     if sliding is None:
-                        sliding = self._sliding[counter.name] = _Sliding(
-                            counter.window_ms, counter.bucket_ms
-                        )
-                    n = counter.window_ms // counter.bucket_ms
-                    current = now_ms // counter.bucket_ms
-                    sliding.evict(current - n + 1)
+                        sliding = sliding_map[counter.name] = _Sliding(counter.window_ms, bucket_ms)
+                    n = counter.window_ms // bucket_ms
+                    current = now_ms // bucket_ms
+                    buckets = sliding.buckets
+                    if buckets and buckets[0][0] <= current - n:
+                        sliding.evict(current - n + 1)
                     windows.append(sliding)
                     used, slot = sliding.total, current
-                    if used + need <= counter.limit:
+                    if used + need <= limit:
                         retry = 0
-                    elif need > counter.limit:
+                    elif need > limit:
                         retry = NEVER
                     else:
-                        retry = sliding.retry_after_ms(
-                            need, counter.limit, counter.bucket_ms, n, now_ms
-                        )
+                        retry = sliding.retry_after_ms(need, limit, bucket_ms, n, now_ms)
                 else:
-                    fixed = self._fixed.get(counter.name)
+                    fixed = fixed_map.get(counter.name)
                     if fixed is None:
-                        fixed = self._fixed[counter.name] = _Fixed(counter.end_ms + FIXED_GRACE_MS)
+                        fixed = fixed_map[counter.name] = _Fixed(counter.end_ms + FIXED_GRACE_MS)
                     windows.append(fixed)
                     used, slot = fixed.used, 0
-                    if used + need <= counter.limit:
+                    if used + need <= limit:
                         retry = 0
-                    elif need > counter.limit:
+                    elif need > limit:
                         retry = NEVER
                     else:
                         retry = max(counter.end_ms - now_ms, 0)
                 if retry != 0:
                     allowed = False
-                states.append(CounterState(used, retry, slot))
+                found.append((used, retry, slot))
             if not allowed:
-                return StoreResult(False, tuple(states), self.origin)
+                return StoreResult(
+                    False, tuple([CounterState(u, r, s) for u, r, s in found]), self.origin
+                )
             charged: list[CounterState] = []
-            for counter, window, state in zip(counters, windows, states, strict=True):
+            for counter, window, (_, _, slot) in zip(counters, windows, found, strict=True):
                 cost = counter.cost
                 if isinstance(window, _Sliding):
                     # A zero cost still opens its bucket, so that a later settle lands.
                     buckets = window.buckets
-                    slot = state.slot
                     if buckets and buckets[-1][0] >= slot:
                         # Same bucket, or the clock stepped back: add to the newest one.
                         buckets[-1][1] += cost
