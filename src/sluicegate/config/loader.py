@@ -79,13 +79,24 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
 
 def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list[str]:
     """Problems only visible at start: secrets named in the file but missing from the
-    environment. ``config check`` reports them as warnings, ``serve`` refuses to start."""
+    environment. ``config check`` reports them as warnings, ``serve`` refuses to start.
+    (Whether a Key Vault secret can be read is found out when the gateway starts.)"""
     problems: list[str] = []
     for i, backend in enumerate(config.backends):
-        if backend.auth.type == "api-key" and backend.auth.key_env not in environ:
+        auth = backend.auth
+        if auth.type == "api-key" and auth.key_env and auth.key_env not in environ:
             problems.append(
-                f"backends[{i}].auth.key_env: environment variable "
-                f"{backend.auth.key_env} is not set"
+                f"backends[{i}].auth.key_env: environment variable {auth.key_env} is not set"
+            )
+        vault = auth.key_vault
+        if (
+            vault is not None
+            and vault.credential == "service-principal"
+            and vault.client_secret_env not in environ
+        ):
+            problems.append(
+                f"backends[{i}].auth.key_vault.client_secret_env: environment variable "
+                f"{vault.client_secret_env} is not set"
             )
     if config.mode == "cluster" and config.security.key_secret_env not in environ:
         problems.append(

@@ -43,10 +43,99 @@ class ListenConfig(_Strict):
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
-class BackendAuthConfig(_Strict):
+#: What an Entra ID identity can be (backend auth types, and a Key Vault reference's credential).
+EntraIdentityType = Literal["managed-identity", "workload-identity", "service-principal"]
+
+
+class EntraIdentityConfig(_Strict):
+    """The fields that choose an Entra ID identity, shared by a backend's ``auth`` section and
+    a Key Vault reference (``auth.key_vault``): ``identity_type`` says which kind, and
+    ``upstream.identity.credential_for`` builds the ``azure-identity`` credential from them."""
+
+    #: User-assigned managed identity, workload identity or service principal (app) id.
+    client_id: str | None = None
+    tenant_id: str | None = None
+    #: Environment variable holding a service principal's client secret.
+    client_secret_env: str | None = None
+    #: Entra ID authority, e.g. ``https://login.microsoftonline.us`` for Azure Government
+    #: (default: public cloud). Not used by managed identity (its endpoint is local).
+    authority_host: str | None = None
+
+    @property
+    def identity_type(self) -> str:
+        raise NotImplementedError
+
+    def _identity_problem(self, kind: str) -> str | None:
+        """What is wrong with the identity fields for an identity of ``kind``, if anything."""
+        if kind == "service-principal" and not (
+            self.tenant_id and self.client_id and self.client_secret_env
+        ):
+            return f"{kind} needs tenant_id, client_id and client_secret_env"
+        if self.authority_host is not None and not self.authority_host.startswith("https://"):
+            return "authority_host must be an https:// URL"
+        return None
+
+
+#: Key Vault secret names: 1-127 letters, digits and dashes.
+_SECRET_NAME = r"^[0-9A-Za-z-]{1,127}$"
+
+
+class KeyVaultSecretConfig(EntraIdentityConfig):
+    """An api-key held as an Azure Key Vault secret (``auth.key_vault``).
+
+    The secret is read when the gateway starts (it refuses to start if it cannot be), then
+    again every ``refresh_seconds`` in the background, so that a rotated key (a new version
+    of the secret) is used without a restart. ``version`` pins one version of the secret,
+    which never changes: it is read once. ``credential`` is the Entra ID identity the gateway
+    reads the vault as (it needs the *get* permission on secrets: the "Key Vault Secrets
+    User" role, or an access policy), with ``client_id``/``tenant_id``/``client_secret_env``
+    as for a backend's own ``auth``; the token's scope comes from the vault's challenge.
+    """
+
+    #: The vault, e.g. ``https://myvault.vault.azure.net``.
+    vault_url: str
+    #: The secret's name in the vault.
+    secret: str = Field(pattern=_SECRET_NAME)
+    #: A fixed version (read once); None: the current version, re-read every refresh.
+    version: str | None = Field(default=None, pattern=r"^[0-9A-Za-z]{1,64}$")
+    refresh_seconds: float = Field(default=3600.0, gt=0)
+    credential: EntraIdentityType = "managed-identity"
+
+    @field_validator("vault_url")
+    @classmethod
+    def _vault_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.path.strip("/"):
+            raise ValueError(
+                f"must be the vault's https:// URL without a path (https://NAME.vault.azure.net),"
+                f" got {value!r}"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _identity(self) -> KeyVaultSecretConfig:
+        problem = self._identity_problem(self.credential)
+        if problem:
+            raise ValueError(f"credential {problem}")
+        return self
+
+    @property
+    def identity_type(self) -> str:
+        return self.credential
+
+    @property
+    def reference(self) -> str:
+        """The secret as Azure names it (vault URL, secret and version if pinned): for
+        messages, never holding the value."""
+        suffix = f"/{self.version}" if self.version else ""
+        return f"{self.vault_url}/secrets/{self.secret}{suffix}"
+
+
+class BackendAuthConfig(EntraIdentityConfig):
     """How the gateway authenticates to a backend.
 
-    ``api-key``: the key is read from the environment variable ``key_env`` at start.
+    ``api-key``: the key is read from the environment variable ``key_env`` at start, or from
+    an Azure Key Vault secret (``key_vault``, see ``KeyVaultSecretConfig``); exactly one.
     ``none``: nothing is added (an OpenAI-compatible server without auth).
     ``managed-identity``: an Entra ID token from the host's managed identity (system-assigned,
     or user-assigned with ``client_id``; in AKS with workload identity configured, that).
@@ -60,34 +149,37 @@ class BackendAuthConfig(_Strict):
         "api-key", "none", "managed-identity", "workload-identity", "service-principal"
     ] = "api-key"
     key_env: str | None = None
+    key_vault: KeyVaultSecretConfig | None = None
     header: str = "api-key"
-    #: User-assigned managed identity, workload identity or service principal (app) id.
-    client_id: str | None = None
-    tenant_id: str | None = None
-    #: Environment variable holding a service principal's client secret.
-    client_secret_env: str | None = None
-    #: Entra ID authority, e.g. ``https://login.microsoftonline.us`` for Azure Government
-    #: (default: public cloud). Not used by managed identity (its endpoint is local).
-    authority_host: str | None = None
     scope: str = COGNITIVE_SERVICES_SCOPE
     #: Refresh a token this many seconds before it expires (at most half its lifetime).
     refresh_before_seconds: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _key_env_for_api_key(self) -> BackendAuthConfig:
-        if self.type == "api-key" and not self.key_env:
+        if self.type == "api-key":
+            if self.key_env and self.key_vault is not None:
+                raise ValueError(
+                    "auth type api-key takes the key from key_env or from key_vault, not both"
+                )
+            if not self.key_env and self.key_vault is None:
+                raise ValueError(
+                    "auth type api-key needs key_env (the environment variable that holds the "
+                    "key) or key_vault (an Azure Key Vault secret that holds it)"
+                )
+        elif self.key_vault is not None:
             raise ValueError(
-                "auth type api-key needs key_env: the environment variable that holds the key"
+                f"key_vault is for auth type api-key (the key to send), not {self.type}; the "
+                "vault's own identity goes in key_vault.credential"
             )
-        if self.type == "service-principal" and not (
-            self.tenant_id and self.client_id and self.client_secret_env
-        ):
-            raise ValueError(
-                "auth type service-principal needs tenant_id, client_id and client_secret_env"
-            )
-        if self.authority_host is not None and not self.authority_host.startswith("https://"):
-            raise ValueError("authority_host must be an https:// URL")
+        problem = self._identity_problem(self.type)
+        if problem:
+            raise ValueError(f"auth type {problem}")
         return self
+
+    @property
+    def identity_type(self) -> str:
+        return self.type
 
     @property
     def entra(self) -> bool:

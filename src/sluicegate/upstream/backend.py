@@ -1,9 +1,10 @@
 """A backend: its base URL, its credentials and a pooled HTTP client.
 
 One ``aiohttp.ClientSession`` per backend keeps connections alive between requests. The
-backend's key is read once at start and held only here; ``repr`` never shows it. Backends
-authenticated with Entra ID hold a ``TokenSource`` (upstream/identity.py) that keeps a bearer
-token fresh in the background.
+backend's key is read once at start — from the environment, or from Azure Key Vault by a
+``VaultKey`` (upstream/keyvault.py) that re-reads it in the background — and held only here;
+``repr`` never shows it. Backends authenticated with Entra ID hold a ``TokenSource``
+(upstream/identity.py) that keeps a bearer token fresh in the background.
 
 Timeouts: the session bounds only the TCP connect (``timeouts.connect``); the relay enforces
 ``first_byte`` (until the status line, and for streams until the first chunk) and
@@ -21,6 +22,7 @@ import aiohttp
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import BackendConfig
 from sluicegate.upstream.identity import TokenSource, credential_for
+from sluicegate.upstream.keyvault import VaultKey
 
 
 class Backend:
@@ -38,7 +40,14 @@ class Backend:
         self.base_url = config.url
         self.kind = config.kind
         self.auth_headers: list[tuple[str, str]] = []
-        if config.auth.type == "api-key":
+        #: The api-key when it comes from Key Vault (read by ``open()``, then kept current).
+        self.vault_key: VaultKey | None = None
+        if config.auth.type == "api-key" and config.auth.key_vault is not None:
+            try:
+                self.vault_key = VaultKey(config.auth.key_vault, env, name=config.name)
+            except Exception as exc:
+                raise RuntimeError(f"backend {config.name}: {exc}") from None
+        elif config.auth.type == "api-key":
             assert config.auth.key_env is not None
             key = env.get(config.auth.key_env)
             if not key:
@@ -87,6 +96,9 @@ class Backend:
     async def request_auth(self) -> list[tuple[str, str]]:
         """The headers that authenticate one request (a held token is read without I/O;
         raises ``BackendAuthError`` when no token can be had)."""
+        if self.vault_key is not None:
+            # The key held now: a rotation read in the background applies from here on.
+            return [(self.config.auth.header.lower(), self.vault_key.value)]
         if self.token_source is None:
             return self.auth_headers
         return [("authorization", "Bearer " + await self.token_source.token())]
@@ -98,6 +110,10 @@ class Backend:
         return self._session
 
     async def open(self) -> None:
+        """Read the Key Vault key (raising ``VaultKeyError`` if it cannot be: nothing is open
+        then), open the session and start the background refreshes."""
+        if self.vault_key is not None:
+            await self.vault_key.start()
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
             keepalive_timeout=30,
@@ -114,6 +130,8 @@ class Backend:
             await self.token_source.start()
 
     async def close(self) -> None:
+        if self.vault_key is not None:
+            await self.vault_key.aclose()
         if self.token_source is not None:
             await self.token_source.aclose()
         if self._session is not None:
@@ -121,9 +139,12 @@ class Backend:
             self._session = None
 
     def secrets(self) -> list[str]:
-        """The secret values this backend holds (for tests that prove none leaks)."""
+        """The secret values this backend holds or has held (for tests that prove none
+        leaks): its key — every value read from Key Vault since start, rotated-out ones
+        included — or its current Entra ID token."""
         held = self.token_source.held if self.token_source is not None else None
-        return [value for _, value in self.auth_headers] + ([held.value] if held else [])
+        vault = self.vault_key.seen() if self.vault_key is not None else []
+        return [value for _, value in self.auth_headers] + vault + ([held.value] if held else [])
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, url={self.base_url!r}, in_flight={self.in_flight})"

@@ -1,8 +1,9 @@
 """Entra ID tokens for backends: managed identity, workload identity or a service principal.
 
 ``credential_for(auth, environ)`` builds the ``azure-identity`` credential a backend's
-``auth`` section asks for; ``TokenSource`` holds that backend's current token and refreshes it
-in a background task before it expires, so the request path only reads a string:
+``auth`` section (or a Key Vault reference's ``credential``) asks for; ``TokenSource`` holds
+that backend's current token and refreshes it in a background task before it expires, so the
+request path only reads a string:
 
 * a token is refreshed ``refresh_before`` seconds before it expires (at most half its lifetime
   into it, so short-lived tokens are refreshed too); a failed refresh is retried with backoff
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sluicegate.clock import Clock
-from sluicegate.config.model import BackendAuthConfig
+from sluicegate.config.model import EntraIdentityConfig
 
 log = logging.getLogger("sluicegate.upstream")
 
@@ -55,8 +56,9 @@ class HeldToken:
     fetched_at: float
 
 
-def credential_for(auth: BackendAuthConfig, environ: Mapping[str, str]) -> TokenCredential:
-    """The ``azure-identity`` credential for an Entra ``auth`` section (see BackendAuthConfig).
+def credential_for(auth: EntraIdentityConfig, environ: Mapping[str, str]) -> TokenCredential:
+    """The ``azure-identity`` credential for an Entra identity: a backend's ``auth`` section
+    or a Key Vault reference (``auth.identity_type`` says which kind; see EntraIdentityConfig).
 
     ``environ`` supplies the service principal's secret and workload identity's variables;
     ``ManagedIdentityCredential`` itself reads ``os.environ`` (its endpoint variables).
@@ -70,9 +72,10 @@ def credential_for(auth: BackendAuthConfig, environ: Mapping[str, str]) -> Token
     kwargs: dict[str, Any] = {}
     if auth.authority_host:
         kwargs["authority"] = auth.authority_host
-    if auth.type == "managed-identity":
+    kind = auth.identity_type
+    if kind == "managed-identity":
         return ManagedIdentityCredential(client_id=auth.client_id)
-    if auth.type == "workload-identity":
+    if kind == "workload-identity":
         tenant = auth.tenant_id or environ.get("AZURE_TENANT_ID")
         client = auth.client_id or environ.get("AZURE_CLIENT_ID")
         token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE")
@@ -84,7 +87,7 @@ def credential_for(auth: BackendAuthConfig, environ: Mapping[str, str]) -> Token
         return WorkloadIdentityCredential(
             tenant_id=tenant, client_id=client, token_file_path=token_file, **kwargs
         )
-    if auth.type == "service-principal":
+    if kind == "service-principal":
         assert auth.tenant_id and auth.client_id and auth.client_secret_env
         secret = environ.get(auth.client_secret_env)
         if not secret:
@@ -93,7 +96,7 @@ def credential_for(auth: BackendAuthConfig, environ: Mapping[str, str]) -> Token
                 "secret) is not set"
             )
         return ClientSecretCredential(auth.tenant_id, auth.client_id, secret, **kwargs)
-    raise ValueError(f"auth type {auth.type!r} does not use Entra ID")
+    raise ValueError(f"auth type {kind!r} does not use Entra ID")
 
 
 def refresh_delay(token: HeldToken, now: float, refresh_before: float) -> float:
