@@ -19,34 +19,13 @@ from pydantic import ValidationError
 
 from sluicegate.config.admin import AdminEntraConfig
 from sluicegate.simulator.server import SimulatorThread
+from tests.admin.entra import ADMIN_APP, ADMIN_GROUP, ADMIN_ROLE, admin_section, metric
 from tests.admin.harness import ADMIN_TOKEN, ADMIN_TOKEN_ENV, admin_gateway
 from tests.auth.harness import EntraHarness, entra_gateway, oidc_section
 from tests.integration.conftest import sim_config
 from tests.support.idp import AUDIENCE, TestIdentityProvider
 
-ADMIN_APP = "5f0c8a2e-0000-4000-8000-00000000ad01"  # the admin app registration
-ADMIN_GROUP = "a1a1a1a1-0000-4000-8000-000000000001"
-ADMIN_ROLE = "Gateway.Admin"
 CLIENT_APP = str(uuid.uuid4())  # a client application, mapped by the client token rules
-
-
-def admin_section(idp: TestIdentityProvider, **overrides: Any) -> dict[str, Any]:
-    entra: dict[str, Any] = {
-        "discovery_url": idp.discovery_url,
-        "client_id": ADMIN_APP,
-        "groups": [ADMIN_GROUP],
-        "roles": [ADMIN_ROLE],
-    }
-    entra.update(overrides)
-    return {"token_env": ADMIN_TOKEN_ENV, "entra": entra}
-
-
-def metric(text: str, reason: str) -> float:
-    prefix = f'sluicegate_auth_failures_total{{reason="{reason}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return 0.0
 
 
 @pytest.fixture
