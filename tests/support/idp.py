@@ -23,10 +23,12 @@ unknown client or a redirect URI that is not registered (as Entra ID does); it r
 with ``error`` for anything else that is wrong (``response_type`` not ``code``, no S256 PKCE
 challenge, no ``openid`` scope). Otherwise it approves at once, as the user chosen with
 ``sign_in_as(claims)``; ``refuse_sign_in(error, description)`` makes the next one come back
-with an error instead. ``/token`` checks the code (once only, for the same client and
-redirect URI), the PKCE verifier and, for a confidential client, the secret, and returns an
-``id_token`` (``aud`` = client id, the request's ``nonce``, the user's claims such as
-``groups`` and ``roles``) and an ``access_token``. ``token_requests`` keeps the forms posted.
+with an error instead (with ``interactive`` set, the way back is a "Continue" link on a page
+of the provider's, as after a real sign-in). ``/token`` checks the code (once only, for the
+same client and redirect URI), the PKCE verifier and, for a confidential client, the secret,
+and returns an ``id_token`` (``aud`` = client id, the request's ``nonce``, the user's claims
+such as ``groups`` and ``roles``) and an ``access_token``. ``token_requests`` keeps the forms
+posted.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import html
 import json
 import secrets
 import socket
@@ -142,6 +145,9 @@ class TestIdentityProvider:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self.port = port
+        #: ``/authorize`` answers with a page whose "Continue" link (``#continue``) goes back
+        #: to the app, instead of redirecting at once (for browser tests).
+        self.interactive = False
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -279,9 +285,14 @@ class TestIdentityProvider:
         def back(**params: str) -> web.Response:
             if "state" in q:
                 params["state"] = q["state"]
-            return web.Response(
-                status=302, headers={"Location": f"{redirect_uri}?{urlencode(params)}"}
-            )
+            location = f"{redirect_uri}?{urlencode(params)}"
+            if self.interactive:
+                # A sign-in page the user moves on from: the way back to the gateway is then
+                # a navigation started by this (cross-site) page, as with a real sign-in.
+                link = f'<a id="continue" href="{html.escape(location)}">Continue</a>'
+                page = f"<!doctype html><title>Sign in</title>{link}"
+                return web.Response(text=page, content_type="text/html")
+            return web.Response(status=302, headers={"Location": location})
 
         if q.get("response_type") != "code":
             return back(error="unsupported_response_type", error_description="use code")
