@@ -130,9 +130,11 @@ def test_failed_sign_ins(
     tmp_path: Path, idp: TestIdentityProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A public client (no secret) with a configured redirect URI (as behind a proxy: the
-    identity provider sends the browser to that address, the test brings the query here)."""
+    identity provider sends the browser to that address, the test brings the query here). It
+    is http (loopback) because the test talks plain HTTP: an https one makes the sign-in cookie
+    Secure, which an HTTP client rightly does not send back over http."""
     caplog.set_level(logging.INFO, logger="sluicegate.admin")
-    public = "https://gateway.example.test/dashboard/auth/callback"
+    public = "http://localhost/dashboard/auth/callback"
     with admin_gateway(tmp_path, admin=admin_section(idp, redirect_uri=public)) as h:
         idp.register_client(ADMIN_APP, [public])
 
@@ -224,3 +226,16 @@ def test_sign_in_needs_its_secret(tmp_path: Path, idp: TestIdentityProvider) -> 
         r = httpx.get(f"{h.url}/dashboard/auth/start", timeout=30)
         assert r.status_code == 503 and "SG_TEST_NO_SUCH_SECRET" in r.text
         assert h.api.get("/products").status_code == 200
+
+
+def test_sign_in_cookie_is_secure_behind_a_tls_proxy(
+    tmp_path: Path, idp: TestIdentityProvider
+) -> None:
+    """The gateway speaks http to a TLS-terminating proxy; the public redirect URI is https:
+    the pending sign-in cookie is Secure (the browser reaches the callback over https)."""
+    public = "https://gateway.example.test/dashboard/auth/callback"
+    with admin_gateway(tmp_path, admin=admin_section(idp, redirect_uri=public)) as h:
+        r = httpx.get(f"{h.url}/dashboard/auth/start", timeout=30)
+        assert r.status_code == 303
+        assert parse_qs(urlsplit(r.headers["location"]).query)["redirect_uri"] == [public]
+        assert "; secure" in r.headers["set-cookie"].lower()

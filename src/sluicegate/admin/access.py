@@ -114,9 +114,12 @@ class AdminAccess:
             return AdminCaller("token")
         if not looks_like_jwt(value):
             raise self._denied(
-                401, "Unauthorized", f"that is not the admin token: {_HOW}",
-                AdminFailure.TOKEN_INVALID, client,
-            )  # fmt: skip
+                401,
+                "Unauthorized",
+                f"that is not the admin token: {_HOW}",
+                AdminFailure.TOKEN_INVALID,
+                client,
+            )
         if self.entra is None:
             raise self._denied(
                 401,
@@ -165,6 +168,7 @@ class AdminAccess:
         caller: str | None = None,
     ) -> None:
         """Count and log one failed admin authentication (without the credential)."""
+        reason = str(reason)  # an AdminFailure member logs and labels as its plain value
         if self._on_failure is not None:
             self._on_failure(reason)
         extra: dict[str, object] = {

@@ -74,7 +74,8 @@ def _samples(gateway: Gateway) -> list[BackendSample]:
 
 
 class AdminGatewayApp(GatewayApp):
-    """``GatewayApp`` whose lifespan also runs the rollup job."""
+    """``GatewayApp`` whose lifespan also runs the rollup job (and the admin side's Entra ID
+    validator, with ``admin.entra``)."""
 
     def __init__(
         self, gateway: Gateway, admin_app: Any, job: RollupJob, entra: AdminEntra | None = None

@@ -278,8 +278,9 @@ class Dashboard:
             return self._login_page(request, self.auth.problem, 503)
         if self.signin.entra.problem:
             return self._signin_error(request, 503, self.signin.entra.problem)
+        redirect_uri = self._redirect_uri(request)
         try:
-            url, pending = await self.signin.begin(self._redirect_uri(request))
+            url, pending = await self.signin.begin(redirect_uri)
         except SignInError as exc:
             return self._signin_error(request, exc.status, exc.message)
         response = RedirectResponse(url, 303)
@@ -292,7 +293,9 @@ class Dashboard:
             # Lax, not Strict: the callback is a navigation coming from the identity
             # provider's site, which does not carry Strict cookies.
             samesite="lax",
-            secure=request.url.scheme == "https",
+            # The cookie comes back at the redirect URI: https there (a TLS-terminating proxy
+            # in front) means https for the browser, whatever this request's scheme is.
+            secure=request.url.scheme == "https" or redirect_uri.startswith("https://"),
         )
         return response
 
