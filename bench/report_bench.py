@@ -38,8 +38,12 @@ from sluicegate.storage.migrations import migrate
 from sluicegate.storage.schema import usage_records
 
 MONTH = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
-DEPLOYMENTS = [("gpt-4o-mini", "east"), ("gpt-4o", "east"), ("gpt-4o-ptu", "ptu"),
-               ("text-embedding-3-small", "east")]
+DEPLOYMENTS = [
+    ("gpt-4o-mini", "east"),
+    ("gpt-4o", "east"),
+    ("gpt-4o-ptu", "ptu"),
+    ("text-embedding-3-small", "east"),
+]
 CONFIG: dict[str, Any] = {
     "backends": [{"name": "east", "url": "http://e"}, {"name": "ptu", "url": "http://p"}],
     "deployments": [
@@ -51,14 +55,19 @@ CONFIG: dict[str, Any] = {
     "products": [{"name": "standard"}],
     "prices": [
         {"deployment": "gpt-4o-mini", "input": 0.15, "cached_input": 0.075, "output": 0.6},
-        {"deployment": "gpt-4o-mini", "input": 0.10, "output": 0.4,
-         "effective_from": "2026-03-15T12:00:00Z"},
+        {
+            "deployment": "gpt-4o-mini",
+            "input": 0.10,
+            "output": 0.4,
+            "effective_from": "2026-03-15T12:00:00Z",
+        },
         {"model": "gpt-4o", "input": 2.5, "cached_input": 1.25, "output": 10},
         {"model": "text-embedding-3-small", "input": 0.02},
     ],
     "ptu": [{"backend": "ptu", "monthly_cost": 26000}],
-    "ptu_quotes": [{"model": "gpt-4o-mini", "unit_monthly_cost": 260,
-                    "tokens_per_minute_per_unit": 23750}],
+    "ptu_quotes": [
+        {"model": "gpt-4o-mini", "unit_monthly_cost": 260, "tokens_per_minute_per_unit": 23750}
+    ],
 }
 
 
@@ -79,14 +88,29 @@ def rows(n: int, start: int, seed: int, at: float | None = None) -> list[dict[st
         completion = 0 if dep.startswith("text") else rnd.randrange(5, 800)
         out.append(
             {
-                "request_id": f"b{k:09d}", "attempt": 1, "ts": ts,
-                "subscription_id": f"sub_{sub:05d}", "owner": f"team-{sub % 50:02d}",
-                "product": "standard", "deployment": dep, "backend": backend,
-                "operation": "chat/completions", "status": 200, "outcome": "ok",
-                "model": dep, "prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion, "cached_tokens": prompt // 4,
-                "reasoning_tokens": 0, "streamed": k % 3 == 0, "usage_estimated": False,
-                "ttfb_ms": 120.0, "duration_ms": 900.0, "caller": None, "error_code": None,
+                "request_id": f"b{k:09d}",
+                "attempt": 1,
+                "ts": ts,
+                "subscription_id": f"sub_{sub:05d}",
+                "owner": f"team-{sub % 50:02d}",
+                "product": "standard",
+                "deployment": dep,
+                "backend": backend,
+                "operation": "chat/completions",
+                "status": 200,
+                "outcome": "ok",
+                "model": dep,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "cached_tokens": prompt // 4,
+                "reasoning_tokens": 0,
+                "streamed": k % 3 == 0,
+                "usage_estimated": False,
+                "ttfb_ms": 120.0,
+                "duration_ms": 900.0,
+                "caller": None,
+                "error_code": None,
                 "extra": "{}",
             }
         )
@@ -137,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         run = rollups.catch_up()
         results["rollup_build_seconds"] = round(time.perf_counter() - t, 1)
-        print(f"{'rollups built (' + str(run.hours) + ' hours)':<48} "
-              f"{results['rollup_build_seconds']:10.1f} s", flush=True)
+        print(
+            f"{'rollups built (' + str(run.hours) + ' hours)':<48} "
+            f"{results['rollup_build_seconds']:10.1f} s",
+            flush=True,
+        )
     else:
         rollups.catch_up()
 
@@ -158,14 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (last report: {len(report.rows)} rows, total {report.total.total_tokens:,} tokens)")
     timed(
         "report, unaligned range (edge hours + days)",
-        lambda: charge_report(engine, prices, start=MONTH + 5.3 * 3600, end=end - 7.7 * 3600,
-                              by="owner"),
+        lambda: charge_report(
+            engine, prices, start=MONTH + 5.3 * 3600, end=end - 7.7 * 3600, by="owner"
+        ),
         results,
     )
     timed(
         "one subscription's month",
-        lambda: charge_report(engine, prices, start=MONTH, end=end, by="model",
-                              subscription_id="sub_00042"),
+        lambda: charge_report(
+            engine, prices, start=MONTH, end=end, by="model", subscription_id="sub_00042"
+        ),
         results,
     )
     timed(
@@ -175,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     timed(
         "hourly series by model, last 24 h",
-        lambda: usage_series(engine, prices, start=now - 86400, end=now, granularity="hour",
-                             by="model"),
+        lambda: usage_series(
+            engine, prices, start=now - 86400, end=now, granularity="hour", by="model"
+        ),
         results,
     )
     timed("forecast page (50 subscriptions)", lambda: forecast(engine, prices, now), results)
