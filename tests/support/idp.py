@@ -11,6 +11,24 @@ and makes it the signing key; ``unpublished_key()`` makes one the JWKS does not 
 ``issue()`` signs tokens with chosen claims; ``forge_none()`` and ``forge_hmac()`` make the
 classic attacks (``alg: none``; HS256 keyed with the public key). ``jwks_hits`` counts fetches
 of the key set.
+
+It also signs users in, like Entra ID's v2.0 endpoints (authorization code flow)::
+
+    GET  /{tenant}/oauth2/v2.0/authorize  → 302 to redirect_uri?code=…&state=…
+    POST /{tenant}/oauth2/v2.0/token      → {"id_token": …, "access_token": …, …}
+
+``register_client(client_id, redirect_uris, secret=None)`` registers an app (a confidential
+client when it has a secret). ``/authorize`` answers 400 itself, without redirecting, for an
+unknown client or a redirect URI that is not registered (as Entra ID does); it redirects back
+with ``error`` for anything else that is wrong (``response_type`` not ``code``, no S256 PKCE
+challenge, no ``openid`` scope). Otherwise it approves at once, as the user chosen with
+``sign_in_as(claims)``; ``refuse_sign_in(error, description)`` makes the next one come back
+with an error instead (with ``interactive`` set, the way back is a "Continue" link on a page
+of the provider's, as after a real sign-in). ``/token`` checks the code (once only, for the
+same client and redirect URI), the PKCE verifier and, for a confidential client, the secret,
+and returns an ``id_token`` (``aud`` = client id, the request's ``nonce``, the user's claims
+such as ``groups`` and ``roles``) and an ``access_token``. ``token_requests`` keeps the forms
+posted.
 """
 
 from __future__ import annotations
@@ -19,13 +37,16 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import html
 import json
+import secrets
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -75,11 +96,38 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+#: The resource Entra ID issues the access token of an ``openid profile`` sign-in for.
+GRAPH = "00000003-0000-0000-c000-000000000000"
+
+
+@dataclass
+class _Client:
+    redirect_uris: tuple[str, ...]
+    secret: str | None
+
+
+@dataclass
+class _Grant:
+    """An authorization code's context, until it is redeemed."""
+
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    nonce: str | None
+    user: dict[str, Any]
+    expires: float
+
+
 @dataclass
 class _State:
     keys: list[SigningKey] = field(default_factory=list)
     jwks_hits: int = 0
     discovery_hits: int = 0
+    clients: dict[str, _Client] = field(default_factory=dict)
+    user: dict[str, Any] | None = None
+    refusal: tuple[str, str] | None = None
+    grants: dict[str, _Grant] = field(default_factory=dict)
+    token_requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -97,6 +145,9 @@ class TestIdentityProvider:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self.port = port
+        #: ``/authorize`` answers with a page whose "Continue" link (``#continue``) goes back
+        #: to the app, instead of redirecting at once (for browser tests).
+        self.interactive = False
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -115,6 +166,19 @@ class TestIdentityProvider:
     @property
     def jwks_url(self) -> str:
         return f"{self.base_url}/{self.tenant}/discovery/v2.0/keys"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self.base_url}/{self.tenant}/oauth2/v2.0/authorize"
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.base_url}/{self.tenant}/oauth2/v2.0/token"
+
+    @property
+    def token_requests(self) -> list[dict[str, str]]:
+        with self._state.lock:
+            return list(self._state.token_requests)
 
     @property
     def jwks_hits(self) -> int:
@@ -148,6 +212,8 @@ class TestIdentityProvider:
         app = web.Application()
         app.router.add_get(f"/{self.tenant}/v2.0/.well-known/openid-configuration", self._discovery)
         app.router.add_get(f"/{self.tenant}/discovery/v2.0/keys", self._jwks)
+        app.router.add_get(f"/{self.tenant}/oauth2/v2.0/authorize", self._authorize)
+        app.router.add_post(f"/{self.tenant}/oauth2/v2.0/token", self._token)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = socket.socket()
@@ -162,8 +228,15 @@ class TestIdentityProvider:
             {
                 "issuer": self.issuer,
                 "jwks_uri": self.jwks_url,
-                "authorization_endpoint": f"{self.issuer}/authorize",
-                "token_endpoint": f"{self.issuer}/token",
+                "authorization_endpoint": self.authorization_endpoint,
+                "token_endpoint": self.token_endpoint,
+                "response_types_supported": ["code", "id_token", "code id_token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "client_secret_basic",
+                ],
+                "code_challenge_methods_supported": ["plain", "S256"],
                 "id_token_signing_alg_values_supported": ["RS256"],
             }
         )
@@ -173,6 +246,123 @@ class TestIdentityProvider:
             self._state.jwks_hits += 1
             keys = [k.jwk() for k in self._state.keys if k.published]
         return web.json_response({"keys": keys})
+
+    # -- signing users in --------------------------------------------------------------------
+
+    def register_client(
+        self, client_id: str, redirect_uris: list[str], secret: str | None = None
+    ) -> None:
+        """An app registration: its redirect URIs and, for a confidential client, a secret."""
+        with self._state.lock:
+            self._state.clients[client_id] = _Client(tuple(redirect_uris), secret)
+
+    def sign_in_as(self, claims: dict[str, Any]) -> None:
+        """Approve the next sign-ins as this user (``oid``, ``preferred_username``, ``groups``,
+        ``roles``, ...: the claims go into the ID token as given)."""
+        with self._state.lock:
+            self._state.user = dict(claims)
+            self._state.refusal = None
+
+    def refuse_sign_in(self, error: str = "access_denied", description: str = "") -> None:
+        """Send the next sign-in back with ``error`` (as when the user cancels)."""
+        with self._state.lock:
+            self._state.refusal = (error, description)
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        q = request.query
+        client_id, redirect_uri = q.get("client_id", ""), q.get("redirect_uri", "")
+        with self._state.lock:
+            client = self._state.clients.get(client_id)
+            user, refusal = self._state.user, self._state.refusal
+            self._state.refusal = None
+        if client is None:
+            return web.Response(status=400, text=f"AADSTS700016: unknown client {client_id!r}")
+        if redirect_uri not in client.redirect_uris:
+            return web.Response(
+                status=400, text=f"AADSTS50011: redirect URI {redirect_uri!r} not registered"
+            )
+
+        def back(**params: str) -> web.Response:
+            if "state" in q:
+                params["state"] = q["state"]
+            location = f"{redirect_uri}?{urlencode(params)}"
+            if self.interactive:
+                # A sign-in page the user moves on from: the way back to the gateway is then
+                # a navigation started by this (cross-site) page, as with a real sign-in.
+                link = f'<a id="continue" href="{html.escape(location)}">Continue</a>'
+                page = f"<!doctype html><title>Sign in</title>{link}"
+                return web.Response(text=page, content_type="text/html")
+            return web.Response(status=302, headers={"Location": location})
+
+        if q.get("response_type") != "code":
+            return back(error="unsupported_response_type", error_description="use code")
+        if q.get("code_challenge_method") != "S256" or not q.get("code_challenge"):
+            return back(error="invalid_request", error_description="PKCE S256 is required")
+        if "openid" not in q.get("scope", "").split():
+            return back(error="invalid_request", error_description="the openid scope is missing")
+        if refusal is not None:
+            return back(error=refusal[0], error_description=refusal[1])
+        if user is None:
+            return back(error="login_required", error_description="no test user signed in")
+        code = secrets.token_urlsafe(32)
+        with self._state.lock:
+            self._state.grants[code] = _Grant(
+                client_id, redirect_uri, q["code_challenge"], q.get("nonce"), user,
+                time.time() + 600,
+            )  # fmt: skip
+        return back(code=code)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        with self._state.lock:
+            self._state.token_requests.append(form)
+            grant = self._state.grants.pop(form.get("code", ""), None)  # one use only
+            client = self._state.clients.get(form.get("client_id", ""))
+
+        def fail(status: int, error: str, description: str) -> web.Response:
+            return web.json_response(
+                {"error": error, "error_description": description, "error_codes": [0]},
+                status=status,
+            )
+
+        if form.get("grant_type") != "authorization_code":
+            return fail(400, "unsupported_grant_type", "only authorization_code")
+        if client is None:
+            return fail(401, "invalid_client", "AADSTS700016: unknown client")
+        if client.secret is not None and not hmac.compare_digest(
+            form.get("client_secret", ""), client.secret
+        ):
+            return fail(401, "invalid_client", "AADSTS7000215: invalid client secret")
+        if grant is None or grant.expires < time.time():
+            return fail(400, "invalid_grant", "AADSTS70008: the code is unknown or was used")
+        if grant.client_id != form["client_id"] or grant.redirect_uri != form.get("redirect_uri"):
+            return fail(400, "invalid_grant", "AADSTS50148: client or redirect URI differ")
+        verifier = form.get("code_verifier", "").encode("ascii", "replace")
+        if _b64(hashlib.sha256(verifier).digest()) != grant.challenge:
+            return fail(400, "invalid_grant", "AADSTS501481: the code verifier does not match")
+        now = int(time.time())
+        id_claims = self.claims(
+            aud=grant.client_id,
+            iat=now,
+            nbf=now,
+            exp=now + 3600,
+            nonce=grant.nonce,
+            azp=None,
+            name="Test User",
+            preferred_username="user@example.test",
+        )
+        id_claims.update(grant.user)
+        access = self.claims(aud=GRAPH, azp=grant.client_id, scp="openid profile")
+        access.update({k: v for k, v in grant.user.items() if k in ("oid", "sub", "tid")})
+        return web.json_response(
+            {
+                "token_type": "Bearer",
+                "scope": "openid profile",
+                "expires_in": 3600,
+                "id_token": self.issue(id_claims),
+                "access_token": self.issue(access),
+            }
+        )
 
     # -- keys ------------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """The admin REST API (Starlette), mounted at ``/admin/api``.
 
-Every call needs ``Authorization: Bearer <admin token>`` (see ``admin.auth``), also the
-OpenAPI document at ``/admin/api/openapi.json``. Every handler parses and checks its input,
-runs one ``AdminService`` operation in a worker thread (they block on the database) and
-answers through a model of ``admin.schemas``. Errors are ``{"error": {"code", "message"}}``:
-401 without valid credentials, 404 for an unknown subscription or path, 409 for a change a
-cancelled subscription cannot take, 422 for invalid input, 503 when the admin API is disabled.
+Every call needs ``Authorization: Bearer <admin token>`` or, with ``admin.entra``, an Entra
+ID access token of an administrator (see ``admin.access``), also the OpenAPI document at
+``/admin/api/openapi.json``. Every handler parses and checks its input, runs one
+``AdminService`` operation in a worker thread (they block on the database) and answers
+through a model of ``admin.schemas``. Errors are ``{"error": {"code", "message"}}``: 401
+without valid credentials, 403 for a valid token of someone who is not an administrator, 404
+for an unknown subscription or path, 409 for a change a cancelled subscription cannot take,
+422 for invalid input, 503 when the admin API is disabled (or the IdP's keys are unavailable).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sluicegate.accounting.chargeback import DIMENSIONS, OTHER, ChargeReport
 from sluicegate.accounting.forecast import Projection
 from sluicegate.accounting.periods import month_start
 from sluicegate.admin import schemas
-from sluicegate.admin.auth import AdminAuth
+from sluicegate.admin.access import AdminAccess, AdminDenied
 from sluicegate.admin.openapi import Operation, openapi_document, param
 from sluicegate.admin.service import (
     AdminError,
@@ -56,6 +58,7 @@ def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Respo
 def error_response(status: int, message: str, code: str | None = None) -> Response:
     codes = {
         401: "Unauthorized",
+        403: "Forbidden",
         404: "NotFound",
         405: "MethodNotAllowed",
         409: "Conflict",
@@ -65,6 +68,26 @@ def error_response(status: int, message: str, code: str | None = None) -> Respon
     body = {"error": {"code": code or codes.get(status, str(status)), "message": message}}
     headers = {"WWW-Authenticate": 'Bearer realm="sluicegate-admin"'} if status == 401 else None
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def denied_response(exc: AdminDenied) -> Response:
+    """A refused admin request; token refusals say so in ``WWW-Authenticate`` (RFC 6750)."""
+    response = error_response(exc.status, exc.message, exc.code)
+    if exc.status == 401 and exc.code != "Unauthorized":
+        response.headers["WWW-Authenticate"] = (
+            'Bearer realm="sluicegate-admin", error="invalid_token"'
+        )
+    elif exc.status == 403:
+        response.headers["WWW-Authenticate"] = (
+            'Bearer realm="sluicegate-admin", error="insufficient_scope"'
+        )
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(int(exc.retry_after))
+    return response
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
 
 
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -169,9 +192,9 @@ def _no_currency(row: dict[str, Any]) -> dict[str, Any]:
 class AdminApi:
     """The handlers, bound to one service and one set of credentials."""
 
-    def __init__(self, service: AdminService, auth: AdminAuth) -> None:
+    def __init__(self, service: AdminService, access: AdminAccess) -> None:
         self.service = service
-        self.auth = auth
+        self.access = access
         self.operations = self._operations()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -179,12 +202,12 @@ class AdminApi:
     def guarded(self, handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
-            if not self.auth.enabled:
-                return error_response(503, self.auth.problem)
-            if not self.auth.check_authorization(request.headers.get("authorization")):
-                return error_response(
-                    401, "send the admin token as 'Authorization: Bearer <token>'"
+            try:
+                await self.access.authorize(
+                    request.headers.get("authorization"), client_address(request)
                 )
+            except AdminDenied as exc:
+                return denied_response(exc)
             try:
                 return await handler(request)
             except AdminError as exc:
@@ -204,10 +227,14 @@ class AdminApi:
 
         async def not_found(request: Request, exc: Exception) -> Response:
             status = exc.status_code if isinstance(exc, HTTPException) else 500
-            if status in (404, 405) and not self.auth.check_authorization(
-                request.headers.get("authorization")
-            ):
-                return error_response(401, "send the admin token as 'Authorization: Bearer'")
+            if status in (404, 405):
+                # Unknown paths are refused like known ones to strangers, not revealed.
+                try:
+                    await self.access.authorize(
+                        request.headers.get("authorization"), client_address(request)
+                    )
+                except AdminDenied as denied:
+                    return denied_response(denied)
             return error_response(status, "no such admin API operation")
 
         return Starlette(routes=routes, exception_handlers={HTTPException: not_found})

@@ -8,7 +8,9 @@ subscription index, which the admin token is not in), so neither opens the other
 
 Dashboard sessions are stateless: ``<expiry>.<nonce>.<hmac>``, signed with a key derived from
 the admin token, so every gateway instance with the same token accepts them and changing the
-token ends every session. A CSRF token for forms is derived from the session the same way.
+token ends every session. A CSRF token for forms is derived from the session the same way, and
+``seal`` signs other short-lived values (the Entra ID sign-in's state) for one purpose each.
+That is why admin access, Entra ID sign-in included, needs the admin token set.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ class AdminAuth:
         if not hmac.compare_digest(signature, self._sign(payload)):
             return False
         return expiry.isdigit() and int(expiry) > now
+
+    def seal(self, purpose: str, payload: str) -> str:
+        """``<payload>.<hmac>``: ``payload`` (ASCII, no secret worth hiding) signed for one
+        ``purpose`` with the session key, so that a value signed for one purpose (the
+        dashboard sign-in's pending state) is never valid for another (a session)."""
+        return f"{payload}.{self._sign(purpose + ':' + payload)}"
+
+    def unseal(self, purpose: str, value: str | None) -> str | None:
+        """The payload of a ``seal``ed value, or None when it is not intact."""
+        if not self.enabled or not value or not value.isascii():
+            return None
+        payload, _, signature = value.rpartition(".")
+        if not payload or not hmac.compare_digest(signature, self._sign(purpose + ":" + payload)):
+            return None
+        return payload
 
     def csrf_token(self, cookie: str) -> str:
         return self._sign("csrf:" + cookie.rpartition(".")[2])

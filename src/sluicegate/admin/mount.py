@@ -3,7 +3,8 @@
 ``mount_admin(gateway, environ)`` returns the gateway's ASGI app with ``/admin/api`` and
 ``/dashboard`` mounted, and ties the background rollup job to the app's lifespan: it starts
 once the gateway has started and stops when shutdown begins (the gateway then flushes its
-ledger; the next report or start rolls those last records up).
+ledger; the next report or start rolls those last records up). With ``admin.entra``, the
+admin side's Entra ID validator (its own, not the client side's) starts and stops with it too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from sluicegate.accounting.job import RollupJob
+from sluicegate.admin.access import AdminAccess
 from sluicegate.admin.api import AdminApi
 from sluicegate.admin.auth import AdminAuth
+from sluicegate.admin.entra import AdminEntra
 from sluicegate.admin.service import AdminService
+from sluicegate.admin.signin import EntraSignIn
 from sluicegate.app import GatewayApp
 from sluicegate.dashboard.views import Dashboard
 from sluicegate.gateway import Gateway
@@ -70,26 +74,34 @@ def _samples(gateway: Gateway) -> list[BackendSample]:
 
 
 class AdminGatewayApp(GatewayApp):
-    """``GatewayApp`` whose lifespan also runs the rollup job."""
+    """``GatewayApp`` whose lifespan also runs the rollup job (and the admin side's Entra ID
+    validator, with ``admin.entra``)."""
 
-    def __init__(self, gateway: Gateway, admin_app: Any, job: RollupJob) -> None:
+    def __init__(
+        self, gateway: Gateway, admin_app: Any, job: RollupJob, entra: AdminEntra | None = None
+    ) -> None:
         super().__init__(gateway, admin_app)
         self.job = job
+        self.entra = entra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
             await super().__call__(scope, receive, send)
             return
-        job = self.job
+        job, entra = self.job, self.entra
 
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 await asyncio.to_thread(job.stop)
+                if entra is not None:
+                    await entra.aclose()
             return message
 
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
+                if entra is not None:
+                    await entra.start()  # never fails: a silent IdP is tried again later
                 job.start()
             await send(message)
 
@@ -112,6 +124,15 @@ def admin_service(gateway: Gateway) -> AdminService:
 def mount_admin(gateway: Gateway, environ: Mapping[str, str]) -> AdminGatewayApp:
     token_env = gateway.config.admin.token_env
     auth = AdminAuth(environ.get(token_env), token_env)
+    entra_config = gateway.config.admin.entra
+    entra = None if entra_config is None else AdminEntra(entra_config, gateway.clock, environ)
+
+    def count_failure(reason: str) -> None:
+        if gateway.config.metrics.enabled:
+            gateway.metrics.auth_failures.labels(reason).inc()
+
+    access = AdminAccess(auth, entra, count_failure)
+    signin = None if entra is None else EntraSignIn(entra, auth, gateway.clock)
     service = admin_service(gateway)
     assert service.rollups is not None
     gateway.metrics.watch_backends(lambda: _samples(gateway))
@@ -121,11 +142,11 @@ def mount_admin(gateway: Gateway, environ: Mapping[str, str]) -> AdminGatewayApp
 
     root = Starlette(
         routes=[
-            Mount("/admin/api", AdminApi(service, auth).app()),
-            Mount("/dashboard", Dashboard(service, auth).app()),
+            Mount("/admin/api", AdminApi(service, access).app()),
+            Mount("/dashboard", Dashboard(service, access, signin).app()),
             Route("/admin", to_dashboard),
             Route("/admin/", to_dashboard),
         ]
     )
     job = RollupJob(service.rollups, gateway.config.retention)
-    return AdminGatewayApp(gateway, root, job)
+    return AdminGatewayApp(gateway, root, job, entra)

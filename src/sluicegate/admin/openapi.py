@@ -52,10 +52,12 @@ class Operation:
 
 _ERROR_TEXT = {
     401: "No valid admin credentials",
+    403: "A valid Entra ID token of someone who is not an administrator",
     404: "Not found",
     409: "The subscription cannot change that way",
     422: "Invalid input",
-    503: "The admin API is disabled (no admin token configured)",
+    503: "The admin API is disabled (no admin token configured), or the identity provider's "
+    "keys cannot be loaded",
 }
 
 
@@ -76,7 +78,7 @@ def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]
         else:
             ok["content"] = {op.media_type: {"schema": {"type": "string"}}}
         responses: dict[str, Any] = {str(op.status): ok}
-        for status in (401, 503, *op.errors):
+        for status in (401, 403, 503, *op.errors):
             responses[str(status)] = {
                 "description": _ERROR_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}},
@@ -101,7 +103,8 @@ def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]
             "title": "sluicegate admin API",
             "version": "1",
             "description": "Subscriptions, usage and cost, forecasts and backend state. "
-            "Every call needs 'Authorization: Bearer <admin token>'.",
+            "Every call needs 'Authorization: Bearer <admin token>', or an Entra ID access "
+            "token of an administrator where admin.entra is configured.",
         },
         "servers": [{"url": "/"}],
         "security": [{"adminToken": []}],

@@ -62,7 +62,8 @@ class JsonFetcher(Protocol):
 
 
 class HttpFetcher:
-    """GETs small JSON documents with aiohttp. ``start()`` inside the event loop first."""
+    """GETs small JSON documents (and POSTs OAuth token requests) with aiohttp. ``start()``
+    inside the event loop first."""
 
     def __init__(self, timeout: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -78,15 +79,32 @@ class HttpFetcher:
             self._session = None
 
     async def __call__(self, url: str) -> dict[str, Any]:
+        status, doc = await self._request("GET", url)
+        if status != 200:
+            raise FetchError(f"{url} answered {status}")
+        return doc
+
+    async def post_form(self, url: str, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        """POST an urlencoded form (an OAuth token request): the status and the JSON object
+        answered, whatever the status (OAuth errors come as 400 with a JSON body). Raises
+        ``FetchError`` when there is no JSON object to read."""
+        return await self._request("POST", url, dict(form))
+
+    async def _request(
+        self, method: str, url: str, form: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         if self._session is None:
             await self.start()
         assert self._session is not None
         try:
-            async with self._session.get(
-                url, headers={"accept": "application/json"}, allow_redirects=False
+            async with self._session.request(
+                method,
+                url,
+                data=form,
+                headers={"accept": "application/json"},
+                allow_redirects=False,
             ) as resp:
-                if resp.status != 200:
-                    raise FetchError(f"{url} answered {resp.status}")
+                status = resp.status
                 data = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise FetchError(f"{url} could not be fetched ({type(exc).__name__})") from exc
@@ -95,10 +113,10 @@ class HttpFetcher:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise FetchError(f"{url} is not JSON") from None
+            raise FetchError(f"{url} answered {status}, not JSON") from None
         if not isinstance(doc, dict):
-            raise FetchError(f"{url} is not a JSON object")
-        return doc
+            raise FetchError(f"{url} answered {status}, not a JSON object")
+        return status, doc
 
 
 #: Which algorithms a key of each type (and curve) can verify.
@@ -161,6 +179,8 @@ class KeySet:
         self._configured_issuers = frozenset(config.issuers)
         self.discovered_issuer: str | None = None
         self.jwks_uri: str | None = None
+        #: The whole discovery document (the admin sign-in reads its endpoints from it).
+        self.metadata: Mapping[str, Any] = {}
         self._keys: dict[str, dict[str, Any]] = {}
         self._bound: dict[tuple[str, str], PyJWK] = {}
         self._loaded_at: float | None = None  # monotonic
@@ -243,7 +263,7 @@ class KeySet:
             check_fetch_url(jwks_uri, "jwks_uri")
         except ValueError as exc:
             raise FetchError(str(exc)) from None
-        self.discovered_issuer, self.jwks_uri = issuer, jwks_uri
+        self.discovered_issuer, self.jwks_uri, self.metadata = issuer, jwks_uri, doc
 
     async def discover_on_demand(self) -> None:
         """For an issuer that has not answered yet (its ``iss`` is unknown): join a refresh

@@ -57,6 +57,8 @@ class TokenFailure(enum.StrEnum):
     NO_RULE = "NoMatchingTokenRule"
     NO_SUBSCRIPTION = "TokenSubscriptionNotFound"
     CREDENTIALS_DISAGREE = "CredentialsDisagree"
+    #: Admin side: the token is valid but holds none of the admin groups or roles.
+    NOT_ADMIN = "NotAnAdmin"
 
 
 class TokenError(Exception):
@@ -189,8 +191,10 @@ class TokenValidator:
                 extra={"discovery_url": ks.config.discovery_url},
             )
 
-    async def validate(self, token: str) -> VerifiedToken:
-        """The checked token, or ``TokenError`` saying why not."""
+    async def validate(self, token: str, audiences: list[str] | None = None) -> VerifiedToken:
+        """The checked token, or ``TokenError`` saying why not. ``audiences`` replaces the
+        issuer's configured audiences for this call (an ID token's audience is the client
+        id, whatever audiences the access tokens of the same issuer have)."""
         if len(token) > self.config.max_token_bytes:
             raise _denied(
                 TokenFailure.MALFORMED,
@@ -229,7 +233,9 @@ class TokenValidator:
                 503,
                 UNAVAILABLE_RETRY_SECONDS,
             ) from None
-        claims = self._decode(token, key, alg, kid, unverified, key_set)
+        claims = self._decode(
+            token, key, alg, kid, unverified, key_set, audiences or key_set.config.audiences
+        )
         self._check_lifetime(claims)
         return VerifiedToken(str(claims["iss"]), claims, kid)
 
@@ -261,8 +267,8 @@ class TokenValidator:
         kid: str | None,
         unverified: Mapping[str, Any],
         key_set: KeySet,
+        audiences: list[str],
     ) -> dict[str, Any]:
-        audiences = key_set.config.audiences
         issuers = key_set.issuers
         try:
             claims: dict[str, Any] = jwt.decode(

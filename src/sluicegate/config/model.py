@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sluicegate.config.admin import AdminEntraConfig
 from sluicegate.config.oidc import OidcConfig, TokenRule, check_networks
 from sluicegate.limits.policy import LimitPolicy
 
@@ -321,8 +322,11 @@ class RedisConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    #: Environment variable holding the admin API token.
+    #: Environment variable holding the admin API token. It also keys the dashboard's session
+    #: cookies, so admin access (Entra ID sign-in included) needs it set.
     token_env: str = "SLUICEGATE_ADMIN_TOKEN"
+    #: Administrators may also sign in with Entra ID / OIDC (docs/entra-id.md, "Administrators").
+    entra: AdminEntraConfig | None = None
 
 
 class SecurityConfig(_Strict):

@@ -53,6 +53,20 @@ def check_networks(values: list[str], what: str) -> list[str]:
     return values
 
 
+def check_algorithms(value: list[str]) -> list[str]:
+    """At least one algorithm, every one of them asymmetric."""
+    if not value:
+        raise ValueError("name at least one algorithm")
+    for alg in value:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ValueError(
+                f"{alg!r} is not allowed: only asymmetric algorithms "
+                f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}) can be checked against a "
+                "public key set; 'none' and HMAC (HS*) would let anyone forge tokens"
+            )
+    return value
+
+
 class OidcIssuerConfig(_Strict):
     """One trusted token issuer: an Entra ID tenant (``https://login.microsoftonline.com/
     <tenant>/v2.0/.well-known/openid-configuration``), an Azure Government authority, or any
@@ -77,16 +91,7 @@ class OidcIssuerConfig(_Strict):
     @field_validator("allowed_algorithms")
     @classmethod
     def _asymmetric(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one algorithm")
-        for alg in value:
-            if alg not in ASYMMETRIC_ALGORITHMS:
-                raise ValueError(
-                    f"{alg!r} is not allowed: only asymmetric algorithms "
-                    f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}) can be checked against a "
-                    "public key set; 'none' and HMAC (HS*) would let anyone forge tokens"
-                )
-        return value
+        return check_algorithms(value)
 
 
 class OidcConfig(_Strict):

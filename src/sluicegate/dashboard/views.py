@@ -1,6 +1,8 @@
 """The dashboard: server-rendered pages over ``AdminService``, at ``/dashboard``.
 
-Access needs the admin token, entered once on the login page; the answer is a session cookie
+Access needs the admin token, entered once on the login page, or (with ``admin.entra``) an
+Entra ID sign-in of an administrator (``admin.signin``: a plain link starts the authorization
+code flow, ``/dashboard/auth/callback`` finishes it). Either way the answer is a session cookie
 (HttpOnly, SameSite=Strict, Path=/dashboard, signed; see ``admin.auth``) and the token never
 appears in a URL. Every form that changes something carries a CSRF token derived from the
 session. Pages are rendered with Jinja2 (autoescaping), charts are SVG drawn here, and the
@@ -10,6 +12,7 @@ Content-Security-Policy allows nothing else.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from decimal import Decimal
@@ -25,11 +28,21 @@ from starlette.staticfiles import StaticFiles
 
 from sluicegate.accounting.periods import DAY, floor_day, floor_hour, month_bounds
 from sluicegate.accounting.pricing import nanos_to_decimal
-from sluicegate.admin.api import Query, csv_response, run
+from sluicegate.admin.access import AdminAccess, AdminFailure
+from sluicegate.admin.api import Query, client_address, csv_response, run
 from sluicegate.admin.auth import COOKIE_NAME, SESSION_SECONDS, AdminAuth
 from sluicegate.admin.service import AdminError, AdminService, subscription_view
+from sluicegate.admin.signin import (
+    CALLBACK_PATH,
+    SIGNIN_COOKIE,
+    SIGNIN_SECONDS,
+    EntraSignIn,
+    SignInError,
+)
 from sluicegate.auth.subscriptions import SubscriptionState
 from sluicegate.dashboard import charts
+
+log = logging.getLogger("sluicegate.admin")
 
 PAGE_SIZE = 50
 _SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
@@ -100,9 +113,16 @@ def period_range(period: str, now: float) -> tuple[float, float, str]:
 
 
 class Dashboard:
-    def __init__(self, service: AdminService, auth: AdminAuth) -> None:
+    def __init__(
+        self,
+        service: AdminService,
+        access: AdminAccess,
+        signin: EntraSignIn | None = None,
+    ) -> None:
         self.service = service
-        self.auth = auth
+        self.access = access
+        self.auth: AdminAuth = access.auth
+        self.signin = signin
         self.env = _env()
         self.env.globals["periods"] = PERIODS
 
@@ -127,6 +147,8 @@ class Dashboard:
             routes=[
                 Route("/login", self.login, methods=["GET", "POST"]),
                 Route("/logout", self.logout, methods=["POST"]),
+                Route("/auth/start", self.signin_start, methods=["GET"]),
+                Route("/auth/callback", self.signin_callback, methods=["GET"]),
                 Mount("/static", static, name="static"),
                 *guarded,
             ]
@@ -196,23 +218,121 @@ class Dashboard:
             form = await _form(request)
             if self.auth.check_token(form.get("token", "")):
                 response = RedirectResponse("/dashboard/", 303)
-                response.set_cookie(
-                    COOKIE_NAME,
-                    self.auth.new_session(self._now()),
-                    max_age=SESSION_SECONDS,
-                    path="/dashboard",
-                    httponly=True,
-                    samesite="strict",
-                    secure=request.url.scheme == "https",
-                )
+                self._start_session(request, response)
                 return response
+            self.access.refused(
+                AdminFailure.TOKEN_INVALID,
+                401,
+                client=client_address(request),
+                surface="dashboard",
+            )
             error = "That is not the admin token."
-        return self.render(request, "login.html", {"error": error}, 401 if error else 200)
+        return self._login_page(request, error, 401 if error else 200)
+
+    def _login_page(self, request: Request, error: str, status: int) -> HTMLResponse:
+        entra_problem = self.signin.entra.problem if self.signin is not None else ""
+        return self.render(
+            request,
+            "login.html",
+            {
+                "error": error,
+                "entra": self.signin is not None and self.auth.enabled and not entra_problem,
+                "entra_problem": entra_problem,
+            },
+            status,
+        )
+
+    def _start_session(self, request: Request, response: Response) -> None:
+        response.set_cookie(
+            COOKIE_NAME,
+            self.auth.new_session(self._now()),
+            max_age=SESSION_SECONDS,
+            path="/dashboard",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
 
     async def logout(self, request: Request) -> Response:
         response = RedirectResponse("/dashboard/login", 303)
         response.delete_cookie(COOKIE_NAME, path="/dashboard")
         return response
+
+    # -- Entra ID sign-in --------------------------------------------------------------------
+
+    def _redirect_uri(self, request: Request) -> str:
+        """The configured ``redirect_uri``, else this request's scheme and host (correct when
+        the gateway is reached directly; behind a proxy, configure it)."""
+        assert self.signin is not None
+        configured = self.signin.config_redirect_uri
+        if configured:
+            return configured
+        return f"{request.url.scheme}://{request.url.netloc}{CALLBACK_PATH}"
+
+    async def signin_start(self, request: Request) -> Response:
+        """A plain GET (a link, not a form: the CSP's ``form-action 'self'`` would stop a
+        form whose answer redirects to the identity provider)."""
+        if self.signin is None:
+            return self._signin_error(request, 404, "Entra ID sign-in is not configured.")
+        if not self.auth.enabled:
+            return self._login_page(request, self.auth.problem, 503)
+        if self.signin.entra.problem:
+            return self._signin_error(request, 503, self.signin.entra.problem)
+        redirect_uri = self._redirect_uri(request)
+        try:
+            url, pending = await self.signin.begin(redirect_uri)
+        except SignInError as exc:
+            return self._signin_error(request, exc.status, exc.message)
+        response = RedirectResponse(url, 303)
+        response.set_cookie(
+            SIGNIN_COOKIE,
+            pending,
+            max_age=SIGNIN_SECONDS,
+            path="/dashboard/auth",
+            httponly=True,
+            # Lax, not Strict: the callback is a navigation coming from the identity
+            # provider's site, which does not carry Strict cookies.
+            samesite="lax",
+            # The cookie comes back at the redirect URI: https there (a TLS-terminating proxy
+            # in front) means https for the browser, whatever this request's scheme is.
+            secure=request.url.scheme == "https" or redirect_uri.startswith("https://"),
+        )
+        return response
+
+    async def signin_callback(self, request: Request) -> Response:
+        if self.signin is None:
+            return self._signin_error(request, 404, "Entra ID sign-in is not configured.")
+        if not self.auth.enabled:
+            return self._login_page(request, self.auth.problem, 503)
+        query = dict(request.query_params.items())
+        try:
+            token = await self.signin.finish(query, request.cookies.get(SIGNIN_COOKIE))
+        except SignInError as exc:
+            if exc.reason:
+                self.access.refused(
+                    exc.reason,
+                    exc.status,
+                    client=client_address(request),
+                    surface="dashboard",
+                    caller=exc.caller,
+                )
+            response = self._signin_error(request, exc.status, exc.message)
+            response.delete_cookie(SIGNIN_COOKIE, path="/dashboard/auth")
+            return response
+        log.info(
+            "administrator signed in with Entra ID",
+            extra={"caller": token.caller, "client": client_address(request)},
+        )
+        # A page that moves on by itself, not a redirect: the browser came here from the
+        # identity provider's site, and a redirect would still be that cross-site navigation,
+        # on which the SameSite=Strict session cookie is not sent.
+        response = self.render(request, "signed_in.html", {})
+        self._start_session(request, response)
+        response.delete_cookie(SIGNIN_COOKIE, path="/dashboard/auth")
+        return response
+
+    def _signin_error(self, request: Request, status: int, message: str) -> HTMLResponse:
+        return self.render(request, "signin_error.html", {"message": message}, status)
 
     # -- pages -------------------------------------------------------------------------------
 
