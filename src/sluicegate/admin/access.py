@@ -24,11 +24,14 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sluicegate.admin.auth import AdminAuth
-from sluicegate.admin.entra import AdminEntra
 from sluicegate.auth.credentials import looks_like_jwt
-from sluicegate.auth.tokens import TokenError, TokenFailure, VerifiedToken
+from sluicegate.auth.token_types import TokenError, TokenFailure, VerifiedToken
+
+if TYPE_CHECKING:
+    from sluicegate.admin.entra import AdminEntra
 
 log = logging.getLogger("sluicegate.admin")
 

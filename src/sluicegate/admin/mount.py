@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,7 +22,6 @@ from sluicegate.accounting.job import RollupJob
 from sluicegate.admin.access import AdminAccess
 from sluicegate.admin.api import AdminApi
 from sluicegate.admin.auth import AdminAuth
-from sluicegate.admin.entra import AdminEntra
 from sluicegate.admin.service import AdminService
 from sluicegate.admin.signin import EntraSignIn
 from sluicegate.app import GatewayApp
@@ -30,6 +29,9 @@ from sluicegate.dashboard.views import Dashboard
 from sluicegate.gateway import Gateway
 from sluicegate.metrics.registry import BackendSample
 from sluicegate.proxy.asgi import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from sluicegate.admin.entra import AdminEntra
 
 
 def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
@@ -125,7 +127,12 @@ def mount_admin(gateway: Gateway, environ: Mapping[str, str]) -> AdminGatewayApp
     token_env = gateway.config.admin.token_env
     auth = AdminAuth(environ.get(token_env), token_env)
     entra_config = gateway.config.admin.entra
-    entra = None if entra_config is None else AdminEntra(entra_config, gateway.clock, environ)
+    entra = None
+    if entra_config is not None:
+        # Imported here: PyJWT and cryptography load only when admin sign-in is configured.
+        from sluicegate.admin.entra import AdminEntra
+
+        entra = AdminEntra(entra_config, gateway.clock, environ)
 
     def count_failure(reason: str) -> None:
         if gateway.config.metrics.enabled:

@@ -26,18 +26,20 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import orjson
 
 from sluicegate.admin.access import AdminFailure, token_reason
 from sluicegate.admin.auth import AdminAuth
-from sluicegate.admin.entra import AdminEntra
 from sluicegate.auth.oidc import FetchError
-from sluicegate.auth.tokens import TokenError, TokenFailure, VerifiedToken
+from sluicegate.auth.token_types import TokenError, TokenFailure, VerifiedToken
 from sluicegate.clock import Clock
 from sluicegate.config.oidc import check_fetch_url
+
+if TYPE_CHECKING:
+    from sluicegate.admin.entra import AdminEntra
 
 SIGNIN_COOKIE = "sluicegate_signin"
 #: How long a started sign-in may take (the user may have to type a password and MFA code).

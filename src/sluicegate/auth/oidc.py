@@ -19,15 +19,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
-from jwt import PyJWK
-from jwt.exceptions import PyJWTError
 
 from sluicegate.clock import Clock
 from sluicegate.config.oidc import OidcIssuerConfig, check_fetch_url
+
+if TYPE_CHECKING:
+    from jwt import PyJWK
 
 log = logging.getLogger("sluicegate.auth")
 
@@ -321,6 +322,10 @@ class KeySet:
         return self._keys.get(kid or "")
 
     def _bind(self, kid: str, jwk: dict[str, Any], alg: str) -> PyJWK:
+        # PyJWT is imported where keys are used: a gateway without tokens never loads it.
+        from jwt import PyJWK
+        from jwt.exceptions import PyJWTError
+
         bound = self._bound.get((kid, alg))
         if bound is not None:
             return bound
