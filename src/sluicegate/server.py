@@ -59,7 +59,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._head_done:
             # Count the bytes of the head only (up to the blank line), not a body that came in
             # the same segment.
-            end = (self._head_tail + data).find(b"\r\n\r\n")
+            joined = self._head_tail + data if self._head_tail else data
+            end = joined.find(b"\r\n\r\n")
             counted = len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
             self._head_bytes += counted
             self._head_tail = data[-3:]

@@ -32,8 +32,17 @@ from sluicegate.tokens.estimate import estimate_request_tokens
 log = logging.getLogger("sluicegate.limits")
 
 
+_NAMES: dict[str, bytes] = {}
+
+
 def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        raw = _NAMES.get(name)
+        if raw is None:  # a handful of names: the limits' and the policies' header names
+            raw = _NAMES[name] = name.lower().encode("latin-1")
+        out.append((raw, value.encode("latin-1")))
+    return out
 
 
 class LimitsAdmitter:

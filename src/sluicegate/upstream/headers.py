@@ -30,6 +30,7 @@ REQUEST_DROPPED = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding", "cookie"
 
 #: Response headers the gateway sets itself (the body may be re-framed or decompressed).
 RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding", "set-cookie", "server", "date"}
+_RESPONSE_DROPPED_BYTES = frozenset(name.encode("latin-1") for name in RESPONSE_DROPPED)
 
 
 def upstream_request_headers(
@@ -65,11 +66,12 @@ def client_response_headers(
     the client is limited by the gateway, not by the backend's shared deployment.
     """
     own = {name for name, _ in extra}
-    out = [
-        (name.lower(), value)
-        for name, value in upstream
-        if name.lower().decode("latin-1") not in RESPONSE_DROPPED and name.lower() not in own
-    ]
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROPPED_BYTES or lowered in own:
+            continue
+        out.append((lowered, value))
     out.extend(extra)
     return out
 
