@@ -238,7 +238,8 @@ def _ledger_line(t: dict[str, Any]) -> str:
     if "error" in ledger:
         return f"could not read the ledger: {ledger['error'].splitlines()[0]}"
     rows = ledger.get("usage_report", {}).get("rows", [])
-    recorded = sum(int(r.get("requests", 0)) for r in rows)
+    # The report ends with a "(total)" row: count the groups only.
+    recorded = sum(int(r.get("requests", 0)) for r in rows if r.get("key") != "(total)")
     forwarded = t.get("upstream_total")
     verdict = "complete" if recorded == forwarded else "**MISMATCH**"
     return f"{recorded:,} recorded, {_n(forwarded)} forwarded: {verdict}"

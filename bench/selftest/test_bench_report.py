@@ -136,3 +136,23 @@ def test_soak_verdicts() -> None:
     assert growing["growth_mib"] > 5
     assert soak.judge(_samples([90.0] * 10))["flat"] is None
     assert soak.judge([])["flat"] is None
+
+
+def test_ledger_completeness_counts_groups_not_the_total_row() -> None:
+    from render import _ledger_line
+
+    target: dict[str, Any] = {
+        "upstream_total": 30,
+        "ledger": {
+            "usage_report": {
+                "rows": [
+                    {"key": "sub_a", "requests": 10},
+                    {"key": "sub_b", "requests": 20},
+                    {"key": "(total)", "requests": 30},
+                ]
+            }
+        },
+    }
+    assert _ledger_line(target) == "30 recorded, 30 forwarded: complete"
+    target["upstream_total"] = 31
+    assert "MISMATCH" in _ledger_line(target)
