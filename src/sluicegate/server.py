@@ -187,9 +187,9 @@ def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = 
     grace period, flush the ledger and exit 0."""
     configure_logging(config.logging.level)
     # The ledger writer and the rollup job are threads; when one of them holds the GIL the
-    # event loop waits up to the switch interval (5 ms by default) before it gets it back,
-    # which was most of the gateway's 99th-percentile latency. 0.5 ms bounds that wait; the
-    # extra switches cost little beside a request.
+    # event loop may wait up to the switch interval (5 ms by default) to get it back. 0.5 ms
+    # bounds that wait. (The tail latency those threads caused was mostly their CPU use on a
+    # shared core, which sluicegate.threads addresses; this only caps the GIL hand-off.)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = build_server(config, host=host, port=port)
 

@@ -456,10 +456,9 @@ class LedgerWriter:
                 conn.exec_driver_sql(_insert_sql(dialect, columns, 1), params)
                 return
             # SQLite: rows go in groups of ``_SQLITE_ROWS_PER_STATEMENT`` per statement.
-            # sqlite3's executemany releases and retakes the GIL around every row, and each
-            # retake could make the event loop wait for a thread switch: a few milliseconds
-            # of stall per batch, the gateway's 99th-percentile latency. One statement per
-            # group releases it once per group, for the whole index work.
+            # sqlite3's executemany steps (and releases and retakes the GIL) once per row;
+            # one statement per group does it once per group. (The stalls the writer caused
+            # came from its CPU use on a shared core: see sluicegate.threads.)
             k = _SQLITE_ROWS_PER_STATEMENT
             whole = len(params) - len(params) % k
             if whole:
