@@ -7,7 +7,6 @@ Subscriptions are created in the ledger database *before* the gateway is built, 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,21 +16,17 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.admin.service import AdminService
-from sluicegate.app import create_app
 from sluicegate.config.loader import parse_config
-from sluicegate.config.model import GatewayConfig
 from sluicegate.gateway import Gateway, key_hasher_for
-from sluicegate.server import uvicorn_config
 from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.reports import fetch_records
 from sluicegate.storage.subscriptions import SubscriptionRepository
-from tests.support.gateway import free_port, gateway_config, gateway_environ
+from tests.support.gateway import GatewayThread, gateway_config, gateway_environ
 from tests.support.idp import AUDIENCE, TestIdentityProvider
 
 API_VERSION = "2024-10-21"
@@ -39,36 +34,8 @@ CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 MESSAGES = [{"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}]
 
 
-class ServedGateway:
-    """A gateway on a free loopback port, served by uvicorn with ``uvicorn_config``."""
-
-    def __init__(self, config: GatewayConfig) -> None:
-        env = gateway_environ()
-        self.config = config
-        self.gateway = Gateway(config, environ=env)
-        self.port = free_port()
-        app = create_app(self.gateway, env)
-        uv = uvicorn_config(app, config, host="127.0.0.1", port=self.port, loop="asyncio")
-        self.server = uvicorn.Server(uv)
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.config.listen.tls_cert else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    def start(self) -> ServedGateway:
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=30)
+#: The Entra harness serves its gateway like every other test (tests/support/gateway.py).
+ServedGateway = GatewayThread
 
 
 @dataclass

@@ -23,7 +23,7 @@ from sluicegate.clock import Clock
 from sluicegate.config.loader import parse_config
 from sluicegate.config.model import GatewayConfig
 from sluicegate.gateway import Gateway
-from sluicegate.server import GatewayHttpProtocol
+from sluicegate.server import uvicorn_config
 
 BACKEND_KEY = "backend-secret-key-0123456789abcdef"
 
@@ -94,31 +94,25 @@ def gateway_environ() -> dict[str, str]:
 
 
 class GatewayThread:
-    """A real gateway (uvicorn + the app) on a free loopback port, in a background thread."""
+    """A real gateway (uvicorn + the app, with the server's own ``uvicorn_config``: header
+    limits, TLS when configured) on a free loopback port, in a background thread."""
 
     def __init__(self, config: GatewayConfig | dict[str, Any], clock: Clock | None = None) -> None:
         if isinstance(config, dict):
             config = parse_config(config)
+        env = gateway_environ()
         self.config = config
-        self.gateway = Gateway(config, environ=gateway_environ(), clock=clock)
+        self.gateway = Gateway(config, environ=env, clock=clock)
         self.port = free_port()
-        uv = uvicorn.Config(
-            create_app(self.gateway),
-            host="127.0.0.1",
-            port=self.port,
-            loop="asyncio",
-            http=GatewayHttpProtocol,
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=int(config.listen.graceful_shutdown_seconds),
-        )
+        app = create_app(self.gateway, env)
+        uv = uvicorn_config(app, config, host="127.0.0.1", port=self.port, loop="asyncio")
         self.server = uvicorn.Server(uv)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.listen.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> GatewayThread:
         self._thread.start()
