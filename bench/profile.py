@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--port-base", type=int, default=9201)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
+    parser.add_argument("--native", action="store_true", help="sample C frames too (slower)")
     args = parser.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("profile: py-spy is not on the PATH (pip install py-spy)", file=sys.stderr)
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 [
                     "py-spy", "record", "-p", str(pid), "-d", str(round(args.seconds)),
-                    "-r", "400", "-f", "raw", "-o", str(raw), "--nonblocking", "--threads",
+                    "-r", "400", "-f", "raw", "-o", str(raw), "--threads",
+                    # --native needs the process paused per sample (blocking mode).
+                    *(["--native"] if args.native else ["--nonblocking"]),
                 ],
                 check=True, capture_output=True,
             )  # fmt: skip
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     label = names.get(tid, "other (libuv, executor)")
                     print(f"  {100 * seconds / args.seconds:5.1f} %  {label}")
             print(summarise(raw, args.top))
+            if args.raw is not None:
+                shutil.copyfile(raw, args.raw)
         finally:
             launched.proc.stop()
             for fn in launched.cleanup:

@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sluicegate")
 
+#: The garbage collector's generation thresholds while serving (CPython's default: 700, 10,
+#: 10). A request allocates a few hundred container objects that live as long as the
+#: request (tens of milliseconds under load); with a young generation of 700, nearly every
+#: one of them is still alive at a collection and is scanned, then scanned again in the
+#: middle generation: about 7 % of the event loop's CPU. With 50,000, a collection comes a
+#: few times a second and finds most request objects already freed by reference counting.
+#: Cyclic garbage waits a little longer (at most 50,000 young objects, a few MiB).
+GC_THRESHOLDS = (50_000, 20, 10)
+
 
 def key_hasher_for(config: GatewayConfig, environ: dict[str, str]) -> KeyHasher:
     """The hasher every tool of one installation shares (gateway, CLI, admin API)."""
@@ -177,6 +186,7 @@ class Gateway:
         # collector's sight, so that collections on the request path only scan young objects.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         self.started = True
         log.info(
             "gateway started",

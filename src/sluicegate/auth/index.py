@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class SubscriptionIndex:
         match = self._by_digest.get(digest)
         if match is None:
             return None
-        if not self._hasher.matches(key, match.subscription.key_hash(match.slot)):
+        if not hmac.compare_digest(digest, match.subscription.key_hash(match.slot)):
             return None
         return match
 

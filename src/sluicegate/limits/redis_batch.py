@@ -53,6 +53,7 @@ class ScriptBatcher:
         }
         self._pending: list[_Call] = []
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.stats = BatchStats()
 
@@ -61,7 +62,7 @@ class ScriptBatcher:
 
     def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """Submit a script call; the future gets its reply or its ``RedisError``."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((name, keys, args, future))
         if not self._scheduled:
@@ -77,12 +78,19 @@ class ScriptBatcher:
                 self._flush()
             await asyncio.gather(*self._running, return_exceptions=True)
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Remembered: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._pending = self._pending, []
         if not batch:
             return
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+        task = self._running_loop().create_task(self._run(batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 

@@ -67,26 +67,41 @@ class Deadlines:
     def __repr__(self) -> str:
         return f"Deadlines(active={len(self._active)}, tick={self.tick})"
 
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, remembered. Why not ``asyncio.get_running_loop()`` at each
+        call: on Python 3.11 that makes a ``getpid()`` system call every time (its check
+        against forks), and the request path asked five times per request (about 5 % of
+        the gateway's CPU). A remembered loop that no longer runs (a restarted server) is
+        looked up again."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = asyncio.get_running_loop()
+            if self._handle is not None:
+                self._handle.cancel()  # the sweep of the loop that stopped
+                self._handle = None
+            self._loop = loop
+        return loop
+
+    def now(self) -> float:
+        """The running loop's clock (``loop.time()``), in which deadlines are given."""
+        return self.loop().time()
+
     def at(self, deadline: float) -> Watch:
         """A watch of the current task expiring at ``deadline`` (``loop.time()`` seconds)."""
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop())
         if task is None:
             raise RuntimeError("Deadlines.at() must be called from a task")
         return Watch(self, task, deadline)
 
     def after(self, seconds: float) -> Watch:
         """A watch of the current task expiring ``seconds`` from now."""
-        return self.at(asyncio.get_running_loop().time() + seconds)
+        return self.at(self.loop().time() + seconds)
 
     def _enter(self, watch: Watch) -> None:
         self._active.add(watch)
-        loop = asyncio.get_running_loop()
-        if self._handle is None or loop is not self._loop:
+        if self._handle is None:
             # First use, or after an idle spell, or on another loop (a restarted server).
-            if self._handle is not None:
-                self._handle.cancel()
-            self._loop = loop
-            self._handle = loop.call_later(self.tick, self._sweep)
+            self._handle = self.loop().call_later(self.tick, self._sweep)
 
     def _sweep(self) -> None:
         loop = self._loop

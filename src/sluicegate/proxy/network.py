@@ -12,7 +12,6 @@ Immutable after construction; safe to share between requests.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -123,7 +122,7 @@ class NetworkPolicy:
             if done:
                 return await receive()
             if deadline is None:
-                deadline = asyncio.get_running_loop().time() + timeout
+                deadline = deadlines.now() + timeout
             try:
                 with deadlines.at(deadline):
                     message = await receive()

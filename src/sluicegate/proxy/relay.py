@@ -39,10 +39,6 @@ log = logging.getLogger("sluicegate.relay")
 _INFINITY = float("inf")
 
 
-def _now() -> float:
-    return asyncio.get_running_loop().time()
-
-
 #: How much of a failed answer's body is read (for the wait an Azure 429 message names).
 _ERROR_BODY_LIMIT = 64 * 1024
 
@@ -98,9 +94,8 @@ async def attempt(
     before the first byte, or a status for which ``retryable(status)`` is true.
     ``on_headers`` receives every answer's headers (for headroom), failed ones included."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + backend.first_byte_timeout
     deadlines = ctx.deadlines
+    deadline = deadlines.now() + backend.first_byte_timeout
     backend.in_flight += 1
     try:
         try:
@@ -204,7 +199,7 @@ async def _read_body(
                 size += len(chunk)
                 if limit is not None and size >= limit:
                     break
-                watch.deadline = _now() + between
+                watch.deadline = deadlines.now() + between
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise _broken(backend, exc) from None
     return b"".join(parts)
@@ -253,6 +248,7 @@ async def _relay_stream(
     ended = False
     between = backend.between_chunks_timeout
     content = response.content
+    loop_time = ctx.deadlines.loop().time
     try:
         # One watch for the whole relay: its deadline is moved before each read and lifted
         # while the client is sent to (a slow reader is not the backend's fault).
@@ -267,7 +263,7 @@ async def _relay_stream(
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if gone.is_set():
                     break
-                watch.deadline = _now() + between
+                watch.deadline = loop_time() + between
                 chunk = await content.readany()
             else:
                 ended = True
