@@ -21,6 +21,20 @@ def test_hash_verifies_only_the_same_key() -> None:
     assert "0123456789" not in repr(hasher)
 
 
+@pytest.mark.parametrize("secret_length", [16, 63, 64, 65, 200])
+def test_digest_is_hmac_sha256(secret_length: int) -> None:
+    """Stored digests from any earlier version stay valid: the digest is plain HMAC-SHA256."""
+    import hmac
+    import secrets
+
+    secret = secrets.token_bytes(secret_length)
+    hasher = KeyHasher(secret)
+    for key in (generate_key(), "", "ключ-🔑", "x" * 500, "bad\udcffsurrogate"):
+        raw = key.encode("utf-8", "surrogateescape")
+        assert hasher.digest(key) == hmac.digest(secret, raw, "sha256")
+        assert hasher.digest(key) == hasher.digest(key)  # the shared states are not consumed
+
+
 def test_prefix_shows_little() -> None:
     key = generate_key()
     prefix = display_prefix(key)

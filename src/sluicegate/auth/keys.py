@@ -9,6 +9,7 @@ test guesses offline.
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import os
 import secrets
@@ -29,19 +30,40 @@ def display_prefix(key: str) -> str:
     return key[: len(KEY_PREFIX) + DISPLAY_CHARS] + "…"
 
 
-class KeyHasher:
-    """Hashes keys with a server secret. Thread-safe (immutable)."""
+#: HMAC's inner and outer pads (RFC 2104), as translation tables over the padded secret.
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_BLOCK = 64  # SHA-256's block size
 
-    __slots__ = ("_secret",)
+
+class KeyHasher:
+    """Hashes keys with a server secret: ``HMAC-SHA256(secret, key)``. Thread-safe (the
+    hash states are only copied).
+
+    Why not ``hmac.digest`` per call: it pads and hashes the secret again for every key, and
+    that was ~2.5 % of the request path's CPU. The two hash states after the padded secret
+    are computed once here (as ``hmac``'s own pure-Python code does) and copied per key:
+    the same digests (``tests/unit/test_keys.py`` compares with ``hmac.digest``), a third of
+    the time.
+    """
+
+    __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("the key secret must be at least 16 bytes")
-        self._secret = secret
+        if len(secret) > _BLOCK:
+            secret = hashlib.sha256(secret).digest()
+        padded = secret.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(padded.translate(_IPAD))
+        self._outer = hashlib.sha256(padded.translate(_OPAD))
 
     def digest(self, key: str) -> bytes:
-        # hmac.digest: the one-shot C implementation (no HMAC object per request).
-        return hmac.digest(self._secret, key.encode("utf-8", "surrogateescape"), "sha256")
+        inner = self._inner.copy()
+        inner.update(key.encode("utf-8", "surrogateescape"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def matches(self, key: str, stored: bytes) -> bool:
         """Constant-time comparison of a presented key with a stored digest."""
