@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("json", "stream"), default="json")
     parser.add_argument("--mode", choices=("embedded", "cluster"), default="embedded")
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--target", help="a sluicegate target (bench/targets.py)")
     parser.add_argument("--port-base", type=int, default=9201)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu=load_cpu,
     )
     try:
-        target = targets.BY_NAME["sluicegate" if args.mode == "embedded" else "sluicegate-cluster"]
+        default = "sluicegate" if args.mode == "embedded" else "sluicegate-cluster"
+        target = targets.BY_NAME[args.target or default]
         assert target.launch is not None
         port = args.port_base + 4
         launched = target.launch(ctx, port)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"http://127.0.0.1:{port}{targets.AZURE_PATH}",
                 body_file=body,
                 headers=launched.headers,
-                connections=64,
+                connections=args.connections,
                 duration=args.seconds + 8,
                 cpu=load_cpu,
             )
