@@ -26,6 +26,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from sluicegate.loops import running_loop
+
 #: (script name, keys, args, the caller's future)
 _Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
 
@@ -79,11 +81,8 @@ class ScriptBatcher:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
-        # Remembered: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+        self._loop = running_loop(self._loop)
+        return self._loop
 
     def _flush(self) -> None:
         self._scheduled = False

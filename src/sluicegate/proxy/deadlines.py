@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
+from sluicegate.loops import running_loop
+
 #: Seconds between sweeps: how late a deadline may fire at most.
 TICK = 0.05
 
@@ -68,14 +70,9 @@ class Deadlines:
         return f"Deadlines(active={len(self._active)}, tick={self.tick})"
 
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, remembered. Why not ``asyncio.get_running_loop()`` at each
-        call: on Python 3.11 that makes a ``getpid()`` system call every time (its check
-        against forks), and the request path asked five times per request (about 5 % of
-        the gateway's CPU). A remembered loop that no longer runs (a restarted server) is
-        looked up again."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = asyncio.get_running_loop()
+        """The running loop, remembered (``sluicegate.loops.running_loop``)."""
+        loop = running_loop(self._loop)
+        if loop is not self._loop:
             if self._handle is not None:
                 self._handle.cancel()  # the sweep of the loop that stopped
                 self._handle = None
