@@ -160,6 +160,11 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     return encoding
 
 
+def loaded() -> frozenset[str]:
+    """The names of the encodings built so far in this process."""
+    return frozenset(_cache)
+
+
 def preload(names: tuple[str, ...] = (O200K_BASE, CL100K_BASE)) -> None:
     """Load encodings now (at start-up) so the first request does not pay for it."""
     for name in names:
