@@ -47,25 +47,52 @@ def lower_priority(niceness: int) -> bool:
 
 
 class IdleWhileCaughtUp:
-    """Switches the calling thread between ``SCHED_IDLE`` and normal scheduling (Linux;
-    elsewhere a no-op). Call :meth:`update` from the thread itself, as often as convenient:
-    it makes a system call only when the state changes."""
+    """Switches one thread between ``SCHED_IDLE`` and normal scheduling (Linux; elsewhere a
+    no-op). The thread itself calls :meth:`update` as often as convenient (a system call
+    only when the state changes); any other thread may call :meth:`promote` to end an idle
+    period at once, because a thread that went idle while caught up can be caught in the
+    middle of its work when the event loop saturates the core, and gets no CPU until the
+    loop pauses: the ledger writer was seen holding a batch for seconds while 15,000
+    records queued behind it (each held in memory)."""
 
     def __init__(self) -> None:
         self._idle: bool | None = None
+        self._tid: int | None = None
+        self._lock = threading.Lock()
         self._supported = sys.platform == "linux" and hasattr(os, "SCHED_IDLE")
 
+    @property
+    def idle(self) -> bool:
+        """True while the thread runs under ``SCHED_IDLE`` (a lock-free read, for a cheap
+        check before :meth:`promote`)."""
+        return self._idle is True
+
     def update(self, backlog: bool) -> None:
-        """Idle when there is no ``backlog``, normal when there is one."""
+        """Idle when there is no ``backlog``, normal when there is one (from the thread)."""
         idle = not backlog
         if not self._supported or idle is self._idle:
             return
-        tid = threading.get_native_id()
+        with self._lock:
+            self._tid = threading.get_native_id()
+            self._set(idle)
+
+    def promote(self) -> None:
+        """Back to normal scheduling now, if idle (from any thread); the thread's next
+        :meth:`update` decides again."""
+        if not self._supported or self._idle is not True:
+            return
+        with self._lock:
+            if self._idle is True:
+                self._set(False)
+
+    def _set(self, idle: bool) -> None:
+        # held: self._lock; self._tid is set
+        assert self._tid is not None
         policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
         try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            os.sched_setscheduler(self._tid, policy, os.sched_param(0))
         except OSError as exc:
-            log.debug("could not change the scheduling of thread %s: %s", tid, exc)
+            log.debug("could not change the scheduling of thread %s: %s", self._tid, exc)
             self._supported = False
             return
         self._idle = idle

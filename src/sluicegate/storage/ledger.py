@@ -138,6 +138,7 @@ class LedgerWriter:
         self._last_write_seconds: float | None = None
         self._last_write_at: float | None = None
         self._healthy = True
+        self._scheduling = IdleWhileCaughtUp()  # the writer thread's (sluicegate.threads)
 
     @property
     def spill_path(self) -> Path:
@@ -177,6 +178,13 @@ class LedgerWriter:
                     n = len(self._queue)
                     if n == 1 or n == self._batch_size:
                         self._cond.notify_all()
+                    if self._scheduling.idle and (
+                        n >= _BACKLOG_BATCHES * self._batch_size
+                        or record.ts - self._queue[0][1].ts > _BACKLOG_AGE_SECONDS
+                    ):
+                        # A backlog built while the writer idles, perhaps in the middle of a
+                        # batch it gets no CPU to finish: give it its share back now.
+                        self._scheduling.promote()
                     return
             self._spill.append([record])
             with self._cond:
@@ -293,7 +301,7 @@ class LedgerWriter:
 
     def _loop(self) -> None:
         backoff = 0.0  # 0 while the database is healthy
-        scheduling = IdleWhileCaughtUp()
+        scheduling = self._scheduling
         while True:
             if backoff > 0:
                 self._wait_backoff(backoff)
