@@ -46,3 +46,31 @@ def test_idle_while_caught_up_switches_the_calling_thread_only() -> None:
     thread.join()
     assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE]
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_another_thread_can_end_an_idle_period() -> None:
+    scheduling = IdleWhileCaughtUp()
+    went_idle, promoted = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def background() -> None:
+        tid = threading.get_native_id()
+        scheduling.update(backlog=False)
+        seen.append(os.sched_getscheduler(tid))
+        went_idle.set()
+        assert promoted.wait(10)
+        seen.append(os.sched_getscheduler(tid))
+        scheduling.update(backlog=False)  # the thread's own next decision still counts
+        seen.append(os.sched_getscheduler(tid))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    assert went_idle.wait(10)
+    assert scheduling.idle
+    scheduling.promote()  # from this thread, as LedgerWriter.submit does
+    assert not scheduling.idle
+    promoted.set()
+    thread.join()
+    assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE]
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
