@@ -241,9 +241,6 @@ class Rollups:
         for h in hours:
             by_day[floor_day(h)].append(h)
         for day, day_hours in sorted(by_day.items()):
-            if self.engine.dialect.name == "sqlite":
-                self._recompute_sqlite(day, day_hours)
-                continue
             with self.engine.connect() as conn:
                 self._lock(conn)
                 for h in day_hours:
@@ -254,35 +251,6 @@ class Rollups:
                 self._recompute_day(conn, day)
                 conn.commit()
         return len(by_day)
-
-    def _recompute_sqlite(self, day: int, hours: list[int]) -> None:
-        """SQLite: aggregate the hours without the write lock, then write them under it.
-
-        SQLite has one write lock for the whole file, and the ledger writer needs it every
-        fraction of a second. Aggregating an hour of records takes seconds on a busy core
-        (this thread runs at the lowest priority), and holding the lock meanwhile made the
-        ledger writer wait and records pile up in memory. So the hours are aggregated first,
-        up to the highest id committed then (``seen``): ids grow with commits on SQLite (one
-        writer at a time), so every record with an id at or below ``seen`` is in. Under the
-        lock only records committed since (ids above ``seen``, a few batches) are aggregated
-        again and stored as extra rows of their hour, which readers sum like any other.
-        """
-        with self.engine.connect() as conn:
-            seen = int(conn.execute(select(func.max(usage_records.c.id))).scalar() or 0)
-            priced = {h: self._price(conn, h, h + HOUR, h, (0, seen)) for h in hours}
-            conn.rollback()
-        with self.engine.connect() as conn:
-            self._lock(conn)
-            top = int(conn.execute(select(func.max(usage_records.c.id))).scalar() or 0)
-            for h in hours:
-                rows = priced[h]
-                if top > seen:
-                    rows = rows + self._price(conn, h, h + HOUR, h, (seen, top))
-                conn.execute(delete(usage_hourly).where(usage_hourly.c.bucket == h))
-                if rows:
-                    conn.execute(insert(usage_hourly), rows)
-            self._recompute_day(conn, day)
-            conn.commit()
 
     def _recompute_day(self, conn: Connection, day: int) -> None:
         h = usage_hourly.c
@@ -309,10 +277,7 @@ class Rollups:
         for seg_start, seg_end in self.prices.segments(start, end):
             query = select(*groups, *_raw_aggregates()).where(c.ts >= seg_start, c.ts < seg_end)
             if ids is not None:
-                # Without a lower bound the planner keeps the ``ts`` index (one hour's rows)
-                # instead of scanning every id below the upper one.
-                lower = [c.id > ids[0]] if ids[0] > 0 else []
-                query = query.where(*lower, c.id <= ids[1])
+                query = query.where(c.id > ids[0], c.id <= ids[1])
             for r in conn.execute(query.group_by(*groups)):
                 m = r._mapping
                 key = tuple(m[name] for name in GROUP_COLUMNS)
