@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,28 +170,41 @@ def test_cli_usage_report_forecast_and_config_check(
 
 
 def test_rollups_stay_exact_while_the_ledger_keeps_writing(engine: Engine, tmp_path: Path) -> None:
-    """Catch-ups race a live ledger writer: records committed between a catch-up's reading and
-    its writing (SQLite aggregates without the write lock) are counted once, never twice."""
+    """Catch-ups race a live ledger writer and each other (the job and `sluicegate rollups`):
+    every record is counted once, never twice (SQLite aggregates outside the write lock)."""
     prices = PriceTable(parse_config(CONFIG))
     rollups = Rollups(engine, prices, FakeClock(T0))
+    other = Rollups(engine, prices, FakeClock(T0))
     writer = LedgerWriter(
         engine, spill_path=tmp_path / "spill.jsonl", flush_interval=0.001, batch_size=3
     )
     writer.start()
+    stop = threading.Event()
+
+    def race() -> None:
+        while not stop.is_set():
+            other.catch_up()
+
+    racer = threading.Thread(target=race)
+    racer.start()
     submitted: list[UsageRecord] = []
     runs = 0
-    for wave in range(40):
-        batch = records(150, T0 + wave * 7.0)  # the same few hours again and again
-        for r in batch:
-            r.request_id = f"w{wave}-{r.request_id}"
-            writer.submit(r)
-        submitted += batch
-        before = ledger_totals(engine).total_tokens
-        rollups.catch_up()  # while the writer commits this wave
-        rolled = charge_report(engine, prices, start=T0 - 86400, end=T0 + 3 * 86400, by="owner")
-        # Complete up to some moment during the catch-up, and nothing counted twice.
-        assert before <= rolled.total.total_tokens <= ledger_totals(engine).total_tokens
-        runs += 1
+    try:
+        for wave in range(40):
+            batch = records(150, T0 + wave * 7.0)  # the same few hours again and again
+            for r in batch:
+                r.request_id = f"w{wave}-{r.request_id}"
+                writer.submit(r)
+            submitted += batch
+            before = ledger_totals(engine).total_tokens
+            rollups.catch_up()  # while the writer commits this wave
+            rolled = charge_report(engine, prices, start=T0 - 86400, end=T0 + 3 * 86400, by="owner")
+            # Complete up to some moment during the catch-up, and nothing counted twice.
+            assert before <= rolled.total.total_tokens <= ledger_totals(engine).total_tokens
+            runs += 1
+    finally:
+        stop.set()
+        racer.join(30)
     assert writer.flush(10)
     writer.close(10)
     rollups.catch_up()
@@ -203,3 +217,19 @@ def test_rollups_stay_exact_while_the_ledger_keeps_writing(engine: Engine, tmp_p
         r.prompt_tokens * 1000 + r.completion_tokens * 2000 for r in mini
     )
     assert runs == 40
+
+
+def test_rebuild_between_catch_ups_counts_every_record_once(engine: Engine, tmp_path: Path) -> None:
+    """A price rebuild recomputes hours while newer records still wait for the next catch-up:
+    that catch-up must not add them a second time."""
+    prices = PriceTable(parse_config(CONFIG))
+    rollups = Rollups(engine, prices, FakeClock(T0))
+    first, later = records(60), records(50, T0 + 1800)  # the same hours
+    write(engine, tmp_path, first)
+    rollups.catch_up()
+    write(engine, tmp_path, later)
+    rollups.rebuild(T0 - 86400, T0 + 3 * 86400)
+    rollups.catch_up()
+    rep = charge_report(engine, prices, start=T0 - 86400, end=T0 + 3 * 86400, by="owner")
+    assert rep.total.total_tokens == sum(r.total_tokens for r in first + later)
+    assert rep.total.requests == len(first) + len(later)

@@ -2,11 +2,15 @@
 
 How it stays correct without touching the ledger writer:
 
-- ``rollup_state.last_record_id`` is a watermark over ``usage_records.id``. ``catch_up()``
-  finds the hours that records above it fall into, and *recomputes* each such hour from the raw
-  records (delete the hour's rows, insert the fresh aggregate), then the day that contains it
-  from its hours. Recomputing is idempotent, so a crash, a concurrent run or a batch replayed
-  from the ledger's spill file (old timestamps, new ids) never double-counts.
+- ``rollup_state.last_record_id`` is a watermark over ``usage_records.id``. On PostgreSQL
+  ``catch_up()`` finds the hours that records above it fall into, and *recomputes* each such
+  hour from the raw records (delete the hour's rows, insert the fresh aggregate), then the day
+  that contains it from its hours. Recomputing is idempotent, so a crash, a concurrent run or a
+  batch replayed from the ledger's spill file (old timestamps, new ids) never double-counts.
+- On SQLite ids grow in commit order, so ``catch_up()`` *adds* the records above the
+  watermark to their hours instead, a chunk at a time, aggregated outside the write lock and
+  merged, with the watermark moved, in one short transaction (``_catch_up_sqlite``): the
+  ledger writer needs that lock several times a second.
 - On PostgreSQL, ids are handed out before commit, so a record with a lower id can become
   visible after a higher one. Each run therefore rescans ``POSTGRES_OVERLAP`` ids below the
   watermark (more than the ledger writers can have in flight) and recomputes those hours too.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,9 @@ log = logging.getLogger("sluicegate.rollups")
 
 #: Ids rescanned below the watermark on PostgreSQL (see the module docstring).
 POSTGRES_OVERLAP = 50_000
+#: Records aggregated per step of a SQLite catch-up (outside the write lock; see
+#: ``Rollups._catch_up_sqlite``).
+SQLITE_CHUNK = 20_000
 _PG_LOCK_KEY = 0x51_0C_E6_A7_E0_00_00_02
 
 GROUP_COLUMNS = ("subscription_id", "owner", "product", "deployment", "backend", "model")
@@ -146,6 +153,8 @@ class Rollups:
 
     def catch_up(self) -> RollupRun:
         """Bring the rollups up to date with every record committed so far."""
+        if self.engine.dialect.name == "sqlite":
+            return self._catch_up_sqlite()
         started = time.monotonic()
         with self.engine.connect() as conn:
             watermark, purged = self._read_state(conn)
@@ -174,6 +183,83 @@ class Rollups:
             )
             conn.commit()
         return RollupRun(len(hours), days, top, time.monotonic() - started)
+
+    def _catch_up_sqlite(self) -> RollupRun:
+        """SQLite: add the records above the watermark to their hours, a chunk at a time.
+
+        On SQLite ids grow in commit order (one writer at a time) and records are never
+        changed, so the records of ``(watermark, hi]`` can be aggregated once, without any
+        lock, and added to what the hours hold: exact, and the cost follows the new records
+        instead of the size of the hours. Recomputing whole hours under the write lock, as
+        on PostgreSQL, took seconds per run under load at this thread's low priority while
+        the ledger writer, which needs the same lock, waited and records queued in memory.
+        Here the lock is held only to merge the chunk's rows into its hours and days and to
+        move the watermark; a concurrent run that moved it first makes this one start over
+        from the new watermark, so nothing is added twice.
+        """
+        started = time.monotonic()
+        hours_done: set[int] = set()
+        days_done: set[int] = set()
+        while True:
+            with self.engine.connect() as conn:
+                watermark, _ = self._read_state(conn)
+                top = conn.execute(select(func.max(usage_records.c.id))).scalar()
+                if top is None or int(top) <= watermark:
+                    conn.rollback()
+                    break
+                hi = min(int(top), watermark + SQLITE_CHUNK)
+                c = usage_records.c
+                hours = sorted(
+                    int(h)
+                    for (h,) in conn.execute(
+                        select(_hour_of(conn)).where(c.id > watermark, c.id <= hi).distinct()
+                    )
+                )
+                priced = {h: self._price(conn, h, h + HOUR, h, (watermark, hi)) for h in hours}
+                conn.rollback()
+            with self.engine.connect() as conn:
+                self._lock(conn)
+                current, _ = self._read_state(conn)
+                if current != watermark:  # another run added this chunk first
+                    conn.rollback()
+                    continue
+                for h in hours:
+                    self._merge_hour(conn, h, priced[h])
+                for day in sorted({floor_day(h) for h in hours}):
+                    self._recompute_day(conn, day)
+                conn.execute(
+                    update(rollup_state)
+                    .where(rollup_state.c.id == 1)
+                    .values(last_record_id=hi, updated_at=self.clock.now())
+                )
+                conn.commit()
+            hours_done.update(hours)
+            days_done.update(floor_day(h) for h in hours)
+        with self.engine.connect() as conn:
+            watermark, _ = self._read_state(conn)
+        return RollupRun(len(hours_done), len(days_done), watermark, time.monotonic() - started)
+
+    def _merge_hour(self, conn: Connection, hour: int, rows: list[dict[str, Any]]) -> None:
+        """Add ``rows`` (priced aggregates of new records) to the rows the hour holds: one row
+        per group afterwards, whatever the hour held before."""
+        if not rows:
+            return
+        h = usage_hourly.c
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        held = conn.execute(select(usage_hourly).where(h.bucket == hour)).mappings().all()
+        every: list[Mapping[Any, Any]] = list(held)
+        every.extend(rows)
+        for row in every:
+            key = tuple(row[name] for name in GROUP_COLUMNS)
+            into = merged.get(key)
+            if into is None:
+                merged[key] = {"bucket": hour, **{name: row[name] for name in GROUP_COLUMNS}}
+                merged[key].update({name: int(row[name]) for name in COUNT_COLUMNS})
+            else:
+                for name in COUNT_COLUMNS:
+                    into[name] += int(row[name])
+        conn.execute(delete(usage_hourly).where(h.bucket == hour))
+        conn.execute(insert(usage_hourly), list(merged.values()))
 
     def rebuild(self, start: float, end: float) -> RollupRun:
         """Recompute (and re-price) every hour of ``[start, end)`` whose raw records are still
@@ -240,11 +326,15 @@ class Rollups:
         by_day: dict[int, list[int]] = defaultdict(list)
         for h in hours:
             by_day[floor_day(h)].append(h)
+        sqlite = self.engine.dialect.name == "sqlite"
         for day, day_hours in sorted(by_day.items()):
             with self.engine.connect() as conn:
                 self._lock(conn)
+                # SQLite adds records above the watermark later (_catch_up_sqlite): an hour
+                # recomputed here must not hold them already.
+                upto = (0, self._read_state(conn)[0]) if sqlite else None
                 for h in day_hours:
-                    rows = self._price(conn, h, h + HOUR, h, None)
+                    rows = self._price(conn, h, h + HOUR, h, upto)
                     conn.execute(delete(usage_hourly).where(usage_hourly.c.bucket == h))
                     if rows:
                         conn.execute(insert(usage_hourly), rows)
@@ -277,7 +367,10 @@ class Rollups:
         for seg_start, seg_end in self.prices.segments(start, end):
             query = select(*groups, *_raw_aggregates()).where(c.ts >= seg_start, c.ts < seg_end)
             if ids is not None:
-                query = query.where(c.id > ids[0], c.id <= ids[1])
+                # From id 0 no lower bound: the planner then keeps the ``ts`` index (one
+                # hour's rows) instead of scanning every id below the upper one.
+                lower = [c.id > ids[0]] if ids[0] > 0 else []
+                query = query.where(*lower, c.id <= ids[1])
             for r in conn.execute(query.group_by(*groups)):
                 m = r._mapping
                 key = tuple(m[name] for name in GROUP_COLUMNS)
