@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 log = logging.getLogger("sluicegate.threads")
 
 #: Nice value of the ledger writer: at 10 it still gets about a tenth of a contended core,
 #: more than it needs at the gateway's full throughput.
 LEDGER_NICENESS = 10
-#: Nice value of the rollup job (pure background work).
-ROLLUP_NICENESS = 19
+#: Nice value of the rollup job: background work, idle (``SCHED_IDLE``) except while it holds
+#: the SQLite write lock (:func:`not_idle`), when this share is what it gets on a busy core.
+ROLLUP_NICENESS = 10
 
 
 def lower_priority(niceness: int) -> bool:
@@ -74,6 +78,9 @@ class IdleWhileCaughtUp:
             return
         with self._lock:
             self._tid = threading.get_native_id()
+            if idle and not can_leave_idle(self._tid):
+                self._supported = False  # it could never come back: stay normal
+                return
             self._set(idle)
 
     def promote(self) -> None:
@@ -96,3 +103,45 @@ class IdleWhileCaughtUp:
             self._supported = False
             return
         self._idle = idle
+
+
+def can_leave_idle(tid: int) -> bool:
+    """Whether thread ``tid`` could switch from ``SCHED_IDLE`` back to normal scheduling.
+
+    The kernel allows it only with ``CAP_SYS_NICE`` (root, here) or when ``RLIMIT_NICE`` would
+    allow the thread's nice value (``20 - nice``); the default limit is 0, so an unprivileged
+    thread that went idle would stay idle, and be starved whenever the event loop saturates
+    the core. Such a thread must not go idle at all.
+    """
+    if os.geteuid() == 0:
+        return True
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    except (OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or soft >= 20 - nice
+
+
+@contextmanager
+def not_idle() -> Iterator[None]:
+    """Normal scheduling for the calling thread inside the block if it runs ``SCHED_IDLE``.
+
+    For a background thread holding a lock that others wait for (the rollup job inside a
+    SQLite write transaction): starved of CPU there, it would make them wait too.
+    """
+    tid = threading.get_native_id()
+    idle = False
+    if sys.platform == "linux" and hasattr(os, "SCHED_IDLE"):
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                idle = True
+        except OSError as exc:
+            log.debug("could not leave SCHED_IDLE in thread %s: %s", tid, exc)
+    try:
+        yield
+    finally:
+        if idle:
+            with suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from sluicegate.threads import IdleWhileCaughtUp, lower_priority
+from sluicegate import threads as threads_module
+from sluicegate.threads import IdleWhileCaughtUp, lower_priority, not_idle
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
@@ -74,3 +79,76 @@ def test_another_thread_can_end_an_idle_period() -> None:
     thread.join()
     assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE]
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_not_idle_gives_normal_scheduling_inside_the_block_only() -> None:
+    seen: list[int] = []
+
+    def background() -> None:
+        tid = threading.get_native_id()
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        with not_idle():
+            seen.append(os.sched_getscheduler(tid))
+        seen.append(os.sched_getscheduler(tid))
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        with not_idle():  # a normal thread stays normal
+            seen.append(os.sched_getscheduler(tid))
+        seen.append(os.sched_getscheduler(tid))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen == [os.SCHED_OTHER, os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_OTHER]
+
+
+_UNPRIVILEGED_PROBE = """
+import importlib.util, json, os, sys, threading
+spec = importlib.util.spec_from_file_location("threads_probe", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+out = {"uid": os.geteuid(), "can_leave": m.can_leave_idle(threading.get_native_id())}
+
+def background():
+    s = m.IdleWhileCaughtUp()
+    s.update(backlog=False)
+    out["policy_after_update"] = os.sched_getscheduler(threading.get_native_id())
+
+t = threading.Thread(target=background)
+t.start()
+t.join()
+main = threading.get_native_id()
+os.sched_setscheduler(main, os.SCHED_IDLE, os.sched_param(0))
+try:
+    os.sched_setscheduler(main, os.SCHED_OTHER, os.sched_param(0))
+    out["kernel_allows"] = True
+except PermissionError:
+    out["kernel_allows"] = False
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_an_unprivileged_thread_never_goes_idle_for_good() -> None:
+    """Without CAP_SYS_NICE (and with the default RLIMIT_NICE of 0) the kernel refuses to
+    leave SCHED_IDLE: ``can_leave_idle`` must say so, and the thread stays normal.
+
+    Runs the module in a child process as ``nobody`` (when the tests run as root) with the
+    system Python, since the project's interpreter may live where ``nobody`` cannot read.
+    """
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    module = Path(threads_module.__file__ or "").resolve()
+    done = subprocess.run(
+        [python, "-c", _UNPRIVILEGED_PROBE, str(module)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        user=65534 if os.geteuid() == 0 else None,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["uid"] != 0
+    assert out["can_leave"] == out["kernel_allows"]
+    expected = os.SCHED_IDLE if out["can_leave"] else os.SCHED_OTHER
+    assert out["policy_after_update"] == expected

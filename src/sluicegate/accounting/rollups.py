@@ -57,6 +57,7 @@ from sluicegate.accounting.pricing import PriceTable
 from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.storage.schema import rollup_state, usage_daily, usage_hourly, usage_records
+from sluicegate.threads import not_idle
 
 log = logging.getLogger("sluicegate.rollups")
 
@@ -217,7 +218,7 @@ class Rollups:
                 )
                 priced = {h: self._price(conn, h, h + HOUR, h, (watermark, hi)) for h in hours}
                 conn.rollback()
-            with self.engine.connect() as conn:
+            with not_idle(), self.engine.connect() as conn:
                 self._lock(conn)
                 current, _ = self._read_state(conn)
                 if current != watermark:  # another run added this chunk first
