@@ -14,14 +14,14 @@ How it stays correct without touching the ledger writer:
 - On PostgreSQL, ids are handed out before commit, so a record with a lower id can become
   visible after a higher one. Each run therefore rescans ``POSTGRES_OVERLAP`` ids below the
   watermark (more than the ledger writers can have in flight) and recomputes those hours too.
-- Runs serialise on a lock (an advisory transaction lock on PostgreSQL, the write lock on
-  SQLite), one transaction per day of work, so the ledger writer is never blocked for long.
+- Runs serialise on a lock (an advisory transaction lock on PostgreSQL, which inserts do not
+  wait for; the write lock on SQLite, held only to merge a chunk and move the watermark).
 - Pricing happens here (see ``pricing``): each hour is split where a price starts, so every
   record is charged the price in force at its timestamp. Rollups keep their cost after the raw
   records are purged; ``rebuild()`` re-prices a range while its raw records exist.
-- Hours before ``raw_purged_before`` cannot be recomputed (their raw records are gone): a late
-  record for such an hour is *added* as an extra row (reports sum rows, so rows of one group
-  need not be unique).
+- Hours before ``raw_purged_before`` cannot be recomputed (their raw records are gone): on
+  PostgreSQL a late record for such an hour is *added* as an extra row (reports sum rows, so
+  rows of one group need not be unique); on SQLite every record is added anyway.
 
 All methods block on database I/O; call them from a worker thread.
 """
