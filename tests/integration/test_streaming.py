@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness, sim_config
-from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+from tests.support.gateway import BACKEND_KEY, GatewayThread, free_port, gateway_config
 
 
 @pytest.fixture
@@ -85,3 +87,105 @@ def test_client_disconnect_mid_stream_is_recorded_as_aborted(slow_harness: Harne
     assert len(entries) == 1
     assert entries[0]["client_gone"] is True
     assert entries[0]["tokens_sent"] < 100
+
+
+_EVENTS = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"content":"four words right here"},"finish_reason":null}]}'
+    b"\n\n"
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],'
+    b'"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+class _LingeringUpstream:
+    """A backend that sends a whole stream, ``[DONE]`` included, and then keeps the response
+    open for a few seconds before ending it (as a busy server may): the client has its whole
+    answer and leaves before the backend's stream has ended."""
+
+    def __init__(self, linger: float = 3.0) -> None:
+        self.linger = linger
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _LingeringUpstream:
+        self._thread.start()
+        start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+                + f"{len(_EVENTS):x}\r\n".encode()
+                + _EVENTS
+                + b"\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(self.linger)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_client_that_leaves_after_done_got_a_complete_answer(tmp_path: Path) -> None:
+    """The SDKs stop reading at ``data: [DONE]`` and may close the connection before the
+    backend's stream has ended: the answer was complete, and the record says so."""
+    with _LingeringUpstream() as upstream:
+        gw = GatewayThread(
+            gateway_config(
+                tmp_path,
+                {"linger": upstream.url},
+                deployments=[{"name": "gpt-4o-mini", "backend": "linger", "model": "gpt-4o-mini"}],
+            )
+        ).start()
+        try:
+            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
+            key = harness.new_key().primary_key
+            body = {
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            url = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+            lines: list[str] = []
+            with httpx.stream(
+                "POST", url, json=body, headers={"api-key": key or ""}, timeout=30
+            ) as resp:
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if line == "data: [DONE]":
+                        break  # as the SDKs do; the response is closed unfinished
+            assert lines[-1] == "data: [DONE]"
+            records = harness.records(expect=1)
+        finally:
+            gw.stop()
+    assert len(records) == 1
+    r = records[0]
+    assert (r.outcome, r.error_code) == ("ok", None)
+    assert (r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (9, 4, False)

@@ -284,7 +284,10 @@ async def _relay_stream(
         _estimate(ctx, scanner)
         return False
     tail = scanner.flush()
-    if broke is not None or not scanner.done:
+    # Once the end of the stream went through (``[DONE]``, ``response.completed``) the answer
+    # is whole, whatever happens to the connection afterwards: the SDKs stop reading there and
+    # may close theirs, which closes the backend's (``client_gone``) before its last bytes.
+    if not scanner.done:
         # The backend's stream ended early: tell the client in an event it can parse.
         ctx.outcome = Outcome.BACKEND_ERROR
         ctx.error_code = "StreamInterrupted"
