@@ -224,9 +224,10 @@ class Rollups:
                 if current != watermark:  # another run added this chunk first
                     conn.rollback()
                     continue
+                days = {floor_day(h) for h in hours}
                 for h in hours:
                     self._merge_hour(conn, h, priced[h])
-                for day in sorted({floor_day(h) for h in hours}):
+                for day in sorted(days):
                     self._recompute_day(conn, day)
                 conn.execute(
                     update(rollup_state)
@@ -235,7 +236,7 @@ class Rollups:
                 )
                 conn.commit()
             hours_done.update(hours)
-            days_done.update(floor_day(h) for h in hours)
+            days_done.update(days)
         with self.engine.connect() as conn:
             watermark, _ = self._read_state(conn)
         return RollupRun(len(hours_done), len(days_done), watermark, time.monotonic() - started)
@@ -251,14 +252,9 @@ class Rollups:
         every: list[Mapping[Any, Any]] = list(held)
         every.extend(rows)
         for row in every:
-            key = tuple(row[name] for name in GROUP_COLUMNS)
-            into = merged.get(key)
-            if into is None:
-                merged[key] = {"bucket": hour, **{name: row[name] for name in GROUP_COLUMNS}}
-                merged[key].update({name: int(row[name]) for name in COUNT_COLUMNS})
-            else:
-                for name in COUNT_COLUMNS:
-                    into[name] += int(row[name])
+            into = _group_row(merged, hour, row)
+            for name in COUNT_COLUMNS:
+                into[name] += int(row[name])
         conn.execute(delete(usage_hourly).where(h.bucket == hour))
         conn.execute(insert(usage_hourly), list(merged.values()))
 
@@ -374,12 +370,7 @@ class Rollups:
                 query = query.where(*lower, c.id <= ids[1])
             for r in conn.execute(query.group_by(*groups)):
                 m = r._mapping
-                key = tuple(m[name] for name in GROUP_COLUMNS)
-                row = out.get(key)
-                if row is None:
-                    row = {"bucket": bucket, **dict(zip(GROUP_COLUMNS, key, strict=True))}
-                    row.update({name: 0 for name in COUNT_COLUMNS})
-                    out[key] = row
+                row = _group_row(out, bucket, m)
                 for name in COUNT_COLUMNS[:10]:
                     row[name] += int(m[name])
                 rate = self.prices.resolve(m["deployment"], m["model"], m["backend"], seg_start)
@@ -411,6 +402,20 @@ class Rollups:
                     day_rows = [dict(r, bucket=floor_day(h)) for r in rows]
                     conn.execute(insert(usage_daily), day_rows)
                 conn.commit()
+
+
+def _group_row(
+    rows: dict[tuple[Any, ...], dict[str, Any]], bucket: int, source: Mapping[Any, Any]
+) -> dict[str, Any]:
+    """The row in ``rows`` of ``source``'s group (its ``GROUP_COLUMNS``), added with zero
+    counts if it is not there yet."""
+    key = tuple(source[name] for name in GROUP_COLUMNS)
+    row = rows.get(key)
+    if row is None:
+        row = {"bucket": bucket, **dict(zip(GROUP_COLUMNS, key, strict=True))}
+        row.update({name: 0 for name in COUNT_COLUMNS})
+        rows[key] = row
+    return row
 
 
 def rollup_table(granularity: str) -> Table:
