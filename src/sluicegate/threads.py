@@ -108,12 +108,13 @@ class IdleWhileCaughtUp:
 def can_leave_idle(tid: int) -> bool:
     """Whether thread ``tid`` could switch from ``SCHED_IDLE`` back to normal scheduling.
 
-    The kernel allows it only with ``CAP_SYS_NICE`` (root, here) or when ``RLIMIT_NICE`` would
-    allow the thread's nice value (``20 - nice``); the default limit is 0, so an unprivileged
-    thread that went idle would stay idle, and be starved whenever the event loop saturates
-    the core. Such a thread must not go idle at all.
+    The kernel allows it only with ``CAP_SYS_NICE`` or when ``RLIMIT_NICE`` would allow the
+    thread's nice value (``20 - nice``); the default limit is 0, so an unprivileged thread
+    that went idle would stay idle, and be starved whenever the event loop saturates the core.
+    Such a thread must not go idle at all. The capability is read, not inferred from the
+    user: root in a container usually runs without it (Docker drops ``CAP_SYS_NICE``).
     """
-    if os.geteuid() == 0:
+    if _has_cap_sys_nice():
         return True
     try:
         nice = os.getpriority(os.PRIO_PROCESS, tid)
@@ -121,6 +122,21 @@ def can_leave_idle(tid: int) -> bool:
     except (OSError, ValueError):
         return False
     return soft == resource.RLIM_INFINITY or soft >= 20 - nice
+
+
+_CAP_SYS_NICE = 23  # linux/capability.h
+
+
+def _has_cap_sys_nice() -> bool:
+    """Whether this thread's effective capabilities include ``CAP_SYS_NICE``."""
+    try:
+        with open("/proc/thread-self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_NICE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 @contextmanager

@@ -128,27 +128,44 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
-def test_an_unprivileged_thread_never_goes_idle_for_good() -> None:
-    """Without CAP_SYS_NICE (and with the default RLIMIT_NICE of 0) the kernel refuses to
-    leave SCHED_IDLE: ``can_leave_idle`` must say so, and the thread stays normal.
-
-    Runs the module in a child process as ``nobody`` (when the tests run as root) with the
-    system Python, since the project's interpreter may live where ``nobody`` cannot read.
-    """
+def _probe(prefix: list[str], user: int | None) -> dict[str, object]:
+    """Run ``_UNPRIVILEGED_PROBE`` with the system Python (the project's interpreter may live
+    where ``nobody`` cannot read), behind ``prefix`` and as ``user``."""
     python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
     module = Path(threads_module.__file__ or "").resolve()
     done = subprocess.run(
-        [python, "-c", _UNPRIVILEGED_PROBE, str(module)],
+        [*prefix, python, "-c", _UNPRIVILEGED_PROBE, str(module)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        user=65534 if os.geteuid() == 0 else None,
+        user=user,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout)
-    assert out["uid"] != 0
+    out: dict[str, object] = json.loads(done.stdout)
     assert out["can_leave"] == out["kernel_allows"]
     expected = os.SCHED_IDLE if out["can_leave"] else os.SCHED_OTHER
     assert out["policy_after_update"] == expected
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_an_unprivileged_thread_never_goes_idle_for_good() -> None:
+    """Without CAP_SYS_NICE (and with the default RLIMIT_NICE of 0) the kernel refuses to
+    leave SCHED_IDLE: ``can_leave_idle`` must say so, and the thread stays normal. As
+    ``nobody`` when the tests run as root."""
+    out = _probe([], 65534 if os.geteuid() == 0 else None)
+    assert out["uid"] != 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling policies are Linux's")
+def test_root_without_cap_sys_nice_never_goes_idle_for_good() -> None:
+    """Root in a container usually lacks CAP_SYS_NICE (Docker drops it): the kernel refuses
+    there too, so being root must not count. ``setpriv`` (util-linux) drops the capability."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop a capability root has")
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv not found: install util-linux"
+    out = _probe([setpriv, "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], None)
+    assert out["uid"] == 0
+    assert out["kernel_allows"] is False
