@@ -1,6 +1,7 @@
 """A gateway that does not use them does not load the heavy optional libraries: PyJWT and
-cryptography (tokens), Redis (cluster mode), Alembic (migrations) and the Azure SDKs (Entra
-backends, Key Vault) cost tens of MiB per worker."""
+cryptography (tokens), aiohttp (token issuers' keys; the request path has its own client),
+Redis (cluster mode), Alembic (migrations) and the Azure SDKs (Entra backends, Key Vault)
+cost tens of MiB per worker."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def test_the_serving_modules_leave_optional_libraries_unloaded() -> None:
     probe = (
         "import sys; import sluicegate.server, sluicegate.app, sluicegate.gateway, "
         "sluicegate.admin.mount, sluicegate.cli.main; "
-        "heavy = ('jwt', 'cryptography', 'redis', 'alembic', 'azure'); "
+        "heavy = ('jwt', 'cryptography', 'aiohttp', 'redis', 'alembic', 'azure'); "
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run(

@@ -20,7 +20,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-import aiohttp
 import orjson
 
 from sluicegate.accounting.records import Outcome
@@ -32,6 +31,7 @@ from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
 from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
 from sluicegate.upstream.backend import Backend
+from sluicegate.upstream.client import UpstreamResponse
 from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
 
 log = logging.getLogger("sluicegate.relay")
@@ -100,13 +100,10 @@ async def attempt(
     try:
         try:
             with deadlines.at(deadline):
-                response = await backend.session.request(
-                    scope["method"], url, data=body or None, headers=headers,
-                    allow_redirects=False,
-                )  # fmt: skip
+                response = await backend.client.request(scope["method"], url, headers.items(), body)
         except TimeoutError:
             raise _timed_out(backend, "no status line") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (OSError, ValueError) as exc:
             raise _broken(backend, exc, "connection") from None
         finished = False
         try:
@@ -143,13 +140,13 @@ def _set_status(ctx: RequestContext, status: int) -> None:
 
 
 async def _failed_answer(
-    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, clock: Clock
+    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, clock: Clock
 ) -> AttemptFailed:
     """A retryable status: read (a bounded part of) the body for the wait it names."""
     status = response.status
     wait = retry_after_from_headers(response.raw_headers, clock.now())
     code = str(status)
-    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, AttemptFailed):
+    with contextlib.suppress(OSError, TimeoutError, AttemptFailed):
         data = await _read_body(deadlines, backend, response, _ERROR_BODY_LIMIT)
         if len(data) < _ERROR_BODY_LIMIT:
             response.release()  # read to the end: the connection stays in the pool
@@ -167,14 +164,14 @@ async def _failed_answer(
 
 
 async def _first_chunk(
-    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, deadline: float
+    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, deadline: float
 ) -> bytes:
     try:
         with deadlines.at(deadline):
-            first = await response.content.readany()
+            first = await response.readany()
     except TimeoutError:
         raise _timed_out(backend, "no first chunk") from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         raise _broken(backend, exc) from None
     if not first:
         raise _broken(backend, None)
@@ -182,17 +179,16 @@ async def _first_chunk(
 
 
 async def _read_body(
-    deadlines: Deadlines, backend: Backend, response: aiohttp.ClientResponse, limit: int | None
+    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, limit: int | None
 ) -> bytes:
     """The whole body (up to ``limit`` bytes), each read bounded by ``between_chunks``."""
     parts: list[bytes] = []
     size = 0
-    content = response.content
     between = backend.between_chunks_timeout
     try:
         with deadlines.after(between) as watch:
             while True:
-                chunk = await content.readany()
+                chunk = await response.readany()
                 if not chunk:
                     break
                 parts.append(chunk)
@@ -200,13 +196,13 @@ async def _read_body(
                 if limit is not None and size >= limit:
                     break
                 watch.deadline = deadlines.now() + between
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:
         raise _broken(backend, exc) from None
     return b"".join(parts)
 
 
 async def _send_whole(
-    ctx: RequestContext, response: aiohttp.ClientResponse, data: bytes, send: Send, clock: Clock
+    ctx: RequestContext, response: UpstreamResponse, data: bytes, send: Send, clock: Clock
 ) -> None:
     if ctx.route.metered and response.status < 300:
         ctx.usage, ctx.model = usage_from_body(data)
@@ -219,7 +215,7 @@ async def _send_whole(
 
 async def _relay_stream(
     ctx: RequestContext,
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     first: bytes,
     scope: Scope,
     receive: Receive,
@@ -247,7 +243,6 @@ async def _relay_stream(
     broke: str | None = None
     ended = False
     between = backend.between_chunks_timeout
-    content = response.content
     loop_time = ctx.deadlines.loop().time
     try:
         # One watch for the whole relay: its deadline is moved before each read and lifted
@@ -264,12 +259,12 @@ async def _relay_stream(
                 if gone.is_set():
                     break
                 watch.deadline = loop_time() + between
-                chunk = await content.readany()
+                chunk = await response.readany()
             else:
                 ended = True
     except TimeoutError:
         broke = f"no data for {between:g} s"
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         broke = type(exc).__name__
     finally:
         if hook is not None:

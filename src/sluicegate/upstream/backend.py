@@ -1,12 +1,13 @@
 """A backend: its base URL, its credentials and a pooled HTTP client.
 
-One ``aiohttp.ClientSession`` per backend keeps connections alive between requests. The
+One ``UpstreamPool`` (upstream/client.py) per backend keeps connections alive between
+requests. The
 backend's key is read once at start — from the environment, or from Azure Key Vault by a
 ``VaultKey`` (upstream/keyvault.py) that re-reads it in the background — and held only here;
 ``repr`` never shows it. Backends authenticated with Entra ID hold a ``TokenSource``
 (upstream/identity.py) that keeps a bearer token fresh in the background.
 
-Timeouts: the session bounds only the TCP connect (``timeouts.connect``); the relay enforces
+Timeouts: the pool bounds only the TCP (and TLS) connect (``timeouts.connect``); the relay enforces
 ``first_byte`` (until the status line, and for streams until the first chunk) and
 ``between_chunks`` (every later read) itself, so that a long first byte is not cut short by
 the between-chunks limit.
@@ -17,16 +18,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import aiohttp
-
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import BackendConfig
+from sluicegate.upstream.client import UpstreamPool
 from sluicegate.upstream.identity import TokenSource, credential_for
 from sluicegate.upstream.keyvault import VaultKey
 
 
 class Backend:
-    """A configured backend. The session is created by ``open()`` inside the event loop."""
+    """A configured backend. The connection pool is created by ``open()``."""
 
     def __init__(
         self,
@@ -68,12 +68,9 @@ class Backend:
                 refresh_before=config.auth.refresh_before_seconds,
                 name=config.name,
             )
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeouts.connect, sock_read=None
-        )
         self.first_byte_timeout = config.timeouts.first_byte
         self.between_chunks_timeout = config.timeouts.between_chunks
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamPool | None = None
         self.in_flight = 0
         #: Set by the router: (state, headroom tokens) for the admin view and metrics.
         self.status_source: Callable[[], tuple[str | None, int | None]] | None = None
@@ -104,27 +101,21 @@ class Backend:
         return [("authorization", "Bearer " + await self.token_source.token())]
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def client(self) -> UpstreamPool:
+        if self._client is None:
             raise RuntimeError(f"backend {self.name} is not open")
-        return self._session
+        return self._client
 
     async def open(self) -> None:
         """Read the Key Vault key (raising ``VaultKeyError`` if it cannot be: nothing is open
-        then), open the session and start the background refreshes."""
+        then), open the connection pool and start the background refreshes."""
         if self.vault_key is not None:
             await self.vault_key.start()
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
-            keepalive_timeout=30,
-            enable_cleanup_closed=False,
-            ttl_dns_cache=300,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self.timeout,
-            auto_decompress=True,
-            cookie_jar=aiohttp.DummyCookieJar(),
+        self._client = UpstreamPool(
+            self.config.url,
+            max_connections=self.config.max_connections,
+            connect_timeout=self.config.timeouts.connect,
+            keepalive_seconds=30,
         )
         if self.token_source is not None:
             await self.token_source.start()
@@ -134,9 +125,9 @@ class Backend:
             await self.vault_key.aclose()
         if self.token_source is not None:
             await self.token_source.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def secrets(self) -> list[str]:
         """The secret values this backend holds or has held (for tests that prove none
