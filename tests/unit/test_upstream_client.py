@@ -159,10 +159,22 @@ async def test_a_chunked_stream_arrives_as_it_is_written_and_the_connection_is_r
 
 
 async def test_interim_answers_are_skipped() -> None:
-    reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + answer(
-        extra=b"x-final: yes\r\n"
-    )
-    async with serving(lambda server: keep_answering(server, reply)) as server:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            # Apart, so that the client sees the interim answers before the final one.
+            for part in (
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+                answer(extra=b"x-final: yes\r\n"),
+            ):
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+
+        return run
+
+    async with serving(script) as server:
         pool = pool_for(server)
         response = await pool.request("POST", f"http://127.0.0.1:{server.port}/", [], b"{}")
         assert response.status == 200

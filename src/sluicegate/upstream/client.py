@@ -25,6 +25,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import zlib
 from collections import deque
@@ -36,6 +37,15 @@ import httptools
 #: Bytes of body held unread before the connection stops reading (backpressure).
 _HIGH_WATER = 256 * 1024
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """The system's trust store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` apply), HTTP/1.1 by ALPN;
+    built once: loading the certificates is blocking file I/O."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class UpstreamError(ConnectionError):
@@ -319,7 +329,7 @@ class UpstreamPool:
         self._host_header = netloc
         self._ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":
-            self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
+            self._ssl = ssl_context if ssl_context is not None else _default_tls()
         self._max = max_connections
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive_seconds
