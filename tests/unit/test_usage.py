@@ -107,3 +107,20 @@ def test_any_chunking_gives_the_same_events_and_usage(
     assert scanner.usage is not None
     assert scanner.usage.total_tokens == (6 if spaced else 12)
     assert scanner.done
+
+
+def test_null_usage_fields_are_passed_over_and_either_spacing_is_found() -> None:
+    # OpenAI-style streams carry "usage":null in every chunk but the last; some servers
+    # write JSON with a space after the colon.
+    events = [
+        b'data: {"choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n',
+        b'data: {"choices":[{"delta":{"content":"!"}}],"usage": null}\n\n',
+        b'data: {"choices":[],"model":"m","usage": {"prompt_tokens":3,"completion_tokens":2,'
+        b'"total_tokens":5}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    scanner = StreamScanner(strip_usage_chunk=True)
+    out = scanner.feed(b"".join(events))
+    assert out == events[0] + events[1] + events[3]
+    assert scanner.usage is not None and scanner.usage.total_tokens == 5
+    assert scanner.model == "m" and scanner.done

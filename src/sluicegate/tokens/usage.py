@@ -58,17 +58,24 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str | None]:
     return usage_from_object(obj.get("usage")), model if isinstance(model, str) else None
 
 
+_USAGE_KEY = b'"usage":'
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _RESPONSE_DONE = b'"response.completed"'
+_DONE_EVENT = b"data: [DONE]"
+_DONE_TAIL = b"data: [DONE]\n\n"
 
 
 def _find_usage(data: bytes, start: int) -> int:
-    """Where the next usage object (either spelling) starts at or after ``start``; -1: none."""
-    compact = data.find(_USAGE_MARKERS[0], start)
-    spaced = data.find(_USAGE_MARKERS[1], start)
-    if compact < 0:
-        return spaced
-    return compact if spaced < 0 else min(compact, spaced)
+    """Where the next usage object (``"usage":{`` or ``"usage": {``) starts at or after
+    ``start``; -1: none. One scan for the key, whatever follows it (``null`` is skipped)."""
+    while True:
+        at = data.find(_USAGE_KEY, start)
+        if at < 0:
+            return -1
+        after = data[at + 8 : at + 10]
+        if after[:1] == b"{" or after == b" {":
+            return at
+        start = at + 8
 
 
 class StreamScanner:
@@ -101,7 +108,8 @@ class StreamScanner:
             complete, self._pending = data, b""
         else:
             complete, self._pending = data[:end], data[end:]
-        if not self.done and b"data: [DONE]" in complete:
+        # A stream's last chunk ends with its [DONE]: checked first, it spares a scan.
+        if not self.done and (complete.endswith(_DONE_TAIL) or _DONE_EVENT in complete):
             self.done = True
         # Nearly every chunk holds no usage object (``"usage":null`` does not count) and is
         # forwarded as it came. Otherwise only the events holding one are looked at: under
