@@ -380,3 +380,13 @@ async def test_only_the_first_release_or_close_of_a_response_counts() -> None:
             response.close()  # the relay's cleanup after a release: the connection stays pooled
         await pool.close()
     assert server.connections == 1
+
+
+async def test_a_second_answer_to_one_request_retires_the_connection() -> None:
+    async with serving(lambda server: keep_answering(server, answer() + answer())) as server:
+        pool = pool_for(server)
+        url = f"http://127.0.0.1:{server.port}/"
+        assert await read_all(pool, url) == (200, JSON)  # the first answer is the request's
+        assert await read_all(pool, url) == (200, JSON)
+        await pool.close()
+    assert server.connections == 2

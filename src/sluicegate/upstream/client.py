@@ -88,6 +88,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # raised by a callback of ours
+            self._fail(exc.__context__ or UpstreamError(str(exc)))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the backend switched protocols"))
         except httptools.HttpParserError as exc:
@@ -114,6 +116,9 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request: the connection cannot be trusted any more.
+            raise UpstreamError("the backend sent an answer nobody asked for")
         self._headers = []
         self._framed = False
 
