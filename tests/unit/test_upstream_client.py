@@ -150,8 +150,11 @@ async def test_a_chunked_stream_arrives_as_it_is_written_and_the_connection_is_r
             response = await pool.request("POST", url, [], b"{}")
             assert response.content_type == "text/event-stream"
             assert await response.readany() == b"data: 1\n\n"
+            assert not response.at_eof()
             step.set()
             assert await response.readany() == b"data: 2\n\n"
+            await asyncio.sleep(0.02)  # the terminating chunk, if it came apart
+            assert response.at_eof()
             assert await response.readany() == b""
             response.release()
         await pool.close()

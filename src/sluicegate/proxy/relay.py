@@ -242,6 +242,7 @@ async def _relay_stream(
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, client_gone))
     broke: str | None = None
     ended = False
+    held = b""  # the last events, sent with the end of the stream
     between = backend.between_chunks_timeout
     loop_time = ctx.deadlines.loop().time
     try:
@@ -251,6 +252,11 @@ async def _relay_stream(
             chunk = first
             while chunk:
                 out = scanner.feed(chunk)
+                if response.at_eof():
+                    # The backend's answer is all in (under load a whole stream often comes
+                    # in one read): these events leave with the stream's end, in one write.
+                    held, ended = out, True
+                    break
                 if out:
                     if ctx.ttfb is None:
                         ctx.ttfb = clock.monotonic()
@@ -297,7 +303,9 @@ async def _relay_stream(
         tail += b"data: " + orjson.dumps(error) + b"\n\n"
         if ctx.usage is None:
             _estimate(ctx, scanner)
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
+    if held and ctx.ttfb is None:
+        ctx.ttfb = clock.monotonic()
+    await send({"type": "http.response.body", "body": held + tail, "more_body": False})
     return ended and broke is None
 
 

@@ -242,6 +242,11 @@ class _Connection(asyncio.Protocol):
         return self._status
 
     @property
+    def buffered(self) -> bool:
+        """Body bytes have arrived that ``readany`` has not returned yet."""
+        return bool(self._chunks)
+
+    @property
     def headers(self) -> list[tuple[bytes, bytes]]:
         return self._headers
 
@@ -291,6 +296,12 @@ class UpstreamResponse:
             except zlib.error as exc:
                 raise UpstreamError(f"the backend's compressed answer is corrupt ({exc})") from None
         return data
+
+    def at_eof(self) -> bool:
+        """True when ``readany`` has returned the whole body (the next call gives ``b""``
+        at once): the answer is complete and nothing of it is left unread."""
+        conn = self._conn
+        return self._decoder is None and conn.complete and not conn.buffered
 
     def release(self) -> None:
         """Done: the connection is reused if the body was read to its end, else closed.
