@@ -19,7 +19,9 @@ import pytest
 from sluicegate.upstream.client import UpstreamError, UpstreamPool, UpstreamResponse
 from tests.support.keyvault import self_signed_certificate
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+Script = Callable[[Reader, Writer], Awaitable[None]]
 JSON = b'{"ok":true}'
 
 
@@ -68,6 +70,13 @@ async def serving(
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+def per_connection(
+    run: Callable[[Server, Reader, Writer], Awaitable[None]],
+) -> Callable[[Server], Script]:
+    """A script from a coroutine that also gets the server (for ``read_request``)."""
+    return lambda server: lambda reader, writer: run(server, reader, writer)
 
 
 def answer(body: bytes = JSON, extra: bytes = b"", status: bytes = b"200 OK") -> bytes:
@@ -126,24 +135,21 @@ async def test_requests_share_one_kept_alive_connection_and_the_head_is_exact() 
 async def test_a_chunked_stream_arrives_as_it_is_written_and_the_connection_is_reused() -> None:
     step = asyncio.Event()
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await server.read_request(reader)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                    b"9\r\ndata: 1\n\n\r\n"
-                )
-                await writer.drain()
-                await step.wait()
-                step.clear()
-                writer.write(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
-                await writer.drain()
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+                b"9\r\ndata: 1\n\n\r\n"
+            )
+            await writer.drain()
+            await step.wait()
+            step.clear()
+            writer.write(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+            await writer.drain()
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server)
         url = f"http://127.0.0.1:{server.port}/s"
         for _ in range(2):
@@ -162,22 +168,19 @@ async def test_a_chunked_stream_arrives_as_it_is_written_and_the_connection_is_r
 
 
 async def test_interim_answers_are_skipped() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            # Apart, so that the client sees the interim answers before the final one.
-            for part in (
-                b"HTTP/1.1 100 Continue\r\n\r\n",
-                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
-                answer(extra=b"x-final: yes\r\n"),
-            ):
-                writer.write(part)
-                await writer.drain()
-                await asyncio.sleep(0.02)
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        # Apart, so that the client sees the interim answers before the final one.
+        for part in (
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+            answer(extra=b"x-final: yes\r\n"),
+        ):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.02)
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server)
         response = await pool.request("POST", f"http://127.0.0.1:{server.port}/", [], b"{}")
         assert response.status == 200
@@ -189,16 +192,13 @@ async def test_interim_answers_are_skipped() -> None:
 
 
 async def test_a_body_delimited_by_the_connection_closing_is_whole_and_not_reused() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
-            await writer.drain()
-            writer.close()
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server)
         url = f"http://127.0.0.1:{server.port}/"
         assert await read_all(pool, url) == (200, b"all of it")
@@ -230,15 +230,12 @@ async def test_the_answer_to_head_has_no_body_whatever_its_length_says() -> None
     ],
 )
 async def test_broken_or_invalid_answers_raise_upstream_errors(reply: bytes, when: str) -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(reply)
-            await writer.drain()
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(reply)
+        await writer.drain()
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server)
         url = f"http://127.0.0.1:{server.port}/"
         if when == "head":
@@ -268,16 +265,13 @@ async def test_the_connection_limit_queues_requests_until_one_is_released() -> N
 
 
 async def test_a_closed_answer_wakes_its_reader_and_frees_the_slot() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(30)  # never finishes the body
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)  # never finishes the body
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server, max_connections=1)
         url = f"http://127.0.0.1:{server.port}/"
         response = await pool.request("POST", url, [], b"{}")
@@ -294,14 +288,11 @@ async def test_a_closed_answer_wakes_its_reader_and_frees_the_slot() -> None:
 
 
 async def test_a_request_cancelled_while_waiting_for_the_head_closes_its_connection() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            await asyncio.sleep(30)
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(30)
 
-        return run
-
-    async with serving(script) as server:
+    async with serving(per_connection(run)) as server:
         pool = pool_for(server, max_connections=1)
         url = f"http://127.0.0.1:{server.port}/"
         with pytest.raises(TimeoutError):
