@@ -64,7 +64,11 @@ class TlsFront:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            up_writer.close()
+            writer.close()
 
     def __enter__(self) -> TlsFront:
         self._thread.start()
@@ -91,9 +95,11 @@ def _client(gw: GatewayProcess, key: str) -> openai.AzureOpenAI:
 
 
 def test_an_https_backend_is_verified_against_the_trust_store(
-    tmp_path: Path, front: tuple[TlsFront, Path]
+    tmp_path: Path, front: tuple[TlsFront, Path], request: pytest.FixtureRequest
 ) -> None:
     tls, cert = front
+    closing: list[openai.AzureOpenAI] = []
+    request.addfinalizer(lambda: [client.close() for client in closing])
     config = gateway_config(tmp_path, {"sim": f"https://127.0.0.1:{tls.port}"})
     trusting = GatewayProcess(
         tmp_path, config, env=dict(gateway_environ(), SSL_CERT_FILE=str(cert))
@@ -101,6 +107,7 @@ def test_an_https_backend_is_verified_against_the_trust_store(
     trusting.start()
     try:
         client = _client(trusting, trusting.create_key()["primary_key"])
+        closing.append(client)
         messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello over TLS"}]
         answer = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
         assert answer.usage is not None and answer.usage.total_tokens > 0
@@ -120,6 +127,7 @@ def test_an_https_backend_is_verified_against_the_trust_store(
     strict.start()
     try:
         client = _client(strict, strict.create_key()["primary_key"])
+        closing.append(client)
         with pytest.raises(openai.APIStatusError) as refused:
             client.chat.completions.create(
                 model="gpt-4o-mini",
@@ -129,5 +137,8 @@ def test_an_https_backend_is_verified_against_the_trust_store(
         assert refused.value.status_code == 503
         assert isinstance(refused.value.body, dict)
         assert refused.value.body["code"] == "BackendUnavailable"
+        # The operator learns why from the log.
+        assert "backend sim: a request to https" in strict.log_path.read_text()
+        assert "SSLCertVerificationError" in strict.log_path.read_text()
     finally:
         assert strict.terminate() == 0

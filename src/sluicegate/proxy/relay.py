@@ -104,6 +104,7 @@ async def attempt(
         except TimeoutError:
             raise _timed_out(backend, "no status line") from None
         except (OSError, ValueError) as exc:
+            backend.connect_failed(exc)
             raise _broken(backend, exc, "connection") from None
         finished = False
         try:

@@ -15,6 +15,7 @@ the between-chunks limit.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -23,6 +24,11 @@ from sluicegate.config.model import BackendConfig
 from sluicegate.upstream.client import UpstreamPool
 from sluicegate.upstream.identity import TokenSource, credential_for
 from sluicegate.upstream.keyvault import VaultKey
+
+log = logging.getLogger("sluicegate.upstream")
+
+#: At most one "cannot connect" warning per backend in this many seconds.
+CONNECT_WARNING_INTERVAL_S = 10.0
 
 
 class Backend:
@@ -55,6 +61,9 @@ class Backend:
                     f"backend {config.name}: environment variable {config.auth.key_env} is not set"
                 )
             self.auth_headers.append((config.auth.header.lower(), key))
+        self._clock = clock or SystemClock()
+        self._warned_at: float | None = None
+        self._unwarned = 0
         self.token_source: TokenSource | None = None
         if config.auth.entra:
             try:
@@ -64,7 +73,7 @@ class Backend:
             self.token_source = TokenSource(
                 credential,
                 config.auth.scope,
-                clock or SystemClock(),
+                self._clock,
                 refresh_before=config.auth.refresh_before_seconds,
                 name=config.name,
             )
@@ -128,6 +137,21 @@ class Backend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    def connect_failed(self, exc: BaseException) -> None:
+        """Say why a connection to this backend failed (a refused port, an unverifiable
+        certificate, a name that does not resolve): a warning at most every
+        ``CONNECT_WARNING_INTERVAL_S`` seconds, with how many failures it stands for."""
+        now = self._clock.monotonic()
+        if self._warned_at is not None and now - self._warned_at < CONNECT_WARNING_INTERVAL_S:
+            self._unwarned += 1
+            return
+        more = f" ({self._unwarned} more since the last warning)" if self._unwarned else ""
+        log.warning(
+            "backend %s: a request to %s failed before any answer: %s: %s%s",
+            self.name, self.base_url, type(exc).__name__, exc, more,
+        )  # fmt: skip
+        self._warned_at, self._unwarned = now, 0
 
     def secrets(self) -> list[str]:
         """The secret values this backend holds or has held (for tests that prove none
