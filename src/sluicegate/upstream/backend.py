@@ -1,14 +1,13 @@
 """A backend: its base URL, its credentials and a pooled HTTP client.
 
 One ``UpstreamPool`` (upstream/client.py) per backend keeps connections alive between
-requests. The
-backend's key is read once at start — from the environment, or from Azure Key Vault by a
-``VaultKey`` (upstream/keyvault.py) that re-reads it in the background — and held only here;
-``repr`` never shows it. Backends authenticated with Entra ID hold a ``TokenSource``
+requests. The backend's key is read once at start — from the environment, or from Azure Key
+Vault by a ``VaultKey`` (upstream/keyvault.py) that re-reads it in the background — and held
+only here; ``repr`` never shows it. Backends authenticated with Entra ID hold a ``TokenSource``
 (upstream/identity.py) that keeps a bearer token fresh in the background.
 
-Timeouts: the pool bounds only the TCP (and TLS) connect (``timeouts.connect``); the relay enforces
-``first_byte`` (until the status line, and for streams until the first chunk) and
+Timeouts: the pool bounds only the TCP (and TLS) connect (``timeouts.connect``); the relay
+enforces ``first_byte`` (until the status line, and for streams until the first chunk) and
 ``between_chunks`` (every later read) itself, so that a long first byte is not cut short by
 the between-chunks limit.
 """
@@ -27,7 +26,7 @@ from sluicegate.upstream.keyvault import VaultKey
 
 log = logging.getLogger("sluicegate.upstream")
 
-#: At most one "cannot connect" warning per backend in this many seconds.
+#: At most one "failed before any answer" warning per backend in this many seconds.
 CONNECT_WARNING_INTERVAL_S = 10.0
 
 

@@ -5,7 +5,7 @@ the client side of the gateway).
 Why not aiohttp here (it stays for everything else: token, key-vault and OIDC requests):
 the gateway's relay needs only a small part of a general client (no cookies, redirects,
 proxies, multipart or tracing), and that part was the largest single cost of a proxied
-request. Measured (bench/analysis.md, "The upstream client"): aiohttp's client was about
+request. Measured (docs/architecture.md, bench/analysis.md): aiohttp's client was about
 30 % of the gateway's CPU per JSON request, and parsing one 33-event stream cost it 90 µs
 against 22 µs for a JSON answer, three Python calls per HTTP chunk; a bare proxy served
 about 1.5 times as many JSON requests per core with this client as with aiohttp. The
@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import httptools
+
+from sluicegate.loops import running_loop
 
 #: Bytes of body held unread before the connection stops reading (backpressure).
 _HIGH_WATER = 256 * 1024
@@ -82,7 +84,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None and not self._no_body:
+        if self._head is None:
             # Bytes while no request is waiting: a broken backend. Never reuse the connection.
             self._fail(UpstreamError("the backend sent data nobody asked for"))
             return
@@ -123,8 +125,8 @@ class _Connection(asyncio.Protocol):
         self._framed = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        lowered = name.lower()
+        lowered = name.lower()  # once here: every reader of the headers wants lower case
+        self._headers.append((lowered, value))
         if lowered == b"content-length" or (
             lowered == b"transfer-encoding" and b"chunked" in value.lower()
         ):
@@ -260,14 +262,14 @@ class UpstreamResponse:
         self._conn = conn
         self._done = False
         self.status = conn.status
+        #: The answer's headers as received, names in lower case.
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = tuple(conn.headers)
         content_type = b""
         encoding = b""
         for name, value in self.raw_headers:
-            lowered = name.lower()
-            if lowered == b"content-type":
+            if name == b"content-type":
                 content_type = value
-            elif lowered == b"content-encoding":
+            elif name == b"content-encoding":
                 encoding = value.strip().lower()
         #: The media type, lower case, without parameters (like aiohttp's ``content_type``).
         self.content_type = (
@@ -357,8 +359,7 @@ class UpstreamPool:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        self._loop = running_loop(self._loop)
         return self._loop
 
     async def request(
