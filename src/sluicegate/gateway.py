@@ -198,9 +198,10 @@ class Gateway:
 
         Always, not only when limits estimate prompts: the ledger's estimate for a stream
         cut short (no usage came back) counts the relayed text with the same tokenizer.
-        Building one costs 0.1-0.5 s of CPU, mostly inside tiktoken with the GIL held, and
-        ~45 MiB; left to first use, the first aborted stream froze every other request for
-        that long (the benchmark saw it as a 0.3-0.5 s p99 with limits off).
+        Building one costs 0.2-0.4 s of CPU with the GIL held (reading and checking the
+        file, building the tables) and ~5 MiB; left to first use, the first aborted stream
+        froze every other request for that long (the benchmark saw it as a 0.3-0.5 s p99
+        with limits off, back when tiktoken's build took as long).
         """
         from sluicegate.tokens.counting import encoding_name_for
         from sluicegate.tokens.encodings import preload

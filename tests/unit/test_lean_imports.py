@@ -1,6 +1,7 @@
 """A gateway that does not use them does not load the heavy optional libraries: PyJWT and
 cryptography (tokens), aiohttp (token issuers' keys; the request path has its own client),
-Redis (cluster mode), Alembic (migrations) and the Azure SDKs (Entra backends, Key Vault)
+Redis (cluster mode), Alembic (migrations), the Azure SDKs (Entra backends, Key Vault) and
+tiktoken (a test-only reference: the gateway counts with its own compact tokenizer)
 cost tens of MiB per worker."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ def test_the_serving_modules_leave_optional_libraries_unloaded() -> None:
     probe = (
         "import sys; import sluicegate.server, sluicegate.app, sluicegate.gateway, "
         "sluicegate.admin.mount, sluicegate.cli.main; "
-        "heavy = ('jwt', 'cryptography', 'aiohttp', 'redis', 'alembic', 'azure'); "
+        "from sluicegate.tokens.counting import count_tokens; count_tokens('hi', 'gpt-4o'); "
+        "heavy = ('jwt', 'cryptography', 'aiohttp', 'redis', 'alembic', 'azure', 'tiktoken'); "
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run(

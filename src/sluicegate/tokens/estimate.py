@@ -37,8 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import tiktoken
-
+from sluicegate.tokens.bpe import BpeEncoding
 from sluicegate.tokens.counting import CHARS_PER_TOKEN, encoding_for
 
 TOKENS_PER_MESSAGE = 3
@@ -106,15 +105,15 @@ _COUNT_CACHE_SIZE = 8192
 _counts: dict[str, dict[str, int]] = {}
 
 
-def _count(encoding: tiktoken.Encoding, text: str) -> int:
+def _count(encoding: BpeEncoding, text: str) -> int:
     if len(text) > _COUNT_CACHE_MAX_CHARS:
-        return len(encoding.encode_ordinary(text))
+        return encoding.count(text)
     cache = _counts.get(encoding.name)
     if cache is None:
         cache = _counts.setdefault(encoding.name, {})
     count = cache.get(text)
     if count is None:
-        count = len(encoding.encode_ordinary(text))
+        count = encoding.count(text)
         if len(cache) >= _COUNT_CACHE_SIZE:
             cache.clear()  # simpler than LRU, and a full cache only costs one re-count each
         cache[text] = count
@@ -126,7 +125,7 @@ class _Meter:
 
     __slots__ = ("chars", "encoding", "tokens")
 
-    def __init__(self, encoding: tiktoken.Encoding | None) -> None:
+    def __init__(self, encoding: BpeEncoding | None) -> None:
         self.encoding = encoding
         self.tokens = 0
         self.chars = 0

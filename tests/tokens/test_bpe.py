@@ -1,0 +1,132 @@
+"""Our compact tokenizer against the reference: tiktoken, built from the same shipped files.
+
+Same token ids (not only the same counts) on a corpus of real text and on generated text
+that stresses the pre-tokenizer (Unicode classes, whitespace runs, contractions, digits),
+the ASCII fast path, the long-piece merge, and invalid UTF-16 (lone surrogates).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sluicegate.tokens import bpe, encodings
+from sluicegate.tokens.bpe import BpeEncoding
+from sluicegate.tokens.encodings import SPECS, get_encoding
+
+NAMES = ("o200k_base", "cl100k_base")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@cache
+def reference(name: str) -> tiktoken.Encoding:
+    spec = SPECS[name]
+    return tiktoken.Encoding(
+        name=name,
+        pat_str=spec.pattern,
+        mergeable_ranks=encodings.read_ranks(spec),
+        special_tokens=spec.special_tokens,
+    )
+
+
+def assert_same(name: str, text: str) -> None:
+    ours = get_encoding(name)
+    expected = reference(name).encode_ordinary(text)
+    assert ours.encode_ordinary(text) == expected
+    assert ours.count(text) == len(expected)
+    assert ours.count(text) == len(expected)  # again, now from the piece cache
+
+
+_CORPUS = [
+    "hello world",
+    "Hello, World! It's 2026; we've paid $1,234.56 for 1234567 tokens.",
+    "  leading and trailing spaces   \n\n\ttabs\r\nCRLF\n",
+    "Grüße aus Köln — naïve café, Ελληνικά, русский текст, עִבְרִית, العربية",
+    "日本語のテキストと中文文本，还有한국어 텍스트。",
+    "emoji 🎉🎉 👩‍👩‍👧 flags 🇩🇪🇫🇷 and ZWJ",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n",
+    "<|endoftext|> is plain text here <|fim_prefix|>",
+    "a" * 3000,
+    "ab" * 700 + "!" * 500,
+    " " * 400 + "x",
+    "\u00a0\u2028\u3000\x85 odd spaces\u200b",
+    "lone surrogate \ud800 and \udfff here",
+    "I'M SHOUTING, DON'T YOU'LL SEE. I'd've",
+    "https://example.com/path?q=1&r=2#frag",
+    "AAAAbbbbCCCC1111😀😀😀",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("text", _CORPUS)
+def test_the_same_tokens_as_tiktoken_on_the_corpus(name: str, text: str) -> None:
+    assert_same(name, text)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_same_tokens_as_tiktoken_on_the_repository_docs(name: str) -> None:
+    for path in [_REPO / "README.md", *sorted((_REPO / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        assert_same(name, text)
+        assert_same(name, text.encode("ascii", "ignore").decode("ascii"))
+
+
+# Characters from every class the patterns distinguish, and the ASCII controls that the
+# standard re module calls whitespace but Unicode does not (\x1c-\x1f).
+_ALPHABET = st.sampled_from(
+    [
+        *"aZ0 9'sStTdDmMlLvVrRe\t\n\r\x0b\x0c\x1c\x1f.,!?/-_",
+        *("\u00e9", "\u01c4", "\u02b0", "\u4e2d", "\u0301", "\u0663", "\u00a0", "\u2029"),
+        *("\U0001f600", "\ud83d"),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(alphabet=_ALPHABET, max_size=80))
+def test_the_same_tokens_as_tiktoken_on_generated_text(text: str) -> None:
+    for name in NAMES:
+        assert_same(name, text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
+def test_the_same_tokens_as_tiktoken_on_any_unicode(text: str) -> None:
+    for name in NAMES:
+        assert_same(name, text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(min_size=bpe._HEAP_MERGE_MIN, max_size=300))
+def test_long_pieces_merge_as_the_short_path_does(data: bytes) -> None:
+    """The heap merge (long pieces) and tiktoken's list merge agree on any bytes."""
+    ours = get_encoding("o200k_base")
+    assert ours._merge_bounds_heap(data) == _list_merge(ours, data)
+
+
+def _list_merge(encoding: BpeEncoding, data: bytes) -> list[int]:
+    # The short-piece path, called directly whatever the length.
+    limit = bpe._HEAP_MERGE_MIN
+    try:
+        bpe._HEAP_MERGE_MIN = 1 << 30
+        return encoding._merge_bounds(data)
+    finally:
+        bpe._HEAP_MERGE_MIN = limit
+
+
+def test_rank_lookup_and_vocabulary_size() -> None:
+    o200k = get_encoding("o200k_base")
+    assert o200k.n_vocab == 199_998
+    assert get_encoding("cl100k_base").n_vocab == 100_256
+    assert o200k.rank(b"hello") == reference("o200k_base").encode_single_token(b"hello")
+    assert o200k.rank(b"\xff\xfe\xfd-no-such-token") is None
+
+
+def test_ranks_must_be_dense() -> None:
+    with pytest.raises(ValueError, match=r"0\.\.n-1 in order"):
+        BpeEncoding("gappy", r"\S+", [(b"a", 0), (b"b", 2)])
