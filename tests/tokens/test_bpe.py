@@ -106,17 +106,7 @@ def test_the_same_tokens_as_tiktoken_on_any_unicode(text: str) -> None:
 def test_long_pieces_merge_as_the_short_path_does(data: bytes) -> None:
     """The heap merge (long pieces) and tiktoken's list merge agree on any bytes."""
     ours = get_encoding("o200k_base")
-    assert ours._merge_bounds_heap(data) == _list_merge(ours, data)
-
-
-def _list_merge(encoding: BpeEncoding, data: bytes) -> list[int]:
-    # The short-piece path, called directly whatever the length.
-    limit = bpe._HEAP_MERGE_MIN
-    try:
-        bpe._HEAP_MERGE_MIN = 1 << 30
-        return encoding._merge_bounds(data)
-    finally:
-        bpe._HEAP_MERGE_MIN = limit
+    assert ours._merge_bounds_heap(data) == ours._merge_bounds_list(data)
 
 
 def test_rank_lookup_and_vocabulary_size() -> None:

@@ -169,9 +169,14 @@ class BpeEncoding:
         """
         if len(data) >= _HEAP_MERGE_MIN:
             return self._merge_bounds_heap(data)
+        return self._merge_bounds_list(data)
+
+    def _merge_bounds_list(self, data: bytes) -> list[int]:
+        """tiktoken's own loop: rescan the pair ranks for the lowest after each merge."""
         rank = self.rank
         never = 1 << 31
-        # parts[i] = (start of part i, rank of merging part i with part i+1)
+        # starts[i]: where part i begins (the last entry is the end of the piece);
+        # ranks[i]: the rank of part i merged with part i+1 (never: not a token).
         starts = list(range(len(data) + 1))
         ranks = [never] * len(starts)
         for i in range(len(data) - 1):
