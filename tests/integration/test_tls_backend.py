@@ -106,7 +106,9 @@ def test_an_https_backend_is_verified_against_the_trust_store(
     )
     trusting.start()
     try:
-        client = _client(trusting, trusting.create_key()["primary_key"])
+        key = trusting.create_key()["primary_key"]
+        trusting.wait_visible(key)  # made by another process: the gateway learns of it
+        client = _client(trusting, key)
         closing.append(client)
         messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello over TLS"}]
         answer = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
@@ -126,7 +128,9 @@ def test_an_https_backend_is_verified_against_the_trust_store(
     strict = GatewayProcess(tmp_path, config, env=env)  # the test CA is not trusted here
     strict.start()
     try:
-        client = _client(strict, strict.create_key()["primary_key"])
+        key = strict.create_key()["primary_key"]
+        strict.wait_visible(key)  # made by another process: the gateway learns of it
+        client = _client(strict, key)
         closing.append(client)
         with pytest.raises(openai.APIStatusError) as refused:
             client.chat.completions.create(
