@@ -384,3 +384,33 @@ async def test_a_second_answer_to_one_request_retires_the_connection() -> None:
         assert await read_all(pool, url) == (200, JSON)
         await pool.close()
     assert server.connections == 2
+
+
+async def test_an_unread_body_stops_the_connection_reading_until_the_reader_catches_up() -> None:
+    chunk = b"x" * 65536
+    total = 512  # chunks: 32 MiB, far more than the socket buffers and the client's limit
+    sent = 0
+
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        nonlocal sent
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        framed = b"10000\r\n" + chunk + b"\r\n"
+        for _ in range(total):
+            writer.write(framed)
+            await writer.drain()
+            sent += 1
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with serving(per_connection(run)) as server:
+        pool = pool_for(server)
+        response = await pool.request("GET", f"http://127.0.0.1:{server.port}/big", [], b"")
+        await asyncio.sleep(0.5)  # not reading: the backend must be held back
+        assert sent * len(chunk) < 16 * 1024 * 1024
+        received = 0
+        while data := await response.readany():
+            received += len(data)
+        assert received == total * len(chunk)
+        response.release()
+        await pool.close()

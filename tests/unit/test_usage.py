@@ -124,3 +124,36 @@ def test_null_usage_fields_are_passed_over_and_either_spacing_is_found() -> None
     assert out == events[0] + events[1] + events[3]
     assert scanner.usage is not None and scanner.usage.total_tokens == 5
     assert scanner.model == "m" and scanner.done
+
+
+def test_the_last_usage_object_of_a_chunk_counts_and_an_unreadable_one_is_passed_over() -> None:
+    early = b'data: {"choices":[],"usage":{"prompt_tokens":1,"total_tokens":1}}\n\n'
+    final = b'data: {"choices":[],"model":"m2","usage":{"prompt_tokens":7,"total_tokens":9}}\n\n'
+    broken = b'data: {"choices":[],"usage":{"prompt_tokens":8,\n\n'
+    for strip in (False, True):
+        scanner = StreamScanner(strip_usage_chunk=strip)
+        scanner.feed(early + final + broken + b"data: [DONE]\n\n")
+        assert scanner.usage is not None and scanner.usage.total_tokens == 9
+        assert scanner.model == "m2" and scanner.done
+
+
+def test_responses_stream_usage_is_read_from_response_completed() -> None:
+    events = [
+        _event({"type": "response.created", "response": {"id": "r", "usage": None}}),
+        _event({"type": "response.output_text.delta", "delta": "Hi"}),
+        _event(
+            {
+                "type": "response.completed",
+                "response": {
+                    "id": "r",
+                    "model": "gpt-4o",
+                    "usage": {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6},
+                },
+            }
+        ),
+    ]
+    scanner = StreamScanner(strip_usage_chunk=False)
+    out = scanner.feed(b"".join(events))
+    assert out == b"".join(events)
+    assert scanner.usage is not None and scanner.usage.prompt_tokens == 4
+    assert scanner.model == "gpt-4o" and scanner.done
