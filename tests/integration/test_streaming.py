@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sluicegate.accounting.records import UsageRecord
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness, sim_config
@@ -102,10 +103,13 @@ _EVENTS = (
 class _LingeringUpstream:
     """A backend that sends a whole stream, ``[DONE]`` included, and then keeps the response
     open for a few seconds before ending it (as a busy server may): the client has its whole
-    answer and leaves before the backend's stream has ended."""
+    answer and leaves before the backend's stream has ended. With ``linger=None`` the end of
+    the response goes in the same write as the events: the gateway reads the whole answer at
+    once, as it often does under load."""
 
-    def __init__(self, linger: float = 3.0) -> None:
+    def __init__(self, linger: float | None = 3.0, events: bytes = _EVENTS) -> None:
         self.linger = linger
+        self.events = events
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -136,13 +140,18 @@ class _LingeringUpstream:
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             await reader.readexactly(length)
-            writer.write(
+            answer = (
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                 b"transfer-encoding: chunked\r\n\r\n"
-                + f"{len(_EVENTS):x}\r\n".encode()
-                + _EVENTS
+                + f"{len(self.events):x}\r\n".encode()
+                + self.events
                 + b"\r\n"
             )
+            if self.linger is None:
+                writer.write(answer + b"0\r\n\r\n")
+                await writer.drain()
+                return
+            writer.write(answer)
             await writer.drain()
             await asyncio.sleep(self.linger)
             writer.write(b"0\r\n\r\n")
@@ -189,3 +198,56 @@ def test_a_client_that_leaves_after_done_got_a_complete_answer(tmp_path: Path) -
     r = records[0]
     assert (r.outcome, r.error_code) == ("ok", None)
     assert (r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (9, 4, False)
+
+
+def _stream_in_one_read(tmp_path: Path, events: bytes) -> tuple[list[str], UsageRecord]:
+    """Stream through the gateway from a backend whose whole answer (head, events and end)
+    arrives in one write; the client does not ask for usage. Returns the client's lines and
+    the request's record."""
+    with _LingeringUpstream(linger=None, events=events) as upstream:
+        gw = GatewayThread(
+            gateway_config(
+                tmp_path,
+                {"once": upstream.url},
+                deployments=[{"name": "gpt-4o-mini", "backend": "once", "model": "gpt-4o-mini"}],
+            )
+        ).start()
+        try:
+            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
+            key = harness.new_key().primary_key
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            url = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+            with httpx.stream(
+                "POST", url, json=body, headers={"api-key": key or ""}, timeout=30
+            ) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                lines = [line for line in resp.iter_lines() if line]
+            records = harness.records(expect=1)
+        finally:
+            gw.stop()
+    assert len(records) == 1
+    return lines, records[0]
+
+
+def test_a_stream_read_whole_at_once_is_relayed_and_counted(tmp_path: Path) -> None:
+    """The gateway's one-read path: every event reaches the client, the usage chunk the
+    gateway asked for is hidden from a client that did not, and the usage is recorded."""
+    lines, r = _stream_in_one_read(tmp_path, _EVENTS)
+    assert len(lines) == 2
+    assert '"four words right here"' in lines[0]
+    assert lines[1] == "data: [DONE]"
+    assert (r.outcome, r.error_code, r.streamed) == ("ok", None, True)
+    assert (r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (9, 4, False)
+
+
+def test_a_stream_read_whole_at_once_without_its_end_is_reported(tmp_path: Path) -> None:
+    """A backend's stream that ends cleanly but without ``[DONE]``, all in one read: the
+    client gets an error event it can parse, and the record an estimate and the cause."""
+    cut = _EVENTS.split(b"data: {", 2)
+    lines, r = _stream_in_one_read(tmp_path, b"data: {".join(cut[:2]))
+    assert '"four words right here"' in lines[0]
+    assert '"StreamInterrupted"' in lines[-1]
+    assert (r.outcome, r.error_code) == ("backend_error", "StreamInterrupted")
+    assert r.usage_estimated
+    assert r.completion_tokens > 0

@@ -229,59 +229,17 @@ async def _relay_stream(
     scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    gone = asyncio.Event()
-    hook = disconnect_hook(scope)
-    watcher: asyncio.Task[None] | None = None
-
-    def client_gone() -> None:
-        gone.set()
-        response.close()  # the backend stops generating (and billing) at once
-
-    if hook is not None:
-        hook.add(client_gone)
+    if response.at_eof():
+        # The whole answer came with the first read (under load a stream is often all
+        # generated before the gateway reads it): nothing is left to wait for, so no
+        # disconnect watch is set up, and head, events and end leave in one write.
+        held, ended, broke, gone = scanner.feed(first), True, None, False
     else:
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, client_gone))
-    broke: str | None = None
-    ended = False
-    held = b""  # the last events, sent with the end of the stream
-    between = backend.between_chunks_timeout
-    loop_time = ctx.deadlines.loop().time
-    try:
-        # One watch for the whole relay: its deadline is moved before each read and lifted
-        # while the client is sent to (a slow reader is not the backend's fault).
-        with ctx.deadlines.at(_INFINITY) as watch:
-            chunk = first
-            while chunk:
-                out = scanner.feed(chunk)
-                if response.at_eof():
-                    # The backend's answer is all in (under load a whole stream often comes
-                    # in one read): these events leave with the stream's end, in one write.
-                    held, ended = out, True
-                    break
-                if out:
-                    if ctx.ttfb is None:
-                        ctx.ttfb = clock.monotonic()
-                    watch.deadline = _INFINITY
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                if gone.is_set():
-                    break
-                watch.deadline = loop_time() + between
-                chunk = await response.readany()
-            else:
-                ended = True
-    except TimeoutError:
-        broke = f"no data for {between:g} s"
-    except OSError as exc:
-        broke = type(exc).__name__
-    finally:
-        if hook is not None:
-            hook.remove(client_gone)
-        elif watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        held, ended, broke, gone = await _relay_events(
+            ctx, response, first, scanner, scope, receive, send, clock, backend
+        )
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
-    if gone.is_set() and not scanner.done:
+    if gone and not scanner.done:
         ctx.outcome = Outcome.ABORTED
         _estimate(ctx, scanner)
         return False
@@ -308,6 +266,76 @@ async def _relay_stream(
         ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": held + tail, "more_body": False})
     return ended and broke is None
+
+
+async def _relay_events(
+    ctx: RequestContext,
+    response: UpstreamResponse,
+    first: bytes,
+    scanner: StreamScanner,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    clock: Clock,
+    backend: Backend,
+) -> tuple[bytes, bool, str | None, bool]:
+    """Relay the events of a stream still arriving until it ends, breaks off or the client
+    leaves (the backend's response is closed at once then). Returns the events held back to
+    leave with the stream's end, whether the backend's body was read to its end, why it
+    broke off (None: it did not), and whether the client left."""
+    gone = False
+
+    def client_gone() -> None:
+        nonlocal gone
+        gone = True
+        response.close()  # the backend stops generating (and billing) at once
+
+    hook = disconnect_hook(scope)
+    watcher: asyncio.Task[None] | None = None
+    if hook is not None:
+        hook.add(client_gone)
+    else:
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, client_gone))
+    broke: str | None = None
+    ended = False
+    held = b""  # the last events, sent with the end of the stream
+    between = backend.between_chunks_timeout
+    loop_time = ctx.deadlines.loop().time
+    try:
+        # One watch for the whole relay: its deadline is moved before each read and lifted
+        # while the client is sent to (a slow reader is not the backend's fault).
+        with ctx.deadlines.at(_INFINITY) as watch:
+            chunk = first
+            while chunk:
+                out = scanner.feed(chunk)
+                if response.at_eof():
+                    # The backend's answer is all in: these events leave with the stream's
+                    # end, in one write.
+                    held, ended = out, True
+                    break
+                if out:
+                    if ctx.ttfb is None:
+                        ctx.ttfb = clock.monotonic()
+                    watch.deadline = _INFINITY
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if gone:
+                    break
+                watch.deadline = loop_time() + between
+                chunk = await response.readany()
+            else:
+                ended = True
+    except TimeoutError:
+        broke = f"no data for {between:g} s"
+    except OSError as exc:
+        broke = type(exc).__name__
+    finally:
+        if hook is not None:
+            hook.remove(client_gone)
+        elif watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    return held, ended, broke, gone
 
 
 async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
