@@ -14,6 +14,7 @@ from sluicegate.accounting.records import Outcome
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.reports import count_records, fetch_records
+from sluicegate.storage.rows import RECORD_COLUMNS
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
 from tests.storage.conftest import RecordFactory
@@ -212,3 +213,8 @@ def test_submit_never_raises_and_garbage_does_not_block_the_ledger(
     assert [r.request_id for r in fetch_records(engine)] == ["req-000001"]
     stats = writer.stats()
     assert (stats.written, stats.rejected, stats.failures, stats.healthy) == (1, 1, 0, True)
+
+
+def test_the_record_columns_are_the_tables() -> None:
+    """The writer's parameter order is the table's columns (all but the surrogate id)."""
+    assert tuple(c.name for c in usage_records.columns if c.name != "id") == RECORD_COLUMNS

@@ -29,6 +29,7 @@ committed transactions.)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyErro
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.clock import Clock, SystemClock
-from sluicegate.storage.rows import record_to_row
+from sluicegate.storage.rows import RECORD_COLUMNS, record_params
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
 from sluicegate.threads import LEDGER_NICENESS, IdleWhileCaughtUp, lower_priority
@@ -414,10 +415,10 @@ class LedgerWriter:
         """
         engine = self._get_engine()  # outside the try: a bad engine is not bad content
         rejected = 0
-        rows: list[tuple[UsageRecord, dict[str, Any]]] = []
+        rows: list[tuple[UsageRecord, tuple[Any, ...]]] = []
         for record in records:
             try:
-                rows.append((record, record_to_row(record)))
+                rows.append((record, record_params(record)))
             except Exception as exc:
                 log.error("ledger: record %s cannot be encoded: %r", _ident(record), exc)
                 self._reject(record)
@@ -452,13 +453,13 @@ class LedgerWriter:
             self._rejected += 1
 
     @staticmethod
-    def _insert(engine: Engine, rows: list[dict[str, Any]]) -> None:
-        # The statement is compiled once per dialect and executed with plain tuples through
-        # the driver: at thousands of records per second, SQLAlchemy's per-row parameter
-        # processing was the writer thread's main cost (and it shares the GIL with requests).
-        columns = tuple(rows[0])
+    def _insert(engine: Engine, params: list[tuple[Any, ...]]) -> None:
+        # The statement is compiled once per dialect and executed with plain tuples
+        # (``record_params``) through the driver: at thousands of records per second,
+        # SQLAlchemy's per-row parameter processing was the writer thread's main cost (and it
+        # shares the GIL with requests).
+        columns = RECORD_COLUMNS
         dialect = engine.dialect.name
-        params = [tuple(row[c] for c in columns) for row in rows]
         with engine.begin() as conn:
             if dialect != "sqlite":
                 conn.exec_driver_sql(_insert_sql(dialect, columns, 1), params)
@@ -469,15 +470,13 @@ class LedgerWriter:
             # came from its CPU use on a shared core: see sluicegate.threads.)
             k = _SQLITE_ROWS_PER_STATEMENT
             whole = len(params) - len(params) % k
+            flatten = itertools.chain.from_iterable
             if whole:
-                grouped = [
-                    tuple(value for row in params[i : i + k] for value in row)
-                    for i in range(0, whole, k)
-                ]
+                grouped = [tuple(flatten(params[i : i + k])) for i in range(0, whole, k)]
                 conn.exec_driver_sql(_insert_sql(dialect, columns, k), grouped)
             rest = params[whole:]
             if rest:
-                flat = tuple(value for row in rest for value in row)
+                flat = tuple(flatten(rest))
                 conn.exec_driver_sql(_insert_sql(dialect, columns, len(rest)), flat)
 
     def _get_engine(self) -> Engine:

