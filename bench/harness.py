@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="seconds of warm-up per kind (default 5)")
     p.add_argument("--rounds", type=int, help="rounds per scenario (default 2)")
     p.add_argument("--port-base", type=int, default=9001, help="first of five ports")
+    p.add_argument(
+        "--stream-writes",
+        choices=("event", "once"),
+        default="event",
+        help="the fake upstream writes each stream event apart (default, as Azure flushes) or "
+        "the whole stream at once (a diagnostic: the cost of receiving the events apart)",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "out")
     p.add_argument("--results", type=Path, default=BENCH / "results.json")
     p.add_argument("--report", type=Path, default=REPO / "BENCHMARKS.md")
@@ -102,6 +109,8 @@ class Bench:
             str(BENCH / "upstream.py"),
             "--port",
             str(self.args.port_base),
+            "--stream-writes",
+            self.args.stream_writes,
         ]
         up = start(
             "upstream", argv, log_dir=self.args.out, pid_file=self.pid_file, cpu=self.load_cpu

@@ -112,6 +112,7 @@ def describe(
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "rounds": args.rounds,
+        "stream_writes": getattr(args, "stream_writes", "event"),
         "cpus": len(os.sched_getaffinity(0)),
         "load_cpu": load_cpu,
         "proxy_cpu": proxy_cpu,

@@ -66,6 +66,12 @@ def render_markdown(data: dict[str, Any]) -> str:
             "(or `make bench`).",
             "",
         ]
+        if meta.get("stream_writes", "event") != "event":
+            out += [
+                "> **Diagnostic run**: the fake upstream wrote each stream in one write "
+                "(`--stream-writes once`), not one write per event as Azure does.",
+                "",
+            ]
         if mode == "quick" or (isinstance(load1, (int, float)) and load1 > 0.5):
             out += [
                 "> **Indicative only**: this run was "
@@ -323,7 +329,8 @@ METHOD = """\
   (`baseline,nginx,bare,sluicegate,sluicegate-nolimits,sluicegate-cluster,`
   `sluicegate-cluster-nolimits,litellm`; the
   baseline is always measured), `--soak SECONDS`, `--duration`, `--warmup`, `--rounds`,
-  `--port-base` (five ports from 9001).
+  `--port-base` (five ports from 9001), `--stream-writes once` (a diagnostic: the upstream
+  writes each stream whole instead of one event at a time).
 - **Upstream**: `bench/upstream.py`, a raw asyncio protocol on uvloop with every response
   prepared at start: an Azure-shaped chat completion (~780 bytes with content-filter
   results and `usage`), or for `"stream": true` 33 server-sent events (each written

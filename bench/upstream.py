@@ -32,7 +32,7 @@ import json
 import re
 import signal
 from collections import Counter
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 
 _STREAM_RE: Final = re.compile(rb'"stream"\s*:\s*true')
 _USAGE_RE: Final = re.compile(rb'"include_usage"\s*:\s*true')
@@ -179,6 +179,10 @@ STATS: Final[Counter[str]] = Counter()
 class UpstreamProtocol(asyncio.Protocol):
     """One connection. Not thread-safe; the event loop calls it serially."""
 
+    #: ``--stream-writes once``: each stream in one write instead of one per event (a
+    #: diagnostic: what the proxies pay for receiving the events as separate segments).
+    whole_streams: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.buf = b""
         self.transport: asyncio.Transport | None = None
@@ -249,8 +253,12 @@ class UpstreamProtocol(asyncio.Protocol):
         assert transport is not None
         # HTTP/1.0 has no chunked encoding: the stream ends when the connection closes.
         transport.write(_STREAM_HEAD_10 if http10 else _STREAM_HEAD)
+        events = (_STREAMS_10 if http10 else _STREAMS)[include_usage]
+        if self.whole_streams:
+            transport.write(b"".join(events))
+            return
         # One write per event, as Azure flushes per event: proxies relay chunk by chunk.
-        for event in (_STREAMS_10 if http10 else _STREAMS)[include_usage]:
+        for event in events:
             transport.write(event)
 
     def _close(self) -> None:
@@ -301,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument(
+        "--stream-writes",
+        choices=("event", "once"),
+        default="event",
+        help="one write per stream event (default, as Azure flushes) or the whole stream at once",
+    )
     args = parser.parse_args(argv)
+    UpstreamProtocol.whole_streams = args.stream_writes == "once"
     try:
         import uvloop
     except ImportError:

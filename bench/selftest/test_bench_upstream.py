@@ -6,6 +6,7 @@ import json
 import socket
 
 import pytest
+from conftest import Spawn
 
 import probe
 from workload import BODIES
@@ -119,3 +120,12 @@ def test_stats_count_requests_by_path_and_kind(upstream: int) -> None:
     assert stats["json"] == 1
     assert stats["stream"] == 1
     assert probe.upstream_requests(upstream) == 2
+
+
+def test_stream_written_once_is_the_same_stream(upstream: int, spawn: Spawn) -> None:
+    """``--stream-writes once`` changes how the stream is written, not what it says."""
+    once = spawn("upstream.py", ["--stream-writes", "once"])
+    _, _, apart = probe.request(upstream, AZURE, BODIES["stream"], {})
+    status, headers, whole = probe.request(once, AZURE, BODIES["stream"], {})
+    assert probe.check_stream(status, headers, whole) is None
+    assert whole == apart
