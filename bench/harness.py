@@ -33,6 +33,7 @@ from procs import (
     require_free_ports,
     start,
     wait_for_port,
+    wait_idle,
 )
 from soak import soak_target
 from targets import BENCH, BY_NAME, REPO, TARGETS, Context, Launched, Target, check_cluster_services
@@ -196,6 +197,9 @@ class Bench:
                     self.load(target, launched, kind, 64, args.warmup)
             for rnd in range(1, args.rounds + 1):
                 for kind, conns in SCENARIOS:
+                    # Every run starts on an idle target: a latency run right after 64
+                    # connections would measure the target catching up with them.
+                    settle = wait_idle(launched.proc.pid)
                     before = upstream_requests(args.port_base)
                     run = self.load(target, launched, kind, conns, args.duration)
                     reached = upstream_requests(args.port_base) - before
@@ -205,6 +209,7 @@ class Bench:
                         "concurrency": conns,
                         **run.as_dict(),
                         "upstream_requests": reached,
+                        "settle_s": round(settle, 2),
                     }
                     record["runs"].append(entry)
                     _print_run(target.name, entry)
@@ -229,7 +234,7 @@ def _print_run(name: str, e: dict[str, Any]) -> None:
         f"  {name:<20} r{e['round']} {e['kind']:<6} c={e['concurrency']:<3} "
         f"{e['rps']:>9.1f} req/s  {per_core:>7}/core  p50 {lat['p50']:.3f} ms  "
         f"p99 {lat['p99']:.3f} ms  proxy {e['proxy_cores']:.2f} cores  "
-        f"errors {e['error_count']}",
+        f"errors {e['error_count']}  (settled {e['settle_s']:.1f} s)",
         flush=True,
     )
 

@@ -87,6 +87,24 @@ def cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def wait_idle(
+    root: int, *, below: float = 0.05, window: float = 0.5, timeout: float = 20.0
+) -> float:
+    """Wait until the tree ``root`` uses less than ``below`` cores over ``window`` seconds,
+    that is until it has finished what the previous load left it (sluicegate's ledger
+    writer catching up on the records of 64 connections, say); at most ``timeout`` seconds.
+    Returns the seconds waited."""
+    started = time.monotonic()
+    before = cpu_seconds(root)
+    while True:
+        time.sleep(window)
+        after = cpu_seconds(root)
+        waited = time.monotonic() - started
+        if (after - before) / window < below or waited >= timeout:
+            return waited
+        before = after
+
+
 def memory_kib(root: int) -> tuple[int, int, int]:
     """(VmRSS summed over the tree, VmHWM summed over the tree, number of processes) in KiB."""
     rss = hwm = count = 0

@@ -355,10 +355,12 @@ METHOD = """\
   the upstream through sluicegate.
 - **Load**: wrk (one thread, keep-alive) with `bench/wrk/chat.lua` POSTing the body and
   reporting percentiles as JSON from `done()`. Per target: warm-up at 64 connections for
-  each kind, then each round runs JSON and streaming at 1 and at 64 connections. The table
-  shows the best round (highest req/s at 64, lowest p50 at 1); every round is in
-  `bench/results.json`. wrk and the upstream are pinned to CPU 0, the proxy to CPU 1
-  (`taskset`).
+  each kind, then each round runs JSON and streaming at 1 and at 64 connections, each run
+  once the target is idle again (under 0.05 cores for 0.5 s, at most 20 s: a run right after
+  64 connections would otherwise measure the target catching up, for sluicegate its ledger
+  writer; the wait is `settle_s` in `bench/results.json`). The table shows the best round
+  (highest req/s at 64, lowest p50 at 1); every round is in `bench/results.json`. wrk and
+  the upstream are pinned to CPU 0, the proxy to CPU 1 (`taskset`).
 - **CPU and memory**: the proxy's CPU is utime+stime from `/proc/PID/stat` of its whole
   process tree over each run, so req/s per core = req/s ÷ cores used. Resident memory is
   VmRSS summed over the tree after the runs.

@@ -61,3 +61,18 @@ def test_pin_uses_taskset_only_with_a_cpu() -> None:
     assert procs.pin(None, ["x"]) == ["x"]
     assert procs.pin(1, ["x", "y"]) == ["taskset", "-c", "1", "x", "y"]
     assert procs.cpu_count() == len(os.sched_getaffinity(0))
+
+
+def test_wait_idle_returns_once_the_tree_stops_working(tmp_path: Path) -> None:
+    # Busy for about 1.5 s, then asleep: idle is seen after the busy spell, not before.
+    script = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass\n"
+    script += "time.sleep(60)"
+    managed = procs.start(
+        "spell", [sys.executable, "-c", script], log_dir=tmp_path, pid_file=tmp_path / "pids"
+    )
+    try:
+        waited = procs.wait_idle(managed.pid, window=0.25, timeout=10)
+        assert 1.0 <= waited <= 3.0
+        assert procs.wait_idle(managed.pid, window=0.25, timeout=10) < 0.5
+    finally:
+        managed.stop()
