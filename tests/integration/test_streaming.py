@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -162,38 +164,45 @@ class _LingeringUpstream:
             writer.close()
 
 
+@contextlib.contextmanager
+def _gateway_before(upstream: _LingeringUpstream, tmp_path: Path) -> Iterator[Harness]:
+    """A gateway whose one deployment, gpt-4o-mini, is served by ``upstream``."""
+    gw = GatewayThread(
+        gateway_config(
+            tmp_path,
+            {"scripted": upstream.url},
+            deployments=[{"name": "gpt-4o-mini", "backend": "scripted", "model": "gpt-4o-mini"}],
+        )
+    ).start()
+    try:
+        yield Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
+    finally:
+        gw.stop()
+
+
+_CHAT_URL = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+
 def test_a_client_that_leaves_after_done_got_a_complete_answer(tmp_path: Path) -> None:
     """The SDKs stop reading at ``data: [DONE]`` and may close the connection before the
     backend's stream has ended: the answer was complete, and the record says so."""
-    with _LingeringUpstream() as upstream:
-        gw = GatewayThread(
-            gateway_config(
-                tmp_path,
-                {"linger": upstream.url},
-                deployments=[{"name": "gpt-4o-mini", "backend": "linger", "model": "gpt-4o-mini"}],
-            )
-        ).start()
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            key = harness.new_key().primary_key
-            body = {
-                "messages": [{"role": "user", "content": "hi"}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            url = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-            lines: list[str] = []
-            with httpx.stream(
-                "POST", url, json=body, headers={"api-key": key or ""}, timeout=30
-            ) as resp:
-                for line in resp.iter_lines():
-                    lines.append(line)
-                    if line == "data: [DONE]":
-                        break  # as the SDKs do; the response is closed unfinished
-            assert lines[-1] == "data: [DONE]"
-            records = harness.records(expect=1)
-        finally:
-            gw.stop()
+    with _LingeringUpstream() as upstream, _gateway_before(upstream, tmp_path) as harness:
+        key = harness.new_key().primary_key
+        body = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        lines: list[str] = []
+        with httpx.stream(
+            "POST", harness.url + _CHAT_URL, json=body, headers={"api-key": key or ""}, timeout=30
+        ) as resp:
+            for line in resp.iter_lines():
+                lines.append(line)
+                if line == "data: [DONE]":
+                    break  # as the SDKs do; the response is closed unfinished
+        assert lines[-1] == "data: [DONE]"
+        records = harness.records(expect=1)
     assert len(records) == 1
     r = records[0]
     assert (r.outcome, r.error_code) == ("ok", None)
@@ -204,28 +213,19 @@ def _stream_in_one_read(tmp_path: Path, events: bytes) -> tuple[list[str], Usage
     """Stream through the gateway from a backend whose whole answer (head, events and end)
     arrives in one write; the client does not ask for usage. Returns the client's lines and
     the request's record."""
-    with _LingeringUpstream(linger=None, events=events) as upstream:
-        gw = GatewayThread(
-            gateway_config(
-                tmp_path,
-                {"once": upstream.url},
-                deployments=[{"name": "gpt-4o-mini", "backend": "once", "model": "gpt-4o-mini"}],
-            )
-        ).start()
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            key = harness.new_key().primary_key
-            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-            url = f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-            with httpx.stream(
-                "POST", url, json=body, headers={"api-key": key or ""}, timeout=30
-            ) as resp:
-                assert resp.status_code == 200
-                assert resp.headers["content-type"].startswith("text/event-stream")
-                lines = [line for line in resp.iter_lines() if line]
-            records = harness.records(expect=1)
-        finally:
-            gw.stop()
+    with (
+        _LingeringUpstream(linger=None, events=events) as upstream,
+        _gateway_before(upstream, tmp_path) as harness,
+    ):
+        key = harness.new_key().primary_key
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.stream(
+            "POST", harness.url + _CHAT_URL, json=body, headers={"api-key": key or ""}, timeout=30
+        ) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in resp.iter_lines() if line]
+        records = harness.records(expect=1)
     assert len(records) == 1
     return lines, records[0]
 
