@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -14,7 +15,7 @@ from sluicegate.accounting.records import Outcome
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.reports import count_records, fetch_records
-from sluicegate.storage.rows import RECORD_COLUMNS
+from sluicegate.storage.rows import RECORD_COLUMNS, encode_json, record_params
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
 from tests.storage.conftest import RecordFactory
@@ -218,3 +219,15 @@ def test_submit_never_raises_and_garbage_does_not_block_the_ledger(
 def test_the_record_columns_are_the_tables() -> None:
     """The writer's parameter order is the table's columns (all but the surrogate id)."""
     assert tuple(c.name for c in usage_records.columns if c.name != "id") == RECORD_COLUMNS
+
+
+def test_a_records_extra_is_stored_as_canonical_json(make_record: RecordFactory) -> None:
+    """The writer's fast encoding of ``extra`` is the text ``encode_json`` gives (sorted keys,
+    no spaces, UTF-8 and escapes as the stdlib writes them), and a key orjson refuses still
+    encodes as the stdlib would."""
+    extra = {"route": 'spill "é"\n\u2028\\', "backend_kind": "ptu", "backend_deployment": "d"}
+    params = record_params(make_record(0, extra=extra))
+    assert params[RECORD_COLUMNS.index("extra")] == encode_json(extra)
+    odd: dict[Any, str] = {2: "two", 1: "one"}
+    params = record_params(make_record(1, extra=odd))
+    assert params[RECORD_COLUMNS.index("extra")] == '{"1":"one","2":"two"}'
