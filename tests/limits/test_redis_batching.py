@@ -4,10 +4,14 @@ pipeline, keep their order and their own answers, and survive Redis forgetting i
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 
 from sluicegate.clock import FakeClock
+from sluicegate.limits.redis_batch import evalsha_head, pack_evalsha
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import Adjustment, Counter
 
@@ -60,3 +64,19 @@ async def test_scripts_are_reloaded_after_redis_forgets_them(
     assert store.batching.script_reloads == 1
     assert store.available
     await store.aclose()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """The batcher's own RESP encoding is byte for byte redis-py's, keys in any script."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    keys = ["sg:sub:équipe-1:tpm", "sg:owner:o:rpm"]
+    args: list[Any] = [NOW_MS, 5000, "s", 1_000_000_000, 88, 61_000, 1000, "f", 7, 0, -3, 0]
+    theirs = b"".join(Connection().pack_command("EVALSHA", sha, len(keys), *keys, *args))
+    assert pack_evalsha(evalsha_head(sha), keys, args) == theirs
+    assert pack_evalsha(evalsha_head(sha), [], []) == b"".join(
+        Connection().pack_command("EVALSHA", sha, 0)
+    )
+    with pytest.raises(TypeError):
+        pack_evalsha(evalsha_head(sha), keys, [1.5])
+    with pytest.raises(TypeError):
+        pack_evalsha(evalsha_head(sha), keys, [True])
