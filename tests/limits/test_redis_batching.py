@@ -1,5 +1,5 @@
-"""Auto-pipelining of the Redis store (limits/redis_batch.py): concurrent calls share one
-pipeline, keep their order and their own answers, and survive Redis forgetting its scripts."""
+"""Batching of the Redis store (limits/redis_batch.py): concurrent calls share one command,
+keep their order and their own answers, and survive Redis forgetting its scripts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ResponseError
 
 from sluicegate.clock import FakeClock
-from sluicegate.limits.redis_batch import evalsha_head, pack_evalsha
+from sluicegate.limits.redis_batch import ScriptBatcher, evalsha_head, pack_evalsha
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import Adjustment, Counter
 
@@ -80,3 +81,29 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         pack_evalsha(evalsha_head(sha), keys, [1.5])
     with pytest.raises(TypeError):
         pack_evalsha(evalsha_head(sha), keys, [True])
+
+
+async def test_each_call_of_a_batch_gets_its_own_keys_arguments_and_reply(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """One command runs the batch: each call sees only its keys and arguments, in order, and
+    a call that fails in its script gets its error while the others get their replies."""
+    scripts = {
+        "add": "return redis.call('INCRBY', KEYS[1], ARGV[1]) + #KEYS * 1000 + #ARGV * 100",
+        "wrongtype": "return redis.call('HGET', KEYS[1], 'f')",
+        "raise": "error('broken on purpose')",
+    }
+    batcher = ScriptBatcher(redis_client, scripts)
+    a, b = redis_prefix + "a", redis_prefix + "b"
+    calls = [
+        batcher.call("add", [a], [5]),
+        batcher.call("wrongtype", [a], []),  # a holds a string, not a hash
+        batcher.call("add", [b], [7]),
+        batcher.call("raise", [], ["x"]),
+        batcher.call("add", [a], [1]),
+    ]
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+    assert replies[0] == 5 + 1100 and replies[2] == 7 + 1100 and replies[4] == 6 + 1100
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert isinstance(replies[3], ResponseError) and "broken on purpose" in str(replies[3])
+    assert batcher.stats.pipelines == 1 and batcher.stats.calls == 5

@@ -1,22 +1,25 @@
-"""Auto-pipelining of the limit scripts: the calls of one event-loop turn go to Redis together.
+"""Batching of the limit scripts: the calls of one event-loop turn go to Redis as one command.
 
 Why: with redis-py, each command pays for a pool checkout, a socket write, a wake-up per
 reply and the RESP parsing in Python: a hundred-odd microseconds of the gateway's CPU per
 round trip, which made the cluster mode's limiter cost more than the rest of the request
 path together. Requests arriving together (the normal case under load) now share one
-pipeline (``transaction=False``): each script still runs atomically on its own, in the order
-submitted, and each caller still awaits its own reply, so a request makes one round trip
-(shared) and the costs per round trip are paid once per batch.
+round trip, and one command: a batch script (:func:`batch_script`) that holds the limit
+scripts as Lua functions and runs the calls of the batch one after the other, in the order
+submitted, each with its own keys and arguments, and answers a list with each call's own
+reply. Each caller still awaits its own reply; a call that fails in the script (a bug: the
+arguments are ours) gets its error and the others their replies. The batch runs atomically
+as a whole, which is more than each call needs (each call is atomic on its own, as before).
 
-redis-py has pipelines but no automatic batching across callers, hence this small class.
-It also packs the commands itself (:func:`pack_evalsha`) and sends them on a connection of
-the client's pool without redis-py's ``Pipeline``: its per-argument encoding in Python and
-its per-pipeline bookkeeping were a quarter of a request's CPU in the cluster mode (22 µs of
-packing alone a request, py-spy), for commands that are always EVALSHA with strings and
-integers. Scripts are run by EVALSHA; a ``NOSCRIPT`` reply (Redis restarted or flushed its scripts)
-loads the script and runs the affected calls once more. A failed pipeline fails every call
-in it with the ``RedisError``: as before, a timed-out script is never repeated, since it may
-have run.
+redis-py has pipelines but no batching across callers, hence this small class. It also packs
+the command itself (:func:`pack_evalsha`) and sends it on a connection of the client's pool
+without redis-py's ``Pipeline``: its per-argument encoding in Python and its per-pipeline
+bookkeeping were a quarter of a request's CPU in the cluster mode (22 µs of packing alone a
+request, py-spy). One command per batch instead of one per call also spares a reply to
+parse per call, on both sides. The script runs by EVALSHA; a ``NOSCRIPT`` reply (Redis
+restarted or flushed its scripts) loads it and runs the batch once more. A batch that fails
+as a whole fails every call in it with the ``RedisError``: a timed-out batch is never
+repeated, since it may have run.
 """
 
 from __future__ import annotations
@@ -45,20 +48,18 @@ class BatchStats:
 
 
 class ScriptBatcher:
-    """Runs named Lua scripts, batching the calls of one loop turn into one pipeline.
+    """Runs named Lua scripts, the calls of one loop turn in one command (module docstring).
 
-    ``scripts`` maps names to Lua sources. Use from one event loop. ``drain()`` waits for
+    ``scripts`` maps names to Lua sources: scripts as EVAL would run them, reading ``KEYS``
+    and ``ARGV`` and ending with a ``return``. Use from one event loop. ``drain()`` waits for
     every call submitted so far (for shutdown).
     """
 
     def __init__(self, client: aioredis.Redis, scripts: Mapping[str, str]) -> None:
         self._client = client
-        self._sources = dict(scripts)
-        self._shas = {
-            name: hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
-            for name, source in scripts.items()
-        }
-        self._heads = {name: evalsha_head(sha) for name, sha in self._shas.items()}
+        self._source, self._numbers = batch_script(scripts)
+        sha = hashlib.sha1(self._source.encode("utf-8"), usedforsecurity=False).hexdigest()
+        self._head = evalsha_head(sha)
         self._pending: list[_Call] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,8 +116,7 @@ class ScriptBatcher:
             return
         self.stats.script_reloads += 1
         try:
-            for name in {call[0] for call in retry}:
-                await self._client.script_load(self._sources[name])
+            await self._client.script_load(self._source)
         except RedisError as exc:
             for call in retry:
                 _answer(call[3], exc)
@@ -129,16 +129,25 @@ class ScriptBatcher:
     async def _execute(self, batch: list[_Call]) -> list[Any] | None:
         """The replies (an exception object for a call that failed on its own), or None
         when the whole batch failed (every call has been told)."""
-        heads = self._heads
+        numbers = self._numbers
         pool = self._client.connection_pool
         try:
-            packed = b"".join([pack_evalsha(heads[n], keys, args) for n, keys, args, _ in batch])
+            # ARGV: the number of calls, then (script, keys, arguments) counts per call, then
+            # the arguments of all calls; KEYS: the keys of all calls.
+            header: list[Any] = [len(batch)]
+            all_keys: list[str] = []
+            all_args: list[Any] = []
+            for name, keys, args, _ in batch:
+                header += (numbers[name], len(keys), len(args))
+                all_keys += keys
+                all_args += args
+            packed = pack_evalsha(self._head, all_keys, header + all_args)
             conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 # As redis-py's pipeline does: the connection's retry policy decides whether a
                 # dropped connection is reconnected and the batch sent again.
-                replies: list[Any] = await conn.retry.call_with_retry(
-                    lambda: _exchange(conn, packed, len(batch)),
+                reply: Any = await conn.retry.call_with_retry(
+                    lambda: _exchange(conn, packed),
                     lambda _error: conn.disconnect(),
                 )
             except BaseException:
@@ -156,21 +165,67 @@ class ScriptBatcher:
             for call in batch:
                 _answer(call[3], failure)
             raise
-        return replies
+        if isinstance(reply, list) and len(reply) == len(batch):
+            return reply
+        # An error for the batch as a whole (NOSCRIPT among them) is every call's.
+        if not isinstance(reply, ResponseError):
+            reply = ResponseError(f"the batch script answered {type(reply).__name__}")
+        return [reply] * len(batch)
 
 
-async def _exchange(conn: AbstractConnection, packed: bytes, count: int) -> list[Any]:
-    """Send ``packed`` (``count`` commands) and read their ``count`` replies; a reply that is
-    an error is returned as its exception, after which the rest is still read (the
-    connection stays in step)."""
+async def _exchange(conn: AbstractConnection, packed: bytes) -> Any:
+    """Send one command and read its reply; an error reply is returned as its exception."""
     await conn.send_packed_command(packed, check_health=False)
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await conn.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:
+        return exc
+
+
+#: The batch script's own part; the limit scripts come before it as ``scripts[i]``.
+_BATCH_LUA = """\
+local calls = tonumber(ARGV[1])
+local replies = {}
+local key_at, arg_at = 1, 2 + 3 * calls
+for c = 1, calls do
+  local at = 2 + 3 * (c - 1)
+  local script = scripts[tonumber(ARGV[at])]
+  local nkeys, nargs = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local keys, args = {}, {}
+  for i = 1, nkeys do keys[i] = KEYS[key_at + i - 1] end
+  for i = 1, nargs do args[i] = ARGV[arg_at + i - 1] end
+  key_at, arg_at = key_at + nkeys, arg_at + nargs
+  local ok, reply = pcall(script, keys, args)
+  if ok then
+    replies[c] = reply
+  elseif type(reply) == "table" and reply.err then
+    replies[c] = reply
+  else
+    replies[c] = {err = "ERR " .. tostring(reply)}
+  end
+end
+return replies
+"""
+
+
+def batch_script(scripts: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+    """One Lua script that runs any number of calls of ``scripts`` (name → source), and the
+    number by which the batch names each script.
+
+    Each source becomes a local function whose parameters ``KEYS`` and ``ARGV`` hide the
+    globals, so a script reads its own call's keys and arguments, unchanged. A call that
+    raises an error (``pcall``) gets it as its reply, an error reply inside the list."""
+    numbers: dict[str, int] = {}
+    parts = [
+        "-- sluicegate: several calls of the limit scripts in one command "
+        "(sluicegate/limits/redis_batch.py).\n",
+        "local scripts = {}\n",
+    ]
+    for number, (name, source) in enumerate(scripts.items(), start=1):
+        numbers[name] = number
+        parts.append(f"-- {name}\nscripts[{number}] = function(KEYS, ARGV)\n{source}\nend\n")
+    parts.append(_BATCH_LUA)
+    return "".join(parts), numbers
 
 
 def _bulk(value: str) -> bytes:
