@@ -108,3 +108,40 @@ async def test_memory_and_redis_agree_step_by_step(
                 if counter.cost:
                     charged.append((counter.name, counter.kind, state.slot, counter.cost))
     assert never_seen
+
+
+async def test_a_redis_sliding_counter_keeps_the_sum_of_its_buckets(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """The sum a sliding counter keeps ("-1") is its buckets' sum after every admission,
+    settle and eviction, and buckets below "-2" are gone; a hash written without the sum
+    (by an earlier version) is counted once and gets one."""
+    store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    key = redis_prefix + "k:tpm"
+    now_ms = 1_700_000_040_000
+    current = now_ms // 1000
+    # Without bookkeeping: two buckets inside the window, one that has left it.
+    await redis_client.hset(key, mapping={current - 70: 500, current - 30: 40, current - 2: 7})
+    first = await store.admit([sliding("k:tpm", 10_000, 3)], now_ms)
+    assert first.allowed and first.states[0].used == 40 + 7 + 3
+
+    async def check() -> None:
+        raw = {int(k): int(v) for k, v in (await redis_client.hgetall(key)).items()}
+        buckets = {index: amount for index, amount in raw.items() if index >= 0}
+        assert raw[-1] == sum(buckets.values())
+        assert all(index >= raw[-2] for index in buckets)
+
+    await check()
+    rng = random.Random(7)
+    charged: list[tuple[int, int]] = []
+    for step in range(300):
+        now_ms += rng.choice((0, 300, 1000, 2500, 9000)) if step != 150 else 400_000
+        if charged and rng.random() < 0.3:
+            slot, amount = charged.pop(rng.randrange(len(charged)))
+            delta = rng.randint(-amount - 5, amount)
+            await store.adjust([Adjustment("k:tpm", "sliding", slot, delta)], first.origin)
+        else:
+            result = await store.admit([sliding("k:tpm", 5000, rng.randrange(0, 700))], now_ms)
+            if result.allowed:
+                charged.append((result.states[0].slot, 300))
+        await check()

@@ -2,7 +2,8 @@
 --
 -- Only the window that was charged is touched: a sliding bucket that has been evicted, or
 -- a quota key that has expired, is left alone (never re-created without its TTL).
--- Counters never go below zero.
+-- Counters never go below zero. A sliding counter's sum (field "-1", see admit.lua) moves
+-- with its bucket.
 --
 -- KEYS[i]  one key per adjustment
 -- then 3 values per adjustment i, from ARGV[1 + (i-1)*3]: kind ("s" | "f"), slot, delta
@@ -13,10 +14,14 @@ for i = 1, #KEYS do
   local field = ARGV[base + 1]
   local delta = tonumber(ARGV[base + 2])
   if kind == "s" then
-    if redis.call("HEXISTS", KEYS[i], field) == 1 then
-      local value = redis.call("HINCRBY", KEYS[i], field, delta)
-      if value < 0 then
-        redis.call("HSET", KEYS[i], field, 0)
+    local old = tonumber(redis.call("HGET", KEYS[i], field))
+    if old ~= nil then
+      local new = math.max(old + delta, 0)
+      redis.call("HSET", KEYS[i], field, new)
+      -- The buckets' sum (admit.lua), when the hash has one: the next admission counts
+      -- the buckets afresh if not.
+      if redis.call("HEXISTS", KEYS[i], "-1") == 1 then
+        redis.call("HINCRBY", KEYS[i], "-1", new - old)
       end
     end
   elseif redis.call("EXISTS", KEYS[i]) == 1 then
