@@ -145,3 +145,20 @@ async def test_a_redis_sliding_counter_keeps_the_sum_of_its_buckets(
             if result.allowed:
                 charged.append((result.states[0].slot, 300))
         await check()
+
+
+async def test_a_redis_refusal_is_decided_on_the_buckets_not_a_drifted_sum(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """A sum that drifted (an earlier version settling a bucket without it, during a rolling
+    upgrade) never refuses a request the buckets have room for, and is corrected."""
+    store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    key = redis_prefix + "k:tpm"
+    now_ms = 1_700_000_040_000
+    first = await store.admit([sliding("k:tpm", 1000, 900)], now_ms)
+    assert first.allowed
+    # An earlier version's settle: the bucket goes down to 100, the sum stays at 900.
+    await redis_client.hincrby(key, str(first.states[0].slot), -800)
+    second = await store.admit([sliding("k:tpm", 1000, 500)], now_ms + 1000)
+    assert second.allowed and second.states[0].used == 100 + 500
+    assert await redis_client.hget(key, "-1") == b"600"

@@ -91,6 +91,28 @@ for i = 1, n do
       end
       redis.call("HSET", key, "-1", total, "-2", oldest)
     end
+    local live = nil
+    if total + need > limit and need <= limit then
+      -- About to refuse: count the buckets themselves, for when there will be room (the
+      -- rare path). The count also corrects the sum, should it have drifted (an earlier
+      -- version settling a bucket without it, in a rolling upgrade): a refusal is always
+      -- decided on the buckets.
+      local flat = redis.call("HGETALL", key)
+      local counted = 0
+      live = {}
+      for j = 1, #flat, 2 do
+        local index = tonumber(flat[j])
+        if index ~= nil and index >= oldest then
+          local amount = tonumber(flat[j + 1])
+          counted = counted + amount
+          live[#live + 1] = {index, amount}
+        end
+      end
+      if counted ~= total then
+        total = counted
+        redis.call("HSET", key, "-1", total)
+      end
+    end
     used[i] = total
     slot[i] = current
     ttls[i] = window + bucket
@@ -99,15 +121,6 @@ for i = 1, n do
     elseif need > limit then
       retry[i] = -1
     else
-      -- Refused: when there will be room needs the buckets themselves (the rare path).
-      local flat = redis.call("HGETALL", key)
-      local live = {}
-      for j = 1, #flat, 2 do
-        local index = tonumber(flat[j])
-        if index ~= nil and index >= oldest then
-          live[#live + 1] = {index, tonumber(flat[j + 1])}
-        end
-      end
       table.sort(live, function(a, b) return a[1] < b[1] end)
       local excess = total + need - limit
       local freed = 0
