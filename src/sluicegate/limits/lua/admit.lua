@@ -53,12 +53,13 @@ for i = 1, n do
     -- Redis's CPU per call). Negative fields cannot be buckets (indices of epoch time).
     local meta = redis.call("HMGET", key, "-1", "-2")
     local total, evicted = tonumber(meta[1]), tonumber(meta[2])
+    local dead = nil  -- buckets to delete, when the window moved or the sum is counted afresh
     if total == nil or evicted == nil or oldest - evicted > 2 * nb + 2 then
       -- No sum yet (a new key, or one written without it): count the buckets once. (An
       -- idle key expires after window + bucket, so the gap to evict is at most ~nb.)
       total = 0
       local flat = redis.call("HGETALL", key)
-      local dead = {}
+      dead = {}
       for j = 1, #flat, 2 do
         local index = tonumber(flat[j])
         if index ~= nil and index >= 0 then
@@ -69,23 +70,21 @@ for i = 1, n do
           end
         end
       end
-      if #dead > 0 then
-        redis.call("HDEL", key, unpack(dead))
-      end
-      redis.call("HSET", key, "-1", total, "-2", oldest)
     elseif evicted < oldest then
       local fields = {}
       for index = evicted, oldest - 1 do
         fields[#fields + 1] = string.format("%d", index)
       end
       local amounts = redis.call("HMGET", key, unpack(fields))
-      local dead = {}
+      dead = {}
       for j = 1, #fields do
         if amounts[j] then
           total = total - tonumber(amounts[j])
           dead[#dead + 1] = fields[j]
         end
       end
+    end
+    if dead ~= nil then
       if #dead > 0 then
         redis.call("HDEL", key, unpack(dead))
       end
