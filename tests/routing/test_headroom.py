@@ -48,10 +48,33 @@ def test_an_answer_to_an_older_request_is_ignored() -> None:
     h = Headroom()
     old = h.dispatch(100)
     new = h.dispatch(100)
+    h.settle(old)
     assert h.observe(Report(500, 5), new, now=1.0)
     assert not h.observe(Report(900, 9), old, now=1.1)  # a budget from before the newer charge
     current = h.current(1.1, 10.0)
     assert current is not None and current.remaining_tokens == 500
+
+
+def test_earlier_requests_still_in_flight_count_as_missing_from_a_report() -> None:
+    """On many connections an earlier request can reach the backend after a later one: the
+    later one's report does not hold it, and its own answer (older) is ignored."""
+    h = Headroom()
+    early = h.dispatch(100)  # dispatched first, arrives at the backend second
+    late = h.dispatch(60)
+    answered = h.dispatch(10)  # dispatched and answered before the report: in it
+    h.settle(answered)
+    after = h.dispatch(30)  # dispatched after the reported request: subtracted as before
+    assert h.observe(Report(200, 9), late, now=0.0)
+    current = h.current(0.0, 10.0)
+    assert current is not None
+    # 200 reported − 100 of `early` (in flight, maybe not in it) − 10 and 30 sent since.
+    assert (current.remaining_tokens, current.remaining_requests) == (60, 6)
+    assert h.fits(60, 0.0, 10.0) and not h.fits(61, 0.0, 10.0)
+    h.settle(late)
+    assert not h.observe(Report(300, 9), early, now=0.1)
+    h.settle(early)
+    h.settle(after)  # answers without reports change nothing until the next report
+    assert h.current(0.1, 10.0) == current
 
 
 def test_no_requests_left_means_no_fit() -> None:
@@ -74,10 +97,21 @@ def test_stale_reports_and_forget() -> None:
 
 def test_adopt_only_newer_reports() -> None:
     h = Headroom()
-    h.observe(Report(500, 5), h.dispatch(10), now=5.0)
+    first = h.dispatch(10)
+    h.observe(Report(500, 5), first, now=5.0)
+    h.settle(first)
     assert not h.adopt(Report(9000, 90), 4.0)
     assert h.adopt(Report(100, 1), 6.0)
     h.dispatch(40)
     current = h.current(6.0, 10.0)
     assert current is not None and current.remaining_tokens == 60
     assert "tokens=100" in repr(h)
+
+
+def test_an_adopted_report_may_miss_our_requests_in_flight() -> None:
+    h = Headroom()
+    h.dispatch(25)  # ours, in flight when the other instance's request reached the backend
+    assert h.adopt(Report(100, 4), 1.0)
+    current = h.current(1.0, 10.0)
+    assert current is not None
+    assert (current.remaining_tokens, current.remaining_requests) == (75, 3)

@@ -4,9 +4,14 @@
 Azure charges a request at arrival, so the remaining figures in a response are the budget
 right after that request was admitted. Requests the gateway sent *after* that one are not in
 it yet: the tracker keeps a running total of estimated tokens (and requests) dispatched to
-each target and subtracts what went out since the reported request was dispatched. The
-headroom of a target is therefore ``reported − dispatched since`` — conservative, exact
-under one instance, and needing no clean-up when requests end.
+each target and subtracts what went out since the reported request was dispatched.
+
+Requests travel on many connections, so one dispatched *before* the reported request may
+reach the backend after it and be missing from the report too. The tracker therefore also
+subtracts every request dispatched earlier that had not been answered when the report came
+(it may or may not be in the report; counting it twice costs a little spill-over, missing it
+costs a 429 that opens the breaker). The headroom of a target is ``reported − dispatched
+since − earlier ones still in flight``: conservative, and exact when answers keep their order.
 
 A report is trusted for ``stale_after`` seconds; after that (or with no report at all) the
 target counts as having room, so that traffic goes there and brings a fresh report. Pure
@@ -16,7 +21,7 @@ state with the time passed in; not thread-safe (one event loop).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
 _REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
@@ -78,15 +83,25 @@ class Headroom:
     #: Running totals of dispatched estimates and requests (never decrease).
     sent_tokens: int = 0
     sent_requests: int = 0
-    #: The running totals when the reported request was dispatched.
+    #: The running totals the report is taken to include: those when the reported request
+    #: was dispatched, less the earlier requests then still in flight.
     base_tokens: int = 0
     base_requests: int = 0
+    #: The request mark (``marks[1]``) of the request whose answer made the report.
+    reported_mark: int = 0
+    #: Requests in flight, request mark → estimate, in dispatch order (marks only grow).
+    pending: dict[int, int] = field(default_factory=dict)
 
     def dispatch(self, tokens: int) -> tuple[int, int]:
         """Count a request going out; returns the marks to pass to ``observe`` later."""
         self.sent_tokens += tokens
         self.sent_requests += 1
+        self.pending[self.sent_requests] = tokens
         return self.sent_tokens, self.sent_requests
+
+    def settle(self, marks: tuple[int, int]) -> None:
+        """The request dispatched with ``marks`` ended (answered, failed or abandoned)."""
+        self.pending.pop(marks[1], None)
 
     def observe(self, report: Report, marks: tuple[int, int], now: float) -> bool:
         """Take a response's report. ``marks`` are those ``dispatch`` returned for the request
@@ -94,11 +109,22 @@ class Headroom:
         would report a budget from before newer charges). Returns True if taken."""
         if report.empty:
             return False
-        if self.report is not None and marks[1] < self.base_requests:
+        mark = marks[1]
+        if self.report is not None and mark < self.reported_mark:
             return False
+        # Earlier requests still in flight may have reached the backend after this one: count
+        # them as not in the report. Dispatch order is mark order, so stop at the first later one.
+        earlier_tokens = earlier_requests = 0
+        for pending_mark, tokens in self.pending.items():
+            if pending_mark >= mark:
+                break
+            earlier_tokens += tokens
+            earlier_requests += 1
         self.report = report
         self.reported_at = now
-        self.base_tokens, self.base_requests = marks
+        self.reported_mark = mark
+        self.base_tokens = marks[0] - earlier_tokens
+        self.base_requests = mark - earlier_requests
         return True
 
     def adopt(self, report: Report, reported_at: float) -> bool:
@@ -107,7 +133,11 @@ class Headroom:
             return False
         self.report = report
         self.reported_at = reported_at
-        self.base_tokens, self.base_requests = self.sent_tokens, self.sent_requests
+        self.reported_mark = self.sent_requests
+        # Ours still in flight may not have reached the backend when the other instance's
+        # request did: count them as not in the report, as ``observe`` does.
+        self.base_tokens = self.sent_tokens - sum(self.pending.values())
+        self.base_requests = self.sent_requests - len(self.pending)
         return True
 
     def forget(self) -> None:

@@ -299,7 +299,9 @@ class Router:
         if ticket.done:
             return True
         ticket.done = True
-        ticket.target.in_flight -= 1
+        target = ticket.target
+        target.in_flight -= 1
+        target.headroom.settle(ticket.marks)
         return False
 
     # --- when nothing is left -----------------------------------------------------------------
