@@ -8,8 +8,9 @@ the test, it is never skipped.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -81,3 +82,21 @@ async def store(
 @pytest.fixture
 def limiter(store: CounterStore, clock: FakeClock) -> Limiter:
     return Limiter(store, clock)
+
+
+@pytest.fixture
+async def make_redis_store(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> AsyncIterator[Callable[..., RedisStore]]:
+    """``make_redis_store(**options)``: a RedisStore on the test's client and prefix, closed
+    after the test (a store keeps connections of its own besides the client's)."""
+    made: list[RedisStore] = []
+
+    def make(**options: Any) -> RedisStore:
+        store = RedisStore(redis_client, redis_prefix, clock, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()

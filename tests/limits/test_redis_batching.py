@@ -107,3 +107,26 @@ async def test_each_call_of_a_batch_gets_its_own_keys_arguments_and_reply(
     assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
     assert isinstance(replies[3], ResponseError) and "broken on purpose" in str(replies[3])
     assert batcher.stats.pipelines == 1 and batcher.stats.calls == 5
+    await batcher.aclose()
+
+
+async def test_calls_wait_for_a_busy_connection_and_go_together(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """With every connection in flight, later calls queue up and leave as one batch when a
+    connection comes back; the batcher's connections are closed by ``aclose``."""
+    before = len(await redis_client.client_list())
+    scripts = {"add": "return redis.call('INCRBY', KEYS[1], ARGV[1])"}
+    batcher = ScriptBatcher(redis_client, scripts, connections=1)
+    key = redis_prefix + "n"
+    first = batcher.call("add", [key], [1])
+    await asyncio.sleep(0)  # the first batch leaves (one call) and occupies the connection
+    later = [batcher.call("add", [key], [10]) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert batcher.stats.pipelines == 1  # the connection is busy: the three wait
+    assert await first == 1
+    assert await asyncio.gather(*later) == [11, 21, 31]
+    assert (batcher.stats.pipelines, batcher.stats.calls, batcher.stats.connections) == (2, 4, 1)
+    assert len(await redis_client.client_list()) == before + 1  # the batcher's one connection
+    await batcher.aclose()
+    assert len(await redis_client.client_list()) == before

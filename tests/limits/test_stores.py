@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -20,9 +21,12 @@ def sliding(name: str, limit: int, cost: int) -> Counter:
 
 
 async def test_redis_keys_carry_ttls(
-    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
 ) -> None:
-    store = RedisStore(redis_client, redis_prefix, clock)
+    store = make_redis_store()
     limiter = Limiter(store, clock)
     policy = LimitPolicy(
         tokens_per_minute=1000,
@@ -46,9 +50,12 @@ async def test_redis_keys_carry_ttls(
 
 
 async def test_redis_adjust_never_recreates_an_expired_key(
-    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
 ) -> None:
-    store = RedisStore(redis_client, redis_prefix, clock)
+    store = make_redis_store()
     await store.adjust(
         [Adjustment("gone:tpm", "sliding", 5, 100), Adjustment("gone:q", "fixed", 0, 100)],
         "redis",
@@ -73,11 +80,14 @@ async def test_memory_store_forgets_idle_counters() -> None:
 
 
 async def test_memory_and_redis_agree_step_by_step(
-    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
 ) -> None:
     """A seeded random mix of admissions and adjustments gives identical answers."""
     memory = MemoryStore()
-    redis_store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    redis_store = make_redis_store(fail_mode="closed")
     rng = random.Random(20240229)
     now_ms = 1_700_000_040_000
     charged: list[tuple[str, str, int, int]] = []
@@ -111,12 +121,15 @@ async def test_memory_and_redis_agree_step_by_step(
 
 
 async def test_a_redis_sliding_counter_keeps_the_sum_of_its_buckets(
-    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
 ) -> None:
     """The sum a sliding counter keeps ("-1") is its buckets' sum after every admission,
     settle and eviction, and buckets below "-2" are gone; a hash written without the sum
     (by an earlier version) is counted once and gets one."""
-    store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    store = make_redis_store(fail_mode="closed")
     key = redis_prefix + "k:tpm"
     now_ms = 1_700_000_040_000
     current = now_ms // 1000
@@ -148,11 +161,14 @@ async def test_a_redis_sliding_counter_keeps_the_sum_of_its_buckets(
 
 
 async def test_a_redis_refusal_is_decided_on_the_buckets_not_a_drifted_sum(
-    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
 ) -> None:
     """A sum that drifted (an earlier version settling a bucket without it, during a rolling
     upgrade) never refuses a request the buckets have room for, and is corrected."""
-    store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    store = make_redis_store(fail_mode="closed")
     key = redis_prefix + "k:tpm"
     now_ms = 1_700_000_040_000
     first = await store.admit([sliding("k:tpm", 1000, 900)], now_ms)

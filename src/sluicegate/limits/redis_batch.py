@@ -12,14 +12,23 @@ arguments are ours) gets its error and the others their replies. The batch runs 
 as a whole, which is more than each call needs (each call is atomic on its own, as before).
 
 redis-py has pipelines but no batching across callers, hence this small class. It also packs
-the command itself (:func:`pack_evalsha`) and sends it on a connection of the client's pool
-without redis-py's ``Pipeline``: its per-argument encoding in Python and its per-pipeline
-bookkeeping were a quarter of a request's CPU in the cluster mode (22 µs of packing alone a
-request, py-spy). One command per batch instead of one per call also spares a reply to
-parse per call, on both sides. The script runs by EVALSHA; a ``NOSCRIPT`` reply (Redis
-restarted or flushed its scripts) loads it and runs the batch once more. A batch that fails
-as a whole fails every call in it with the ``RedisError``: a timed-out batch is never
-repeated, since it may have run.
+the command itself (:func:`pack_evalsha`) and sends it without redis-py's ``Pipeline``: its
+per-argument encoding in Python and its per-pipeline bookkeeping were a quarter of a
+request's CPU in the cluster mode (22 µs of packing alone a request, py-spy). One command per
+batch instead of one per call also spares a reply to parse per call, on both sides. The
+script runs by EVALSHA; a ``NOSCRIPT`` reply (Redis restarted or flushed its scripts) loads it
+and runs the batch once more. A batch that fails as a whole fails every call in it with the
+``RedisError``: a timed-out batch is never repeated, since it may have run.
+
+The batcher keeps its own few connections (made like the client pool's: same address,
+credentials, TLS, database, retry policy) instead of checking one out of the pool per batch.
+At one request at a time, half of a batch's CPU went to the pool's checkout and release
+(a lock, a readiness probe of the socket, the observability hooks of redis-py 8) and to the
+``asyncio.wait_for`` task redis-py makes for every send when a socket timeout is set. The
+batcher's connections have no socket timeout of their own: one deadline bounds each whole
+exchange (send and reply) instead, with the same length. At most ``connections`` batches are
+in flight; calls arriving while all are busy wait for the next free connection and go
+together, so that batches grow under load rather than connections.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sluicegate.loops import running_loop
 
@@ -45,6 +55,8 @@ class BatchStats:
     pipelines: int = 0
     calls: int = 0
     script_reloads: int = 0
+    #: Connections the batcher made (at most its ``connections``).
+    connections: int = 0
 
 
 class ScriptBatcher:
@@ -55,11 +67,33 @@ class ScriptBatcher:
     every call submitted so far (for shutdown).
     """
 
-    def __init__(self, client: aioredis.Redis, scripts: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        scripts: Mapping[str, str],
+        *,
+        connections: int = 4,
+        timeout: float | None = None,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         self._client = client
         self._source, self._numbers = batch_script(scripts)
         sha = hashlib.sha1(self._source.encode("utf-8"), usedforsecurity=False).hexdigest()
         self._head = evalsha_head(sha)
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        #: One deadline per exchange (None: none), by default the client's socket timeout.
+        self._timeout: float | None = (
+            timeout if timeout is not None else kwargs.get("socket_timeout")
+        )
+        kwargs["socket_timeout"] = None  # the exchange's deadline bounds the reads and writes
+        self._connection_kwargs = kwargs
+        self._connection_class = pool.connection_class
+        self._max_connections = connections
+        self._idle: list[AbstractConnection] = []
+        self._made: list[AbstractConnection] = []
+        self._busy = 0
         self._pending: list[_Call] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,7 +101,10 @@ class ScriptBatcher:
         self.stats = BatchStats()
 
     def __repr__(self) -> str:
-        return f"ScriptBatcher(pending={len(self._pending)}, running={len(self._running)})"
+        return (
+            f"ScriptBatcher(pending={len(self._pending)}, busy={self._busy}, "
+            f"connections={len(self._made)})"
+        )
 
     def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """Submit a script call; the future gets its reply or its ``RedisError``."""
@@ -87,23 +124,48 @@ class ScriptBatcher:
                 self._flush()
             await asyncio.gather(*self._running, return_exceptions=True)
 
+    async def aclose(self) -> None:
+        """Answer every call submitted so far, then close the batcher's connections."""
+        await self.drain()
+        made, self._made, self._idle = self._made, [], []
+        for conn in made:
+            await conn.disconnect()
+
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = running_loop(self._loop)
         return self._loop
 
     def _flush(self) -> None:
         self._scheduled = False
+        if not self._pending or self._busy >= self._max_connections:
+            return  # nothing to send, or a batch in flight takes these when it ends
         batch, self._pending = self._pending, []
-        if not batch:
-            return
-        task = self._running_loop().create_task(self._run(batch))
+        self._busy += 1
+        task = self._running_loop().create_task(self._send(batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run(self, batch: list[_Call]) -> None:
+    async def _send(self, batch: list[_Call]) -> None:
+        """Run ``batch`` on a connection of the batcher's, then whatever was submitted
+        meanwhile, until nothing is pending."""
+        if self._idle:
+            conn = self._idle.pop()
+        else:
+            conn = self._connection_class(**self._connection_kwargs)
+            self._made.append(conn)
+            self.stats.connections += 1
+        try:
+            while batch:
+                await self._run(conn, batch)
+                batch, self._pending = self._pending, []
+        finally:
+            self._busy -= 1
+            self._idle.append(conn)
+
+    async def _run(self, conn: AbstractConnection, batch: list[_Call]) -> None:
         self.stats.pipelines += 1
         self.stats.calls += len(batch)
-        replies = await self._execute(batch)
+        replies = await self._execute(conn, batch)
         if replies is None:
             return
         retry: list[_Call] = []
@@ -121,16 +183,15 @@ class ScriptBatcher:
             for call in retry:
                 _answer(call[3], exc)
             return
-        replies = await self._execute(retry)
+        replies = await self._execute(conn, retry)
         if replies is not None:
             for call, reply in zip(retry, replies, strict=True):
                 _answer(call[3], reply)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any] | None:
+    async def _execute(self, conn: AbstractConnection, batch: list[_Call]) -> list[Any] | None:
         """The replies (an exception object for a call that failed on its own), or None
         when the whole batch failed (every call has been told)."""
         numbers = self._numbers
-        pool = self._client.connection_pool
         try:
             # ARGV: the number of calls, then (script, keys, arguments) counts per call, then
             # the arguments of all calls; KEYS: the keys of all calls.
@@ -142,20 +203,22 @@ class ScriptBatcher:
                 all_keys += keys
                 all_args += args
             packed = pack_evalsha(self._head, all_keys, header + all_args)
-            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                # As redis-py's pipeline does: the connection's retry policy decides whether a
-                # dropped connection is reconnected and the batch sent again.
-                reply: Any = await conn.retry.call_with_retry(
-                    lambda: _exchange(conn, packed),
-                    lambda _error: conn.disconnect(),
-                )
-            except BaseException:
-                # Replies may be left unread on it: never hand it to the next caller as is.
+                async with asyncio.timeout(self._timeout):
+                    # As redis-py's pipeline does: the connection's retry policy decides
+                    # whether a dropped connection is reconnected and the batch sent again.
+                    reply: Any = await conn.retry.call_with_retry(
+                        lambda: _exchange(conn, packed),
+                        lambda _error: conn.disconnect(),
+                    )
+            except BaseException as exc:
+                # A reply may be left unread on it: the next batch starts on a new socket.
                 await conn.disconnect(nowait=True)
+                if isinstance(exc, TimeoutError):  # the deadline, not a RedisError
+                    raise RedisTimeoutError(
+                        f"Redis did not answer within {self._timeout:g} s"
+                    ) from None
                 raise
-            finally:
-                await pool.release(conn)
         except RedisError as exc:
             for call in batch:
                 _answer(call[3], exc)

@@ -191,7 +191,7 @@ class RedisStore:
         self._mark_up()
 
     async def aclose(self) -> None:
-        await self._scripts.drain()
+        await self._scripts.aclose()
         if self._owns_client:
             await self._client.aclose()
 
