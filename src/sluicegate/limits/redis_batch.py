@@ -216,7 +216,7 @@ class ScriptBatcher:
                 await conn.disconnect(nowait=True)
                 if isinstance(exc, TimeoutError):  # the deadline, not a RedisError
                     raise RedisTimeoutError(
-                        f"Redis did not answer within {self._timeout:g} s"
+                        f"Redis did not answer within {self._timeout} s"
                     ) from None
                 raise
         except RedisError as exc:
