@@ -87,6 +87,17 @@ def cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_split(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of the live tree ``root`` (reaped children not counted)."""
+    user = system = 0
+    for pid in tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def wait_idle(
     root: int, *, below: float = 0.05, window: float = 0.5, timeout: float = 20.0
 ) -> float:

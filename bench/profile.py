@@ -6,6 +6,7 @@ py-spy for ``--seconds`` and prints the shares of CPU samples by thread, by pack
 function (inclusive). Needs ``py-spy`` on the PATH (``pip install py-spy``) and wrk.
 
     .venv/bin/python bench/profile.py [--kind json|stream] [--mode embedded|cluster]
+        [--connections 64] [--stream-gap-ms 0]
 
 The output is what bench/analysis.md quotes. Nothing is written to results.json.
 """
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="a sluicegate target (bench/targets.py)")
     parser.add_argument("--port-base", type=int, default=9201)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument(
+        "--stream-gap-ms",
+        type=float,
+        default=0.0,
+        help="pace the upstream's stream events (bench/upstream.py): the per-event path",
+    )
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
     parser.add_argument("--native", action="store_true", help="sample C frames too (slower)")
     args = parser.parse_args(argv)
@@ -113,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     upstream = start(
         "upstream",
-        [sys.executable, str(HERE / "upstream.py"), "--port", str(args.port_base)],
+        [
+            sys.executable,
+            str(HERE / "upstream.py"),
+            "--port",
+            str(args.port_base),
+            "--stream-gap-ms",
+            str(args.stream_gap_ms),
+        ],
         log_dir=out,
         pid_file=out / "pids",
         cpu=load_cpu,

@@ -17,9 +17,10 @@ Routes (POST only; anything else is a 404 in Azure's error shape):
 A body containing ``"stream": true`` gets a server-sent event stream of about 30
 events, each written with its own ``write`` call (Azure flushes per event), with
 the usage chunk before ``data: [DONE]`` when the body asks for
-``"include_usage": true``; any other body gets a ~600-byte JSON completion with
-``usage``. ``GET /__stats`` returns request counters as JSON so the harness can
-check that a proxy really reached the upstream, and by which path.
+``"include_usage": true`` (``--stream-gap-ms`` spaces the events in time, as a model
+generating tokens does; by default they are written back to back); any other body gets a
+~600-byte JSON completion with ``usage``. ``GET /__stats`` returns request counters as
+JSON so the harness can check that a proxy really reached the upstream, and by which path.
 
 Run: ``python bench/upstream.py --port 9001``.
 """
@@ -32,6 +33,7 @@ import json
 import re
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from typing import ClassVar, Final, cast
 
 _STREAM_RE: Final = re.compile(rb'"stream"\s*:\s*true')
@@ -182,10 +184,18 @@ class UpstreamProtocol(asyncio.Protocol):
     #: ``--stream-writes once``: each stream in one write instead of one per event (a
     #: diagnostic: what the proxies pay for receiving the events as separate segments).
     whole_streams: ClassVar[bool] = False
+    #: ``--stream-gap-ms``: seconds between a stream's events (0: all at once). Paced streams
+    #: arrive at a proxy event by event, as a model generating tokens sends them, so every
+    #: event costs the proxy a read and a write (a diagnostic: the per-event cost).
+    event_gap: ClassVar[float] = 0.0
 
     def __init__(self) -> None:
         self.buf = b""
         self.transport: asyncio.Transport | None = None
+        # A paced stream in progress: requests that arrive meanwhile wait for its end
+        # (answers on one connection must not interleave).
+        self.busy = False
+        self.close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -194,7 +204,10 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
-        while self.transport is not None and self.buf and self._one_request():
+        self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        while not self.busy and self.transport is not None and self.buf and self._one_request():
             pass
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -246,7 +259,10 @@ class UpstreamProtocol(asyncio.Protocol):
             STATS["not_found"] += 1
             transport.write(_NOT_FOUND)
         if close:
-            self._close()
+            if self.busy:
+                self.close_after = True  # once the paced stream has ended
+            else:
+                self._close()
 
     def _stream(self, include_usage: bool, http10: bool) -> None:
         transport = self.transport
@@ -257,9 +273,29 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.whole_streams:
             transport.write(b"".join(events))
             return
+        if self.event_gap > 0:
+            self.busy = True
+            self._paced(iter(events))
+            return
         # One write per event, as Azure flushes per event: proxies relay chunk by chunk.
         for event in events:
             transport.write(event)
+
+    def _paced(self, events: Iterator[bytes]) -> None:
+        """Write the next event and schedule the one after; at the end, serve the requests
+        that waited (or close, when the request asked for it)."""
+        if self.transport is None:
+            return
+        event = next(events, None)
+        if event is not None:
+            self.transport.write(event)
+            asyncio.get_running_loop().call_later(self.event_gap, self._paced, events)
+            return
+        self.busy = False
+        if self.close_after:
+            self._close()
+        else:
+            self._serve_buffered()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -315,8 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         default="event",
         help="one write per stream event (default, as Azure flushes) or the whole stream at once",
     )
+    parser.add_argument(
+        "--stream-gap-ms",
+        type=float,
+        default=0.0,
+        help="pace streams: milliseconds between events (default 0: written back to back)",
+    )
     args = parser.parse_args(argv)
     UpstreamProtocol.whole_streams = args.stream_writes == "once"
+    UpstreamProtocol.event_gap = max(0.0, args.stream_gap_ms) / 1000
     try:
         import uvloop
     except ImportError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 from conftest import Spawn
@@ -129,3 +130,27 @@ def test_stream_written_once_is_the_same_stream(upstream: int, spawn: Spawn) -> 
     status, headers, whole = probe.request(once, AZURE, BODIES["stream"], {})
     assert probe.check_stream(status, headers, whole) is None
     assert whole == apart
+
+
+def test_paced_stream_spaces_the_same_events_in_time(upstream: int, spawn: Spawn) -> None:
+    """``--stream-gap-ms`` changes when the events are written, not what they say."""
+    paced = spawn("upstream.py", ["--stream-gap-ms", "5"])
+    _, _, at_once = probe.request(upstream, AZURE, BODIES["stream"], {})
+    events = len([e for e in at_once.split(b"\n\n") if e])
+    started = time.monotonic()
+    status, headers, spaced = probe.request(paced, AZURE, BODIES["stream"], {})
+    took = time.monotonic() - started
+    assert probe.check_stream(status, headers, spaced) is None
+    assert spaced == at_once
+    assert took >= (events - 1) * 0.005
+
+
+def test_paced_stream_answers_a_pipelined_request_after_its_end(spawn: Spawn) -> None:
+    """A request sent while a paced stream is still being written is answered after the
+    stream's end, not in the middle of it."""
+    paced = spawn("upstream.py", ["--stream-gap-ms", "2"])
+    payload = _post(AZURE, BODIES["stream"]) + _post(AZURE, BODIES["json"])
+    data = _raw(paced, payload, b'"total_tokens":45', count=2)
+    second = data.index(b"HTTP/1.1 200", 1)
+    assert data[:second].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), data[second - 80 : second]
+    assert b"application/json" in data[second:]
