@@ -174,6 +174,27 @@ def test_a_record_the_database_refuses_is_set_aside_not_retried_forever(
     ]
 
 
+def test_a_record_refused_late_in_a_large_batch_loses_and_duplicates_nothing(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    """A batch goes to the database in several statements (50 rows each) within one
+    transaction: a record refused in the third leaves no row of the first two behind
+    twice, and every other record is stored once."""
+    spill_path = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, spill_path=spill_path, batch_size=130, flush_interval=60)
+    records = [make_record(i) for i in range(130)]
+    records[117] = make_record(117, operation=None)  # NOT NULL in every database
+    for r in records:
+        writer.submit(r)
+    writer.start()
+    assert writer.flush(30)
+    writer.close(10)
+    expected = [r.request_id for i, r in enumerate(records) if i != 117]
+    assert sorted(r.request_id for r in fetch_records(engine)) == expected
+    stats = writer.stats()
+    assert (stats.written, stats.rejected, stats.failures) == (129, 1, 0)
+
+
 def test_an_engine_factory_is_called_in_the_writer_and_disposed(
     db_url: str, engine: Engine, make_record: RecordFactory, tmp_path: Path
 ) -> None:
