@@ -75,18 +75,6 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def cpu_seconds(root: int) -> float:
-    """User + system CPU of the tree, plus what its reaped children used (cutime, cstime)."""
-    ticks = 0
-    for pid in tree(root):
-        fields = _stat_fields(pid)
-        if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])
-            if pid == root:
-                ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLK_TCK
-
-
 def cpu_split(root: int) -> tuple[float, float]:
     """User and system CPU seconds of the live tree ``root`` (reaped children not counted)."""
     user = system = 0
@@ -96,6 +84,14 @@ def cpu_split(root: int) -> tuple[float, float]:
             user += int(fields[11])
             system += int(fields[12])
     return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU of the tree, plus what its reaped children used (cutime, cstime)."""
+    user, system = cpu_split(root)
+    fields = _stat_fields(root)
+    reaped = (int(fields[13]) + int(fields[14])) / CLK_TCK if fields is not None else 0.0
+    return user + system + reaped
 
 
 def wait_idle(
