@@ -33,6 +33,12 @@ _DEFAULT_SECURITY = SecurityConfig()
 SWITCH_INTERVAL_SECONDS = 0.0001
 
 
+#: A first body write at least this long leaves with the head in a gathered write
+#: (``writelines``: one ``writev``, no copy); a shorter one is joined to it. Measured on
+#: uvloop: gathering saves ~0.7 µs on a 10 KB stream and costs ~0.2 µs on an 800-byte
+#: JSON answer (its write context is dearer than the copy).
+_GATHER_FROM = 4096
+
 #: The interim response uvicorn writes when a request says ``Expect: 100-continue``.
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -61,7 +67,11 @@ class _HeadHoldingTransport:
     def write(self, data: bytes) -> None:
         if self._held is not None:
             held, self._held = self._held, None
-            self._transport.write(held + data)
+            if len(data) >= _GATHER_FROM:
+                # One system call still (a gathered write), without copying the body.
+                self._transport.writelines((held, data))
+            else:
+                self._transport.write(held + data)
         elif not self._wrote_head and data != _CONTINUE:
             # The first write is the head, unless it is the interim "100 Continue" that
             # uvicorn writes before the response starts (that one goes out at once).

@@ -13,10 +13,15 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.gathered: list[tuple[bytes, ...]] = []
         self.closed = False
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        self.gathered.append(parts)
+        self.writes.append(b"".join(parts))
 
     def is_closing(self) -> bool:
         return self.closed
@@ -71,3 +76,21 @@ def test_close_sends_a_held_head_first() -> None:
         assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]  # not sent twice
 
     asyncio.run(run())
+
+
+def test_a_long_first_body_leaves_with_the_head_in_one_gathered_write() -> None:
+    async def run() -> RecordingTransport:
+        raw = RecordingTransport()
+        transport = _HeadHoldingTransport(raw, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        body = b"x" * 10_000
+        transport.write(body)
+        assert raw.gathered == [(b"HTTP/1.1 200 OK\r\n\r\n", body)]
+        assert raw.gathered[0][1] is body  # handed on, not copied
+        transport.write(b"y" * 10_000)  # later writes are plain writes
+        await asyncio.sleep(0)
+        return raw
+
+    raw = asyncio.run(run())
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 10_000, b"y" * 10_000]
+    assert len(raw.gathered) == 1

@@ -164,7 +164,8 @@ class StreamScanner:
             first = 0 if first < 0 else first + 2
             last = complete.find(b"\n\n", at)  # found: ``complete`` ends with a blank line
             before = self.usage
-            self._inspect(complete[first:last])
+            # The key found is a usage object's: no need for ``_inspect``'s checks.
+            self._read_usage(complete[first:last])
             if self.usage is not before:
                 return
             end = first
@@ -181,6 +182,10 @@ class StreamScanner:
             return False
         if _USAGE_MARKERS[0] not in event and _USAGE_MARKERS[1] not in event:
             return False
+        return self._read_usage(event)
+
+    def _read_usage(self, event: bytes) -> bool:
+        """Parse an event that holds a usage object's key; True when it must be dropped."""
         payload = _event_data(event)
         try:
             obj = orjson.loads(payload)

@@ -59,9 +59,12 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
-        self._chunks: deque[bytes] = deque()
+        # A list, not a deque: ``readany`` takes all of it at once, and ``bytes.join`` reads a
+        # list in place where it would first copy a deque into one (a third of the join's cost
+        # for a 33-event stream).
+        self._chunks: list[bytes] = []
         # The parser calls ``on_body`` once per HTTP chunk: 33 times for a 33-event stream.
-        # Bound straight to the deque's append, each call stays in C (a Python method here
+        # Bound straight to the list's append, each call stays in C (a Python method here
         # was a quarter of the cost of relaying such a stream); the bookkeeping a chunk
         # needs (backpressure, waking the reader) is done once per ``data_received``.
         self.on_body = self._chunks.append
@@ -209,7 +212,7 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
         if self._paused and self.transport is not None:
