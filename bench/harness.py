@@ -48,6 +48,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per measured run (default 10)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per kind (default 5)")
     p.add_argument("--rounds", type=int, help="rounds per scenario (default 2)")
+    p.add_argument(
+        "--alternations",
+        type=int,
+        help="pairs of JSON and streaming runs at 64 connections, turn about, for the "
+        "stream/JSON check (default 8; 3 with --quick; 0: none)",
+    )
+    p.add_argument(
+        "--alternation-seconds", type=float, help="seconds per alternated run (default 3)"
+    )
     p.add_argument("--port-base", type=int, default=9001, help="first of five ports")
     p.add_argument(
         "--stream-writes",
@@ -64,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 5.0)
     args.rounds = args.rounds or 2
+    if args.alternations is None:
+        args.alternations = 3 if args.quick else 8
+    args.alternation_seconds = args.alternation_seconds or (2.0 if args.quick else 3.0)
     default = "sluicegate" if args.soak else ",".join(t.name for t in TARGETS)
     names = [n.strip() for n in (args.targets or default).split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
@@ -213,6 +225,8 @@ class Bench:
                     }
                     record["runs"].append(entry)
                     _print_run(target.name, entry)
+            if target.alternate and args.alternations > 0:
+                record["alternated"] = self.alternate(target, launched)
             rss, hwm, nproc = memory_kib(launched.proc.pid)
             record["memory"] = {
                 "rss_mib": round(rss / 1024, 1),
@@ -225,6 +239,40 @@ class Bench:
         finally:
             self.discard(launched)
         return record
+
+    def alternate(self, target: Target, launched: Launched) -> dict[str, Any]:
+        """JSON and streaming at 64 connections, turn about, ``--alternations`` times (the
+        order swapped every other pair): the stream/JSON ratio per pair.
+
+        Why: this host's speed drifts by up to ±20 % within minutes, and the rounds above
+        measure the two kinds ~20 s apart each, so one ratio from them moves by as much as
+        the gap it measures. Alternated short runs put the drift on both kinds alike; the
+        check takes their median (``checks.py``)."""
+        args = self.args
+        pairs: list[dict[str, Any]] = []
+        for n in range(args.alternations):
+            pair: dict[str, Any] = {}
+            for kind in ("json", "stream") if n % 2 == 0 else ("stream", "json"):
+                wait_idle(launched.proc.pid)
+                run = self.load(target, launched, kind, 64, args.alternation_seconds)
+                pair[kind] = {
+                    "rps": round(run.rps, 1),
+                    "rps_per_core": None
+                    if run.rps_per_core is None
+                    else round(run.rps_per_core, 1),
+                    "proxy_cores": round(run.proxy_cores, 3),
+                    "requests": run.requests,
+                    "error_count": run.error_count,
+                }
+            pairs.append(pair)
+            j, st = pair["json"]["rps_per_core"], pair["stream"]["rps_per_core"]
+            shown = f"×{st / j:.3f}" if j and st else "-"
+            print(
+                f"  {target.name:<20} pair {n + 1} json {j or 0:>7.0f}/core  "
+                f"stream {st or 0:>7.0f}/core  stream/json {shown}",
+                flush=True,
+            )
+        return {"seconds": args.alternation_seconds, "connections": 64, "pairs": pairs}
 
 
 def _print_run(name: str, e: dict[str, Any]) -> None:

@@ -134,6 +134,16 @@ def measure(
     return Sample(name, kind, requests, seconds, user1 - user0, system1 - system0)
 
 
+def checkout_src(rev: str) -> Path:
+    """``src`` of git revision ``rev``, exported to a temporary directory."""
+    where = Path(tempfile.mkdtemp(prefix="sg-against-"))
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where / "src"
+
+
 def summarise(samples: list[Sample], kinds: list[str]) -> list[str]:
     lines = ["", "medians (CPU per request of the target's processes, µs):"]
     groups: dict[tuple[str, str], list[Sample]] = collections.defaultdict(list)
@@ -155,6 +165,18 @@ def summarise(samples: list[Sample], kinds: list[str]) -> list[str]:
             ratios = [b.per_core / a.per_core for a, b in zip(json_runs, stream_runs, strict=False)]
             shown = " ".join(f"{r:.3f}" for r in ratios)
             lines.append(f"  {name:<22} ×{statistics.median(ratios):.3f}  ({shown})")
+    names = list(dict.fromkeys(s.target for s in samples))
+    if len(names) > 1:
+        first = names[0]
+        lines.append(f"per core vs {first}, per pair (median):")
+        for name in names[1:]:
+            for kind in kinds:
+                ratios = [
+                    b.per_core / a.per_core
+                    for a, b in zip(groups[(first, kind)], groups[(name, kind)], strict=False)
+                ]
+                shown = " ".join(f"{r:.3f}" for r in ratios)
+                lines.append(f"  {name:<22} {kind:<6} ×{statistics.median(ratios):.3f}  ({shown})")
     return lines
 
 
@@ -206,10 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perf", action="store_true", help="also record with perf")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--port-base", type=int, default=9301)
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run sluicegate (full policy) from git revision REV, as target "
+        "sluicegate@REV: a change measured against its parent, turn about",
+    )
     args = parser.parse_args(argv)
     names = args.targets.split(",")
+    extra: dict[str, targets.Target] = {}
+    if args.against:
+        name = f"sluicegate@{args.against}"
+        extra[name] = targets.sluicegate_from(checkout_src(args.against), name)
+        names.append(name)
     kinds = args.kinds.split(",")
-    unknown = [n for n in names if n not in targets.BY_NAME or targets.BY_NAME[n].launch is None]
+    known = {**targets.BY_NAME, **extra}
+    unknown = [n for n in names if n not in known or known[n].launch is None]
     if unknown:
         print(f"pairs: no such target: {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -232,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     files: list[Path | None] = []
     try:
         for i, name in enumerate(names):
-            target = targets.BY_NAME[name]
+            target = known[name]
             assert target.launch is not None
             port = args.port_base + 1 + i
             launched = target.launch(ctx, port)

@@ -329,8 +329,9 @@ METHOD = """\
   (`baseline,nginx,bare,sluicegate,sluicegate-nolimits,sluicegate-cluster,`
   `sluicegate-cluster-nolimits,litellm`; the
   baseline is always measured), `--soak SECONDS`, `--duration`, `--warmup`, `--rounds`,
-  `--port-base` (five ports from 9001), `--stream-writes once` (a diagnostic: the upstream
-  writes each stream whole instead of one event at a time).
+  `--port-base` (five ports from 9001), `--alternations`, `--alternation-seconds` (below),
+  `--stream-writes once` (a diagnostic: the upstream writes each stream whole instead of
+  one event at a time).
 - **Upstream**: `bench/upstream.py`, a raw asyncio protocol on uvloop with every response
   prepared at start: an Azure-shaped chat completion (~780 bytes with content-filter
   results and `usage`), or for `"stream": true` 33 server-sent events (each written
@@ -361,6 +362,13 @@ METHOD = """\
   writer; the wait is `settle_s` in `bench/results.json`). The table shows the best round
   (highest req/s at 64, lowest p50 at 1); every round is in `bench/results.json`. wrk and
   the upstream are pinned to CPU 0, the proxy to CPU 1 (`taskset`).
+- **Streaming vs JSON**: after its rounds, sluicegate (full policy) runs JSON and streaming
+  at 64 connections turn about, 8 pairs of 3 s runs (the order swapped every other pair,
+  each run on an idle target). The check takes the median of the pairs' ratios (per core)
+  and shows their range and the best rounds' ratio beside it: this host's speed drifts by
+  up to ±20 % within minutes, and the rounds measure the two kinds ~20 s apart, so a ratio
+  from them moves by as much as the gap it measures. Every pair is in `bench/results.json`
+  (`targets[].alternated`).
 - **CPU and memory**: the proxy's CPU is utime+stime from `/proc/PID/stat` of its whole
   process tree over each run, so req/s per core = req/s ÷ cores used. Resident memory is
   VmRSS summed over the tree after the runs.

@@ -88,6 +88,9 @@ class Target:
     expect_header: tuple[str, str] | None = None
     #: Where the target serves Prometheus metrics, checked once before the load.
     metrics_path: str | None = None
+    #: Also measure JSON and streaming at 64 connections turn about (``Bench.alternate``):
+    #: the target whose stream/JSON ratio is a check.
+    alternate: bool = False
 
 
 # ---------------------------------------------------------------- nginx
@@ -252,7 +255,11 @@ def _sg(args: list[str], work: Path, timeout: float = 120) -> str:
     return done.stdout
 
 
-def _launch_sluicegate(ctx: Context, port: int, name: str, *, mode: str, limits: bool) -> Launched:
+def _launch_sluicegate(
+    ctx: Context, port: int, name: str, *, mode: str, limits: bool, src: Path | None = None
+) -> Launched:
+    """Start sluicegate with the benchmark's configuration; ``src`` runs another checkout's
+    code (its ``src`` directory put first on the import path) in this virtualenv."""
     if not SLUICEGATE.exists():
         raise BenchError(f"{SLUICEGATE} not found: run `make install` first")
     work = ctx.workdir(name)
@@ -289,8 +296,9 @@ def _launch_sluicegate(ctx: Context, port: int, name: str, *, mode: str, limits:
                 work,
             )
         )
+        env = SG_ENV if src is None else {**SG_ENV, "PYTHONPATH": str(src)}
         proc = ctx.start(
-            name, [str(SLUICEGATE), "serve", "--config", str(config)], env=SG_ENV, cwd=work
+            name, [str(SLUICEGATE), "serve", "--config", str(config)], env=env, cwd=work
         )
     except BaseException:
         for fn in cleanup:
@@ -368,9 +376,17 @@ def check_cluster_services() -> None:
         raise BenchError(f"cluster mode needs PostgreSQL at 127.0.0.1:5432: {exc}") from exc
 
 
-def _sg_target(name: str, label: str, *, mode: str, limits: bool) -> Target:
+def _sg_target(
+    name: str,
+    label: str,
+    *,
+    mode: str,
+    limits: bool,
+    alternate: bool = False,
+    src: Path | None = None,
+) -> Target:
     def launch(ctx: Context, port: int) -> Launched:
-        return _launch_sluicegate(ctx, port, name, mode=mode, limits=limits)
+        return _launch_sluicegate(ctx, port, name, mode=mode, limits=limits, src=src)
 
     return Target(
         name,
@@ -382,6 +398,7 @@ def _sg_target(name: str, label: str, *, mode: str, limits: bool) -> Target:
         needs=("redis", "postgresql") if mode == "cluster" else (),
         expect_header=LIMIT_HEADER if limits else None,
         metrics_path="/metrics",
+        alternate=alternate,
     )
 
 
@@ -389,7 +406,13 @@ TARGETS: tuple[Target, ...] = (
     Target("baseline", "fake upstream alone (baseline)", 0, AZURE_PATH, None),
     Target("nginx", "nginx reverse proxy", 1, AZURE_PATH, launch_nginx, needs=("nginx",)),
     Target("bare", "bare Python proxy", 2, AZURE_PATH, launch_bare),
-    _sg_target("sluicegate", "sluicegate embedded, full policy", mode="embedded", limits=True),
+    _sg_target(
+        "sluicegate",
+        "sluicegate embedded, full policy",
+        mode="embedded",
+        limits=True,
+        alternate=True,
+    ),
     _sg_target(
         "sluicegate-nolimits", "sluicegate embedded, limits off", mode="embedded", limits=False
     ),
@@ -417,6 +440,12 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 BY_NAME = {t.name: t for t in TARGETS}
+
+
+def sluicegate_from(src: Path, name: str) -> Target:
+    """The full-policy embedded target running the code in ``src`` (another checkout's
+    ``src`` directory): ``pairs.py --against`` measures a change against its parent."""
+    return _sg_target(name, f"sluicegate from {src}", mode="embedded", limits=True, src=src)
 
 
 def wait_ready(launched: Launched, port: int, timeout: float) -> None:

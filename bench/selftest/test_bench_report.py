@@ -85,6 +85,31 @@ def test_checks_pass_and_fail_on_the_stated_thresholds() -> None:
     assert by_id["soak_sluicegate"]["passed"] is None
 
 
+def _pair(json_per_core: float, stream_per_core: float, errors: int = 0) -> dict[str, Any]:
+    def run(per_core: float) -> dict[str, Any]:
+        return {"rps": per_core, "rps_per_core": per_core, "proxy_cores": 1.0,
+                "requests": 3000, "error_count": errors}  # fmt: skip
+
+    return {"json": run(json_per_core), "stream": run(stream_per_core)}
+
+
+def test_the_stream_check_takes_the_median_of_the_alternated_pairs() -> None:
+    data = _data()  # the best rounds alone: 3800 / 4000 = 0.95, a pass
+    sg = next(t for t in data["targets"] if t["target"] == "sluicegate")
+    sg["alternated"] = {
+        "pairs": [_pair(4000, 3400), _pair(4000, 3500), _pair(4000, 3900), _pair(4000, 3000)]
+    }
+    check = {c["id"]: c for c in checks.compute_checks(data)}["stream_vs_json"]
+    assert check["passed"] is False  # median of 0.85, 0.875, 0.975, 0.75 = 0.8625
+    assert check["measured"].startswith("median ×0.86 of 4 alternated pairs (×0.75–×0.97)")
+    assert "best rounds 3,800 vs 4,000 req/s per core: ×0.95" in check["measured"]
+    # A pair with errors does not count; the rest now pass.
+    sg["alternated"]["pairs"] = [_pair(4000, 3700), _pair(4000, 3800), _pair(4000, 1000, 50)]
+    check = {c["id"]: c for c in checks.compute_checks(data)}["stream_vs_json"]
+    assert check["passed"] is True
+    assert check["measured"].startswith("median ×0.94 of 2 alternated pairs")
+
+
 def test_a_missing_or_erroneous_target_is_not_judged() -> None:
     records = [r for r in _records() if r["target"] != "litellm"]
     for run in records[2]["runs"]:
