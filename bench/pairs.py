@@ -3,10 +3,10 @@ too small for one `make bench` to show.
 
 One `make bench` measures each scenario once or twice, minutes apart, and this host's speed
 drifts by ±20 % within an hour. Here every target is started once and the (target, kind)
-runs alternate in pairs, so drift spreads over all of them alike; each run reports the
-target's CPU per request from `/proc` (user and system apart; the requests are counted by
-the upstream, not by wrk) and, with ``--perf``, where that CPU goes by native symbol (kernel
-included: `perf record` of the target's processes).
+runs alternate in pairs (every other pair in reverse order), so drift spreads over all of
+them alike; each run reports the target's CPU per request from `/proc` (user and system
+apart; the requests are counted by the upstream, not by wrk) and, with ``--perf``, where
+that CPU goes by native symbol (kernel included: `perf record` of the target's processes).
 
     .venv/bin/python bench/pairs.py [--targets sluicegate,bare] [--kinds json,stream]
         [--pairs 3] [--seconds 6] [--connections 64] [--stream-gap-ms 0]
@@ -273,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             running.append((name, launched, port))
             wait_ready(launched, port, timeout=60)
         for pair in range(args.pairs):
-            for name, launched, port in running:
-                for kind in kinds:
+            # Every other pair runs in reverse order, so that neither target nor kind always
+            # runs first (after the other's load, or in the host's slower half of a pair).
+            order = running if pair % 2 == 0 else running[::-1]
+            for name, launched, port in order:
+                for kind in kinds if pair % 2 == 0 else kinds[::-1]:
                     perf_file = out / f"{name}-{kind}-{pair}.perf" if args.perf else None
                     sample = measure(args, name, launched, port, kind, out, perf_file)
                     samples.append(sample)
