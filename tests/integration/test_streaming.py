@@ -251,3 +251,28 @@ def test_a_stream_read_whole_at_once_without_its_end_is_reported(tmp_path: Path)
     assert (r.outcome, r.error_code) == ("backend_error", "StreamInterrupted")
     assert r.usage_estimated
     assert r.completion_tokens > 0
+
+
+def test_a_long_stream_read_whole_reaches_the_client_byte_for_byte(tmp_path: Path) -> None:
+    """A stream of more than 4 KiB read whole leaves with the response's head as one
+    gathered write (``server._HeadHoldingTransport``): every event arrives, in order, as the
+    backend sent it; only the usage chunk the gateway asked for is held back."""
+    words = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"w%d "}}],"model":"gpt-4o-mini"}\n\n' % i
+        for i in range(200)
+    ]
+    usage = (
+        b'data: {"choices":[],"model":"gpt-4o-mini",'
+        b'"usage":{"prompt_tokens":9,"completion_tokens":200,"total_tokens":209}}\n\n'
+    )
+    events = b"".join(words) + usage + b"data: [DONE]\n\n"
+    assert len(events) > 4 * 4096
+    lines, r = _stream_in_one_read(tmp_path, events)
+    expected = [w.decode().rstrip("\n") for w in words] + ["data: [DONE]"]
+    assert lines == expected
+    assert (r.outcome, r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (
+        "ok",
+        9,
+        200,
+        False,
+    )
