@@ -16,6 +16,8 @@ SG = "sluicegate"
 CLUSTER = "sluicegate-cluster"
 PER_CORE = "rps_per_core"
 MEMORY_MIB = 120.0
+#: A run whose errors exceed this share of its requests is not a valid measurement.
+MAX_ERROR_SHARE = 0.001
 
 
 def _check(
@@ -108,7 +110,8 @@ def _alternated_ratios(data: dict[str, Any], target: str) -> list[float]:
         for pair in t.get("alternated", {}).get("pairs", []):
             runs = [pair.get("json", {}), pair.get("stream", {})]
             if all(
-                r.get("rps_per_core") and r.get("error_count", 0) <= 0.001 * r.get("requests", 0)
+                r.get("rps_per_core")
+                and r.get("error_count", 0) <= MAX_ERROR_SHARE * r.get("requests", 0)
                 for r in runs
             ):
                 ratios.append(runs[1]["rps_per_core"] / runs[0]["rps_per_core"])

@@ -254,16 +254,8 @@ class Bench:
             pair: dict[str, Any] = {}
             for kind in ("json", "stream") if n % 2 == 0 else ("stream", "json"):
                 wait_idle(launched.proc.pid)
-                run = self.load(target, launched, kind, 64, args.alternation_seconds)
-                pair[kind] = {
-                    "rps": round(run.rps, 1),
-                    "rps_per_core": None
-                    if run.rps_per_core is None
-                    else round(run.rps_per_core, 1),
-                    "proxy_cores": round(run.proxy_cores, 3),
-                    "requests": run.requests,
-                    "error_count": run.error_count,
-                }
+                run = self.load(target, launched, kind, 64, args.alternation_seconds).as_dict()
+                pair[kind] = {k: run[k] for k in _ALTERNATED_FIELDS}
             pairs.append(pair)
             j, st = pair["json"]["rps_per_core"], pair["stream"]["rps_per_core"]
             shown = f"×{st / j:.3f}" if j and st else "-"
@@ -273,6 +265,10 @@ class Bench:
                 flush=True,
             )
         return {"seconds": args.alternation_seconds, "connections": 64, "pairs": pairs}
+
+
+#: What ``Bench.alternate`` keeps of each run (``checks.py`` judges from these).
+_ALTERNATED_FIELDS = ("rps", "rps_per_core", "proxy_cores", "requests", "error_count")
 
 
 def _print_run(name: str, e: dict[str, Any]) -> None:

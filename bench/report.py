@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from checks import compute_checks
+from checks import MAX_ERROR_SHARE, compute_checks
 from render import render_markdown
 
-#: A run whose errors exceed this share of its requests is not a valid measurement.
-MAX_ERROR_SHARE = 0.001
 #: CPU 0 (load generator + upstream) at or above this many cores means the load side, not
 #: the proxy, may have limited throughput.
 LOAD_SIDE_SATURATED = 0.9
