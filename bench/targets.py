@@ -45,6 +45,8 @@ class Context:
     proxy_cpu: int | None
     upstream_port: int
     run_id: str
+    #: A command the target's own process runs under (``instructions.py``: callgrind).
+    wrap: tuple[str, ...] = ()
 
     @property
     def upstream_url(self) -> str:
@@ -57,7 +59,14 @@ class Context:
         return path
 
     def start(self, name: str, argv: list[str], **kw: Any) -> Managed:
-        return start(name, argv, log_dir=self.out, pid_file=self.pid_file, cpu=self.proxy_cpu, **kw)
+        return start(
+            name,
+            [*self.wrap, *argv],
+            log_dir=self.out,
+            pid_file=self.pid_file,
+            cpu=self.proxy_cpu,
+            **kw,
+        )
 
 
 @dataclass
