@@ -24,26 +24,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import targets
-from loadgen import wrk_command
+import turnabout
 from probe import upstream_requests
-from procs import BenchError, start
-from targets import Context, Launched, wait_ready
-from workload import BODIES
-
-HERE = Path(__file__).resolve().parent
+from procs import BenchError
+from targets import Context
 
 #: A name line of the callgrind format: ``fn=(12) name``, ``cfn=(12)``, ``ob=(3) /lib.so``.
 _NAME_LINE = re.compile(r"^(fn|cfn|ob|cob)=\((\d+)\)(?: (.*))?$")
@@ -139,37 +133,27 @@ def _dump_file(out: Path, before: set[Path], timeout: float = 120) -> Path:
     raise BenchError("callgrind wrote no dump")
 
 
-def measure(
-    args: argparse.Namespace, name: str, launched: Launched, port: int, kind: str, out: Path
-) -> Phase:
-    body = out / f"{kind}.json"
-    body.write_bytes(BODIES[kind])
+def measure(args: argparse.Namespace, ctx: Context, run: turnabout.Running, kind: str) -> Phase:
     settle = 6.0  # under callgrind the connections take a while to reach a steady state
-    argv, env = wrk_command(
-        f"http://127.0.0.1:{port}{targets.AZURE_PATH}",
-        body_file=body,
-        headers=launched.headers,
-        connections=args.connections,
-        duration=args.seconds + settle + 10,
-        cpu=0,
-        timeout_s=30,
+    seconds = args.seconds + settle + 10
+    load = turnabout.load(
+        ctx, run, kind, connections=args.connections, seconds=seconds, timeout_s=30
     )
-    pid = str(launched.proc.pid)
-    load = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = str(run.launched.proc.pid)
     try:
         time.sleep(settle)
         _control("--zero", pid)
         before_requests = upstream_requests(args.port_base)
         time.sleep(args.seconds)
-        before = set(out.glob("callgrind.out.*"))
-        _control(f"--dump={name}-{kind}", pid)
+        before = set(ctx.out.glob("callgrind.out.*"))
+        _control(f"--dump={run.name}-{kind}", pid)
         requests = upstream_requests(args.port_base) - before_requests
     finally:
         load.wait()
-    path = _dump_file(out, before)
+    path = _dump_file(ctx.out, before)
     with path.open() as fh:
         profile = parse_callgrind(fh)
-    return Phase(name, kind, requests, profile)
+    return Phase(run.name, kind, requests, profile)
 
 
 def mean_profile(phases: list[Phase]) -> tuple[dict[str, float], dict[str, float]]:
@@ -216,108 +200,68 @@ def summarise(phases: list[Phase], kinds: list[str], top: int) -> list[str]:
             f"  (phases: {counts}; {sum(p.requests for p in group)} requests)"
         )
     names = list(dict.fromkeys(p.target for p in phases))
-    for name in names:
-        if len(kinds) > 1:
+    # Kinds compared within each target, then each kind across the first two targets.
+    comparisons: list[tuple[str, list[Phase], list[Phase]]] = []
+    if len(kinds) > 1:
+        for name in names:
             a, b = groups[(name, kinds[0])], groups[(name, kinds[1])]
-            ratio = statistics.median(p.per_request for p in b) / statistics.median(
-                p.per_request for p in a
+            comparisons.append(
+                (f"{name}: {kinds[1]} ×{{:.4f}} the instructions of {kinds[0]}", a, b)
             )
-            lines.append(f"{name}: {kinds[1]} ×{ratio:.3f} the instructions of {kinds[0]}")
-            lines.extend(difference(a, b, top))
     if len(names) > 1:
         for kind in kinds:
             a, b = groups[(names[0], kind)], groups[(names[1], kind)]
-            ratio = statistics.median(p.per_request for p in b) / statistics.median(
-                p.per_request for p in a
+            comparisons.append(
+                (f"{kind}: {names[1]} ×{{:.4f}} the instructions of {names[0]}", a, b)
             )
-            lines.append(f"\n{kind}: {names[1]} ×{ratio:.4f} the instructions of {names[0]}")
-            lines.extend(difference(a, b, top))
+    for title, a, b in comparisons:
+        ratio = statistics.median(p.per_request for p in b) / statistics.median(
+            p.per_request for p in a
+        )
+        lines.extend(["", title.format(ratio), *difference(a, b, top)[1:]])
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--targets", default="sluicegate", help="comma-separated target names")
-    parser.add_argument("--kinds", default="json,stream")
-    parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--port-base", type=int, default=9401)
-    parser.add_argument(
-        "--against",
-        metavar="REV",
-        help="also count sluicegate (full policy) from git revision REV, as sluicegate@REV",
-    )
+    turnabout.add_arguments(parser, pairs=2, seconds=20.0, connections=16, top=25, port_base=9401)
     args = parser.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "wrk"):
+    for tool, package in (
+        ("valgrind", "valgrind"),
+        ("callgrind_control", "valgrind"),
+        ("wrk", "wrk"),
+    ):
         if shutil.which(tool) is None:
-            package = "wrk" if tool == "wrk" else "valgrind"
             print(f"instructions: {tool} not found: apt-get install {package}", file=sys.stderr)
             return 2
-    names = args.targets.split(",")
-    known = dict(targets.BY_NAME)
-    if args.against:
-        from pairs import checkout_src
-
-        name = f"sluicegate@{args.against}"
-        known[name] = targets.sluicegate_from(checkout_src(args.against), name)
-        names.append(name)
-    kinds = args.kinds.split(",")
-    unknown = [n for n in names if n not in known or known[n].launch is None]
-    if unknown:
-        print(f"instructions: no such target: {', '.join(unknown)}", file=sys.stderr)
+    chosen = turnabout.chosen_targets(args, "instructions")
+    if chosen is None:
         return 2
-    out = Path(tempfile.mkdtemp(prefix="sg-instructions-"))
-    ctx = Context(
-        out=out,
-        pid_file=out / "pids",
-        proxy_cpu=1,
-        upstream_port=args.port_base,
-        run_id=f"instr{os.getpid()}",
-        wrap=(
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",  # startup is not counted; --zero starts each phase anyway
-            f"--callgrind-out-file={out}/callgrind.out.%p",
-        ),
+    kinds = args.kinds.split(",")
+    ctx = turnabout.context("instructions", args.port_base)
+    ctx.wrap = (
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",  # startup is not counted; --zero starts each phase anyway
+        f"--callgrind-out-file={ctx.out}/callgrind.out.%p",
     )
-    upstream = start(
-        "upstream",
-        [sys.executable, str(HERE / "upstream.py"), "--port", str(args.port_base)],
-        log_dir=out,
-        pid_file=out / "pids",
-        cpu=0,
-    )
-    running: list[tuple[str, Launched, int]] = []
     phases: list[Phase] = []
-    try:
-        for i, name in enumerate(names):
-            target = known[name]
-            assert target.launch is not None
-            port = args.port_base + 1 + i
-            launched = target.launch(ctx, port)
-            running.append((name, launched, port))
-            wait_ready(launched, port, timeout=300)
-            _control("--instr=on", str(launched.proc.pid))
-            measure(args, name, launched, port, kinds[0], out)  # warm-up, not counted
-        for pair in range(args.pairs):
-            order = running if pair % 2 == 0 else running[::-1]
-            for name, launched, port in order:
-                for kind in kinds if pair % 2 == 0 else kinds[::-1]:
-                    phase = measure(args, name, launched, port, kind, out)
-                    phases.append(phase)
-                    print(
-                        f"pair {pair + 1} {name:<22} {kind:<6} {phase.requests:6d} requests"
-                        f"  {phase.per_request:11,.0f} instructions each",
-                        flush=True,
-                    )
-    finally:
-        for _, launched, _ in running:
-            launched.proc.stop(grace=60.0)  # callgrind writes its last dump on exit
-            for fn in launched.cleanup:
-                fn()
-        upstream.stop()
+    # Under callgrind a target starts ~50 times slower, and writes its last dump on exit.
+    with (
+        turnabout.upstream(ctx),
+        turnabout.started(chosen, ctx, ready_timeout=300, grace=60) as running,
+    ):
+        for run in running:
+            _control("--instr=on", str(run.launched.proc.pid))
+            measure(args, ctx, run, kinds[0])  # warm-up, not counted
+        for pair, run, kind in turnabout.turns(running, kinds, args.pairs):
+            phase = measure(args, ctx, run, kind)
+            phases.append(phase)
+            print(
+                f"pair {pair + 1} {run.name:<22} {kind:<6} {phase.requests:6d} requests"
+                f"  {phase.per_request:11,.0f} instructions each",
+                flush=True,
+            )
     print("\n".join(summarise(phases, kinds, args.top)))
     return 0
 

@@ -23,24 +23,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import targets
-from loadgen import wrk_command
+import turnabout
 from probe import upstream_requests
-from procs import cpu_split, start, tree
-from targets import Context, Launched, wait_ready
-from workload import BODIES
-
-HERE = Path(__file__).resolve().parent
+from procs import cpu_split, tree
+from targets import Context
 
 #: A line of `perf report --sort dso,sym --stdio`: share, object, [k] or [.], symbol.
 _PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.+?)\s*$")
@@ -91,29 +84,17 @@ def perf_symbols(data: Path) -> dict[str, float]:
 
 def measure(
     args: argparse.Namespace,
-    name: str,
-    launched: Launched,
-    port: int,
+    ctx: Context,
+    run: turnabout.Running,
     kind: str,
-    out: Path,
     perf_file: Path | None,
 ) -> Sample:
-    body = out / f"{kind}.json"
-    body.write_bytes(BODIES[kind])
-    url = f"http://127.0.0.1:{port}{targets.AZURE_PATH}"
     settle = 2.0  # connections open and the target reaches its steady state first
-    argv, env = wrk_command(
-        url,
-        body_file=body,
-        headers=launched.headers,
-        connections=args.connections,
-        duration=args.seconds + settle + 1,
-        cpu=0,
-    )
-    load = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = args.seconds + settle + 1
+    load = turnabout.load(ctx, run, kind, connections=args.connections, seconds=seconds)
     try:
         time.sleep(settle)
-        root = launched.proc.pid
+        root = run.launched.proc.pid
         before_requests = upstream_requests(args.port_base)
         user0, system0 = cpu_split(root)
         started = time.monotonic()
@@ -131,17 +112,7 @@ def measure(
         requests = upstream_requests(args.port_base) - before_requests
     finally:
         load.wait()
-    return Sample(name, kind, requests, seconds, user1 - user0, system1 - system0)
-
-
-def checkout_src(rev: str) -> Path:
-    """``src`` of git revision ``rev``, exported to a temporary directory."""
-    where = Path(tempfile.mkdtemp(prefix="sg-against-"))
-    archive = subprocess.run(
-        ["git", "-C", str(HERE.parent), "archive", rev, "src"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
-    return where / "src"
+    return Sample(run.name, kind, requests, seconds, user1 - user0, system1 - system0)
 
 
 def summarise(samples: list[Sample], kinds: list[str]) -> list[str]:
@@ -218,82 +189,34 @@ def perf_difference(samples: list[Sample], files: list[Path | None], top: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--targets", default="sluicegate", help="comma-separated target names")
-    parser.add_argument("--kinds", default="json,stream")
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--connections", type=int, default=64)
+    turnabout.add_arguments(parser, pairs=3, seconds=6.0, connections=64, top=20, port_base=9301)
     parser.add_argument("--stream-gap-ms", type=float, default=0.0)
     parser.add_argument("--stream-writes", choices=("event", "once"), default="event")
     parser.add_argument("--perf", action="store_true", help="also record with perf")
-    parser.add_argument("--top", type=int, default=20)
-    parser.add_argument("--port-base", type=int, default=9301)
-    parser.add_argument(
-        "--against",
-        metavar="REV",
-        help="also run sluicegate (full policy) from git revision REV, as target "
-        "sluicegate@REV: a change measured against its parent, turn about",
-    )
     args = parser.parse_args(argv)
-    names = args.targets.split(",")
-    extra: dict[str, targets.Target] = {}
-    if args.against:
-        name = f"sluicegate@{args.against}"
-        extra[name] = targets.sluicegate_from(checkout_src(args.against), name)
-        names.append(name)
-    kinds = args.kinds.split(",")
-    known = {**targets.BY_NAME, **extra}
-    unknown = [n for n in names if n not in known or known[n].launch is None]
-    if unknown:
-        print(f"pairs: no such target: {', '.join(unknown)}", file=sys.stderr)
+    chosen = turnabout.chosen_targets(args, "pairs")
+    if chosen is None:
         return 2
-    out = Path(tempfile.mkdtemp(prefix="sg-pairs-"))
-    ctx = Context(
-        out=out,
-        pid_file=out / "pids",
-        proxy_cpu=1,
-        upstream_port=args.port_base,
-        run_id=f"pairs{os.getpid()}",
-    )
-    upstream = start(
-        "upstream",
-        [sys.executable, str(HERE / "upstream.py"), "--port", str(args.port_base),
-         "--stream-gap-ms", str(args.stream_gap_ms), "--stream-writes", args.stream_writes],
-        log_dir=out, pid_file=out / "pids", cpu=0,
-    )  # fmt: skip
-    running: list[tuple[str, Launched, int]] = []
+    kinds = args.kinds.split(",")
+    ctx = turnabout.context("pairs", args.port_base)
     samples: list[Sample] = []
     files: list[Path | None] = []
-    try:
-        for i, name in enumerate(names):
-            target = known[name]
-            assert target.launch is not None
-            port = args.port_base + 1 + i
-            launched = target.launch(ctx, port)
-            running.append((name, launched, port))
-            wait_ready(launched, port, timeout=60)
-        for pair in range(args.pairs):
-            # Every other pair runs in reverse order, so that neither target nor kind always
-            # runs first (after the other's load, or in the host's slower half of a pair).
-            order = running if pair % 2 == 0 else running[::-1]
-            for name, launched, port in order:
-                for kind in kinds if pair % 2 == 0 else kinds[::-1]:
-                    perf_file = out / f"{name}-{kind}-{pair}.perf" if args.perf else None
-                    sample = measure(args, name, launched, port, kind, out, perf_file)
-                    samples.append(sample)
-                    files.append(perf_file)
-                    print(
-                        f"pair {pair + 1} {name:<22} {kind:<6} {sample.rps:8.0f} req/s"
-                        f"  {sample.per_core:8.0f} /core  user {sample.user_us:7.1f} µs"
-                        f"  sys {sample.system_us:6.1f} µs",
-                        flush=True,
-                    )
-    finally:
-        for _, launched, _ in running:
-            launched.proc.stop()
-            for fn in launched.cleanup:
-                fn()
-        upstream.stop()
+    pacing = ("--stream-gap-ms", str(args.stream_gap_ms), "--stream-writes", args.stream_writes)
+    with (
+        turnabout.upstream(ctx, *pacing),
+        turnabout.started(chosen, ctx, ready_timeout=60) as running,
+    ):
+        for pair, run, kind in turnabout.turns(running, kinds, args.pairs):
+            perf_file = ctx.out / f"{run.name}-{kind}-{pair}.perf" if args.perf else None
+            sample = measure(args, ctx, run, kind, perf_file)
+            samples.append(sample)
+            files.append(perf_file)
+            print(
+                f"pair {pair + 1} {run.name:<22} {kind:<6} {sample.rps:8.0f} req/s"
+                f"  {sample.per_core:8.0f} /core  user {sample.user_us:7.1f} µs"
+                f"  sys {sample.system_us:6.1f} µs",
+                flush=True,
+            )
     print("\n".join(summarise(samples, kinds)))
     if args.perf:
         print("\n".join(perf_difference(samples, files, args.top)))

@@ -85,7 +85,7 @@ def test_the_summary_compares_kinds_per_request() -> None:
 
     phases = [phase("json", 10, 1000, 9000), phase("stream", 20, 8000, 20000)]
     text = "\n".join(instructions.summarise(phases, ["json", "stream"], top=2))
-    assert "sg: stream ×1.400 the instructions of json" in text
+    assert "sg: stream ×1.4000 the instructions of json" in text
     # memcpy: 100 → 400 per request (+300); frame: 900 → 1000 (+100).
     lines = text.splitlines()
     first = lines.index("by function, largest differences (sg stream minus sg json):") + 1
