@@ -43,6 +43,30 @@ def test_unsupported_scheme_is_refused() -> None:
         create_engine_for("mysql://root@127.0.0.1/test")
 
 
+def test_sqlite_binds_flags_and_none_as_it_always_did(tmp_path: Path) -> None:
+    """The engine registers sqlite3 adapters for ``bool`` and ``None`` (a cheaper lookup);
+    what is stored must not change: flags as integers 0/1, ``None`` as NULL, through the
+    driver (as the ledger writer binds) and through SQLAlchemy alike."""
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (a, b, c, d)")
+            conn.exec_driver_sql("INSERT INTO t VALUES (?, ?, ?, ?)", (True, False, None, 7))
+            conn.execute(
+                text("INSERT INTO t VALUES (:a, :b, :c, :d)"),
+                {"a": False, "b": True, "c": None, "d": "x"},
+            )
+            rows = conn.exec_driver_sql(
+                "SELECT a, typeof(a), b, typeof(b), c, typeof(c), d FROM t ORDER BY rowid"
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            (1, "integer", 0, "integer", None, "null", 7),
+            (0, "integer", 1, "integer", None, "null", "x"),
+        ]
+    finally:
+        engine.dispose()
+
+
 def test_sqlite_creates_directory_and_uses_wal(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "ledger.db"
     engine = create_engine_for(f"sqlite:///{path}")
