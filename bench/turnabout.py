@@ -80,7 +80,7 @@ def chosen_targets(args: argparse.Namespace, prog: str) -> dict[str, Target] | N
     return {name: known[name] for name in names}
 
 
-def context(tool: str, port_base: int, wrap: tuple[str, ...] = ()) -> Context:
+def context(tool: str, port_base: int) -> Context:
     """A fresh output directory; targets on CPU 1, the upstream on ``port_base``."""
     out = Path(tempfile.mkdtemp(prefix=f"sg-{tool}-"))
     return Context(
@@ -89,7 +89,6 @@ def context(tool: str, port_base: int, wrap: tuple[str, ...] = ()) -> Context:
         proxy_cpu=1,
         upstream_port=port_base,
         run_id=f"{tool}{os.getpid()}",
-        wrap=wrap,
     )
 
 
