@@ -274,7 +274,9 @@ def _launch_sluicegate(
     work = ctx.workdir(name)
     cleanup: list[Callable[[], None]] = []
     if mode == "cluster":
-        db_name = f"sluicegate_bench_{ctx.run_id}"
+        # One database per target: tools that start several targets at once (pairs.py,
+        # backlog.py) run both cluster targets side by side.
+        db_name = f"sluicegate_bench_{ctx.run_id}_{name}".replace("-", "_").replace("@", "_")
         cleanup.append(lambda: _cluster_cleanup(db_name, f"sgbench{ctx.run_id}"))
         _create_database(db_name)
         db = f"postgresql://postgres@127.0.0.1:5432/{db_name}"

@@ -1,0 +1,68 @@
+"""The ledger tools: ``ledger_cost.py`` writes every record it times (on a real SQLite file
+and a real PostgreSQL database), and ``backlog.py`` reads the gauge and fits the slope."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+import backlog
+import ledger_cost
+from backlog import Trace
+from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.migrations import migrate
+
+
+def _count(url: str) -> int:
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM usage_records")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_ledger_cost_writes_each_record_it_times_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate(url)
+    result = ledger_cost.measure(url, records=2_000, repeats=2, spill_dir=tmp_path)
+    # the warm-up's 1,000 and each repeat's records, none twice
+    assert _count(url) == 1_000 + 2 * 2_000
+    assert len(result["runs"]) == 2
+    assert result["records_per_s"] > 0 and result["writer_cpu_us"] > 0
+    assert result["database_cpu_us"] is None  # no server process to read
+
+
+def test_ledger_cost_reads_the_postgresql_backends_cpu() -> None:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ledger_cost.postgres_database("postgresql://postgres@127.0.0.1:5432/postgres") as url,
+    ):
+        result = ledger_cost.measure(url, records=2_000, repeats=1, spill_dir=Path(tmp))
+        assert _count(url) == 3_000
+    assert result["database_cpu_us"] is not None and result["database_cpu_us"] >= 0
+
+
+def test_the_pending_gauge_is_read_from_prometheus_text() -> None:
+    body = (
+        b"# HELP sluicegate_ledger_pending_records Usage records not yet written\n"
+        b"# TYPE sluicegate_ledger_pending_records gauge\n"
+        b"sluicegate_ledger_pending_records_other 7.0\n"
+        b"sluicegate_ledger_pending_records 1234.0\n"
+    )
+    assert backlog.parse_pending(body) == 1234
+    assert backlog.parse_pending(b"sluicegate_ledger_pending_records 2.5e+04\n") == 25_000
+    assert backlog.parse_pending(b"nothing here\n") is None
+
+
+def test_growth_is_the_slope_over_the_second_half() -> None:
+    seconds = [float(s) for s in range(1, 11)]
+    waiting = [9_000, 9_000, 9_000, 9_000, 9_000, 100, 300, 500, 700, 900]
+    trace = Trace("t", seconds, waiting, [90.0] * 10, 1000, 10.0, 0.1, 90.0, 90.0)
+    assert trace.growth_per_s() == pytest.approx(200.0)
+    assert Trace("t", [1.0], [5], [90.0], 10, 1.0, None, 90.0, 90.0).growth_per_s() == 0.0
+    line = backlog.summary([trace])[1]
+    assert line.split()[:6] == ["t", "100", "900", "200", "9000", "0.1"]
