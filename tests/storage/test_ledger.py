@@ -14,11 +14,13 @@ from sqlalchemy.engine import Engine
 from sluicegate.accounting.records import Outcome
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
+from sluicegate.storage.migrations import migrate
 from sluicegate.storage.reports import count_records, fetch_records
 from sluicegate.storage.rows import RECORD_COLUMNS, encode_json, record_params
 from sluicegate.storage.schema import usage_records
 from sluicegate.storage.spill import SpillFile
 from tests.storage.conftest import RecordFactory
+from tests.support.pg import throwaway_database
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -252,3 +254,56 @@ def test_a_records_extra_is_stored_as_canonical_json(make_record: RecordFactory)
     odd: dict[Any, str] = {2: "two", 1: "one"}
     params = record_params(make_record(1, extra=odd))
     assert params[RECORD_COLUMNS.index("extra")] == '{"1":"one","2":"two"}'
+
+
+def test_text_the_copy_format_escapes_is_stored_as_it_was(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    """PostgreSQL's rows go through ``COPY``'s text format, where tabs, newlines, backslashes
+    and ``\\N`` mean something: values holding them come back unchanged (and on SQLite)."""
+    records = [
+        make_record(0, owner="tab\there", caller="back\\slash\nnew\rline", model="\\N"),
+        make_record(1, error_code="\\.", deployment="ünïcødé ✓", extra={"k": "\\N\t\\."}),
+        make_record(2, request_id="req-with-\\-and-|", owner="", caller=" "),
+    ]
+    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl")
+    writer.start()
+    for r in records:
+        writer.submit(r)
+    writer.close(10)
+    assert fetch_records(engine) == records
+    assert writer.stats().rejected == 0
+
+
+def test_postgresql_refusals_at_either_step_are_set_aside_and_the_writer_recovers(
+    make_record: RecordFactory, tmp_path: Path
+) -> None:
+    """A value too long for its column fails the ``COPY`` into the staging table; a NULL in
+    a NOT NULL column passes it and fails the move into ``usage_records``. Both in the very
+    first batch of a connection, so the transaction that created the staging table is rolled
+    back with it: the writer must create it again to write the rest, record by record, and
+    afterwards in batches."""
+    spill_path = tmp_path / "spill.jsonl"
+    with throwaway_database() as url:
+        migrate(url)
+        engine = create_engine_for(url)
+        try:
+            writer = LedgerWriter(engine, spill_path=spill_path, batch_size=50, flush_interval=60)
+            first = [make_record(i) for i in range(6)]
+            first[1] = make_record(1, owner="x" * 201)  # owner is VARCHAR(200)
+            first[4] = make_record(4, operation=None)  # NOT NULL
+            for r in first:
+                writer.submit(r)
+            writer.start()
+            assert writer.flush(30)
+            for i in range(6, 60):
+                writer.submit(make_record(i))
+            writer.close(30)
+            stored = [r.request_id for r in fetch_records(engine)]
+            stats = writer.stats()
+        finally:
+            engine.dispose()
+    assert stored == [f"req-{i:06d}" for i in range(60) if i not in (1, 4)]
+    assert (stats.written, stats.rejected, stats.failures) == (58, 2, 0)
+    rejected = SpillFile(Path(f"{spill_path}.rejected")).read_all()
+    assert [r.request_id for r in rejected] == ["req-000001", "req-000004"]

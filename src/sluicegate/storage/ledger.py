@@ -3,8 +3,8 @@
 The request path only calls :meth:`LedgerWriter.submit`, which appends to an in-memory queue
 and returns. One background thread drains the queue in batches of ``batch_size`` (or whatever
 arrived within ``flush_interval``) with ``INSERT … ON CONFLICT (request_id, attempt) DO
-NOTHING``, so a batch that is retried after an ambiguous failure, or replayed from the spill
-file, is stored exactly once.
+NOTHING`` (on PostgreSQL, ``COPY`` into a staging table first), so a batch that is retried
+after an ambiguous failure, or replayed from the spill file, is stored exactly once.
 
 While the database is unreachable the thread retries the same batch with capped exponential
 backoff (``retry_initial`` doubling up to ``retry_max``). Records keep arriving; about
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
 from sluicegate.accounting.records import UsageRecord
@@ -454,23 +454,12 @@ class LedgerWriter:
 
     @staticmethod
     def _insert(engine: Engine, params: list[tuple[Any, ...]]) -> None:
-        # The statement is compiled once per dialect and executed with plain tuples
-        # (``record_params``) through the driver: at thousands of records per second,
-        # SQLAlchemy's per-row parameter processing was the writer thread's main cost (and it
-        # shares the GIL with requests).
-        columns = RECORD_COLUMNS
-        dialect = engine.dialect.name
+        # The rows are passed as plain tuples (``record_params``) straight to the driver: at
+        # thousands of records per second, SQLAlchemy's per-row parameter processing was the
+        # writer thread's main cost (and it shares the GIL with requests).
         with engine.begin() as conn:
-            if dialect != "sqlite":
-                # PostgreSQL: one executemany per ``_PG_ROWS_PER_CALL`` rows, not per batch.
-                # The event loop waited on the writer for up to ~15 µs per row of a call,
-                # at the call's end (7-8 ms for 500 rows, 2-3 ms for 50; the writer pays
-                # ~3 µs more per record): with 500-row calls the cluster's 99th percentile
-                # at one connection was +4.2 ms, +1.1-1.5 ms with 50 (bench/analysis.md).
-                statement = _insert_sql(dialect, columns, 1)
-                k = _PG_ROWS_PER_CALL
-                for i in range(0, len(params), k):
-                    conn.exec_driver_sql(statement, params[i : i + k])
+            if engine.dialect.name == "postgresql":
+                _copy_into_postgresql(conn, params)
                 return
             # SQLite: rows go in groups of ``_SQLITE_ROWS_PER_STATEMENT`` per statement.
             # sqlite3's executemany steps (and releases and retakes the GIL) once per row;
@@ -481,11 +470,11 @@ class LedgerWriter:
             flatten = itertools.chain.from_iterable
             if whole:
                 grouped = [tuple(flatten(params[i : i + k])) for i in range(0, whole, k)]
-                conn.exec_driver_sql(_insert_sql(dialect, columns, k), grouped)
+                conn.exec_driver_sql(_insert_sql(RECORD_COLUMNS, k), grouped)
             rest = params[whole:]
             if rest:
                 flat = tuple(flatten(rest))
-                conn.exec_driver_sql(_insert_sql(dialect, columns, len(rest)), flat)
+                conn.exec_driver_sql(_insert_sql(RECORD_COLUMNS, len(rest)), flat)
 
     def _get_engine(self) -> Engine:
         if self._engine is None:
@@ -542,8 +531,53 @@ class LedgerWriter:
 
 
 def _check_dialect(engine: Engine) -> None:
-    if engine.dialect.name not in ("sqlite", "postgresql"):
-        raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")
+    name, driver = engine.dialect.name, engine.dialect.driver
+    if name == "postgresql" and driver != "psycopg":
+        # The PostgreSQL path uses psycopg 3's COPY (``_copy_into_postgresql``).
+        raise ValueError(f"the ledger writes to PostgreSQL through psycopg 3, not {driver}")
+    if name not in ("sqlite", "postgresql"):
+        raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {name}")
+
+
+def _copy_into_postgresql(conn: Connection, params: list[tuple[Any, ...]]) -> None:
+    """Insert the rows ``params`` into ``usage_records`` in ``conn``'s transaction, each
+    ``(request_id, attempt)`` at most once: ``COPY`` into the session's staging table, then
+    one ``INSERT … SELECT … ON CONFLICT DO NOTHING``.
+
+    Why not ``executemany`` of ``INSERT … ON CONFLICT``: that costs the database one
+    statement per row and the writer thread one round of parameter binding and result
+    handling per row. Under sustained saturation the writer fell behind the requests
+    (bench/analysis.md: records waiting grew by ~2,100 a second at ~6,000 requests a
+    second). ``COPY`` has no ``ON CONFLICT``, hence the staging table.
+
+    The staging table is temporary (each session has its own, and it leaves nothing behind)
+    and emptied at every commit or rollback. It is created once per connection; the mark
+    kept in the pooled connection's ``info`` is dropped on any error, because a rolled-back
+    transaction takes the table it created with it. Errors from the driver are raised as
+    SQLAlchemy's (``DataError``, ``IntegrityError``, …), as ``exec_driver_sql`` raises them,
+    so that the caller can tell bad content from an unavailable database.
+    """
+    pooled = conn.connection
+    info = pooled.info
+    raw = pooled.driver_connection
+    assert raw is not None  # an open connection in a transaction has its driver's
+    try:
+        with raw.cursor() as cursor:
+            if not info.get(_PG_STAGING_READY):
+                cursor.execute(_PG_CREATE_STAGING)
+                info[_PG_STAGING_READY] = True
+            with cursor.copy(_PG_COPY_TO_STAGING) as copy:
+                for row in params:
+                    copy.write_row(row)
+            cursor.execute(_PG_MOVE_FROM_STAGING)
+    except BaseException as exc:
+        info.pop(_PG_STAGING_READY, None)
+        dbapi = conn.dialect.loaded_dbapi
+        if isinstance(exc, dbapi.Error):
+            raise DBAPIError.instance(
+                _PG_COPY_TO_STAGING, None, exc, dbapi.Error, dialect=conn.dialect
+            ) from exc
+        raise
 
 
 def _is_content_error(exc: BaseException) -> bool:
@@ -570,22 +604,19 @@ _BACKLOG_BATCHES = 4
 #: ... or from which the oldest waiting record is this old (seconds since its request came).
 _BACKLOG_AGE_SECONDS = 1.0
 
-_INSERT_SQL: dict[tuple[str, tuple[str, ...], int], str] = {}
+_INSERT_SQL: dict[tuple[tuple[str, ...], int], str] = {}
 #: Rows per INSERT statement on SQLite (24 columns: well under its 32,766 parameters).
 _SQLITE_ROWS_PER_STATEMENT = 50
-#: Rows per ``executemany`` call on PostgreSQL (the batch stays one transaction).
-_PG_ROWS_PER_CALL = 50
 
 
-def _insert_sql(dialect: str, columns: tuple[str, ...], rows: int) -> str:
-    """``INSERT … VALUES (…)[, (…)…] ON CONFLICT (request_id, attempt) DO NOTHING`` for
-    ``columns`` and ``rows`` rows per statement, in the driver's parameter style."""
-    key = (dialect, columns, rows)
+def _insert_sql(columns: tuple[str, ...], rows: int) -> str:
+    """SQLite's ``INSERT … VALUES (?, …)[, (…)…] ON CONFLICT (request_id, attempt) DO
+    NOTHING`` for ``columns`` and ``rows`` rows per statement."""
+    key = (columns, rows)
     cached = _INSERT_SQL.get(key)
     if cached is not None:
         return cached
-    marker = "%s" if dialect == "postgresql" else "?"
-    one = f"({', '.join(marker for _ in columns)})"
+    one = f"({', '.join('?' for _ in columns)})"
     sql = (
         f"INSERT INTO {usage_records.name} ({', '.join(columns)}) "  # noqa: S608 - our own column names
         f"VALUES {', '.join(one for _ in range(rows))} "
@@ -593,3 +624,19 @@ def _insert_sql(dialect: str, columns: tuple[str, ...], rows: int) -> str:
     )
     _INSERT_SQL[key] = sql
     return sql
+
+
+# PostgreSQL (``_copy_into_postgresql``). Our own table and column names, no input.
+_PG_STAGING = "sluicegate_incoming_records"
+_PG_STAGING_READY = "sluicegate.ledger.staging_ready"  # key in the pooled connection's info
+_PG_COLUMNS = ", ".join(RECORD_COLUMNS)
+_PG_CREATE_STAGING = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_PG_STAGING} ON COMMIT DELETE ROWS "  # noqa: S608
+    f"AS SELECT {_PG_COLUMNS} FROM {usage_records.name} WITH NO DATA"
+)
+_PG_COPY_TO_STAGING = f"COPY {_PG_STAGING} ({_PG_COLUMNS}) FROM STDIN"
+_PG_MOVE_FROM_STAGING = (
+    f"INSERT INTO {usage_records.name} ({_PG_COLUMNS}) "  # noqa: S608
+    f"SELECT {_PG_COLUMNS} FROM {_PG_STAGING} "
+    "ON CONFLICT (request_id, attempt) DO NOTHING"
+)
