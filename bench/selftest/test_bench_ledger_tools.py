@@ -46,6 +46,15 @@ def test_ledger_cost_reads_the_postgresql_backends_cpu() -> None:
     assert result["database_cpu_us"] is not None and result["database_cpu_us"] >= 0
 
 
+def test_paced_submission_writes_every_record_and_reports_the_waits(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate(url)
+    result = ledger_cost.paced(url, rate=2_000, seconds=1.0, spill_dir=tmp_path, busy=0.0002)
+    assert _count(url) == 1_000 + result["records"]
+    assert 1_000 <= result["records"] <= 2_001
+    assert 0 <= result["late_p99_ms"] <= result["late_p999_ms"] <= result["late_max_ms"]
+
+
 def test_the_pending_gauge_is_read_from_prometheus_text() -> None:
     body = (
         b"# HELP sluicegate_ledger_pending_records Usage records not yet written\n"
