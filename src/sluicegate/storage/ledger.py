@@ -470,11 +470,11 @@ class LedgerWriter:
             flatten = itertools.chain.from_iterable
             if whole:
                 grouped = [tuple(flatten(params[i : i + k])) for i in range(0, whole, k)]
-                conn.exec_driver_sql(_insert_sql(RECORD_COLUMNS, k), grouped)
+                conn.exec_driver_sql(_insert_sql(k), grouped)
             rest = params[whole:]
             if rest:
                 flat = tuple(flatten(rest))
-                conn.exec_driver_sql(_insert_sql(RECORD_COLUMNS, len(rest)), flat)
+                conn.exec_driver_sql(_insert_sql(len(rest)), flat)
 
     def _get_engine(self) -> Engine:
         if self._engine is None:
@@ -569,23 +569,26 @@ def _copy_into_postgresql(conn: Connection, params: list[tuple[Any, ...]]) -> No
     info = pooled.info
     raw = pooled.driver_connection
     assert raw is not None  # an open connection in a transaction has its driver's
+    statement = _PG_CREATE_STAGING  # the one running, for the error raised
     try:
         with raw.cursor() as cursor:
             if not info.get(_PG_STAGING_READY):
-                cursor.execute(_PG_CREATE_STAGING)
+                cursor.execute(statement)
                 info[_PG_STAGING_READY] = True
             k = _PG_ROWS_PER_MOVE
             for i in range(0, len(params), k):
-                with cursor.copy(_PG_COPY_TO_STAGING) as copy:
+                statement = _PG_COPY_TO_STAGING
+                with cursor.copy(statement) as copy:
                     for row in params[i : i + k]:
                         copy.write_row(row)
-                cursor.execute(_PG_MOVE_FROM_STAGING)
+                statement = _PG_MOVE_FROM_STAGING
+                cursor.execute(statement)
     except BaseException as exc:
         info.pop(_PG_STAGING_READY, None)
         dbapi = conn.dialect.loaded_dbapi
         if isinstance(exc, dbapi.Error):
             raise DBAPIError.instance(
-                _PG_COPY_TO_STAGING, None, exc, dbapi.Error, dialect=conn.dialect
+                statement, None, exc, dbapi.Error, dialect=conn.dialect
             ) from exc
         raise
 
@@ -614,40 +617,41 @@ _BACKLOG_BATCHES = 4
 #: ... or from which the oldest waiting record is this old (seconds since its request came).
 _BACKLOG_AGE_SECONDS = 1.0
 
-_INSERT_SQL: dict[tuple[tuple[str, ...], int], str] = {}
+# Statements on our own table and column names only, no input.
+_COLUMNS = ", ".join(RECORD_COLUMNS)
+
+_INSERT_SQL: dict[int, str] = {}
 #: Rows per INSERT statement on SQLite (24 columns: well under its 32,766 parameters).
 _SQLITE_ROWS_PER_STATEMENT = 50
 
 
-def _insert_sql(columns: tuple[str, ...], rows: int) -> str:
+def _insert_sql(rows: int) -> str:
     """SQLite's ``INSERT … VALUES (?, …)[, (…)…] ON CONFLICT (request_id, attempt) DO
-    NOTHING`` for ``columns`` and ``rows`` rows per statement."""
-    key = (columns, rows)
-    cached = _INSERT_SQL.get(key)
+    NOTHING`` for ``rows`` rows per statement."""
+    cached = _INSERT_SQL.get(rows)
     if cached is not None:
         return cached
-    one = f"({', '.join('?' for _ in columns)})"
+    one = f"({', '.join('?' for _ in RECORD_COLUMNS)})"
     sql = (
-        f"INSERT INTO {usage_records.name} ({', '.join(columns)}) "  # noqa: S608 - our own column names
+        f"INSERT INTO {usage_records.name} ({_COLUMNS}) "  # noqa: S608
         f"VALUES {', '.join(one for _ in range(rows))} "
         "ON CONFLICT (request_id, attempt) DO NOTHING"
     )
-    _INSERT_SQL[key] = sql
+    _INSERT_SQL[rows] = sql
     return sql
 
 
-# PostgreSQL (``_copy_into_postgresql``). Our own table and column names, no input.
+# PostgreSQL (``_copy_into_postgresql``).
 _PG_STAGING = "sluicegate_incoming_records"
 _PG_STAGING_READY = "sluicegate.ledger.staging_ready"  # key in the pooled connection's info
-_PG_COLUMNS = ", ".join(RECORD_COLUMNS)
 _PG_CREATE_STAGING = (
     f"CREATE TEMPORARY TABLE IF NOT EXISTS {_PG_STAGING} ON COMMIT DELETE ROWS "  # noqa: S608
-    f"AS SELECT {_PG_COLUMNS} FROM {usage_records.name} WITH NO DATA"
+    f"AS SELECT {_COLUMNS} FROM {usage_records.name} WITH NO DATA"
 )
-_PG_COPY_TO_STAGING = f"COPY {_PG_STAGING} ({_PG_COLUMNS}) FROM STDIN"
+_PG_COPY_TO_STAGING = f"COPY {_PG_STAGING} ({_COLUMNS}) FROM STDIN"
 _PG_MOVE_FROM_STAGING = (
-    f"WITH moved AS (DELETE FROM {_PG_STAGING} RETURNING {_PG_COLUMNS}) "  # noqa: S608
-    f"INSERT INTO {usage_records.name} ({_PG_COLUMNS}) SELECT {_PG_COLUMNS} FROM moved "
+    f"WITH moved AS (DELETE FROM {_PG_STAGING} RETURNING {_COLUMNS}) "  # noqa: S608
+    f"INSERT INTO {usage_records.name} ({_COLUMNS}) SELECT {_COLUMNS} FROM moved "
     "ON CONFLICT (request_id, attempt) DO NOTHING"
 )
 #: Rows per ``COPY`` and move, within the batch's one transaction.
