@@ -276,7 +276,7 @@ def _launch_sluicegate(
     if mode == "cluster":
         # One database per target: tools that start several targets at once (pairs.py,
         # backlog.py) run both cluster targets side by side.
-        db_name = f"sluicegate_bench_{ctx.run_id}_{name}".replace("-", "_").replace("@", "_")
+        db_name = cluster_database(ctx, name)
         cleanup.append(lambda: _cluster_cleanup(db_name, f"sgbench{ctx.run_id}"))
         _create_database(db_name)
         db = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
@@ -334,6 +334,12 @@ def _launch_sluicegate(
 
     headers = {"api-key": str(created["primary_key"])}
     return Launched(proc, headers, cleanup, after_stop={"ledger": ledger})
+
+
+def cluster_database(ctx: Context, name: str) -> str:
+    """The PostgreSQL database of cluster target ``name`` in this run (on the bench's server,
+    ``postgresql://postgres@127.0.0.1:5432/``)."""
+    return f"sluicegate_bench_{ctx.run_id}_{name}".replace("-", "_").replace("@", "_")
 
 
 def _create_database(name: str) -> None:

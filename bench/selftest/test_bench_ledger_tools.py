@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -75,3 +76,30 @@ def test_growth_is_the_slope_over_the_second_half() -> None:
     assert Trace("t", [1.0], [5], [90.0], 10, 1.0, None, 90.0, 90.0).growth_per_s() == 0.0
     line = backlog.summary([trace])[1]
     assert line.split()[:6] == ["t", "100", "900", "200", "9000", "0.1"]
+
+
+def test_an_outage_refuses_the_targets_database_and_cuts_its_connections() -> None:
+    with ledger_cost.postgres_database("postgresql://postgres@127.0.0.1:5432/postgres") as url:
+        database = url.rsplit("/", 1)[1]
+        held = psycopg.connect(backlog.SERVER + database, autocommit=True)
+        try:
+            assert backlog.stored_records(database) == 0
+            backlog.set_connections(database, allowed=False)
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(backlog.SERVER + database, connect_timeout=5)
+            with pytest.raises(psycopg.OperationalError):
+                held.execute("SELECT 1")  # an open connection is cut too
+            backlog.set_connections(database, allowed=True)
+            assert backlog.stored_records(database) == 0  # up again
+        finally:
+            held.close()
+
+
+def test_the_outage_summary_says_whether_the_ledger_was_complete() -> None:
+    common = ([1.0, 2.0], [10, 20_000], [90.0, 110.0], 1000, 2.0, 3.0, 90.0, 95.0)
+    whole = Trace("a", *common, spill_mib=[0.0, 4.5], complete=True)
+    short = Trace("b", *common, spill_mib=[0.0, 1.0], complete=False)
+    lines = backlog.summary([whole, short])
+    assert lines[1].split()[-3:] == ["110.0", "4.5", "complete"]
+    assert lines[2].split()[-1] == "MISSING"
+    assert "spill MiB" not in backlog.summary([Trace("c", *common)])[0]
