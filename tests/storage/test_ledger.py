@@ -75,7 +75,9 @@ def test_concurrent_submitters_lose_and_duplicate_nothing(
     engine: Engine, make_record: RecordFactory, tmp_path: Path
 ) -> None:
     threads_n, per_thread = 8, 1500
-    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl", batch_size=200)
+    writer = LedgerWriter(
+        engine, spill_path=tmp_path / "spill.jsonl", batch_size=200, max_pending=5_000
+    )
     writer.start()
     barrier = threading.Barrier(threads_n)
 
@@ -97,7 +99,12 @@ def test_concurrent_submitters_lose_and_duplicate_nothing(
         ).one()
     assert (rows, distinct) == (expected, expected)
     stats = writer.stats()
-    assert (stats.written, stats.pending, stats.failures, stats.spilled) == (expected, 0, 0, 0)
+    assert (stats.pending, stats.failures) == (0, 0)
+    # 12,000 at once is more than ``max_pending``: whatever overflowed while the writer was
+    # behind went through the spill file (the bound holds while the database is up), and
+    # came back from it.
+    assert stats.spilled == stats.replayed
+    assert stats.written + stats.replayed == expected
 
 
 def test_a_full_batch_is_written_without_waiting_for_the_interval(

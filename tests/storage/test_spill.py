@@ -103,3 +103,83 @@ def test_an_append_after_a_replay_starts_a_new_file(tmp_path: Path) -> None:
         assert [r.request_id for r in spill.read_all()] == ["req-000002"]
     finally:
         held.close()
+
+
+def test_a_replay_in_parts_feeds_whole_batches_and_reads_appends_made_between_parts(
+    tmp_path: Path,
+) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(10)])
+    batches: list[list[UsageRecord]] = []
+    assert spill.replay_part(batches.append, batch_size=3, limit=5) == (6, False)
+    assert [len(b) for b in batches] == [3, 3]
+    spill.append([build_record(i) for i in range(10, 12)])  # shed while the replay goes on
+    assert spill.replay_part(batches.append, batch_size=3, limit=5) == (6, True)  # the end
+    assert [r.request_id for b in batches for r in b] == [
+        build_record(i).request_id for i in range(12)
+    ]
+    assert not spill.exists()
+    assert spill.replay_part(batches.append, batch_size=3, limit=5) == (0, True)
+
+
+def test_a_part_whose_sink_fails_is_resumed_at_the_batch_that_failed(tmp_path: Path) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(8)])
+    fed: list[str] = []
+    calls = 0
+
+    def flaky(batch: list[UsageRecord]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("database went away")
+        fed.extend(r.request_id for r in batch)
+
+    with pytest.raises(ConnectionError):
+        spill.replay_part(flaky, batch_size=2, limit=6)
+    assert fed == ["req-000000", "req-000001"]
+    assert spill.replay_part(flaky, batch_size=2, limit=100) == (6, True)
+    assert fed == [build_record(i).request_id for i in range(8)]  # each once, in order
+
+
+def test_a_part_after_another_writer_replayed_the_file_reads_the_new_one_from_its_start(
+    tmp_path: Path,
+) -> None:
+    """Two writers sharing a spill path (two processes): the position one part reached
+    must never be applied to the file the path names later."""
+    ours, theirs = SpillFile(tmp_path / "spill.jsonl"), SpillFile(tmp_path / "spill.jsonl")
+    ours.append([build_record(i) for i in range(6)])
+    fed: list[str] = []
+
+    def sink(batch: list[UsageRecord]) -> None:
+        fed.extend(r.request_id for r in batch)
+
+    assert ours.replay_part(sink, batch_size=2, limit=4) == (4, False)
+    assert theirs.replay(sink) == 6  # the whole file, then removed
+    theirs.append([build_record(i) for i in range(100, 103)])  # a new file, shorter
+    assert ours.replay_part(sink, batch_size=2, limit=10) == (3, True)
+    assert fed[-3:] == [build_record(i).request_id for i in range(100, 103)]
+    assert not ours.exists()
+
+
+def test_unreadable_lines_are_moved_once_by_a_replay_in_parts(tmp_path: Path) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(1)])
+    with spill.path.open("ab") as f:
+        f.write(b"not json\n")
+    spill.append([build_record(2), build_record(3)])
+    fed: list[UsageRecord] = []
+    fail = [True]
+
+    def sink(batch: list[UsageRecord]) -> None:
+        if batch[0].request_id == "req-000002" and fail[0]:
+            fail[0] = False
+            raise ConnectionError("database went away")
+        fed.extend(batch)
+
+    assert spill.replay_part(sink, batch_size=1, limit=1) == (1, False)
+    with pytest.raises(ConnectionError):  # the bad line, then record 2 fails: read again
+        spill.replay_part(sink, batch_size=1, limit=3)
+    assert spill.replay_part(sink, batch_size=1, limit=3) == (2, True)
+    assert [r.request_id for r in fed] == ["req-000001", "req-000002", "req-000003"]
+    assert spill.corrupt_path.read_bytes() == b"not json\n"

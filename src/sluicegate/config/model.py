@@ -304,7 +304,7 @@ class StorageConfig(_Strict):
     spill_dir: str = "var/spill"
     batch_size: int = Field(default=500, ge=1)
     flush_interval_seconds: float = Field(default=0.2, gt=0)
-    max_pending: int = Field(default=100_000, ge=1)
+    max_pending: int = Field(default=20_000, ge=1)
 
     @field_validator("url")
     @classmethod

@@ -9,9 +9,12 @@ after an ambiguous failure, or replayed from the spill file, is stored exactly o
 While the database is unreachable the thread retries the same batch with capped exponential
 backoff (``retry_initial`` doubling up to ``retry_max``). Records keep arriving; about
 ``max_pending`` of them are kept in memory and the newer overflow is appended to the spill
-file (JSON lines, fsynced per batch). When the database answers again the backlog is written
-and the spill file is replayed and removed. A spill file left by an earlier run (or a crash)
-is replayed on ``start()``.
+file (JSON lines, fsynced per batch). When the database answers again the spill file is
+replayed in parts of ``_REPLAY_PART_BATCHES`` batches, a batch of the queue written between
+two parts, and removed once read to its end. The same bound holds while the database is up
+but the writer is behind (the records arrive faster than it writes them, or during a
+replay): memory holds about ``max_pending`` records, whatever the outage's length and the
+load. A spill file left by an earlier run (or a crash) is replayed on ``start()``.
 
 A record the database refuses for its content (a value too long for its column, for example)
 would otherwise block the queue forever: such a batch is retried record by record and each
@@ -102,7 +105,7 @@ class LedgerWriter:
         spill_path: Path,
         batch_size: int = 500,
         flush_interval: float = 0.2,
-        max_pending: int = 100_000,
+        max_pending: int = 20_000,
         clock: Clock | None = None,
         retry_initial: float = 0.2,
         retry_max: float = 2.0,
@@ -134,6 +137,7 @@ class LedgerWriter:
         self._next_seq = 0
         self._flush_waiters = 0
         self._spill_pending = False
+        self._replaying = 0  # records fed so far by the replay in parts under way
         self._thread: threading.Thread | None = None
         self._written = self._failures = self._spilled = self._replayed = self._rejected = 0
         self._last_write_seconds: float | None = None
@@ -338,6 +342,9 @@ class LedgerWriter:
                 return
             if self._attempt(batch):
                 backoff = 0.0
+                # Up, but perhaps behind (a replay, or more records than it can write): the
+                # memory bound holds all the same.
+                self._shed_overflow()
             else:
                 backoff = min(max(backoff * 2, self._retry_initial), self._retry_max)
                 self._shed_overflow()
@@ -355,6 +362,7 @@ class LedgerWriter:
             and self._state == "running"
             and not self._flush_waiters
             and not self._inflight
+            and not self._spill_pending  # a replay goes on at the writer's pace
         ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -389,11 +397,21 @@ class LedgerWriter:
                 self._cond.notify_all()
                 replay = self._spill_pending
             if replay:
-                replayed = self._spill.replay(self._write, batch_size=self._batch_size)
-                log.info("ledger: replayed %d record(s) from %s", replayed, self._spill.path)
+                # In parts: the queue is written (and its overflow shed) between two, so that
+                # records arriving during a long replay are not all held in memory.
+                fed, finished = self._spill.replay_part(
+                    self._write,
+                    batch_size=self._batch_size,
+                    limit=_REPLAY_PART_BATCHES * self._batch_size,
+                )
                 with self._cond:
-                    self._replayed += replayed
-                    self._spill_pending = False
+                    self._replayed += fed
+                    self._replaying += fed
+                    if finished:
+                        self._spill_pending = False
+                        replayed, self._replaying = self._replaying, 0
+                if finished:
+                    log.info("ledger: replayed %d record(s) from %s", replayed, self._spill.path)
             return True
         except Exception as exc:
             with self._cond:
@@ -614,6 +632,8 @@ def _ident(record: UsageRecord) -> str:
 
 #: Batches waiting (beyond the one in flight) from which the writer stops yielding the core.
 _BACKLOG_BATCHES = 4
+#: Batches of the spill file replayed between two batches of the queue.
+_REPLAY_PART_BATCHES = 4
 #: ... or from which the oldest waiting record is this old (seconds since its request came).
 _BACKLOG_AGE_SECONDS = 1.0
 

@@ -5,6 +5,10 @@ per batch. A record may appear more than once (it can be both spilled and, later
 batch that was in flight); that is harmless because the ledger insert ignores a record whose
 (request_id, attempt) is already stored.
 
+Replay: whole (``replay``), or in parts (``replay_part``) that a writer interleaves with its
+other work; a part resumes where the last one stopped, in the same file, and appends made
+between parts are read by later ones. The file is removed once read to its end.
+
 Concurrency: all methods are thread-safe (one lock per instance) and process-safe on POSIX:
 appends and replays hold an exclusive ``flock`` on the file, and a holder whose file was
 replaced or removed meanwhile reopens it, so two writers that share a spill path (two
@@ -37,6 +41,10 @@ class SpillFile:
         #: Lines that could not be parsed on replay are moved here, never silently dropped.
         self.corrupt_path = self.path.with_name(self.path.name + ".corrupt")
         self._lock = threading.Lock()
+        # A replay in parts (``replay_part``): the file it reads, held open, and where the
+        # next part starts in it.
+        self._part: IO[bytes] | None = None
+        self._offset = 0
 
     def __repr__(self) -> str:
         return f"SpillFile({str(self.path)!r}, exists={self.exists()})"
@@ -76,40 +84,102 @@ class SpillFile:
         are not records are appended to ``corrupt_path`` and logged. Returns the number of
         records fed; 0 if there is no file.
         """
-        with self._lock, self._locked("rb") as f:
-            if f is None:
-                return 0
-            fed = 0
-            corrupt: list[bytes] = []
-            batch: list[UsageRecord] = []
-            for record, bad in _parse(f):
-                if bad is not None:
-                    corrupt.append(bad)
-                    continue
-                assert record is not None
-                batch.append(record)
-                if len(batch) >= batch_size:
-                    sink(batch)
-                    fed += len(batch)
-                    batch = []
-            if batch:
-                sink(batch)
-                fed += len(batch)
-            if corrupt:
-                log.error(
-                    "spill file %s: %d unreadable line(s) moved to %s",
-                    self.path,
-                    len(corrupt),
-                    self.corrupt_path,
-                )
-                with self.corrupt_path.open("ab") as out:
-                    out.write(b"".join(line.rstrip(b"\n") + b"\n" for line in corrupt))
-                    out.flush()
-                    os.fsync(out.fileno())
-            # Still holding the flock: nobody can append between the last read and the unlink.
-            self.path.unlink()
-            _fsync_dir(self.path.parent)
+        with self._lock:
+            self._forget_part()  # from the start, whatever a part had reached
+            fed, _finished = self._replay(sink, batch_size, None)
             return fed
+
+    def replay_part(
+        self, sink: Callable[[list[UsageRecord]], object], *, batch_size: int, limit: int
+    ) -> tuple[int, bool]:
+        """Feed the next records of the file to ``sink``: whole batches, until at least
+        ``limit`` records were fed or the file ends; at its end, remove the file.
+
+        Returns (records fed, whether the file was read to its end and removed). Appends made
+        between parts are read by later parts. The position reached is kept in memory with
+        the file open (so that it cannot name another file): if ``sink`` raises, the next
+        part starts at the batch that failed; if another process replayed and removed the
+        file meanwhile, at the start of whatever file the path names now; after a crash, at
+        the start (records fed twice are absorbed by the idempotent insert).
+        """
+        if limit < 1:
+            raise ValueError("limit >= 1 needed")
+        with self._lock:
+            return self._replay(sink, batch_size, limit)
+
+    def _replay(
+        self, sink: Callable[[list[UsageRecord]], object], batch_size: int, limit: int | None
+    ) -> tuple[int, bool]:
+        """Feed records from where the last part stopped (``limit`` None: all of them, from
+        wherever ``self._offset`` says, which ``replay`` resets). Call with ``self._lock``."""
+        finished = False
+        try:
+            with self._locked("rb", resume=self._part) as f:
+                if f is None:
+                    finished = True
+                    return 0, True
+                if f is self._part:
+                    f.seek(self._offset)
+                else:
+                    self._forget_part()
+                    if limit is not None:
+                        self._part = _reopen(self.path, f)
+                fed = 0
+                corrupt: list[bytes] = []
+                consumed = 0  # of ``corrupt``: those before the last batch fed
+                batch: list[UsageRecord] = []
+                try:
+                    while limit is None or fed < limit:
+                        raw = f.readline()
+                        if not raw:
+                            break
+                        record, bad = _parse_line(raw)
+                        if bad is not None:
+                            corrupt.append(bad)
+                        elif record is not None:
+                            batch.append(record)
+                        if len(batch) >= batch_size:
+                            sink(batch)
+                            fed += len(batch)
+                            batch = []
+                            self._offset, consumed = f.tell(), len(corrupt)
+                    if batch:
+                        sink(batch)
+                        fed += len(batch)
+                    self._offset, consumed = f.tell(), len(corrupt)
+                finally:
+                    # Lines past the last batch fed are read again by the next part.
+                    self._keep_corrupt(corrupt[:consumed])
+                if self._offset < os.fstat(f.fileno()).st_size:
+                    return fed, False
+                # Still holding the flock: nobody can append between the last read and the
+                # unlink.
+                self.path.unlink()
+                _fsync_dir(self.path.parent)
+                finished = True
+                return fed, True
+        finally:
+            if finished:
+                self._forget_part()
+
+    def _forget_part(self) -> None:
+        part, self._part, self._offset = self._part, None, 0
+        if part is not None:
+            part.close()
+
+    def _keep_corrupt(self, corrupt: list[bytes]) -> None:
+        if not corrupt:
+            return
+        log.error(
+            "spill file %s: %d unreadable line(s) moved to %s",
+            self.path,
+            len(corrupt),
+            self.corrupt_path,
+        )
+        with self.corrupt_path.open("ab") as out:
+            out.write(b"".join(line.rstrip(b"\n") + b"\n" for line in corrupt))
+            out.flush()
+            os.fsync(out.fileno())
 
     def read_all(self) -> list[UsageRecord]:
         """Every readable record in the file (for tests and diagnostics); [] if none."""
@@ -119,8 +189,19 @@ class SpillFile:
             return [rec for rec, _bad in _parse(f) if rec is not None]
 
     @contextlib.contextmanager
-    def _locked(self, mode: str) -> Iterator[IO[bytes] | None]:
-        """Open the file under an exclusive flock; None if it does not exist (read modes)."""
+    def _locked(self, mode: str, resume: IO[bytes] | None = None) -> Iterator[IO[bytes] | None]:
+        """Open the file under an exclusive flock; None if it does not exist (read modes).
+
+        ``resume``: a handle a replay kept open between parts; it is used instead (locked,
+        and left open afterwards) if the path still names its file."""
+        if resume is not None:
+            fcntl.flock(resume.fileno(), fcntl.LOCK_EX)
+            try:
+                if _names(self.path, resume):
+                    yield resume
+                    return
+            finally:
+                fcntl.flock(resume.fileno(), fcntl.LOCK_UN)
         while True:
             try:
                 f = self.path.open(mode)
@@ -131,11 +212,7 @@ class SpillFile:
                 return
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                try:
-                    current = os.stat(self.path)
-                except FileNotFoundError:
-                    current = None
-                if current is not None and current.st_ino == os.fstat(f.fileno()).st_ino:
+                if _names(self.path, f):
                     yield f
                     return
                 # Replayed and removed (or replaced) while we waited for the lock: retry.
@@ -143,14 +220,41 @@ class SpillFile:
                 f.close()
 
 
+def _names(path: Path, f: IO[bytes]) -> bool:
+    """Whether ``path`` is (still) the file open as ``f``."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(f.fileno())
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _reopen(path: Path, f: IO[bytes]) -> IO[bytes] | None:
+    """A second handle on the file open as ``f`` (locked by the caller, so ``path`` names
+    it): held open, it keeps a replay's position from ever applying to another file."""
+    again = path.open("rb")
+    if _names(path, again) and _names(path, f):
+        return again
+    again.close()
+    return None
+
+
+def _parse_line(raw: bytes) -> tuple[UsageRecord | None, bytes | None]:
+    """(record, None), (None, the line) if it is not a record, or (None, None) if blank."""
+    if not raw.strip():
+        return None, None
+    try:
+        return record_from_json(raw.decode("utf-8")), None
+    except ValueError:  # includes JSON and Unicode decoding errors
+        return None, raw
+
+
 def _parse(f: IO[bytes]) -> Iterator[tuple[UsageRecord | None, bytes | None]]:
     for raw in f:
-        if not raw.strip():
-            continue
-        try:
-            yield record_from_json(raw.decode("utf-8")), None
-        except ValueError:  # includes JSON and Unicode decoding errors
-            yield None, raw
+        record, bad = _parse_line(raw)
+        if record is not None or bad is not None:
+            yield record, bad
 
 
 def _fsync_dir(directory: Path) -> None:
