@@ -632,10 +632,10 @@ def _ident(record: UsageRecord) -> str:
 
 #: Batches waiting (beyond the one in flight) from which the writer stops yielding the core.
 _BACKLOG_BATCHES = 4
-#: Batches of the spill file replayed between two batches of the queue.
-_REPLAY_PART_BATCHES = 4
 #: ... or from which the oldest waiting record is this old (seconds since its request came).
 _BACKLOG_AGE_SECONDS = 1.0
+#: Batches of the spill file replayed between two batches of the queue.
+_REPLAY_PART_BATCHES = 4
 
 # Statements on our own table and column names only, no input.
 _COLUMNS = ", ".join(RECORD_COLUMNS)
