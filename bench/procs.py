@@ -75,6 +75,17 @@ def tree(root: int) -> list[int]:
     return found
 
 
+def group_running(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that have not died yet (a zombie has: it
+    only waits to be reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        fields = _stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
 def cpu_split(root: int) -> tuple[float, float]:
     """User and system CPU seconds of the live tree ``root`` (reaped children not counted)."""
     user = system = 0
@@ -167,6 +178,13 @@ class Managed:
         # Workers left behind by a master that exited still carry its group id.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+        # ... and take a moment to die, the more so on a loaded machine: the next target must
+        # not start beside them (their CPU, their ports).
+        deadline = time.monotonic() + 5.0
+        while (left := group_running(self.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if left:
+            print(f"warning: {self.name}: processes {left} still running after SIGKILL")
         self._log.close()
         _forget(self.pid_file, self.pid)
         return self.proc.returncode

@@ -34,6 +34,7 @@ def test_tree_cpu_memory_and_stop(tmp_path: Path) -> None:
     finally:
         managed.stop(grace=2)
     assert not managed.alive()
+    assert procs.group_running(managed.pid) == []  # the orphaned child too, not just dying
     for pid in members:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert pid_file.read_text() == ""
