@@ -107,6 +107,31 @@ def test_concurrent_submitters_lose_and_duplicate_nothing(
     assert stats.written + stats.replayed == expected
 
 
+def test_a_spill_file_replayed_in_parts_beside_new_records_loses_and_duplicates_nothing(
+    engine: Engine, make_record: RecordFactory, tmp_path: Path
+) -> None:
+    """A spill file left by an earlier run, six parts long, replayed while records keep
+    coming (some of them also in the file, as after a batch both committed and spilled)."""
+    spill_path = tmp_path / "spill.jsonl"
+    left = [make_record(i) for i in range(2_600)]
+    SpillFile(spill_path).append(left)
+    writer = LedgerWriter(engine, spill_path=spill_path, batch_size=100, flush_interval=0.01)
+    writer.start()
+    for i in range(2_500, 3_100):  # 2,500-2,599 are in the file too
+        writer.submit(make_record(i))
+        if i % 50 == 0:
+            time.sleep(0.002)
+    writer.close(60)
+    stats = writer.stats()
+    assert (stats.replayed, stats.written, stats.pending, stats.failures) == (2_600, 600, 0, 0)
+    assert not spill_path.exists()
+    with engine.connect() as conn:
+        rows, distinct = conn.execute(
+            select(func.count(), func.count(func.distinct(usage_records.c.request_id)))
+        ).one()
+    assert (rows, distinct) == (3_100, 3_100)
+
+
 def test_a_full_batch_is_written_without_waiting_for_the_interval(
     engine: Engine, make_record: RecordFactory, tmp_path: Path
 ) -> None:

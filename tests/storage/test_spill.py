@@ -183,3 +183,14 @@ def test_unreadable_lines_are_moved_once_by_a_replay_in_parts(tmp_path: Path) ->
     assert spill.replay_part(sink, batch_size=1, limit=3) == (2, True)
     assert [r.request_id for r in fed] == ["req-000001", "req-000002", "req-000003"]
     assert spill.corrupt_path.read_bytes() == b"not json\n"
+
+
+def test_close_lets_go_of_a_part_and_the_next_part_starts_again_at_the_beginning(
+    tmp_path: Path,
+) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(6)])
+    assert spill.replay_part(lambda batch: None, batch_size=2, limit=2) == (2, False)
+    spill.close()  # a writer closing mid-replay (the database went away again)
+    spill.close()
+    assert spill.replay_part(lambda batch: None, batch_size=2, limit=100) == (6, True)

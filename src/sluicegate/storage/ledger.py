@@ -258,7 +258,9 @@ class LedgerWriter:
                 log.error("ledger: %d record(s) could be neither written nor spilled", lost)
         if thread.is_alive():
             log.error("ledger: writer thread still busy after %.1f s; left running", timeout)
-        elif self._engine_factory is not None and self._engine is not None:
+            return
+        self._spill.close()  # a replay cut short by an outage holds its file open
+        if self._engine_factory is not None and self._engine is not None:
             self._engine.dispose()
 
     def stats(self) -> LedgerStats:

@@ -162,6 +162,12 @@ class SpillFile:
             if finished:
                 self._forget_part()
 
+    def close(self) -> None:
+        """Let go of the file a replay in parts holds open; a later part starts again at the
+        beginning of the file. Appends and replays still work afterwards."""
+        with self._lock:
+            self._forget_part()
+
     def _forget_part(self) -> None:
         part, self._part, self._offset = self._part, None, 0
         if part is not None:
