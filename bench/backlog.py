@@ -46,12 +46,10 @@ from psycopg import sql
 import turnabout
 from probe import get, upstream_requests
 from procs import memory_kib
-from targets import Context, cluster_database
+from targets import PG_SERVER, Context, cluster_database
 
 _PENDING = re.compile(rb"^sluicegate_ledger_pending_records\s+([0-9.e+]+)\s*$", re.M)
 DEFAULT_TARGETS = "sluicegate-cluster-nolimits,sluicegate-cluster,sluicegate-nolimits,sluicegate"
-#: The bench's PostgreSQL server, as the cluster targets reach it (``targets.py``).
-SERVER = "postgresql://postgres@127.0.0.1:5432/"
 
 
 def parse_pending(metrics: bytes) -> int | None:
@@ -72,7 +70,7 @@ def pending(port: int) -> int:
 def set_connections(database: str, allowed: bool) -> None:
     """Let ``database`` accept connections again, or refuse new ones and cut those open: to
     the gateway using it, an outage of its database; the server stays up for the others."""
-    with psycopg.connect(SERVER + "postgres", autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(PG_SERVER + "postgres", autocommit=True, connect_timeout=5) as conn:
         conn.execute(
             sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
                 sql.Identifier(database), sql.SQL("true" if allowed else "false")
@@ -88,7 +86,7 @@ def set_connections(database: str, allowed: bool) -> None:
 
 def stored_records(database: str) -> int:
     """The usage records in ``database``."""
-    with psycopg.connect(SERVER + database, connect_timeout=5) as conn:
+    with psycopg.connect(PG_SERVER + database, connect_timeout=5) as conn:
         row = conn.execute("SELECT count(*) FROM usage_records").fetchone()
     assert row is not None
     return int(row[0])

@@ -34,6 +34,8 @@ LIMIT = 1_000_000_000
 #: checks it to prove the limiter ran.
 LIMIT_HEADER = ("x-ratelimit-limit-tokens", str(LIMIT))
 KEY_SECRET = "bench-key-secret-not-for-production-0123456789"
+#: The PostgreSQL server of the cluster targets (trust auth); a database name completes it.
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432/"
 
 
 @dataclass
@@ -279,7 +281,7 @@ def _launch_sluicegate(
         db_name = cluster_database(ctx, name)
         cleanup.append(lambda: _cluster_cleanup(db_name, f"sgbench{ctx.run_id}"))
         _create_database(db_name)
-        db = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
+        db = PG_SERVER + db_name
     else:
         db = "sqlite:///ledger.db"
     config = work / "gateway.yaml"
@@ -337,8 +339,7 @@ def _launch_sluicegate(
 
 
 def cluster_database(ctx: Context, name: str) -> str:
-    """The PostgreSQL database of cluster target ``name`` in this run (on the bench's server,
-    ``postgresql://postgres@127.0.0.1:5432/``)."""
+    """The PostgreSQL database of cluster target ``name`` in this run (on ``PG_SERVER``)."""
     return f"sluicegate_bench_{ctx.run_id}_{name}".replace("-", "_").replace("@", "_")
 
 
@@ -346,9 +347,7 @@ def _create_database(name: str) -> None:
     import psycopg
 
     try:
-        with psycopg.connect(
-            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=5
-        ) as conn:
+        with psycopg.connect(PG_SERVER + "postgres", autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.Error as exc:
@@ -363,9 +362,7 @@ def _cluster_cleanup(db_name: str, prefix: str) -> None:
     import redis
 
     try:
-        with psycopg.connect(
-            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=5
-        ) as conn:
+        with psycopg.connect(PG_SERVER + "postgres", autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     except psycopg.Error as exc:
         print(f"warning: could not drop database {db_name}: {exc}")
@@ -388,7 +385,7 @@ def check_cluster_services() -> None:
     except redis.RedisError as exc:
         raise BenchError(f"cluster mode needs Redis at 127.0.0.1:6379: {exc}") from exc
     try:
-        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=5).close()
+        psycopg.connect(PG_SERVER + "postgres", connect_timeout=5).close()
     except psycopg.Error as exc:
         raise BenchError(f"cluster mode needs PostgreSQL at 127.0.0.1:5432: {exc}") from exc
 

@@ -240,7 +240,8 @@ def _reopen(path: Path, f: IO[bytes]) -> IO[bytes] | None:
     """A second handle on the file open as ``f`` (locked by the caller, so ``path`` names
     it): held open, it keeps a replay's position from ever applying to another file."""
     again = path.open("rb")
-    if _names(path, again) and _names(path, f):
+    first, second = os.fstat(f.fileno()), os.fstat(again.fileno())
+    if (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino):
         return again
     again.close()
     return None
