@@ -157,3 +157,29 @@ def test_responses_stream_usage_is_read_from_response_completed() -> None:
     assert out == b"".join(events)
     assert scanner.usage is not None and scanner.usage.prompt_tokens == 4
     assert scanner.model == "gpt-4o" and scanner.done
+
+
+def test_a_model_name_is_one_shared_string_whatever_answer_reports_it() -> None:
+    """Records waiting for the ledger hold their model name: equal names from separate
+    answers (JSON bodies and streams alike) are one object, so a record costs a pointer."""
+    names = []
+    for _ in range(3):
+        _, model = usage_from_body(orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": USAGE}))
+        names.append(model)
+    scanner = StreamScanner(strip_usage_chunk=False)
+    scanner.feed(_event({"choices": [], "model": "gpt-4o-2024-08-06", "usage": USAGE}))
+    names.append(scanner.model)
+    assert names[0] == "gpt-4o-2024-08-06"
+    assert all(name is names[0] for name in names)
+    assert usage_from_body(orjson.dumps({"model": "", "usage": USAGE}))[1] is None
+
+
+def test_model_names_from_a_backend_are_shared_up_to_a_bound() -> None:
+    """A backend that reported a new name in every answer would otherwise grow the table
+    without end: past the bound, names are still returned, only not kept."""
+    many = [f"model-{i}" for i in range(2_000)]
+    seen = [usage_from_body(orjson.dumps({"model": m, "usage": USAGE}))[1] for m in many]
+    assert seen == many
+    again = [usage_from_body(orjson.dumps({"model": m, "usage": USAGE}))[1] for m in many]
+    assert again == many
+    assert sum(a is b for a, b in zip(seen, again, strict=True)) <= 256

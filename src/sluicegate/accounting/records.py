@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -24,6 +25,9 @@ class UsageRecord:
     up mid-stream, a backend that does not send usage) ``usage_estimated`` is true and the counts
     are the gateway's own estimate.  ``ts`` is the request's arrival time (epoch seconds, UTC).
     No key, token or prompt text is ever stored here.
+
+    ``extra`` is read-only: records of requests routed alike share one mapping (up to
+    ``max_pending`` records wait in memory for the ledger, so each byte counts there).
     """
 
     request_id: str
@@ -49,4 +53,4 @@ class UsageRecord:
     attempt: int = 1  # 1 for the first upstream attempt; retries count up
     caller: str | None = None  # the identity behind a token (oid/appid), if any
     error_code: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: Mapping[str, str] = field(default_factory=dict)

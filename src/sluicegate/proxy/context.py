@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +65,9 @@ class RequestContext:
     #: The upstream attempt this context describes now (1, 2, … as the request fails over).
     attempt: int = 1
     #: Routing details for the record (backend deployment and kind, the upstream's status
-    #: when the gateway answered for it, why the request spilled).
-    extra: dict[str, str] = field(default_factory=dict)
+    #: when the gateway answered for it, why the request spilled). Read-only and shared
+    #: between requests routed alike: replaced, never changed in place.
+    extra: Mapping[str, str] = field(default_factory=dict)
 
     def record(self, now_mono: float) -> UsageRecord:
         usage = self.usage
@@ -93,5 +95,5 @@ class RequestContext:
             attempt=self.attempt,
             caller=self.caller,
             error_code=self.error_code,
-            extra=dict(self.extra),
+            extra=self.extra,
         )

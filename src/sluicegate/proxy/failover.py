@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from sluicegate.accounting.records import Outcome, UsageRecord
@@ -117,12 +117,31 @@ async def forward_routed(
         return
 
 
+# The ``extra`` of records routed alike, one mapping per (deployment, kind, reason): a
+# record waiting for the ledger then holds a reference instead of its own ~180-byte dict.
+# Bounded by the configuration (deployments × kinds × the router's few reasons); cleared
+# if reloads ever pile up more than that.
+_ROUTED: dict[tuple[str, str, str], Mapping[str, str]] = {}
+_MAX_ROUTED = 4096
+
+
+def _routed_extra(member: Member, reason: str) -> Mapping[str, str]:
+    key = (member.deployment, member.kind, reason)
+    shared = _ROUTED.get(key)
+    if shared is None:
+        extra = {"backend_deployment": member.deployment, "backend_kind": member.kind}
+        if reason != "preferred":
+            extra["route"] = reason
+        if len(_ROUTED) >= _MAX_ROUTED:
+            _ROUTED.clear()
+        _ROUTED[key] = shared = extra
+    return shared
+
+
 def _describe(ctx: RequestContext, choice: Choice) -> None:
     member = choice.member
     ctx.backend_name = member.backend
-    ctx.extra = {"backend_deployment": member.deployment, "backend_kind": member.kind}
-    if choice.reason != "preferred":
-        ctx.extra["route"] = choice.reason
+    ctx.extra = _routed_extra(member, choice.reason)
 
 
 def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:
@@ -139,8 +158,12 @@ def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:
 
 def _last_attempt_failed(ctx: RequestContext, failed: AttemptFailed) -> None:
     ctx.outcome = Outcome.BACKEND_ERROR
-    ctx.extra["upstream_status"] = str(failed.status)
-    ctx.extra["upstream_error"] = failed.code
+    # A copy: ``ctx.extra`` is shared with other requests' records.
+    ctx.extra = {
+        **ctx.extra,
+        "upstream_status": str(failed.status),
+        "upstream_error": failed.code,
+    }
 
 
 def _refuse(
@@ -156,8 +179,7 @@ def _refuse(
 def _failed_record(ctx: RequestContext, failed: AttemptFailed, duration: float) -> UsageRecord:
     """The record of an attempt that was followed by another one."""
     record = ctx.record(ctx.started)
-    extra = dict(ctx.extra)
-    extra["upstream_error"] = failed.code
+    extra = {**ctx.extra, "upstream_error": failed.code}
     return dataclasses.replace(
         record,
         status=failed.status,
