@@ -32,6 +32,8 @@ from sluicegate.storage.rows import record_from_json, record_to_json
 
 log = logging.getLogger(__name__)
 
+_APPEND_SLICE = 256  # records encoded at a time by ``append``
+
 
 class SpillFile:
     """An append-only JSON-lines file of usage records, replayed and then removed."""
@@ -60,7 +62,6 @@ class SpillFile:
         """
         if not records:
             return
-        payload = "".join(record_to_json(r) + "\n" for r in records).encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked("a+b") as f:
@@ -70,8 +71,13 @@ class SpillFile:
                 if f.seek(0, io.SEEK_END) > 0:
                     f.seek(-1, io.SEEK_END)
                     if f.read(1) != b"\n":
-                        payload = b"\n" + payload
-                f.write(payload)
+                        f.write(b"\n")
+                # Encoded and written a slice at a time: a group shed during an outage holds
+                # thousands of records, and one payload for all of them was megabytes of
+                # short-lived text (twice: the str and its bytes) that the allocator kept.
+                for start in range(0, len(records), _APPEND_SLICE):
+                    part = records[start : start + _APPEND_SLICE]
+                    f.write("".join(record_to_json(r) + "\n" for r in part).encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(self.path.parent)
