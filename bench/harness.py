@@ -204,6 +204,8 @@ class Bench:
                 print(f"  WARNING: {warning}", flush=True)
             rss0, _, _ = memory_kib(launched.proc.pid)
             record["rss_mib_start"] = round(rss0 / 1024, 1)
+            # The host's speed now, on the target's CPU while it is idle (``speed_probe``).
+            record["speed_probe_ms"] = machine.speed_probe(self.proxy_cpu)
             for kind in ("json", "stream"):
                 if args.warmup > 0:
                     self.load(target, launched, kind, 64, args.warmup)
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         bench.close()
+    meta["speed_probe_ms"]["end"] = machine.speed_probe(bench.proxy_cpu)
     if soak is not None:
         soak["failures"] = failures
         report.merge_soak(args.results, soak)

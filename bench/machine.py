@@ -26,6 +26,40 @@ def _run(argv: Sequence[str], cwd: Path | None = None) -> str:
     return (done.stdout + done.stderr).strip()
 
 
+# A fixed piece of pure-Python work: what the interpreter does most in a gateway (calls,
+# attribute reads, small dicts and strings), with no I/O. Its time says how fast the host
+# runs Python right now: a VM's speed moves with its neighbours, sometimes by half within
+# an hour, and the c=1 latency targets are absolute milliseconds.
+_PROBE = """
+import time
+def work():
+    total = 0
+    for i in range(200_000):
+        d = {"k": i, "s": str(i)}
+        total += len(d["s"]) + d["k"] % 7
+    return total
+best = float("inf")
+for _ in range(5):
+    t = time.perf_counter()
+    work()
+    best = min(best, time.perf_counter() - t)
+print(round(best * 1000, 1))
+"""
+
+
+def speed_probe(cpu: int | None) -> float | None:
+    """Milliseconds the probe's work took at best of 5 (on ``cpu`` when given); lower is
+    faster. None if it could not run."""
+    argv = [REPO / ".venv/bin/python", "-c", _PROBE]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    out = _run([str(a) for a in argv])
+    try:
+        return float(out.splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -117,6 +151,7 @@ def describe(
         "load_cpu": load_cpu,
         "proxy_cpu": proxy_cpu,
         "loadavg_at_start": [round(load1, 2), round(load5, 2)],
+        "speed_probe_ms": {"start": speed_probe(proxy_cpu)},
         "machine": {
             "cpu": _cpu_model(),
             "memory_gib": _mem_gib(),

@@ -45,6 +45,36 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
+#: Slowest over fastest speed probe beyond which a run is called indicative: the alternated
+#: pairs absorb a drift this size, the rounds (~20 s apart per kind) do not.
+UNSTEADY = 1.3
+
+
+def speed_probes(data: dict[str, Any]) -> list[tuple[str, float]]:
+    """(where, milliseconds) of every speed probe of the run, in the order taken: at the
+    start, before each target, at the end (``machine.speed_probe``)."""
+    meta = data.get("meta", {}).get("speed_probe_ms") or {}
+    found: list[tuple[str, float | None]] = [("start", meta.get("start"))]
+    found += [(t["target"], t.get("speed_probe_ms")) for t in data.get("targets", [])]
+    found.append(("end", meta.get("end")))
+    return [(where, ms) for where, ms in found if isinstance(ms, (int, float)) and ms > 0]
+
+
+def _unsteady(probes: list[tuple[str, float]]) -> bool:
+    times = [ms for _, ms in probes]
+    return len(times) >= 2 and max(times) / min(times) > UNSTEADY
+
+
+def _speed_line(probes: list[tuple[str, float]]) -> str:
+    times = [ms for _, ms in probes]
+    shown = ", ".join(f"{where} {ms:g}" for where, ms in probes)
+    return (
+        "Host speed (`machine.speed_probe`: a fixed piece of pure-Python work on the proxy's "
+        f"CPU while idle, best of 5, in ms; lower is faster): {shown}. Slowest ×"
+        f"{max(times) / min(times):.2f} of fastest."
+    )
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     meta = data.get("meta", {})
     results: list[dict[str, Any]] = data.get("results", [])
@@ -72,11 +102,21 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "(`--stream-writes once`), not one write per event as Azure does.",
                 "",
             ]
-        if mode == "quick" or (isinstance(load1, (int, float)) and load1 > 0.5):
+        probes = speed_probes(data)
+        if probes:
+            out += [_speed_line(probes), ""]
+        unsteady = _unsteady(probes)
+        if mode == "quick" or (isinstance(load1, (int, float)) and load1 > 0.5) or unsteady:
+            why = (
+                "a `--quick` one"
+                if mode == "quick"
+                else "on a host whose speed moved during it"
+                if unsteady
+                else "on a busy machine"
+            )
             out += [
-                "> **Indicative only**: this run was "
-                + ("a `--quick` one" if mode == "quick" else "on a busy machine")
-                + "; figures from a full run on a quiet machine are the ones to quote.",
+                f"> **Indicative only**: this run was {why}; figures from a full run on a "
+                "quiet, steady machine are the ones to quote.",
                 "",
             ]
 

@@ -181,3 +181,35 @@ def test_ledger_completeness_counts_groups_not_the_total_row() -> None:
     assert _ledger_line(target) == "30 recorded, 30 forwarded: complete"
     target["upstream_total"] = 31
     assert "MISMATCH" in _ledger_line(target)
+
+
+def _with_probes(start: float, per_target: list[float], end: float | None) -> dict[str, Any]:
+    data = _data()
+    data["meta"] = {"started": "2026-12-06T20:00:00+00:00", "duration_s": 10.0,
+                    "warmup_s": 5.0, "rounds": 2, "loadavg_at_start": [0.1, 0.1],
+                    "command": "bash bench/run.sh",
+                    "speed_probe_ms": {"start": start, "end": end}}  # fmt: skip
+    for target, ms in zip(data["targets"], per_target, strict=False):
+        target["speed_probe_ms"] = ms
+    return data
+
+
+def test_speed_probes_are_reported_and_a_run_on_a_host_that_slowed_is_indicative() -> None:
+    steady = render_markdown(_with_probes(50.0, [51.0, 52.5, 49.0], 55.0))
+    assert "start 50, baseline 51, bare 52.5, sluicegate 49, end 55. Slowest ×1.12" in steady
+    assert "Indicative only" not in steady
+
+    moved = render_markdown(_with_probes(50.0, [51.0, 99.0, 49.0], 55.0))
+    assert "Slowest ×2.02 of fastest" in moved
+    assert "Indicative only**: this run was on a host whose speed moved during it" in moved
+
+    unknown = render_markdown(_with_probes(50.0, [], None))
+    assert "start 50." in unknown and "Indicative only" not in unknown
+
+
+def test_the_speed_probe_measures_this_host() -> None:
+    import machine
+
+    pinned, anywhere = machine.speed_probe(0), machine.speed_probe(None)
+    assert pinned is not None and anywhere is not None
+    assert 0 < pinned < 10_000 and 0 < anywhere < 10_000
