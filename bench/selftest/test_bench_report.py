@@ -81,6 +81,9 @@ def test_checks_pass_and_fail_on_the_stated_thresholds() -> None:
     assert by_id["cluster_vs_embedded"]["passed"] is True  # 0.75
     assert by_id["added_p50_json"]["passed"] is True
     assert by_id["added_p99_stream"]["passed"] is False  # 2.4 - 0.06 > 1.5
+    # The bare proxy's added latency is shown beside (0.30 - 0.01; 1.6 - 0.06).
+    assert by_id["added_p50_json"]["measured"] == "0.390 ms (the bare proxy adds 0.290)"
+    assert by_id["added_p99_stream"]["measured"] == "2.340 ms (the bare proxy adds 1.540)"
     assert by_id["memory_sluicegate"]["passed"] is True
     assert by_id["soak_sluicegate"]["passed"] is None
 
