@@ -238,16 +238,14 @@ def _names(path: Path, f: IO[bytes]) -> bool:
         current = os.stat(path)
     except FileNotFoundError:
         return False
-    opened = os.fstat(f.fileno())
-    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+    return os.path.samestat(current, os.fstat(f.fileno()))
 
 
 def _reopen(path: Path, f: IO[bytes]) -> IO[bytes] | None:
     """A second handle on the file open as ``f`` (locked by the caller, so ``path`` names
     it): held open, it keeps a replay's position from ever applying to another file."""
     again = path.open("rb")
-    first, second = os.fstat(f.fileno()), os.fstat(again.fileno())
-    if (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino):
+    if os.path.samestat(os.fstat(f.fileno()), os.fstat(again.fileno())):
         return again
     again.close()
     return None
