@@ -355,6 +355,23 @@ async def test_settle_after_the_window_moved_on_does_not_touch_new_windows(
     assert not (await admit(limiter, 1)).allowed
 
 
+async def test_a_settle_lands_in_its_own_bucket_among_later_ones(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    """A settle changes the bucket its admission charged, wherever it is in the window (the
+    in-memory store looks for it newest first)."""
+    first = await admit(limiter, 3000)  # T0
+    clock.advance(10)
+    middle = await admit(limiter, 3000)  # T0+10
+    clock.advance(10)
+    await admit(limiter, 3000)  # T0+20
+    await limiter.settle(middle.reservation, 1000)
+    await limiter.settle(first.reservation, 3000)  # as estimated: nothing to change
+    assert headers(await admit(limiter, 0))["x-ratelimit-remaining-tokens"] == "3000"
+    clock.advance(51)  # T0+71: the buckets of T0 and T0+10 have left the window
+    assert headers(await admit(limiter, 0))["x-ratelimit-remaining-tokens"] == "7000"
+
+
 async def test_concurrent_admissions_never_exceed_the_limit(limiter: Limiter) -> None:
     policy = LimitPolicy(tokens_per_minute=5000, requests_per_minute=1000)
     results = await asyncio.gather(*(admit(limiter, 100, policy) for _ in range(120)))

@@ -21,7 +21,7 @@ two policies) share it, as in APIM, and it is charged once, against the lower li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sluicegate.clock import Clock
@@ -217,7 +217,8 @@ class Limiter:
         shape = self._shape(requests, now, now_ms)
         if not shape.specs:
             return ALLOWED_UNLIMITED
-        tokens = [request.tokens for request in requests]
+        # Not a comprehension: one fewer call on every request (before Python 3.12).
+        tokens = [requests[0].tokens] if len(requests) == 1 else [r.tokens for r in requests]
         counters = _counters(shape, tokens)
         try:
             if self._sync is not None:
@@ -262,7 +263,7 @@ class Limiter:
         if reservation is None or reservation.done:
             return
         reservation.done = True
-        await self._adjust(reservation, lambda charge: actual_tokens - charge.amount)
+        await self._adjust(reservation, actual_tokens)
 
     async def release(self, reservation: Reservation | None) -> None:
         """Give the reserved tokens back (the backend failed); the request still counts
@@ -270,14 +271,15 @@ class Limiter:
         if reservation is None or reservation.done:
             return
         reservation.done = True
-        await self._adjust(reservation, lambda charge: -charge.amount)
+        await self._adjust(reservation, 0)
 
-    async def _adjust(self, reservation: Reservation, delta_of: Callable[[Charge], int]) -> None:
-        adjustments = [
-            Adjustment(charge.name, charge.kind, charge.slot, delta)
-            for charge in reservation.charges
-            if (delta := delta_of(charge)) != 0
-        ]
+    async def _adjust(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Bring every charge of ``reservation`` to ``actual_tokens`` (0: give it back)."""
+        adjustments: list[Adjustment] = []
+        for charge in reservation.charges:  # a loop, not a comprehension: every request
+            delta = actual_tokens - charge.amount
+            if delta != 0:
+                adjustments.append(Adjustment(charge.name, charge.kind, charge.slot, delta))
         if not adjustments:
             return
         if self._sync is not None:
@@ -294,29 +296,31 @@ def _decide(
     tokens: list[int],
     now_ms: int,
 ) -> Admission:
+    # Plain loops, not comprehensions: this runs on every admitted request, and each
+    # comprehension is a function call of its own (before Python 3.12).
     states = result.states
-    statuses = tuple(
-        [
+    statuses: list[LimitStatus] = []
+    for bind in shape.binds:
+        state = states[bind.counter]
+        statuses.append(
             LimitStatus(
                 bind.kind,
                 requests[bind.request],
                 bind.limit,
-                states[bind.counter].used,
+                state.used,
                 1 if bind.kind == "requests" else tokens[bind.request],
-                states[bind.counter].retry_after_ms,
+                state.retry_after_ms,
                 bind.period_end_ms,
             )
-            for bind in shape.binds
-        ]
-    )
+        )
     reservation = None
     if result.allowed:
-        charges = tuple(
-            [
-                Charge(counter.name, counter.kind, state.slot, counter.cost)
-                for spec, counter, state in zip(shape.specs, counters, states, strict=True)
-                if spec.sources  # counters of tokens are settled; counters of requests not
-            ]
+        charges: list[Charge] = []
+        for index, spec in enumerate(shape.specs):
+            if spec.sources:  # counters of tokens are settled; counters of requests not
+                counter = counters[index]
+                charges.append(Charge(counter.name, counter.kind, states[index].slot, counter.cost))
+        reservation = Reservation(
+            tuple(charges), result.origin, tokens[0] if len(tokens) == 1 else max(tokens, default=0)
         )
-        reservation = Reservation(charges, result.origin, max(tokens, default=0))
-    return decide(result.allowed, statuses, reservation, now_ms)
+    return decide(result.allowed, tuple(statuses), reservation, now_ms)

@@ -169,7 +169,9 @@ class MemoryStore:
                     sliding = self._sliding.get(adjustment.name)
                     if sliding is None:
                         continue
-                    for bucket in sliding.buckets:
+                    # Newest first: a settle lands in the bucket its admission charged a
+                    # moment ago, the last of up to 61.
+                    for bucket in reversed(sliding.buckets):
                         if bucket[0] == adjustment.slot:
                             new = max(bucket[1] + adjustment.delta, 0)
                             sliding.total += new - bucket[1]

@@ -105,12 +105,17 @@ _COUNT_CACHE_SIZE = 8192
 _counts: dict[str, dict[str, int]] = {}
 
 
-def _count(encoding: BpeEncoding, text: str) -> int:
-    if len(text) > _COUNT_CACHE_MAX_CHARS:
-        return encoding.count(text)
+def _cache_of(encoding: BpeEncoding) -> dict[str, int]:
     cache = _counts.get(encoding.name)
     if cache is None:
         cache = _counts.setdefault(encoding.name, {})
+    return cache
+
+
+def _count(encoding: BpeEncoding, text: str) -> int:
+    if len(text) > _COUNT_CACHE_MAX_CHARS:
+        return encoding.count(text)
+    cache = _cache_of(encoding)
     count = cache.get(text)
     if count is None:
         count = encoding.count(text)
@@ -123,23 +128,31 @@ def _count(encoding: BpeEncoding, text: str) -> int:
 class _Meter:
     """Adds up tokens: exactly with an encoding, else by characters (rounded up once)."""
 
-    __slots__ = ("chars", "encoding", "tokens")
+    __slots__ = ("chars", "counts", "encoding", "tokens")
 
     def __init__(self, encoding: BpeEncoding | None) -> None:
         self.encoding = encoding
+        #: The encoding's cache of counts, looked into here first: most texts of a request
+        #: (roles, system prompts, earlier turns) are in it.
+        self.counts: dict[str, int] = _cache_of(encoding) if encoding is not None else {}
         self.tokens = 0
         self.chars = 0
 
     def text(self, value: object) -> None:
         if value is None:
             return
-        text = value if isinstance(value, str) else str(value)
+        self.string(value if isinstance(value, str) else str(value))
+
+    def string(self, text: str) -> None:
+        """Count ``text`` (a ``str``: the caller checked)."""
         if not text:
             return
-        if self.encoding is None:
+        encoding = self.encoding
+        if encoding is None:
             self.chars += len(text)
-        else:
-            self.tokens += _count(self.encoding, text)
+            return
+        count = self.counts.get(text)
+        self.tokens += _count(encoding, text) if count is None else count
 
     def json(self, value: object) -> None:
         if isinstance(value, str):
@@ -151,6 +164,8 @@ class _Meter:
         self.tokens += tokens
 
     def total(self) -> int:
+        if not self.chars:
+            return max(0, self.tokens)
         return max(0, self.tokens + math.ceil(self.chars / CHARS_PER_TOKEN))
 
 
@@ -210,7 +225,7 @@ def _message(message: Mapping[str, Any], meter: _Meter) -> None:
             # Every path below counts a string value of these keys as its text.
             if key == "name":
                 meter.fixed(TOKENS_PER_NAME)
-            meter.text(value)
+            meter.string(value)
             continue
         if key == "name":
             meter.fixed(TOKENS_PER_NAME)
@@ -270,7 +285,9 @@ def _chat(body: Mapping[str, Any], meter: _Meter) -> None:
             if isinstance(message, Mapping):
                 _message(message, meter)
     meter.fixed(REPLY_PRIMING_TOKENS)
-    _tools(body.get("tools") or body.get("functions"), meter, _function_overhead(meter))
+    tools = body.get("tools") or body.get("functions")
+    if tools:
+        _tools(tools, meter, _function_overhead(meter))
     response_format = body.get("response_format")
     if isinstance(response_format, Mapping) and "json_schema" in response_format:
         meter.json(response_format["json_schema"])
