@@ -263,18 +263,6 @@ class Limiter:
         if reservation is None or reservation.done:
             return
         reservation.done = True
-        await self._adjust(reservation, actual_tokens)
-
-    async def release(self, reservation: Reservation | None) -> None:
-        """Give the reserved tokens back (the backend failed); the request still counts
-        against the requests-per-minute limit. No-op if already settled or released."""
-        if reservation is None or reservation.done:
-            return
-        reservation.done = True
-        await self._adjust(reservation, 0)
-
-    async def _adjust(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Bring every charge of ``reservation`` to ``actual_tokens`` (0: give it back)."""
         adjustments: list[Adjustment] = []
         for charge in reservation.charges:  # a loop, not a comprehension: every request
             delta = actual_tokens - charge.amount
@@ -286,6 +274,11 @@ class Limiter:
             self._sync.adjust_sync(adjustments, reservation.origin)
         else:
             await self.store.adjust(adjustments, reservation.origin)
+
+    async def release(self, reservation: Reservation | None) -> None:
+        """Give the reserved tokens back (the backend failed); the request still counts
+        against the requests-per-minute limit. No-op if already settled or released."""
+        await self.settle(reservation, 0)  # settled to no tokens at all
 
 
 def _decide(

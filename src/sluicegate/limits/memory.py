@@ -144,9 +144,10 @@ class MemoryStore:
                     False, tuple([CounterState(u, r, s) for u, r, s in found]), self.origin
                 )
             charged: list[CounterState] = []
-            for counter, window, (_, _, slot) in zip(counters, windows, found, strict=True):
-                cost = counter.cost
+            for index, window in enumerate(windows):
+                cost = counters[index].cost
                 if isinstance(window, _Sliding):
+                    slot = found[index][2]
                     # A zero cost still opens its bucket, so that a later settle lands.
                     buckets = window.buckets
                     if buckets and buckets[-1][0] >= slot:
