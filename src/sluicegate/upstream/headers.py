@@ -65,7 +65,7 @@ def client_response_headers(
     Where the gateway sets a header itself (``extra``), its value replaces the backend's:
     the client is limited by the gateway, not by the backend's shared deployment.
     """
-    own = {name for name, _ in extra}
+    own = dict(extra)  # the names (a set comprehension would be a call of its own)
     out: list[tuple[bytes, bytes]] = []
     for name, value in upstream:
         lowered = name.lower()
