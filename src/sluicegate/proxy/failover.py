@@ -119,29 +119,20 @@ async def forward_routed(
 
 # The ``extra`` of records routed alike, one mapping per (deployment, kind, reason): a
 # record waiting for the ledger then holds a reference instead of its own ~180-byte dict.
-# Bounded by the configuration (deployments × kinds × the router's few reasons); cleared
-# if reloads ever pile up more than that.
-_ROUTED: dict[tuple[str, str, str], Mapping[str, str]] = {}
-_MAX_ROUTED = 4096
-
-
-def _routed_extra(member: Member, reason: str) -> Mapping[str, str]:
-    key = (member.deployment, member.kind, reason)
-    shared = _ROUTED.get(key)
-    if shared is None:
-        extra = {"backend_deployment": member.deployment, "backend_kind": member.kind}
-        if reason != "preferred":
-            extra["route"] = reason
-        if len(_ROUTED) >= _MAX_ROUTED:
-            _ROUTED.clear()
-        _ROUTED[key] = shared = extra
-    return shared
+# Bounded by the configuration (deployments × kinds × the router's few reasons); the cache's
+# bound only matters if reloads ever pile up more than that.
+@functools.lru_cache(maxsize=4096)
+def _routed_extra(deployment: str, kind: str, reason: str) -> Mapping[str, str]:
+    extra = {"backend_deployment": deployment, "backend_kind": kind}
+    if reason != "preferred":
+        extra["route"] = reason
+    return extra
 
 
 def _describe(ctx: RequestContext, choice: Choice) -> None:
     member = choice.member
     ctx.backend_name = member.backend
-    ctx.extra = _routed_extra(member, choice.reason)
+    ctx.extra = _routed_extra(member.deployment, member.kind, choice.reason)
 
 
 def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:

@@ -9,6 +9,7 @@ matches no known family gets ``None``, and callers fall back to a character esti
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -40,12 +41,6 @@ _FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-#: Model name as given → its encoding's name: a request names its model every time, and
-#: normalising and matching it again costs more than the rest of a cached estimate.
-_FAMILY_OF: dict[str, str | None] = {}
-_FAMILY_CACHE_SIZE = 1024
-
-
 def normalise_model(model: str) -> str:
     """Lower-case, without provider prefix (``azure/``) or fine-tune marker (``ft:``)."""
     name = model.strip().lower()
@@ -55,6 +50,9 @@ def normalise_model(model: str) -> str:
     return name
 
 
+# Cached: a request names its model every time, and normalising and matching it again cost
+# more than the rest of a cached estimate. Bounded, because names can come from request bodies.
+@functools.lru_cache(maxsize=1024)
 def encoding_name_for(model: str | None) -> str | None:
     """``"o200k_base"``, ``"cl100k_base"`` or ``None`` for an unknown or missing model.
 
@@ -63,16 +61,11 @@ def encoding_name_for(model: str | None) -> str | None:
     """
     if not model:
         return None
-    try:
-        return _FAMILY_OF[model]
-    except KeyError:
-        pass
     name = normalise_model(model)
-    family = next((encoding for pattern, encoding in _FAMILIES if pattern.match(name)), None)
-    if len(_FAMILY_OF) >= _FAMILY_CACHE_SIZE:
-        _FAMILY_OF.clear()  # names can come from request bodies: bounded, and a miss is cheap
-    _FAMILY_OF[model] = family
-    return family
+    for pattern, encoding in _FAMILIES:
+        if pattern.match(name):
+            return encoding
+    return None
 
 
 def encoding_for(model: str | None) -> BpeEncoding | None:
