@@ -78,12 +78,7 @@ async def forward_routed(
             try:
                 auth = await backend.request_auth()
             except BackendAuthError as exc:
-                raise AttemptFailed(
-                    AttemptOutcome(None, "auth"),
-                    502,
-                    "BackendAuthUnavailable",
-                    f"No Entra ID token for backend {backend.name} ({exc}).",
-                ) from None
+                raise _auth_failed(backend, exc) from None
             await attempt(
                 ctx, backend, scope, receive, send, url, body, auth, clock,
                 retryable=policy.statuses.__contains__,
@@ -204,12 +199,7 @@ async def forward_single(
         try:
             auth = await backend.request_auth()
         except BackendAuthError as exc:
-            raise AttemptFailed(
-                AttemptOutcome(None, "auth"),
-                502,
-                "BackendAuthUnavailable",
-                f"No Entra ID token for backend {backend.name} ({exc}).",
-            ) from None
+            raise _auth_failed(backend, exc) from None
         await attempt(
             ctx, backend, scope, receive, send, url, ctx.body, auth, clock,
             retryable=lambda status: False, on_headers=lambda headers: None,
@@ -219,3 +209,15 @@ async def forward_single(
         raise GatewayError(
             failed.status, failed.code, failed.message + " Retry later.", retry_after=1
         ) from None
+
+
+def _auth_failed(backend: Backend, exc: BackendAuthError) -> AttemptFailed:
+    """A backend without a token for this attempt: a failed attempt (outcome ``auth``), so
+    that the router may try another backend. (Raised by the callers, whose hot path keeps
+    its one ``await``.)"""
+    return AttemptFailed(
+        AttemptOutcome(None, "auth"),
+        502,
+        "BackendAuthUnavailable",
+        f"No Entra ID token for backend {backend.name} ({exc}).",
+    )
