@@ -13,17 +13,25 @@ own scheduling, so these threads lower theirs:
   kernel's EEVDF scheduler still lets the running thread finish its slice, milliseconds),
   and back to normal (with its nice value) when a backlog builds, so that it is never
   starved by a saturated event loop.
+
+And one more kind of thread: ``in_daemon_thread`` runs a blocking call whose duration the
+gateway does not control (a token or secret fetch through ``azure-identity``, which can hang
+on an identity endpoint that accepts and never answers) where no shutdown waits for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("sluicegate.threads")
 
@@ -161,3 +169,39 @@ def not_idle() -> Iterator[None]:
         if idle:
             with suppress(OSError):
                 os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def in_daemon_thread(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``fn()`` in a new daemon thread named ``name``; the returned future (of the
+    running loop) gets its result or its exception. Cancelling the future (a ``wait_for``
+    that gave up) leaves the call running, its outcome then dropped.
+
+    Why not ``asyncio.to_thread``: its executor's threads are joined when the loop shuts down
+    (``shutdown_default_executor``) and again at interpreter exit, so one call hung on a
+    socket held the gateway's stop for as long as the call lasted (minutes: azure-identity's
+    own timeouts are 300 s a try). A daemon thread is waited for by nobody. For rare calls
+    only (a thread per call): token and secret fetches, minutes apart.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(error: BaseException | None, result: T | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        error: BaseException | None = None
+        result: T | None = None
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting side, whatever it is
+            error = exc
+        with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

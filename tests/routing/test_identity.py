@@ -8,6 +8,8 @@ exactly the gateway's own refreshes); the fake-clock version is in test_identity
 from __future__ import annotations
 
 import itertools
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -100,3 +102,104 @@ def test_short_lived_tokens_are_refreshed_before_expiry_off_the_request_path(
             assert later.time < earlier.expires_on, "refreshed before the held token expired"
         assert source.waited == 0, "no request waited for a token"
         assert source.fetches == len(issued)
+
+
+def test_a_backend_without_a_token_is_failed_over_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_all: list[Routed]
+) -> None:
+    """The identity endpoint refuses the gateway (a wrong ``IDENTITY_HEADER``): the managed
+    identity backend gets no token, so its attempt fails before anything is sent to it, and
+    the request goes on to the next member of the pool. The client sees only the answer; the
+    failed attempt has its own record, and no secret shows anywhere."""
+    with IdentityEndpoint(lifetime=3600) as endpoint:
+        for name in _AZURE_VARS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.url)
+        monkeypatch.setenv("IDENTITY_HEADER", "not-" + endpoint.secret)
+        sims = {
+            "mi": start_sim(bearer_tokens=endpoint.tokens, api_keys=["not-the-gateway-key"]),
+            "keyed": start_sim(),
+        }
+        config = pool_config(
+            tmp_path, sims, [{"backend": "mi"}, {"backend": "keyed", "priority": 2}]
+        )
+        (mi,) = [b for b in config["backends"] if b["name"] == "mi"]
+        mi["auth"] = {"type": "managed-identity", "client_id": CLIENT_ID}
+        routed = Routed(config, sims)
+        stop_all.append(routed)
+        assert routed.gw.gateway.runtime.passthrough.name == "mi"
+        with httpx.Client(timeout=30) as client:
+            r = client.post(routed.chat_url(), json=body(5), headers={"api-key": routed.key})
+            # A path the gateway passes through goes to one backend, with nowhere to fail
+            # over to: the client is told, in Azure's error shape.
+            passed = client.get(
+                f"{routed.url}/openai/files?api-version=2024-10-21",
+                headers={"api-key": routed.key},
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+        assert passed.status_code == 502, passed.text
+        assert passed.json()["error"]["code"] == "BackendAuthUnavailable"
+        assert passed.headers["retry-after"] == "1"
+        assert endpoint.hits and not any(h.authorized for h in endpoint.hits)
+        assert routed.sim_log("mi") == [], "nothing is sent to a backend without a token"
+        assert len(routed.sim_log("keyed")) == 1
+        failed, served, _ = routed.records(expect=3)
+        assert (failed.attempt, failed.backend, failed.outcome) == (1, "mi", "backend_error")
+        assert failed.status == 502 and failed.error_code == "BackendAuthUnavailable"
+        assert failed.total_tokens == 0
+        assert (served.attempt, served.backend, served.outcome) == (2, "keyed", "ok")
+        assert served.total_tokens > 0
+        for text in (r.text, passed.text, repr(failed), repr(served)):
+            assert endpoint.secret not in text and routed.key not in text
+        # Stopped while the endpoint still answers: a refresh under way against a closed
+        # port would hold the stop for azure-identity's own retries.
+        routed.stop()
+
+
+def test_a_hung_identity_endpoint_holds_neither_requests_nor_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_all: list[Routed]
+) -> None:
+    """An identity endpoint that takes connections and never answers (azure-identity would
+    wait 300 s a try): the gateway starts after waiting ``timeouts.connect`` for the first
+    token, a request waits as long before it fails over, and the gateway stops at once while
+    the fetch is still hung."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # connections complete in the kernel; nothing ever reads them
+    try:
+        for name in _AZURE_VARS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("IDENTITY_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}/t")
+        monkeypatch.setenv("IDENTITY_HEADER", "header")
+        sims = {"mi": start_sim(api_keys=["not-the-gateway-key"]), "keyed": start_sim()}
+        config = pool_config(
+            tmp_path,
+            sims,
+            [{"backend": "mi"}, {"backend": "keyed", "priority": 2}],
+            timeouts={"mi": {"connect": 1.0}},
+        )
+        (mi,) = [b for b in config["backends"] if b["name"] == "mi"]
+        mi["auth"] = {"type": "managed-identity", "client_id": CLIENT_ID}
+        began = time.monotonic()
+        routed = Routed(config, sims)
+        stop_all.append(routed)
+        assert time.monotonic() - began < 10
+        with httpx.Client(timeout=30) as client:
+            began = time.monotonic()
+            r = client.post(routed.chat_url(), json=body(5), headers={"api-key": routed.key})
+            waited = time.monotonic() - began
+        assert r.status_code == 200, r.text
+        assert 0.9 <= waited < 5, waited
+        failed, served = routed.records(expect=2)
+        assert (failed.backend, failed.error_code) == ("mi", "BackendAuthUnavailable")
+        assert served.backend == "keyed"
+        assert routed.sim_log("mi") == []
+        hung = [t for t in threading.enumerate() if t.name == "sluicegate-token-fetch-mi"]
+        assert hung and all(t.daemon and t.is_alive() for t in hung)
+        began = time.monotonic()
+        routed.stop()
+        assert time.monotonic() - began < 3, "the stop waited for the hung fetch"
+        assert any(t.is_alive() for t in hung), "the fetch was still hung when the stop ended"
+    finally:
+        listener.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,45 @@ def test_root_without_cap_sys_nice_never_goes_idle_for_good() -> None:
     out = _probe([setpriv, "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], None)
     assert out["uid"] == 0
     assert out["kernel_allows"] is False
+
+
+def test_a_daemon_thread_call_answers_its_awaiter() -> None:
+    async def main() -> tuple[int, str]:
+        value = await threads_module.in_daemon_thread("t-value", lambda: 6 * 7)
+
+        def fail() -> int:
+            raise ValueError("no token")
+
+        with pytest.raises(ValueError, match="no token") as caught:
+            await threads_module.in_daemon_thread("t-error", fail)
+        return value, str(caught.value)
+
+    assert asyncio.run(main()) == (42, "no token")
+
+
+def test_a_hung_daemon_thread_call_does_not_hold_the_loops_end() -> None:
+    """``asyncio.run`` ends while the call is still blocked: nobody joins its thread
+    (``asyncio.to_thread`` here held ``asyncio.run`` until the call returned)."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def hang() -> bool:
+        started.set()
+        return release.wait(30)
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(threads_module.in_daemon_thread("t-hung", hang), 0.05)
+
+    began = time.monotonic()
+    try:
+        asyncio.run(main())
+        took = time.monotonic() - began
+        assert took < 5, f"asyncio.run waited {took:.1f} s for the call"
+        assert started.is_set()
+        (thread,) = [t for t in threading.enumerate() if t.name == "t-hung"]
+        assert thread.daemon and thread.is_alive()
+    finally:
+        release.set()
+    thread.join(5)
+    assert not thread.is_alive()  # its answer, after the loop closed, is dropped quietly

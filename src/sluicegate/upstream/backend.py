@@ -75,6 +75,7 @@ class Backend:
                 self._clock,
                 refresh_before=config.auth.refresh_before_seconds,
                 name=config.name,
+                wait=config.timeouts.connect,
             )
         self.first_byte_timeout = config.timeouts.first_byte
         self.between_chunks_timeout = config.timeouts.between_chunks

@@ -10,12 +10,19 @@ request path only reads a string:
   (1, 2, 4 … 30 s) while the held token stays in use;
 * ``token()`` returns the held token without I/O whenever it is still valid; only when there
   is none (the first fetch failed, or every refresh failed until expiry) does a request wait
-  for a fetch, and concurrent requests share that one fetch.
+  for a fetch, and concurrent requests share that one fetch. A request waits at most
+  ``wait`` seconds (the backend's ``timeouts.connect``: getting its token is part of reaching
+  it), then its attempt fails (``BackendAuthError``) and the request fails over; the fetch
+  goes on for the next requests. ``start()`` waits as long for the first token.
 
 ``azure-identity`` caches tokens itself and hands out a new one only within five minutes of
 expiry (or after the server's ``refresh_in``); asked earlier it returns the cached one, which
 the source notices (same expiry) and asks again shortly after. Its credentials are synchronous
-(they use ``requests``), so every fetch runs in a worker thread, never on the event loop.
+(they use ``requests``), so every fetch runs in a thread of its own, never on the event loop,
+and a daemon one (``threads.in_daemon_thread``): a fetch hung on an identity endpoint that
+never answers holds neither the gateway's stop nor its exit. The credentials are built with
+transport timeouts (connect 5 s, read 10 s a try) instead of azure-core's 300 s, so a hung
+fetch ends and the background retries go on.
 Nothing here contacts the instance metadata endpoint unless the environment makes
 ``ManagedIdentityCredential`` choose it (no ``IDENTITY_ENDPOINT``, ``MSI_ENDPOINT`` or
 workload identity variables: that is IMDS on an Azure VM).
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,11 +40,15 @@ from typing import Any, Protocol
 
 from sluicegate.clock import Clock
 from sluicegate.config.model import EntraIdentityConfig
+from sluicegate.threads import in_daemon_thread
 
 log = logging.getLogger("sluicegate.upstream")
 
 _BACKOFF_MAX = 30.0
 _FETCH_TIMEOUT = 30.0
+#: Transport timeouts of every credential's requests (azure-core's default: 300 s each). A
+#: token endpoint answers in milliseconds; azure-identity retries a try that timed out.
+TRANSPORT_TIMEOUTS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10}
 
 
 class TokenCredential(Protocol):
@@ -69,12 +81,12 @@ def credential_for(auth: EntraIdentityConfig, environ: Mapping[str, str]) -> Tok
         WorkloadIdentityCredential,
     )
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(TRANSPORT_TIMEOUTS)
     if auth.authority_host:
         kwargs["authority"] = auth.authority_host
     kind = auth.identity_type
     if kind == "managed-identity":
-        return ManagedIdentityCredential(client_id=auth.client_id)
+        return ManagedIdentityCredential(client_id=auth.client_id, **TRANSPORT_TIMEOUTS)
     if kind == "workload-identity":
         tenant = auth.tenant_id or environ.get("AZURE_TENANT_ID")
         client = auth.client_id or environ.get("AZURE_CLIENT_ID")
@@ -122,6 +134,7 @@ class TokenSource:
         *,
         refresh_before: float = 300.0,
         name: str = "backend",
+        wait: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.credential = credential
@@ -129,6 +142,7 @@ class TokenSource:
         self.clock = clock
         self.refresh_before = refresh_before
         self.name = name
+        self.wait = wait
         self._sleep = sleep
         self._held: HeldToken | None = None
         self._fetching: asyncio.Task[HeldToken] | None = None
@@ -151,24 +165,34 @@ class TokenSource:
         return None
 
     async def token(self) -> str:
-        """A valid token: the held one, or (only when none is valid) a fresh fetch."""
+        """A valid token: the held one, or (only when none is valid) a fresh fetch, waited
+        for at most ``wait`` seconds (``BackendAuthError`` then; the fetch goes on)."""
         value = self.valid()
         if value is not None:
             return value
         self.waited += 1
         try:
-            held = await asyncio.shield(self._fetch_shared())
+            held = await asyncio.wait_for(asyncio.shield(self._fetch_shared()), self.wait)
         except BackendAuthError:
             raise
+        except TimeoutError:
+            raise BackendAuthError(f"no token within {self.wait:g} s (still fetching)") from None
         except Exception as exc:
             raise BackendAuthError(f"{type(exc).__name__}: {_safe(exc)}") from None
         return held.value
 
     async def start(self) -> None:
-        """Fetch the first token (a failure is logged, not raised: the background task
-        retries, and requests meanwhile fail over) and start refreshing."""
+        """Fetch the first token, waiting at most ``wait`` seconds (a failure is logged, not
+        raised: the fetch goes on or the background task retries, and requests meanwhile
+        fail over) and start refreshing."""
         try:
-            await self._fetch_shared()
+            await asyncio.wait_for(asyncio.shield(self._fetch_shared()), self.wait)
+        except TimeoutError:
+            log.error(
+                "backend %s: no Entra ID token yet (no answer within %g s); still fetching",
+                self.name,
+                self.wait,
+            )
         except Exception as exc:
             log.error(
                 "backend %s: no Entra ID token yet (%s); retrying in the background",
@@ -191,12 +215,18 @@ class TokenSource:
         task = self._fetching
         if task is None or task.done():
             task = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+            # Its failure is counted in ``_fetch``; whoever stopped waiting need not read it.
+            task.add_done_callback(_retrieve)
         return task
 
     async def _fetch(self) -> HeldToken:
         try:
             info = await asyncio.wait_for(
-                asyncio.to_thread(self.credential.get_token_info, self.scope), _FETCH_TIMEOUT
+                in_daemon_thread(
+                    f"sluicegate-token-fetch-{self.name}",
+                    functools.partial(self.credential.get_token_info, self.scope),
+                ),
+                _FETCH_TIMEOUT,
             )
         except Exception as exc:
             self.failures += 1
@@ -247,6 +277,11 @@ class TokenSource:
             f"TokenSource({self.name!r}, scope={self.scope!r}, token={until}, "
             f"fetches={self.fetches}, failures={self.failures})"
         )
+
+
+def _retrieve(task: asyncio.Task[HeldToken]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _safe(exc: BaseException) -> str:

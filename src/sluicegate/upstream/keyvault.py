@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from sluicegate.config.model import KeyVaultSecretConfig
+from sluicegate.threads import in_daemon_thread
 from sluicegate.upstream.identity import TokenCredential, credential_for
 
 log = logging.getLogger("sluicegate.upstream")
@@ -117,8 +119,15 @@ class VaultKey:
 
     async def _read(self) -> None:
         try:
+            # A daemon thread: a read hung on the vault (or its token endpoint) holds neither
+            # the gateway's stop nor its exit (``threads.in_daemon_thread``).
             secret = await asyncio.wait_for(
-                asyncio.to_thread(self._client.get_secret, self.config.secret, self.config.version),
+                in_daemon_thread(
+                    f"sluicegate-vault-read-{self.name}",
+                    functools.partial(
+                        self._client.get_secret, self.config.secret, self.config.version
+                    ),
+                ),
                 _READ_TIMEOUT,
             )
             value = (secret.value or "").strip()
