@@ -143,7 +143,15 @@ _PROBE_SLEEP = 0.0002
 def measure(url: str, records: int, repeats: int, spill_dir: Path) -> dict[str, Any]:
     """Write ``records`` records ``repeats`` times through one writer; the best run's costs."""
     engine = create_engine_for(url)
-    writer = LedgerWriter(engine, spill_path=spill_dir / "spill.jsonl", flush_interval=0.05)
+    # All the records queued at once stay in memory, written in full batches: past the
+    # gateway's ``max_pending`` (20,000) the writer would shed the rest to its spill file,
+    # another path (an outage's, measured by bench/backlog.py --outage).
+    writer = LedgerWriter(
+        engine,
+        spill_path=spill_dir / "spill.jsonl",
+        flush_interval=0.05,
+        max_pending=max(records, 20_000),
+    )
     try:
         writer.start()
         for record in build_records(1_000, start=0):  # warm-up: connection, statements

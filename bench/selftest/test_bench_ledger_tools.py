@@ -37,6 +37,16 @@ def test_ledger_cost_writes_each_record_it_times_on_sqlite(tmp_path: Path) -> No
     assert result["database_cpu_us"] is None  # no server process to read
 
 
+def test_ledger_cost_holds_more_records_than_the_gateways_backlog_bound(tmp_path: Path) -> None:
+    """Its default 50,000 records once went past the writer's ``max_pending`` (20,000): the
+    rest was shed to the spill file and the tool stopped ("did not write cleanly")."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate(url)
+    result = ledger_cost.measure(url, records=25_000, repeats=1, spill_dir=tmp_path)
+    assert _count(url) == 1_000 + 25_000
+    assert result["writer_cpu_us"] > 0
+
+
 def test_ledger_cost_reads_the_postgresql_backends_cpu() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
