@@ -61,6 +61,9 @@ def test_bad_bodies(harness: Harness, key: str) -> None:
             "MissingModel",
         )
         _assert_azure_error(c.get("/not-a-route"), 404)
+        # A method the operation does not have: Azure's "wrong path" answer, before the key
+        # is looked at (no record, as for any path the gateway does not serve).
+        _assert_azure_error(c.get(CHAT, headers=h), 404, "404")
     records = harness.records()
     assert len(records) == 6
     assert all(r.outcome == "rejected" for r in records)

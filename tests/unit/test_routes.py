@@ -34,3 +34,15 @@ def test_unknown_paths() -> None:
     assert match_route("POST", "/v2/chat").kind is RouteKind.NOT_FOUND
     assert match_route("POST", "/openai/deployments/x").kind is RouteKind.NOT_FOUND
     assert match_route("POST", "/openai/").kind is RouteKind.NOT_FOUND
+
+
+def test_a_metered_operation_takes_only_post() -> None:
+    """Azure has no GET or DELETE of chat/completions: "Resource not found", as for any wrong
+    path, rather than a complaint about the missing JSON body. Other deployment operations
+    keep every method (they are passed through)."""
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        for op in ("chat/completions", "completions", "embeddings", "responses"):
+            route = match_route(method, f"/openai/deployments/gpt-4o/{op}")
+            assert route.kind is RouteKind.NOT_FOUND, (method, op)
+        other = match_route(method, "/openai/deployments/gpt-4o/audio/speech")
+        assert other.kind is RouteKind.DEPLOYMENT and not other.metered

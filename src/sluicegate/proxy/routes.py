@@ -49,6 +49,10 @@ def match_route(method: str, path: str) -> Route:
         parts = rest.split("/", 2)
         if len(parts) == 3 and parts[1] and parts[2]:
             operation = parts[2].rstrip("/")
+            if method != "POST" and operation in METERED_OPERATIONS:
+                # Azure has no such operation (a GET of chat/completions): its "wrong path"
+                # answer, not a complaint about the empty body, and nothing sent upstream.
+                return Route(RouteKind.NOT_FOUND)
             return Route(RouteKind.DEPLOYMENT, operation, parts[1], operation)
         return Route(RouteKind.NOT_FOUND)
     if rest.startswith("v1/"):
