@@ -10,6 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import yaml
+
 from tests.support.gateway import free_port
 
 
@@ -68,3 +70,9 @@ def test_demo_examples_work_as_printed(tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "demo stopped" in rest
+    # The simulator's backend key (random, in its configuration) is in no output.
+    sim = yaml.safe_load((tmp_path / "demo" / "simulator.yaml").read_text())
+    (backend_key,) = sim["api_keys"]
+    assert len(backend_key) >= 16
+    assert backend_key not in text + rest
+    assert "1 from the configuration (not shown)" in text

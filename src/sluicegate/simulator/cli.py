@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sluicegate.simulator.config import (
+    DEFAULT_SIM_API_KEY,
     SimConfig,
     SimConfigError,
     default_sim_config,
@@ -19,8 +20,13 @@ def _describe(config: SimConfig, url: str) -> str:
     for d in config.deployments:
         limits = f"tpm={d.tpm or '∞'} rpm={d.rpm or '∞'}"
         lines.append(f"  {d.kind:<10} {d.name} → {d.model}  {limits}")
-    keys = ", ".join(config.api_keys) or "(none)"
-    lines.append(f"  api keys: {keys}")
+    # The built-in development key is public (it is in the code); a configured key is a
+    # secret like the real service's, and the banner is a log: counted, never shown.
+    shown = [key for key in config.api_keys if key == DEFAULT_SIM_API_KEY]
+    hidden = len(config.api_keys) - len(shown)
+    if hidden:
+        shown.append(f"{hidden} from the configuration (not shown)")
+    lines.append(f"  api keys: {', '.join(shown) or '(none)'}")
     lines.append(f"  e.g. AzureOpenAI(azure_endpoint={url!r}, api_key=…, api_version='2024-10-21')")
     lines.append("  Ctrl-C to stop.")
     return "\n".join(lines)
