@@ -65,6 +65,10 @@ class _HeadHoldingTransport:
         self._wrote_head = False
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            # The connection is gone (or going): dropped, as asyncio's own transports drop
+            # writes after a lost connection; uvloop's raise instead.
+            return
         if self._held is not None:
             held, self._held = self._held, None
             if len(data) >= _GATHER_FROM:
@@ -114,6 +118,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_tail = b""
     _header_count = 0
     _refused = False
+    #: Cycles of earlier requests on this connection still being answered while a pipelined
+    #: one waits (None: none so far; see ``on_headers_complete``).
+    _earlier: list[Any] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -140,12 +147,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
 
     def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
-        super().connection_lost(exc)
-        if cycle is not None and cycle.disconnected:
-            hook = disconnect_hook(cycle.scope)
-            if hook is not None:
-                hook.fire()
+        cycles = [*(self._earlier or ()), self.cycle]
+        super().connection_lost(exc)  # tells ``self.cycle`` only
+        for cycle in cycles:
+            if cycle is None:
+                continue
+            if not cycle.response_complete and not cycle.disconnected:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            if cycle.disconnected:
+                hook = disconnect_hook(cycle.scope)
+                if hook is not None:
+                    hook.fire()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -156,8 +169,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done, self._head_tail = True, b""
+        earlier = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
+        if earlier is not None and cycle is not earlier and not earlier.response_complete:
+            # A pipelined request: uvicorn queues it behind the one being answered, but its
+            # ``self.cycle`` is now the queued one's, and only that cycle hears of a lost
+            # connection. The one being answered would go on writing to a closed transport
+            # (a 500 recorded as the backend's error, a stream relayed to nobody).
+            self._earlier = [c for c in self._earlier or () if not c.response_complete]
+            self._earlier.append(earlier)
         if cycle is not None:
             # Duck-typed: it passes everything but write() through to the real transport.
             cycle.transport = cast(

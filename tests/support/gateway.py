@@ -95,7 +95,9 @@ def gateway_environ() -> dict[str, str]:
 
 class GatewayThread:
     """A real gateway (uvicorn + the app, with the server's own ``uvicorn_config``: header
-    limits, TLS when configured) on a free loopback port, in a background thread."""
+    limits, TLS when configured, and production's uvloop event loop, whose transports differ
+    from asyncio's: a write after a lost connection raises there) on a free loopback port, in
+    a background thread."""
 
     def __init__(self, config: GatewayConfig | dict[str, Any], clock: Clock | None = None) -> None:
         if isinstance(config, dict):
@@ -105,7 +107,7 @@ class GatewayThread:
         self.gateway = Gateway(config, environ=env, clock=clock)
         self.port = free_port()
         app = create_app(self.gateway, env)
-        uv = uvicorn_config(app, config, host="127.0.0.1", port=self.port, loop="asyncio")
+        uv = uvicorn_config(app, config, host="127.0.0.1", port=self.port)
         self.server = uvicorn.Server(uv)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
 
