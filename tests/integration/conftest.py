@@ -95,3 +95,25 @@ def harness(tmp_path: Path, simulator: SimulatorThread) -> Iterator[Harness]:
     gw.start()
     yield Harness(gw, simulator)
     gw.stop()
+
+
+@pytest.fixture
+def slow_harness(tmp_path: Path) -> Iterator[Harness]:
+    """A gateway in front of a simulator that generates slowly (first token after 50 ms,
+    then 20 tokens a second): streams that last long enough to be interrupted."""
+    slow = SimDeployment(
+        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=50, tokens_per_second=20
+    )
+    sim = SimulatorThread(sim_config(deployments=[slow], api_keys=[BACKEND_KEY]))
+    sim.start()
+    gw = GatewayThread(
+        gateway_config(
+            tmp_path,
+            {"sim": sim.url},
+            deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
+        )
+    )
+    gw.start()
+    yield Harness(gw, sim)
+    gw.stop()
+    sim.stop()

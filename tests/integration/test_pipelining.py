@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import time
 
+from sluicegate.accounting.records import UsageRecord
 from tests.integration.conftest import Harness
-from tests.integration.test_streaming import slow_harness  # noqa: F401 (a fixture)
 
 _PATH = b"/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
@@ -34,7 +34,7 @@ def _read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def _records(harness: Harness, expect: int) -> list:  # type: ignore[type-arg]
+def _records(harness: Harness, expect: int) -> list[UsageRecord]:
     deadline = time.monotonic() + 10
     while True:
         records = harness.records()
@@ -44,7 +44,7 @@ def _records(harness: Harness, expect: int) -> list:  # type: ignore[type-arg]
 
 
 def test_a_pipelined_client_that_hangs_up_is_no_backend_error(
-    slow_harness: Harness,  # noqa: F811
+    slow_harness: Harness,
 ) -> None:
     """Three requests in one send; the client hangs up after the first answer, while the
     second is with the backend (its answer takes ~0.3 s): that one is written to a closed
@@ -65,7 +65,7 @@ def test_a_pipelined_client_that_hangs_up_is_no_backend_error(
 
 
 def test_a_stream_answered_before_a_pipelined_request_is_aborted_when_the_client_goes(
-    slow_harness: Harness,  # noqa: F811
+    slow_harness: Harness,
 ) -> None:
     key = slow_harness.new_key().primary_key
     assert key

@@ -10,33 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from sluicegate.accounting.records import UsageRecord
-from sluicegate.simulator.config import SimDeployment
-from sluicegate.simulator.server import SimulatorThread
-from tests.integration.conftest import Harness, sim_config
-from tests.support.gateway import BACKEND_KEY, GatewayThread, free_port, gateway_config
-
-
-@pytest.fixture
-def slow_harness(tmp_path: Path):  # type: ignore[no-untyped-def]
-    slow = SimDeployment(
-        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=50, tokens_per_second=20
-    )
-    sim = SimulatorThread(sim_config(deployments=[slow], api_keys=[BACKEND_KEY]))
-    sim.start()
-    gw = GatewayThread(
-        gateway_config(
-            tmp_path,
-            {"sim": sim.url},
-            deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
-        )
-    )
-    gw.start()
-    yield Harness(gw, sim)
-    gw.stop()
-    sim.stop()
+from tests.integration.conftest import Harness
+from tests.support.gateway import GatewayThread, free_port, gateway_config
 
 
 def test_first_event_arrives_long_before_the_last_is_sent(slow_harness: Harness) -> None:
