@@ -179,6 +179,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # (a 500 recorded as the backend's error, a stream relayed to nobody).
             self._earlier = [c for c in self._earlier or () if not c.response_complete]
             self._earlier.append(earlier)
+        elif self._earlier:
+            # No longer pipelining: let the answered requests' objects go.
+            self._earlier = [c for c in self._earlier if not c.response_complete] or None
         if cycle is not None:
             # Duck-typed: it passes everything but write() through to the real transport.
             cycle.transport = cast(

@@ -94,3 +94,26 @@ def test_a_long_first_body_leaves_with_the_head_in_one_gathered_write() -> None:
     raw = asyncio.run(run())
     assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 10_000, b"y" * 10_000]
     assert len(raw.gathered) == 1
+
+
+class ClosedTransport(RecordingTransport):
+    """A closed uvloop transport: its ``write`` raises (asyncio's would drop the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = True
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+
+def test_writes_to_a_closing_connection_are_dropped() -> None:
+    async def run() -> list[bytes]:
+        raw = ClosedTransport()
+        transport = _HeadHoldingTransport(raw, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"body")
+        await asyncio.sleep(0)
+        return raw.writes
+
+    assert asyncio.run(run()) == []
