@@ -206,6 +206,7 @@ class Bench:
             record["rss_mib_start"] = round(rss0 / 1024, 1)
             # The host's speed now, on the target's CPU while it is idle (``speed_probe``).
             record["speed_probe_ms"] = machine.speed_probe(self.proxy_cpu)
+            ticks = machine.cpu_ticks()
             for kind in ("json", "stream"):
                 if args.warmup > 0:
                     self.load(target, launched, kind, 64, args.warmup)
@@ -229,6 +230,8 @@ class Bench:
                     _print_run(target.name, entry)
             if target.alternate and args.alternations > 0:
                 record["alternated"] = self.alternate(target, launched)
+            # Over the target's whole measurement: warm-up, rounds and alternated pairs.
+            record["steal_share"] = machine.steal_share(ticks, machine.cpu_ticks())
             rss, hwm, nproc = memory_kib(launched.proc.pid)
             record["memory"] = {
                 "rss_mib": round(rss / 1024, 1),

@@ -47,6 +47,35 @@ print(round(best * 1000, 1))
 """
 
 
+def cpu_ticks(stat: str | None = None) -> tuple[int, int] | None:
+    """(ticks stolen by the hypervisor, all ticks) of all CPUs so far, from the ``cpu`` line
+    of ``/proc/stat`` (or ``stat``, its text); None where there is none.
+
+    Why: on a virtual machine the hypervisor runs other guests on "our" cores, and the
+    time they take shows up here as ``steal``; the speed probe sees a slow host only at the
+    moments it runs, this covers a target's whole measurement."""
+    if stat is None:
+        try:
+            stat = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+    for line in stat.splitlines():
+        fields = line.split()
+        # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        if fields and fields[0] == "cpu" and len(fields) >= 9:
+            # guest time is already counted in user (and guest_nice in nice): not added twice
+            values = [int(v) for v in fields[1:9]]
+            return values[7], sum(values)
+    return None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all CPU time stolen between two ``cpu_ticks`` readings (None if unknown)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
 def speed_probe(cpu: int | None) -> float | None:
     """Milliseconds the probe's work took at best of 5 (on ``cpu`` when given); lower is
     faster. None if it could not run."""

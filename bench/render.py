@@ -60,6 +60,21 @@ def speed_probes(data: dict[str, Any]) -> list[tuple[str, float]]:
     return [(where, ms) for where, ms in found if isinstance(ms, (int, float)) and ms > 0]
 
 
+def steal_shares(data: dict[str, Any]) -> list[tuple[str, float]]:
+    """(target, share) of the CPU time the hypervisor stole during each target's
+    measurement (``machine.steal_share``), for the targets that have it."""
+    found = [(t["target"], t.get("steal_share")) for t in data.get("targets", [])]
+    return [(name, share) for name, share in found if isinstance(share, (int, float))]
+
+
+def _steal_line(stolen: list[tuple[str, float]]) -> str:
+    shown = ", ".join(f"{name} {100 * share:.1f} %" for name, share in stolen)
+    return (
+        "CPU time stolen by the hypervisor while each target was measured (`/proc/stat`, "
+        f"share of all CPU time; other guests running on this VM's cores): {shown}."
+    )
+
+
 def _unsteady(probes: list[tuple[str, float]]) -> bool:
     times = [ms for _, ms in probes]
     return len(times) >= 2 and max(times) / min(times) > UNSTEADY
@@ -105,6 +120,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         probes = speed_probes(data)
         if probes:
             out += [_speed_line(probes), ""]
+        stolen = steal_shares(data)
+        if stolen:
+            out += [_steal_line(stolen), ""]
         unsteady = _unsteady(probes)
         if mode == "quick" or (isinstance(load1, (int, float)) and load1 > 0.5) or unsteady:
             why = (

@@ -216,3 +216,35 @@ def test_the_speed_probe_measures_this_host() -> None:
     pinned, anywhere = machine.speed_probe(0), machine.speed_probe(None)
     assert pinned is not None and anywhere is not None
     assert 0 < pinned < 10_000 and 0 < anywhere < 10_000
+
+
+_STAT = (
+    "cpu  237206 6801 63864 699492 1573 0 30008 33876 500 0\n"
+    "cpu0 118603 3400 31932 349746 786 0 15004 16938 250 0\n"
+    "intr 12345\n"
+)
+
+
+def test_steal_is_read_from_proc_stat_and_shared_out() -> None:
+    import machine
+
+    # steal is the eighth value; guest time (already in user) is not counted again
+    total = 237206 + 6801 + 63864 + 699492 + 1573 + 0 + 30008 + 33876
+    assert machine.cpu_ticks(_STAT) == (33876, total)
+    assert machine.cpu_ticks("intr 1\n") is None
+    assert machine.steal_share((100, 1000), (130, 2000)) == 0.03
+    assert machine.steal_share(None, (130, 2000)) is None
+    assert machine.steal_share((100, 1000), (100, 1000)) is None  # no time passed
+    here = machine.cpu_ticks()
+    assert here is not None and 0 <= here[0] <= here[1] and here[1] > 0
+
+
+def test_the_report_shows_each_targets_stolen_time_where_it_was_recorded() -> None:
+    data = _with_probes(50.0, [51.0, 52.5, 49.0], 55.0)
+    line = "CPU time stolen by the hypervisor while each target was measured"
+    assert line not in render_markdown(data)  # runs recorded before it
+    data["targets"][0]["steal_share"] = 0.002
+    data["targets"][2]["steal_share"] = 0.1234
+    shown = render_markdown(data)
+    assert line + " (`/proc/stat`, share of all CPU time; " in shown
+    assert ": baseline 0.2 %, sluicegate 12.3 %." in shown
