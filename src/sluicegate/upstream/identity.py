@@ -172,7 +172,7 @@ class TokenSource:
             return value
         self.waited += 1
         try:
-            held = await asyncio.wait_for(asyncio.shield(self._fetch_shared()), self.wait)
+            held = await self._fetched()
         except BackendAuthError:
             raise
         except TimeoutError:
@@ -186,7 +186,7 @@ class TokenSource:
         raised: the fetch goes on or the background task retries, and requests meanwhile
         fail over) and start refreshing."""
         try:
-            await asyncio.wait_for(asyncio.shield(self._fetch_shared()), self.wait)
+            await self._fetched()
         except TimeoutError:
             log.error(
                 "backend %s: no Entra ID token yet (no answer within %g s); still fetching",
@@ -210,6 +210,11 @@ class TokenSource:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def _fetched(self) -> HeldToken:
+        """The fetch under way (or a new one), waited for at most ``wait`` seconds
+        (``TimeoutError``); giving up leaves the fetch running for the next caller."""
+        return await asyncio.wait_for(asyncio.shield(self._fetch_shared()), self.wait)
 
     def _fetch_shared(self) -> asyncio.Task[HeldToken]:
         task = self._fetching
