@@ -248,3 +248,24 @@ def test_the_report_shows_each_targets_stolen_time_where_it_was_recorded() -> No
     shown = render_markdown(data)
     assert line + " (`/proc/stat`, share of all CPU time; " in shown
     assert ": baseline 0.2 %, sluicegate 12.3 %." in shown
+
+
+def test_a_run_whose_alternated_pairs_moved_is_indicative_though_its_probe_was_steady() -> None:
+    data = _with_probes(50.0, [51.0, 52.5, 49.0], 55.0)  # the probe: ×1.12, steady
+    sg = next(t for t in data["targets"] if t["target"] == "sluicegate")
+    sg["alternated"] = {"pairs": [_pair(4000, 3400), _pair(4300, 3500), _pair(4100, 3600)]}
+    steady = render_markdown(data)
+    line = "Requests per second per core over the alternated pairs (the same load each time, so "
+    assert line in steady
+    assert "sluicegate json 4,000–4,300 (×1.07); sluicegate stream 3,400–3,600 (×1.06)." in steady
+    assert "Indicative only" not in steady
+
+    # One slow stream run: ×1.44 between runs of the same load.
+    sg["alternated"]["pairs"].append(_pair(4200, 2500))
+    moved = render_markdown(data)
+    assert "sluicegate stream 2,500–3,600 (×1.44)." in moved
+    assert "Indicative only**: this run was on a host whose speed moved during it" in moved
+
+    # Pairs with a rate missing (a run that failed) are left out of the spread.
+    sg["alternated"] = {"pairs": [{"json": {"rps_per_core": 4000}, "stream": {}}]}
+    assert line not in render_markdown(data)
