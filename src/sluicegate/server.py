@@ -98,8 +98,9 @@ class _HeadHoldingTransport:
         return getattr(self._transport, name)
 
 
-class _TooManyHeaders(Exception):
-    """Raised from a parser callback; httptools turns it into a parser error."""
+class _HeadRefused(Exception):
+    """Raised from a parser callback when a head is past a limit; httptools turns it into
+    a parser error, and ``send_400_response`` answers 431 instead."""
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -117,6 +118,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_tail = b""
     _header_count = 0
+    _parsed_bytes = 0
     _refused = False
     #: Cycles of earlier requests on this connection still being answered while a pipelined
     #: one waits (None: none so far; see ``on_headers_complete``).
@@ -139,7 +141,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
-        self._head_done, self._head_bytes, self._header_count = False, 0, 0
+        self._head_done, self._header_count, self._parsed_bytes = False, 0, 0
         super().on_message_begin()
         # The request's disconnect hook (proxy.asgi.DisconnectHook): relays register a
         # callback here instead of keeping a task blocked in receive().
@@ -160,11 +162,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if hook is not None:
                     hook.fire()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next bytes are the next request's head: ``data_received`` counts them again.
+        self._head_done, self._head_bytes, self._head_tail = False, 0, b""
+
+    # The head is also counted as parsed (target and fields): ``data_received`` cannot see
+    # where a head starts when it follows a pipelined request in the same read, and the
+    # parser gathers a field split over reads before it hands it over.
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_bytes += len(url)
+        if self._parsed_bytes > self.max_header_bytes:
+            self._refused = True
+            raise _HeadRefused
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        if self._header_count > self.max_header_count:
+        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._header_count > self.max_header_count or (
+            self._parsed_bytes > self.max_header_bytes
+        ):
             self._refused = True
-            raise _TooManyHeaders
+            raise _HeadRefused
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -198,7 +219,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._write_and_close(b"431 Request Header Fields Too Large", body)
 
     def send_400_response(self, msg: str) -> None:
-        if self._refused:  # a callback refused the head (too many headers)
+        if self._refused:  # a callback refused the head (past a limit)
             self._refuse_head()
             return
         self._write_and_close(b"400 Bad Request", _BAD_REQUEST)

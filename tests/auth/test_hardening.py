@@ -87,6 +87,33 @@ def test_too_many_headers_and_too_large_heads_get_431(h: EntraHarness) -> None:
     assert h.chat(key).status_code == 200
 
 
+def test_head_limits_hold_for_every_request_of_a_kept_alive_connection(h: EntraHarness) -> None:
+    key = {"api-key": h.keys["team-a"]}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    big = {f"x-big-{i}": "a" * 2000 for i in range(6)}  # 12 KB of head, the limit is 8 KB
+    with httpx.Client(base_url=h.url, timeout=30) as client:
+        assert client.post(CHAT, json=body, headers=key).status_code == 200
+        # The same connection's next request, its head past the limit (in fields the backend
+        # would take): it arrives in one read, after the first request's head was done with.
+        too_large = client.post(CHAT, json=body, headers={**key, **big})
+        assert too_large.status_code == 431, too_large.text
+        assert too_large.json()["error"]["code"] == "RequestHeaderFieldsTooLarge"
+        assert client.post(CHAT, json=body, headers=key).status_code == 200  # a new connection
+
+    # Pipelined behind a request being answered: the second one is refused too (the
+    # connection is closed, since an answer now would interleave with the first one's).
+    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+    ).encode()
+    first = request + b"\r\n" + payload
+    fields = "".join(f"{name}: {value}\r\n" for name, value in big.items()).encode()
+    second = request + fields + b"\r\n" + payload
+    answer = _raw(h.served.port, first + second, wait=5)
+    assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
+
+
 def test_a_body_that_trickles_in_gets_408(h: EntraHarness) -> None:
     head = (
         f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
