@@ -118,8 +118,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_tail = b""
     _header_count = 0
-    _parsed_bytes = 0
     _refused = False
+    #: No message begun since the last one ended: the next read starts with a head.
+    _between = True
+    #: A message that begins in the current read begins at its start (its head is counted).
+    _read_starts_head = False
+    #: The current head began inside a read, after an earlier message: not counted raw.
+    _uncounted = False
     #: Cycles of earlier requests on this connection still being answered while a pipelined
     #: one waits (None: none so far; see ``on_headers_complete``).
     _earlier: list[Any] | None = None
@@ -127,26 +132,41 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the answer is sent and the connection is closing
+        self._read_starts_head = self._between
         if not self._head_done:
-            # Count the bytes of the head only (up to the blank line), not a body that came in
-            # the same segment.
-            joined = self._head_tail + data if self._head_tail else data
-            end = joined.find(b"\r\n\r\n")
-            counted = len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
-            self._head_bytes += counted
-            self._head_tail = data[-3:]
-            if self._head_bytes > self.max_header_bytes:
-                self._refuse_head()
-                return
+            # The head is counted before the parser sees it: httptools would otherwise
+            # gather an endless header field. Only the head (up to the blank line), not a
+            # body in the same read; the blank line is looked for only when the count would
+            # pass the limit, since a read below it cannot.
+            size = self._head_bytes + len(data)
+            if size > self.max_header_bytes:
+                tail = self._head_tail
+                end = (tail + data if tail else data).find(b"\r\n\r\n")
+                if end < 0 or self._head_bytes + max(0, end + 4 - len(tail)) > (
+                    self.max_header_bytes
+                ):
+                    self._refuse_head()
+                    return
+            self._head_bytes = size
         super().data_received(data)
+        if not self._head_done and not self._between:
+            self._head_tail = data[-3:]  # a head goes on in the next read
 
     def on_message_begin(self) -> None:
-        self._head_done, self._header_count, self._parsed_bytes = False, 0, 0
+        self._head_done, self._header_count = False, 0
+        self._uncounted = not self._read_starts_head
+        self._between = self._read_starts_head = False
         super().on_message_begin()
         # The request's disconnect hook (proxy.asgi.DisconnectHook): relays register a
         # callback here instead of keeping a task blocked in receive().
         # (ASGI extension values are dicts.)
         self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next bytes are the next request's head: ``data_received`` counts them again.
+        self._head_done, self._head_bytes, self._head_tail = False, 0, b""
+        self._between = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycles = [*(self._earlier or ()), self.cycle]
@@ -162,33 +182,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if hook is not None:
                     hook.fire()
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        # The next bytes are the next request's head: ``data_received`` counts them again.
-        self._head_done, self._head_bytes, self._head_tail = False, 0, b""
-
-    # The head is also counted as parsed (target and fields): ``data_received`` cannot see
-    # where a head starts when it follows a pipelined request in the same read, and the
-    # parser gathers a field split over reads before it hands it over.
-
-    def on_url(self, url: bytes) -> None:
-        self._parsed_bytes += len(url)
-        if self._parsed_bytes > self.max_header_bytes:
-            self._refused = True
-            raise _HeadRefused
-        super().on_url(url)
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._header_count > self.max_header_count or (
-            self._parsed_bytes > self.max_header_bytes
-        ):
+        if self._header_count > self.max_header_count:
             self._refused = True
             raise _HeadRefused
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._uncounted:
+            # A pipelined head that began in the read that ended the message before it:
+            # ``data_received`` did not see where it started. Counted now, as parsed (that
+            # read is all in memory already; later reads of it were counted raw).
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > self.max_header_bytes:
+                self._refused = True
+                raise _HeadRefused
         self._head_done, self._head_tail = True, b""
         earlier = self.cycle
         super().on_headers_complete()

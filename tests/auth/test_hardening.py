@@ -114,6 +114,70 @@ def test_head_limits_hold_for_every_request_of_a_kept_alive_connection(h: EntraH
     assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
 
 
+def _in_reads(port: int, parts: list[bytes], wait: float = 5.0) -> bytes:
+    """Send ``parts`` on one connection, each in its own read of the server's (a pause
+    between them), then return what the server answers until it closes or ``wait``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # refused and closed before the rest was sent
+            time.sleep(0.1)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_heads_are_counted_across_reads_and_only_up_to_the_blank_line(h: EntraHarness) -> None:
+    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+
+    def request(extra: bytes = b"", body: bytes = payload, close: bool = False) -> bytes:
+        return (
+            (
+                f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                + ("connection: close\r\n" if close else "")
+            ).encode()
+            + extra
+            + b"\r\n"
+            + body
+        )
+
+    # A head of 8,100 bytes (the limit is 8,192), its blank line split between two reads,
+    # a 30 KB body in the second: the body is not counted as head.
+    body = b'{"messages": [{"role": "user", "content": "' + b"y" * 30000 + b'"}]}'
+    bare = request(b"x-pad: \r\n", body)
+    head_size = bare.index(b"\r\n\r\n") + 4
+    near = request(b"x-pad: " + b"p" * (8100 - head_size) + b"\r\n", body)
+    blank = near.index(b"\r\n\r\n")
+    assert blank + 4 == 8100
+    answer = _in_reads(h.served.port, [near[: blank + 2], near[blank + 2 :]], wait=2)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+    # A kept-alive connection's second request with a field that never ends: refused once
+    # its head passes the limit, without waiting for the end.
+    endless = [request(), b"POST /x HTTP/1.1\r\nhost: x\r\nx-a: "] + [b"b" * 3000] * 6
+    answer = _in_reads(h.served.port, endless)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in answer, answer[-300:]
+
+    # A pipelined head of 10 KB, 7 KB of it in the read that ends the request before it and
+    # the rest in the next read: counted whole.
+    fields = b"".join(b"x-f%d: %s\r\n" % (i, b"f" * 2000) for i in range(5))
+    second = request(fields, close=True)
+    answer = _in_reads(h.served.port, [request() + second[:7000], second[7000:]])
+    assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
+
+
 def test_a_body_that_trickles_in_gets_408(h: EntraHarness) -> None:
     head = (
         f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
