@@ -108,11 +108,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     instead of uvicorn's plain-text 400 (clients parse ``{"error": …}``), and refusing
     request heads with more than ``max_header_count`` fields or more than
     ``max_header_bytes`` bytes (request line and headers) with 431, before the parser
-    buffers them: httptools sets no limit of its own. ``protocol_for`` makes a subclass with
-    a configuration's limits."""
+    buffers them: httptools sets no limit of its own. A head must also arrive within
+    ``head_timeout`` seconds (408; a connection that sends nothing is closed). ``protocol_for``
+    makes a subclass with a configuration's limits."""
 
     max_header_count: ClassVar[int] = _DEFAULT_SECURITY.max_header_count
     max_header_bytes: ClassVar[int] = _DEFAULT_SECURITY.max_header_bytes
+    head_timeout: ClassVar[float] = _DEFAULT_SECURITY.head_read_timeout_seconds
 
     _head_done = False
     _head_bytes = 0
@@ -125,9 +127,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _read_starts_head = False
     #: The current head began inside a read, after an earlier message: not counted raw.
     _uncounted = False
+    #: Fires ``head_timeout`` after a connection opens, or after a head's first read when
+    #: the head did not come whole; cancelled when the head is complete.
+    _head_timer: asyncio.TimerHandle | None = None
     #: Cycles of earlier requests on this connection still being answered while a pipelined
     #: one waits (None: none so far; see ``on_headers_complete``).
     _earlier: list[Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # uvicorn sets no timer until a first response is complete: a connection that sends
+        # nothing, or a head a byte at a time, would be held for ever (slowloris).
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -151,6 +162,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if not self._head_done and not self._between:
             self._head_tail = data[-3:]  # a head goes on in the next read
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def on_message_begin(self) -> None:
         self._head_done, self._header_count = False, 0
@@ -169,6 +182,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._between = True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         cycles = [*(self._earlier or ()), self.cycle]
         super().connection_lost(exc)  # tells ``self.cycle`` only
         for cycle in cycles:
@@ -190,6 +206,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._uncounted:
             # A pipelined head that began in the read that ended the message before it:
             # ``data_received`` did not see where it started. Counted now, as parsed (that
@@ -217,6 +236,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.transport = cast(
                 asyncio.Transport, _HeadHoldingTransport(cycle.transport, self.loop)
             )
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._head_done or self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        if self._between:  # not a byte of a request yet: nothing to answer
+            self.transport.close()
+            return
+        message = (
+            f"The request's head did not arrive within {self.head_timeout:g} seconds. Send "
+            "the request line and headers promptly."
+        )
+        body = orjson.dumps({"error": {"code": "RequestTimeout", "message": message}})
+        self._write_and_close(b"408 Request Timeout", body)
 
     def _refuse_head(self) -> None:
         self._refused = True
@@ -260,6 +294,7 @@ def protocol_for(security: SecurityConfig) -> type[GatewayHttpProtocol]:
         {
             "max_header_count": security.max_header_count,
             "max_header_bytes": security.max_header_bytes,
+            "head_timeout": security.head_read_timeout_seconds,
         },
     )
 

@@ -27,6 +27,7 @@ SECURITY = {
     "max_header_count": 40,
     "max_header_bytes": 8192,
     "body_read_timeout_seconds": 0.5,
+    "head_read_timeout_seconds": 0.5,
 }
 
 
@@ -176,6 +177,55 @@ def test_heads_are_counted_across_reads_and_only_up_to_the_blank_line(h: EntraHa
     second = request(fields, close=True)
     answer = _in_reads(h.served.port, [request() + second[:7000], second[7000:]])
     assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
+
+
+def _trickle(port: int, parts: list[bytes], pause: float) -> tuple[bytes, float]:
+    """Send ``parts`` with ``pause`` between them (stopping when the server hangs up); the
+    server's answer and the seconds until it closed the connection."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for part in parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(pause)
+        chunks: list[bytes] = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks), time.monotonic() - started
+
+
+def test_a_head_that_trickles_in_gets_408_and_a_silent_connection_is_closed(
+    h: EntraHarness,
+) -> None:
+    port = h.served.port
+    # Nothing at all: closed without an answer once the head's time is up.
+    answer, took = _trickle(port, [], 0)
+    assert answer == b"" and 0.4 < took < 5
+
+    # A byte every 0.1 s: each read would have reset an idle timer; the head's does not.
+    head = f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n".encode()
+    answer, took = _trickle(port, [head[i : i + 1] for i in range(len(head))], 0.1)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"RequestTimeout"' in answer and b"connection: close" in answer
+    assert 0.4 < took < 5
+
+    # A kept-alive connection's second request, trickled: timed from its first byte, not
+    # from the connection's opening (the first request came 0.3 s after it opened).
+    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+    first = head + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(payload)
+    slow = [b"", first + b"\r\n" + payload, head] + [b"x-slow: 1\r\n"] * 20
+    answer, took = _trickle(port, slow, 0.3)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer, answer[-300:]
+    assert 0.6 < took < 5
+
+    # A head that comes whole within its time is served.
+    last = first + b"connection: close\r\n\r\n" + payload
+    answer, _ = _trickle(port, [b"", last], 0.3)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert h.records(expect=2)  # the two answered requests; the refused heads left none
+    assert len(h.records()) == 2
 
 
 def test_a_body_that_trickles_in_gets_408(h: EntraHarness) -> None:

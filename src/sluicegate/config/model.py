@@ -341,6 +341,11 @@ class SecurityConfig(_Strict):
     #: Seconds a client has to send the whole request body once the gateway starts reading it
     #: (slow senders get 408).
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Seconds a client has to send a request's whole head (request line and headers): from
+    #: the connection's opening for its first request, from the first byte of the head for a
+    #: later one. A head still incomplete then gets 408; a connection that sent nothing is
+    #: closed. (Between requests, an idle kept-alive connection is closed after 30 s.)
+    head_read_timeout_seconds: float = Field(default=30.0, gt=0)
     #: Direct peers (addresses or CIDR networks) whose X-Forwarded-For is believed. From anyone
     #: else the header is ignored and the client address is the peer's.
     trusted_proxies: list[str] = Field(default_factory=list)
