@@ -27,6 +27,8 @@ def test_first_event_arrives_long_before_the_last_is_sent(slow_harness: Harness)
     with httpx.stream("POST", url, json=body, headers={"api-key": key or ""}, timeout=30) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["transfer-encoding"] == "chunked"  # relayed as it comes
+        assert "content-length" not in resp.headers
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - started)
@@ -201,7 +203,11 @@ def _stream_in_one_read(tmp_path: Path, events: bytes) -> tuple[list[str], Usage
         ) as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
-            lines = [line for line in resp.iter_lines() if line]
+            raw = resp.read()
+            # All of it was in hand: it left whole, with its length, not chunked.
+            assert "transfer-encoding" not in resp.headers
+            assert resp.headers["content-length"] == str(len(raw))
+            lines = [line for line in raw.decode().splitlines() if line]
         records = harness.records(expect=1)
     assert len(records) == 1
     return lines, records[0]

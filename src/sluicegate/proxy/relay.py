@@ -228,21 +228,39 @@ async def _relay_stream(
     end (the connection can be reused)."""
     scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if response.at_eof():
         # The whole answer came with the first read (under load a stream is often all
         # generated before the gateway reads it): nothing is left to wait for, so no
-        # disconnect watch is set up, and head, events and end leave in one write.
-        held, ended, broke, gone = scanner.feed(first), True, None, False
-    else:
-        held, ended, broke, gone = await _relay_events(
-            ctx, response, first, scanner, scope, receive, send, clock, backend
-        )
-    ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+        # disconnect watch is set up, and it leaves whole, with its length, in one write
+        # (not in chunked framing, which would copy it once more).
+        body = scanner.feed(first)
+        body += _stream_end(ctx, scanner, None)
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if body and ctx.ttfb is None:
+            ctx.ttfb = clock.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return True
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    held, ended, broke, gone = await _relay_events(
+        ctx, response, first, scanner, scope, receive, send, clock, backend
+    )
     if gone and not scanner.done:
+        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
         ctx.outcome = Outcome.ABORTED
         _estimate(ctx, scanner)
         return False
+    tail = _stream_end(ctx, scanner, broke)
+    if held and ctx.ttfb is None:
+        ctx.ttfb = clock.monotonic()
+    await send({"type": "http.response.body", "body": held + tail, "more_body": False})
+    return ended and broke is None
+
+
+def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
+    """Take the stream's usage into ``ctx`` and return what is left to send after the events
+    relayed: the scanner's rest, and an error event when the stream was not complete."""
+    ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     tail = scanner.flush()
     # Once the end of the stream went through (``[DONE]``, ``response.completed``) the answer
     # is whole, whatever happens to the connection afterwards: the SDKs stop reading there and
@@ -262,10 +280,7 @@ async def _relay_stream(
         tail += b"data: " + orjson.dumps(error) + b"\n\n"
         if ctx.usage is None:
             _estimate(ctx, scanner)
-    if held and ctx.ttfb is None:
-        ctx.ttfb = clock.monotonic()
-    await send({"type": "http.response.body", "body": held + tail, "more_body": False})
-    return ended and broke is None
+    return tail
 
 
 async def _relay_events(
