@@ -8,7 +8,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,26 @@ def h(tmp_path: Path, simulator: SimulatorThread) -> Iterator[EntraHarness]:
         yield harness
 
 
-def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
-    """Send raw bytes, return everything the server answers until it closes or ``wait``."""
+def _exchange(
+    port: int,
+    parts: list[bytes],
+    *,
+    pause: float = 0.0,
+    wait: float = 5.0,
+    done: Callable[[bytes], bool] | None = None,
+) -> bytes:
+    """Send ``parts`` on one connection with ``pause`` seconds after each (so that each is
+    a read of the server's; stopping if the server hangs up), then return what the server
+    answers until it closes, ``wait`` seconds pass, or ``done(answer)``."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
-        sock.sendall(data)
-        chunks = []
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # refused and closed before the rest was sent
+            time.sleep(pause)
+        chunks: list[bytes] = []
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:
@@ -53,13 +68,23 @@ def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
             if not chunk:
                 break
             chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and b"connection: close" in b"".join(chunks):
-                # the answer is complete once its declared body is in
-                head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                length = [ln for ln in head.split(b"\r\n") if ln.startswith(b"content-length")]
-                if length and len(body) >= int(length[0].split(b":")[1]):
-                    break
+            if done is not None and done(b"".join(chunks)):
+                break
         return b"".join(chunks)
+
+
+def _closing_answer_in(data: bytes) -> bool:
+    """A ``connection: close`` answer whose declared body is all in."""
+    if b"\r\n\r\n" not in data or b"connection: close" not in data:
+        return False
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = [ln for ln in head.split(b"\r\n") if ln.startswith(b"content-length")]
+    return bool(length) and len(body) >= int(length[0].split(b":")[1])
+
+
+def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes or ``wait``."""
+    return _exchange(port, [data], wait=wait, done=_closing_answer_in)
 
 
 def test_too_many_headers_and_too_large_heads_get_431(h: EntraHarness) -> None:
@@ -115,30 +140,6 @@ def test_head_limits_hold_for_every_request_of_a_kept_alive_connection(h: EntraH
     assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
 
 
-def _in_reads(port: int, parts: list[bytes], wait: float = 5.0) -> bytes:
-    """Send ``parts`` on one connection, each in its own read of the server's (a pause
-    between them), then return what the server answers until it closes or ``wait``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for part in parts:
-            try:
-                sock.sendall(part)
-            except (BrokenPipeError, ConnectionResetError):
-                break  # refused and closed before the rest was sent
-            time.sleep(0.1)
-        chunks: list[bytes] = []
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
 def test_heads_are_counted_across_reads_and_only_up_to_the_blank_line(h: EntraHarness) -> None:
     payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
 
@@ -162,38 +163,29 @@ def test_heads_are_counted_across_reads_and_only_up_to_the_blank_line(h: EntraHa
     near = request(b"x-pad: " + b"p" * (8100 - head_size) + b"\r\n", body)
     blank = near.index(b"\r\n\r\n")
     assert blank + 4 == 8100
-    answer = _in_reads(h.served.port, [near[: blank + 2], near[blank + 2 :]], wait=2)
+    answer = _exchange(h.served.port, [near[: blank + 2], near[blank + 2 :]], pause=0.1, wait=2)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
     # A kept-alive connection's second request with a field that never ends: refused once
     # its head passes the limit, without waiting for the end.
     endless = [request(), b"POST /x HTTP/1.1\r\nhost: x\r\nx-a: "] + [b"b" * 3000] * 6
-    answer = _in_reads(h.served.port, endless)
+    answer = _exchange(h.served.port, endless, pause=0.1)
     assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in answer, answer[-300:]
 
     # A pipelined head of 10 KB, 7 KB of it in the read that ends the request before it and
     # the rest in the next read: counted whole.
     fields = b"".join(b"x-f%d: %s\r\n" % (i, b"f" * 2000) for i in range(5))
     second = request(fields, close=True)
-    answer = _in_reads(h.served.port, [request() + second[:7000], second[7000:]])
+    answer = _exchange(h.served.port, [request() + second[:7000], second[7000:]], pause=0.1)
     assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
 
 
 def _trickle(port: int, parts: list[bytes], pause: float) -> tuple[bytes, float]:
-    """Send ``parts`` with ``pause`` between them (stopping when the server hangs up); the
-    server's answer and the seconds until it closed the connection."""
+    """Send ``parts`` with ``pause`` between them; the server's answer and the seconds
+    until it closed the connection."""
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for part in parts:
-            try:
-                sock.sendall(part)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            time.sleep(pause)
-        chunks: list[bytes] = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks), time.monotonic() - started
+    answer = _exchange(port, parts, pause=pause, wait=10)
+    return answer, time.monotonic() - started
 
 
 def test_a_head_that_trickles_in_gets_408_and_a_silent_connection_is_closed(
