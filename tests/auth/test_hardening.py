@@ -39,6 +39,28 @@ def h(tmp_path: Path, simulator: SimulatorThread) -> Iterator[EntraHarness]:
         yield harness
 
 
+_PAYLOAD = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+
+
+def _head_start(key: str) -> bytes:
+    """A chat request's line and first fields, as raw bytes (the head goes on)."""
+    return f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {key}\r\n".encode()
+
+
+def _chat_request(
+    key: str, extra: bytes = b"", body: bytes = _PAYLOAD, close: bool = False
+) -> bytes:
+    """A whole chat request as raw bytes, ``extra`` fields last in its head."""
+    return (
+        _head_start(key)
+        + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+        + (b"connection: close\r\n" if close else b"")
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
 def _exchange(
     port: int,
     parts: list[bytes],
@@ -128,32 +150,15 @@ def test_head_limits_hold_for_every_request_of_a_kept_alive_connection(h: EntraH
 
     # Pipelined behind a request being answered: the second one is refused too (the
     # connection is closed, since an answer now would interleave with the first one's).
-    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
-    request = (
-        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
-    ).encode()
-    first = request + b"\r\n" + payload
     fields = "".join(f"{name}: {value}\r\n" for name, value in big.items()).encode()
-    second = request + fields + b"\r\n" + payload
+    first, second = _chat_request(h.keys["team-a"]), _chat_request(h.keys["team-a"], fields)
     answer = _raw(h.served.port, first + second, wait=5)
     assert answer.count(b"HTTP/1.1 200 ") < 2, answer[:300]
 
 
 def test_heads_are_counted_across_reads_and_only_up_to_the_blank_line(h: EntraHarness) -> None:
-    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
-
-    def request(extra: bytes = b"", body: bytes = payload, close: bool = False) -> bytes:
-        return (
-            (
-                f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                + ("connection: close\r\n" if close else "")
-            ).encode()
-            + extra
-            + b"\r\n"
-            + body
-        )
+    def request(extra: bytes = b"", body: bytes = _PAYLOAD, close: bool = False) -> bytes:
+        return _chat_request(h.keys["team-a"], extra, body, close)
 
     # A head of 8,100 bytes (the limit is 8,192), its blank line split between two reads,
     # a 30 KB body in the second: the body is not counted as head.
@@ -197,7 +202,7 @@ def test_a_head_that_trickles_in_gets_408_and_a_silent_connection_is_closed(
     assert answer == b"" and 0.4 < took < 5
 
     # A byte every 0.1 s: each read would have reset an idle timer; the head's does not.
-    head = f"POST {CHAT} HTTP/1.1\r\nhost: x\r\napi-key: {h.keys['team-a']}\r\n".encode()
+    head = _head_start(h.keys["team-a"])
     answer, took = _trickle(port, [head[i : i + 1] for i in range(len(head))], 0.1)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b'"RequestTimeout"' in answer and b"connection: close" in answer
@@ -205,16 +210,13 @@ def test_a_head_that_trickles_in_gets_408_and_a_silent_connection_is_closed(
 
     # A kept-alive connection's second request, trickled: timed from its first byte, not
     # from the connection's opening (the first request came 0.3 s after it opened).
-    payload = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
-    first = head + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(payload)
-    slow = [b"", first + b"\r\n" + payload, head] + [b"x-slow: 1\r\n"] * 20
+    slow = [b"", _chat_request(h.keys["team-a"]), head] + [b"x-slow: 1\r\n"] * 20
     answer, took = _trickle(port, slow, 0.3)
     assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer, answer[-300:]
     assert 0.6 < took < 5
 
     # A head that comes whole within its time is served.
-    last = first + b"connection: close\r\n\r\n" + payload
-    answer, _ = _trickle(port, [b"", last], 0.3)
+    answer, _ = _trickle(port, [b"", _chat_request(h.keys["team-a"], close=True)], 0.3)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert h.records(expect=2)  # the two answered requests; the refused heads left none
     assert len(h.records()) == 2
