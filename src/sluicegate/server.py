@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import orjson
@@ -12,9 +14,11 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sluicegate.app import create_app
-from sluicegate.config.model import GatewayConfig, SecurityConfig
+from sluicegate.config.model import GatewayConfig, ListenConfig, SecurityConfig
 from sluicegate.gateway import Gateway
 from sluicegate.logs import configure_logging
+from sluicegate.metrics.registry import GatewayMetrics
+from sluicegate.openfiles import raise_open_file_limit
 from sluicegate.proxy.asgi import DISCONNECT_HOOK, DisconnectHook, disconnect_hook
 
 _BAD_REQUEST = orjson.dumps(
@@ -29,6 +33,18 @@ _BAD_REQUEST = orjson.dumps(
 
 
 _DEFAULT_SECURITY = SecurityConfig()
+_DEFAULT_LISTEN = ListenConfig()
+
+log = logging.getLogger("sluicegate.server")
+
+#: Seconds a connection refused for ``listen.max_connections`` is kept after its answer,
+#: half-closed, so that the rest of its request does not reset the connection (a reset can
+#: discard the answer before the client read it).
+_LINGER_SECONDS = 2.0
+
+#: Descriptors kept for everything but client and backend connections (listening sockets,
+#: the ledger, Redis, logs, token and key-vault requests).
+_RESERVED_FILES = 256
 #: The interpreter's thread switch interval while serving (see ``serve``).
 SWITCH_INTERVAL_SECONDS = 0.0001
 
@@ -98,6 +114,15 @@ class _HeadHoldingTransport:
         return getattr(self._transport, name)
 
 
+@dataclass(slots=True)
+class ConnectionCounts:
+    """One server's client connections: open now, and refused since start for
+    ``listen.max_connections`` (read by the metrics at each scrape)."""
+
+    open: int = 0
+    refused: int = 0
+
+
 class _HeadRefused(Exception):
     """Raised from a parser callback when a head is past a limit; httptools turns it into
     a parser error, and ``send_400_response`` answers 431 instead."""
@@ -110,13 +135,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     ``max_header_bytes`` bytes (request line and headers) with 431, before the parser
     buffers them: httptools sets no limit of its own. A head must also arrive within
     ``head_timeout`` seconds (408; a connection that sends nothing is closed). ``protocol_for``
-    makes a subclass with a configuration's limits."""
+    makes a subclass with a configuration's limits.
 
+    A connection opened while ``max_connections`` others are open is refused: its first
+    request's head is read (not parsed) and answered 503 ``TooManyConnections`` with
+    ``Retry-After: 1``, and the connection is closed; the request never reaches the app.
+    """
+
+    max_connections: ClassVar[int] = _DEFAULT_LISTEN.max_connections
+    counts: ClassVar[ConnectionCounts] = ConnectionCounts()
     max_header_count: ClassVar[int] = _DEFAULT_SECURITY.max_header_count
     max_header_bytes: ClassVar[int] = _DEFAULT_SECURITY.max_header_bytes
     head_timeout: ClassVar[float] = _DEFAULT_SECURITY.head_read_timeout_seconds
 
     _head_done = False
+    #: Opened past ``max_connections``: its head is only read, for the 503 (``_busy_read``).
+    _busy = False
     _head_bytes = 0
     _head_tail = b""
     _header_count = 0
@@ -136,12 +170,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        counts = self.counts
+        counts.open += 1
+        if counts.open > self.max_connections:
+            counts.refused += 1
+            self._busy = self._refused = True
         # uvicorn sets no timer until a first response is complete: a connection that sends
         # nothing, or a head a byte at a time, would be held for ever (slowloris).
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            if self._busy:
+                self._busy_read(data)
             return  # the answer is sent and the connection is closing
         self._read_starts_head = self._between
         if not self._head_done:
@@ -182,6 +223,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._between = True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.counts.open -= 1
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -239,6 +281,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._busy:  # refused: answered and lingering, or silent; either way, done
+            self.transport.close()
+            return
         if self._head_done or self._refused or self.transport.is_closing():
             return
         self._refused = True
@@ -251,6 +296,35 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
         body = orjson.dumps({"error": {"code": "RequestTimeout", "message": message}})
         self._write_and_close(b"408 Request Timeout", body)
+
+    def _busy_read(self, data: bytes) -> None:
+        """A refused connection's bytes: once its head is in (or past the head limit),
+        answer 503 and half-close; whatever comes after is dropped."""
+        if self._head_done:  # answered: lingering until the client closes
+            return
+        window = self._head_tail + data
+        self._head_bytes += len(data)
+        if b"\r\n\r\n" not in window and self._head_bytes <= self.max_header_bytes:
+            self._head_tail = window[-3:]
+            return
+        self._head_done = True
+        message = (
+            f"The gateway holds its limit of {self.max_connections} client connections. "
+            "Retry shortly, and reuse connections (keep-alive) rather than opening new ones."
+        )
+        body = orjson.dumps({"error": {"code": "TooManyConnections", "message": message}})
+        transport = self.transport
+        transport.write(_answer(b"503 Service Unavailable", body, b"retry-after: 1\r\n"))
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if transport.can_write_eof():
+            # Half-close: the client reads the answer and closes; until then (or for
+            # ``_LINGER_SECONDS``) the rest of its request is read and dropped.
+            transport.write_eof()
+            self._head_timer = self.loop.call_later(_LINGER_SECONDS, self._head_timed_out)
+        else:  # TLS cannot half-close
+            self._head_timer = None
+            transport.close()
 
     def _refuse_head(self) -> None:
         self._refused = True
@@ -275,23 +349,35 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # written: an answer now would interleave with it. Just hang up.
             self.transport.close()
             return
-        content = [
-            b"HTTP/1.1 " + status + b"\r\n",
-            b"content-type: application/json; charset=utf-8\r\n",
-            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
-            b"connection: close\r\n\r\n",
-            body,
-        ]
-        self.transport.write(b"".join(content))
+        self.transport.write(_answer(status, body))
         self.transport.close()
 
 
-def protocol_for(security: SecurityConfig) -> type[GatewayHttpProtocol]:
-    """The HTTP protocol class with ``security``'s header limits."""
+def _answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    """A whole ``connection: close`` answer with a JSON ``body``; ``extra``: header lines."""
+    return b"".join(
+        (
+            b"HTTP/1.1 " + status + b"\r\n",
+            b"content-type: application/json; charset=utf-8\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            extra,
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+def protocol_for(
+    security: SecurityConfig, listen: ListenConfig = _DEFAULT_LISTEN
+) -> type[GatewayHttpProtocol]:
+    """The HTTP protocol class with ``security``'s header limits and ``listen``'s connection
+    limit, counting its connections in a ``ConnectionCounts`` of its own (``counts``)."""
     return type(
         "GatewayHttpProtocol",
         (GatewayHttpProtocol,),
         {
+            "max_connections": listen.max_connections,
+            "counts": ConnectionCounts(),
             "max_header_count": security.max_header_count,
             "max_header_bytes": security.max_header_bytes,
             "head_timeout": security.head_read_timeout_seconds,
@@ -306,17 +392,22 @@ def uvicorn_config(
     host: str | None = None,
     port: int | None = None,
     loop: str = "uvloop",
+    metrics: GatewayMetrics | None = None,
 ) -> uvicorn.Config:
-    """uvicorn's settings for serving ``app`` as ``config`` says: header limits, TLS when
-    ``listen.tls_cert``/``tls_key`` are set, no proxy headers (``X-Forwarded-For`` is
-    believed only from configured proxies, in ``proxy.network``)."""
+    """uvicorn's settings for serving ``app`` as ``config`` says: header and connection
+    limits, TLS when ``listen.tls_cert``/``tls_key`` are set, no proxy headers
+    (``X-Forwarded-For`` is believed only from configured proxies, in ``proxy.network``).
+    ``metrics`` (when given) exports the connection counts."""
     listen = config.listen
+    protocol = protocol_for(config.security, listen)
+    if metrics is not None:
+        metrics.watch_connections(protocol.counts)
     return uvicorn.Config(
         app,
         host=host or listen.host,
         port=listen.port if port is None else port,
         loop=loop,
-        http=protocol_for(config.security),
+        http=protocol,
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -336,7 +427,30 @@ def build_server(
 ) -> uvicorn.Server:
     gateway = Gateway(config)
     app = create_app(gateway)
-    return uvicorn.Server(uvicorn_config(app, config, host=host, port=port))
+    return uvicorn.Server(
+        uvicorn_config(app, config, host=host, port=port, metrics=gateway.metrics)
+    )
+
+
+def _open_file_budget(config: GatewayConfig) -> None:
+    """Raise the open-file limit to what ``config`` may need (one descriptor per client and
+    backend connection), or warn when the hard limit does not allow it: past the limit,
+    accepting and connecting fail for every request, not only for the newest."""
+    needed = (
+        config.listen.max_connections
+        + sum(backend.max_connections for backend in config.backends)
+        + _RESERVED_FILES
+    )
+    limit = raise_open_file_limit(needed)
+    if limit is not None and limit < needed:
+        log.warning(
+            "the open-file limit is %d, below the %d that listen.max_connections (%d) and "
+            "the backends' max_connections may need: raise the hard limit (ulimit -n, "
+            "systemd LimitNOFILE=) or lower listen.max_connections",
+            limit,
+            needed,
+            config.listen.max_connections,
+        )
 
 
 def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = None) -> int:
@@ -351,6 +465,7 @@ def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = 
     # connections (bench/analysis.md). (The writer's CPU use on a shared core is
     # sluicegate.threads' business; this only caps the GIL hand-off.)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    _open_file_budget(config)
     server = build_server(config, host=host, port=port)
 
     # uvicorn handles SIGINT/SIGTERM itself while it runs and, once it has shut down

@@ -4,9 +4,12 @@ X-Forwarded-For only from trusted proxies, per-product IP allow-lists, and TLS w
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -235,6 +238,88 @@ def test_a_body_that_trickles_in_gets_408(h: EntraHarness) -> None:
     assert 0.4 < took < 5
     records = h.records(expect=1)
     assert [(r.status, r.outcome) for r in records] == [(408, "rejected")]
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in the metrics")
+
+
+def test_connections_past_the_limit_get_503_until_one_closes(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    with entra_gateway(
+        tmp_path,
+        simulator,
+        None,
+        subscriptions={"team-a": "starter"},
+        security=SECURITY,
+        listen={"max_connections": 2},
+    ) as h:
+        port, key = h.served.port, h.keys["team-a"]
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+        for conn in held:
+            conn.request("POST", CHAT, _PAYLOAD, {"api-key": key, "content-type": "text/json"})
+            answered = conn.getresponse()
+            assert answered.status == 200
+            answered.read()
+
+        # A third connection: its request is answered 503 in Azure's shape, and it closes.
+        head, _, body = _raw(port, _chat_request(key)).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert b"retry-after: 1\r\n" in head and b"connection: close" in head
+        assert json.loads(body)["error"]["code"] == "TooManyConnections"
+        # The answer comes before the body is in: the connection is half-closed, and the
+        # rest of the request is still read and dropped (closed on unread bytes, it would be
+        # reset, which some clients' stacks answer by discarding the answer unread).
+        padded = _chat_request(key, body=b'{"pad": "' + b"x" * 300_000 + b'"}')
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(padded[:2000])
+            answer = b""
+            while not _closing_answer_in(answer):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(body), answer
+            for at in range(2000, len(padded), 100_000):
+                sock.sendall(padded[at : at + 100_000])  # a closed socket would reset
+                time.sleep(0.05)
+            assert sock.recv(100) == b""  # and the gateway's side is shut
+        # A connection that sends nothing is closed when the head's time is up.
+        answer, took = _trickle(port, [], 0)
+        assert answer == b"" and took < 5
+
+        # The SDK sees the code; retrying (after Retry-After), it gets through once a
+        # connection is free.
+        sdk = openai.AzureOpenAI(
+            azure_endpoint=h.url, api_key=key, api_version=API_VERSION, max_retries=0
+        )
+        with pytest.raises(openai.InternalServerError) as refused:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)
+        assert refused.value.status_code == 503 and refused.value.code == "TooManyConnections"
+        threading.Timer(0.3, held.pop().close).start()
+        started = time.monotonic()
+        done = sdk.with_options(max_retries=2).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=3
+        )
+        assert done.choices and time.monotonic() - started > 0.3
+        sdk.close()
+
+        # The metrics, read on the connection still held (a new one could be refused): one
+        # open once the others' closes are seen, and the five refused.
+        deadline = time.monotonic() + 5
+        while True:
+            held[0].request("GET", "/metrics")
+            metrics = held[0].getresponse().read().decode()
+            if _metric(metrics, "sluicegate_client_connections") == 1:
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+        assert _metric(metrics, "sluicegate_client_connections_refused_total") == 5
+        held[0].close()
+        # Refused connections never reached the app: no usage records for them.
+        assert len(h.records(expect=3)) == 3
 
 
 def _products(allowed: list[str]) -> list[dict[str, Any]]:

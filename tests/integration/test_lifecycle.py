@@ -157,3 +157,40 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
     assert forwarded <= set(ids)  # every request that reached the backend is in the ledger
     assert len([s for s in answered if s == 200]) <= len([r for r in records if r.status == 200])
     assert len(records) > 50
+
+
+def _open_file_limit(pid: int) -> tuple[int, int]:
+    """The (soft, hard) open-file limit of a running process, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+def test_serve_raises_its_open_file_limit_or_says_why_it_cannot(tmp_path: Path, sim) -> None:  # type: ignore[no-untyped-def]
+    """Started with 512 descriptors (many systems start a process with 1,024), the gateway
+    raises its soft limit to what ``listen.max_connections`` and the backends' pools need
+    (here 1,000 + 256 + 256 reserved); where the hard limit is lower, it serves all the same
+    and its log says what to change."""
+    cfg = gateway_config(tmp_path, {"sim": sim.url}, listen={"max_connections": 1000})
+    needed = 1000 + 256 + 256
+    roomy = GatewayProcess(tmp_path, cfg, open_files=(512, 2048))
+    tight = GatewayProcess(tmp_path, cfg, open_files=(512, 512))
+    try:
+        roomy.start()
+        assert roomy.proc is not None
+        assert _open_file_limit(roomy.proc.pid) == (needed, 2048)
+        assert "open-file limit" not in roomy.log_path.read_text()
+
+        tight.start()
+        assert tight.proc is not None
+        assert _open_file_limit(tight.proc.pid) == (512, 512)
+        key = tight.create_key()["primary_key"]
+        wait_status(tight.url, key, 200, within=2)
+        log = tight.log_path.read_text()
+        assert f"the open-file limit is 512, below the {needed}" in log
+        assert "listen.max_connections (1000)" in log
+    finally:
+        roomy.kill()
+        tight.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,7 +108,9 @@ class GatewayThread:
         self.gateway = Gateway(config, environ=env, clock=clock)
         self.port = free_port()
         app = create_app(self.gateway, env)
-        uv = uvicorn_config(app, config, host="127.0.0.1", port=self.port)
+        uv = uvicorn_config(
+            app, config, host="127.0.0.1", port=self.port, metrics=self.gateway.metrics
+        )
         self.server = uvicorn.Server(uv)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -136,11 +139,24 @@ class GatewayThread:
         self.stop()
 
 
+def _prlimit() -> str:
+    found = shutil.which("prlimit")
+    if found is None:
+        raise RuntimeError("prlimit is missing: install util-linux (Debian: util-linux)")
+    return found
+
+
 class GatewayProcess:
-    """``sluicegate serve`` in its own process, its stderr (the logs) kept in a file."""
+    """``sluicegate serve`` in its own process, its stderr (the logs) kept in a file.
+    ``open_files``: start it with this (soft, hard) open-file limit (util-linux's
+    ``prlimit``), as a system with a low limit would."""
 
     def __init__(
-        self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.port = free_port()
         config = dict(config, listen=dict(config.get("listen", {}), port=self.port))
@@ -150,6 +166,9 @@ class GatewayProcess:
         self.env = env or gateway_environ()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._prefix = []
+        if open_files is not None:
+            self._prefix = [_prlimit(), "--nofile={}:{}".format(*open_files), "--"]
 
     @property
     def url(self) -> str:
@@ -159,6 +178,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
         self.proc = subprocess.Popen(
             [
+                *self._prefix,
                 sys.executable,
                 "-m",
                 "sluicegate.cli.main",

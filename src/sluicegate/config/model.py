@@ -29,6 +29,10 @@ class ListenConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     #: Seconds to finish in-flight requests after SIGTERM before they are closed.
     graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
+    #: Client connections this worker holds open at once. A connection beyond gets 503
+    #: ``TooManyConnections`` (``Retry-After: 1``) to its first request and is closed, so
+    #: that idle or slow clients cannot take the descriptors the backends' pools need.
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     #: Serve HTTPS with this certificate chain and private key (PEM files; both or neither).
     tls_cert: str | None = None
     tls_key: str | None = None

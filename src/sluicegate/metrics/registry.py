@@ -20,7 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -204,6 +204,39 @@ class _BackendCollector(Collector):
         return iter(())
 
 
+class ConnectionSource(Protocol):
+    """Client connections as the server counts them (``server.ConnectionCounts``)."""
+
+    @property
+    def open(self) -> int: ...
+
+    @property
+    def refused(self) -> int: ...
+
+
+class _ConnectionCollector(Collector):
+    """Open client connections and refusals for ``listen.max_connections``, read at scrape
+    time (the server counts them per connection; nothing is done per request)."""
+
+    def __init__(self, source: ConnectionSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "sluicegate_client_connections",
+            "Client connections open on this instance.",
+            value=self.source.open,
+        )
+        yield CounterMetricFamily(
+            "sluicegate_client_connections_refused",
+            "Client connections refused (503 TooManyConnections) for listen.max_connections.",
+            value=self.source.refused,
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
 #: deployment → (count per bucket, +Inf last; [sum])
 _Histogram = dict[str, tuple[list[int], list[float]]]
 
@@ -350,6 +383,7 @@ class GatewayMetrics:
             registry=r,
         )
         self._backend_collector: _BackendCollector | None = None
+        self._connection_collector: _ConnectionCollector | None = None
 
     def watch_backends(self, source: Callable[[], Iterable[BackendSample]]) -> None:
         """Export backend state from ``source`` at every scrape (a later call replaces it)."""
@@ -358,6 +392,15 @@ class GatewayMetrics:
             return
         self._backend_collector = _BackendCollector(source)
         self.registry.register(self._backend_collector)
+
+    def watch_connections(self, source: ConnectionSource) -> None:
+        """Export ``source``'s client connection counts at every scrape (a later call
+        replaces it: one server per gateway)."""
+        if self._connection_collector is not None:
+            self._connection_collector.source = source
+            return
+        self._connection_collector = _ConnectionCollector(source)
+        self.registry.register(self._connection_collector)
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""
