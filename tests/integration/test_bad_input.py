@@ -112,3 +112,50 @@ def test_header_with_cr_lf_is_refused_in_azure_shape(harness: Harness, key: str)
     assert head.startswith(b"HTTP/1.1 400")
     assert b'"error"' in body and b"Traceback" not in data
     assert harness.records() == []
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send one raw request (it asks to close) and return the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_paths_that_cannot_be_forwarded_are_refused_and_blame_no_backend(
+    harness: Harness, key: str
+) -> None:
+    """Sent as the bytes below (a client library would normalise some of them): refused
+    with 404 before anything goes upstream. A space used to reach the upstream client,
+    whose refusal was counted as the backend's connection failure: a few such requests
+    opened the breaker for every client."""
+    chat = "/openai/deployments/gpt-4o-mini/"
+    variants = [
+        chat + "chat%20completions",
+        chat + "Chat/Completions",
+        chat + "%2E/chat/completions",
+        chat + "chat/completions%3Fapi-version=2024-10-21%26x=",
+        "/openai/deployments/gpt-4o-mini/extensions/chat/completions",
+    ]
+    for _ in range(4):
+        for path in variants:
+            answer = _raw_exchange(
+                harness.gw.port,
+                f"POST {path}?api-version=2024-10-21 HTTP/1.1\r\nhost: x\r\napi-key: {key}\r\n"
+                "content-type: application/json\r\ncontent-length: 2\r\n"
+                "connection: close\r\n\r\n{}".encode(),
+            )
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404 "), (path, answer[:300])
+            assert b'"error"' in body and b"Traceback" not in answer
+    resp = httpx.post(
+        harness.url + CHAT,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        headers={"api-key": key},
+    )
+    assert resp.status_code == 200, resp.text
+    assert [entry["path"] for entry in harness.sim_log()] == [CHAT.split("?")[0]]
+    metrics = httpx.get(harness.url + "/metrics").text
+    assert "sluicegate_circuit_trips_total{" not in metrics

@@ -46,3 +46,50 @@ def test_a_metered_operation_takes_only_post() -> None:
             assert route.kind is RouteKind.NOT_FOUND, (method, op)
         other = match_route(method, "/openai/deployments/gpt-4o/audio/speech")
         assert other.kind is RouteKind.DEPLOYMENT and not other.metered
+
+
+def test_paths_a_backend_could_read_as_a_metered_operation_are_refused() -> None:
+    """Only metered routes are checked against the configuration; anything else is
+    forwarded as the client wrote it, unmetered. A backend that reads a path more loosely
+    (letter case, dot or empty segments, a "?" or "%" left after decoding, ";" parameters)
+    could serve these as a chat completion outside the limits and the ledger."""
+    for path in (
+        "/openai/deployments/gpt-4o/Chat/Completions",
+        "/openai/Deployments/gpt-4o/chat/completions",
+        "/openai/V1/chat/completions",
+        "/openai/v1/Embeddings/",
+        "/openai/deployments/gpt-4o/./chat/completions",
+        "/openai/deployments/gpt-4o//chat/completions",
+        "/openai/v1/./responses",
+        "/openai/v1/x/../chat/completions",
+        "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&",
+        "/openai/deployments/gpt-4o/chat%2Fcompletions",
+        "/openai/deployments/gpt-4o/chat/completions;v=1",
+        "/openai/deployments/gpt-4o/chat completions",
+        "/openai/deployments/gpt-4o/chat\\completions",
+        "/openai/chat/completions",
+        "/openai/deployments/gpt-4o/extensions/chat/completions",
+        "/openai/v1/deployments/gpt-4o/embeddings",
+    ):
+        assert match_route("POST", path).kind is RouteKind.REFUSED, path
+    # Not only POSTs: characters and segments a backend may read differently, for any method.
+    for path in (
+        "/openai/files/f\u00e9",
+        "/openai/files/a b",
+        "/openai/files/%41",
+        "/openai//files",
+    ):
+        assert match_route("GET", path).kind is RouteKind.REFUSED, path
+
+
+def test_other_operations_are_still_passed_through() -> None:
+    for method, path, kind in (
+        ("GET", "/openai/v1/files/file-abc123/content", RouteKind.PASSTHROUGH),
+        ("GET", "/openai/v1/chat/completions", RouteKind.PASSTHROUGH),  # stored completions
+        ("POST", "/openai/v1/chat/completions/chatcmpl-1", RouteKind.PASSTHROUGH),
+        ("DELETE", "/openai/v1/responses/resp_1", RouteKind.PASSTHROUGH),
+        ("POST", "/openai/v1/fine_tuning/jobs/ftjob-1/cancel", RouteKind.PASSTHROUGH),
+        ("POST", "/openai/deployments/gpt-4.1/audio/transcriptions", RouteKind.DEPLOYMENT),
+        ("POST", "/openai/deployments/gpt-4o/chat/completions/", RouteKind.DEPLOYMENT),
+    ):
+        assert match_route(method, path).kind is kind, (method, path)

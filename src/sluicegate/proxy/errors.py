@@ -82,5 +82,16 @@ def resource_not_found() -> GatewayError:
     return GatewayError(404, "404", "Resource not found")
 
 
+def refused_path() -> GatewayError:
+    return GatewayError(
+        404,
+        "404",
+        "Resource not found. The gateway forwards chat/completions, completions, embeddings "
+        "and responses only on their own paths (/openai/deployments/{deployment}/{operation} "
+        "or /openai/v1/{operation}, in lower case), and other paths only in plain characters "
+        "(no spaces, '%', ';', '?' or '#' once decoded), without empty or dot segments.",
+    )
+
+
 def bad_request(code: str, message: str) -> GatewayError:
     return GatewayError(400, code, message)

@@ -167,6 +167,8 @@ class Pipeline:
         route = ctx.route
         if route.kind is RouteKind.NOT_FOUND:
             raise errors.resource_not_found()
+        if route.kind is RouteKind.REFUSED:
+            raise errors.refused_path()
         await self._authenticate(ctx, scope)
         if route.kind is RouteKind.MODELS:
             await self._models(ctx, send)

@@ -24,6 +24,7 @@ import orjson
 
 from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock
+from sluicegate.proxy import errors
 from sluicegate.proxy.asgi import Receive, Scope, Send, disconnect_hook
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.deadlines import Deadlines
@@ -92,7 +93,9 @@ async def attempt(
     """Send one attempt and relay its answer. Raises ``AttemptFailed`` (nothing sent to the
     client) on a connection error, a timeout before the first byte, a body that broke off
     before the first byte, or a status for which ``retryable(status)`` is true.
-    ``on_headers`` receives every answer's headers (for headroom), failed ones included."""
+    ``on_headers`` receives every answer's headers (for headroom), failed ones included.
+    Raises ``GatewayError`` (400, nothing sent anywhere) for a request that HTTP/1.1 cannot
+    carry as built: not an attempt that failed, so no backend is blamed for it."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     deadlines = ctx.deadlines
     deadline = deadlines.now() + backend.first_byte_timeout
@@ -103,9 +106,19 @@ async def attempt(
                 response = await backend.client.request(scope["method"], url, headers.items(), body)
         except TimeoutError:
             raise _timed_out(backend, "no status line") from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             backend.connect_failed(exc)
             raise _broken(backend, exc, "connection") from None
+        except ValueError as exc:
+            # The request could not be written as built (a line break or space where it
+            # would change the framing): the request's fault, never the backend's. Counted
+            # as a connection failure, it would open the backends' breakers for everyone.
+            log.info("request %s not forwarded: %s", ctx.request_id, exc)
+            raise errors.bad_request(
+                "InvalidRequest",
+                "The request cannot be forwarded: its path or a header holds characters "
+                "that HTTP/1.1 does not allow there. Fix the request and send it again.",
+            ) from None
         finished = False
         try:
             on_headers(response.raw_headers)

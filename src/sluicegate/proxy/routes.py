@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -12,6 +13,8 @@ class RouteKind(enum.Enum):
     MODELS = "models"  # GET /openai/v1/models, /openai/models: what the caller may use
     PASSTHROUGH = "passthrough"  # any other path under /openai/
     NOT_FOUND = "not_found"
+    #: A path the gateway would forward unmetered but will not (``_forwardable``).
+    REFUSED = "refused"
 
 
 #: Operations whose body is JSON and carries tokens the gateway meters.
@@ -36,9 +39,24 @@ class Route:
 
 _V1_OPERATIONS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
 
+#: What a forwarded path may hold once uvicorn has percent-decoded it: RFC 3986's path
+#: characters without "%" (a "%2F" left after decoding would be decoded again by the backend)
+#: and ";" (servers that take ";…" as path parameters drop it).
+_PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~/:@!$&'()*+,=]+")
+#: A POST whose path ends like this is a metered operation, whatever else its path says.
+_METERED_TAILS = tuple("/" + operation for operation in sorted(METERED_OPERATIONS))
+
 
 def match_route(method: str, path: str) -> Route:
-    """Classify a request path. Accepts the APIM-style paths without the ``/openai`` prefix."""
+    """Classify a request path (``scope["path"]``, percent-decoded). Accepts the APIM-style
+    paths without the ``/openai`` prefix.
+
+    A path that would be forwarded unmetered (a passthrough path, or a deployment's other
+    operations) is ``REFUSED`` unless ``_forwardable``: only metered routes are checked
+    against the configuration, and a backend may read a path more loosely than this match
+    does (letter case, dot segments, a decoded "?"), which would serve a metered operation
+    outside the limits and the ledger. Metered routes pay nothing for the check: their
+    upstream path is built from the configuration and the exact operation."""
     if path.startswith("/openai/"):
         rest = path[len("/openai/") :]
     elif path.startswith("/deployments/"):
@@ -49,10 +67,13 @@ def match_route(method: str, path: str) -> Route:
         parts = rest.split("/", 2)
         if len(parts) == 3 and parts[1] and parts[2]:
             operation = parts[2].rstrip("/")
-            if method != "POST" and operation in METERED_OPERATIONS:
-                # Azure has no such operation (a GET of chat/completions): its "wrong path"
-                # answer, not a complaint about the empty body, and nothing sent upstream.
-                return Route(RouteKind.NOT_FOUND)
+            if operation in METERED_OPERATIONS:
+                if method != "POST":
+                    # Azure has no such operation (a GET of chat/completions): its "wrong
+                    # path" answer, not a complaint about the empty body, and nothing sent.
+                    return Route(RouteKind.NOT_FOUND)
+            elif not _forwardable(method, path):
+                return Route(RouteKind.REFUSED)
             return Route(RouteKind.DEPLOYMENT, operation, parts[1], operation)
         return Route(RouteKind.NOT_FOUND)
     if rest.startswith("v1/"):
@@ -61,11 +82,26 @@ def match_route(method: str, path: str) -> Route:
             return Route(RouteKind.V1, operation, None, "v1/" + operation)
         if method == "GET" and operation == "models":
             return Route(RouteKind.MODELS, "models")
-        return Route(RouteKind.PASSTHROUGH, "passthrough", None, rest)
+        return _passthrough(method, path, rest)
     if method == "GET" and rest.rstrip("/") == "models":
         return Route(RouteKind.MODELS, "models")
     if method == "POST" and rest.rstrip("/") == "responses":
         return Route(RouteKind.V1, "responses", None, "responses")
     if not rest:
         return Route(RouteKind.NOT_FOUND)
+    return _passthrough(method, path, rest)
+
+
+def _passthrough(method: str, path: str, rest: str) -> Route:
+    if not _forwardable(method, path):
+        return Route(RouteKind.REFUSED)
     return Route(RouteKind.PASSTHROUGH, "passthrough", None, rest)
+
+
+def _forwardable(method: str, path: str) -> bool:
+    """Plain characters only, no empty or dot segments, and for a POST no metered operation
+    under another name (``Chat/Completions``, ``…/extensions/chat/completions``): an SDK
+    never sends such paths, and a backend might serve them as the operation."""
+    if _PATH_CHARACTERS.fullmatch(path) is None or "//" in path or "/." in path:
+        return False
+    return method != "POST" or not path.lower().rstrip("/").endswith(_METERED_TAILS)
