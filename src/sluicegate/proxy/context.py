@@ -60,6 +60,8 @@ class RequestContext:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: Opaque state of the limiter for this request (a reservation to settle).
     admission: Any = None
+    #: The reservation has been settled (or its settling began: never twice).
+    settled: bool = False
     #: The record has been written.
     finished: bool = False
     #: The upstream attempt this context describes now (1, 2, … as the request fails over).

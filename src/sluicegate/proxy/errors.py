@@ -82,6 +82,16 @@ def resource_not_found() -> GatewayError:
     return GatewayError(404, "404", "Resource not found")
 
 
+def shutting_down() -> GatewayError:
+    return GatewayError(
+        503,
+        "ServiceUnavailable",
+        "The gateway instance is shutting down and could not finish the request. Retry it.",
+        retry_after=1,
+        headers=[("connection", "close")],
+    )
+
+
 def refused_path() -> GatewayError:
     return GatewayError(
         404,

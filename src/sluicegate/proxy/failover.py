@@ -101,7 +101,13 @@ async def forward_routed(
                 _refuse(ctx, router, pool, outcomes)
             emit(_failed_record(ctx, failed, clock.monotonic() - started))
             if decision.action is Action.WAIT_SAME:
-                await asyncio.sleep(decision.wait)
+                try:
+                    await asyncio.sleep(decision.wait)
+                except asyncio.CancelledError:
+                    # Cancelled before the next attempt: the one that failed is the last,
+                    # and its record is written (the pipeline's would repeat its key).
+                    ctx.finished = True
+                    raise
             choice = following
             number += 1
             continue

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluicegate.proxy")
 
 REQUEST_ID_HEADER = b"x-sluicegate-request-id"
+#: How long a request cancelled at shutdown may take to settle its reservation (one round
+#: trip to the limit store; the shutdown waits for it).
+_SETTLE_WHEN_CANCELLED_SECONDS = 1.0
 #: RFC 6750's challenge on a refused bearer token.
 _INVALID_TOKEN = ("www-authenticate", 'Bearer error="invalid_token"')
 
@@ -112,38 +115,65 @@ class Pipeline:
         receive = self.network.body_deadline(receive, self.deadlines)
         ctx.response_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode("ascii")))
         try:
-            await self._handle(ctx, scope, receive, send)
-        except GatewayError as exc:
-            ctx.status, ctx.error_code = exc.status, exc.code
-            if ctx.outcome is Outcome.OK:
-                ctx.outcome = Outcome.REJECTED
-            await send_error(send, exc, ctx.response_headers)
-        except ClientGone:
-            ctx.status, ctx.outcome = 499, Outcome.ABORTED
-        except asyncio.CancelledError:
-            # Shutdown past its grace period: still write the record, then let it go.
-            ctx.outcome = Outcome.ABORTED
-            ctx.status = ctx.status or 499
-            self._finish_sync(ctx)
-            raise
-        except Exception:
-            log.exception("unexpected error in the request path (request %s)", ctx.request_id)
-            ctx.status, ctx.outcome, ctx.error_code = 500, Outcome.BACKEND_ERROR, "GatewayError"
-            err = GatewayError(
-                500,
-                "InternalServerError",
-                f"The gateway failed to process the request (request id {ctx.request_id}).",
-            )
             try:
-                await send_error(send, err, ctx.response_headers)
-            except Exception:  # the response had already started; nothing more to say
-                log.debug("could not send the error response", exc_info=True)
-        if self.admitter is not None and ctx.admission is not None:
-            try:
-                await self.admitter.finish(ctx)
+                await self._handle(ctx, scope, receive, send)
+            except GatewayError as exc:
+                ctx.status, ctx.error_code = exc.status, exc.code
+                if ctx.outcome is Outcome.OK:
+                    ctx.outcome = Outcome.REJECTED
+                await send_error(send, exc, ctx.response_headers)
+            except ClientGone:
+                ctx.status, ctx.outcome = 499, Outcome.ABORTED
+            except asyncio.CancelledError:
+                # Shutdown past its grace period, in the middle of the request.
+                ctx.outcome = Outcome.ABORTED
+                ctx.status = ctx.status or 499
+                raise
             except Exception:
-                log.exception("settling the limits failed (request %s)", ctx.request_id)
-        self._finish_sync(ctx)
+                log.exception("unexpected error in the request path (request %s)", ctx.request_id)
+                ctx.status, ctx.outcome, ctx.error_code = 500, Outcome.BACKEND_ERROR, "GatewayError"
+                err = GatewayError(
+                    500,
+                    "InternalServerError",
+                    f"The gateway failed to process the request (request id {ctx.request_id}).",
+                )
+                try:
+                    await send_error(send, err, ctx.response_headers)
+                except Exception:  # the response had already started; nothing more to say
+                    log.debug("could not send the error response", exc_info=True)
+            if self.admitter is not None and ctx.admission is not None:
+                ctx.settled = True  # never twice, even if cancelled during it
+                try:
+                    await self.admitter.finish(ctx)
+                except Exception:
+                    log.exception("settling the limits failed (request %s)", ctx.request_id)
+        except asyncio.CancelledError:
+            # Cancelled at any await above (the request's, an error's answer, the settling):
+            # at shutdown, past its grace period. The reservation is still settled, briefly,
+            # and a client that got nothing yet gets Azure's answer for a service going away
+            # (the SDKs retry it, on another instance). The cancellation ends here, with the
+            # request's task: re-raised, uvicorn would log a traceback and answer a plain 500.
+            await self._settle_cancelled(ctx)
+            try:
+                await send_error(send, errors.shutting_down(), ctx.response_headers)
+                ctx.status = 503
+            except Exception:  # the answer had started: uvicorn closes the connection
+                log.debug("request %s cut at shutdown mid-answer", ctx.request_id)
+        finally:
+            # The record is written whatever happened, once (``_finish_sync`` checks).
+            self._finish_sync(ctx)
+
+    async def _settle_cancelled(self, ctx: RequestContext) -> None:
+        """Settle the reservation of a request being cancelled, unless that began already;
+        give up after ``_SETTLE_WHEN_CANCELLED_SECONDS``."""
+        if self.admitter is None or ctx.admission is None or ctx.settled:
+            return
+        ctx.settled = True
+        try:
+            async with asyncio.timeout(_SETTLE_WHEN_CANCELLED_SECONDS):
+                await self.admitter.finish(ctx)
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("settling the limits of request %s failed: %r", ctx.request_id, exc)
 
     def _finish_sync(self, ctx: RequestContext) -> None:
         if ctx.finished:

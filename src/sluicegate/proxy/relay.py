@@ -255,9 +255,16 @@ async def _relay_stream(
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    held, ended, broke, gone = await _relay_events(
-        ctx, response, first, scanner, scope, receive, send, clock, backend
-    )
+    try:
+        held, ended, broke, gone = await _relay_events(
+            ctx, response, first, scanner, scope, receive, send, clock, backend
+        )
+    except asyncio.CancelledError:
+        # Cancelled at shutdown, mid-stream: the record still says what the client got,
+        # the backend's usage if it came, else the estimate of what was relayed.
+        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+        _estimate(ctx, scanner)
+        raise
     if gone and not scanner.done:
         ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
         ctx.outcome = Outcome.ABORTED
