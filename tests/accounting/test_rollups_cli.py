@@ -233,3 +233,37 @@ def test_rebuild_between_catch_ups_counts_every_record_once(engine: Engine, tmp_
     rep = charge_report(engine, prices, start=T0 - 86400, end=T0 + 3 * 86400, by="owner")
     assert rep.total.total_tokens == sum(r.total_tokens for r in first + later)
     assert rep.total.requests == len(first) + len(later)
+
+
+def test_records_written_after_a_purge_emptied_the_ledger_are_rolled_up(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """One day of retention after quiet days: the purge deletes every record it may. SQLite
+    must not hand the ids out again (catch-up reads only ids above its watermark), so there
+    it keeps the newest record until a newer one exists; the new records reach charge-back."""
+    prices = PriceTable(parse_config(CONFIG))
+    clock = FakeClock(T0)
+    rollups = Rollups(engine, prices, clock)
+    kept = 1 if engine.dialect.name == "sqlite" else 0
+    old = records(30)
+    write(engine, tmp_path, old)
+    rollups.catch_up()
+    clock.set(T0 + 3 * 86400)  # two quiet days later
+    purged = rollups.purge(raw_days=1, hourly_days=None)
+    left = ledger_totals(engine).requests
+    new = records(5, clock.now())
+    write(engine, tmp_path, new)
+    rollups.catch_up()
+    start, end = T0 - 86400, clock.now() + 86400
+    rep = charge_report(engine, prices, start=start, end=end, by="owner")
+    assert rep.total.requests == len(old) + len(new)
+    assert rep.total.total_tokens == sum(r.total_tokens for r in old + new)
+    assert (purged.raw_deleted, left) == (len(old) - kept, kept)
+    # Once newer records exist the kept one goes too; the rollups keep every record.
+    clock.advance(3 * 86400)
+    # SQLite: the old record it kept and every new one but the newest.
+    assert rollups.purge(raw_days=1, hourly_days=None).raw_deleted == len(new)
+    assert ledger_totals(engine).requests == kept
+    rollups.catch_up()
+    rep = charge_report(engine, prices, start=start, end=end, by="owner")
+    assert rep.total.requests == len(old) + len(new)

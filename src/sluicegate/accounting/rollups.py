@@ -7,10 +7,11 @@ How it stays correct without touching the ledger writer:
   hour from the raw records (delete the hour's rows, insert the fresh aggregate), then the day
   that contains it from its hours. Recomputing is idempotent, so a crash, a concurrent run or a
   batch replayed from the ledger's spill file (old timestamps, new ids) never double-counts.
-- On SQLite ids grow in commit order, so ``catch_up()`` *adds* the records above the
-  watermark to their hours instead, a chunk at a time, aggregated outside the write lock and
-  merged, with the watermark moved, in one short transaction (``_catch_up_sqlite``): the
-  ledger writer needs that lock several times a second.
+- On SQLite ids grow in commit order (and never restart below the watermark: ``purge()``
+  keeps the newest record), so ``catch_up()`` *adds* the records above the watermark to
+  their hours instead, a chunk at a time, aggregated outside the write lock and merged,
+  with the watermark moved, in one short transaction (``_catch_up_sqlite``): the ledger
+  writer needs that lock several times a second.
 - On PostgreSQL, ids are handed out before commit, so a record with a lower id can become
   visible after a higher one. Each run therefore rescans ``POSTGRES_OVERLAP`` ids below the
   watermark (more than the ledger writers can have in flight) and recomputes those hours too.
@@ -273,7 +274,10 @@ class Rollups:
     ) -> PurgeRun:
         """Delete raw records older than ``raw_days`` (whole UTC days, only records already
         rolled up) and hourly rollups older than ``hourly_days``. In chunks of ``chunk`` rows,
-        one transaction each."""
+        one transaction each.
+
+        On SQLite the record with the highest id is never deleted: it outlives retention until
+        a newer record exists (see the comment in the loop)."""
         now = self.clock.now()
         raw_deleted = hourly_deleted = 0
         watermark, purged = self.state()
@@ -291,8 +295,18 @@ class Rollups:
                     conn.commit()
                 purged = cutoff
             c = usage_records.c
+            old_enough = [c.ts < purged, c.id <= watermark]
+            if self.engine.dialect.name == "sqlite":
+                # SQLite gives a new row max(id) + 1 (``id`` is a rowid without AUTOINCREMENT):
+                # with the newest row deleted, new records would take ids at or below the
+                # watermark, which catch-up never reads, and the next purge would delete them
+                # unrolled. Keeping that one row keeps max(id) from going down. Decided in the
+                # statement itself (under the write lock), so a concurrent purge cannot race
+                # it. PostgreSQL's sequence never hands an id out twice.
+                newest = select(func.max(c.id)).correlate(None).scalar_subquery()
+                old_enough.append(c.id < newest)
             while True:
-                ids = select(c.id).where(c.ts < purged, c.id <= watermark).limit(chunk)
+                ids = select(c.id).where(*old_enough).limit(chunk)
                 with self.engine.begin() as conn:
                     n = conn.execute(delete(usage_records).where(c.id.in_(ids))).rowcount
                 raw_deleted += n
