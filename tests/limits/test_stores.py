@@ -49,6 +49,42 @@ async def test_redis_keys_carry_ttls(
     assert expected - 1000 < quota_ttl <= expected
 
 
+async def test_redis_refusals_leave_no_key_without_a_ttl(
+    make_redis_store: Callable[..., RedisStore],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
+) -> None:
+    """A refusal charges nothing, but the script writes the bookkeeping of a sliding counter
+    it finds new (or expired): that key must expire on its own too. Both ways a client keeps
+    being refused: asking for more than the limit (one key per address with ``counter_key:
+    client_ip``), and a subscription over its quota whose rate counters are fresh."""
+    limiter = Limiter(make_redis_store(), clock)
+    rates = LimitPolicy(tokens_per_minute=1000, requests_per_minute=10)
+    quota = LimitPolicy(token_quota=100, token_quota_period="hourly")
+    both = LimitPolicy(
+        tokens_per_minute=1000, requests_per_minute=10, token_quota=100, token_quota_period="hourly"
+    )
+    too_large = await limiter.admit([LimitRequest("ip:203.0.113.7", rates, 1001)])
+    assert too_large.status == 429 and too_large.code == "TokenRequestTooLarge"
+    assert (await limiter.admit([LimitRequest("sub:over", quota, 100)])).allowed
+    # The quota is used up; its rate counters do not exist (as once they have expired).
+    over = await limiter.admit([LimitRequest("sub:over", both, 10)])
+    assert over.status == 403 and over.code == "TokenQuotaExceeded"
+    keys = sorted([k.decode() async for k in redis_client.scan_iter(match=redis_prefix + "*")])
+    start_ms, _ = period_bounds("hourly", clock.now())
+    assert keys == [
+        f"{redis_prefix}ip:203.0.113.7:rpm",
+        f"{redis_prefix}ip:203.0.113.7:tpm",
+        f"{redis_prefix}sub:over:quota:hourly:{start_ms}",
+        f"{redis_prefix}sub:over:rpm",
+        f"{redis_prefix}sub:over:tpm",
+    ]
+    ttls = {key: await redis_client.pttl(key) for key in keys}
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+    assert all(ttl <= 62_000 for key, ttl in ttls.items() if ":quota:" not in key), ttls
+
+
 async def test_redis_adjust_never_recreates_an_expired_key(
     make_redis_store: Callable[..., RedisStore],
     redis_client: aioredis.Redis,

@@ -8,6 +8,10 @@
 -- and, while requests are admitted, constant work per counter key, whatever the limit. The maths is the same as sluicegate/limits/memory.py
 -- (see sluicegate/limits/store.py); the conformance tests run both.
 --
+-- Every key the script writes has a TTL when it returns, admitted or refused (window +
+-- bucket for a sliding counter, the period's end + grace for a quota): no key outlives its
+-- counter.
+--
 -- Time comes from the caller (ARGV[1], epoch ms of the gateway's injected clock), not from
 -- Redis TIME: the script stays deterministic, and the window maths is testable with a fake
 -- clock. Gateways must keep their clocks in sync (NTP); skew only moves a charge between
@@ -29,6 +33,7 @@ local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
 local n = #KEYS
 local used, retry, slot, kinds, costs, ttls = {}, {}, {}, {}, {}, {}
+local wrote = {}  -- counters whose hash this call wrote before deciding (see the refusal)
 local allowed = 1
 
 for i = 1, n do
@@ -89,6 +94,7 @@ for i = 1, n do
         redis.call("HDEL", key, unpack(dead))
       end
       redis.call("HSET", key, "-1", total, "-2", oldest)
+      wrote[i] = true
     end
     local live = nil
     if total + need > limit and need <= limit then
@@ -110,6 +116,7 @@ for i = 1, n do
       if counted ~= total then
         total = counted
         redis.call("HSET", key, "-1", total)
+        wrote[i] = true
       end
     end
     used[i] = total
@@ -162,6 +169,17 @@ if allowed == 1 then
     else
       used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
       -- Relative to the caller's clock (like every time here), not Redis's own.
+      redis.call("PEXPIRE", KEYS[i], ttls[i])
+    end
+  end
+else
+  -- A refusal charges nothing, but the bookkeeping above may have written a hash that had
+  -- no TTL: a new or expired key is created by that HSET. Without one it would never
+  -- expire (a client refused for good, say over its quota or asking for more than a limit,
+  -- would leave a key per counter for ever). Only here, on the rarer path: an admission
+  -- sets every TTL anyway. Quota keys are only read on a refusal.
+  for i = 1, n do
+    if wrote[i] then
       redis.call("PEXPIRE", KEYS[i], ttls[i])
     end
   end
