@@ -267,3 +267,42 @@ def test_records_written_after_a_purge_emptied_the_ledger_are_rolled_up(
     rollups.catch_up()
     rep = charge_report(engine, prices, start=start, end=end, by="owner")
     assert rep.total.requests == len(old) + len(new)
+
+
+def test_late_records_for_purged_hours_are_added_once_by_concurrent_runs(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: a record replayed from a spill file for an hour whose raw records were
+    purged is added to the rollups (it cannot be recomputed), by whichever of several
+    processes' runs gets there first, once: each run adds it only in the transaction that
+    moves the watermark past it, from the watermark as it then is."""
+    url = request.getfixturevalue("pg_database_url")
+    migrate(url)
+    engine = create_engine_for(url)
+    try:
+        prices = PriceTable(parse_config(CONFIG))
+        clock = FakeClock(T0)
+        old = records(20)
+        write(engine, tmp_path, old)
+        Rollups(engine, prices, clock).catch_up()
+        clock.set(T0 + 3 * 86400)
+        assert Rollups(engine, prices, clock).purge(raw_days=1, hourly_days=None).raw_deleted
+        late = records(3, T0 + 60)  # old timestamps, new ids
+        write(engine, tmp_path, late)
+
+        def run(start: threading.Barrier) -> None:
+            start.wait()
+            Rollups(engine, prices, clock).catch_up()
+
+        for _ in range(3):  # a race: three tries at making the runs overlap
+            start = threading.Barrier(2)
+            runs = [threading.Thread(target=run, args=(start,)) for _ in range(2)]
+            for t in runs:
+                t.start()
+            for t in runs:
+                t.join()
+        rep = charge_report(engine, prices, start=T0 - 86400, end=T0 + 2 * 86400, by="owner")
+        assert rep.total.requests == len(old) + len(late)
+        assert rep.total.total_tokens == sum(r.total_tokens for r in old + late)
+    finally:
+        engine.dispose()

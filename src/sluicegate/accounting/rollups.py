@@ -173,11 +173,14 @@ class Rollups:
         late = [h for h in hours if purged is not None and h < purged]
         hours = [h for h in hours if purged is None or h >= purged]
         days = self._recompute(hours)
-        if late:
-            self._add_late(late, watermark, top)
         with self.engine.connect() as conn:
             self._lock(conn)
             current, _ = self._read_state(conn)
+            if late and current < top:
+                # Added (they cannot be recomputed) in the transaction that moves the
+                # watermark past them, from the watermark as it is now: a run that added
+                # them first moved it already, and a run that fails adds nothing.
+                self._add_late(conn, late, max(watermark, current), top)
             conn.execute(
                 update(rollup_state)
                 .where(rollup_state.c.id == 1)
@@ -403,19 +406,17 @@ class Rollups:
                     )
         return list(out.values())
 
-    def _add_late(self, hours: list[int], lo: int, hi: int) -> None:
-        """Records that arrived for hours whose raw records were purged: add them as extra
-        rows to the hour and its day (they cannot be recomputed)."""
+    def _add_late(self, conn: Connection, hours: list[int], lo: int, hi: int) -> None:
+        """Records of ids ``(lo, hi]`` that arrived for hours whose raw records were purged:
+        add them as extra rows to the hour and its day (they cannot be recomputed). In the
+        caller's locked transaction, which also moves the watermark to ``hi``."""
         log.warning("rollups: %d hour(s) before the purge horizon got late records", len(hours))
         for h in hours:
-            with self.engine.connect() as conn:
-                self._lock(conn)
-                rows = self._price(conn, h, h + HOUR, h, (lo, hi))
-                if rows:
-                    conn.execute(insert(usage_hourly), rows)
-                    day_rows = [dict(r, bucket=floor_day(h)) for r in rows]
-                    conn.execute(insert(usage_daily), day_rows)
-                conn.commit()
+            rows = self._price(conn, h, h + HOUR, h, (lo, hi))
+            if rows:
+                conn.execute(insert(usage_hourly), rows)
+                day_rows = [dict(r, bucket=floor_day(h)) for r in rows]
+                conn.execute(insert(usage_daily), day_rows)
 
 
 def _group_row(
