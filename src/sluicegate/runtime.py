@@ -42,6 +42,12 @@ class Product:
     def allows(self, deployment: str) -> bool:
         return self.allowed is None or deployment in self.allowed
 
+    @property
+    def passthrough(self) -> bool:
+        """Whether the product's keys may use passthrough paths (``ProductConfig``)."""
+        chosen = self.config.passthrough
+        return self.allowed is None if chosen is None else chosen
+
 
 @dataclass(slots=True)
 class Runtime:

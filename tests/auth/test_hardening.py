@@ -322,6 +322,47 @@ def test_connections_past_the_limit_get_503_until_one_closes(
         assert len(h.records(expect=3)) == 3
 
 
+def test_passthrough_paths_only_for_products_that_may_use_every_deployment(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """Passthrough paths are forwarded unmetered and name their model in the body (images
+    on the v1 API) or in a batch's file, past the deployment check: a product limited to
+    some deployments may not use them unless it says ``passthrough: true``."""
+    products = [
+        {"name": "open", "deployments": ["*"]},
+        {"name": "narrow", "deployments": ["gpt-4o-mini"]},
+        {"name": "narrow-with-files", "deployments": ["gpt-4o-mini"], "passthrough": True},
+        {"name": "open-without", "deployments": ["*"], "passthrough": False},
+    ]
+    subscriptions = {p["name"]: p["name"] for p in products}
+    with entra_gateway(
+        tmp_path, simulator, None, subscriptions=subscriptions, products=products
+    ) as h:
+        forwarded = 0
+        for name, allowed in (
+            ("open", True),
+            ("narrow", False),
+            ("narrow-with-files", True),
+            ("open-without", False),
+        ):
+            r = httpx.post(
+                f"{h.url}/openai/v1/images/generations",
+                json={"model": "dall-e-3", "prompt": "a sluice gate"},
+                headers={"api-key": h.keys[name]},
+                timeout=30,
+            )
+            if allowed:
+                forwarded += 1
+                assert r.status_code != 403, (name, r.text)
+            else:
+                assert r.status_code == 403, (name, r.text)
+                assert r.json()["error"]["code"] == "OperationNotAllowed"
+            assert len(h.sim_log()) == forwarded, name
+        # The product's own deployments are served as before.
+        ok = h.chat({"api-key": h.keys["narrow"]})
+        assert ok.status_code == 200, ok.text
+
+
 def _products(allowed: list[str]) -> list[dict[str, Any]]:
     return [
         {"name": "starter", "deployments": ["*"]},

@@ -283,6 +283,11 @@ class ProductConfig(_Strict):
     description: str = ""
     #: Deployment names this product may use; ``["*"]`` means all.
     deployments: list[str] = Field(default_factory=lambda: ["*"])
+    #: May the product's keys use the paths the gateway passes through unmetered (files,
+    #: batches, images and audio on the v1 API, …)? Those name their model in the body or in
+    #: a batch's file, past the deployment check, so by default only a product that may use
+    #: every deployment may (None: ``deployments == ["*"]``).
+    passthrough: bool | None = None
     #: Limit policy or policies (tokens/requests per minute, quota, each with its counter
     #: key); see docs/limits.md.
     limits: LimitPolicy | list[LimitPolicy] | None = None

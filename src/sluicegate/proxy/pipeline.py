@@ -207,6 +207,16 @@ class Pipeline:
         ctx.body = await read_body(scope, receive, self.max_body)
         query = strip_key_from_query(scope["query_string"])
         if route.kind is RouteKind.PASSTHROUGH:
+            product = ctx.product
+            assert product is not None
+            if not product.passthrough:
+                raise GatewayError(
+                    403,
+                    "OperationNotAllowed",
+                    f"Your subscription's product {product.name!r} may use only its "
+                    "deployments' chat/completions, completions, embeddings, responses and "
+                    "other /openai/deployments/{deployment}/… operations, not this path.",
+                )
             backend = self.runtime.passthrough
             ctx.backend_name = backend.name
             url = f"{backend.base_url}/openai/{route.upstream_suffix}"
