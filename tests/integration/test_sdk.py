@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -87,3 +88,41 @@ def test_embeddings_and_models(harness: Harness) -> None:
     assert [r.operation for r in records if r.outcome == "ok"].count("models") == 1
     refused = [r for r in records if r.outcome == "rejected"]
     assert [r.status for r in refused] == [403]
+
+
+def test_a_responses_stream_cut_at_max_output_tokens_ends_cleanly(harness: Harness) -> None:
+    """The simulator ends a Responses stream cut at ``max_output_tokens`` with
+    ``response.incomplete``: the answer is whole as asked for, so the SDK reads it to its
+    end, no ``StreamInterrupted`` follows it, and the record holds the backend's usage."""
+    key = harness.new_key().primary_key
+    assert key
+    body = {"model": "gpt-4o-mini", "input": "Tell me about sluices", "max_output_tokens": 6}
+    stream = v1(harness, key).responses.create(
+        model="gpt-4o-mini", input="Tell me about sluices", max_output_tokens=6, stream=True
+    )
+    events = list(stream)  # the SDK raises APIError on an error event
+    assert events[-1].type == "response.incomplete"
+    usage = events[-1].response.usage
+    assert usage is not None and usage.output_tokens == 6
+    # The same request read raw: the stream's last bytes are the backend's last event.
+    raw = httpx.post(
+        f"{harness.url}/openai/v1/responses",
+        json={**body, "stream": True},
+        headers={"api-key": key},
+        timeout=30,
+    )
+    assert raw.status_code == 200
+    assert b"StreamInterrupted" not in raw.content
+    last = raw.content.rstrip(b"\n").rpartition(b"\n\n")[2]
+    assert last.startswith(b"event: response.incomplete\n")
+    records = harness.records(expect=2)
+    assert len(records) == 2
+    for record in records:
+        assert record.streamed and record.operation == "responses"
+        assert record.outcome == "ok" and record.error_code is None
+        assert not record.usage_estimated
+        assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (
+            usage.input_tokens,
+            6,
+            usage.total_tokens,
+        )

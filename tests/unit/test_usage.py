@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sluicegate.tokens import usage
-from sluicegate.tokens.usage import StreamScanner, usage_from_body
+from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
 
 
 def _event(obj: object) -> bytes:
@@ -159,6 +159,72 @@ def test_responses_stream_usage_is_read_from_response_completed() -> None:
     assert out == b"".join(events)
     assert scanner.usage is not None and scanner.usage.prompt_tokens == 4
     assert scanner.model == "gpt-4o" and scanner.done
+
+
+def _named(obj: dict[str, object]) -> bytes:
+    """A Responses event as Azure and OpenAI send it: its type as the event's name too."""
+    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+RESPONSES_USAGE = {
+    "input_tokens": 4,
+    "input_tokens_details": {"cached_tokens": 1},
+    "output_tokens": 2,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 6,
+}
+
+
+def _responses_stream(end: str, usage: dict[str, object] | None, named: bool) -> list[bytes]:
+    """The events of a Responses stream that ends with ``end`` reporting ``usage``."""
+    event = _named if named else _event
+    pending = {"id": "r", "status": "in_progress", "usage": None}
+    status = end.removeprefix("response.")
+    final = {"id": "r", "model": "gpt-4o", "status": status, "usage": usage}
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    return [
+        event({"type": "response.created", "response": pending, "sequence_number": 0}),
+        event({"type": "response.in_progress", "response": pending, "sequence_number": 1}),
+        event({"type": "response.output_text.delta", **where, "delta": "Hi", "sequence_number": 2}),
+        event({"type": "response.output_text.done", **where, "text": "Hi", "sequence_number": 3}),
+        event({"type": end, "response": final, "sequence_number": 4}),
+    ]
+
+
+def _feed_in_pieces(scanner: StreamScanner, stream: bytes, size: int) -> bytes:
+    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    return out + scanner.flush()
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "data-only"])
+@pytest.mark.parametrize("end", ["response.completed", "response.incomplete", "response.failed"])
+def test_every_event_that_ends_a_responses_stream_ends_it_with_its_usage(
+    end: str, named: bool
+) -> None:
+    """``response.incomplete`` (cut at max_output_tokens) and ``response.failed`` end a
+    Responses stream as ``response.completed`` does, and their usage is the backend's."""
+    events = _responses_stream(end, RESPONSES_USAGE, named)
+    stream = b"".join(events)
+    before_end = StreamScanner(strip_usage_chunk=False)
+    before_end.feed(b"".join(events[:-1]))
+    assert not before_end.done and before_end.usage is None
+    for size in (len(stream), 64, 7, 1):
+        scanner = StreamScanner(strip_usage_chunk=False)
+        assert _feed_in_pieces(scanner, stream, size) == stream
+        assert scanner.done
+        assert scanner.usage == Usage(4, 2, 6, 1, 0)
+        assert scanner.model == "gpt-4o"
+
+
+def test_a_failed_responses_stream_without_usage_has_still_ended() -> None:
+    """``response.failed`` with ``"usage":null``: nothing to read, but nothing is missing
+    either (no interruption to report); no usage is made up."""
+    stream = b"".join(_responses_stream("response.failed", None, named=True))
+    for size in (len(stream), 64, 7, 1):
+        scanner = StreamScanner(strip_usage_chunk=False)
+        assert _feed_in_pieces(scanner, stream, size) == stream
+        assert scanner.done
+        assert scanner.usage is None
 
 
 def test_a_model_name_is_one_shared_string_whatever_answer_reports_it() -> None:

@@ -80,9 +80,15 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str | None]:
 
 _USAGE_KEY = b'"usage":'
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
-_RESPONSE_DONE = b'"response.completed"'
 _DONE_EVENT = b"data: [DONE]"
 _DONE_TAIL = b"data: [DONE]\n\n"
+#: The events that end a Responses stream (it sends no ``[DONE]``): the answer is whole,
+#: cut at ``max_output_tokens`` (``incomplete``) or given up by the backend (``failed``).
+#: Each carries the final ``response`` object, whose ``usage`` is the backend's count.
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+#: Their first line, as Azure and OpenAI send them: the event's name.
+_RESPONSE_END_LINES = tuple(b"event: %s\n" % name.encode() for name in _RESPONSE_ENDS)
+_E = ord("e")  # how a block of named events (``event: …``) starts; chat blocks start "data:"
 
 
 def _find_usage(data: bytes, start: int) -> int:
@@ -96,18 +102,6 @@ def _find_usage(data: bytes, start: int) -> int:
         if after[:1] == b"{" or after == b" {":
             return at
         start = at + 8
-
-
-def _rfind_usage(data: bytes, end: int) -> int:
-    """Where the last usage object key starts that ends before ``end``; -1: none."""
-    while True:
-        at = data.rfind(_USAGE_KEY, 0, end)
-        if at < 0:
-            return -1
-        after = data[at + 8 : at + 10]
-        if after[:1] == b"{" or after == b" {":
-            return at
-        end = at
 
 
 class StreamScanner:
@@ -140,7 +134,8 @@ class StreamScanner:
             complete, self._pending = data, b""
         else:
             complete, self._pending = data[:end], data[end:]
-        # A stream's last chunk ends with its [DONE]: checked first, it spares a scan.
+        # A stream's last chunk ends with its [DONE]: checked first, it spares a scan. A
+        # Responses stream sends none: its end is found with its usage (``_last_usage``).
         if not self.done and (complete.endswith(_DONE_TAIL) or _DONE_EVENT in complete):
             self.done = True
         # Nearly every chunk holds no usage object (``"usage":null`` does not count) and is
@@ -171,15 +166,28 @@ class StreamScanner:
         return forwarded
 
     def _last_usage(self, complete: bytes) -> None:
-        """Read the last usage object of ``complete`` (whole events), searching from its end.
+        """Read the last usage object of ``complete`` (whole events), searching from its end;
+        note the end of a Responses stream on the way.
 
         Why backwards: the usage a stream reports is its last one (the final chunk of a chat
-        stream, ``response.completed`` of a Responses stream), and it comes right before the
-        end, so the search reads a few hundred bytes instead of the whole chunk; a forward
-        search for the key was a third of the cost of relaying a 33-event stream. An event
-        that holds the key but no readable usage is passed over for the one before it."""
-        end = len(complete)
-        while (at := _rfind_usage(complete, end)) >= 0:
+        stream, the event that ends a Responses stream), and it comes right before the end,
+        so the search reads a few hundred bytes instead of the whole chunk; a forward search
+        for the key was a third of the cost of relaying a 33-event stream. An event that
+        holds the key but no readable usage is passed over for the one before it.
+
+        The event that ends a Responses stream is the last of its chunk and always holds
+        the key (in its ``response``), but may hold ``"usage":null`` (``response.failed``).
+        So the last key of a chunk of named events, when it is a null one, is where the
+        end of such a stream is looked for: chunks without the key (nearly all of them)
+        and chat chunks (they start with ``data:``) pay nothing for it."""
+        size = end = len(complete)
+        while (at := complete.rfind(_USAGE_KEY, 0, end)) >= 0:
+            after = complete[at + 8 : at + 10]
+            if after[:1] != b"{" and after != b" {":  # ``null``: not a usage object
+                if end == size and complete[0] == _E and not self.done:
+                    self._null_usage_end(complete, at)
+                end = at
+                continue
             first = complete.rfind(b"\n\n", 0, at)
             first = 0 if first < 0 else first + 2
             last = complete.find(b"\n\n", at)  # found: ``complete`` ends with a blank line
@@ -189,6 +197,18 @@ class StreamScanner:
             if self.usage is not before:
                 return
             end = first
+
+    def _null_usage_end(self, complete: bytes, at: int) -> None:
+        """The chunk's last usage key, at ``at``, is a null one: if its event ends a Responses
+        stream (``response.failed`` without usage), the stream has ended.
+
+        What the record gets then: the stream ended (the client has the backend's own
+        account of the failure, so no ``StreamInterrupted`` may follow it), and no usage is
+        made up: a zero would pass for the backend's exact count and settle the limiter at
+        nothing. ``usage`` stays None, as for any stream that ends without usage."""
+        first = complete.rfind(b"\n\n", 0, at)
+        if complete.startswith(_RESPONSE_END_LINES, 0 if first < 0 else first + 2):
+            self.done = True
 
     def flush(self) -> bytes:
         """Whatever partial event is left at the end of the stream."""
@@ -213,7 +233,9 @@ class StreamScanner:
             return False
         if not isinstance(obj, dict):
             return False
-        if _RESPONSE_DONE in event and isinstance(obj.get("response"), dict):
+        # The type, not a search of the event's bytes: the final event of a Responses
+        # stream holds the whole answer, and its text may name any event.
+        if obj.get("type") in _RESPONSE_ENDS and isinstance(obj.get("response"), dict):
             obj = obj["response"]
             self.done = True
         usage = usage_from_object(obj.get("usage"))
