@@ -335,6 +335,68 @@ async def test_a_compressed_answer_is_decoded_and_an_unknown_coding_refused() ->
         await pool.close()
 
 
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+GZIP_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
+
+
+async def test_a_compressed_read_that_decodes_to_nothing_is_not_the_end_of_the_body() -> None:
+    """The first chunk is the 10-byte gzip header alone, which decodes to nothing: reading
+    goes on to the bytes that do, instead of ending the body there (empty)."""
+    packed = gzip.compress(JSON * 50)
+    assert len(packed) > 10
+
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(GZIP_HEAD + chunk(packed[:10]))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the header arrives in a read of its own
+        writer.write(chunk(packed[10:]) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with serving(per_connection(run)) as server:
+        pool = pool_for(server)
+        assert await read_all(pool, f"http://127.0.0.1:{server.port}/") == (200, JSON * 50)
+        await pool.close()
+
+
+@pytest.mark.parametrize("cut", ["mid-stream", "trailer"])
+async def test_a_compressed_answer_cut_short_is_an_error_not_a_whole_body(cut: str) -> None:
+    """The HTTP framing is whole (a terminating chunk) but the gzip stream is not: cut in
+    its compressed data, or without its 8-byte trailer (CRC and length)."""
+    packed = gzip.compress(JSON * 50)
+    sent = packed[: len(packed) // 2] if cut == "mid-stream" else packed[:-8]
+
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(GZIP_HEAD + chunk(sent) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with serving(per_connection(run)) as server:
+        pool = pool_for(server)
+        response = await pool.request("POST", f"http://127.0.0.1:{server.port}/", [], b"{}")
+        with pytest.raises(UpstreamError, match="ended before it was complete"):
+            await read_rest(response)
+        response.close()
+        await pool.close()
+
+
+async def test_an_empty_body_with_a_content_coding_is_empty_not_cut_short() -> None:
+    """No compressed bytes at all (a 204, an empty answer): nothing was cut."""
+    async with serving(
+        lambda server: keep_answering(server, answer(b"", b"content-encoding: gzip\r\n"))
+    ) as server:
+        pool = pool_for(server)
+        assert await read_all(pool, f"http://127.0.0.1:{server.port}/") == (200, b"")
+        await pool.close()
+
+
 async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
     async with serving(keep_answering) as server:
         pool = pool_for(server)

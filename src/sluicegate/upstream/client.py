@@ -266,7 +266,7 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """An answer whose status line and headers are in; the body is read with ``readany``."""
 
-    __slots__ = ("_conn", "_decoder", "_done", "content_type", "raw_headers", "status")
+    __slots__ = ("_conn", "_decoded", "_decoder", "_done", "content_type", "raw_headers", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -289,6 +289,7 @@ class UpstreamResponse:
         # The gateway asks for ``identity``; a backend that compresses anyway is decoded here,
         # since the client gets the body without the backend's content-encoding header.
         self._decoder: zlib._Decompress | None = None
+        self._decoded = False  # the decoder has been given compressed bytes
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header
         elif encoding not in (b"", b"identity"):
@@ -300,14 +301,29 @@ class UpstreamResponse:
 
     async def readany(self) -> bytes:
         """The body bytes that arrived since the last call (waiting for some if none did);
-        ``b""`` at the end. Raises ``UpstreamError`` if the connection broke first."""
+        ``b""`` at the end, and only there. Raises ``UpstreamError`` if the connection broke
+        first, or if a compressed body is corrupt or ends before its compressed stream does
+        (a truncated answer must not pass as whole)."""
         data = await self._conn.readany()
-        if self._decoder is not None:
-            try:
-                data = self._decoder.decompress(data) if data else self._decoder.flush()
-            except zlib.error as exc:
-                raise UpstreamError(f"the backend's compressed answer is corrupt ({exc})") from None
-        return data
+        decoder = self._decoder
+        if decoder is None:
+            return data
+        try:
+            # A read can hold compressed bytes that decode to nothing yet (the 10-byte gzip
+            # header alone, a block still incomplete): every caller takes ``b""`` for the
+            # end of the body, so read on until there is output or the body has ended.
+            while data:
+                self._decoded = True
+                if out := decoder.decompress(data):
+                    return out
+                data = await self._conn.readany()
+            out = decoder.flush()
+        except zlib.error as exc:
+            raise UpstreamError(f"the backend's compressed answer is corrupt ({exc})") from None
+        # An empty body is whole (a HEAD answer, a 204); one that stopped short is not.
+        if self._decoded and not decoder.eof:
+            raise UpstreamError("the backend's compressed answer ended before it was complete")
+        return out
 
     def at_eof(self) -> bool:
         """True when ``readany`` has returned the whole body (the next call gives ``b""``
