@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -205,6 +207,29 @@ async def test_a_body_delimited_by_the_connection_closing_is_whole_and_not_reuse
         assert await read_all(pool, url) == (200, b"all of it")
         await pool.close()
     assert server.connections == 2
+
+
+async def test_a_body_delimited_by_the_connection_closing_is_cut_short_by_a_reset() -> None:
+    """Only a clean close ends such a body: a reset (here an abortive close, RST) after part
+    of it is an error, not a whole answer."""
+
+    async def run(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npart of i")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with serving(per_connection(run)) as server:
+        pool = pool_for(server)
+        response = await pool.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
+        assert await response.readany() == b"part of i"
+        with pytest.raises(UpstreamError):
+            await read_rest(response)
+        response.close()
+        await pool.close()
 
 
 async def test_the_answer_to_head_has_no_body_whatever_its_length_says() -> None:

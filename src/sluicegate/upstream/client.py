@@ -125,8 +125,9 @@ class _Connection(asyncio.Protocol):
         self._pool._forget(self)
         head = self._head
         if head is not None and not self.complete:
-            if head.done() and (self._no_body or not self._framed):
-                # Neither a length nor chunked: the body ends where the connection does.
+            if head.done() and (self._no_body or (not self._framed and exc is None)):
+                # Neither a length nor chunked: the body ends where the connection does, if
+                # it closes cleanly (a reset, ``exc``, cuts it short).
                 self.complete = True
                 self._wake()
             else:
