@@ -35,7 +35,7 @@ async def test_redis_keys_carry_ttls(
         token_quota_period="hourly",
     )
     assert (await limiter.admit([LimitRequest("sub:ttl", policy, 10)])).allowed
-    keys = sorted([k.decode() async for k in redis_client.scan_iter(match=redis_prefix + "*")])
+    keys = await _stored_keys(redis_client, redis_prefix)
     start_ms, end_ms = period_bounds("hourly", clock.now())
     assert keys == [
         f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}",
@@ -47,6 +47,11 @@ async def test_redis_keys_carry_ttls(
     quota_ttl = await redis_client.pttl(keys[0])
     expected = end_ms + FIXED_GRACE_MS - int(clock.now() * 1000)
     assert expected - 1000 < quota_ttl <= expected
+
+
+async def _stored_keys(client: aioredis.Redis, prefix: str) -> list[str]:
+    """Every key under ``prefix``, sorted."""
+    return sorted([k.decode() async for k in client.scan_iter(match=prefix + "*")])
 
 
 async def test_redis_refusals_leave_no_key_without_a_ttl(
@@ -71,7 +76,7 @@ async def test_redis_refusals_leave_no_key_without_a_ttl(
     # The quota is used up; its rate counters do not exist (as once they have expired).
     over = await limiter.admit([LimitRequest("sub:over", both, 10)])
     assert over.status == 403 and over.code == "TokenQuotaExceeded"
-    keys = sorted([k.decode() async for k in redis_client.scan_iter(match=redis_prefix + "*")])
+    keys = await _stored_keys(redis_client, redis_prefix)
     start_ms, _ = period_bounds("hourly", clock.now())
     assert keys == [
         f"{redis_prefix}ip:203.0.113.7:rpm",
