@@ -20,6 +20,11 @@ checked against.
 
 The regex patterns and special tokens below are OpenAI's, as in ``tiktoken_ext.openai_public``
 (tiktoken 0.14); ``tests/tokens`` checks that they still match the installed tiktoken.
+The patterns run on the ``regex`` module, whose Unicode tables are newer than tiktoken's:
+for characters encoded only in recent versions of Unicode (~17,500, unassigned in Python
+3.11's database, such as the Seal script at U+3D000) the two may tell a letter from a symbol
+differently, and a text around one may count a token more or less than Azure's. For every
+other character the tokens are tiktoken's.
 
 The vocabulary files and the patterns are OpenAI's, from tiktoken, under its MIT licence:
 Copyright (c) 2022 OpenAI, Shantanu Jain. Permission is hereby granted, free of charge, to
