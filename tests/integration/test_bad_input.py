@@ -97,23 +97,6 @@ def test_keys_missing_wrong_suspended_and_ambiguous(harness: Harness, key: str) 
         assert key not in str(entry)
 
 
-def test_header_with_cr_lf_is_refused_in_azure_shape(harness: Harness, key: str) -> None:
-    request = (
-        b"POST /openai/deployments/gpt-4o-mini/chat/completions?api-version=1 HTTP/1.1\r\n"
-        b"Host: x\r\napi-key: " + key.encode() + b"\r\nx-evil: a\rb\r\n"
-        b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-    )
-    with socket.create_connection(("127.0.0.1", harness.gw.port), timeout=5) as s:
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400")
-    assert b'"error"' in body and b"Traceback" not in data
-    assert harness.records() == []
-
-
 def _raw_exchange(port: int, request: bytes) -> bytes:
     """Send one raw request (it asks to close) and return the whole answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -122,6 +105,19 @@ def _raw_exchange(port: int, request: bytes) -> bytes:
         while chunk := s.recv(65536):
             data += chunk
     return data
+
+
+def test_header_with_cr_lf_is_refused_in_azure_shape(harness: Harness, key: str) -> None:
+    request = (
+        b"POST /openai/deployments/gpt-4o-mini/chat/completions?api-version=1 HTTP/1.1\r\n"
+        b"Host: x\r\napi-key: " + key.encode() + b"\r\nx-evil: a\rb\r\n"
+        b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    data = _raw_exchange(harness.gw.port, request)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b'"error"' in body and b"Traceback" not in data
+    assert harness.records() == []
 
 
 def test_paths_that_cannot_be_forwarded_are_refused_and_blame_no_backend(

@@ -260,21 +260,25 @@ async def _relay_stream(
             ctx, response, first, scanner, scope, receive, send, clock, backend
         )
     except asyncio.CancelledError:
-        # Cancelled at shutdown, mid-stream: the record still says what the client got,
-        # the backend's usage if it came, else the estimate of what was relayed.
-        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
-        _estimate(ctx, scanner)
+        _cut_short(ctx, scanner)  # at shutdown, mid-stream
         raise
     if gone and not scanner.done:
-        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
         ctx.outcome = Outcome.ABORTED
-        _estimate(ctx, scanner)
+        _cut_short(ctx, scanner)
         return False
     tail = _stream_end(ctx, scanner, broke)
     if held and ctx.ttfb is None:
         ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": held + tail, "more_body": False})
     return ended and broke is None
+
+
+def _cut_short(ctx: RequestContext, scanner: StreamScanner) -> None:
+    """A stream cut off before its end (the client left, or the task was cancelled): the
+    record still says what the client got, the backend's usage if it came, else the
+    estimate of what was relayed."""
+    ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+    _estimate(ctx, scanner)
 
 
 def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
