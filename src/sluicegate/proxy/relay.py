@@ -135,7 +135,7 @@ async def attempt(
                 data = await _read_body(deadlines, backend, response, None)
                 finished = True
                 _set_status(ctx, status)
-                await _send_whole(ctx, response, data, send, clock)
+                await _send_whole(ctx, response, data, scope, send, clock)
         finally:
             if finished and ctx.outcome is not Outcome.ABORTED:
                 response.release()
@@ -216,13 +216,26 @@ async def _read_body(
 
 
 async def _send_whole(
-    ctx: RequestContext, response: UpstreamResponse, data: bytes, send: Send, clock: Clock
+    ctx: RequestContext,
+    response: UpstreamResponse,
+    data: bytes,
+    scope: Scope,
+    send: Send,
+    clock: Clock,
 ) -> None:
     if ctx.route.metered and response.status < 300:
         ctx.usage, ctx.model = usage_from_body(data)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
-    headers.append((b"content-length", str(len(data)).encode("ascii")))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    status = response.status
+    if status in (204, 304):
+        pass  # no content, and no Content-Length either (RFC 9110 §8.6)
+    elif data or scope["method"] != "HEAD":
+        headers.append((b"content-length", str(len(data)).encode("ascii")))
+    else:
+        # A HEAD answer's length is the GET answer's: the backend's, not the empty body's.
+        raw = response.raw_headers
+        headers.extend((b"content-length", v) for n, v in raw if n.lower() == b"content-length")
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": data, "more_body": False})
 

@@ -38,18 +38,25 @@ def upstream_request_headers(
     backend_auth: list[tuple[str, str]],
     request_id: str,
 ) -> dict[str, str]:
-    """The headers to send to the backend: the client's, minus hop-by-hop and credentials,
-    plus the backend's auth and a correlation id. Names are lower case."""
+    """The headers to send to the backend: the client's, minus hop-by-hop (those RFC 9110
+    names and those the client's ``Connection`` header names) and credentials, plus the
+    backend's auth and a correlation id. Names are lower case."""
     out: dict[str, str] = {}
+    nominated: set[str] | None = None
     for raw_name, raw_value in client_headers:
         name = raw_name.decode("latin-1")
         if name in REQUEST_DROPPED or name.startswith("x-sluicegate-"):
+            if name == "connection":
+                nominated = connection_options(raw_value, nominated)
             continue
         value = raw_value.decode("latin-1")
         if name in out:
             out[name] = f"{out[name]}, {value}"
         else:
             out[name] = value
+    if nominated:
+        for name in nominated:
+            out.pop(name, None)
     out.setdefault("x-ms-client-request-id", request_id)
     out["accept-encoding"] = "identity"
     for name, value in backend_auth:
@@ -64,16 +71,40 @@ def client_response_headers(
 
     Where the gateway sets a header itself (``extra``), its value replaces the backend's:
     the client is limited by the gateway, not by the backend's shared deployment.
+    Headers the backend's ``Connection`` header names are hop-by-hop too (RFC 9110 §7.6.1):
+    they are meant for the gateway's connection, not the client's, and are dropped.
     """
     own = dict(extra)  # the names (a set comprehension would be a call of its own)
     out: list[tuple[bytes, bytes]] = []
+    nominated: set[str] | None = None
     for name, value in upstream:
         lowered = name.lower()
         if lowered in _RESPONSE_DROPPED_BYTES or lowered in own:
+            if lowered == b"connection":
+                nominated = connection_options(value, nominated)
             continue
         out.append((lowered, value))
+    if nominated:
+        # Rare (backends send "keep-alive" or "close", which name no header): a second pass
+        # only then, since a named header may come before the Connection header.
+        out = [(n, v) for n, v in out if n.decode("latin-1") not in nominated]
     out.extend(extra)
     return out
+
+
+#: ``Connection`` options that are not header names (RFC 9112 §9.3, §9.6).
+_CONNECTION_TOKENS = frozenset({"close", "keep-alive", ""})
+
+
+def connection_options(value: bytes, into: set[str] | None) -> set[str] | None:
+    """The header names a ``Connection`` header's ``value`` lists, lower case, added to
+    ``into``; None while it names none (the usual ``keep-alive`` or ``close``)."""
+    for token in value.decode("latin-1").split(","):
+        name = token.strip().lower()
+        if name not in _CONNECTION_TOKENS:
+            into = into if into is not None else set()
+            into.add(name)
+    return into
 
 
 def strip_key_from_query(query_string: bytes) -> str:
