@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 
 from sluicegate.accounting.records import UsageRecord
 from tests.integration.conftest import Harness
@@ -188,18 +189,24 @@ def test_a_client_that_leaves_after_done_got_a_complete_answer(tmp_path: Path) -
     assert (r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (9, 4, False)
 
 
-def _stream_in_one_read(tmp_path: Path, events: bytes) -> tuple[list[str], UsageRecord]:
+def _stream_in_one_read(
+    tmp_path: Path, events: bytes, responses: bool = False
+) -> tuple[list[str], UsageRecord]:
     """Stream through the gateway from a backend whose whole answer (head, events and end)
     arrives in one write; the client does not ask for usage. Returns the client's lines and
-    the request's record."""
+    the request's record. ``responses``: ask the Responses API instead of chat."""
     with (
         _LingeringUpstream(linger=None, events=events) as upstream,
         _gateway_before(upstream, tmp_path) as harness,
     ):
         key = harness.new_key().primary_key
-        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        body: dict[str, object] = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        url = harness.url + _CHAT_URL
+        if responses:
+            body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+            url = harness.url + "/openai/v1/responses"
         with httpx.stream(
-            "POST", harness.url + _CHAT_URL, json=body, headers={"api-key": key or ""}, timeout=30
+            "POST", url, json=body, headers={"api-key": key or ""}, timeout=30
         ) as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
@@ -234,6 +241,61 @@ def test_a_stream_read_whole_at_once_without_its_end_is_reported(tmp_path: Path)
     assert (r.outcome, r.error_code) == ("backend_error", "StreamInterrupted")
     assert r.usage_estimated
     assert r.completion_tokens > 0
+
+
+def test_a_complete_stream_without_usage_is_counted_as_an_estimate(tmp_path: Path) -> None:
+    """A backend that ignores ``stream_options`` (an older API version, another
+    OpenAI-compatible server) ends its stream without usage: the record gets an estimate,
+    marked as one, never a zero that would pass for the backend's count."""
+    without_usage = b"".join(e + b"\n\n" for e in _EVENTS.split(b"\n\n") if b'"usage"' not in e)
+    lines, r = _stream_in_one_read(tmp_path, without_usage)
+    assert lines[-1] == "data: [DONE]"
+    assert (r.outcome, r.error_code) == ("ok", None)
+    assert r.usage_estimated
+    assert r.prompt_tokens > 0
+    assert 3 <= r.completion_tokens <= 6  # "four words right here"
+    assert r.total_tokens == r.prompt_tokens + r.completion_tokens
+
+
+def test_a_responses_stream_that_failed_without_usage_is_recorded_as_failed(
+    tmp_path: Path,
+) -> None:
+    """``response.failed`` with ``"usage":null``: the client has the whole stream, the
+    backend's failure included, and nothing after it; the record says the backend failed
+    and estimates what was generated."""
+
+    def named(payload: dict[str, object]) -> bytes:
+        return b"event: %s\ndata: %s\n\n" % (str(payload["type"]).encode(), orjson.dumps(payload))
+
+    pending = {"id": "r", "status": "in_progress", "usage": None}
+    failed = {
+        "id": "r",
+        "model": "gpt-4o-mini",
+        "status": "failed",
+        "error": {"code": "server_error", "message": "The model failed."},
+        "usage": None,
+    }
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    events = b"".join(
+        [
+            named({"type": "response.created", "response": pending, "sequence_number": 0}),
+            named(
+                {
+                    "type": "response.output_text.delta",
+                    **where,
+                    "delta": "four words right here",
+                    "sequence_number": 1,
+                }
+            ),
+            named({"type": "response.failed", "response": failed, "sequence_number": 2}),
+        ]
+    )
+    lines, r = _stream_in_one_read(tmp_path, events, responses=True)
+    assert lines[-1].startswith("data: ") and '"response.failed"' in lines[-1]
+    assert not any("StreamInterrupted" in line for line in lines)
+    assert (r.status, r.outcome, r.error_code) == (200, "backend_error", "ResponseFailed")
+    assert r.usage_estimated
+    assert 3 <= r.completion_tokens <= 6
 
 
 def test_a_long_stream_read_whole_reaches_the_client_byte_for_byte(tmp_path: Path) -> None:

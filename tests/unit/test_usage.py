@@ -214,6 +214,7 @@ def test_every_event_that_ends_a_responses_stream_ends_it_with_its_usage(
         assert scanner.done
         assert scanner.usage == Usage(4, 2, 6, 1, 0)
         assert scanner.model == "gpt-4o"
+        assert scanner.failed is (end == "response.failed")
 
 
 def test_a_failed_responses_stream_without_usage_has_still_ended() -> None:
@@ -224,6 +225,7 @@ def test_a_failed_responses_stream_without_usage_has_still_ended() -> None:
         scanner = StreamScanner(strip_usage_chunk=False)
         assert _feed_in_pieces(scanner, stream, size) == stream
         assert scanner.done
+        assert scanner.failed  # the relay records the failure and estimates the usage
         assert scanner.usage is None
 
 

@@ -315,8 +315,17 @@ def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) 
             }
         }
         tail += b"data: " + orjson.dumps(error) + b"\n\n"
-        if ctx.usage is None:
-            _estimate(ctx, scanner)
+    elif scanner.failed:
+        # Whole, and the client has the backend's own account of the failure; the record
+        # says it failed, so that dashboards and charge-back do not count it as served.
+        ctx.outcome = Outcome.BACKEND_ERROR
+        ctx.error_code = "ResponseFailed"
+    if ctx.usage is None:
+        # No usage came back, though the gateway asked for it: a backend that ignores
+        # ``stream_options`` (an older API version, another OpenAI-compatible server), a
+        # ``response.failed`` without it, or a stream cut short. Counted as an estimate,
+        # never as zero, which would pass for the backend's count and settle limits at nothing.
+        _estimate(ctx, scanner)
     return tail
 
 

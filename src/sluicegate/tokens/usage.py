@@ -88,6 +88,7 @@ _DONE_TAIL = b"data: [DONE]\n\n"
 _RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
 #: Their first line, as Azure and OpenAI send them: the event's name.
 _RESPONSE_END_LINES = tuple(b"event: %s\n" % name.encode() for name in _RESPONSE_ENDS)
+_FAILED_LINE = _RESPONSE_END_LINES[2]
 _E = ord("e")  # how a block of named events (``event: …``) starts; chat blocks start "data:"
 
 
@@ -114,7 +115,7 @@ class StreamScanner:
     estimated if the stream ends without usage. Not thread-safe: one per stream.
     """
 
-    __slots__ = ("_pending", "done", "model", "relayed", "strip_usage_chunk", "usage")
+    __slots__ = ("_pending", "done", "failed", "model", "relayed", "strip_usage_chunk", "usage")
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self.strip_usage_chunk = strip_usage_chunk
@@ -122,6 +123,8 @@ class StreamScanner:
         self.usage: Usage | None = None
         self.model: str | None = None
         self.done = False
+        #: The stream ended in ``response.failed``: whole, but the backend gave up on it.
+        self.failed = False
         self.relayed: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
@@ -204,11 +207,14 @@ class StreamScanner:
 
         What the record gets then: the stream ended (the client has the backend's own
         account of the failure, so no ``StreamInterrupted`` may follow it), and no usage is
-        made up: a zero would pass for the backend's exact count and settle the limiter at
-        nothing. ``usage`` stays None, as for any stream that ends without usage."""
+        made up here: a zero would pass for the backend's exact count and settle the limiter
+        at nothing. ``usage`` stays None, as for any stream that ends without usage (the
+        relay estimates it then), and ``failed`` is set."""
         first = complete.rfind(b"\n\n", 0, at)
-        if complete.startswith(_RESPONSE_END_LINES, 0 if first < 0 else first + 2):
+        first = 0 if first < 0 else first + 2
+        if complete.startswith(_RESPONSE_END_LINES, first):
             self.done = True
+            self.failed = complete.startswith(_FAILED_LINE, first)
 
     def flush(self) -> bytes:
         """Whatever partial event is left at the end of the stream."""
@@ -235,9 +241,11 @@ class StreamScanner:
             return False
         # The type, not a search of the event's bytes: the final event of a Responses
         # stream holds the whole answer, and its text may name any event.
-        if obj.get("type") in _RESPONSE_ENDS and isinstance(obj.get("response"), dict):
+        kind = obj.get("type")
+        if kind in _RESPONSE_ENDS and isinstance(obj.get("response"), dict):
             obj = obj["response"]
             self.done = True
+            self.failed = kind == "response.failed"
         usage = usage_from_object(obj.get("usage"))
         if usage is None:
             return False
