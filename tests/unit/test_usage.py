@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sluicegate.tokens import usage
-from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
+from sluicegate.tokens.usage import StreamScanner, Usage, answer_text, usage_from_body
 
 
 def _event(obj: object) -> bytes:
@@ -258,3 +258,21 @@ def test_model_names_from_a_backend_are_shared_up_to_a_bound(
     again = [usage_from_body(orjson.dumps({"model": m, "usage": USAGE}))[1] for m in many]
     assert again == many
     assert sum(a is b for a, b in zip(seen, again, strict=True)) == usage._MAX_MODELS
+
+
+def test_answer_text_is_the_generated_text_of_every_kind_of_answer() -> None:
+    """What an estimate counts when a whole answer came without usage."""
+    chat = {"choices": [{"message": {"content": "a"}}, {"message": {"content": "b"}}]}
+    completions = {"choices": [{"text": "c"}]}
+    responses = {
+        "output": [
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "d"}]},
+        ]
+    }
+    assert answer_text(orjson.dumps(chat)) == "ab"
+    assert answer_text(orjson.dumps(completions)) == "c"
+    assert answer_text(orjson.dumps(responses)) == "d"
+    assert answer_text(orjson.dumps({"data": [{"embedding": [0.1]}]})) == ""
+    assert answer_text(b"not json") == answer_text(b"[1]") == ""
+    assert answer_text(orjson.dumps({"choices": [None, {"message": None}], "output": [1]})) == ""

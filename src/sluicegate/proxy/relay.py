@@ -30,7 +30,7 @@ from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
-from sluicegate.tokens.usage import StreamScanner, Usage, usage_from_body
+from sluicegate.tokens.usage import StreamScanner, Usage, answer_text, usage_from_body
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.client import UpstreamResponse
 from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
@@ -225,6 +225,8 @@ async def _send_whole(
 ) -> None:
     if ctx.route.metered and response.status < 300:
         ctx.usage, ctx.model = usage_from_body(data)
+        if ctx.usage is None:  # a backend that reports none: estimated, never zero
+            _estimate(ctx, answer_text(data))
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     status = response.status
     if status in (204, 304):
@@ -291,7 +293,8 @@ def _cut_short(ctx: RequestContext, scanner: StreamScanner) -> None:
     record still says what the client got, the backend's usage if it came, else the
     estimate of what was relayed."""
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
-    _estimate(ctx, scanner)
+    if ctx.usage is None:
+        _estimate(ctx, scanner.relayed_text())
 
 
 def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
@@ -325,7 +328,7 @@ def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) 
         # ``stream_options`` (an older API version, another OpenAI-compatible server), a
         # ``response.failed`` without it, or a stream cut short. Counted as an estimate,
         # never as zero, which would pass for the backend's count and settle limits at nothing.
-        _estimate(ctx, scanner)
+        _estimate(ctx, scanner.relayed_text())
     return tail
 
 
@@ -408,14 +411,13 @@ async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> No
             return
 
 
-def _estimate(ctx: RequestContext, scanner: StreamScanner) -> None:
-    """No usage came back: estimate the completion from the text the client received."""
-    if ctx.usage is not None:
-        return
+def _estimate(ctx: RequestContext, text: str) -> None:
+    """No usage came back: estimate the completion from ``text``, what the client received,
+    and the prompt from the request (admission's estimate if it made one)."""
     from sluicegate.tokens.estimate_text import estimate_text_tokens
 
     model = ctx.deployment.model if ctx.deployment else None
-    completion = estimate_text_tokens(scanner.relayed_text(), model)
+    completion = estimate_text_tokens(text, model)
     prompt = ctx.prompt_estimate
     if prompt is None:
         from sluicegate.tokens.estimate import estimate_request_tokens

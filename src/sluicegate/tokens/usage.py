@@ -78,6 +78,29 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str | None]:
     return usage_from_object(obj.get("usage")), model_name(obj.get("model"))
 
 
+def answer_text(body: bytes) -> str:
+    """The generated text of a whole JSON answer (chat and completions choices, Responses
+    output), for an estimate when the backend reported no usage; "" when there is none."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(obj, dict):
+        return ""
+    parts: list[str] = []
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+    for item in obj.get("output") or ():  # Responses: message items hold output_text parts
+        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+    return "".join(parts)
+
+
 _USAGE_KEY = b'"usage":'
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE_EVENT = b"data: [DONE]"

@@ -1,5 +1,6 @@
-"""Header hygiene on the wire: hop-by-hop headers stop at the gateway in both directions,
-and answers without content carry no length of their own."""
+"""Backend answers of unusual shape, on the wire: hop-by-hop headers stop at the gateway in
+both directions, answers without content carry no length of their own, and an answer
+without usage is counted as an estimate."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class _RecordingUpstream:
     chat completion whose ``Connection`` header names a header of its own, DELETE with 204,
     HEAD with the length a GET would have."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = _ANSWER) -> None:
+        self.answer = answer
         self.heads: list[dict[str, str]] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
@@ -63,7 +65,7 @@ class _RecordingUpstream:
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                         b"x-backend-hop: internal\r\nx-backend-kept: yes\r\n"
                         b"connection: keep-alive, X-Backend-Hop\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(_ANSWER), _ANSWER)
+                        b"content-length: %d\r\n\r\n%s" % (len(self.answer), self.answer)
                     )
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -85,8 +87,10 @@ class _RecordingUpstream:
 
 
 @contextmanager
-def _gateway(tmp_path: Path) -> Iterator[tuple[Harness, _RecordingUpstream]]:
-    upstream = _RecordingUpstream()
+def _gateway(
+    tmp_path: Path, answer: bytes = _ANSWER
+) -> Iterator[tuple[Harness, _RecordingUpstream]]:
+    upstream = _RecordingUpstream(answer)
     with upstream.running() as url:
         gw = GatewayThread(
             gateway_config(
@@ -146,3 +150,27 @@ def test_headers_answers_without_content_get_no_length_of_their_own(tmp_path: Pa
             assert head.status_code == 200
             assert head.headers["content-length"] == "1234"
             assert head.content == b""
+
+
+def test_an_answer_without_usage_is_counted_as_an_estimate(tmp_path: Path) -> None:
+    """A backend that reports no usage (some OpenAI-compatible servers): the record gets an
+    estimate of the prompt and of the answer's text, marked as one, never a zero that would
+    pass for the backend's count."""
+    answer = orjson.loads(_ANSWER)
+    del answer["usage"]
+    answer["choices"][0]["message"]["content"] = "four words right here"
+    with _gateway(tmp_path, orjson.dumps(answer)) as (harness, _):
+        key = harness.new_key().primary_key or ""
+        r = httpx.post(
+            harness.url + _CHAT,
+            json={"messages": [{"role": "user", "content": "hello there, how are you?"}]},
+            headers={"api-key": key},
+            timeout=10,
+        )
+        assert r.status_code == 200
+        assert "usage" not in r.json()  # relayed as the backend sent it
+        (record,) = harness.records(expect=1)
+    assert (record.outcome, record.usage_estimated) == ("ok", True)
+    assert record.prompt_tokens > 5
+    assert 3 <= record.completion_tokens <= 6
+    assert record.total_tokens == record.prompt_tokens + record.completion_tokens
