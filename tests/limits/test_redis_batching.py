@@ -4,17 +4,28 @@ keep their order and their own answers, and survive Redis forgetting its scripts
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from sluicegate.clock import FakeClock
-from sluicegate.limits.redis_batch import ScriptBatcher, evalsha_head, pack_evalsha
+from sluicegate.limits.redis_batch import (
+    ScriptBatcher,
+    evalsha_head,
+    pack_evalsha,
+    reply_ttl_ms,
+)
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import Adjustment, Counter
+from tests.limits.conftest import REDIS_URL
 
 NOW_MS = 1_700_000_040_000
 
@@ -93,7 +104,7 @@ async def test_each_call_of_a_batch_gets_its_own_keys_arguments_and_reply(
         "wrongtype": "return redis.call('HGET', KEYS[1], 'f')",
         "raise": "error('broken on purpose')",
     }
-    batcher = ScriptBatcher(redis_client, scripts)
+    batcher = ScriptBatcher(redis_client, scripts, key_prefix=redis_prefix)
     a, b = redis_prefix + "a", redis_prefix + "b"
     calls = [
         batcher.call("add", [a], [5]),
@@ -117,7 +128,7 @@ async def test_calls_wait_for_a_busy_connection_and_go_together(
     connection comes back; the batcher's connections are closed by ``aclose``."""
     before = len(await redis_client.client_list())
     scripts = {"add": "return redis.call('INCRBY', KEYS[1], ARGV[1])"}
-    batcher = ScriptBatcher(redis_client, scripts, connections=1)
+    batcher = ScriptBatcher(redis_client, scripts, key_prefix=redis_prefix, connections=1)
     key = redis_prefix + "n"
     first = batcher.call("add", [key], [1])
     await asyncio.sleep(0)  # the first batch leaves (one call) and occupies the connection
@@ -130,3 +141,200 @@ async def test_calls_wait_for_a_busy_connection_and_go_together(
     assert len(await redis_client.client_list()) == before + 1  # the batcher's one connection
     await batcher.aclose()
     assert len(await redis_client.client_list()) == before
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy to the test Redis that can lose one reply: when armed, it forwards the next
+    EVALSHA to Redis, reads Redis's reply (so the command has run) and closes the client's
+    connection instead of passing the reply on, as a network failure at the worst moment
+    would. Every other exchange, and every later connection, is forwarded as it is."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.connections = 0
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._serving: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self._writers += (writer, up_writer)
+        sent_evalsha = False  # the client's last command (redis-py awaits each reply)
+
+        async def to_redis() -> None:
+            nonlocal sent_evalsha
+            while data := await reader.read(65536):
+                sent_evalsha = b"$7\r\nEVALSHA\r\n" in data
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                # An error (NOSCRIPT) means nothing ran: only a reply of a batch that ran is lost.
+                if self.armed and sent_evalsha and not data.startswith(b"-"):
+                    self.armed = False
+                    self.dropped += 1
+                    writer.close()
+                    up_writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(to_redis(), to_client())
+        except (ConnectionError, OSError):
+            writer.close()
+            up_writer.close()
+
+
+@pytest.fixture
+async def dropping_proxy() -> AsyncIterator[ReplyDroppingProxy]:
+    proxy = ReplyDroppingProxy()
+    yield proxy
+    await proxy.aclose()
+
+
+async def test_a_batch_resent_after_its_reply_was_lost_runs_once(
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    clock: FakeClock,
+    dropping_proxy: ReplyDroppingProxy,
+) -> None:
+    """Redis ran the batch, the connection dropped before its reply was read, and the retry
+    policy sent the batch again on a new connection: the admission is charged once and a
+    settle (a negative delta) applied once, and each caller gets the reply of that one run."""
+    url = await dropping_proxy.start()
+    # The store's own client: one immediate reconnect and resend after a dropped connection.
+    store = RedisStore(url, redis_prefix, clock, fail_mode="closed")
+    try:
+        tpm = Counter("k:tpm", "sliding", 10_000, 1000, window_ms=61_000, bucket_ms=1000)
+        # Through the proxy before arming it: the scripts are loaded, the batcher connected.
+        assert (await store.admit([rpm(10)], NOW_MS)).allowed
+
+        dropping_proxy.armed = True
+        first = await store.admit([tpm], NOW_MS)
+        assert dropping_proxy.dropped == 1
+        assert first.allowed and first.states[0].used == 1000  # not 2000: one run's reply
+        slot = first.states[0].slot
+
+        dropping_proxy.armed = True
+        await store.adjust([Adjustment("k:tpm", "sliding", slot, -300)], first.origin)
+        assert dropping_proxy.dropped == 2
+
+        bucket, total = await redis_client.hmget(redis_prefix + "k:tpm", [str(slot), "-1"])
+        assert (int(bucket), int(total)) == (700, 700)  # charged 1000 once, refunded 300 once
+        assert store.batching.connections == 1 and dropping_proxy.connections >= 3
+        assert store.available and store.stats.outages == 0
+    finally:
+        await store.aclose()
+
+
+def _comparable(reply: Any) -> Any:
+    """A reply with its errors as (type, message), for comparing replies that hold them."""
+    if isinstance(reply, BaseException):
+        return (type(reply).__name__, str(reply))
+    if isinstance(reply, list):
+        return [_comparable(item) for item in reply]
+    return reply
+
+
+async def test_a_resent_batch_answers_the_replies_of_its_one_run_as_they_were(
+    redis_client: aioredis.Redis, redis_prefix: str, dropping_proxy: ReplyDroppingProxy
+) -> None:
+    """The replies kept for a resend are those of the run itself: integers past 2**31 and
+    2**53 stay exact integers, strings are bytes, nil, true, nested lists, status replies,
+    and each call's own error, the same as a batch answered at once."""
+    scripts = {
+        "count": "return redis.call('INCR', KEYS[1])",
+        "values": (
+            "return {1, -7, 2^31 + 1, 1e14 + 7, 2^53, -2^53, 1.5, 'bin\\0x', false, true,"
+            " {1, {2, 'a'}}, {}, {ok = 'FINE'}, {err = 'ERR nested'}}"
+        ),
+        "status": "return redis.status_reply('FINE')",
+        "nothing": "return false",
+        "wrongtype": "return redis.call('HGET', KEYS[1], 'f')",
+        "raise": "error('broken on purpose')",
+    }
+    url = await dropping_proxy.start()
+    # As the store's own client: one immediate reconnect and resend after a dropped connection.
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    client = aioredis.Redis.from_url(url, retry=retry)
+    batchers = {
+        "at once": ScriptBatcher(redis_client, scripts, key_prefix=redis_prefix),
+        "resent": ScriptBatcher(client, scripts, key_prefix=redis_prefix),
+    }
+    answers = {}
+    try:
+        for name, batcher in batchers.items():
+            key = f"{redis_prefix}{name}"
+            dropping_proxy.armed = name == "resent"
+            calls = [
+                batcher.call("count", [key], []),
+                batcher.call("values", [], []),
+                batcher.call("status", [], []),
+                batcher.call("nothing", [], []),
+                batcher.call("wrongtype", [key], []),  # key holds a string, not a hash
+                batcher.call("raise", [], []),
+                batcher.call("count", [key], []),
+            ]
+            answers[name] = _comparable(await asyncio.gather(*calls, return_exceptions=True))
+            assert int(await redis_client.get(key)) == 2  # each call ran once
+    finally:
+        for batcher in batchers.values():
+            await batcher.aclose()
+        await client.aclose()
+    assert dropping_proxy.dropped == 1 and dropping_proxy.connections >= 2
+    assert answers["resent"] == answers["at once"]
+    count, values, status, nothing, wrongtype, raised, count_again = answers["resent"]
+    assert (count, count_again) == (1, 2)
+    assert values == [
+        1, -7, 2**31 + 1, 10**14 + 7, 2**53, -(2**53), 1, b"bin\0x", None, 1,
+        [1, [2, b"a"]], [], b"FINE", ("ResponseError", "nested"),  # redis-py drops "ERR "
+    ]  # fmt: skip
+    assert (status, nothing) == (b"FINE", None)
+    assert wrongtype[0] == "ResponseError" and "WRONGTYPE" in wrongtype[1]
+    assert raised[0] == "ResponseError" and "broken on purpose" in raised[1]
+
+
+async def test_a_batch_key_shares_the_hash_slot_of_the_counters(
+    redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """On a Redis Cluster every key of a batch must be in one slot, and an ACL admitting the
+    store's prefix must admit every key: the batch's key lives under the prefix (hash tag
+    included, redis_store.py's convention) and expires within seconds (ten times the store's
+    0.5 s deadline)."""
+    prefix = "{" + redis_prefix.rstrip(":") + "}:"
+    store = RedisStore(REDIS_URL, prefix, clock, fail_mode="closed")
+    try:
+        await store.admit([rpm(10)], NOW_MS)
+        keys = [key async for key in redis_client.scan_iter(match=prefix + "*")]
+        batches = [key for key in keys if key.startswith((prefix + "batch:").encode())]
+        assert sorted(set(keys) - set(batches)) == [(prefix + "k:rpm").encode()]
+        assert len(batches) == 1
+        assert key_slot(batches[0]) == key_slot((prefix + "k:rpm").encode())
+        assert 0 < await redis_client.pttl(batches[0]) <= reply_ttl_ms(0.5) == 5_000
+    finally:
+        await store.aclose()
+        keys = [key async for key in redis_client.scan_iter(match=f"*{prefix}*")]
+        if keys:
+            await redis_client.delete(*keys)

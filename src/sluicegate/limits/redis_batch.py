@@ -20,6 +20,20 @@ script runs by EVALSHA; a ``NOSCRIPT`` reply (Redis restarted or flushed its scr
 and runs the batch once more. A batch that fails as a whole fails every call in it with the
 ``RedisError``: a timed-out batch is never repeated, since it may have run.
 
+A resent batch runs once all the same. The connection's retry policy (redis-py's, as for
+any command) reconnects and sends the batch again after a ``ConnectionError``; when the
+connection dropped after Redis ran the batch but before its reply was read, every call used
+to run twice: admissions charged twice and, worse, settles and releases (negative deltas)
+refunded twice, so that usage was under-counted. So each batch has a key of its own, its first
+key, ``{key_prefix}{the batcher's random token}:{serial}``. In the same atomic run, the script
+answers the replies stored under it when it exists, running nothing, and otherwise runs the
+calls and stores their replies there (MessagePack, for :func:`reply_ttl_ms`). The stored reply
+is the first run's, byte for byte (integers, strings, nil, nested lists, a call's own error),
+so each caller gets the reply of the one run. No extra round trip: a ``GET`` and a ``SET`` in
+the script. The store gives ``{its prefix}batch:`` as ``key_prefix``: under the prefix, so
+that an ACL that admits the prefix admits it, and in the slot of the calls' keys on a Redis
+Cluster (the prefix's hash tag; ``limits/redis_store.py``).
+
 The batcher keeps its own few connections (made like the client pool's: same address,
 credentials, TLS, database, retry policy) instead of checking one out of the pool per batch.
 At one request at a time, half of a batch's CPU went to the pool's checkout and release
@@ -35,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +65,16 @@ from sluicegate.loops import running_loop
 _Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
 
 
+def reply_ttl_ms(timeout: float | None) -> int:
+    """How long a batch's replies stay stored for a resend (module docstring), for an
+    exchange deadline of ``timeout`` seconds. Every resend happens within the deadline (it
+    bounds the retry policy's attempts too), so ten times it, and at least 5 s, is ample and
+    keeps Redis's memory small (~200 bytes a batch); a minute without a deadline."""
+    if timeout is None:
+        return 60_000
+    return max(5_000, round(timeout * 10_000))
+
+
 @dataclass(slots=True)
 class BatchStats:
     pipelines: int = 0
@@ -63,8 +88,10 @@ class ScriptBatcher:
     """Runs named Lua scripts, the calls of one loop turn in one command (module docstring).
 
     ``scripts`` maps names to Lua sources: scripts as EVAL would run them, reading ``KEYS``
-    and ``ARGV`` and ending with a ``return``. Use from one event loop. ``drain()`` waits for
-    every call submitted so far (for shutdown).
+    and ``ARGV`` and ending with a ``return``. ``key_prefix`` starts the key that keeps each
+    batch's replies for a resend: on a Redis Cluster it must hold the hash tag of the calls'
+    keys. Use from one event loop. ``drain()`` waits for every call submitted so far (for
+    shutdown).
     """
 
     def __init__(
@@ -72,15 +99,17 @@ class ScriptBatcher:
         client: aioredis.Redis,
         scripts: Mapping[str, str],
         *,
+        key_prefix: str,
         connections: int = 4,
         timeout: float | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
         self._client = client
-        self._source, self._numbers = batch_script(scripts)
-        sha = hashlib.sha1(self._source.encode("utf-8"), usedforsecurity=False).hexdigest()
-        self._head = evalsha_head(sha)
+        # A batch's key: random per batcher (unique across instances and restarts, drawn
+        # once) and a serial number per batch (no system call per batch).
+        self._batch_key_head = f"{key_prefix}{secrets.token_hex(16)}:"
+        self._batch_serial = 0
         pool = client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         #: One deadline per exchange (None: none), by default the client's socket timeout.
@@ -88,6 +117,9 @@ class ScriptBatcher:
             timeout if timeout is not None else kwargs.get("socket_timeout")
         )
         kwargs["socket_timeout"] = None  # the exchange's deadline bounds the reads and writes
+        self._source, self._numbers = batch_script(scripts, reply_ttl_ms(self._timeout))
+        sha = hashlib.sha1(self._source.encode("utf-8"), usedforsecurity=False).hexdigest()
+        self._head = evalsha_head(sha)
         self._connection_kwargs = kwargs
         self._connection_class = pool.connection_class
         self._max_connections = connections
@@ -162,10 +194,15 @@ class ScriptBatcher:
             self._busy -= 1
             self._idle.append(conn)
 
+    def _batch_key(self) -> str:
+        self._batch_serial += 1
+        return f"{self._batch_key_head}{self._batch_serial}"
+
     async def _run(self, conn: AbstractConnection, batch: list[_Call]) -> None:
         self.stats.pipelines += 1
         self.stats.calls += len(batch)
-        replies = await self._execute(conn, batch)
+        batch_key = self._batch_key()
+        replies = await self._execute(conn, batch, batch_key)
         if replies is None:
             return
         retry: list[_Call] = []
@@ -183,20 +220,27 @@ class ScriptBatcher:
             for call in retry:
                 _answer(call[3], exc)
             return
-        replies = await self._execute(conn, retry)
+        # The same batch again keeps its key: a first send that ran before the connection
+        # dropped, then a resend answered NOSCRIPT (a failover to a replica or a restart,
+        # which lose the script cache and may keep the data), still runs once.
+        if len(retry) != len(batch):
+            batch_key = self._batch_key()
+        replies = await self._execute(conn, retry, batch_key)
         if replies is not None:
             for call, reply in zip(retry, replies, strict=True):
                 _answer(call[3], reply)
 
-    async def _execute(self, conn: AbstractConnection, batch: list[_Call]) -> list[Any] | None:
+    async def _execute(
+        self, conn: AbstractConnection, batch: list[_Call], batch_key: str
+    ) -> list[Any] | None:
         """The replies (an exception object for a call that failed on its own), or None
         when the whole batch failed (every call has been told)."""
         numbers = self._numbers
         try:
             # ARGV: the number of calls, then (script, keys, arguments) counts per call, then
-            # the arguments of all calls; KEYS: the keys of all calls.
+            # the arguments of all calls; KEYS: the batch's key, then the keys of all calls.
             header: list[Any] = [len(batch)]
-            all_keys: list[str] = []
+            all_keys: list[str] = [batch_key]
             all_args: list[Any] = []
             for name, keys, args, _ in batch:
                 header += (numbers[name], len(keys), len(args))
@@ -206,7 +250,8 @@ class ScriptBatcher:
             try:
                 async with asyncio.timeout(self._timeout):
                     # As redis-py's pipeline does: the connection's retry policy decides
-                    # whether a dropped connection is reconnected and the batch sent again.
+                    # whether a dropped connection is reconnected and the batch sent again
+                    # (the same bytes, so the same batch key: it runs at most once).
                     reply: Any = await conn.retry.call_with_retry(
                         lambda: _exchange(conn, packed),
                         lambda _error: conn.disconnect(),
@@ -245,11 +290,17 @@ async def _exchange(conn: AbstractConnection, packed: bytes) -> Any:
         return exc
 
 
-#: The batch script's own part; the limit scripts come before it as ``scripts[i]``.
+#: The batch script's own part; the limit scripts come before it as ``scripts[i]``, and
+#: ``reply_ttl_ms``. KEYS[1] is the batch's key (module docstring).
 _BATCH_LUA = """\
+-- Sent again (the first reply was lost): answer the first run's replies, run nothing.
+local stored = redis.call("GET", KEYS[1])
+if stored then
+  return cmsgpack.unpack(stored)
+end
 local calls = tonumber(ARGV[1])
 local replies = {}
-local key_at, arg_at = 1, 2 + 3 * calls
+local key_at, arg_at = 2, 2 + 3 * calls
 for c = 1, calls do
   local at = 2 + 3 * (c - 1)
   local script = scripts[tonumber(ARGV[at])]
@@ -267,21 +318,29 @@ for c = 1, calls do
     replies[c] = {err = "ERR " .. tostring(reply)}
   end
 end
+-- MessagePack, not JSON: cjson writes numbers with 14 digits (1e14 + 7 comes back as
+-- 1.0000000000001e+14), while cmsgpack keeps integers as integers and the rest exactly
+-- (strings as bytes, false for nil, an error or status as its table), so that the reply
+-- made of the stored value is byte for byte this one.
+redis.call("SET", KEYS[1], cmsgpack.pack(replies), "PX", reply_ttl_ms)
 return replies
 """
 
 
-def batch_script(scripts: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+def batch_script(scripts: Mapping[str, str], ttl_ms: int) -> tuple[str, dict[str, int]]:
     """One Lua script that runs any number of calls of ``scripts`` (name → source), and the
     number by which the batch names each script.
 
     Each source becomes a local function whose parameters ``KEYS`` and ``ARGV`` hide the
     globals, so a script reads its own call's keys and arguments, unchanged. A call that
-    raises an error (``pcall``) gets it as its reply, an error reply inside the list."""
+    raises an error (``pcall``) gets it as its reply, an error reply inside the list. The
+    batch's key (KEYS[1]) stores its replies for ``ttl_ms``, for a resend (module
+    docstring)."""
     numbers: dict[str, int] = {}
     parts = [
         "-- sluicegate: several calls of the limit scripts in one command "
         "(sluicegate/limits/redis_batch.py).\n",
+        f"local reply_ttl_ms = {int(ttl_ms)}\n",
         "local scripts = {}\n",
     ]
     for number, (name, source) in enumerate(scripts.items(), start=1):

@@ -5,8 +5,9 @@ EVALSHA, the calls of one event-loop turn sharing one pipeline (``limits/redis_b
 scripts are re-loaded automatically after a Redis restart). Keys are
 ``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
 window + one bucket, quota counters are integers expiring at period end + grace, so every
-key expires on its own. All keys of one admission are touched by one script, so on a Redis
-Cluster they must share a hash slot: put a hash tag in the prefix (``"{sg}:limits:"``).
+key expires on its own (so does ``{prefix}batch:…``, a batch's replies kept a few seconds for
+a resend: ``limits/redis_batch.py``). All keys of one admission are touched by one script, so on
+a Redis Cluster they must share a hash slot: put a hash tag in the prefix (``"{sg}:limits:"``).
 
 Time: the gateway's injected clock is passed to the scripts (see ``admit.lua`` for why).
 
@@ -124,7 +125,11 @@ class RedisStore:
         self._fallback = fallback if fallback is not None else MemoryStore(FALLBACK_ORIGIN)
         # Calls of one event-loop turn share a pipeline (see limits/redis_batch.py).
         self._scripts = ScriptBatcher(
-            self._client, {"admit": _script("admit.lua"), "adjust": _script("adjust.lua")}
+            self._client,
+            {"admit": _script("admit.lua"), "adjust": _script("adjust.lua")},
+            # A batch's key: under the prefix (its ACL, its hash slot); no counter is
+            # named "batch:…".
+            key_prefix=f"{prefix}batch:",
         )
         self._down_until: float | None = None
 
