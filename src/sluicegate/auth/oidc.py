@@ -116,7 +116,18 @@ class HttpFetcher:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                data = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+                # ``read(n)`` answers what has arrived so far, up to n bytes, not the whole
+                # body: a document in several TCP segments or TLS records (a JWKS with
+                # certificate chains) would be cut. Read to the end, one byte past the cap.
+                parts: list[bytes] = []
+                size = 0
+                while size <= MAX_DOCUMENT_BYTES:
+                    part = await resp.content.read(MAX_DOCUMENT_BYTES + 1 - size)
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+                data = b"".join(parts)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise FetchError(f"{url} could not be fetched ({type(exc).__name__})") from exc
         if len(data) > MAX_DOCUMENT_BYTES:
