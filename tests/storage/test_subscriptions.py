@@ -107,6 +107,29 @@ def test_failed_changes_do_not_bump_the_version(
     assert repo.get("sub-1") == make_subscription(1)
 
 
+def test_a_cancelled_subscription_stays_cancelled_whoever_read_it_before(
+    engine: Engine, make_subscription: SubscriptionFactory, clock: FakeClock
+) -> None:
+    """Two admins: one reads the subscription (active) and resumes it, while the other's
+    cancel commits in between. Cancelling is for good: the resume is refused by the
+    database's UPDATE itself, not by a state its caller read earlier, and changes nothing."""
+    first, second = (SubscriptionRepository(engine, clock=clock) for _ in range(2))
+    first.create(make_subscription(1, state=SubscriptionState.SUSPENDED))
+    read_before = first.get("sub-1")
+    assert read_before is not None and read_before.state is SubscriptionState.SUSPENDED
+    second.set_state("sub-1", SubscriptionState.CANCELLED)
+    version = first.version()
+    for state in (SubscriptionState.ACTIVE, SubscriptionState.SUSPENDED):
+        with pytest.raises(SubscriptionConflict, match="cancelled") as refused:
+            first.set_state("sub-1", state)
+        assert refused.value.field == "state"
+    again = first.set_state("sub-1", SubscriptionState.CANCELLED)  # idempotent
+    assert again.state is SubscriptionState.CANCELLED
+    assert first.version() == version + 1
+    with pytest.raises(SubscriptionNotFound):
+        first.set_state("ghost", SubscriptionState.ACTIVE)
+
+
 def test_list_filters_searches_and_pages(
     repo: SubscriptionRepository, make_subscription: SubscriptionFactory
 ) -> None:

@@ -41,7 +41,11 @@ from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
 from sluicegate.storage.ledger import LedgerStats
 from sluicegate.storage.reports import fetch_records
-from sluicegate.storage.subscriptions import SubscriptionRepository
+from sluicegate.storage.subscriptions import (
+    SubscriptionConflict,
+    SubscriptionNotFound,
+    SubscriptionRepository,
+)
 
 #: The longest range one report may cover (days): keeps a request from scanning years.
 MAX_REPORT_DAYS = 3660
@@ -190,13 +194,15 @@ class AdminService:
         return IssuedKeys(sub, secondary_key=key)
 
     def set_state(self, subscription_id: str, state: SubscriptionState) -> Subscription:
-        current = self.get(subscription_id)
-        if (
-            current.state is SubscriptionState.CANCELLED
-            and state is not SubscriptionState.CANCELLED
-        ):
-            raise AdminError(409, f"subscription {subscription_id} is cancelled for good")
-        return self.repository.set_state(subscription_id, state)
+        """404 for an unknown subscription; 409 to move a cancelled one (for good, checked
+        by the database's UPDATE itself, so a concurrent cancel is never undone)."""
+        self.get(subscription_id)
+        try:
+            return self.repository.set_state(subscription_id, state)
+        except SubscriptionNotFound:
+            raise AdminError(404, f"no subscription {subscription_id!r}") from None
+        except SubscriptionConflict as exc:
+            raise AdminError(409, str(exc)) from None
 
     def suspend(self, subscription_id: str) -> Subscription:
         return self.set_state(subscription_id, SubscriptionState.SUSPENDED)

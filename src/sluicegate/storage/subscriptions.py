@@ -40,8 +40,9 @@ class SubscriptionNotFound(KeyError):
 class SubscriptionConflict(ValueError):
     """A subscription could not be stored because it clashes with a stored one.
 
-    ``field`` names what clashed: ``"id"`` (the id is taken) or ``"key"`` (a key hash is
-    already used by some subscription; regenerate the key).
+    ``field`` names what clashed: ``"id"`` (the id is taken), ``"key"`` (a key hash is
+    already used by some subscription; regenerate the key) or ``"state"`` (the subscription
+    is cancelled, for good).
     """
 
     def __init__(self, message: str, *, field: str) -> None:
@@ -150,8 +151,15 @@ class SubscriptionRepository:
         return [subscription_from_row(r._mapping) for r in rows], int(total)
 
     def set_state(self, subscription_id: str, state: SubscriptionState) -> Subscription:
-        """Change the state; return the updated subscription. Raises ``SubscriptionNotFound``."""
-        return self._update(subscription_id, {"state": str(SubscriptionState(state))})
+        """Change the state; return the updated subscription. Raises ``SubscriptionNotFound``,
+        or ``SubscriptionConflict`` (field ``"state"``) for a cancelled subscription and any
+        state but cancelled: cancelling is for good. Checked by the UPDATE itself, so that a
+        resume racing a cancel cannot bring the subscription (and its keys) back."""
+        state = SubscriptionState(state)
+        guard = None
+        if state is not SubscriptionState.CANCELLED:
+            guard = subscriptions.c.state != str(SubscriptionState.CANCELLED)
+        return self._update(subscription_id, {"state": str(state)}, guard=guard)
 
     def set_key(
         self, subscription_id: str, slot: KeySlot, key_hash: bytes, prefix: str
@@ -202,15 +210,26 @@ class SubscriptionRepository:
         values: dict[str, Any],
         *,
         new_key: tuple[bytes, KeySlot] | None = None,
+        guard: ColumnElement[bool] | None = None,
     ) -> Subscription:
+        """Update one subscription's ``values``; with ``guard``, only if the row meets it
+        (else ``SubscriptionConflict``, field ``"state"``: the only guard is on the state)."""
         values = {**values, "updated_at": self._clock.now()}
+        statement = update(subscriptions).where(subscriptions.c.id == subscription_id)
+        if guard is not None:
+            statement = statement.where(guard)
         with self._engine.begin() as conn:
             # The UPDATE comes first so that a SQLite transaction takes the write lock at once.
-            result = conn.execute(
-                update(subscriptions).where(subscriptions.c.id == subscription_id).values(values)
-            )
+            result = conn.execute(statement.values(values))
             if result.rowcount == 0:
-                raise SubscriptionNotFound(subscription_id)
+                found = conn.execute(
+                    select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)
+                ).first()
+                if found is None:
+                    raise SubscriptionNotFound(subscription_id)
+                raise SubscriptionConflict(
+                    f"subscription {subscription_id} is cancelled for good", field="state"
+                )
             if new_key is not None:
                 key_hash, slot = new_key
                 if _key_owner(conn, key_hash) != [(subscription_id, slot)]:
