@@ -72,3 +72,23 @@ def test_yaml_syntax_errors_have_a_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "line" in info.value.problems[0]
+
+
+def test_a_key_secret_too_short_is_a_problem_found_before_start() -> None:
+    """``serve`` refuses to start with a message, instead of a traceback from the hasher."""
+    cfg = parse_config(GOOD)
+    env = {"EAST_KEY": "x"}
+    (problem,) = environment_problems(cfg, {**env, "SLUICEGATE_KEY_SECRET": "short"})
+    assert "SLUICEGATE_KEY_SECRET must hold at least 16 bytes" in problem
+    assert environment_problems(cfg, {**env, "SLUICEGATE_KEY_SECRET": "é" * 8}) == []  # 16 bytes
+    assert environment_problems(cfg, env) == []  # embedded mode makes its own
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes("listen:\n  host: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        "byte 19: not UTF-8 text (invalid continuation byte); save the file as UTF-8"
+    ]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 KEY_PREFIX = "sg-"
 DISPLAY_CHARS = 8
+#: The shortest hashing secret accepted (the random one made in embedded mode has 64).
+MIN_KEY_SECRET_BYTES = 16
 
 
 def generate_key() -> str:
@@ -50,8 +52,8 @@ class KeyHasher:
     __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("the key secret must be at least 16 bytes")
+        if len(secret) < MIN_KEY_SECRET_BYTES:
+            raise ValueError(f"the key secret must be at least {MIN_KEY_SECRET_BYTES} bytes")
         if len(secret) > _BLOCK:
             secret = hashlib.sha256(secret).digest()
         padded = secret.ljust(_BLOCK, b"\0")

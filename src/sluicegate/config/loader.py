@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sluicegate.auth.keys import MIN_KEY_SECRET_BYTES
 from sluicegate.config.model import GatewayConfig
 
 
@@ -68,6 +69,10 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, [f"byte {exc.start}: not UTF-8 text ({exc.reason}); save the file as UTF-8"]
+        ) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -98,9 +103,15 @@ def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list
                 f"backends[{i}].auth.key_vault.client_secret_env: environment variable "
                 f"{vault.client_secret_env} is not set"
             )
-    if config.mode == "cluster" and config.security.key_secret_env not in environ:
+    secret_env = config.security.key_secret_env
+    if config.mode == "cluster" and secret_env not in environ:
         problems.append(
-            f"security.key_secret_env: cluster mode needs {config.security.key_secret_env} set "
+            f"security.key_secret_env: cluster mode needs {secret_env} set "
             "(the same value on every instance)"
+        )
+    elif len(environ.get(secret_env, "").encode("utf-8")) in range(1, MIN_KEY_SECRET_BYTES):
+        problems.append(
+            f"security.key_secret_env: {secret_env} must hold at least {MIN_KEY_SECRET_BYTES} "
+            "bytes (e.g. the output of: openssl rand -hex 32)"
         )
     return problems
