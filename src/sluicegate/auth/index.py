@@ -88,6 +88,8 @@ class IndexRefresher:
         self._load_all = load_all
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        #: Refreshes failed in a row (0: the last one worked). Counted per outage, so that
+        #: each outage is logged at once, not when a running total next reaches a multiple.
         self.failures = 0
 
     def refresh_now(self) -> bool:
@@ -103,14 +105,24 @@ class IndexRefresher:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await asyncio.to_thread(self.refresh_now):
-                    log.info("subscriptions reloaded", extra={"count": len(self._index)})
+                changed = await asyncio.to_thread(self.refresh_now)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the last good view; the database may be down
                 self.failures += 1
                 if self.failures == 1 or self.failures % 60 == 0:
-                    log.warning("subscription refresh failed: %s", type(exc).__name__)
+                    log.warning(
+                        "subscription refresh failed (%d in a row; keys revoked, rotated or "
+                        "suspended meanwhile still work until it succeeds): %s",
+                        self.failures,
+                        type(exc).__name__,
+                    )
+                continue
+            if self.failures:
+                log.warning("subscription refresh works again after %d failures", self.failures)
+                self.failures = 0
+            if changed:
+                log.info("subscriptions reloaded", extra={"count": len(self._index)})
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
