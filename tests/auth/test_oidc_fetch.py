@@ -84,3 +84,42 @@ async def test_a_document_past_the_cap_is_refused_in_pieces_too(fetcher: HttpFet
     async with _serve(endless) as url:
         with pytest.raises(FetchError, match="larger than"):
             await fetcher(url)
+
+
+async def test_an_egress_proxy_named_in_the_environment_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway whose only way out is an egress proxy (``HTTPS_PROXY``/``HTTP_PROXY``, as
+    for the other Azure clients) reaches its identity provider through it."""
+    asked: list[bytes] = []
+
+    async def proxy(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(JWKS), JWKS)
+        )
+        await writer.drain()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            asked.append((await reader.readuntil(b"\r\n")).strip())
+            await reader.readuntil(b"\r\n\r\n")
+            await proxy(writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    fetcher = HttpFetcher(5.0)
+    await fetcher.start()
+    try:
+        doc = await fetcher("http://login.example.invalid/tenant/discovery/v2.0/keys")
+    finally:
+        await fetcher.aclose()
+        server.close()
+        await server.wait_closed()
+    assert len(doc["keys"]) == 8
+    assert asked == [b"GET http://login.example.invalid/tenant/discovery/v2.0/keys HTTP/1.1"]

@@ -78,8 +78,11 @@ class HttpFetcher:
         import aiohttp
 
         if self._session is None:
+            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY are honoured, as by the other
+            # Azure clients (azure-identity, Key Vault): a gateway whose only way out is an
+            # egress proxy must still reach its identity provider.
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout), trust_env=False
+                timeout=aiohttp.ClientTimeout(total=self._timeout), trust_env=True
             )
 
     async def aclose(self) -> None:
