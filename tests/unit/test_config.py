@@ -92,3 +92,19 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     assert caught.value.problems == [
         "byte 19: not UTF-8 text (invalid continuation byte); save the file as UTF-8"
     ]
+
+
+def test_a_key_given_twice_is_a_config_error(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently: a pasted setting must not change
+    the configuration unseen."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "products:\n"
+        "  - name: team\n"
+        "    deployments: ['*']\n"
+        "    limits: {tpm: 1000}\n"
+        "    limits: {tpm: 100000}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == ["line 5, column 5: 'limits' is given twice in this mapping"]

@@ -61,6 +61,23 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         raise ConfigError(source, _problems(exc)) from exc
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value silently, so a setting pasted twice (two ``limits:`` of a product) would change
+    the configuration unseen. PyYAML has no option for it, hence this constructor."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in this mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate a YAML file. Raises ``ConfigError`` (also for unreadable files and
     YAML syntax errors, with the line and column)."""
@@ -74,7 +91,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             source, [f"byte {exc.start}: not UTF-8 text ({exc.reason}); save the file as UTF-8"]
         ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
