@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.storage.spill import SpillFile
 from tests.storage.conftest import build_record
+
+T = TypeVar("T")
 
 
 def test_append_then_read_round_trips_records(tmp_path: Path) -> None:
@@ -194,3 +198,89 @@ def test_close_lets_go_of_a_part_and_the_next_part_starts_again_at_the_beginning
     spill.close()  # a writer closing mid-replay (the database went away again)
     spill.close()
     assert spill.replay_part(lambda batch: None, batch_size=2, limit=100) == (6, True)
+
+
+def bounded(call: Callable[[], T], timeout: float = 10.0) -> T:
+    """``call()`` in a daemon thread joined with a timeout: a replay whose sink runs under the
+    spill file's lock deadlocks when the sink uses the file, and must fail the test rather
+    than hang the suite."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "deadlocked: the sink ran under the spill file's lock"
+    assert results, "raised (see the thread's exception above)"
+    return results[0]
+
+
+def test_appends_do_not_wait_for_a_replay_whose_sink_hangs(tmp_path: Path) -> None:
+    """A replay's sink writes to a database, which may hang (a locked table): appends, from
+    this instance or another on the same path (the flock), go ahead meanwhile, and the
+    replay does not remove the lines they add."""
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    other = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(5)])
+    fed: list[str] = []
+    in_sink, release = threading.Event(), threading.Event()
+
+    def hanging(batch: list[UsageRecord]) -> None:
+        in_sink.set()
+        assert release.wait(30)
+        fed.extend(r.request_id for r in batch)
+
+    results: list[tuple[int, bool]] = []
+    replayer = threading.Thread(
+        target=lambda: results.append(spill.replay_part(hanging, batch_size=5, limit=5))
+    )
+    replayer.start()
+    try:
+        assert in_sink.wait(10)
+        appender = threading.Thread(
+            target=lambda: (spill.append([build_record(5)]), other.append([build_record(6)])),
+            daemon=True,
+        )
+        appender.start()
+        appender.join(5)
+        assert not appender.is_alive(), "an append waited for the replay's sink"
+        assert len(other.read_all()) == 7
+    finally:
+        release.set()
+        replayer.join(30)
+    assert results == [(5, False)]  # the file grew while the sink ran: kept
+    assert spill.replay_part(lambda batch: fed.extend(r.request_id for r in batch),
+                             batch_size=5, limit=5) == (2, True)  # fmt: skip
+    assert fed == [build_record(i).request_id for i in range(7)]  # each once, in order
+    assert not spill.exists()
+
+
+def test_a_part_let_go_of_while_its_sink_runs_starts_again_at_the_beginning(
+    tmp_path: Path,
+) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(4)])
+    fed: list[str] = []
+
+    def closing(batch: list[UsageRecord]) -> None:
+        fed.extend(r.request_id for r in batch)
+        if len(fed) == 2:
+            spill.close()  # a writer's close() while its replay is in the database
+
+    assert bounded(lambda: spill.replay_part(closing, batch_size=2, limit=4)) == (2, False)
+    assert spill.replay_part(closing, batch_size=2, limit=100) == (4, True)
+    assert fed == [build_record(i).request_id for i in [0, 1, 0, 1, 2, 3]]
+    assert not spill.exists()
+
+
+def test_a_whole_replay_also_feeds_what_was_appended_while_its_sink_ran(tmp_path: Path) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(i) for i in range(3)])
+    fed: list[str] = []
+
+    def appending(batch: list[UsageRecord]) -> None:
+        if not fed:
+            spill.append([build_record(3)])  # the writer shedding overflow meanwhile
+        fed.extend(r.request_id for r in batch)
+
+    assert bounded(lambda: spill.replay(appending, batch_size=5)) == 4
+    assert fed == [build_record(i).request_id for i in range(4)]
+    assert not spill.exists()

@@ -21,13 +21,26 @@ would otherwise block the queue forever: such a batch is retried record by recor
 refused record is appended to ``<spill_path>.rejected`` (same format) and counted as
 ``rejected``, so an operator can see and repair it.
 
+A database that is up but does not answer a statement (``usage_records`` locked by another
+session: a maintenance ``LOCK TABLE``, a ``CREATE INDEX``; or a stuck server) is bounded
+twice. On PostgreSQL every transaction of the writer's runs under ``SET LOCAL
+statement_timeout`` (``statement_timeout``, 10 s by default: a normal batch takes
+milliseconds), so a statement waiting on a lock fails and is handled as an outage (retried
+with backoff, overflow spilled); ``LOCAL``, so the setting does not stay on connections the
+writer returns to a shared engine's pool. SQLite's busy timeout (``engine.py``) does the same
+there. And ``close()`` never waits for a statement past its own timeout (a stuck server may
+never time it out): see there.
+
 Crash loss window: after ``kill -9`` (or a power cut) the records lost are those submitted but
 neither committed nor spilled: the in-memory queue plus the batch in flight, at most about
 ``max_pending + batch_size`` records, in the normal case only the last ``flush_interval``'s
-worth. ``close()`` leaves no such window: what it cannot write it spills. The thread is a
-daemon thread, so a process that exits without calling ``close()`` loses the queue as a crash
-would. (With SQLite's ``synchronous=NORMAL`` a power cut may also roll back the last
-committed transactions.)
+worth. ``close()`` leaves no such window: what it cannot write within its timeout it spills,
+including the batch in flight in a statement that has not returned (if that statement commits
+later, the replay's insert skips the copies). The spill file is never locked while a
+statement runs (``spill.py``), so a replay stuck on the database does not hold that up. The
+thread is a daemon thread, so a process that exits without calling ``close()`` loses the queue
+as a crash would. (With SQLite's ``synchronous=NORMAL`` a power cut may also roll back the
+last committed transactions.)
 """
 
 from __future__ import annotations
@@ -63,7 +76,9 @@ class LedgerStats:
     """A snapshot of a writer's counters (all counts since the writer was created).
 
     ``pending``: records submitted but not yet durable (queued, in flight or being spilled).
-    ``written``: submitted records committed to the database (a duplicate counts as written).
+    ``written``: submitted records committed to the database (a duplicate counts as written;
+    a batch ``close()`` spilled while its statement hung counts as spilled only, even if the
+    statement commits later).
     ``failures``: failed write attempts (each retry of a batch counts once).
     ``spilled``: records appended to the spill file. ``replayed``: spill-file records written.
     ``rejected``: records the database refused for their content (see ``.rejected`` file).
@@ -96,6 +111,10 @@ class LedgerWriter:
     (``asyncio.to_thread``). ``start()`` and ``close()`` are meant to be called once each.
 
     The ``clock`` times the statistics; waiting and backoff use real time, as threads must.
+
+    ``statement_timeout`` (seconds; None: the server's setting) bounds each statement of the
+    writer's on PostgreSQL (see the module docstring); it must exceed the slowest normal
+    batch, or every batch fails and goes through the spill file.
     """
 
     def __init__(
@@ -109,9 +128,12 @@ class LedgerWriter:
         clock: Clock | None = None,
         retry_initial: float = 0.2,
         retry_max: float = 2.0,
+        statement_timeout: float | None = 10.0,
     ) -> None:
         if batch_size < 1 or max_pending < 0 or flush_interval <= 0:
             raise ValueError("batch_size >= 1, max_pending >= 0 and flush_interval > 0 needed")
+        if statement_timeout is not None and statement_timeout <= 0:
+            raise ValueError("statement_timeout > 0 (or None) needed")
         if isinstance(engine, Engine):
             _check_dialect(engine)
             self._engine: Engine | None = engine
@@ -127,6 +149,10 @@ class LedgerWriter:
         self._clock = clock or SystemClock()
         self._retry_initial = retry_initial
         self._retry_max = max(retry_max, retry_initial)
+        # In whole milliseconds, as PostgreSQL takes it (0 would mean no timeout at all).
+        self._statement_timeout_ms = (
+            None if statement_timeout is None else max(1, round(statement_timeout * 1000))
+        )
 
         self._cond = threading.Condition(threading.Lock())
         # Everything below is guarded by self._cond.
@@ -139,6 +165,9 @@ class LedgerWriter:
         self._spill_pending = False
         self._replaying = 0  # records fed so far by the replay in parts under way
         self._thread: threading.Thread | None = None
+        # The thread has ended (set by it, last). Whichever of close() and the thread comes
+        # second lets go of the spill file and the owned engine (``_release``).
+        self._thread_done = False
         self._written = self._failures = self._spilled = self._replayed = self._rejected = 0
         self._last_write_seconds: float | None = None
         self._last_write_at: float | None = None
@@ -223,7 +252,12 @@ class LedgerWriter:
 
         Waits up to ``timeout`` seconds for the thread to write the backlog (and replay a
         spill file). If the database fails meanwhile, or the time runs out, the records left
-        are appended to the spill file before this returns. Idempotent.
+        are appended to the spill file before this returns: then it returns within about
+        ``timeout`` plus the time to append them, whatever the database does. A statement
+        that has not returned by then (a lock held by another session, a stuck server) is not
+        waited for: the batch it writes is spilled with the queue (should it commit later,
+        the replay's insert skips the copies), and the thread is left to end by itself once
+        the statement returns, without starting anything else. Idempotent.
         """
         with self._cond:
             if self._state == "closed":
@@ -242,10 +276,17 @@ class LedgerWriter:
         thread.join(timeout)
         with self._cond:
             self._state = "closed"
+            left_running = not self._thread_done
             # Anything the thread did not get to (records submitted after it drained, or all
             # of them if it is stuck on the database) goes to the spill file from here. The
             # in-flight batch may yet be committed as well: duplicates are ignored on replay.
-            leftovers = [*self._inflight, *self._queue] if thread.is_alive() else [*self._queue]
+            # It is taken from the thread (which sees the state and counts it as spilled,
+            # not written) so that it is not counted as pending any more. Nothing here waits
+            # for the thread: the spill file is not locked while a statement runs.
+            leftovers = [*self._queue]
+            if left_running:
+                leftovers[:0] = self._inflight
+                self._inflight = []
             self._queue.clear()
             if leftovers:
                 self._shedding.append(leftovers)
@@ -256,10 +297,15 @@ class LedgerWriter:
                 lost = len(self._queue)
             if lost:
                 log.error("ledger: %d record(s) could be neither written nor spilled", lost)
-        if thread.is_alive():
+        if left_running:
+            # It ends by itself once its statement returns, and then calls _release().
             log.error("ledger: writer thread still busy after %.1f s; left running", timeout)
             return
-        self._spill.close()  # a replay cut short by an outage holds its file open
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the spill file and the owned engine, once the thread has ended."""
+        self._spill.close()  # a replay cut short holds its file open
         if self._engine_factory is not None and self._engine is not None:
             self._engine.dispose()
 
@@ -300,11 +346,17 @@ class LedgerWriter:
             self._loop()
         except BaseException:
             # A bug, not a database problem. Keep the records: spill them, and let close()
-            # spill whatever arrives after this (the thread is gone, so it is not alive).
+            # spill whatever arrives after this (the thread is done).
             log.exception("ledger: writer thread failed; spilling what it holds")
             with self._cond:
                 self._healthy = False
             self._spill_remaining()
+        finally:
+            with self._cond:
+                self._thread_done = True
+                abandoned = self._state == "closed"  # close() returned without waiting for us
+            if abandoned:
+                self._release()
 
     def _loop(self) -> None:
         backoff = 0.0  # 0 while the database is healthy
@@ -388,7 +440,13 @@ class LedgerWriter:
         try:
             rejected = self._write(batch) if batch else 0
             with self._cond:
-                self._written += len(batch) - rejected
+                if self._state == "closed":
+                    # close() gave up waiting for this statement, took the batch and spilled
+                    # it: counted as spilled, its replay a no-op now that it is stored.
+                    if batch:
+                        log.info("ledger: a batch spilled at close was committed after all")
+                else:
+                    self._written += len(batch) - rejected
                 self._inflight = []
                 if batch:
                     self._last_write_seconds = self._clock.monotonic() - started
@@ -397,7 +455,8 @@ class LedgerWriter:
                     log.info("ledger: database reachable again")
                 self._healthy = True
                 self._cond.notify_all()
-                replay = self._spill_pending
+                # Closed: close() has returned; the next writer replays the file.
+                replay = self._spill_pending and self._state != "closed"
             if replay:
                 # In parts: the queue is written (and its overflow shed) between two, so that
                 # records arriving during a long replay are not all held in memory.
@@ -472,14 +531,13 @@ class LedgerWriter:
         with self._cond:
             self._rejected += 1
 
-    @staticmethod
-    def _insert(engine: Engine, params: list[tuple[Any, ...]]) -> None:
+    def _insert(self, engine: Engine, params: list[tuple[Any, ...]]) -> None:
         # The rows are passed as plain tuples (``record_params``) straight to the driver: at
         # thousands of records per second, SQLAlchemy's per-row parameter processing was the
         # writer thread's main cost (and it shares the GIL with requests).
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
-                _copy_into_postgresql(conn, params)
+                _copy_into_postgresql(conn, params, self._statement_timeout_ms)
                 return
             # SQLite: rows go in groups of ``_SQLITE_ROWS_PER_STATEMENT`` per statement.
             # sqlite3's executemany steps (and releases and retakes the GIL) once per row;
@@ -559,11 +617,18 @@ def _check_dialect(engine: Engine) -> None:
         raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {name}")
 
 
-def _copy_into_postgresql(conn: Connection, params: list[tuple[Any, ...]]) -> None:
+def _copy_into_postgresql(
+    conn: Connection, params: list[tuple[Any, ...]], timeout_ms: int | None
+) -> None:
     """Insert the rows ``params`` into ``usage_records`` in ``conn``'s transaction, each
     ``(request_id, attempt)`` at most once: ``COPY`` into the session's staging table, then
     one statement that moves them (``DELETE … RETURNING`` into ``INSERT … SELECT … ON
-    CONFLICT DO NOTHING``), ``_PG_ROWS_PER_MOVE`` rows at a time.
+    CONFLICT DO NOTHING``), ``_PG_ROWS_PER_MOVE`` rows at a time. ``timeout_ms``: the
+    transaction's ``statement_timeout`` (set first, so that it bounds every statement,
+    the staging table's creation included: it reads ``usage_records``, and a lock held on it
+    makes that wait too). ``SET LOCAL`` costs a round trip per batch, but a session-wide
+    ``SET`` would stay on the pooled connection for the engine's other users (reports, whose
+    queries may rightly take longer).
 
     Why in parts: the server's work for a row (~10 µs: the heap, three indexes) comes in one
     burst per statement, and a server on the gateway's machine may run it on the worker's
@@ -589,9 +654,13 @@ def _copy_into_postgresql(conn: Connection, params: list[tuple[Any, ...]]) -> No
     info = pooled.info
     raw = pooled.driver_connection
     assert raw is not None  # an open connection in a transaction has its driver's
-    statement = _PG_CREATE_STAGING  # the one running, for the error raised
+    statement = ""  # the one running, for the error raised
     try:
         with raw.cursor() as cursor:
+            if timeout_ms is not None:
+                statement = f"SET LOCAL statement_timeout = {int(timeout_ms)}"
+                cursor.execute(statement)
+            statement = _PG_CREATE_STAGING
             if not info.get(_PG_STAGING_READY):
                 cursor.execute(statement)
                 info[_PG_STAGING_READY] = True

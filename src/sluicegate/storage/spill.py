@@ -7,12 +7,18 @@ batch that was in flight); that is harmless because the ledger insert ignores a 
 
 Replay: whole (``replay``), or in parts (``replay_part``) that a writer interleaves with its
 other work; a part resumes where the last one stopped, in the same file, and appends made
-between parts are read by later ones. The file is removed once read to its end.
+between parts (or during one) are read by later batches. The file is removed once read to
+its end.
 
-Concurrency: all methods are thread-safe (one lock per instance) and process-safe on POSIX:
-appends and replays hold an exclusive ``flock`` on the file, and a holder whose file was
-replaced or removed meanwhile reopens it, so two writers that share a spill path (two
-processes, or an old and a new writer) never lose each other's lines.
+Concurrency: all methods are thread-safe and process-safe on POSIX: file I/O holds the
+instance's lock and an exclusive ``flock`` on the file, and a holder whose file was replaced
+or removed meanwhile reopens it, so two writers that share a spill path (two processes, or an
+old and a new writer) never lose each other's lines. A replay holds neither lock while its
+sink runs: the sink writes to a database, which can hang (a table locked by another session,
+a stuck server), and an append must never wait for it. That is what lets a writer's
+``close()`` spill what it holds while its own replay is stuck. The price: two replays of one
+file (two processes, or two instances) may feed the same lines, which the idempotent insert
+absorbs; replays through one instance still run one at a time.
 """
 
 from __future__ import annotations
@@ -42,9 +48,13 @@ class SpillFile:
         self.path = Path(path)
         #: Lines that could not be parsed on replay are moved here, never silently dropped.
         self.corrupt_path = self.path.with_name(self.path.name + ".corrupt")
+        # Guards the file's I/O and the two fields below; never held while a sink runs.
         self._lock = threading.Lock()
-        # A replay in parts (``replay_part``): the file it reads, held open, and where the
-        # next part starts in it.
+        # One replay at a time through this instance; held while its sink runs (so only
+        # another replay ever waits on it).
+        self._replay_lock = threading.Lock()
+        # A replay's position, kept between batches and parts: the file it reads, held open,
+        # and where the next batch starts in it.
         self._part: IO[bytes] | None = None
         self._offset = 0
 
@@ -88,11 +98,17 @@ class SpillFile:
         If ``sink`` raises, the file is kept whole (batches already fed will be fed again next
         time, which the idempotent insert absorbs) and the exception propagates. Lines that
         are not records are appended to ``corrupt_path`` and logged. Returns the number of
-        records fed; 0 if there is no file.
+        records fed; 0 if there is no file. Records appended meanwhile are fed too.
         """
-        with self._lock:
-            self._forget_part()  # from the start, whatever a part had reached
-            fed, _finished = self._replay(sink, batch_size, None)
+        with self._replay_lock:
+            with self._lock:
+                self._forget_part()  # from the start, whatever a part had reached
+            try:
+                fed, _finished = self._replay(sink, batch_size, None)
+            except BaseException:
+                with self._lock:
+                    self._forget_part()  # next time from the start again
+                raise
             return fed
 
     def replay_part(
@@ -105,68 +121,103 @@ class SpillFile:
         between parts are read by later parts. The position reached is kept in memory with
         the file open (so that it cannot name another file): if ``sink`` raises, the next
         part starts at the batch that failed; if another process replayed and removed the
-        file meanwhile, at the start of whatever file the path names now; after a crash, at
-        the start (records fed twice are absorbed by the idempotent insert).
+        file meanwhile, at the start of whatever file the path names now; after a crash, or
+        after ``close()`` while ``sink`` ran, at the start (records fed twice are absorbed by
+        the idempotent insert).
         """
         if limit < 1:
             raise ValueError("limit >= 1 needed")
-        with self._lock:
+        with self._replay_lock:
             return self._replay(sink, batch_size, limit)
 
     def _replay(
         self, sink: Callable[[list[UsageRecord]], object], batch_size: int, limit: int | None
     ) -> tuple[int, bool]:
-        """Feed records from where the last part stopped (``limit`` None: all of them, from
-        wherever ``self._offset`` says, which ``replay`` resets). Call with ``self._lock``."""
-        finished = False
-        try:
-            with self._locked("rb", resume=self._part) as f:
-                if f is None:
-                    finished = True
-                    return 0, True
-                if f is self._part:
-                    f.seek(self._offset)
-                else:
-                    self._forget_part()
-                    if limit is not None:
-                        self._part = _reopen(self.path, f)
-                fed = 0
-                corrupt: list[bytes] = []
-                consumed = 0  # of ``corrupt``: those before the last batch fed
-                batch: list[UsageRecord] = []
-                try:
-                    while limit is None or fed < limit:
-                        raw = f.readline()
-                        if not raw:
-                            break
-                        record, bad = _parse_line(raw)
-                        if bad is not None:
-                            corrupt.append(bad)
-                        elif record is not None:
-                            batch.append(record)
-                        if len(batch) >= batch_size:
-                            sink(batch)
-                            fed += len(batch)
-                            batch = []
-                            self._offset, consumed = f.tell(), len(corrupt)
-                    if batch:
-                        sink(batch)
-                        fed += len(batch)
-                    self._offset, consumed = f.tell(), len(corrupt)
-                finally:
-                    # Lines past the last batch fed are read again by the next part.
-                    self._keep_corrupt(corrupt[:consumed])
+        """Feed records from where the last part stopped (``limit`` None: up to the end).
+        Call with ``self._replay_lock``.
+
+        Batch by batch: read it (under the locks), feed it (under neither: see the module's
+        docstring), then record the new position (under ``self._lock`` again, and only if the
+        part was not let go of meanwhile). The file is removed under its ``flock``, after a
+        check that nothing was appended since the last read.
+        """
+        fed = 0
+        while True:
+            with self._lock:
+                read = self._read_batch(batch_size)
+            if read is None:
+                return fed, True  # no file
+            part, records, end, corrupt, eof = read
+            if part is None:
+                return fed, False  # the path changed under us; the next part starts again
+            if records:
+                sink(records)
+                fed += len(records)
+            with self._lock:
+                if self._part is not part:
+                    return fed, False  # close() let go of it while the sink ran
+                # The unreadable lines among those just fed are set aside first, then the
+                # position moves past them (a failure in between feeds the batch again,
+                # which the idempotent insert absorbs, rather than losing the lines).
+                self._keep_corrupt(corrupt)
+                self._offset = end
+                if eof or (limit is not None and fed >= limit):
+                    removed = self._remove_if_read()
+                    if removed or limit is not None:
+                        return fed, removed
+                    # A whole replay goes on: the file grew while the sink ran.
+
+    def _read_batch(
+        self, batch_size: int
+    ) -> tuple[IO[bytes] | None, list[UsageRecord], int, list[bytes], bool] | None:
+        """Read the next batch: (the part's handle, its records, the offset after them, the
+        unreadable lines among them, whether the file ended). None if there is no file; a
+        None handle if the file could not be held open. Call with ``self._lock``."""
+        with self._locked("rb", resume=self._part) as f:
+            if f is None:
+                self._forget_part()
+                return None
+            if f is self._part:
+                f.seek(self._offset)
+            else:
+                self._forget_part()
+                self._part = _reopen(self.path, f)
+                if self._part is None:
+                    return None, [], 0, [], False
+            records: list[UsageRecord] = []
+            corrupt: list[bytes] = []
+            eof = False
+            while len(records) < batch_size:
+                raw = f.readline()
+                if not raw:
+                    eof = True
+                    break
+                record, bad = _parse_line(raw)
+                if bad is not None:
+                    corrupt.append(bad)
+                elif record is not None:
+                    records.append(record)
+            return self._part, records, f.tell(), corrupt, eof
+
+    def _remove_if_read(self) -> bool:
+        """Remove the file if the part has read it to its end; whether there is none left
+        to read (removed here, or by another process). Call with ``self._lock``."""
+        part = self._part
+        assert part is not None
+        with self._locked("rb", resume=part) as f:
+            if f is part:
                 if self._offset < os.fstat(f.fileno()).st_size:
-                    return fed, False
-                # Still holding the flock: nobody can append between the last read and the
-                # unlink.
+                    return False  # appended to meanwhile
+                # Still holding the flock: nobody can append between the check and the unlink.
                 self.path.unlink()
                 _fsync_dir(self.path.parent)
-                finished = True
-                return fed, True
-        finally:
-            if finished:
-                self._forget_part()
+                gone = True
+            else:
+                # Replayed and removed by another process (who read it to its end too), and
+                # perhaps a new file begun since: that one is read from its start.
+                gone = f is None
+        self._forget_part()
+        return gone
 
     def close(self) -> None:
         """Let go of the file a replay in parts holds open; a later part starts again at the
@@ -204,8 +255,8 @@ class SpillFile:
     def _locked(self, mode: str, resume: IO[bytes] | None = None) -> Iterator[IO[bytes] | None]:
         """Open the file under an exclusive flock; None if it does not exist (read modes).
 
-        ``resume``: a handle a replay kept open between parts; it is used instead (locked,
-        and left open afterwards) if the path still names its file."""
+        ``resume``: a handle a replay keeps open between batches and parts; it is used
+        instead (locked, and left open afterwards) if the path still names its file."""
         if resume is not None:
             fcntl.flock(resume.fileno(), fcntl.LOCK_EX)
             try:
