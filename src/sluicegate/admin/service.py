@@ -184,7 +184,10 @@ class AdminService:
         )
 
     def rotate(self, subscription_id: str, slot: KeySlot) -> IssuedKeys:
-        self.get(subscription_id)
+        """A new key in ``slot``. 409 for a cancelled subscription: its keys never work
+        again, so issuing one would only hand out a useless secret."""
+        if self.get(subscription_id).state is SubscriptionState.CANCELLED:
+            raise AdminError(409, f"subscription {subscription_id} is cancelled for good")
         key = generate_key()
         sub = self.repository.set_key(
             subscription_id, slot, self.hasher.digest(key), display_prefix(key)
