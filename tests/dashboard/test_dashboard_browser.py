@@ -1,8 +1,8 @@
 """The dashboard in headless Chromium (Playwright) against a running gateway and simulator:
 log in, create a subscription, call the gateway with its key through the openai SDK, find
 those calls in the chart and the table, download the CSV and check it against the ledger,
-suspend the subscription and see the next call refused. Screenshots of the main pages go to
-test-artifacts/screenshots/."""
+suspend the subscription and see the next call refused, sign out. Screenshots of the main pages
+go to test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -97,11 +97,14 @@ def test_dashboard_end_to_end(tmp_path: Path) -> None:
             tokens = sum(r.total_tokens for r in records)
             cost = sum(
                 (
-                    r.prompt_tokens * PER_MILLION[r.deployment or ""][0]
-                    + r.completion_tokens * PER_MILLION[r.deployment or ""][1]
-                )
-                / 1_000_000
-                for r in records
+                    (
+                        r.prompt_tokens * PER_MILLION[r.deployment or ""][0]
+                        + r.completion_tokens * PER_MILLION[r.deployment or ""][1]
+                    )
+                    / 1_000_000
+                    for r in records
+                ),
+                Decimal(0),
             )
 
             # The chart and the table show those calls.
@@ -156,5 +159,10 @@ def test_dashboard_end_to_end(tmp_path: Path) -> None:
             assert refused.value.status_code == 403
             assert "suspended" in str(refused.value)
             client.close()
+
+            # Sign out with the page's own form (it carries the session's CSRF token).
+            page.click("form.logout button")
+            page.wait_for_url(f"{h.url}/dashboard/login")
+            assert all(c["name"] != "sluicegate_session" for c in page.context.cookies())
         finally:
             browser.close()

@@ -6,15 +6,19 @@ ID access token of an administrator (see ``admin.access``), also the OpenAPI doc
 ``AdminService`` operation in a worker thread (they block on the database) and answers
 through a model of ``admin.schemas``. Errors are ``{"error": {"code", "message"}}``: 401
 without valid credentials, 403 for a valid token of someone who is not an administrator, 404
-for an unknown subscription or path, 409 for a change a cancelled subscription cannot take,
-422 for invalid input, 503 when the admin API is disabled (or the IdP's keys are unavailable).
+for an unknown subscription or path, 408 for a request body that does not arrive within
+``security.body_read_timeout_seconds``, 409 for a change a cancelled subscription cannot take,
+413 for a request body over ``BODY_LIMIT`` (or ``security.max_body_bytes``, if smaller), 422
+for invalid input, 503 when the admin API is disabled (or the IdP's keys are unavailable).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,7 +27,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -48,6 +52,17 @@ log = logging.getLogger("sluicegate.admin")
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 _ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+#: The largest admin API request body read. The largest request is a subscription to create
+#: (three texts of at most 200 characters): a few KiB even with every character escaped.
+BODY_LIMIT = 1024 * 1024
+#: The times ``Query.time`` accepts: 1970 to 9999-01-01T00:00:00Z. Reports widen ranges to
+#: whole hours and months, and the next month of December 9999 is past what ``datetime``
+#: holds: later times would fail there (a 500) instead of being refused.
+MIN_TIME = 0.0
+MAX_TIME = 253_370_764_800.0
+#: Headers of a 408 answer: the rest of the late body is never read, so the connection must
+#: not carry another request (a slow sender would otherwise keep it open).
+BODY_TIMEOUT_HEADERS = {"Connection": "close"}
 
 
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
@@ -57,17 +72,57 @@ def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Respo
 
 def error_response(status: int, message: str, code: str | None = None) -> Response:
     codes = {
+        400: "InvalidRequest",
         401: "Unauthorized",
         403: "Forbidden",
         404: "NotFound",
         405: "MethodNotAllowed",
+        408: "RequestTimeout",
         409: "Conflict",
+        413: "RequestEntityTooLarge",
         422: "InvalidRequest",
         503: "Unavailable",
     }
     body = {"error": {"code": code or codes.get(status, str(status)), "message": message}}
     headers = {"WWW-Authenticate": 'Bearer realm="sluicegate-admin"'} if status == 401 else None
+    if status == 408:
+        headers = dict(BODY_TIMEOUT_HEADERS)
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The request body, read with a hard cap: at most ``limit`` bytes, complete within
+    ``seconds`` of the start of the read.
+
+    Raises ``AdminError``: 413 when ``Content-Length`` declares more than ``limit`` (nothing
+    is read) or as soon as the bytes read pass it (the rest is never read or kept); 408 when
+    the body is late; 400 when the client goes away before the body's end. Never holds more
+    than ``limit`` bytes plus one network read.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(seconds), aclosing(request.stream()) as chunks:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                parts.append(chunk)
+    except TimeoutError:
+        raise AdminError(
+            408,
+            f"the request body did not arrive within {seconds:g} seconds; send it promptly",
+        ) from None
+    except ClientDisconnect:
+        raise AdminError(400, "the client went away before the end of the request body") from None
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> AdminError:
+    return AdminError(413, f"the request body is larger than the {limit} bytes accepted here")
 
 
 def denied_response(exc: AdminDenied) -> Response:
@@ -124,16 +179,23 @@ class Query:
         return value
 
     def time(self, name: str, default: float) -> float:
-        """An ISO 8601 date or date-time (UTC unless it says otherwise), or epoch seconds."""
+        """An ISO 8601 date or date-time (UTC unless it says otherwise), or epoch seconds,
+        from ``MIN_TIME`` (1970) to ``MAX_TIME`` (9999-01-01T00:00:00Z) inclusive; the
+        default is returned as it is."""
         raw = self._q.get(name)
         if raw is None or raw == "":
             return default
         try:
-            return float(raw) if raw.replace(".", "", 1).isdigit() else _iso(raw)
+            value = float(raw) if raw.replace(".", "", 1).isdigit() else _iso(raw)
         except (ValueError, OverflowError):
             raise AdminError(
                 422, f"'{name}' must be an ISO 8601 date/date-time or epoch seconds"
             ) from None
+        if not MIN_TIME <= value <= MAX_TIME:  # also refuses inf (a long run of digits)
+            raise AdminError(
+                422, f"'{name}' must be from 1970-01-01 up to 9999-01-01T00:00:00Z (UTC)"
+            )
+        return value
 
 
 def _iso(raw: str) -> float:
@@ -243,7 +305,9 @@ class AdminApi:
         return json_response(openapi_document(self.operations, "/admin/api"))
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
-        raw = await request.body()
+        security = self.service.config.security
+        limit = min(BODY_LIMIT, security.max_body_bytes)
+        raw = await read_body(request, limit, security.body_read_timeout_seconds)
         try:
             data = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError:
@@ -514,7 +578,8 @@ class AdminApi:
         text = {"type": "string", "maxLength": 200, "pattern": r"^[^\x00-\x1f\x7f]*$"}
         when = {
             "type": "string",
-            "description": "ISO 8601 date or date-time (UTC if no offset) or epoch seconds",
+            "description": "ISO 8601 date or date-time (UTC if no offset) or epoch seconds, "
+            "from 1970-01-01 up to 9999-01-01T00:00:00Z",
             "format": "date-time",
         }
         rng = [
@@ -547,7 +612,7 @@ class AdminApi:
                 schemas.IssuedSubscription,
                 body=schemas.SubscriptionCreate,
                 status=201,
-                errors=(422,),
+                errors=(408, 413, 422),
             ),
             Operation(
                 "get",
@@ -580,7 +645,7 @@ class AdminApi:
                 schemas.RotatedKey,
                 [sid],
                 body=schemas.RotateRequest,
-                errors=(404, 422),
+                errors=(404, 408, 413, 422),
             ),
             Operation(
                 "get",
@@ -684,4 +749,12 @@ def csv_response(report: ChargeReport) -> Response:
     )
 
 
-__all__ = ["OTHER", "AdminApi", "csv_response", "error_response", "json_response", "run"]
+__all__ = [
+    "OTHER",
+    "AdminApi",
+    "csv_response",
+    "error_response",
+    "json_response",
+    "read_body",
+    "run",
+]

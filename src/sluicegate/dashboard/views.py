@@ -4,10 +4,14 @@ Access needs the admin token, entered once on the login page, or (with ``admin.e
 Entra ID sign-in of an administrator (``admin.signin``: a plain link starts the authorization
 code flow, ``/dashboard/auth/callback`` finishes it). Either way the answer is a session cookie
 (HttpOnly, SameSite=Strict, Path=/dashboard, signed; see ``admin.auth``) and the token never
-appears in a URL. Every form that changes something carries a CSRF token derived from the
-session. Pages are rendered with Jinja2 (autoescaping), charts are SVG drawn here, and the
-only script is ``static/app.js`` (copy buttons, confirmations, auto-submitting selectors); a
-Content-Security-Policy allows nothing else.
+appears in a URL. Every cookie the dashboard sets is ``Secure`` when the request came over
+https or a configured ``redirect_uri`` is https (``Dashboard.cookie_secure``). Every form that
+changes something, signing out included, carries a CSRF token derived from the session. Form
+bodies are read up to ``FORM_LIMIT`` bytes (413 past it, at once: the rest is never read) and
+within ``security.body_read_timeout_seconds`` (408). Pages are rendered with Jinja2
+(autoescaping), charts are SVG drawn here, and the only script is ``static/app.js`` (copy
+buttons, confirmations, auto-submitting selectors); a Content-Security-Policy allows nothing
+else.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import math
 import time
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -29,7 +33,14 @@ from starlette.staticfiles import StaticFiles
 from sluicegate.accounting.periods import DAY, floor_day, floor_hour, month_bounds
 from sluicegate.accounting.pricing import nanos_to_decimal
 from sluicegate.admin.access import AdminAccess, AdminFailure
-from sluicegate.admin.api import Query, client_address, csv_response, run
+from sluicegate.admin.api import (
+    BODY_TIMEOUT_HEADERS,
+    Query,
+    client_address,
+    csv_response,
+    read_body,
+    run,
+)
 from sluicegate.admin.auth import COOKIE_NAME, SESSION_SECONDS, AdminAuth
 from sluicegate.admin.service import AdminError, AdminService, subscription_view
 from sluicegate.admin.signin import (
@@ -45,6 +56,9 @@ from sluicegate.dashboard import charts
 log = logging.getLogger("sluicegate.admin")
 
 PAGE_SIZE = 50
+#: The largest form body read (the dashboard's forms are a few short fields). Applies before
+#: sign-in too (the login form): nobody can make the gateway hold more than this per request.
+FORM_LIMIT = 64 * 1024
 _SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -146,7 +160,7 @@ class Dashboard:
         return Starlette(
             routes=[
                 Route("/login", self.login, methods=["GET", "POST"]),
-                Route("/logout", self.logout, methods=["POST"]),
+                Route("/logout", self.guard(self.logout), methods=["POST"]),
                 Route("/auth/start", self.signin_start, methods=["GET"]),
                 Route("/auth/callback", self.signin_callback, methods=["GET"]),
                 Mount("/static", static, name="static"),
@@ -163,22 +177,26 @@ class Dashboard:
             if not self.auth.check_session(cookie, self._now()):
                 return RedirectResponse("/dashboard/login", 303)
             assert cookie is not None
-            form: dict[str, str] = {}
-            if request.method == "POST":
-                form = await _form(request)
-                if not self.auth.check_csrf(cookie, form.get("csrf")):
-                    return self.render(
-                        request,
-                        "error.html",
-                        {"message": "The form expired: reload the page."},
-                        403,
-                    )
+            # Set before the CSRF check: the error page's own form (sign out) needs it.
             request.state.csrf = self.auth.csrf_token(cookie)
-            request.state.form = form
+            form: dict[str, str] = {}
             try:
+                if request.method == "POST":
+                    form = await self._form(request)
+                    if not self.auth.check_csrf(cookie, form.get("csrf")):
+                        return self.render(
+                            request,
+                            "error.html",
+                            {"message": "The form expired: reload the page."},
+                            403,
+                        )
+                request.state.form = form
                 response: Response = await handler(request)
             except AdminError as exc:
-                return self.render(request, "error.html", {"message": exc.message}, exc.status)
+                return _closing_if_late(
+                    self.render(request, "error.html", {"message": exc.message}, exc.status),
+                    exc,
+                )
             return response
 
         endpoint.__name__ = handler.__name__
@@ -198,6 +216,52 @@ class Dashboard:
         html = self.env.get_template(template).render(ctx)
         return HTMLResponse(html, status, headers=_SECURITY_HEADERS)
 
+    async def _form(self, request: Request) -> dict[str, str]:
+        """The urlencoded form body (the dashboard sends no multipart forms), read with
+        ``read_body``'s caps: ``AdminError`` 413/408/400 instead of an unbounded read."""
+        security = self.service.config.security
+        limit = min(FORM_LIMIT, security.max_body_bytes)
+        raw = await read_body(request, limit, security.body_read_timeout_seconds)
+        text = raw.decode("utf-8", "replace")
+        return {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+    def cookie_secure(self, request: Request) -> bool:
+        """Whether the dashboard's cookies get ``Secure`` (the one rule for all of them): the
+        request came over https, or a configured ``redirect_uri`` is https. The latter means
+        browsers reach the dashboard over https, through a TLS-terminating proxy in front,
+        whatever the scheme of the request that reaches the gateway."""
+        configured = self.signin.config_redirect_uri if self.signin is not None else None
+        return request.url.scheme == "https" or bool(
+            configured and configured.startswith("https://")
+        )
+
+    def _set_cookie(
+        self,
+        request: Request,
+        response: Response,
+        name: str,
+        value: str | None,
+        *,
+        path: str,
+        samesite: Literal["lax", "strict"],
+        max_age: int = 0,
+    ) -> None:
+        """Set (or, with ``value`` None, delete) a dashboard cookie: HttpOnly, ``Secure`` as
+        ``cookie_secure`` says."""
+        secure = self.cookie_secure(request)
+        if value is None:
+            response.delete_cookie(name, path=path, secure=secure, httponly=True, samesite=samesite)
+            return
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            path=path,
+            httponly=True,
+            samesite=samesite,
+            secure=secure,
+        )
+
     def _period(self, request: Request) -> tuple[str, float, float, str]:
         q = Query(request)
         now = self._now()
@@ -215,7 +279,10 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         error = "" if self.auth.enabled else self.auth.problem
         if request.method == "POST" and self.auth.enabled:
-            form = await _form(request)
+            try:
+                form = await self._form(request)
+            except AdminError as exc:
+                return _closing_if_late(self._login_page(request, exc.message, exc.status), exc)
             if self.auth.check_token(form.get("token", "")):
                 response = RedirectResponse("/dashboard/", 303)
                 self._start_session(request, response)
@@ -243,19 +310,21 @@ class Dashboard:
         )
 
     def _start_session(self, request: Request, response: Response) -> None:
-        response.set_cookie(
+        self._set_cookie(
+            request,
+            response,
             COOKIE_NAME,
             self.auth.new_session(self._now()),
             max_age=SESSION_SECONDS,
             path="/dashboard",
-            httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
         )
 
     async def logout(self, request: Request) -> Response:
+        """Behind ``guard``: only a session's own form (its CSRF token) ends it; another
+        site cannot sign an administrator out."""
         response = RedirectResponse("/dashboard/login", 303)
-        response.delete_cookie(COOKIE_NAME, path="/dashboard")
+        self._set_cookie(request, response, COOKIE_NAME, None, path="/dashboard", samesite="strict")
         return response
 
     # -- Entra ID sign-in --------------------------------------------------------------------
@@ -284,18 +353,16 @@ class Dashboard:
         except SignInError as exc:
             return self._signin_error(request, exc.status, exc.message)
         response = RedirectResponse(url, 303)
-        response.set_cookie(
+        self._set_cookie(
+            request,
+            response,
             SIGNIN_COOKIE,
             pending,
             max_age=SIGNIN_SECONDS,
             path="/dashboard/auth",
-            httponly=True,
             # Lax, not Strict: the callback is a navigation coming from the identity
             # provider's site, which does not carry Strict cookies.
             samesite="lax",
-            # The cookie comes back at the redirect URI: https there (a TLS-terminating proxy
-            # in front) means https for the browser, whatever this request's scheme is.
-            secure=request.url.scheme == "https" or redirect_uri.startswith("https://"),
         )
         return response
 
@@ -317,7 +384,9 @@ class Dashboard:
                     caller=exc.caller,
                 )
             response = self._signin_error(request, exc.status, exc.message)
-            response.delete_cookie(SIGNIN_COOKIE, path="/dashboard/auth")
+            self._set_cookie(
+                request, response, SIGNIN_COOKIE, None, path="/dashboard/auth", samesite="lax"
+            )
             return response
         log.info(
             "administrator signed in with Entra ID",
@@ -328,7 +397,9 @@ class Dashboard:
         # on which the SameSite=Strict session cookie is not sent.
         response = self.render(request, "signed_in.html", {})
         self._start_session(request, response)
-        response.delete_cookie(SIGNIN_COOKIE, path="/dashboard/auth")
+        self._set_cookie(
+            request, response, SIGNIN_COOKIE, None, path="/dashboard/auth", samesite="lax"
+        )
         return response
 
     def _signin_error(self, request: Request, status: int, message: str) -> HTMLResponse:
@@ -594,10 +665,11 @@ class Dashboard:
         )
 
 
-async def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form body (the dashboard sends no multipart forms)."""
-    raw = (await request.body())[:65536].decode("utf-8", "replace")
-    return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+def _closing_if_late(response: Response, exc: AdminError) -> Response:
+    """``response`` to ``exc``; for a late body (408) it closes the connection too."""
+    if exc.status == 408:
+        response.headers.update(BODY_TIMEOUT_HEADERS)
+    return response
 
 
 def _query(request: Request, drop: tuple[str, ...] = ()) -> str:
