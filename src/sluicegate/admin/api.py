@@ -65,9 +65,14 @@ MAX_TIME = 253_370_764_800.0
 BODY_TIMEOUT_HEADERS = {"Connection": "close"}
 
 
+#: On every answer: they hold new keys and usage data, which no cache (a proxy's, the
+#: browser's) may keep.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:
     data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
-    return Response(orjson.dumps(data), status, media_type="application/json")
+    return Response(orjson.dumps(data), status, _NO_STORE, media_type="application/json")
 
 
 def error_response(status: int, message: str, code: str | None = None) -> Response:
@@ -84,9 +89,11 @@ def error_response(status: int, message: str, code: str | None = None) -> Respon
         503: "Unavailable",
     }
     body = {"error": {"code": code or codes.get(status, str(status)), "message": message}}
-    headers = {"WWW-Authenticate": 'Bearer realm="sluicegate-admin"'} if status == 401 else None
+    headers = dict(_NO_STORE)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="sluicegate-admin"'
     if status == 408:
-        headers = dict(BODY_TIMEOUT_HEADERS)
+        headers.update(BODY_TIMEOUT_HEADERS)
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
@@ -265,18 +272,32 @@ class AdminApi:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             try:
-                await self.access.authorize(
+                caller = await self.access.authorize(
                     request.headers.get("authorization"), client_address(request)
                 )
             except AdminDenied as exc:
                 return denied_response(exc)
             try:
-                return await handler(request)
+                response = await handler(request)
             except AdminError as exc:
-                return error_response(exc.status, exc.message)
+                response = error_response(exc.status, exc.message)
             except Exception:
                 log.exception("admin API: %s %s failed", request.method, request.url.path)
-                return error_response(500, "the admin API failed; see the gateway's log")
+                response = error_response(
+                    500, "the admin API failed; see the gateway's log", "InternalError"
+                )
+            if request.method != "GET":
+                # An audit trail of changes: who (the admin token, or the Entra ID caller),
+                # what, and how it ended. Never a credential: paths hold ids only.
+                log.info(
+                    "admin API: %s %s by %s: %d",
+                    request.method,
+                    request.url.path,
+                    caller.name or caller.method,
+                    response.status_code,
+                    extra={"admin": caller.name or caller.method, "status": response.status_code},
+                )
+            return response
 
         return endpoint
 
@@ -745,7 +766,7 @@ def csv_response(report: ChargeReport) -> Response:
     return Response(
         report_csv(report),
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={**_NO_STORE, "Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 
