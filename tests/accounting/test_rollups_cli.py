@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.reports import ledger_totals, usage_report
-from tests.support.pg import pg_database_url, postgres_server  # noqa: F401
 
 T0 = datetime(2026, 3, 3, 22, 0, tzinfo=UTC).timestamp()
 CONFIG = {
@@ -67,19 +65,6 @@ def write(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
         writer.submit(r)
     assert writer.flush(10)
     writer.close(10)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    url = (
-        f"sqlite:///{tmp_path / 'l.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_database_url")
-    )
-    migrate(url)
-    eng = create_engine_for(url)
-    yield eng
-    eng.dispose()
 
 
 def test_rollups_match_the_raw_ledger_incrementally(engine: Engine, tmp_path: Path) -> None:

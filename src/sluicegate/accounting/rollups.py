@@ -20,9 +20,21 @@ How it stays correct without touching the ledger writer:
 - Pricing happens here (see ``pricing``): each hour is split where a price starts, so every
   record is charged the price in force at its timestamp. Rollups keep their cost after the raw
   records are purged; ``rebuild()`` re-prices a range while its raw records exist.
-- Hours before ``raw_purged_before`` cannot be recomputed (their raw records are gone): on
-  PostgreSQL a late record for such an hour is *added* as an extra row (reports sum rows, so
-  rows of one group need not be unique); on SQLite every record is added anyway.
+- Hours before ``raw_purged_before`` (the horizon) cannot be recomputed (their raw records are
+  gone). Every recompute reads the horizon under the lock, in its own transaction, before it
+  reads a raw record; the horizon only moves under that lock, and raw records only go once
+  it has moved past them, so an hour is never replaced by what is left of it mid-purge.
+- On PostgreSQL a record can commit for an hour before the horizon at any time (a spill file
+  replayed late; a record whose id the watermark passed while it was in flight). So there
+  the purge *takes* raw records: in one locked transaction per hour it deletes the hour's raw
+  records, replaces the hour's rollup with exactly what it deleted (one statement) and moves
+  the horizon past the hour. A raw record before the horizon is therefore never counted;
+  each catch-up takes any that committed since (``_take_late``) and *adds* them as extra rows
+  (reports sum rows, so rows of one group need not be unique). Nothing depends on ids there.
+  On SQLite every record is added by id anyway, and the purge deletes in short chunks.
+- A day's row is recomputed from its hours only where they are all kept: hourly rollups are
+  deleted only before the horizon's day (kept as long as the raw records, whatever
+  ``hourly_days`` says), and a SQLite catch-up adds a chunk to its days as to its hours.
 
 All methods block on database I/O; call them from a worker thread.
 """
@@ -85,6 +97,18 @@ COUNT_COLUMNS = (
     "unpriced_records",
     "unpriced_tokens",
 )
+#: The ``usage_records`` columns ``_raw_aggregates`` reads, besides ``GROUP_COLUMNS``.
+_AGGREGATED_COLUMNS = (
+    "ts",
+    "attempt",
+    "outcome",
+    "usage_estimated",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+)
 _ERRORS = (str(Outcome.CLIENT_ERROR), str(Outcome.BACKEND_ERROR), str(Outcome.REJECTED))
 
 
@@ -113,8 +137,9 @@ def _hour_of(conn: Connection) -> ColumnElement[Any]:
     return cast(ts / HOUR, BigInteger) * HOUR
 
 
-def _raw_aggregates() -> list[ColumnElement[Any]]:
-    c = usage_records.c
+def _raw_aggregates(c: Any = usage_records.c) -> list[ColumnElement[Any]]:
+    """Aggregates of raw records; ``c``: the columns of ``usage_records`` or of a query
+    returning its rows."""
 
     def n(cond: ColumnElement[bool]) -> ColumnElement[Any]:
         return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
@@ -158,36 +183,43 @@ class Rollups:
         if self.engine.dialect.name == "sqlite":
             return self._catch_up_sqlite()
         started = time.monotonic()
+        c = usage_records.c
         with self.engine.connect() as conn:
             watermark, purged = self._read_state(conn)
-            top = conn.execute(select(func.max(usage_records.c.id))).scalar()
+            top = conn.execute(select(func.max(c.id))).scalar()
             if top is None or int(top) <= watermark:
+                # No new id, but a record may have committed below the watermark for an hour
+                # before the horizon (an index probe, normally empty).
+                late = (
+                    purged is not None
+                    and conn.execute(select(c.id).where(c.ts < purged).limit(1)).first()
+                )
+                conn.rollback()
+                if late:
+                    with self.engine.connect() as conn:
+                        self._lock(conn)
+                        self._take_late(conn)
+                        conn.commit()
                 return RollupRun(0, 0, watermark, time.monotonic() - started)
             top = int(top)
-            overlap = POSTGRES_OVERLAP if conn.dialect.name == "postgresql" else 0
-            c = usage_records.c
-            new_ids = and_(c.id > max(watermark - overlap, 0), c.id <= top)
+            new_ids = and_(c.id > max(watermark - POSTGRES_OVERLAP, 0), c.id <= top)
             hours = sorted(
                 int(h) for (h,) in conn.execute(select(_hour_of(conn)).where(new_ids).distinct())
             )
-        late = [h for h in hours if purged is not None and h < purged]
-        hours = [h for h in hours if purged is None or h >= purged]
-        days = self._recompute(hours)
+        # Hours before the horizon are taken below instead (records of ids at or under the
+        # watermark included); ``_recompute`` checks the horizon again under the lock.
+        done, days = self._recompute(h for h in hours if purged is None or h >= purged)
         with self.engine.connect() as conn:
             self._lock(conn)
             current, _ = self._read_state(conn)
-            if late and current < top:
-                # Added (they cannot be recomputed) in the transaction that moves the
-                # watermark past them, from the watermark as it is now: a run that added
-                # them first moved it already, and a run that fails adds nothing.
-                self._add_late(conn, late, max(watermark, current), top)
+            self._take_late(conn)
             conn.execute(
                 update(rollup_state)
                 .where(rollup_state.c.id == 1)
                 .values(last_record_id=max(current, top), updated_at=self.clock.now())
             )
             conn.commit()
-        return RollupRun(len(hours), days, top, time.monotonic() - started)
+        return RollupRun(done, days, top, time.monotonic() - started)
 
     def _catch_up_sqlite(self) -> RollupRun:
         """SQLite: add the records above the watermark to their hours, a chunk at a time.
@@ -200,7 +232,9 @@ class Rollups:
         the ledger writer, which needs the same lock, waited and records queued in memory.
         Here the lock is held only to merge the chunk's rows into its hours and days and to
         move the watermark; a concurrent run that moved it first makes this one start over
-        from the new watermark, so nothing is added twice.
+        from the new watermark, so nothing is added twice. The chunk is added to its days
+        too (not recomputed from their hours): a record replayed late for a day whose hourly
+        rollups are purged must not replace the day with itself.
         """
         started = time.monotonic()
         hours_done: set[int] = set()
@@ -222,17 +256,19 @@ class Rollups:
                 )
                 priced = {h: self._price(conn, h, h + HOUR, h, (watermark, hi)) for h in hours}
                 conn.rollback()
+            days: dict[int, list[dict[str, Any]]] = defaultdict(list)
+            for h in hours:
+                days[floor_day(h)].extend(priced[h])
             with not_idle(), self.engine.connect() as conn:
                 self._lock(conn)
                 current, _ = self._read_state(conn)
                 if current != watermark:  # another run added this chunk first
                     conn.rollback()
                     continue
-                days = {floor_day(h) for h in hours}
                 for h in hours:
-                    self._merge_hour(conn, h, priced[h])
+                    self._merge(conn, usage_hourly, h, priced[h])
                 for day in sorted(days):
-                    self._recompute_day(conn, day)
+                    self._merge(conn, usage_daily, day, days[day])
                 conn.execute(
                     update(rollup_state)
                     .where(rollup_state.c.id == 1)
@@ -245,83 +281,142 @@ class Rollups:
             watermark, _ = self._read_state(conn)
         return RollupRun(len(hours_done), len(days_done), watermark, time.monotonic() - started)
 
-    def _merge_hour(self, conn: Connection, hour: int, rows: list[dict[str, Any]]) -> None:
-        """Add ``rows`` (priced aggregates of new records) to the rows the hour holds: one row
-        per group afterwards, whatever the hour held before."""
+    def _merge(
+        self, conn: Connection, table: Table, bucket: int, rows: list[dict[str, Any]]
+    ) -> None:
+        """Add ``rows`` (priced aggregates of new records) to the rows ``table`` holds for
+        ``bucket``: one row per group afterwards, whatever the bucket held before."""
         if not rows:
             return
-        h = usage_hourly.c
         merged: dict[tuple[Any, ...], dict[str, Any]] = {}
-        held = conn.execute(select(usage_hourly).where(h.bucket == hour)).mappings().all()
+        held = conn.execute(select(table).where(table.c.bucket == bucket)).mappings().all()
         every: list[Mapping[Any, Any]] = list(held)
         every.extend(rows)
         for row in every:
-            into = _group_row(merged, hour, row)
+            into = _group_row(merged, bucket, row)
             for name in COUNT_COLUMNS:
                 into[name] += int(row[name])
-        conn.execute(delete(usage_hourly).where(h.bucket == hour))
-        conn.execute(insert(usage_hourly), list(merged.values()))
+        conn.execute(delete(table).where(table.c.bucket == bucket))
+        conn.execute(insert(table), list(merged.values()))
 
     def rebuild(self, start: float, end: float) -> RollupRun:
         """Recompute (and re-price) every hour of ``[start, end)`` whose raw records are still
-        kept. Used after correcting a price; hours before the purge horizon are left alone."""
+        kept. Used after correcting a price; hours before the purge horizon (as it is when
+        each day of them is recomputed) are left alone."""
         started = time.monotonic()
         _, purged = self.state()
         first = floor_hour(max(start, purged or start))
-        hours = list(range(first, int(end), HOUR))
-        days = self._recompute(hours)
-        return RollupRun(len(hours), days, self.state()[0], time.monotonic() - started)
+        done, days = self._recompute(range(first, int(end), HOUR))
+        return RollupRun(done, days, self.state()[0], time.monotonic() - started)
 
     def purge(
         self, *, raw_days: float | None, hourly_days: float | None, chunk: int = 10_000
     ) -> PurgeRun:
-        """Delete raw records older than ``raw_days`` (whole UTC days, only records already
-        rolled up) and hourly rollups older than ``hourly_days``. In chunks of ``chunk`` rows,
-        one transaction each.
+        """Delete raw records older than ``raw_days`` (whole UTC days) and hourly rollups older
+        than ``hourly_days`` (but never of a day whose raw records are kept: a late record or a
+        rebuild recomputes such a day from its hours).
 
-        On SQLite the record with the highest id is never deleted: it outlives retention until
-        a newer record exists (see the comment in the loop)."""
+        PostgreSQL: one locked transaction per hour that has raw records; it takes them into
+        the hour's rollup and moves the horizon past the hour (see the module docstring).
+        SQLite: the horizon is moved first, then records already rolled up are deleted in
+        chunks of ``chunk`` rows, one transaction each; the record with the highest id is
+        never deleted: it outlives retention until a newer record exists (see the comment in
+        the loop)."""
         now = self.clock.now()
         raw_deleted = hourly_deleted = 0
         watermark, purged = self.state()
         if raw_days is not None:
             cutoff = float(floor_day(now - raw_days * DAY))
-            if purged is None or cutoff > purged:
-                # Mark first: from now on late records for these hours are added, not recomputed.
-                with self.engine.connect() as conn:
-                    self._lock(conn)
-                    conn.execute(
-                        update(rollup_state)
-                        .where(rollup_state.c.id == 1)
-                        .values(raw_purged_before=cutoff)
-                    )
-                    conn.commit()
-                purged = cutoff
-            c = usage_records.c
-            old_enough = [c.ts < purged, c.id <= watermark]
-            if self.engine.dialect.name == "sqlite":
-                # SQLite gives a new row max(id) + 1 (``id`` is a rowid without AUTOINCREMENT):
-                # with the newest row deleted, new records would take ids at or below the
-                # watermark, which catch-up never reads, and the next purge would delete them
-                # unrolled. Keeping that one row keeps max(id) from going down. Decided in the
-                # statement itself (under the write lock), so a concurrent purge cannot race
-                # it. PostgreSQL's sequence never hands an id out twice.
-                newest = select(func.max(c.id)).correlate(None).scalar_subquery()
-                old_enough.append(c.id < newest)
-            while True:
-                ids = select(c.id).where(*old_enough).limit(chunk)
-                with self.engine.begin() as conn:
-                    n = conn.execute(delete(usage_records).where(c.id.in_(ids))).rowcount
-                raw_deleted += n
-                if n < chunk:
-                    break
-        if hourly_days is not None:
-            cutoff_h = floor_day(now - hourly_days * DAY)
+            if self.engine.dialect.name != "sqlite":
+                if purged is None or cutoff > purged:
+                    raw_deleted = self._take_hours(cutoff)
+                purged = self.state()[1]
+            else:
+                if purged is None or cutoff > purged:
+                    # Mark first: from now on these hours are not recomputed. Under the lock,
+                    # never back: a purge with a later cutoff may have deleted records already.
+                    with self.engine.connect() as conn:
+                        self._lock(conn)
+                        _, current = self._read_state(conn)
+                        if current is None or cutoff > current:
+                            conn.execute(
+                                update(rollup_state)
+                                .where(rollup_state.c.id == 1)
+                                .values(raw_purged_before=cutoff)
+                            )
+                        conn.commit()
+                    purged = cutoff if current is None else max(cutoff, current)
+                raw_deleted = self._delete_sqlite(purged, watermark, chunk)
+        if hourly_days is not None and purged is not None:
+            # Only before the horizon's day: later days may still be recomputed from their
+            # hours (the horizon only grows, so one read before the statement is enough).
+            cutoff_h = min(floor_day(now - hourly_days * DAY), floor_day(purged))
             with self.engine.begin() as conn:
                 hourly_deleted = conn.execute(
                     delete(usage_hourly).where(usage_hourly.c.bucket < cutoff_h)
                 ).rowcount
         return PurgeRun(raw_deleted, hourly_deleted, purged)
+
+    def _delete_sqlite(self, purged: float, watermark: int, chunk: int) -> int:
+        c = usage_records.c
+        old_enough = [c.ts < purged, c.id <= watermark]
+        # SQLite gives a new row max(id) + 1 (``id`` is a rowid without AUTOINCREMENT): with
+        # the newest row deleted, new records would take ids at or below the watermark, which
+        # catch-up never reads, and the next purge would delete them unrolled. Keeping that
+        # one row keeps max(id) from going down. Decided in the statement itself (under the
+        # write lock), so a concurrent purge cannot race it.
+        newest = select(func.max(c.id)).correlate(None).scalar_subquery()
+        old_enough.append(c.id < newest)
+        deleted = 0
+        while True:
+            ids = select(c.id).where(*old_enough).limit(chunk)
+            with self.engine.begin() as conn:
+                n = conn.execute(delete(usage_records).where(c.id.in_(ids))).rowcount
+            deleted += n
+            if n < chunk:
+                return deleted
+
+    def _take_hours(self, cutoff: float) -> int:
+        """PostgreSQL: move the horizon to ``cutoff`` an hour at a time, taking each hour's raw
+        records into its rollup in the transaction that moves the horizon past it. Returns the
+        number of records deleted.
+
+        Why not mark the horizon, then delete in chunks, as on SQLite: ids are handed out
+        before commit there, so a record for such an hour may commit after the catch-up that
+        would have seen it (below the watermark, or during the purge); with the raw records
+        counted and deleted at once, one rule holds whatever the ids: a raw record before the
+        horizon is not in the rollups (``_take_late`` adds it). The lock is held for an hour's
+        records, as by the catch-up that recomputes the current hour; inserts do not wait.
+        """
+        c = usage_records.c
+        deleted = 0
+        while True:
+            with self.engine.connect() as conn:
+                self._lock(conn)
+                _, purged = self._read_state(conn)
+                if purged is not None and purged >= cutoff:
+                    conn.rollback()
+                    return deleted
+                after = [] if purged is None else [c.ts >= purged]
+                first = conn.execute(select(func.min(c.ts)).where(c.ts < cutoff, *after)).scalar()
+                horizon = cutoff
+                if first is not None:
+                    hour = floor_hour(first)
+                    horizon = hour + HOUR
+                    rows = self._take(conn, hour, horizon).get(hour, [])
+                    # The hour's rollup holds recomputed rows only (it was after the horizon):
+                    # replaced by exactly the records deleted.
+                    conn.execute(delete(usage_hourly).where(usage_hourly.c.bucket == hour))
+                    if rows:
+                        conn.execute(insert(usage_hourly), rows)
+                    self._recompute_day(conn, floor_day(hour))
+                    deleted += sum(int(r["attempts"]) for r in rows)
+                conn.execute(
+                    update(rollup_state)
+                    .where(rollup_state.c.id == 1)
+                    .values(raw_purged_before=float(horizon))
+                )
+                conn.commit()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -336,25 +431,43 @@ class Rollups:
         row = conn.execute(select(rollup_state).where(rollup_state.c.id == 1)).one()
         return int(row.last_record_id), row.raw_purged_before
 
-    def _recompute(self, hours: Iterable[int]) -> int:
+    def _recompute(self, hours: Iterable[int]) -> tuple[int, int]:
+        """Recompute ``hours`` (those after the horizon) and their days, a transaction per
+        day. Returns how many hours and days were recomputed."""
         by_day: dict[int, list[int]] = defaultdict(list)
         for h in hours:
             by_day[floor_day(h)].append(h)
         sqlite = self.engine.dialect.name == "sqlite"
+        done_hours = done_days = 0
         for day, day_hours in sorted(by_day.items()):
             with self.engine.connect() as conn:
                 self._lock(conn)
+                # The horizon as it is now, read under the lock in this transaction, before
+                # any raw record: it moves only under this lock, and raw records after it stay
+                # until this transaction ends. (PostgreSQL reads at READ COMMITTED: each
+                # statement sees what committed before it started, so after the lock was
+                # granted, and a purge deletes only in the transaction that moves it.) A
+                # horizon read earlier could let an hour being purged be replaced by nothing.
+                watermark, purged = self._read_state(conn)
+                live = [h for h in day_hours if purged is None or h >= purged]
+                if not live:
+                    conn.rollback()
+                    continue
                 # SQLite adds records above the watermark later (_catch_up_sqlite): an hour
                 # recomputed here must not hold them already.
-                upto = (0, self._read_state(conn)[0]) if sqlite else None
-                for h in day_hours:
+                upto = (0, watermark) if sqlite else None
+                for h in live:
                     rows = self._price(conn, h, h + HOUR, h, upto)
                     conn.execute(delete(usage_hourly).where(usage_hourly.c.bucket == h))
                     if rows:
                         conn.execute(insert(usage_hourly), rows)
+                # Every hour of the day is kept: hourly rollups go only before the horizon's
+                # day (``purge``).
                 self._recompute_day(conn, day)
                 conn.commit()
-        return len(by_day)
+            done_hours += len(live)
+            done_days += 1
+        return done_hours, done_days
 
     def _recompute_day(self, conn: Connection, day: int) -> None:
         h = usage_hourly.c
@@ -386,37 +499,85 @@ class Rollups:
                 lower = [c.id > ids[0]] if ids[0] > 0 else []
                 query = query.where(*lower, c.id <= ids[1])
             for r in conn.execute(query.group_by(*groups)):
-                m = r._mapping
-                row = _group_row(out, bucket, m)
-                for name in COUNT_COLUMNS[:10]:
-                    row[name] += int(m[name])
-                rate = self.prices.resolve(m["deployment"], m["model"], m["backend"], seg_start)
-                billable = int(m["billable"])
-                if rate is None:
-                    if billable:
-                        row["unpriced_records"] += billable
-                        row["unpriced_tokens"] += int(m["prompt_tokens"]) + int(
-                            m["completion_tokens"]
-                        )
-                else:
-                    row["cost_nanos"] += rate.cost_nanos(
-                        int(m["prompt_tokens"]),
-                        int(m["cached_tokens"]),
-                        int(m["completion_tokens"]),
-                    )
+                self._add_priced(out, bucket, seg_start, r._mapping)
         return list(out.values())
 
-    def _add_late(self, conn: Connection, hours: list[int], lo: int, hi: int) -> None:
-        """Records of ids ``(lo, hi]`` that arrived for hours whose raw records were purged:
-        add them as extra rows to the hour and its day (they cannot be recomputed). In the
-        caller's locked transaction, which also moves the watermark to ``hi``."""
-        log.warning("rollups: %d hour(s) before the purge horizon got late records", len(hours))
-        for h in hours:
-            rows = self._price(conn, h, h + HOUR, h, (lo, hi))
-            if rows:
-                conn.execute(insert(usage_hourly), rows)
-                day_rows = [dict(r, bucket=floor_day(h)) for r in rows]
-                conn.execute(insert(usage_daily), day_rows)
+    def _add_priced(
+        self,
+        rows: dict[tuple[Any, ...], dict[str, Any]],
+        bucket: int,
+        seg_start: float,
+        m: Mapping[Any, Any],
+    ) -> None:
+        """Add one group's aggregates (``_raw_aggregates``) of a piece of time starting at
+        ``seg_start`` (within which prices are constant) to its row in ``rows``, priced."""
+        row = _group_row(rows, bucket, m)
+        for name in COUNT_COLUMNS[:10]:
+            row[name] += int(m[name])
+        rate = self.prices.resolve(m["deployment"], m["model"], m["backend"], seg_start)
+        billable = int(m["billable"])
+        if rate is None:
+            if billable:
+                row["unpriced_records"] += billable
+                row["unpriced_tokens"] += int(m["prompt_tokens"]) + int(m["completion_tokens"])
+        else:
+            row["cost_nanos"] += rate.cost_nanos(
+                int(m["prompt_tokens"]),
+                int(m["cached_tokens"]),
+                int(m["completion_tokens"]),
+            )
+
+    def _take(self, conn: Connection, start: int, end: float) -> dict[int, list[dict[str, Any]]]:
+        """PostgreSQL: delete the raw records of ``[start, end)`` and return them aggregated and
+        priced into rollup rows, by hour. One statement: exactly the records deleted are
+        counted (one that commits meanwhile is neither, and stays for ``_take_late``)."""
+        c = usage_records.c
+        gone = (
+            delete(usage_records)
+            .where(c.ts >= start, c.ts < end)
+            .returning(*(c[name] for name in (*GROUP_COLUMNS, *_AGGREGATED_COLUMNS)))
+            .cte("gone")
+        )
+        segments = self.prices.segments(start, end)
+        g = gone.c
+        piece: ColumnElement[Any] = literal(0)
+        if len(segments) > 1:
+            piece = case(
+                *((g.ts < seg_end, i) for i, (_, seg_end) in enumerate(segments[:-1])),
+                else_=len(segments) - 1,
+            )
+        hour_of = cast(func.floor(g.ts / HOUR), BigInteger) * HOUR
+        taken = select(hour_of.label("hour_"), piece.label("piece_"), *g).subquery()
+        t = taken.c
+        groups = [t[name] for name in GROUP_COLUMNS]
+        query = select(t.hour_, t.piece_, *groups, *_raw_aggregates(t)).group_by(
+            t.hour_, t.piece_, *groups
+        )
+        out: dict[int, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+        for r in conn.execute(query):
+            m = r._mapping
+            hour = int(m["hour_"])
+            self._add_priced(out[hour], hour, segments[int(m["piece_"])][0], m)
+        return {hour: list(rows.values()) for hour, rows in out.items()}
+
+    def _take_late(self, conn: Connection) -> None:
+        """PostgreSQL: raw records before the horizon committed since it moved past them
+        (replayed late, or in flight while the purge or a catch-up ran): take them and add them
+        as extra rows to their hours and days (those cannot be recomputed). In the caller's
+        locked transaction. Records before the horizon are never in the rollups (``purge``
+        takes them when it moves it), so whatever is there is added, once: deleted with it."""
+        purged = self._read_state(conn)[1]
+        if purged is None:
+            return
+        c = usage_records.c
+        first = conn.execute(select(func.min(c.ts)).where(c.ts < purged)).scalar()
+        if first is None:
+            return
+        taken = self._take(conn, floor_hour(first), purged)
+        log.warning("rollups: %d hour(s) before the purge horizon got late records", len(taken))
+        for hour, rows in sorted(taken.items()):
+            conn.execute(insert(usage_hourly), rows)
+            conn.execute(insert(usage_daily), [dict(r, bucket=floor_day(hour)) for r in rows])
 
 
 def _group_row(

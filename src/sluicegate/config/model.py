@@ -484,7 +484,8 @@ class PtuQuoteConfig(_Strict):
 class RetentionConfig(_Strict):
     #: Raw usage records older than this many days are deleted once rolled up (None: keep).
     raw_records_days: float | None = Field(default=None, gt=0)
-    #: Hourly rollups older than this are deleted (None: keep); daily rollups are kept.
+    #: Hourly rollups older than this are deleted (None: keep), but not while their day's raw
+    #: records are kept (a rebuild recomputes the day from its hours); daily rollups are kept.
     hourly_rollups_days: float | None = Field(default=None, gt=0)
     #: Seconds between two runs of the background job that updates rollups and purges.
     rollup_interval_seconds: float = Field(default=10.0, gt=0)
