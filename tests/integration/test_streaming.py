@@ -243,6 +243,18 @@ def test_a_stream_read_whole_at_once_without_its_end_is_reported(tmp_path: Path)
     assert r.completion_tokens > 0
 
 
+def test_a_stream_with_crlf_line_ends_is_relayed_and_counted(tmp_path: Path) -> None:
+    """SSE allows CR LF line ends (some OpenAI-compatible servers send them): the events are
+    relayed as they come (with LF line ends), the usage is the backend's, nothing is taken
+    for an interrupted stream."""
+    lines, r = _stream_in_one_read(tmp_path, _EVENTS.replace(b"\n", b"\r\n"))
+    assert len(lines) == 2
+    assert '"four words right here"' in lines[0]
+    assert lines[1] == "data: [DONE]"
+    assert (r.outcome, r.error_code) == ("ok", None)
+    assert (r.prompt_tokens, r.completion_tokens, r.usage_estimated) == (9, 4, False)
+
+
 def test_a_complete_stream_without_usage_is_counted_as_an_estimate(tmp_path: Path) -> None:
     """A backend that ignores ``stream_options`` (an older API version, another
     OpenAI-compatible server) ends its stream without usage: the record gets an estimate,

@@ -6,7 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sluicegate.tokens import usage
-from sluicegate.tokens.usage import StreamScanner, Usage, answer_text, usage_from_body
+from sluicegate.tokens.usage import (
+    RELAYED_KEPT_BYTES,
+    StreamScanner,
+    Usage,
+    answer_text,
+    usage_from_body,
+)
 
 
 def _event(obj: object) -> bytes:
@@ -82,6 +88,20 @@ def test_relayed_text_for_estimates() -> None:
     assert scanner.usage is None and not scanner.done
 
 
+def test_a_long_stream_keeps_a_bounded_share_for_its_estimate() -> None:
+    """The events relayed are kept for an estimate only up to RELAYED_KEPT_BYTES: a long
+    answer is not held whole in memory; the rest is counted, and the share says how much."""
+    word = _event({"choices": [{"delta": {"content": "word "}}]})
+    scanner = StreamScanner(strip_usage_chunk=True)
+    chunk = word * 100
+    for _ in range(RELAYED_KEPT_BYTES // len(chunk) * 4):
+        assert scanner.feed(chunk) == chunk
+    kept = sum(len(b) for b in scanner.relayed)
+    assert RELAYED_KEPT_BYTES <= kept < RELAYED_KEPT_BYTES + len(chunk)
+    assert scanner.relayed_share == pytest.approx(0.25, abs=0.01)
+    assert scanner.relayed_text() == "word " * (kept // len(word))
+
+
 USAGE_EVENT = _event({"choices": [], "model": "gpt-4o-mini-2024", "usage": USAGE})
 #: The same chunk as some servers write it, with spaces (the spaced marker).
 SPACED_USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "total_tokens": 6}}\n\n'
@@ -92,20 +112,27 @@ SPACED_USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "tota
     strip=st.booleans(),
     spaced=st.booleans(),
     usage_first=st.booleans(),
+    crlf=st.booleans(),
 )
 def test_any_chunking_gives_the_same_events_and_usage(
-    cuts: list[int], strip: bool, spaced: bool, usage_first: bool
+    cuts: list[int], strip: bool, spaced: bool, usage_first: bool, crlf: bool
 ) -> None:
+    """Whatever the chunking, and whether the backend ends its lines with LF (Azure) or with
+    CR LF (SSE allows it; some OpenAI-compatible servers do), the events are forwarded whole
+    (with LF line ends) and the usage is read."""
     usage_event = SPACED_USAGE_EVENT if spaced else USAGE_EVENT
     body = STREAM.replace(USAGE_EVENT, b"")
     # The usage chunk last (as Azure sends it) or, to cover the edges, as the very first event.
     done = b"data: [DONE]\n\n"
     stream = usage_event + body if usage_first else body.replace(done, usage_event + done)
+    expected = stream.replace(usage_event, b"") if strip else stream
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
     scanner = StreamScanner(strip_usage_chunk=strip)
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     out = b"".join(scanner.feed(stream[a:b]) for a, b in itertools.pairwise(bounds))
     out += scanner.flush()
-    assert out == (stream.replace(usage_event, b"") if strip else stream)
+    assert out == expected
     assert scanner.usage is not None
     assert scanner.usage.total_tokens == (6 if spaced else 12)
     assert scanner.done

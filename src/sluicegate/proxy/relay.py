@@ -294,7 +294,7 @@ def _cut_short(ctx: RequestContext, scanner: StreamScanner) -> None:
     estimate of what was relayed."""
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     if ctx.usage is None:
-        _estimate(ctx, scanner.relayed_text())
+        _estimate(ctx, scanner.relayed_text(), scanner.relayed_share)
 
 
 def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
@@ -328,7 +328,7 @@ def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) 
         # ``stream_options`` (an older API version, another OpenAI-compatible server), a
         # ``response.failed`` without it, or a stream cut short. Counted as an estimate,
         # never as zero, which would pass for the backend's count and settle limits at nothing.
-        _estimate(ctx, scanner.relayed_text())
+        _estimate(ctx, scanner.relayed_text(), scanner.relayed_share)
     return tail
 
 
@@ -411,13 +411,16 @@ async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> No
             return
 
 
-def _estimate(ctx: RequestContext, text: str) -> None:
-    """No usage came back: estimate the completion from ``text``, what the client received,
-    and the prompt from the request (admission's estimate if it made one)."""
+def _estimate(ctx: RequestContext, text: str, share: float = 1.0) -> None:
+    """No usage came back: estimate the completion from ``text``, what the client received
+    (or its first ``share`` of it, scaled up), and the prompt from the request (admission's
+    estimate if it made one)."""
     from sluicegate.tokens.estimate_text import estimate_text_tokens
 
     model = ctx.deployment.model if ctx.deployment else None
     completion = estimate_text_tokens(text, model)
+    if share < 1.0:
+        completion = round(completion / share)
     prompt = ctx.prompt_estimate
     if prompt is None:
         from sluicegate.tokens.estimate import estimate_request_tokens

@@ -128,17 +128,38 @@ def _find_usage(data: bytes, start: int) -> int:
         start = at + 8
 
 
+#: The relayed bytes a ``StreamScanner`` keeps for an estimate: enough for any usual answer
+#: (~16,000 tokens of chat deltas take ~6 MB of events), bounded so that long streams do not
+#: hold their whole answer in memory for a case that rarely happens (no usage came back).
+RELAYED_KEPT_BYTES = 256 * 1024
+
+
 class StreamScanner:
     """Splits an SSE byte stream into events and extracts usage on the way.
 
     ``feed(chunk)`` returns the bytes to forward now (whole events only; a partial event waits
     for the rest). When ``strip_usage_chunk`` is set, the usage-only chunk (``choices: []`` with
     ``usage``) is removed: the gateway asked for it on behalf of a client that did not.
-    The events forwarded are kept (by reference, no copies) so that the completion can be
-    estimated if the stream ends without usage. Not thread-safe: one per stream.
+    The events forwarded are kept (by reference, no copies), up to ``RELAYED_KEPT_BYTES``, so
+    that the completion can be estimated if the stream ends without usage
+    (``relayed_text``, ``relayed_share``). Events separated by CRLF (SSE allows CR LF, as
+    some OpenAI-compatible servers send them; Azure sends LF) are forwarded with LF line ends.
+    Not thread-safe: one per stream.
     """
 
-    __slots__ = ("_pending", "done", "failed", "model", "relayed", "strip_usage_chunk", "usage")
+    __slots__ = (
+        "_beyond",
+        "_carry",
+        "_crlf",
+        "_kept",
+        "_pending",
+        "done",
+        "failed",
+        "model",
+        "relayed",
+        "strip_usage_chunk",
+        "usage",
+    )
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self.strip_usage_chunk = strip_usage_chunk
@@ -149,11 +170,24 @@ class StreamScanner:
         #: The stream ended in ``response.failed``: whole, but the backend gave up on it.
         self.failed = False
         self.relayed: list[bytes] = []
+        self._kept = 0  # bytes in ``relayed``
+        self._beyond = 0  # bytes relayed past ``RELAYED_KEPT_BYTES``, counted only
+        self._crlf = False  # the backend ends its lines with CR LF
+        self._carry = b""  # in CRLF mode: a CR at a chunk's end, which may start a CR LF
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._crlf:
+            chunk = self._to_lf(chunk)
         data = self._pending + chunk if self._pending else chunk
         end = data.rfind(b"\n\n") + 2
         if end < 2:
+            if not self._crlf and b"\r\n\r\n" in data:
+                # Not one LF-separated event, but a CRLF-separated one: the backend's lines
+                # end in CR LF. Found on the first event, and only looked for while no event
+                # has been seen, so LF streams never pay for it.
+                self._crlf = True
+                self._pending = b""
+                return self.feed(data)
             self._pending = data
             return b""
         if end == len(data):  # the usual case: whole events only, nothing to copy
@@ -167,28 +201,34 @@ class StreamScanner:
         # Nearly every chunk holds no usage object (``"usage":null`` does not count) and is
         # forwarded as it came. Otherwise only the events holding one are looked at: under
         # load one read often brings dozens of events, and splitting them all is wasted work.
-        self.relayed.append(complete)
+        kept = self._kept < RELAYED_KEPT_BYTES
+        if kept:
+            self.relayed.append(complete)
+            self._kept += len(complete)
+        else:
+            self._beyond += len(complete)
         if not self.strip_usage_chunk:
             self._last_usage(complete)
             return complete
         at = _find_usage(complete, 0)
         if at < 0:
             return complete
-        kept: list[bytes] = []
-        copied = 0  # complete[:copied] is settled (in ``kept`` or dropped)
+        parts: list[bytes] = []
+        copied = 0  # complete[:copied] is settled (in ``parts`` or dropped)
         while at >= 0:
             first = complete.rfind(b"\n\n", 0, at)
             first = 0 if first < 0 else first + 2
             last = complete.find(b"\n\n", at)  # found: ``complete`` ends with a blank line
             if self._inspect(complete[first:last]):
-                kept.append(complete[copied:first])
+                parts.append(complete[copied:first])
                 copied = last + 2
             at = _find_usage(complete, last + 2)
         if copied == 0:
             return complete
-        kept.append(complete[copied:])
-        forwarded = b"".join(kept)
-        self.relayed[-1] = forwarded
+        parts.append(complete[copied:])
+        forwarded = b"".join(parts)
+        if kept:
+            self.relayed[-1] = forwarded
         return forwarded
 
     def _last_usage(self, complete: bytes) -> None:
@@ -241,8 +281,25 @@ class StreamScanner:
 
     def flush(self) -> bytes:
         """Whatever partial event is left at the end of the stream."""
-        rest, self._pending = self._pending, b""
+        rest, self._pending = self._pending + self._carry, b""
+        self._carry = b""
         return rest
+
+    def _to_lf(self, chunk: bytes) -> bytes:
+        """``chunk`` with CR LF as LF; a CR at its end waits for the next chunk."""
+        if self._carry:
+            chunk, self._carry = self._carry + chunk, b""
+        if chunk.endswith(b"\r"):
+            chunk, self._carry = chunk[:-1], b"\r"
+        return chunk.replace(b"\r\n", b"\n")
+
+    @property
+    def relayed_share(self) -> float:
+        """The share of the bytes relayed that ``relayed`` holds (1.0 unless the stream went
+        past ``RELAYED_KEPT_BYTES``): an estimate from ``relayed_text`` is scaled by its
+        inverse."""
+        total = self._kept + self._beyond
+        return self._kept / total if total else 1.0
 
     def _inspect(self, event: bytes) -> bool:
         """Look at one event; True when it must be dropped."""
