@@ -64,6 +64,8 @@ class _RecordingUpstream:
                     writer.write(
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                         b"x-backend-hop: internal\r\nx-backend-kept: yes\r\n"
+                        b"x-ratelimit-remaining-tokens: 123456\r\n"
+                        b"x-ratelimit-remaining-requests: 99\r\n"
                         b"connection: keep-alive, X-Backend-Hop\r\n"
                         b"content-length: %d\r\n\r\n%s" % (len(self.answer), self.answer)
                     )
@@ -128,6 +130,9 @@ def test_headers_a_connection_header_names_stop_at_the_gateway(tmp_path: Path) -
         assert r.json()["usage"]["total_tokens"] == 10
         assert r.headers["x-backend-kept"] == "yes"
         assert "x-backend-hop" not in r.headers
+        # The shared deployment's own figures are not the client's (another team's use shows
+        # in them, and the gateway balances over several deployments).
+        assert not [name for name in r.headers if name.startswith("x-ratelimit-")]
         (sent,) = upstream.heads
         assert sent["x-client-kept"] == "1"
         assert "x-client-hop" not in sent

@@ -28,8 +28,20 @@ CLIENT_CREDENTIALS = frozenset({"api-key", "authorization", "ocp-apim-subscripti
 #: Request headers the gateway sets itself.
 REQUEST_DROPPED = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding", "cookie", "expect"}
 
+#: A backend deployment's own rate-limit figures: they describe one deployment shared by
+#: every team (another team's use shows in them) behind a gateway that balances over several,
+#: so they mean nothing to a client, whose limits are the gateway's (which sets these names
+#: itself where a product has limits). Read by routing's headroom before they are dropped.
+BACKEND_RATE_HEADERS = frozenset(
+    f"x-ratelimit-{kind}-{unit}"
+    for kind in ("limit", "remaining", "reset")
+    for unit in ("requests", "tokens")
+)
+
 #: Response headers the gateway sets itself (the body may be re-framed or decompressed).
-RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding", "set-cookie", "server", "date"}
+RESPONSE_DROPPED = (
+    HOP_BY_HOP | BACKEND_RATE_HEADERS | {"content-encoding", "set-cookie", "server", "date"}
+)
 _RESPONSE_DROPPED_BYTES = frozenset(name.encode("latin-1") for name in RESPONSE_DROPPED)
 
 
