@@ -7,7 +7,9 @@ exactly the gateway's own refreshes); the fake-clock version is in test_identity
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import socket
 import threading
 import time
@@ -18,6 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sluicegate.clock import FakeClock
+from sluicegate.config.model import BackendAuthConfig
+from sluicegate.upstream.identity import BackendAuthError, TokenSource, credential_for
 from tests.routing.harness import Routed, body, pool_config, start_sim
 from tests.support.identity_endpoint import IdentityEndpoint
 
@@ -203,3 +208,53 @@ def test_a_hung_identity_endpoint_holds_neither_requests_nor_the_stop(
         assert any(t.is_alive() for t in hung), "the fetch was still hung when the stop ended"
     finally:
         listener.close()
+
+
+async def test_bursts_against_a_refusing_identity_endpoint_cost_one_call_per_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """azure-identity itself against the loopback endpoint, which refuses the gateway (a wrong
+    ``IDENTITY_HEADER``) at once: a hundred bursts of requests within a second cost no call
+    beyond the start's; the next call comes once the backoff is over (time is a fake clock,
+    the background refresh never wakes)."""
+    with IdentityEndpoint() as endpoint:
+        for name in _AZURE_VARS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.url)
+        monkeypatch.setenv("IDENTITY_HEADER", "not-" + endpoint.secret)
+        auth = BackendAuthConfig(type="managed-identity", client_id=CLIENT_ID)
+        clock = FakeClock()
+        never = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            await never.wait()
+
+        source = TokenSource(
+            credential_for(auth, os.environ), auth.scope, clock, name="mi", sleep=sleep
+        )
+        await source.start()
+
+        async def request() -> str:
+            try:
+                return await source.token()
+            except BackendAuthError as exc:
+                return str(exc)
+
+        try:
+            per_fetch = len(endpoint.hits)
+            assert per_fetch >= 1 and source.failures == 1
+            answers: list[str] = []
+            for _ in range(100):
+                answers += await asyncio.gather(*(request() for _ in range(10)))
+                clock.advance(0.009)
+            assert len(endpoint.hits) == per_fetch, "a burst within the backoff called it"
+            assert source.refused == 1000 and source.waited == 0
+            assert all("next try in" in a for a in answers)
+            assert endpoint.secret not in " ".join(answers)
+            clock.advance(0.1)  # the backoff (1 s) is over: one call for the next burst
+            answers = await asyncio.gather(*(request() for _ in range(10)))
+            assert len(endpoint.hits) == 2 * per_fetch and source.waited == 10
+            assert len(set(answers)) == 1 and "next try in" not in answers[0], answers[0]
+            assert not any(h.authorized for h in endpoint.hits)
+        finally:
+            await source.aclose()

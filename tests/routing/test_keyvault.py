@@ -194,6 +194,50 @@ def test_a_failed_refresh_keeps_the_key_held_and_warns(
         assert post() == 200
 
 
+def test_a_malformed_new_value_is_refused_and_the_key_held_stays_in_use(
+    tmp_path: Path, azure: Azure, stop_all: list[Routed], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new version whose value has a line break inside (e.g. two keys pasted together)
+    cannot be sent as a header: it is refused like a failed read, the key held stays in use,
+    and the warning says why without the value."""
+    caplog.set_level(logging.WARNING, logger="sluicegate.upstream")
+    azure.vault.set_secret(SECRET, KEY_A)
+    routed = _routed(tmp_path, azure, [KEY_A, KEY_B], refresh_seconds=0.3)
+    stop_all.append(routed)
+    backend = routed.gw.gateway.runtime.backends["aoai"]
+    assert backend.vault_key is not None
+    vault_key = backend.vault_key
+    malformed = azure.vault.set_secret(SECRET, f"{KEY_B}\r\n{KEY_A}")
+    _until(
+        lambda: (
+            any(h.version == malformed for h in azure.vault.reads())
+            and (vault_key.failures > 0 or vault_key.value != KEY_A)
+        ),
+        10,
+        "the malformed version was not read",
+    )
+    with httpx.Client(timeout=30) as client:
+        post = _poster(client, routed)
+        assert [post() for _ in range(5)] == [200] * 5
+        assert all(e["api_key_present"] for e in routed.sim_log("aoai"))
+        assert vault_key.value == KEY_A and vault_key.seen() == [KEY_A]
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "sluicegate.upstream" and r.levelno == logging.WARNING
+        ]
+        assert warnings[0] == (
+            f"backend aoai: re-reading Key Vault secret {SECRET} in {azure.vault.url} failed "
+            "(VaultKeyError: the secret's value cannot be sent as a header: it has a line "
+            "break in it); keeping the key held, trying again in 0.3 s"
+        )
+        assert not any(KEY_A in w or KEY_B in w for w in warnings)
+        # A corrected version is used after the next read.
+        azure.vault.set_secret(SECRET, KEY_B)
+        _until(lambda: vault_key.value == KEY_B, 10, "the corrected value was not used")
+        assert post() == 200 and vault_key.last_error is None
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -213,13 +257,19 @@ def test_a_failed_refresh_keeps_the_key_held_and_warns(
             "(ValueError: The challenge resource 'vault.azure.net' does not match the "
             "requested domain.",
         ),
+        (
+            # Two keys pasted into the secret: not a value a header can carry.
+            "malformed",
+            "(VaultKeyError: the secret's value cannot be sent as a header: it has a line "
+            "break in it)",
+        ),
     ],
-    ids=["unknown-secret", "forbidden", "wrong-domain"],
+    ids=["unknown-secret", "forbidden", "wrong-domain", "malformed"],
 )
 def test_serve_refuses_to_start_without_the_key(
     tmp_path: Path, azure: Azure, case: str, reason: str
 ) -> None:
-    azure.vault.set_secret(SECRET, KEY_A)
+    azure.vault.set_secret(SECRET, f"{KEY_A}\n{KEY_B}" if case == "malformed" else KEY_A)
     azure.vault.refuse = case == "forbidden"
     vault_url = azure.vault.direct_url if case == "wrong-domain" else azure.vault.url
     secret = "no-such-key" if case == "unknown-secret" else SECRET

@@ -118,3 +118,83 @@ async def test_the_start_fails_on_an_unreadable_or_empty_secret() -> None:
     with pytest.raises(VaultKeyError, match=r"\(VaultKeyError: the secret is empty\)"):
         await key.start()
     await key.aclose()
+
+
+async def test_retries_stay_at_the_interval_while_failures_go_on() -> None:
+    """The retry backoff doubles up to the interval and stays there while the reads keep
+    failing; only a successful read starts it over."""
+    client, sleeps = Client("key-1"), Sleeps()
+    key = VaultKey(_config(refresh_seconds=100), {}, name="b", client=client, sleep=sleeps)
+    await key.start()
+    try:
+        assert await sleeps.next() == 100
+        client.fail = True
+        waits = [await sleeps.release() for _ in range(10)]
+        assert waits == [5, 10, 20, 40, 80, 100, 100, 100, 100, 100]
+        assert key.failures == 10 and key.value == "key-1"
+        client.fail = False
+        assert await sleeps.release() == 100  # read: back to the interval
+        client.fail = True
+        assert [await sleeps.release() for _ in range(3)] == [5, 10, 20]  # started over
+    finally:
+        await key.aclose()
+
+
+# A value that cannot be sent as a header: CR/LF inside it, another control character, or a
+# character outside Latin-1 (``UpstreamPool`` would refuse every request: a 400 for the client).
+_MALFORMED = {
+    "crlf": ("key-2a\r\nx-injected: 1", "a line break"),
+    "lf": ("key-2a\nkey-2b", "a line break"),
+    "nul": ("key-2a\x00", "a control character (U+0000)"),
+    "non-latin-1": ("key-2a\u2013key-2b", "a character outside Latin-1"),
+}
+
+
+@pytest.mark.parametrize(("value", "what"), _MALFORMED.values(), ids=_MALFORMED)
+async def test_a_malformed_value_is_a_failed_read_and_the_held_key_stays(
+    value: str, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, sleeps = Client("key-1"), Sleeps()
+    key = VaultKey(_config(refresh_seconds=60), {}, name="b", client=client, sleep=sleeps)
+    await key.start()
+    try:
+        assert await sleeps.next() == 60
+        client.rotate(value)
+        assert await sleeps.release() == 5  # a failed read: retried sooner
+        reason = f"the secret's value cannot be sent as a header: it has {what} in it"
+        assert (key.value, key.version, key.seen()) == ("key-1", "v1", ["key-1"])
+        assert (key.failures, key.reads, key.last_error) == (1, 1, reason)
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "sluicegate.upstream"]
+        assert warning.startswith(
+            "backend b: re-reading Key Vault secret aoai-key in https://kv.vault.azure.net "
+            f"failed (VaultKeyError: {reason}); keeping the key held"
+        )
+        assert "key-2" not in warning
+        client.rotate("  key-3\n")  # fixed (surrounding whitespace is stripped)
+        assert await sleeps.release() == 60
+        assert (key.value, key.seen(), key.last_error) == ("key-3", ["key-1", "key-3"], None)
+    finally:
+        await key.aclose()
+
+
+@pytest.mark.parametrize(("value", "what"), _MALFORMED.values(), ids=_MALFORMED)
+async def test_the_start_fails_on_a_malformed_value(value: str, what: str) -> None:
+    key = VaultKey(_config(), {}, name="b", client=Client(value))
+    with pytest.raises(VaultKeyError) as info:
+        await key.start()
+    assert str(info.value) == (
+        "backend b: cannot read its api-key from Key Vault secret 'aoai-key' in "
+        "https://kv.vault.azure.net (VaultKeyError: the secret's value cannot be sent as a "
+        f"header: it has {what} in it)"
+    )
+    assert "key-2" not in str(info.value) and key.seen() == [] and key.failures == 1
+    with pytest.raises(RuntimeError, match="has not been read"):
+        _ = key.value
+    await key.aclose()
+
+
+def test_values_that_can_be_sent_are_accepted() -> None:
+    from sluicegate.upstream.keyvault import _check_header_value
+
+    for value in ("0123456789abcdef" * 2, "a b\tc", "caf\u00e9", "~!@#$%^&*()_+{}|:<>?"):
+        _check_header_value(value)

@@ -6,14 +6,26 @@ that backend's current token and refreshes it in a background task before it exp
 request path only reads a string:
 
 * a token is refreshed ``refresh_before`` seconds before it expires (at most half its lifetime
-  into it, so short-lived tokens are refreshed too); a failed refresh is retried with backoff
-  (1, 2, 4 … 30 s) while the held token stays in use;
-* ``token()`` returns the held token without I/O whenever it is still valid; only when there
-  is none (the first fetch failed, or every refresh failed until expiry) does a request wait
+  into it, so short-lived tokens are refreshed too); a failed refresh — or a failed first
+  fetch — is retried with backoff (1, 2, 4 … 30 s after the failures in a row) while the held
+  token stays in use;
+* a token is *usable* until a margin before its ``expires_on``: ``_EXPIRY_MARGIN`` (60 s), but
+  never more than half the refresh lead above (so a quarter of a short lifetime at most): a
+  request never sends a token that expires in flight or by a skewed clock, and the background
+  refresh always starts before its token stops being usable. A fetch that brings a token
+  already inside its margin (azure-identity hands back its cached token when its own refresh
+  failed) counts as a failed fetch;
+* ``token()`` returns the held token without I/O whenever it is usable; only when there is
+  none (the first fetch failed, or every refresh failed until the margin) does a request wait
   for a fetch, and concurrent requests share that one fetch. A request waits at most
   ``wait`` seconds (the backend's ``timeouts.connect``: getting its token is part of reaching
   it), then its attempt fails (``BackendAuthError``) and the request fails over; the fetch
-  goes on for the next requests. ``start()`` waits as long for the first token.
+  goes on for the next requests. ``start()`` waits as long for the first token;
+* after a failed fetch, requests do not start another one for a while (1 s, doubling with
+  each failure in a row up to 30 s; a successful fetch resets it): they fail at once
+  (``BackendAuthError`` with the last failure's reason), so a burst of requests against a
+  failing identity endpoint costs one call, not one per burst. A fetch already under way —
+  the background retry's — is still shared.
 
 ``azure-identity`` caches tokens itself and hands out a new one only within five minutes of
 expiry (or after the server's ``refresh_in``); asked earlier it returns the cached one, which
@@ -34,6 +46,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,7 +57,13 @@ from sluicegate.threads import in_daemon_thread
 
 log = logging.getLogger("sluicegate.upstream")
 
+#: Retries of failed fetches (the background's and the request path's): 1 s, doubling, at most
+#: 30 s; a successful fetch starts again from 1 s.
+_BACKOFF_FIRST = 1.0
 _BACKOFF_MAX = 30.0
+#: A token stops being usable this long before it expires (less for short-lived tokens:
+#: ``expiry_margin``).
+_EXPIRY_MARGIN = 60.0
 _FETCH_TIMEOUT = 30.0
 #: Transport timeouts of every credential's requests (azure-core's default: 300 s each). A
 #: token endpoint answers in milliseconds; azure-identity retries a try that timed out.
@@ -111,12 +130,28 @@ def credential_for(auth: EntraIdentityConfig, environ: Mapping[str, str]) -> Tok
     raise ValueError(f"auth type {kind!r} does not use Entra ID")
 
 
-def refresh_delay(token: HeldToken, now: float, refresh_before: float) -> float:
-    """Seconds from ``now`` until ``token`` should be replaced: ``refresh_before`` before it
-    expires, but no later than half-way through its lifetime."""
+def refresh_lead(token: HeldToken, refresh_before: float) -> float:
+    """How long before ``token`` expires it should be replaced: ``refresh_before``, but no
+    later than half-way through its lifetime."""
     lifetime = max(0.0, token.expires_on - token.fetched_at)
-    lead = min(refresh_before, lifetime / 2)
-    return max(0.0, token.expires_on - lead - now)
+    return min(refresh_before, lifetime / 2)
+
+
+def refresh_delay(token: HeldToken, now: float, refresh_before: float) -> float:
+    """Seconds from ``now`` until ``token`` should be replaced (``refresh_lead``)."""
+    return max(0.0, token.expires_on - refresh_lead(token, refresh_before) - now)
+
+
+def expiry_margin(token: HeldToken, refresh_before: float) -> float:
+    """How long before ``token`` expires it stops being usable: ``_EXPIRY_MARGIN``, but at most
+    half its refresh lead, so that the background refresh starts (and has time for a few
+    retries) before requests find no usable token."""
+    return min(_EXPIRY_MARGIN, refresh_lead(token, refresh_before) / 2)
+
+
+def usable(token: HeldToken, now: float, refresh_before: float) -> bool:
+    """Whether ``token`` may still be sent at ``now`` (before its ``expiry_margin``)."""
+    return now < token.expires_on - expiry_margin(token, refresh_before)
 
 
 class TokenSource:
@@ -145,12 +180,19 @@ class TokenSource:
         self.wait = wait
         self._sleep = sleep
         self._held: HeldToken | None = None
+        self._usable_until = -math.inf  # when ``_held`` stops being usable (``usable``)
         self._fetching: asyncio.Task[HeldToken] | None = None
         self._task: asyncio.Task[None] | None = None
+        #: After a failed fetch: no new fetch for requests before this (``clock.monotonic()``).
+        self._retry_at: float | None = None
+        self._retry_backoff = _BACKOFF_FIRST
+        self._failure: str | None = None
         self.fetches = 0
         self.failures = 0
-        #: Requests that had to wait for a fetch (no valid token was held).
+        #: Requests that had to wait for a fetch (no usable token was held).
         self.waited = 0
+        #: Requests failed at once, without a fetch, after a failed one (module docstring).
+        self.refused = 0
         self.last_error: str | None = None
 
     @property
@@ -158,18 +200,29 @@ class TokenSource:
         return self._held
 
     def valid(self) -> str | None:
-        """The held token if it has not expired (no I/O)."""
-        held = self._held
-        if held is not None and self.clock.now() < held.expires_on:
+        """The held token if it is still usable, i.e. not within its ``expiry_margin`` of
+        expiring (no I/O)."""
+        # Per request: one comparison against the time the token stops being usable, worked
+        # out once when the token was stored.
+        if self.clock.now() < self._usable_until:
+            held = self._held
+            assert held is not None
             return held.value
         return None
 
     async def token(self) -> str:
-        """A valid token: the held one, or (only when none is valid) a fresh fetch, waited
-        for at most ``wait`` seconds (``BackendAuthError`` then; the fetch goes on)."""
+        """A usable token: the held one, or (only when none is usable) a fresh fetch, waited
+        for at most ``wait`` seconds (``BackendAuthError`` then; the fetch goes on). Shortly
+        after a failed fetch, ``BackendAuthError`` at once (module docstring)."""
         value = self.valid()
         if value is not None:
             return value
+        fetching = self._fetching is not None and not self._fetching.done()
+        if not fetching and self._retry_at is not None:
+            left = self._retry_at - self.clock.monotonic()
+            if left > 0:
+                self.refused += 1
+                raise BackendAuthError(f"{self._failure}; next try in {left:.1f} s")
         self.waited += 1
         try:
             held = await self._fetched()
@@ -233,29 +286,50 @@ class TokenSource:
                 ),
                 _FETCH_TIMEOUT,
             )
+            previous = self._held
+            value, expires_on = str(info.token), float(info.expires_on)
+            now = self.clock.now()
+            if previous is not None and previous.value == value:
+                held = previous  # azure-identity's cached token again: keep its lifetime
+            else:
+                held = HeldToken(value, expires_on, now)
+            if not usable(held, now, self.refresh_before):
+                # azure-identity hands back its cached token when its own refresh failed.
+                raise BackendAuthError(
+                    f"the token obtained expires in {held.expires_on - now:.0f} s"
+                )
         except Exception as exc:
             self.failures += 1
             self.last_error = _safe(exc)
+            self._failure = (
+                self.last_error if isinstance(exc, BackendAuthError) else
+                f"{type(exc).__name__}: {self.last_error}"
+            )  # fmt: skip
+            self._retry_at = self.clock.monotonic() + self._retry_backoff
+            self._retry_backoff = min(self._retry_backoff * 2, _BACKOFF_MAX)
             raise
         self.fetches += 1
-        previous = self._held
-        value, expires_on = str(info.token), float(info.expires_on)
-        if previous is not None and previous.value == value:
-            held = previous  # azure-identity's cached token again: keep its lifetime
-        else:
-            held = HeldToken(value, expires_on, self.clock.now())
         self._held = held
+        self._usable_until = held.expires_on - expiry_margin(held, self.refresh_before)
         self.last_error = None
+        self._retry_at, self._retry_backoff = None, _BACKOFF_FIRST
         return held
 
     async def _refresh_loop(self) -> None:
-        backoff = 1.0
+        # ``backoff`` is the wait after the latest failure; the start's fetch failing (no token
+        # held yet) is the first one.
+        backoff = _BACKOFF_FIRST
+        failed = self._held is None
         while True:
-            held = self._held
-            if held is None:
+            if failed:
                 await self._sleep(backoff)
-            else:
-                await self._sleep(refresh_delay(held, self.clock.now(), self.refresh_before))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            held = self._held
+            if held is not None:
+                # Also after a failure's wait: a request may have fetched a token meanwhile.
+                delay = refresh_delay(held, self.clock.now(), self.refresh_before)
+                if delay > 0:
+                    await self._sleep(delay)
             previous = self._held
             try:
                 fresh = await self._fetch_shared()
@@ -266,10 +340,9 @@ class TokenSource:
                     _safe(exc),
                     backoff,
                 )
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                failed = True
                 continue
-            backoff = 1.0
+            failed, backoff = False, _BACKOFF_FIRST
             if previous is not None and fresh.expires_on <= previous.expires_on:
                 # azure-identity handed back its cached token (not yet in its own refresh
                 # window): ask again a little later rather than spin.

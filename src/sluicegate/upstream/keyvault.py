@@ -10,7 +10,13 @@ with ``azure-keyvault-secrets``' ``SecretClient``:
   pinned: versions never change), so a rotated key — a new version of the secret — is used by
   the requests that start after it was read, without a restart. A failed read is logged as a
   warning (no value in it) and the held key stays in use; it is tried again sooner than the
-  next interval (5, 10, 20 … s, at most ``refresh_seconds``);
+  next interval: 5 s after the first failure in a row, then twice as long after each further
+  one, up to ``refresh_seconds`` — and ``refresh_seconds`` while the failures go on; the first
+  successful read brings back the interval, and the next failure starts again at 5 s;
+* a value that cannot be sent as a header — a line break or another control character inside
+  it (surrounding whitespace is stripped), or a character outside Latin-1 — is refused like a
+  failed read (counted, logged without the value; the held key stays, the start fails): sent,
+  it would fail every request with a 400 blamed on the client;
 * ``value`` is the held key, read without I/O: the request path never waits for the vault;
 * ``seen()`` lists every value held since start (the most recent ``_SEEN_MAX``), so that
   checks that no key leaks cover keys that were rotated out too.
@@ -44,6 +50,9 @@ log = logging.getLogger("sluicegate.upstream")
 _READ_TIMEOUT = 60.0
 #: Retries of failed reads, after the first: 5 s, doubling, never longer than the interval.
 _RETRY_FIRST = 5.0
+#: What an HTTP field value may hold (RFC 9110 5.5: visible characters, obs-text, space and
+#: tab), i.e. what ``UpstreamPool`` can send: Latin-1 without control characters.
+_FIELD_CHARS = frozenset("\t" + "".join(map(chr, [*range(0x20, 0x7F), *range(0x80, 0x100)])))
 _SEEN_MAX = 32
 
 
@@ -133,6 +142,7 @@ class VaultKey:
             value = (secret.value or "").strip()
             if not value:
                 raise VaultKeyError("the secret is empty")
+            _check_header_value(value)
         except Exception as exc:
             self.failures += 1
             self.last_error = _safe(exc)
@@ -156,13 +166,14 @@ class VaultKey:
     async def _refresh_loop(self) -> None:
         interval = self.config.refresh_seconds
         wait = interval
+        failing = False  # the last read failed: ``wait`` is a retry's
         while True:
             await self._sleep(wait)
             try:
                 await self._read()
             except Exception as exc:
-                retry = _RETRY_FIRST if wait >= interval else wait * 2
-                wait = min(interval, retry)
+                wait = min(interval, wait * 2 if failing else _RETRY_FIRST)
+                failing = True
                 log.warning(
                     "backend %s: re-reading Key Vault secret %s in %s failed (%s: %s); "
                     "keeping the key held, trying again in %.3g s",
@@ -174,7 +185,7 @@ class VaultKey:
                     wait,
                 )
                 continue
-            wait = interval
+            wait, failing = interval, False
 
     def __repr__(self) -> str:
         return (
@@ -199,6 +210,21 @@ def _secret_client(config: KeyVaultSecretConfig, environ: Mapping[str, str]) -> 
         connection_timeout=10,
         read_timeout=30,
     )
+
+
+def _check_header_value(value: str) -> None:
+    """Raise ``VaultKeyError`` (saying what is wrong, never the value) if ``value`` cannot be
+    sent as a header value."""
+    bad = next((c for c in value if c not in _FIELD_CHARS), None)
+    if bad is None:
+        return
+    if bad in "\r\n":
+        what = "a line break"
+    elif ord(bad) < 0x100:
+        what = f"a control character (U+{ord(bad):04X})"
+    else:
+        what = "a character outside Latin-1"
+    raise VaultKeyError(f"the secret's value cannot be sent as a header: it has {what} in it")
 
 
 def _safe(exc: BaseException) -> str:
