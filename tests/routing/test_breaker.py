@@ -110,6 +110,43 @@ def test_answers_sent_before_the_trip_do_not_close_it() -> None:
     assert b.state(clock.now()) is BreakerState.OPEN
 
 
+def test_a_half_open_breaker_takes_verdicts_only_from_its_probe_or_later_requests() -> None:
+    b, clock = _breaker(failures=3, trip=5.0)
+    early = clock.now()  # a long request sent while all was well
+    for _ in range(3):
+        b.failure(clock.now(), "500", throttle=False, retry_after=None, probe=False, begun=early)
+    clock.advance(5.0)
+    sent = clock.now()
+    assert b.begin(sent), "the probe"
+    # The early request ends while the probe is out: neither its success nor its failure
+    # says anything about the backend now.
+    assert not b.success(clock.now(), False, early)
+    assert not b.failure(
+        clock.now(), "500", throttle=False, retry_after=None, probe=False, begun=early
+    )
+    assert b.state(clock.now()) is BreakerState.HALF_OPEN and not b.available(clock.now())
+    # The probe's failure opens it again (twice as long), not "one failure of three".
+    assert b.failure(clock.now(), "500", throttle=False, retry_after=None, probe=True, begun=sent)
+    assert b.open_until - clock.now() == 10.0
+    clock.advance(10.0)
+    assert b.begin(clock.now())
+    later = clock.now()
+    assert not b.begin(later), "one probe at a time"
+    # A request begun after the trip's end (not the probe) may close it.
+    assert b.success(clock.now(), False, later)
+    assert b.state(clock.now()) is BreakerState.CLOSED
+
+
+def test_out_for() -> None:
+    b, clock = _breaker(failures=1, trip=5.0)
+    assert b.out_for(clock.now()) == 0.0
+    b.failure(clock.now(), "500", throttle=False, retry_after=None, probe=False)
+    clock.advance(1.5)
+    assert b.out_for(clock.now()) == 3.5
+    clock.advance(3.5)
+    assert b.out_for(clock.now()) == 0.0  # half-open
+
+
 def test_abandoned_probe_frees_the_slot() -> None:
     b, clock = _breaker(failures=1)
     b.failure(clock.now(), "500", throttle=False, retry_after=None, probe=False)

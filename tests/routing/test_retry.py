@@ -46,6 +46,20 @@ def test_single_member_waits_as_long_as_asked_within_the_ceiling() -> None:
     assert RetryPolicy(max_wait=0.2).decide(Outcome(500), 1, True, 0).wait == 0.2
 
 
+def test_single_member_waits_for_its_open_breaker_or_gives_up() -> None:
+    """Retrying into an open breaker is pointless: the wait is at least the breaker's rest,
+    and longer than ``max_wait`` (or the budget) is giving up."""
+    policy = RetryPolicy(max_attempts=3, max_wait=10, budget=60)
+    d = policy.decide(Outcome(429), 1, single=True, elapsed=0, out_for=9.5)
+    assert (d.action, d.wait) == (Action.WAIT_SAME, 9.5)  # not the 0.5 s backoff
+    d = policy.decide(Outcome(429, retry_after=6), 1, True, 0, out_for=5.9)
+    assert (d.action, d.wait) == (Action.WAIT_SAME, 6)  # the longer of the two
+    assert policy.decide(Outcome(429), 1, True, 0, out_for=10.5).action is Action.GIVE_UP
+    assert policy.decide(Outcome(500), 1, True, 52, out_for=8).action is Action.GIVE_UP
+    # Several members: the next one is tried at once, whatever this one's breaker says.
+    assert policy.decide(Outcome(429), 1, False, 0, out_for=30).action is Action.NEXT
+
+
 def test_budget_bounds_attempts_and_waits() -> None:
     policy = RetryPolicy(budget=5)
     assert policy.decide(Outcome(500), 1, single=False, elapsed=5).action is Action.GIVE_UP

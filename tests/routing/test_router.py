@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from sluicegate.clock import FakeClock
-from sluicegate.routing.breaker import BreakerSettings
+from sluicegate.routing.breaker import BreakerSettings, BreakerState
 from sluicegate.routing.headroom import Report
 from sluicegate.routing.pool import Member, Pool
 from sluicegate.routing.retry import Outcome
-from sluicegate.routing.router import Router, RouterSettings
+from sluicegate.routing.router import Router, RouterSettings, Target
 from sluicegate.routing.state import MemoryStateStore, SharedHeadroom, SharedTrip, SharedUpdate
 
 PTU = Member("ptu", "gpt-4o", priority=1, kind="ptu")
@@ -131,6 +131,71 @@ def test_failover_trip_half_open_and_back() -> None:
     assert again is not None and again.member is PTU
 
 
+def _trip_ptu(router: Router, clock: FakeClock) -> Target:
+    """Two connection errors open the PTU's breaker (failures=2); return it half-open."""
+    ptu = router.targets[PTU.key]
+    for _ in range(2):
+        router.failed(router.begin(ptu, 10), Outcome(None, "connection"))
+    clock.advance(5.0)
+    assert ptu.breaker.state(clock.now()) is BreakerState.HALF_OPEN
+    return ptu
+
+
+def test_a_probe_gives_its_verdict_with_its_head_and_its_end_counts_like_any_other() -> None:
+    router, pool, clock, _ = _router()
+    ptu = _trip_ptu(router, clock)
+    probe = router.begin(ptu, 10)
+    assert probe.probe
+    router.probe_head(probe, 200)  # a stream's head: it will be relayed for a while
+    assert not probe.probe and ptu.breaker.state(clock.now()) is BreakerState.CLOSED
+    choice = router.choose(pool, 10)
+    assert choice is not None and choice.member is PTU, "taken back during the relay"
+    assert ptu.in_flight == 1
+    router.failed(probe, Outcome(None, "broken"))  # the stream broke off later
+    assert ptu.in_flight == 0
+    assert ptu.breaker.describe(clock.now()) == "closed (failures=1, throttles=0)"
+
+
+def test_a_probe_head_that_is_a_failure_opens_it_again_for_the_wait_asked() -> None:
+    router, _pool, clock, events = _router()
+    ptu = _trip_ptu(router, clock)
+    probe = router.begin(ptu, 10)
+    router.report(probe, [(b"retry-after", b"7")])
+    router.probe_head(probe, 429)  # relayed (429 not retried here)
+    assert ptu.breaker.open_until - clock.now() == 7.0
+    assert events.trips[-1] == ("ptu", "gpt-4o", "429")
+    router.relayed_failure(probe, 429)  # the end of that relay: no second verdict
+    assert ptu.breaker.open_until - clock.now() == 7.0 and ptu.breaker.trips == 2
+    assert ptu.in_flight == 0
+    router.probe_head(router.begin(router.targets[A.key], 1), 200)  # not a probe: no-op
+
+
+def test_a_relayed_failure_takes_its_wait_from_its_headers() -> None:
+    router, _pool, clock, _ = _router()
+    a = router.targets[A.key]
+    ticket = router.begin(a, 10)
+    router.report(ticket, [(b"Retry-After-Ms", b"7500"), (b"retry-after", b"8")])
+    router.relayed_failure(ticket, 429)
+    assert a.breaker.open_until - clock.now() == 7.5  # not trip_seconds (5)
+    ticket = router.begin(router.targets[B.key], 10)
+    router.relayed_failure(ticket, 429)  # no headers: the trip's own length
+    assert router.targets[B.key].breaker.open_until - clock.now() == 5.0
+
+
+def test_retry_same_goes_through_the_breaker() -> None:
+    router, pool, clock, _ = _router()
+    choice = router.choose(pool, 10)
+    assert choice is not None and choice.member is PTU
+    assert router.retry_same(choice) is choice
+    for _ in range(2):
+        router.failed(router.begin(choice.target, 10), Outcome(500))
+    assert router.retry_same(choice) is None and router.out_for(choice.target) == 5.0
+    clock.advance(5.0)
+    assert router.retry_same(choice) is choice and router.out_for(choice.target) == 0.0
+    assert router.begin(choice.target, 10).probe
+    assert router.retry_same(choice) is None, "the probe slot is taken"
+
+
 def test_client_errors_do_not_count_against_the_backend() -> None:
     router, _pool, _, events = _router(failures=1)
     ticket = router.begin(router.targets[PTU.key], 10)
@@ -153,6 +218,18 @@ def test_refusal_429_with_the_shortest_wait_when_all_are_throttled() -> None:
     assert (refusal.status, refusal.retry_after) == (429, 4.5)
     clock.advance(1.5)
     assert router.refusal(pool, {}).retry_after == 3.0
+
+
+def test_refusal_never_passes_on_more_than_the_longest_trip() -> None:
+    router, pool, _clock, _ = _router(throttles=2, max_trip=60.0)
+    outcomes = {}
+    for member in (PTU, A, B):  # one 429 each: throttled, but no breaker open
+        outcome = Outcome(429, retry_after=86400.0)
+        router.failed(router.begin(router.targets[member.key], 10), outcome)
+        outcomes[member.key] = outcome
+    refusal = router.refusal(pool, outcomes)
+    assert (refusal.status, refusal.retry_after) == (429, 60.0)
+    assert "Retry after 60 seconds" in refusal.message
 
 
 def test_refusal_503_when_some_are_down() -> None:

@@ -9,6 +9,13 @@ record (``attempt`` 1, 2, …, with its backend, the backend's status and outcom
 usual. When no attempt is left the gateway answers itself — 429 with the shortest wait if
 every member is throttled, 503 otherwise — and the last attempt's record carries that status
 with the backend's own in ``extra["upstream_status"]``.
+
+A one-member pool's wait-and-retry goes through the breaker like a new request: it waits at
+least until the breaker's end (or gives up when that is beyond ``max_wait``), then retries only
+if the breaker lets it through — as the half-open probe, if the slot is free — and otherwise
+answers what a new request would get. A half-open probe's verdict is given as soon as its
+answer's head passed the retry check (``_probe_retryable``), so a long stream does not hold
+the probe slot.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
@@ -27,11 +35,13 @@ from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.relay import AttemptFailed, attempt
 from sluicegate.routing.estimate import request_estimate
 from sluicegate.routing.pool import Member, Pool
-from sluicegate.routing.retry import Action
+from sluicegate.routing.retry import Action, RetryPolicy
 from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.router import Choice, Router, Ticket
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.identity import BackendAuthError
+
+log = logging.getLogger("sluicegate.failover")
 
 #: (url, body) of an attempt on one member.
 Upstream = Callable[[Member, Backend], tuple[str, bytes]]
@@ -74,40 +84,54 @@ async def forward_routed(
         url, body = upstream(member, backend)
         started = clock.monotonic()
         ticket = router.begin(choice.target, estimate)
+        # Only a half-open probe (rare) gets a check of its own, which gives its verdict
+        # early; every other attempt keeps the bare membership test.
+        retryable: Callable[[int], bool] = (
+            functools.partial(_probe_retryable, router, ticket, policy.statuses)
+            if ticket.probe
+            else policy.statuses.__contains__
+        )
         try:
             try:
                 auth = await backend.request_auth()
             except BackendAuthError as exc:
-                raise _auth_failed(backend, exc) from None
+                raise _auth_failed(ctx, backend, exc) from None
             await attempt(
                 ctx, backend, scope, receive, send, url, body, auth, clock,
-                retryable=policy.statuses.__contains__,
-                on_headers=functools.partial(router.report, ticket),
+                retryable=retryable, on_headers=functools.partial(router.report, ticket),
             )  # fmt: skip
         except AttemptFailed as failed:
             outcome = failed.outcome
             router.failed(ticket, outcome)
             tried.append(member.key)
             outcomes[member.key] = outcome
+            duration = clock.monotonic() - started
             elapsed = clock.monotonic() - ctx.started
-            decision = policy.decide(outcome, number, pool.single, elapsed)
+            out_for = router.out_for(choice.target) if pool.single else 0.0
+            decision = policy.decide(outcome, number, pool.single, elapsed, out_for)
             following: Choice | None = None
             if decision.action is Action.NEXT:
                 following = router.choose(pool, estimate, tried)
             elif decision.action is Action.WAIT_SAME:
-                following = choice
-            if following is None:
-                _last_attempt_failed(ctx, failed)
-                _refuse(ctx, router, pool, outcomes)
-            emit(_failed_record(ctx, failed, clock.monotonic() - started))
-            if decision.action is Action.WAIT_SAME:
                 try:
-                    await asyncio.sleep(decision.wait)
+                    following = await _wait_same(router, policy, choice, decision.wait, elapsed)
                 except asyncio.CancelledError:
                     # Cancelled before the next attempt: the one that failed is the last,
                     # and its record is written (the pipeline's would repeat its key).
+                    emit(_failed_record(ctx, failed, duration))
                     ctx.finished = True
                     raise
+                if following is None:
+                    # The wait is over and the breaker keeps the backend out (another
+                    # waiting request took the probe slot, or it opened again): the answer a
+                    # new request would get now. This request's own outcome is stale: its
+                    # wait was just waited.
+                    _last_attempt_failed(ctx, failed)
+                    _refuse(ctx, router, pool, {})
+            if following is None:
+                _last_attempt_failed(ctx, failed)
+                _refuse(ctx, router, pool, outcomes)
+            emit(_failed_record(ctx, failed, duration))
             choice = following
             number += 1
             continue
@@ -130,6 +154,38 @@ def _routed_extra(deployment: str, kind: str, reason: str) -> Mapping[str, str]:
     return extra
 
 
+def _probe_retryable(router: Router, ticket: Ticket, statuses: frozenset[int], status: int) -> bool:
+    """The retry check of a half-open probe's answer: an answer that will be relayed gives
+    the probe's verdict now (``router.probe_head``), not when the relay ends."""
+    if status in statuses:
+        return True
+    router.probe_head(ticket, status)
+    return False
+
+
+async def _wait_same(
+    router: Router, policy: RetryPolicy, choice: Choice, wait: float, elapsed: float
+) -> Choice | None:
+    """Sleep ``wait`` seconds, then ``choice`` again if its breaker lets the request through
+    now (``router.retry_same``; when half-open, ``begin`` then takes the probe slot). None
+    when it does not: the probe slot is taken, or the breaker is open for longer than the
+    request may still wait (``max_wait`` in all, and within the budget; ``elapsed``: the
+    request's age when the wait began)."""
+    limit = min(policy.max_wait, policy.budget - elapsed)
+    waited = 0.0
+    while True:
+        await asyncio.sleep(wait)
+        waited += wait
+        again = router.retry_same(choice)
+        if again is not None:
+            return again
+        # Still open: woken an instant early (the sleep's clock is not the breaker's), or
+        # a late 429 pushed the end out. 0 when half-open with the probe slot taken.
+        wait = router.out_for(choice.target)
+        if wait <= 0.0 or waited + wait > limit:
+            return None
+
+
 def _describe(ctx: RequestContext, choice: Choice) -> None:
     member = choice.member
     ctx.backend_name = member.backend
@@ -143,7 +199,9 @@ def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:
     elif ctx.error_code == "StreamInterrupted":
         router.failed(ticket, AttemptOutcome(None, "broken"))
     elif ctx.status >= 500 or ctx.status == 429:
-        router.failed(ticket, AttemptOutcome(ctx.status))
+        # Relayed because its status is not retried: the breaker still honours the wait its
+        # headers asked for (read here, off the success path).
+        router.relayed_failure(ticket, ctx.status)
     else:
         router.succeeded(ticket, ctx.status)
 
@@ -205,7 +263,7 @@ async def forward_single(
         try:
             auth = await backend.request_auth()
         except BackendAuthError as exc:
-            raise _auth_failed(backend, exc) from None
+            raise _auth_failed(ctx, backend, exc) from None
         await attempt(
             ctx, backend, scope, receive, send, url, ctx.body, auth, clock,
             retryable=lambda status: False, on_headers=lambda headers: None,
@@ -217,13 +275,19 @@ async def forward_single(
         ) from None
 
 
-def _auth_failed(backend: Backend, exc: BackendAuthError) -> AttemptFailed:
+def _auth_failed(ctx: RequestContext, backend: Backend, exc: BackendAuthError) -> AttemptFailed:
     """A backend without a token for this attempt: a failed attempt (outcome ``auth``), so
     that the router may try another backend. (Raised by the callers, whose hot path keeps
-    its one ``await``.)"""
+    its one ``await``.) The reason goes to the log; the message, which a client may get
+    (``forward_single``), only names the backend."""
+    # azure-identity's reasons carry tenant and application ids, AADSTS codes and endpoint
+    # details: the operators' business, not the client's.
+    log.warning(
+        "request %s: no Entra ID token for backend %s: %s", ctx.request_id, backend.name, exc
+    )
     return AttemptFailed(
         AttemptOutcome(None, "auth"),
         502,
         "BackendAuthUnavailable",
-        f"No Entra ID token for backend {backend.name} ({exc}).",
+        f"The gateway could not get a token for backend {backend.name}; see the gateway's log.",
     )

@@ -11,6 +11,13 @@ Semantics (APIM's backend circuit breaker, plus a half-open probe):
 * **half-open** (after T): one request at a time is let through as a probe. Success closes
   the breaker; failure opens it again.
 
+Verdicts say something about the backend only if the request was sent after the trip: a
+request sent before it (``begun`` < ``open_until``) may end seconds later, and its success or
+failure describes the backend as it was then. While the breaker is open or half-open such
+verdicts are ignored; only the probe, or a request begun at or after ``open_until``, closes or
+re-opens it. (A late 429 may still push an open breaker's end out: its ``retry-after`` is the
+backend's word about the future, whenever the request was sent.)
+
 Pure state: time comes from the caller (``now``, epoch seconds of the injected clock — wall
 time because trips are shared between instances in cluster mode). Not thread-safe; used from
 one event loop.
@@ -19,6 +26,7 @@ one event loop.
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,6 +90,11 @@ class CircuitBreaker:
             return True
         return state is BreakerState.HALF_OPEN and not self._probe_in_flight
 
+    def out_for(self, now: float) -> float:
+        """Seconds until the breaker lets a request through again: 0 unless it is open.
+        (Half-open with a probe in flight is not "out for" a known time: 0 as well.)"""
+        return self.open_until - now if now < self.open_until else 0.0
+
     def begin(self, now: float) -> bool:
         """A request is sent; returns True if it is the half-open probe (which the caller
         must end with ``success``/``failure``/``abandon``)."""
@@ -95,21 +108,40 @@ class CircuitBreaker:
         if probe:
             self._probe_in_flight = False
 
-    def success(self, now: float, probe: bool) -> bool:
-        """The backend answered (any status that is not a failure). Returns True if this
-        closed the breaker."""
+    def success(self, now: float, probe: bool, begun: float = -math.inf) -> bool:
+        """The backend answered (any status that is not a failure) a request sent at
+        ``begun`` (the ``now`` of its ``begin``; by default: before any trip). Returns True if
+        this closed the breaker: only the probe, or a request begun at or after
+        ``open_until``, may close it (module docstring)."""
         if probe:
             self._probe_in_flight = False
-        if self.open_until == 0.0 or now < self.open_until:
-            # An answer to a request sent before the trip says little about now.
+        open_until = self.open_until
+        if open_until == 0.0 or now < open_until:
+            # Closed: nothing to close. Open: the request was sent before this trip (none is
+            # sent while it is open) or a peer's trip came while it was out; the end stands.
+            return False
+        if not probe and begun < open_until:
+            # Half-open, and the request was sent before the trip: it describes the backend
+            # as it was then. Closing on it would let the real probe's failure count as a
+            # closed breaker's first failure of several.
             return False
         self._close()
         return True
 
     def failure(
-        self, now: float, reason: str, *, throttle: bool, retry_after: float | None, probe: bool
+        self,
+        now: float,
+        reason: str,
+        *,
+        throttle: bool,
+        retry_after: float | None,
+        probe: bool,
+        begun: float = -math.inf,
     ) -> bool:
-        """Count a failure (``throttle``: a 429). Returns True if this tripped the breaker."""
+        """Count a failure (``throttle``: a 429) of a request sent at ``begun`` (as for
+        ``success``). Returns True if this tripped the breaker. While the breaker is
+        half-open only the probe, or a request begun at or after ``open_until``, re-opens it;
+        while it is open, a 429's ``retry-after`` may push its end out, never in."""
         if probe:
             self._probe_in_flight = False
         state = self.state(now)
@@ -119,6 +151,8 @@ class CircuitBreaker:
                 self.open_until = max(self.open_until, now + min(retry_after, self._cap()))
             return False
         if state is BreakerState.HALF_OPEN:
+            if not probe and begun < self.open_until:
+                return False  # sent before the trip: the probe will tell
             self._trip(now, reason, throttle, retry_after)
             return True
         window = self._throttles if throttle else self._failures

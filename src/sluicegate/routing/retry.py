@@ -86,9 +86,18 @@ class RetryPolicy:
     def retryable(self, outcome: Outcome) -> bool:
         return outcome.status is None or outcome.status in self.statuses
 
-    def decide(self, outcome: Outcome, attempt: int, single: bool, elapsed: float) -> Decision:
+    def decide(
+        self,
+        outcome: Outcome,
+        attempt: int,
+        single: bool,
+        elapsed: float,
+        out_for: float = 0.0,
+    ) -> Decision:
         """What to do after attempt number ``attempt`` (1-based) of a request that has been
-        going for ``elapsed`` seconds; ``single``: the pool has one member."""
+        going for ``elapsed`` seconds; ``single``: the pool has one member; ``out_for``: how
+        long the backend's circuit breaker still keeps it out (a one-member pool waits at
+        least that long, and gives up if that is longer than ``max_wait``)."""
         if not self.retryable(outcome):
             return Decision(Action.RELAY)
         if attempt >= self.max_attempts or elapsed >= self.budget:
@@ -102,6 +111,12 @@ class RetryPolicy:
             return Decision(Action.GIVE_UP)  # the backend wants longer than we may hold on
         wait = asked if asked is not None else min(0.5 * 2 ** (attempt - 1), 4.0)
         wait = min(wait, self.max_wait)
+        # Retrying into an open breaker would only meet a backend that asked to be left
+        # alone (and its answers, not being the probe's, could not close the breaker).
+        if out_for > wait:
+            if out_for > self.max_wait:
+                return Decision(Action.GIVE_UP)
+            wait = out_for
         if elapsed + wait >= self.budget:
             return Decision(Action.GIVE_UP)
         return Decision(Action.WAIT_SAME, wait)

@@ -6,10 +6,20 @@ share its breaker and headroom) and the pools over them. Per attempt the request
     choice = router.choose(pool, estimate, tried)     # None: every member is out
     ticket = router.begin(choice.target, estimate)
     router.report(ticket, response_headers)           # headroom, from any answer
-    router.succeeded(ticket, status) | router.failed(ticket, outcome) | router.abandoned(ticket)
+    router.probe_head(ticket, status)                 # a probe's answer will be relayed
+    router.succeeded(ticket, status) | router.failed(ticket, outcome)
+        | router.relayed_failure(ticket, status) | router.abandoned(ticket)
 
-and, when no attempt is left, ``router.refusal(pool, outcomes)`` says what the client gets
-(429 with the shortest wait if every member is throttled, else 503, both with a wait).
+A one-member pool that waits and tries its backend again asks ``router.out_for(target)``
+(how long its breaker still keeps it out) and, after the wait, ``router.retry_same(choice)``
+(None: the breaker does not let it through now). When no attempt is left,
+``router.refusal(pool, outcomes)`` says what the client gets (429 with the shortest wait if
+every member is throttled, else 503, both with a wait).
+
+A half-open breaker lets one request through as its probe. The probe's verdict is given as
+soon as its answer's head passed the retry check (``probe_head``), not when the relay ends,
+so a probe that streams for a minute does not keep the backend out for everyone else
+meanwhile; the rest of its ticket (in-flight count, headroom) lasts until it ends.
 
 Choosing: the best priority group with a member that is available (breaker closed, or
 half-open with no probe in flight), not yet tried by this request and — with headroom
@@ -25,7 +35,7 @@ trips are shared between instances.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +44,7 @@ from sluicegate.routing.breaker import BreakerSettings, BreakerState, CircuitBre
 from sluicegate.routing.headroom import Headroom, report_from_headers
 from sluicegate.routing.pool import Member, Pool
 from sluicegate.routing.retry import Outcome, RetryPolicy, is_backend_failure
+from sluicegate.routing.retry_after import retry_after_from_headers
 from sluicegate.routing.state import (
     BackendStateStore,
     SharedHeadroom,
@@ -117,9 +128,16 @@ class Ticket:
     """One attempt in flight; end it exactly once."""
 
     target: Target
+    #: It holds the half-open breaker's probe slot (until its verdict: ``probe_head`` or
+    #: the ticket's end).
     probe: bool
     marks: tuple[int, int]
+    #: The clock's ``now()`` when it was sent: the breaker ignores the verdicts of requests
+    #: sent before its trip.
+    begun: float
     done: bool = False
+    #: The answer's headers (from ``report``), read only for a failure's ``retry-after``.
+    headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,15 +244,31 @@ class Router:
             self.observer.spilled(pool.name, origin, member.backend, reason)
         return Choice(member, targets[member.key], reason)
 
+    def retry_same(self, choice: Choice) -> Choice | None:
+        """``choice`` again (a one-member pool's wait-and-retry) if its breaker lets a
+        request through now — closed, or half-open with the probe slot free, which ``begin``
+        then takes — as ``choose`` would for a new request; else None."""
+        if choice.target.breaker.available(self.clock.now()):
+            return choice
+        return None
+
+    def out_for(self, target: Target) -> float:
+        """Seconds until the target's breaker, open now, lets a request through (0: it is
+        not open)."""
+        return target.breaker.out_for(self.clock.now())
+
     # --- attempts -----------------------------------------------------------------------------
 
     def begin(self, target: Target, estimate: int) -> Ticket:
         target.in_flight += 1
-        probe = target.breaker.begin(self.clock.now())
-        return Ticket(target, probe, target.headroom.dispatch(estimate))
+        now = self.clock.now()
+        probe = target.breaker.begin(now)
+        return Ticket(target, probe, target.headroom.dispatch(estimate), now)
 
-    def report(self, ticket: Ticket, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Take the headroom report of an answer (any status)."""
+    def report(self, ticket: Ticket, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Take the headroom report of an answer (any status), and keep the headers on the
+        ticket for the case that its status turns out to be a failure."""
+        ticket.headers = headers
         report = report_from_headers(headers)
         if report.empty:
             return
@@ -243,14 +277,39 @@ class Router:
         if target.headroom.observe(report, ticket.marks, now) and self.store is not None:
             self.store.publish_headroom(target.key, SharedHeadroom(report, now))
 
+    def probe_head(self, ticket: Ticket, status: int) -> None:
+        """The answer's head arrived and passed the retry check (it will be relayed): if the
+        ticket is the half-open probe, give the breaker its verdict now — a failure for
+        429/5xx (with the wait the headers ask for), else a success — and free the probe
+        slot, instead of holding it for the whole relay. The ticket stays in flight until it
+        ends (``succeeded``/``failed``/…), and that end counts as any request's does: a
+        stream that breaks afterwards is a failure of a (by then closed) breaker. No-op for
+        any other ticket."""
+        if not ticket.probe or ticket.done:
+            return
+        if is_backend_failure(status):
+            self._failure(ticket, Outcome(status, None, self._asked_wait(ticket)))
+        else:
+            target = ticket.target
+            target.last_status = status
+            if target.breaker.success(self.clock.now(), True, ticket.begun):
+                log.info("backend %s closed again (probe answered %s)", target.key, status)
+        ticket.probe = False  # its end must not free a slot a later probe may hold
+
     def succeeded(self, ticket: Ticket, status: int) -> None:
         """The backend answered with a status that is not its own failure (2xx, 4xx)."""
         if self._end(ticket):
             return
         target = ticket.target
         target.last_status = status
-        if target.breaker.success(self.clock.now(), ticket.probe):
+        if target.breaker.success(self.clock.now(), ticket.probe, ticket.begun):
             log.info("backend %s closed again (probe answered %s)", target.key, status)
+
+    def relayed_failure(self, ticket: Ticket, status: int) -> None:
+        """A relayed answer with a failure status (429, 5xx: not in the retry statuses)
+        ended: ``failed``, with the wait its headers asked for (``retry-after-ms`` /
+        ``retry-after``), so that the breaker stays out as long as the backend said."""
+        self.failed(ticket, Outcome(status, None, self._asked_wait(ticket)))
 
     def failed(self, ticket: Ticket, outcome: Outcome) -> None:
         """The attempt failed (429, 5xx, timeout, connection error, broken body)."""
@@ -259,6 +318,9 @@ class Router:
             return
         if self._end(ticket):
             return
+        self._failure(ticket, outcome)
+
+    def _failure(self, ticket: Ticket, outcome: Outcome) -> None:
         now = self.clock.now()
         target = ticket.target
         target.last_status = outcome.status
@@ -271,6 +333,7 @@ class Router:
             throttle=outcome.throttled,
             retry_after=outcome.retry_after,
             probe=ticket.probe,
+            begun=ticket.begun,
         )
         if not tripped:
             return
@@ -294,6 +357,9 @@ class Router:
             return
         ticket.target.breaker.abandon(ticket.probe)
 
+    def _asked_wait(self, ticket: Ticket) -> float | None:
+        return retry_after_from_headers(ticket.headers, self.clock.now())
+
     def _end(self, ticket: Ticket) -> bool:
         """Mark the ticket ended; True if it already was."""
         if ticket.done:
@@ -308,8 +374,11 @@ class Router:
 
     def refusal(self, pool: Pool, outcomes: dict[str, Outcome]) -> Refusal:
         """429 with the shortest wait when every member is throttled (open after a 429, or
-        answered 429 in this request), else 503 with the shortest wait until one may work."""
+        answered 429 in this request), else 503 with the shortest wait until one may work.
+        No wait is longer than the breaker's ``max_trip``: the gateway would take the
+        backend back by then whatever it said (Azure can say "retry after 86400 seconds")."""
         now = self.clock.now()
+        cap = self.settings.breaker.max_trip
         throttled: list[float] = []
         down: list[float] = []
         for member in pool.members:
@@ -319,7 +388,8 @@ class Router:
             if state is BreakerState.OPEN:
                 (throttled if breaker.throttled else down).append(breaker.open_until - now)
             elif outcome is not None and outcome.throttled:
-                throttled.append(outcome.retry_after if outcome.retry_after is not None else 1.0)
+                asked = outcome.retry_after
+                throttled.append(min(asked, cap) if asked is not None else 1.0)
             else:
                 down.append(1.0)
         name = pool.name
