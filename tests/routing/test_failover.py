@@ -85,8 +85,9 @@ def test_backend_stopped_mid_load_then_taken_back(tmp_path: Path) -> None:
 
 def test_every_backend_throttled_shortest_wait_then_the_sdk_succeeds(tmp_path: Path) -> None:
     clocks = {"a": ShiftedClock(), "b": ShiftedClock()}
-    # One request per minute each; the simulators' minutes are moved on by the test.
-    sims = {n: start_sim(chat_deployment(rpm=1), clock=clocks[n]) for n in clocks}
+    # One request per minute each (20 TPM: room for one estimate of 14, as RPM counts over
+    # 10-s windows like Azure's); the simulators' minutes are moved on by the test.
+    sims = {n: start_sim(chat_deployment(tpm=20), clock=clocks[n]) for n in clocks}
     routing = {"circuit_breaker": {"max_trip_seconds": 120, "trip_seconds": 5}}
     routed = Routed(
         pool_config(
@@ -136,7 +137,8 @@ def test_every_backend_throttled_shortest_wait_then_the_sdk_succeeds(tmp_path: P
 
 def test_single_backend_waits_for_its_retry_after_within_the_ceiling(tmp_path: Path) -> None:
     clock = ShiftedClock()
-    sims = {"only": start_sim(chat_deployment(rpm=1), clock=clock)}
+    # One request per minute (20 TPM: room for one estimate of 14; RPM is per 10 s).
+    sims = {"only": start_sim(chat_deployment(tpm=20), clock=clock)}
     routing = {"retry": {"max_wait_seconds": 3}}
     routed = Routed(pool_config(tmp_path, sims, [{"backend": "only"}], routing=routing), sims)
     try:

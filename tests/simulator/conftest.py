@@ -19,10 +19,13 @@ API = "api-version=2024-10-21"
 
 
 def make_config(**overrides: Any) -> SimConfig:
-    """Three deployments: a limited chat one, an unlimited chat one, an embeddings one."""
+    """Three deployments: a limited chat one, an unlimited chat one, an embeddings one.
+
+    ``chat`` has 600 RPM, the reference's example (azure-openai-api.md §8): 100 requests per
+    10 s (what ``x-ratelimit-remaining-requests`` counts down from) and 10 per second."""
     base: dict[str, Any] = {
         "deployments": [
-            SimDeployment(name="chat", model="gpt-4o-mini-2024-07-18", tpm=1000, rpm=10),
+            SimDeployment(name="chat", model="gpt-4o-mini-2024-07-18", tpm=1000, rpm=600),
             SimDeployment(name="free", model="gpt-4o-2024-08-06"),
             SimDeployment(
                 name="embed", model="text-embedding-3-small", kind="embeddings", dimensions=64

@@ -31,7 +31,7 @@ async def test_forced_500_is_azure_shaped_and_charges_nothing(client: httpx.Asyn
         }
     }
     assert resp.headers["x-ratelimit-remaining-tokens"] == "1000"
-    assert resp.headers["x-ratelimit-remaining-requests"] == "10"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "100"  # 10-s budget, untouched
     assert (await _log(client))[-1]["fault"] == "500"
 
 

@@ -68,9 +68,9 @@ async def test_common_headers(client: httpx.AsyncClient) -> None:
     assert h["x-ms-client-request-id"] == "abc"
     assert h["apim-request-id"]
     assert len(h["x-request-id"]) == 36
-    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-limit-requests"]) == ("1000", "10")
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-limit-requests"]) == ("1000", "600")
     assert h["x-ratelimit-remaining-tokens"] == str(1000 - (HELLO_PROMPT + 16))
-    assert h["x-ratelimit-remaining-requests"] == "9"
+    assert h["x-ratelimit-remaining-requests"] == "99"  # the 10-s budget: 600 / 6 - 1
     free = await client.post(chat_url("free"), json=HELLO)
     assert "x-ratelimit-remaining-tokens" not in free.headers  # no limit set, no header
 

@@ -29,12 +29,13 @@ def test_chat_prompt_tokens_rule() -> None:
             "role": "user",
             "content": [
                 {"type": "text", "text": "one two three"},
-                {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "image_url", "image_url": {"url": "https://example.test/cat.png"}},
             ],
         },
         {"role": "assistant", "content": None},
     ]
-    assert chat_prompt_tokens(messages) == (4 + 2) + (4 + 3) + (4 + 0) + 3
+    # The remote image's size is unknown: taken as 1024×1024, 85 + 4 × 170 = 765 tokens.
+    assert chat_prompt_tokens(messages) == (4 + 2) + (4 + 3 + 765) + (4 + 0) + 3
 
 
 def test_input_tokens_for_strings_lists_and_ids() -> None:

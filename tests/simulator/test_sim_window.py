@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sluicegate.simulator.window import DeploymentLimiter, SlidingWindow, retry_after_values
+from sluicegate.simulator.window import (
+    DeploymentLimiter,
+    SlidingWindow,
+    request_budget,
+    retry_after_values,
+)
 
 
 def test_window_charges_and_expires_after_sixty_seconds() -> None:
@@ -53,7 +58,7 @@ def test_compaction_keeps_totals_and_waits_right() -> None:
 
 
 def test_deployment_limiter_refuses_without_charging() -> None:
-    lim = DeploymentLimiter(tpm=100, rpm=2)
+    lim = DeploymentLimiter(tpm=100, rpm=12)  # requests: 2 per 10 s, 1 per second
     first = lim.admit(60, 1000.0)
     assert first.admitted
     assert (first.remaining_tokens, first.remaining_requests) == (40, 1)
@@ -66,7 +71,43 @@ def test_deployment_limiter_refuses_without_charging() -> None:
     by_calls = lim.admit(1, 1007.0)
     assert not by_calls.admitted
     assert by_calls.exceeded == "requests"
-    assert by_calls.retry_after_s == pytest.approx(53.0)
+    assert by_calls.retry_after_s == pytest.approx(3.0)  # the t=1000 request leaves at 1010
+    assert by_calls.limit_requests == 12  # the header keeps the deployment's RPM
+
+
+@pytest.mark.parametrize(
+    ("rpm", "per_ten_seconds", "per_second"),
+    [(600, 100, 10), (300, 50, 5), (2_700, 450, 45), (6, 1, 1), (10, 2, 1), (1, 1, 1)],
+)
+def test_request_budgets_are_rpm_over_six_and_sixty(
+    rpm: int, per_ten_seconds: int, per_second: int
+) -> None:
+    assert (request_budget(rpm, 6), request_budget(rpm, 60)) == (per_ten_seconds, per_second)
+    lim = DeploymentLimiter(tpm=None, rpm=rpm)
+    assert [(w.window, w.limit) for w in lim.request_windows] == [
+        (10.0, per_ten_seconds),
+        (1.0, per_second),
+    ]
+
+
+def test_requests_are_limited_per_second_and_per_ten_seconds() -> None:
+    lim = DeploymentLimiter(tpm=None, rpm=600)  # 100 per 10 s, 10 per second
+    for i in range(10):
+        a = lim.admit(0, 0.0)
+        assert a.admitted
+        assert a.remaining_requests == 99 - i  # the 10-s budget, not 600 - i
+    burst = lim.admit(0, 0.5)
+    assert not burst.admitted and burst.exceeded == "requests"
+    assert burst.retry_after_s == pytest.approx(0.5)  # until the burst leaves the 1-s window
+    assert burst.remaining_requests == 90
+    for second in range(1, 10):  # 10 a second: the 10-s window fills at t=9
+        for _ in range(10):
+            assert lim.admit(0, float(second)).admitted
+    full = lim.admit(0, 9.99)
+    assert not full.admitted
+    assert full.remaining_requests == 0
+    assert full.retry_after_s == pytest.approx(0.01)  # the t=0 requests leave at t=10
+    assert lim.admit(0, 10.0).admitted
 
 
 def test_unlimited_dimensions_report_none() -> None:

@@ -14,7 +14,9 @@ Order of checks for a model call: route and ``api-version`` (404 ``"404"``), cre
 (401), body JSON and ``model`` (400), deployment (404 ``DeploymentNotFound``), operation vs
 model kind (400 ``OperationNotSupported``), body validation (400), forced status faults
 (500/503/429, uncharged), admission against TPM/RPM (429, nothing charged), random faults,
-then the answer — paced by ``ttft_ms`` and ``tokens_per_second``.
+the content filter on the prompt (forced ``filter-prompt``: 400, charged — Azure counts a
+request at arrival, before filtering), then the answer — paced by ``ttft_ms`` and
+``tokens_per_second`` (per choice: ``n`` choices are written side by side).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from sluicegate.clock import Clock, SystemClock
 from sluicegate.simulator import delivery, errors, payloads, sse
 from sluicegate.simulator.config import SimConfig, SimDeployment
 from sluicegate.simulator.errors import Operation
-from sluicegate.simulator.faults import FAULT_HEADER, STATUS_FAULTS, Fault, draw_fault, parse_fault
+from sluicegate.simulator.faults import (
+    FAULT_HEADER,
+    FILTER_CATEGORIES,
+    STATUS_FAULTS,
+    Fault,
+    draw_fault,
+    parse_fault,
+)
 from sluicegate.simulator.plan import BadRequest, RequestPlan, plan_request
 from sluicegate.simulator.state import SIM_STATE, Call, SimulatorState
 from sluicegate.simulator.window import retry_after_values
@@ -182,10 +191,13 @@ class _Simulator:
                 fault = parse_fault(raw_fault)
             except ValueError as exc:
                 return call.respond(400, errors.invalid_request(str(exc), FAULT_HEADER))
+            if fault.kind in FILTER_CATEGORIES and operation == "embeddings":
+                message = f"x-sim-fault {fault.kind} does not apply to embeddings (not filtered)."
+                return call.respond(400, errors.invalid_request(message, FAULT_HEADER))
         rec.streamed, rec.include_usage = plan.stream, plan.include_usage
         rec.stream_options, rec.estimate = plan.stream_options, plan.estimate
         rec.prompt_tokens = plan.prompt_tokens
-        rec.completion_tokens = plan.completion_tokens if operation != "embeddings" else None
+        rec.completion_tokens = plan.usage_completion_tokens if operation != "embeddings" else None
         if fault is not None and fault.kind in STATUS_FAULTS:
             rec.fault = fault.kind
             return self._status_fault(call, fault, operation, api_version)
@@ -215,6 +227,10 @@ class _Simulator:
         kind = fault.kind if fault is not None else None
         if kind == "500":
             return call.respond(500, errors.INTERNAL_ERROR)
+        if fault is not None and kind == "filter-prompt":
+            call.record.completion_tokens = None  # nothing is generated for a blocked prompt
+            results = payloads.filter_results(payloads.PROMPT_FILTER_CATEGORIES, fault.category)
+            return call.respond(400, errors.content_filtered_prompt(results))
         if kind == "hang":
             return await delivery.hang(request, call, self.state, deployment.hang_max_s)
         delay = deployment.ttft_ms / 1000.0
@@ -233,7 +249,8 @@ class _Simulator:
             )
             return await delivery.send_body(request, call, body, cut)
         answer = self._answer(call, admitted)
-        call.record.finish_reason = plan.finish_reason
+        call.record.finish_reason = answer.finish_reason
+        call.record.completion_tokens = answer.usage_completion_tokens
         tps = deployment.tokens_per_second
         if plan.stream:
             if operation == "chat":
@@ -242,7 +259,9 @@ class _Simulator:
                 stream = sse.completions_plan(answer, plan.include_usage)
             else:
                 stream = sse.responses_plan(answer, admitted.body)
-            return await delivery.send_stream(request, call, stream, tps, delay, cut)
+            # The choices are generated side by side: n stream events per token time.
+            rate = tps * answer.choices
+            return await delivery.send_stream(request, call, stream, rate, delay, cut)
         delay += answer.completion_tokens / tps if tps > 0 else 0.0
         if delay > 0:
             await asyncio.sleep(delay)
@@ -252,20 +271,32 @@ class _Simulator:
             body = payloads.completions_body(answer)
         else:
             body = payloads.responses_body(answer, admitted.body)
-        call.record.tokens_sent = answer.completion_tokens if not cut else None
+        call.record.tokens_sent = answer.completion_tokens * answer.choices if not cut else None
         return await delivery.send_body(request, call, body, cut)
 
     def _answer(self, call: Call, admitted: _Admitted) -> payloads.Answer:
         operation, deployment, plan = admitted.operation, admitted.deployment, admitted.plan
+        completion, finish = plan.completion_tokens, plan.finish_reason
+        filtered: str | None = None
+        fault = admitted.fault
+        if fault is not None and fault.kind == "filter-answer":
+            # The filter stops the answer half-way; what was written is still billed and
+            # reported in usage (azure-openai-api.md §5: a 200 with finish_reason
+            # "content_filter").
+            completion, finish, filtered = completion // 2, "content_filter", fault.category
         return payloads.Answer(
             operation=operation,
             response_id=_ID_PREFIX[operation] + call.record.request_id.replace("-", ""),
             created=int(self.state.clock.now()),
             model=deployment.model,
             prompt_tokens=plan.prompt_tokens,
-            completion_tokens=plan.completion_tokens,
-            finish_reason=plan.finish_reason,
+            completion_tokens=completion,
+            finish_reason=finish,
             system_fingerprint=self.state.fingerprints[deployment.name],
+            choices=plan.choices,
+            generated=plan.generated,
+            audio_tokens=plan.audio_tokens,
+            filtered=filtered,
         )
 
     def _status_fault(

@@ -35,7 +35,9 @@ class SimDeployment(BaseModel):
     """One fake deployment.
 
     ``tpm``/``rpm`` of ``None`` mean unlimited (and no ``x-ratelimit-*`` headers for that
-    dimension). ``completion_tokens`` is the answer length when the request sets no
+    dimension). As on Azure, ``tpm`` counts over a minute but ``rpm`` is enforced over short
+    windows, RPM/6 per 10 s and RPM/60 per second (see ``window``), so a burst well under
+    ``rpm`` can be refused. ``completion_tokens`` is the answer length when the request sets no
     ``max_tokens``; a requested length is honoured up to ``completion_tokens ×
     completion_cap_factor`` tokens. The fault rates are shares of admitted requests, drawn from
     the simulator's seeded RNG, and must add up to at most 1.

@@ -109,3 +109,30 @@ def operation_not_supported(operation: Operation, model: str) -> bytes:
         "with each operation here: https://go.microsoft.com/fwlink/?linkid=2197993."
     )
     return orjson.dumps({"error": {"code": "OperationNotSupported", "message": message}})
+
+
+def content_filtered_prompt(results: dict[str, Any]) -> bytes:
+    """The 400 Azure returns when the content filter blocks the *prompt*
+    (azure-openai-api.md §5): OpenAI-style fields with ``code: "content_filter"``, ``param:
+    "prompt"``, ``status: 400`` and an ``innererror`` naming ``ResponsibleAIPolicyViolation``
+    with the per-category ``content_filter_result``. Not retryable, not a backend fault."""
+    message = (
+        "The response was filtered due to the prompt triggering Azure OpenAI's content "
+        "management policy. Please modify your prompt and retry. To learn more about our "
+        "content filtering policies please read our documentation: "
+        "https://go.microsoft.com/fwlink/?linkid=2198766"
+    )
+    body = {
+        "error": {
+            "message": message,
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": results,
+            },
+        }
+    }
+    return orjson.dumps(body)

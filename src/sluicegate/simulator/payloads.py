@@ -16,7 +16,7 @@ from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.errors import Operation
 from sluicegate.simulator.tokens import completion_text, embedding_base64, embedding_vector
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 
 _SAFE = {"filtered": False, "severity": "safe"}
 _NOT_DETECTED = {"filtered": False, "detected": False}
@@ -37,6 +37,41 @@ CHUNK_FILTER: dict[str, Any] = {
     "sexual": _SAFE,
     "violence": _SAFE,
 }
+#: Categories the content filter rates: prompts (with the jailbreak shield) and completions.
+PROMPT_FILTER_CATEGORIES = ("hate", "jailbreak", "self_harm", "sexual", "violence")
+ANSWER_FILTER_CATEGORIES = (
+    "hate",
+    "protected_material_code",
+    "protected_material_text",
+    "self_harm",
+    "sexual",
+    "violence",
+)
+_DETECTION_CATEGORIES = frozenset(
+    {"jailbreak", "protected_material_code", "protected_material_text"}
+)
+
+
+def filter_results(categories: tuple[str, ...], hit: str | None) -> dict[str, Any]:
+    """``content_filter_results`` over ``categories`` with ``hit`` filtered (None: clean).
+
+    Severity categories read ``{"filtered", "severity"}``, detections (jailbreak, protected
+    material) ``{"filtered", "detected"}`` — azure-openai-api.md §5–§6.
+    """
+    results: dict[str, Any] = {}
+    for name in categories:
+        detection = name in _DETECTION_CATEGORIES
+        if name == hit:
+            results[name] = (
+                {"filtered": True, "detected": True}
+                if detection
+                else {"filtered": True, "severity": "high"}
+            )
+        else:
+            results[name] = _NOT_DETECTED if detection else _SAFE
+    return results
+
+
 PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [
     {
         "prompt_index": 0,
@@ -63,13 +98,32 @@ class Answer:
     completion_tokens: int
     finish_reason: FinishReason
     system_fingerprint: str
+    #: Choices returned (``n``) and answers generated and billed (``best_of``, else ``n``);
+    #: ``completion_tokens`` is the length of *each* answer.
+    choices: int = 1
+    generated: int = 1
+    audio_tokens: int = 0
+    #: The content-filter category that stopped the answer (``finish_reason`` content_filter).
+    filtered: str | None = None
 
     @property
     def text(self) -> str:
         return completion_text(self.completion_tokens)
 
+    @property
+    def usage_completion_tokens(self) -> int:
+        """Every generated answer's tokens (what ``usage.completion_tokens`` reports)."""
+        return self.completion_tokens * self.generated
 
-def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    @property
+    def choice_filter(self) -> dict[str, Any]:
+        """``content_filter_results`` of each choice (the hit category when filtered)."""
+        if self.filtered is None:
+            return COMPLETION_FILTER
+        return filter_results(ANSWER_FILTER_CATEGORIES, self.filtered)
+
+
+def chat_usage(prompt_tokens: int, completion_tokens: int, audio_tokens: int = 0) -> dict[str, Any]:
     return {
         "completion_tokens": completion_tokens,
         "completion_tokens_details": {
@@ -79,27 +133,34 @@ def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
             "rejected_prediction_tokens": 0,
         },
         "prompt_tokens": prompt_tokens,
-        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
+        "prompt_tokens_details": {"audio_tokens": audio_tokens, "cached_tokens": 0},
         "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
+def answer_usage(answer: Answer) -> dict[str, Any]:
+    """Chat usage of ``answer``: completion tokens summed over every generated answer."""
+    return chat_usage(answer.prompt_tokens, answer.usage_completion_tokens, answer.audio_tokens)
+
+
 def chat_body(answer: Answer) -> bytes:
+    text = answer.text
     return orjson.dumps(
         {
             "choices": [
                 {
-                    "content_filter_results": COMPLETION_FILTER,
+                    "content_filter_results": answer.choice_filter,
                     "finish_reason": answer.finish_reason,
-                    "index": 0,
+                    "index": index,
                     "logprobs": None,
                     "message": {
                         "annotations": [],
-                        "content": answer.text,
+                        "content": text,
                         "refusal": None,
                         "role": "assistant",
                     },
                 }
+                for index in range(answer.choices)
             ],
             "created": answer.created,
             "id": answer.response_id,
@@ -107,22 +168,24 @@ def chat_body(answer: Answer) -> bytes:
             "object": "chat.completion",
             "prompt_filter_results": PROMPT_FILTER_RESULTS,
             "system_fingerprint": answer.system_fingerprint,
-            "usage": chat_usage(answer.prompt_tokens, answer.completion_tokens),
+            "usage": answer_usage(answer),
         }
     )
 
 
 def completions_body(answer: Answer) -> bytes:
+    text = answer.text
     return orjson.dumps(
         {
             "choices": [
                 {
-                    "content_filter_results": COMPLETION_FILTER,
+                    "content_filter_results": answer.choice_filter,
                     "finish_reason": answer.finish_reason,
-                    "index": 0,
+                    "index": index,
                     "logprobs": None,
-                    "text": answer.text,
+                    "text": text,
                 }
+                for index in range(answer.choices)
             ],
             "created": answer.created,
             "id": answer.response_id,
@@ -131,9 +194,9 @@ def completions_body(answer: Answer) -> bytes:
             "prompt_filter_results": PROMPT_FILTER_RESULTS,
             "system_fingerprint": answer.system_fingerprint,
             "usage": {
-                "completion_tokens": answer.completion_tokens,
+                "completion_tokens": answer.usage_completion_tokens,
                 "prompt_tokens": answer.prompt_tokens,
-                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                "total_tokens": answer.prompt_tokens + answer.usage_completion_tokens,
             },
         }
     )
@@ -150,8 +213,10 @@ def response_object(
     done: bool,
 ) -> dict[str, Any]:
     """A Responses API ``response`` object; ``done=False`` gives the in-progress form."""
-    incomplete = done and answer.finish_reason == "length"
+    incomplete = done and answer.finish_reason != "stop"
     status = "in_progress" if not done else ("incomplete" if incomplete else "completed")
+    # Responses reports why it stopped early: the output limit, or the content filter.
+    reason = "content_filter" if answer.finish_reason == "content_filter" else "max_output_tokens"
     output: list[dict[str, Any]] = []
     usage: dict[str, Any] | None = None
     if done:
@@ -185,7 +250,7 @@ def response_object(
         "status": status,
         "background": False,
         "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "incomplete_details": {"reason": reason} if incomplete else None,
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),
         "metadata": request.get("metadata") or {},

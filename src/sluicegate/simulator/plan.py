@@ -2,7 +2,15 @@
 
 Charging follows Azure: at arrival, the estimate is prompt tokens + the requested maximum
 (``max_completion_tokens``, else ``max_tokens``, Responses ``max_output_tokens``) or, when
-none is given, the deployment's default ``completion_tokens``. Embeddings charge their input.
+none is given, the deployment's default ``completion_tokens``, times the number of answers
+generated — ``n`` (chat, legacy completions) or ``best_of`` (legacy completions, which
+generate ``best_of`` candidates and return the ``n`` best) — azure-openai-api.md §8,
+apim-policies.md §5. Embeddings charge their input.
+
+Several answers: ``n`` choices (index 0 … n-1), each as long as a single answer would be;
+``usage.completion_tokens`` covers every generated one (``n``, or ``best_of`` candidates,
+which are billed although only ``n`` come back). ``best_of`` must be at least ``n`` and
+cannot be streamed (OpenAI's API rules for legacy completions).
 
 Answer length: without a requested maximum the answer has the deployment's
 ``completion_tokens`` and finishes with ``stop``. With a maximum *m* the model "would have
@@ -19,7 +27,16 @@ from typing import Any
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.errors import Operation
 from sluicegate.simulator.payloads import FinishReason
-from sluicegate.simulator.tokens import chat_prompt_tokens, input_tokens, responses_input_tokens
+from sluicegate.simulator.tokens import (
+    PromptCount,
+    chat_prompt_count,
+    input_tokens,
+    responses_input_count,
+)
+
+#: Most answers one request may ask for (OpenAI's limits: ``n`` ≤ 128, ``best_of`` ≤ 20).
+MAX_N = 128
+MAX_BEST_OF = 20
 
 
 class BadRequest(Exception):
@@ -34,25 +51,55 @@ class BadRequest(Exception):
 @dataclass(frozen=True, slots=True)
 class RequestPlan:
     prompt_tokens: int
+    #: Tokens of *each* answer (choice); ``usage_completion_tokens`` is the billed total.
     completion_tokens: int
     finish_reason: FinishReason
     estimate: int
     stream: bool
     include_usage: bool
     stream_options: Any
+    #: Choices returned (``n``) and answers generated (``best_of`` if given, else ``n``).
+    choices: int = 1
+    generated: int = 1
+    #: Prompt tokens that are audio (``prompt_tokens_details.audio_tokens``).
+    audio_tokens: int = 0
     #: Embeddings only: the inputs (one vector each), vector length and encoding.
     inputs: list[Any] = field(default_factory=list)
     dimensions: int = 0
     encoding_format: str = "float"
 
+    @property
+    def usage_completion_tokens(self) -> int:
+        """``usage.completion_tokens``: every generated answer's tokens."""
+        return self.completion_tokens * self.generated
 
-def _positive_int(body: dict[str, Any], name: str) -> int | None:
+
+def _positive_int(body: dict[str, Any], name: str, most: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"Invalid value for '{name}': expected an integer of at least 1.", name)
+    if most is not None and value > most:
+        raise BadRequest(f"Invalid value for '{name}': must be at most {most}.", name)
     return value
+
+
+def _answers(operation: Operation, body: dict[str, Any], stream: bool) -> tuple[int, int]:
+    """(choices returned, answers generated) from ``n`` and ``best_of``."""
+    if operation == "responses":  # the Responses API has neither
+        return 1, 1
+    n = _positive_int(body, "n", MAX_N) or 1
+    if operation != "completions":  # best_of exists only on legacy completions
+        return n, n
+    best_of = _positive_int(body, "best_of", MAX_BEST_OF)
+    if best_of is None:
+        return n, n
+    if best_of < n:
+        raise BadRequest("'best_of' must be greater than or equal to 'n'.", "best_of")
+    if stream and best_of > 1:
+        raise BadRequest("Cannot stream results when 'best_of' is greater than 1.", "best_of")
+    return n, best_of
 
 
 def _stream_flags(body: dict[str, Any], streamable: bool) -> tuple[bool, bool, Any]:
@@ -103,30 +150,35 @@ def plan_request(
             raise BadRequest(
                 "'messages' is a required property and must be a non-empty array.", "messages"
             )
-        prompt = chat_prompt_tokens(messages)
+        count = chat_prompt_count(messages)
         requested = _positive_int(body, "max_completion_tokens")
         if requested is None:
             requested = _positive_int(body, "max_tokens")
     elif operation == "completions":
         if "prompt" not in body:
             raise BadRequest("'prompt' is a required property.", "prompt")
-        prompt = input_tokens(body["prompt"])
+        count = PromptCount(input_tokens(body["prompt"]))
         requested = _positive_int(body, "max_tokens")
     else:  # responses
         if "input" not in body:
             raise BadRequest("'input' is a required property.", "input")
-        prompt = responses_input_tokens(body)
+        count = responses_input_count(body)
         requested = _positive_int(body, "max_output_tokens")
     stream, include_usage, options = _stream_flags(body, streamable=True)
+    choices, generated = _answers(operation, body, stream)
     completion, finish, charged = _length(requested, deployment)
     return RequestPlan(
-        prompt_tokens=prompt,
+        prompt_tokens=count.total,
         completion_tokens=completion,
         finish_reason=finish,
-        estimate=prompt + charged,
+        # Azure's arrival estimate: the maximum of every generated answer (§8).
+        estimate=count.total + charged * generated,
         stream=stream,
         include_usage=include_usage,
         stream_options=options,
+        choices=choices,
+        generated=generated,
+        audio_tokens=count.audio,
     )
 
 

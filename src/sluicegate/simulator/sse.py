@@ -14,6 +14,12 @@ Chat completions, as Azure sends them::
     data: {"choices":[],…,"usage":{…}}        (only with stream_options.include_usage)
     data: [DONE]
 
+With ``n`` > 1 every chunk still carries one choice, told apart by its ``index``: a role
+chunk per choice, then the tokens of the choices interleaved (token *t* of every choice
+before token *t+1* of any), then a finish chunk per choice; the usage chunk sums all of
+them. An answer stopped by the content filter ends each choice with ``finish_reason:
+"content_filter"`` and the filter results marking the category (azure-openai-api.md §6).
+
 Legacy completions follow the same framing with ``text_completion`` chunks. The Responses API
 streams named events (``response.created`` … ``response.completed``) and no ``[DONE]``.
 """
@@ -30,7 +36,7 @@ from sluicegate.simulator.payloads import (
     CHUNK_FILTER,
     PROMPT_FILTER_RESULTS,
     Answer,
-    chat_usage,
+    answer_usage,
     response_message_id,
     response_object,
 )
@@ -100,33 +106,62 @@ def _common(answer: Answer, obj: str, include_usage: bool) -> dict[str, Any]:
 
 def _usage_event(answer: Answer, obj: str) -> bytes:
     common = _common(answer, obj, include_usage=False)
-    return _event(
-        {
-            "choices": [],
-            **common,
-            "usage": chat_usage(answer.prompt_tokens, answer.completion_tokens),
-        }
-    )
+    return _event({"choices": [], **common, "usage": answer_usage(answer)})
+
+
+def _finish_filter(answer: Answer) -> dict[str, Any]:
+    """The finish chunk's filter results: empty, or the category that stopped the answer."""
+    return answer.choice_filter if answer.filtered is not None else {}
+
+
+def _interleaved(prefix: bytes, suffixes: tuple[bytes, ...]) -> Callable[[int], bytes]:
+    """Event ``k`` is token ``k // n`` of choice ``k % n`` (choices written side by side)."""
+    n = len(suffixes)
+    if n == 1:
+        suffix = suffixes[0]
+        return lambda k: prefix + _piece(k) + suffix
+    return lambda k: prefix + _piece(k // n) + suffixes[k % n]
 
 
 def chat_plan(answer: Answer, include_usage: bool) -> StreamPlan:
     common = _common(answer, "chat.completion.chunk", include_usage)
-    role: dict[str, Any] = {
-        "content_filter_results": {},
-        "delta": {"content": "", "refusal": None, "role": "assistant"},
-        "finish_reason": None,
-        "index": 0,
-        "logprobs": None,
-    }
-    finish: dict[str, Any] = {
-        "content_filter_results": {},
-        "delta": {},
-        "finish_reason": answer.finish_reason,
-        "index": 0,
-        "logprobs": None,
-    }
-    head = _PROMPT_FILTER_EVENT + _event({"choices": [role], **common})
-    tail = _event({"choices": [finish], **common})
+    indexes = range(answer.choices)
+    roles = b"".join(
+        _event(
+            {
+                "choices": [
+                    {
+                        "content_filter_results": {},
+                        "delta": {"content": "", "refusal": None, "role": "assistant"},
+                        "finish_reason": None,
+                        "index": i,
+                        "logprobs": None,
+                    }
+                ],
+                **common,
+            }
+        )
+        for i in indexes
+    )
+    finishes = b"".join(
+        _event(
+            {
+                "choices": [
+                    {
+                        "content_filter_results": _finish_filter(answer),
+                        "delta": {},
+                        "finish_reason": answer.finish_reason,
+                        "index": i,
+                        "logprobs": None,
+                    }
+                ],
+                **common,
+            }
+        )
+        for i in indexes
+    )
+    head = _PROMPT_FILTER_EVENT + roles
+    tail = finishes
     if include_usage:
         tail += _usage_event(answer, "chat.completion.chunk")
     tail += DONE
@@ -134,33 +169,51 @@ def chat_plan(answer: Answer, include_usage: bool) -> StreamPlan:
         b'data: {"choices":[{"content_filter_results":' + _CHUNK_FILTER + b',"delta":{"content":'
     )
     # The rest of the chunk after the choice, re-using orjson for correct escaping of ids.
-    suffix = (
-        b'},"finish_reason":null,"index":0,"logprobs":null}],' + orjson.dumps(common)[1:] + b"\n\n"
+    rest = orjson.dumps(common)[1:] + b"\n\n"
+    suffixes = tuple(
+        b'},"finish_reason":null,"index":%d,"logprobs":null}],' % i + rest for i in indexes
     )
-    return StreamPlan(head, tail, answer.completion_tokens, lambda i: prefix + _piece(i) + suffix)
+    count = answer.completion_tokens * answer.choices
+    return StreamPlan(head, tail, count, _interleaved(prefix, suffixes))
 
 
 def completions_plan(answer: Answer, include_usage: bool) -> StreamPlan:
     common = _common(answer, "text_completion", include_usage)
-    finish: dict[str, Any] = {
-        "content_filter_results": {},
-        "finish_reason": answer.finish_reason,
-        "index": 0,
-        "logprobs": None,
-        "text": "",
-    }
+    indexes = range(answer.choices)
     head = _PROMPT_FILTER_EVENT
-    tail = _event({"choices": [finish], **common})
+    tail = b"".join(
+        _event(
+            {
+                "choices": [
+                    {
+                        "content_filter_results": _finish_filter(answer),
+                        "finish_reason": answer.finish_reason,
+                        "index": i,
+                        "logprobs": None,
+                        "text": "",
+                    }
+                ],
+                **common,
+            }
+        )
+        for i in indexes
+    )
     if include_usage:
         tail += _usage_event(answer, "text_completion")
     tail += DONE
-    prefix = (
-        b'data: {"choices":[{"content_filter_results":'
-        + _CHUNK_FILTER
-        + b',"finish_reason":null,"index":0,"logprobs":null,"text":'
+    prefix = b'data: {"choices":[{"content_filter_results":' + _CHUNK_FILTER
+    rest = b"}]," + orjson.dumps(common)[1:] + b"\n\n"
+    # Key order as before: finish_reason, index, logprobs, text (the piece), then the rest.
+    prefixes = tuple(
+        prefix + b',"finish_reason":null,"index":%d,"logprobs":null,"text":' % i for i in indexes
     )
-    suffix = b"}]," + orjson.dumps(common)[1:] + b"\n\n"
-    return StreamPlan(head, tail, answer.completion_tokens, lambda i: prefix + _piece(i) + suffix)
+    n = answer.choices
+    count = answer.completion_tokens * n
+
+    def token(k: int) -> bytes:
+        return prefixes[k % n] + _piece(k // n) + rest
+
+    return StreamPlan(head, tail, count, token)
 
 
 def responses_plan(answer: Answer, request: dict[str, Any]) -> StreamPlan:

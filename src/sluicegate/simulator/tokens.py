@@ -4,9 +4,19 @@ The simulator does not tokenise for real; it defines tokens so that a test can p
 number it reports:
 
 * a *word* is a whitespace-separated run (``str.split()``); one word is one token;
-* chat prompt tokens = sum over messages of (4 + words of the message's text) + 3, where the
-  text is ``content`` when it is a string, or the ``text`` of every part of a content list
-  (other parts such as images count 0);
+* chat prompt tokens = sum over messages of (4 + tokens of the message's content) + 3, where
+  the content is a string (its words) or a list of parts: a text part counts the words of
+  its ``text``, an image part and an audio part count as below (other parts count 0);
+* an image part (``image_url`` in chat, ``input_image`` in the Responses API) counts as
+  OpenAI publishes for its vision models (the rule Azure bills by): ``detail: "low"`` is 85
+  tokens; otherwise (``high``, ``auto`` or none given) the image is scaled to fit in
+  2048×2048, then its shortest side to 768 px, and costs 85 + 170 per 512-px tile. The size
+  is read from a ``data:`` URL holding a PNG, GIF or JPEG; for any other URL (the simulator
+  fetches nothing) it is taken as 1024×1024, i.e. 765 tokens;
+* an audio part (``input_audio``) counts 10 tokens per second of audio (OpenAI's published
+  rate for user audio: one token per 100 ms), rounded up: the length is read from a WAV
+  header, other formats are taken as 128 kbit/s (16,000 bytes per second of audio). These
+  tokens are also reported as ``prompt_tokens_details.audio_tokens``;
 * legacy completions and embeddings prompt tokens = words of every input string (an input
   given as token ids counts one per id);
 * Responses API input counts like chat (a string input is one user message; ``instructions``
@@ -19,10 +29,13 @@ number it reports:
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import math
+import struct
 import sys
 from array import array
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -48,30 +61,176 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def _content_words(content: Any) -> int:
+#: Image tokens (OpenAI's vision pricing rule for gpt-4o-class models, which Azure bills by):
+#: a low-detail image, and a high-detail one's base plus one per 512-px tile after scaling.
+IMAGE_BASE_TOKENS = 85
+IMAGE_TILE_TOKENS = 170
+IMAGE_TILE_PX = 512
+IMAGE_FIT_PX = 2048
+IMAGE_SHORT_SIDE_PX = 768
+#: Size assumed for an image the simulator cannot measure (a remote URL): 1024×1024.
+DEFAULT_IMAGE_SIZE = (1024, 1024)
+#: Audio: one token per 100 ms of user audio; bytes per second assumed for compressed audio.
+AUDIO_TOKENS_PER_SECOND = 10
+AUDIO_ASSUMED_BYTES_PER_SECOND = 16_000
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCount:
+    """Prompt tokens of a request, and how many of them are audio (usage details)."""
+
+    total: int
+    audio: int = 0
+
+
+def image_tokens(width: int, height: int, detail: str | None = None) -> int:
+    """Tokens of one image of ``width``×``height`` px (see the module docstring)."""
+    if detail == "low":
+        return IMAGE_BASE_TOKENS
+    w, h = float(width), float(height)
+    if max(w, h) > IMAGE_FIT_PX:  # fit in 2048×2048
+        scale = IMAGE_FIT_PX / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > IMAGE_SHORT_SIDE_PX:  # then the shortest side down to 768 (never up)
+        scale = IMAGE_SHORT_SIDE_PX / min(w, h)
+        w, h = w * scale, h * scale
+    tiles = math.ceil(round(w, 6) / IMAGE_TILE_PX) * math.ceil(round(h, 6) / IMAGE_TILE_PX)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * max(1, tiles)
+
+
+def _data_url_bytes(url: str) -> bytes | None:
+    """The decoded payload of a base64 ``data:`` URL, or None."""
+    if not url.startswith("data:"):
+        return None
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        return None
+    return _b64(payload)
+
+
+def _b64(payload: str) -> bytes | None:
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a JPEG's first SOF segment."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        i += 2 + length
+    return None
+
+
+def sniff_image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG, GIF or JPEG image, or None if not recognised."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+    elif data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = struct.unpack("<HH", data[6:10])
+    elif data[:2] == b"\xff\xd8":
+        size = _jpeg_size(data)
+        if size is None:
+            return None
+        width, height = size
+    else:
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def _image_part_tokens(part: dict[str, Any]) -> int:
+    raw = part.get("image_url")
+    # chat: {"image_url": {"url": …, "detail": …}}; Responses: {"image_url": "…", "detail": …}
+    url = raw.get("url") if isinstance(raw, dict) else raw
+    detail = raw.get("detail") if isinstance(raw, dict) else part.get("detail")
+    if detail == "low":
+        return IMAGE_BASE_TOKENS
+    size = None
+    if isinstance(url, str):
+        data = _data_url_bytes(url)
+        size = sniff_image_size(data) if data else None
+    width, height = size or DEFAULT_IMAGE_SIZE
+    return image_tokens(width, height, detail if isinstance(detail, str) else None)
+
+
+def audio_seconds(data: bytes) -> float:
+    """Length of an audio clip: from the WAV header, else at 128 kbit/s."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        byte_rate = 0
+        i = 12
+        while i + 8 <= len(data):
+            chunk, size = data[i : i + 4], int.from_bytes(data[i + 4 : i + 8], "little")
+            if chunk == b"fmt " and size >= 12:
+                byte_rate = int.from_bytes(data[i + 16 : i + 20], "little")
+            elif chunk == b"data":
+                if byte_rate > 0:
+                    return min(size, len(data) - i - 8) / byte_rate
+                break
+            i += 8 + size + (size & 1)
+    return len(data) / AUDIO_ASSUMED_BYTES_PER_SECOND
+
+
+def _audio_part_tokens(part: dict[str, Any]) -> int:
+    audio = part.get("input_audio")
+    if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+        return 0
+    seconds = audio_seconds(_b64(audio["data"]) or b"")
+    return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND - 1e-9)
+
+
+def _content_tokens(content: Any) -> PromptCount:
     if isinstance(content, str):
-        return count_words(content)
+        return PromptCount(count_words(content))
     if isinstance(content, list):
-        total = 0
+        total = audio = 0
         for part in content:
             if isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    total += count_words(text)
+                kind = part.get("type")
+                if kind in ("image_url", "input_image"):
+                    total += _image_part_tokens(part)
+                elif kind == "input_audio":
+                    tokens = _audio_part_tokens(part)
+                    total += tokens
+                    audio += tokens
+                else:
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        total += count_words(text)
             elif isinstance(part, str):
                 total += count_words(part)
-        return total
-    return 0
+        return PromptCount(total, audio)
+    return PromptCount(0)
+
+
+def chat_prompt_count(messages: list[Any]) -> PromptCount:
+    """Prompt tokens of a chat request and the audio among them (see the module docstring)."""
+    total, audio = CHAT_TOKENS_PER_REPLY, 0
+    for message in messages:
+        total += CHAT_TOKENS_PER_MESSAGE
+        if isinstance(message, dict):
+            count = _content_tokens(message.get("content"))
+            total += count.total
+            audio += count.audio
+    return PromptCount(total, audio)
 
 
 def chat_prompt_tokens(messages: list[Any]) -> int:
     """Prompt tokens of a chat request (see the module docstring for the rule)."""
-    total = CHAT_TOKENS_PER_REPLY
-    for message in messages:
-        total += CHAT_TOKENS_PER_MESSAGE
-        if isinstance(message, dict):
-            total += _content_words(message.get("content"))
-    return total
+    return chat_prompt_count(messages).total
 
 
 def input_tokens(value: Any) -> int:
@@ -89,7 +248,7 @@ def input_tokens(value: Any) -> int:
     return 0
 
 
-def responses_input_tokens(body: dict[str, Any]) -> int:
+def responses_input_count(body: dict[str, Any]) -> PromptCount:
     """Input tokens of a Responses API request: ``input`` and ``instructions`` as chat."""
     raw = body.get("input")
     messages: list[Any] = []
@@ -100,7 +259,12 @@ def responses_input_tokens(body: dict[str, Any]) -> int:
         messages.append({"content": raw})
     elif isinstance(raw, list):
         messages.extend(item for item in raw if isinstance(item, dict))
-    return chat_prompt_tokens(messages)
+    return chat_prompt_count(messages)
+
+
+def responses_input_tokens(body: dict[str, Any]) -> int:
+    """Input tokens of a Responses API request: ``input`` and ``instructions`` as chat."""
+    return responses_input_count(body).total
 
 
 @lru_cache(maxsize=4096)
