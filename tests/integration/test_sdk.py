@@ -22,6 +22,35 @@ def v1(h: Harness, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{h.url}/openai/v1", api_key=key, max_retries=0)
 
 
+def test_streaming_on_an_api_version_without_stream_options(harness: Harness) -> None:
+    """API versions before 2024-08-01 refuse ``stream_options`` (400, "Unrecognized request
+    argument"): the gateway does not add it there, the stream goes through, and its usage,
+    which such a backend cannot report, is estimated."""
+    key = harness.new_key().primary_key
+    assert key
+    client = openai.AzureOpenAI(
+        azure_endpoint=harness.url, api_key=key, api_version="2024-06-01", max_retries=0
+    )
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 5
+    assert [c for c in chunks if c.usage is not None] == []
+    (record,) = harness.records(expect=1)
+    assert (record.outcome, record.streamed, record.usage_estimated) == ("ok", True, True)
+    assert record.prompt_tokens > 0 and 4 <= record.completion_tokens <= 8
+    with pytest.raises(openai.BadRequestError, match="stream_options"):  # the backend's rule
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+
+
 def test_chat_with_both_clients(harness: Harness) -> None:
     key = harness.new_key().primary_key
     assert key

@@ -141,6 +141,28 @@ async def test_bad_bodies_get_openai_style_400(client: httpx.AsyncClient) -> Non
     assert resp.json()["error"]["param"] == "model"
 
 
+async def test_stream_options_before_2024_08_01_is_an_unknown_argument(
+    client: httpx.AsyncClient,
+) -> None:
+    """As Azure answers API versions older than stream_options: 400, an unrecognized argument;
+    newer versions and the v1 API take it."""
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    for version in ("2024-06-01", "2024-02-15-preview", "2024-07-01-preview"):
+        url = f"/openai/deployments/chat/chat/completions?api-version={version}"
+        resp = await client.post(url, json=body)
+        assert resp.status_code == 400, version
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] is None
+        assert error["message"].startswith("Unrecognized request argument supplied: stream_options")
+    for url in (
+        "/openai/deployments/chat/chat/completions?api-version=2024-08-01-preview",
+        chat_url(),
+    ):
+        assert (await client.post(url, json=body)).status_code == 200
+    v1 = await client.post("/openai/v1/chat/completions", json={**body, "model": "chat"})
+    assert v1.status_code == 200
+
+
 async def test_operation_not_supported(client: httpx.AsyncClient) -> None:
     resp = await client.post(f"/openai/deployments/embed/chat/completions?{API}", json=HELLO)
     assert resp.status_code == 400

@@ -59,6 +59,25 @@ _SETTLE_WHEN_CANCELLED_SECONDS = 1.0
 _INVALID_TOKEN = ("www-authenticate", 'Bearer error="invalid_token"')
 
 
+#: The first dated API version whose chat/completions accept ``stream_options``: older ones
+#: answer 400 "Unrecognized request argument supplied: stream_options" (2024-06-01 and
+#: before; the v1 API and 2024-08-01-preview on accept it).
+STREAM_OPTIONS_SINCE = b"2024-08-01"
+
+
+def accepts_stream_options(query_string: bytes) -> bool:
+    """Whether the API version the client asked for (its ``api-version``) accepts
+    ``stream_options``: on older ones the gateway cannot ask for a stream's usage, and
+    estimates it. No version (the v1 API) or one that is not a date (``preview``) accepts it."""
+    at = query_string.find(b"api-version=")
+    while at > 0 and query_string[at - 1] != 0x26:  # "&": the parameter, not a suffix of one
+        at = query_string.find(b"api-version=", at + 1)
+    if at < 0:
+        return True
+    version = query_string[at + 12 : at + 22]
+    return not (version[:4].isdigit() and version < STREAM_OPTIONS_SINCE)
+
+
 class Admitter(Protocol):
     """The limiter as the pipeline sees it (see ``limits``)."""
 
@@ -390,7 +409,9 @@ class Pipeline:
             ctx.stream = body.get("stream") is True
             if ctx.stream and route.operation in ("chat/completions", "completions"):
                 options = body.get("stream_options")
-                if not (isinstance(options, dict) and options.get("include_usage") is True):
+                if not (
+                    isinstance(options, dict) and options.get("include_usage") is True
+                ) and accepts_stream_options(scope["query_string"]):
                     new_options = dict(options) if isinstance(options, dict) else {}
                     new_options["include_usage"] = True
                     body["stream_options"] = new_options

@@ -54,6 +54,11 @@ _ID_PREFIX: dict[Operation, str] = {
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: The first API version that takes ``stream_options`` (``include_usage``) on chat and
+#: completions; older ones refuse it as an unknown argument.
+STREAM_OPTIONS_SINCE = "2024-08-01"
+
+
 @dataclass(frozen=True, slots=True)
 class _Admitted:
     """A model call that passed every check and was charged."""
@@ -166,6 +171,20 @@ class _Simulator:
             body = None
         if not isinstance(body, dict):
             message = "The request body must be a JSON object."
+            return call.respond(400, errors.invalid_request(message))
+        if (
+            "stream_options" in body
+            and operation in ("chat", "completions")
+            and api_version[:4].isdigit()
+            and api_version < STREAM_OPTIONS_SINCE
+        ):
+            # As Azure answers API versions from before stream_options existed (up to
+            # 2024-07-01-preview; it came with 2024-08-01-preview): an unknown argument.
+            message = (
+                "Unrecognized request argument supplied: stream_options. Please contact us "
+                "through an Azure support request at: https://go.microsoft.com/fwlink/"
+                "?linkid=2213926 for further questions."
+            )
             return call.respond(400, errors.invalid_request(message))
         name = request.match_info["deployment"] if in_path else body.get("model")
         if not isinstance(name, str) or not name:
