@@ -185,14 +185,6 @@ def in_daemon_thread(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
-    def settle(error: BaseException | None, result: T | None) -> None:
-        if future.done():  # cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(cast(T, result))
-
     def run() -> None:
         error: BaseException | None = None
         result: T | None = None
@@ -201,7 +193,18 @@ def in_daemon_thread(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
         except BaseException as exc:  # handed to the awaiting side, whatever it is
             error = exc
         with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle, error, result)
+            loop.call_soon_threadsafe(settle_future, future, error, result)
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+def settle_future(future: asyncio.Future[T], error: BaseException | None, result: object) -> None:
+    """Give ``future`` (in its loop's thread) the outcome of a call made in another thread:
+    ``error``, else ``result``; nothing if it is done already (cancelled meanwhile)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(cast(T, result))

@@ -48,7 +48,9 @@ async def test_refusal_uses_the_configured_retry_header_and_the_label(
     memory_limiter: Limiter, clock: FakeClock
 ) -> None:
     request = LimitRequest("sub:a", CONFIGURED, 9000, label="subscription team-a")
-    assert (await memory_limiter.admit([request])).allowed
+    first = await memory_limiter.admit([request])
+    assert first.allowed
+    await memory_limiter.settle(first.reservation, 9000)  # used, not in flight
     clock.advance(2.75)
     refused = await memory_limiter.admit([request])
     assert refused.reason == (

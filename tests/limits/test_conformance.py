@@ -31,16 +31,26 @@ async def admit(
     return await limiter.admit([LimitRequest(key, policy, tokens)])
 
 
+async def use(
+    limiter: Limiter, tokens: int, policy: LimitPolicy = TPM, key: str = "sub:a"
+) -> Admission:
+    """Admit and settle at once to the estimate: tokens used, no longer in flight (a refusal
+    then waits for the window, not for requests in progress)."""
+    admission = await admit(limiter, tokens, policy, key)
+    await limiter.settle(admission.reservation, tokens)
+    return admission
+
+
 async def test_tpm_admits_until_full_then_refuses_with_exact_retry_after(
     limiter: Limiter, clock: FakeClock
 ) -> None:
-    first = await admit(limiter, 6000)
+    first = await use(limiter, 6000)
     assert first.allowed and first.status == 200
     assert headers(first)["x-ratelimit-remaining-tokens"] == "4000"
     assert headers(first)["x-ratelimit-limit-tokens"] == "10000"
 
     clock.advance(10)
-    second = await admit(limiter, 4000)
+    second = await use(limiter, 4000)
     assert second.allowed
     assert headers(second)["x-ratelimit-remaining-tokens"] == "0"
 
@@ -73,7 +83,7 @@ async def test_retry_after_waits_for_as_many_buckets_as_the_request_needs(
 ) -> None:
     for step, tokens in ((0, 3000), (5, 3000), (5, 4000)):
         clock.advance(step)
-        assert (await admit(limiter, tokens)).allowed
+        assert (await use(limiter, tokens)).allowed
     clock.advance(20)  # T0+30, the window holds 3000@T0, 3000@T0+5, 4000@T0+10
     small = await admit(limiter, 2000)
     assert small.retry_after_s == pytest.approx(31.0)  # T0's bucket frees enough at T0+61
@@ -102,7 +112,7 @@ async def test_rpm_counts_requests_and_release_keeps_them(
 
 async def test_no_double_burst_at_a_minute_boundary(limiter: Limiter, clock: FakeClock) -> None:
     clock.advance(59.5)
-    assert (await admit(limiter, 10_000)).allowed
+    assert (await use(limiter, 10_000)).allowed
     clock.advance(1.0)  # T0+60.5: a fixed window would be empty again
     refused = await admit(limiter, 1)
     assert not refused.allowed

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from sluicegate.tokens.counting import count_tokens
 from sluicegate.tokens.estimate import (
+    AUDIO_PART_TOKENS,
+    FILE_PART_TOKENS,
     IMAGE_LOW_DETAIL_TOKENS,
     IMAGE_TOKENS,
     estimate_request_tokens,
@@ -231,3 +238,123 @@ def test_prompt_counting_can_be_skipped() -> None:
     estimate = estimate_request_tokens(body, "chat.completions", "gpt-4o", 1, count_prompt=False)
     assert (estimate.prompt_tokens, estimate.completion_tokens) == (0, 40)
     assert (estimate.exact_tokenizer, estimate.method) == (False, "not-counted")
+
+
+SCREENSHOT = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAA" * 8_000  # ~200 KB
+
+
+def _responses_prompt(*items: dict[str, Any]) -> int:
+    return estimate_request_tokens({"input": list(items)}, "responses", "gpt-4o", 0).prompt_tokens
+
+
+def test_a_computer_calls_screenshot_is_an_image_not_its_base64() -> None:
+    """A 200 KB screenshot was counted as 25,033 tokens of text (real: about 1,000)."""
+    prompt = _responses_prompt(
+        {
+            "type": "computer_call_output",
+            "call_id": "call_1",
+            "output": {"type": "computer_screenshot", "image_url": SCREENSHOT},
+        }
+    )
+    assert IMAGE_TOKENS <= prompt <= IMAGE_TOKENS + 40  # the image, the call id, the JSON
+    low = _responses_prompt(
+        {
+            "type": "computer_call_output",
+            "call_id": "call_1",
+            "output": {"type": "computer_screenshot", "image_url": SCREENSHOT, "detail": "low"},
+        }
+    )
+    assert prompt - low == IMAGE_TOKENS - IMAGE_LOW_DETAIL_TOKENS
+
+
+def test_an_earlier_image_generation_is_an_image_not_its_base64() -> None:
+    call = {"type": "image_generation_call", "id": "ig_1", "status": "completed"}
+    prompt = _responses_prompt({**call, "result": SCREENSHOT.split(",", 1)[1]})
+    assert prompt - _responses_prompt(call) == IMAGE_TOKENS
+    assert _responses_prompt({**call, "result": ""}) == _responses_prompt(call)
+
+
+def test_media_parts_inside_other_items_cost_their_fixed_amounts() -> None:
+    """Image, audio and file parts wherever an item of another kind holds them, and an image
+    given as a bare data URL; the rest of the item still counts as its JSON."""
+    base = _responses_prompt({"type": "custom_tool_call_output", "call_id": "c", "output": []})
+    parts = [
+        {"type": "input_image", "image_url": SCREENSHOT, "detail": "low"},
+        {"type": "input_image", "image_url": SCREENSHOT},
+        {"type": "input_file", "file_data": "A" * 100_000},
+        {"type": "input_audio", "input_audio": {"data": "A" * 100_000, "format": "wav"}},
+    ]
+    expected = IMAGE_LOW_DETAIL_TOKENS + IMAGE_TOKENS + FILE_PART_TOKENS + AUDIO_PART_TOKENS
+    prompt = _responses_prompt({"type": "custom_tool_call_output", "call_id": "c", "output": parts})
+    assert expected <= prompt - base <= expected + 60  # the placeholders' JSON
+    bare = _responses_prompt({"type": "mcp_call_output", "image": SCREENSHOT})
+    assert IMAGE_TOKENS <= bare <= IMAGE_TOKENS + 20
+
+
+def test_a_reasoning_summary_that_is_not_a_list_is_not_counted() -> None:
+    """It raised TypeError (a 500 for the client) though malformed bodies never raise."""
+    for summary in (5, 2.5, True, {"text": "hi"}, "hello world"):
+        body = {"input": [{"type": "reasoning", "summary": summary}]}
+        assert estimate_request_tokens(body, "responses", "gpt-4o", 0).prompt_tokens == 3
+
+
+@pytest.mark.parametrize("operation", ["chat.completions", "responses", "completions", "x"])
+def test_bodies_nested_as_deep_as_the_parser_allows_never_raise(operation: str) -> None:
+    """orjson parses 1,023 levels, deeper than json.dumps can print (RecursionError)."""
+    deep = "[" * 1000 + '"hello world"' + "]" * 1000
+    for raw in (
+        '{"messages":[{"role":"user","content":{"a":' + deep + '}}],"tools":[' + deep + "]}",
+        '{"input":[{"type":"shell_call","action":' + deep + '}],"prompt":' + deep + "}",
+    ):
+        body = orjson.loads(raw)
+        for model in ("gpt-4o", "unknown-model"):
+            assert estimate_request_tokens(body, operation, model, 1).prompt_tokens >= 0
+
+
+# Keys and strings the estimator looks for, so that generated bodies reach its branches.
+_KEYS = [
+    *("type", "role", "content", "text", "image_url", "url", "detail", "summary", "output"),
+    *("result", "input", "messages", "tools", "functions", "function", "name", "arguments"),
+    *("parameters", "properties", "enum", "description", "items", "anyOf", "oneOf"),
+    *("tool_calls", "function_call", "refusal", "instructions", "format", "schema", "prompt"),
+    *("suffix", "n", "best_of", "max_tokens", "max_completion_tokens", "max_output_tokens"),
+    *("response_format", "json_schema", "call_id", "model"),
+]
+_STRINGS = [
+    *("message", "function_call", "function_call_output", "reasoning", "item_reference"),
+    *("computer_call_output", "computer_screenshot", "image_generation_call", "input_image"),
+    *("image_url", "input_audio", "file", "input_file", "refusal", "text", "input_text"),
+    *("low", "high", "user", "gpt-4o", "gpt-4", "data:image/png;base64,AAAA"),
+]
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson parses
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(_STRINGS)
+    | st.text(max_size=12)
+)
+_JSON = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+_BODIES = st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=6)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_BODIES)
+@example(body={"input": [{"type": "reasoning", "summary": 5}]})
+def test_no_json_body_makes_the_estimate_raise(body: dict[str, Any]) -> None:
+    """Whatever JSON the client sends, for every operation, model kind and counting mode,
+    the estimate is made (a limiter must answer 429 or admit, never 500)."""
+    for operation in ("chat.completions", "responses", "embeddings", "completions", "images"):
+        for model in ("gpt-4o", "gpt-4", "unknown-model", None):
+            for count_prompt in (True, False):
+                estimate = estimate_request_tokens(
+                    body, operation, model, 16, count_prompt=count_prompt
+                )
+                assert estimate.prompt_tokens >= 0 and estimate.completion_tokens >= 0

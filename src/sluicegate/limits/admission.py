@@ -9,7 +9,9 @@ Pure data and pure functions; no I/O. :func:`decide` turns a store's answer into
   ``x-should-retry: false``;
 * a TPM or RPM window is full → **429** ``TokenRateLimitExceeded`` /
   ``RequestRateLimitExceeded`` with ``Retry-After`` (whole seconds, rounded up) and
-  ``retry-after-ms``: when the oldest buckets free enough room for *this* request;
+  ``retry-after-ms``: when the oldest buckets free enough room for *this* request, at most
+  :data:`MAX_RETRY_AFTER_MS`, or :data:`IN_FLIGHT_RETRY_MS` when reservations of requests in
+  progress could free it (``limits/limiter.py``, ``_advertise``);
 * a request larger than a whole limit → 429 (or 403 for a quota) ``TokenRequestTooLarge``
   with ``x-should-retry: false`` and no ``Retry-After``: no wait would let it through.
 """
@@ -43,6 +45,20 @@ CODE_QUOTA = "TokenQuotaExceeded"
 CODE_TOO_LARGE = "TokenRequestTooLarge"
 CODE_UNAVAILABLE = "LimitStoreUnavailable"
 
+MAX_RETRY_AFTER_MS = 60_000
+"""The longest wait a rate refusal advertises. openai-python (1.x) obeys ``retry-after-ms`` /
+``Retry-After`` only up to 60 s and falls back to its own backoff of a second or so above
+that, burning its retries; a 61-bucket window can ask for up to 61 s."""
+
+IN_FLIGHT_RETRY_MS = 5_000
+"""The wait a TPM refusal advertises when the shortfall is held by reservations of requests
+still in progress, which settle to their real usage when they end. 5 s: a non-streamed
+completion of a few hundred tokens takes seconds, so with openai-python's default of two
+retries a client keeps trying for 10 s, long enough for typical requests in flight to end;
+a shorter wait spends the client's retries before they can, a longer one goes back towards
+the minute this replaces. A retry that comes too early costs one more refusal (no backend
+call) and is told again."""
+
 
 # Not frozen: created on every request, and a frozen dataclass's __init__ costs about
 # five times as much (object.__setattr__ per field). Treat instances as immutable.
@@ -57,6 +73,9 @@ class LimitStatus:
     cost: int
     retry_after_ms: int
     period_end_ms: int = 0
+    #: On a refusal whose wait is short because of reservations in flight: how many tokens
+    #: requests in progress hold in the window (else 0).
+    in_flight: int = 0
 
     @property
     def remaining(self) -> int:
@@ -234,8 +253,13 @@ def _refusal(status: LimitStatus, now_ms: int) -> tuple[int, str, str, bool]:
             "(or max_completion_tokens) or ask for a higher limit."
         )
         return 429, CODE_TOO_LARGE, reason, False
+    held = (
+        f" ({status.in_flight} of them reserved by requests still in progress)"
+        if status.in_flight
+        else ""
+    )
     reason = (
-        f"{what} limit of {status.limit} {unit} per minute exceeded for {label}; "
+        f"{what} limit of {status.limit} {unit} per minute exceeded for {label}{held}; "
         f"retry after {_duration(status.retry_after_ms)}."
     )
     return 429, CODE_TOKENS if status.kind == "tokens" else CODE_REQUESTS, reason, True

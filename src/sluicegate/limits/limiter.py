@@ -17,6 +17,12 @@ Every limit of every :class:`LimitRequest` becomes one counter: ``{key}:tpm`` an
 ``{key}:quota:{period}:{start_ms}`` (the calendar period). All are checked and charged in one
 atomic store call, all or none. Two requests naming the same counter (the same key used by
 two policies) share it, as in APIM, and it is charged once, against the lower limit.
+
+The wait a refusal advertises (``Retry-After``, ``retry-after-ms``) for a TPM or RPM window is
+when enough buckets leave it, with two exceptions (:func:`_advertise`): never more than
+:data:`~sluicegate.limits.admission.MAX_RETRY_AFTER_MS` (60 s), and only
+:data:`~sluicegate.limits.admission.IN_FLIGHT_RETRY_MS` when reservations of requests still
+in progress could cover the shortfall once they settle.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 from sluicegate.clock import Clock
 from sluicegate.limits.admission import (
     ALLOWED_UNLIMITED,
+    IN_FLIGHT_RETRY_MS,
+    MAX_RETRY_AFTER_MS,
     Admission,
     Charge,
     LimitKind,
@@ -41,6 +49,7 @@ from sluicegate.limits.store import (
     Adjustment,
     Counter,
     CounterKind,
+    CounterState,
     CounterStore,
     StoreResult,
     StoreUnavailable,
@@ -81,7 +90,8 @@ class LimitRequest:
 class _Spec:
     """One distinct counter of an admission, without its cost. ``sources`` are the indices
     of the requests whose tokens it charges (the largest of them, when several requests
-    share it); empty for a requests counter, which is charged 1."""
+    share it); empty for a requests counter, which is charged 1. ``reserve``: its charge is
+    a reservation, settled later (a tokens counter: it has sources)."""
 
     name: str
     kind: CounterKind
@@ -90,6 +100,10 @@ class _Spec:
     bucket_ms: int
     end_ms: int
     sources: tuple[int, ...]
+    reserve: bool = False
+
+    def __post_init__(self) -> None:
+        self.reserve = bool(self.sources)
 
 
 @dataclass(slots=True)
@@ -184,9 +198,10 @@ def _counters(shape: _Shape, tokens: list[int]) -> list[Counter]:
             cost = max([tokens[i] for i in sources])
         counters.append(
             Counter(
-                spec.name, spec.kind, spec.limit, cost, spec.window_ms, spec.bucket_ms, spec.end_ms
+                spec.name, spec.kind, spec.limit, cost, spec.window_ms, spec.bucket_ms,
+                spec.end_ms, spec.reserve,
             )
-        )
+        )  # fmt: skip
     return counters
 
 
@@ -258,7 +273,9 @@ class Limiter:
         """Replace the reserved estimate by ``actual_tokens`` in the windows it went into.
 
         Counters go up when the actual is larger (never a refusal at this point) and down
-        when smaller. A no-op for ``None`` or a reservation already settled or released.
+        when smaller; either way the reservation is no longer in flight in its TPM windows
+        (see :func:`_advertise`). A no-op for ``None`` or a reservation already settled or
+        released.
         """
         if reservation is None or reservation.done:
             return
@@ -266,7 +283,13 @@ class Limiter:
         adjustments: list[Adjustment] = []
         for charge in reservation.charges:  # a loop, not a comprehension: every request
             delta = actual_tokens - charge.amount
-            if delta != 0:
+            if charge.kind == "sliding":
+                # Also when the estimate was exact: the reservation is no longer in flight.
+                if delta != 0 or charge.amount:
+                    adjustments.append(
+                        Adjustment(charge.name, "sliding", charge.slot, delta, charge.amount)
+                    )
+            elif delta != 0:
                 adjustments.append(Adjustment(charge.name, charge.kind, charge.slot, delta))
         if not adjustments:
             return
@@ -306,6 +329,8 @@ def _decide(
                 bind.period_end_ms,
             )
         )
+    if not result.allowed:
+        _advertise(statuses, shape, counters, states)
     reservation = None
     if result.allowed:
         charges: list[Charge] = []
@@ -317,3 +342,36 @@ def _decide(
             tuple(charges), result.origin, tokens[0] if len(tokens) == 1 else max(tokens, default=0)
         )
     return decide(result.allowed, tuple(statuses), reservation, now_ms)
+
+
+def _advertise(
+    statuses: list[LimitStatus],
+    shape: _Shape,
+    counters: list[Counter],
+    states: tuple[CounterState, ...],
+) -> None:
+    """Turn a refused window's exact wait into the one to advertise (refusals only).
+
+    * In flight: when what the window holds in reservations of requests still in progress
+      (``CounterState.pending``) is at least the shortfall, the refusal can end as soon as
+      they settle to their real usage, typically far below the estimate (a default
+      completion budget of 1,024 tokens against a reply of a few hundred): the wait is
+      :data:`IN_FLIGHT_RETRY_MS` if shorter than the buckets' expiry. Settles never refuse,
+      so a retry that comes too early is refused again, cheaply, and told again.
+    * At most :data:`MAX_RETRY_AFTER_MS`: a window of 61 buckets can hold a charge up to
+      61 s, and openai-python ignores a Retry-After over 60 s (then retrying after its own
+      short backoff). A retry at 60 s that is still too early gets the last second.
+    """
+    specs = shape.specs
+    for index, bind in enumerate(shape.binds):
+        status = statuses[index]
+        retry = status.retry_after_ms
+        if retry <= 0 or specs[bind.counter].kind != "sliding":
+            continue  # room, too large for any wait, or a quota (until its period renews)
+        state = states[bind.counter]
+        counter = counters[bind.counter]
+        shortfall = state.used + max(counter.cost, 1) - counter.limit
+        if state.pending >= shortfall and retry > IN_FLIGHT_RETRY_MS:
+            retry = IN_FLIGHT_RETRY_MS
+            status.in_flight = state.pending
+        status.retry_after_ms = min(retry, MAX_RETRY_AFTER_MS)

@@ -25,7 +25,9 @@ SWEEP_INTERVAL_MS = 60_000
 
 
 class _Sliding:
-    """Buckets ``[index, amount]`` in increasing index order, and their sum."""
+    """Buckets ``[index, amount, in flight]`` in increasing index order, and the sum of the
+    amounts (``in flight``: the part of the amount reserved by admissions not yet settled,
+    see :mod:`sluicegate.limits.store`)."""
 
     __slots__ = ("bucket_ms", "buckets", "total", "window_ms")
 
@@ -47,11 +49,15 @@ class _Sliding:
     def retry_after_ms(self, need: int, limit: int, bucket_ms: int, n: int, now_ms: int) -> int:
         excess = self.total + need - limit
         freed = 0
-        for index, amount in self.buckets:
+        for index, amount, _ in self.buckets:
             freed += amount
             if freed >= excess:
                 return (index + n) * bucket_ms - now_ms
         return NEVER  # unreachable while need <= limit
+
+    def pending(self) -> int:
+        """What the buckets hold in reservations not yet settled (for a refusal only)."""
+        return sum([bucket[2] for bucket in self.buckets])
 
 
 class _Fixed:
@@ -140,22 +146,29 @@ class MemoryStore:
                     allowed = False
                 found.append((used, retry, slot))
             if not allowed:
-                return StoreResult(
-                    False, tuple([CounterState(u, r, s) for u, r, s in found]), self.origin
-                )
+                states: list[CounterState] = []
+                for index, (used, retry, slot) in enumerate(found):
+                    window = windows[index]
+                    pending = window.pending() if retry > 0 and isinstance(window, _Sliding) else 0
+                    states.append(CounterState(used, retry, slot, pending))
+                return StoreResult(False, tuple(states), self.origin)
             charged: list[CounterState] = []
             for index, window in enumerate(windows):
-                cost = counters[index].cost
+                counter = counters[index]
+                cost = counter.cost
                 if isinstance(window, _Sliding):
                     slot = found[index][2]
                     # A zero cost still opens its bucket, so that a later settle lands.
                     buckets = window.buckets
                     if buckets and buckets[-1][0] >= slot:
                         # Same bucket, or the clock stepped back: add to the newest one.
-                        buckets[-1][1] += cost
-                        slot = buckets[-1][0]
+                        newest = buckets[-1]
+                        newest[1] += cost
+                        if counter.reserve:
+                            newest[2] += cost
+                        slot = newest[0]
                     else:
-                        buckets.append([slot, cost])
+                        buckets.append([slot, cost, cost if counter.reserve else 0])
                     window.total += cost
                     charged.append(CounterState(window.total, 0, slot))
                 else:
@@ -177,6 +190,9 @@ class MemoryStore:
                             new = max(bucket[1] + adjustment.delta, 0)
                             sliding.total += new - bucket[1]
                             bucket[1] = new
+                            if adjustment.reserved:
+                                held = bucket[2] - adjustment.reserved
+                                bucket[2] = held if held > 0 else 0
                             break
                 else:
                     fixed = self._fixed.get(adjustment.name)

@@ -156,7 +156,8 @@ class RedisStore:
         args: list[Any] = [now_ms, FIXED_GRACE_MS]
         for counter in counters:
             if counter.kind == "sliding":
-                args += ["s", counter.limit, counter.cost, counter.window_ms, counter.bucket_ms]
+                kind = "r" if counter.reserve else "s"  # "r": kept in flight (admit.lua)
+                args += [kind, counter.limit, counter.cost, counter.window_ms, counter.bucket_ms]
             else:
                 args += ["f", counter.limit, counter.cost, counter.end_ms, 0]
         keys = [self.prefix + counter.name for counter in counters]
@@ -168,10 +169,20 @@ class RedisStore:
         self._mark_up()
         n = len(counters)
         values = [int(value) for value in reply]
+        if values[0] == 1:
+            states = tuple(
+                CounterState(values[1 + i], values[1 + n + i], values[1 + 2 * n + i])
+                for i in range(n)
+            )
+            return StoreResult(True, states, REDIS_ORIGIN)
+        # A refusal also says what is in flight (after the slots).
         states = tuple(
-            CounterState(values[1 + i], values[1 + n + i], values[1 + 2 * n + i]) for i in range(n)
+            CounterState(
+                values[1 + i], values[1 + n + i], values[1 + 2 * n + i], values[1 + 3 * n + i]
+            )
+            for i in range(n)
         )
-        return StoreResult(values[0] == 1, states, REDIS_ORIGIN)
+        return StoreResult(False, states, REDIS_ORIGIN)
 
     async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
         if not adjustments:
@@ -186,7 +197,7 @@ class RedisStore:
         args: list[Any] = []
         for adjustment in adjustments:
             kind = "s" if adjustment.kind == "sliding" else "f"
-            args += [kind, adjustment.slot, adjustment.delta]
+            args += [kind, adjustment.slot, adjustment.delta, adjustment.reserved]
         try:
             await self._scripts.call("adjust", keys, args)
         except RedisError as exc:

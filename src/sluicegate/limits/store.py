@@ -18,6 +18,14 @@ Window maths, shared by both (all times are integer epoch milliseconds from the 
   zero-cost request is still refused once a counter is at or over its limit, as APIM blocks
   everything after an overshoot); then every counter is charged ``cost``. Otherwise nothing
   is charged.
+* **In flight**: a sliding counter whose cost is a reservation (``Counter.reserve``, the
+  tokens counters) also keeps, per bucket, how much of it is reserved by admissions not yet
+  settled; an adjustment carrying ``reserved`` takes that much off again (the settle or
+  release of that admission). A refused counter reports the total of its live buckets as
+  ``CounterState.pending``: the limiter then knows that the refusal may be over as soon as
+  requests in progress settle, not only when buckets leave the window. The amount in flight
+  leaves with its bucket, so a reservation never settled (a lost request) is forgotten
+  with the window like any charge.
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ class Counter:
     """One counter to check and charge in an admission.
 
     ``name`` identifies the counter in the store (the store adds its own prefix). Sliding
-    counters use ``window_ms`` and ``bucket_ms``; fixed counters use ``end_ms``.
+    counters use ``window_ms`` and ``bucket_ms``; fixed counters use ``end_ms``. ``reserve``:
+    the cost is a reservation that an adjustment will settle (a tokens counter): a sliding
+    counter keeps it as in flight until then (module docstring); ignored for fixed counters.
     """
 
     name: str
@@ -67,6 +77,7 @@ class Counter:
     window_ms: int = 0
     bucket_ms: int = 0
     end_ms: int = 0
+    reserve: bool = False
 
 
 # Not frozen: created on every request, and a frozen dataclass's __init__ costs about
@@ -77,13 +88,17 @@ class CounterState:
 
     ``used`` is the count after the charge when admitted, else the count found.
     ``retry_after_ms`` is 0 when this counter had room, :data:`NEVER` when the cost exceeds
-    the whole limit, else how long until it would have room. ``slot`` is the bucket charged
-    (sliding) or 0 (fixed), needed to adjust the same window later.
+    the whole limit, else how long until buckets leave the window and free enough room
+    (in-flight reservations aside). ``slot`` is the bucket charged (sliding) or 0 (fixed),
+    needed to adjust the same window later. ``pending``: for a sliding counter refused with a
+    wait (``retry_after_ms > 0``), how much of ``used`` is reserved by admissions not settled
+    yet; 0 otherwise.
     """
 
     used: int
     retry_after_ms: int
     slot: int
+    pending: int = 0
 
 
 # Not frozen: created on every request, and a frozen dataclass's __init__ costs about
@@ -108,13 +123,16 @@ class Adjustment:
     """Change a counter already charged by ``delta`` (negative gives tokens back).
 
     Only the window that was charged is touched (``slot`` for sliding counters); a window
-    that has expired meanwhile is left alone. Counters never go below zero.
+    that has expired meanwhile is left alone. Counters never go below zero. ``reserved``:
+    what the admission reserved in that window, no longer in flight after this adjustment
+    (a settle or release of a sliding counter's reservation; 0 for anything else).
     """
 
     name: str
     kind: CounterKind
     slot: int
     delta: int
+    reserved: int = 0
 
 
 class CounterStore(Protocol):

@@ -5,12 +5,19 @@ Policies come from the subscription's product (one policy or a list of them, eac
 counter key) with the subscription's overrides applied to the policies counted per
 subscription. The merged policies are cached per subscription version, so the request path
 does no validation work.
+
+The prompt is counted on the event loop for bodies up to :data:`INLINE_COUNT_BYTES` (almost
+every request: a chat of a few KB costs well under a millisecond, mostly from caches) and in
+the counting thread above it (``tokens/offload.py``), so that a multi-megabyte prompt never
+holds the loop.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -23,13 +30,22 @@ from sluicegate.limits import (
     apply_max_tokens_ceiling,
     merge,
     resolve_counter_key,
-    tokens_to_reserve,
 )
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
-from sluicegate.tokens.estimate import estimate_request_tokens
+from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
+from sluicegate.tokens.offload import counting_thread
 
 log = logging.getLogger("sluicegate.limits")
+
+#: Bodies up to this many bytes have their prompt counted inline, larger ones in the counting
+#: thread. A body's size bounds the UTF-8 bytes of its text (JSON only adds to them), so this
+#: bounds what one request can hold the loop for: 16 KiB is ~3 ms of prose or code and ~35 ms
+#: of the worst text (random letters without a break, ~2 µs a byte; measured 2026-12-07 on
+#: the project's 2-core machine, see ``tokens/bpe.py``). The hop to the thread costs ~0.1 ms
+#: and the GIL's hand-overs: worth it once counting costs milliseconds, not for a chat
+#: request of a few KB, which keeps the inline path (no hop, nothing allocated for it).
+INLINE_COUNT_BYTES = 16 * 1024
 
 
 _NAMES: dict[str, bytes] = {}
@@ -45,6 +61,18 @@ def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return out
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What the policies of one subscription version ask of each request, worked out once:
+    ``policies`` (merged, without those that do nothing), ``ceilings`` (those with a
+    ``max_tokens_ceiling``) and ``limited`` (those with limits, each with its counter key, or
+    ``None`` for a key that depends on the request: the client's address)."""
+
+    policies: tuple[LimitPolicy, ...]
+    ceilings: tuple[LimitPolicy, ...]
+    limited: tuple[tuple[LimitPolicy, str | None], ...]
+
+
 class LimitsAdmitter:
     """Implements the pipeline's ``Admitter`` protocol over a :class:`Limiter`."""
 
@@ -53,9 +81,13 @@ class LimitsAdmitter:
     ) -> None:
         self.limiter = limiter
         self.product_policies = product_policies
-        self._cache: dict[tuple[str, float], tuple[LimitPolicy, ...]] = {}
+        self._cache: dict[tuple[str, float], _Plan] = {}
 
     def policies_for(self, sub: Subscription) -> tuple[LimitPolicy, ...]:
+        """The subscription's policies: its product's with its overrides merged in."""
+        return self._plan(sub).policies
+
+    def _plan(self, sub: Subscription) -> _Plan:
         cache_key = (sub.id, sub.updated_at)
         cached = self._cache.get(cache_key)
         if cached is not None:
@@ -71,22 +103,29 @@ class LimitsAdmitter:
         else:
             merged = base
         merged = tuple(p for p in merged if p.has_limits or p.max_tokens_ceiling is not None)
+        plan = _Plan(
+            merged,
+            tuple(p for p in merged if p.max_tokens_ceiling is not None),
+            tuple(
+                (p, None if p.counter_key == "client_ip" else _counter_key(p, sub, None))
+                for p in merged
+                if p.has_limits
+            ),
+        )
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[cache_key] = merged
-        return merged
+        self._cache[cache_key] = plan
+        return plan
 
     async def admit(self, ctx: RequestContext) -> None:
         sub = ctx.subscription
         assert sub is not None
-        policies = self.policies_for(sub)
-        if not policies:
+        plan = self._plan(sub)
+        if not plan.policies:
             return
         body = ctx.json or {}
         operation = ctx.route.operation
-        for policy in policies:
-            if policy.max_tokens_ceiling is None:
-                continue
+        for policy in plan.ceilings:
             decision = apply_max_tokens_ceiling(body, operation, policy)
             if decision.error is not None:
                 raise GatewayError(400, "MaxTokensCeilingExceeded", decision.error)
@@ -94,31 +133,44 @@ class LimitsAdmitter:
                 body = dict(decision.body)
                 ctx.json = body
                 ctx.body = orjson.dumps(body)
-        model = ctx.deployment.model if ctx.deployment else None
-        requests: list[LimitRequest] = []
-        for policy in policies:
-            if not policy.has_limits:
-                continue
-            estimate = estimate_request_tokens(
-                body,
-                operation,
-                model,
-                policy.default_completion_tokens,
-                count_prompt=policy.estimate_prompt_tokens or ctx.stream,
-            )
-            ctx.prompt_estimate = estimate.prompt_tokens
-            key = resolve_counter_key(
-                policy,
-                subscription_id=sub.id,
-                owner=sub.owner,
-                product=sub.product,
-                client_ip=ctx.client_ip,
-            )
-            requests.append(
-                LimitRequest(key, policy, tokens_to_reserve(policy, estimate, stream=ctx.stream))
-            )
-        if not requests:
+        limited = plan.limited
+        if not limited:
             return
+        model = ctx.deployment.model if ctx.deployment else None
+        stream = ctx.stream
+        # Large bodies: every policy's estimate in the counting thread, at once; otherwise
+        # each is made inline below (the usual case, as cheap as it can be).
+        estimates: list[TokenEstimate] | None = None
+        if len(ctx.body) > INLINE_COUNT_BYTES and _counts_prompt(limited, stream):
+            estimates = await counting_thread().run(
+                lambda: _estimates(body, operation, model, limited, stream)
+            )
+        requests: list[LimitRequest] = []
+        # The prompt as counted, for the answer's usage when the backend reports none (the
+        # relay counts it itself when None): the largest count of the policies that counted,
+        # never the 0 of one that did not (estimate_prompt_tokens: false).
+        prompt: int | None = None
+        for index, (policy, key) in enumerate(limited):
+            count_prompt = policy.estimate_prompt_tokens or stream
+            if estimates is None:
+                estimate = estimate_request_tokens(
+                    body,
+                    operation,
+                    model,
+                    policy.default_completion_tokens,
+                    count_prompt=count_prompt,
+                )
+            else:
+                estimate = estimates[index]
+            if count_prompt and (prompt is None or estimate.prompt_tokens > prompt):
+                prompt = estimate.prompt_tokens
+            if key is None:
+                key = _counter_key(policy, sub, ctx.client_ip)
+            # As tokens_to_reserve(policy, estimate, stream=stream): the prompt is 0 when it
+            # was not counted.
+            tokens = estimate.prompt_tokens + estimate.completion_tokens
+            requests.append(LimitRequest(key, policy, tokens))
+        ctx.prompt_estimate = prompt
         admission = await self.limiter.admit(requests)
         if not admission.allowed:
             ctx.outcome = Outcome.REJECTED
@@ -141,3 +193,46 @@ class LimitsAdmitter:
             await self.limiter.release(admission.reservation)
         # Otherwise (a success without usage, e.g. a backend that reports none) the estimate
         # stays charged: the safe side for a limit.
+
+
+def _counter_key(policy: LimitPolicy, sub: Subscription, client_ip: str | None) -> str:
+    return resolve_counter_key(
+        policy,
+        subscription_id=sub.id,
+        owner=sub.owner,
+        product=sub.product,
+        client_ip=client_ip,
+    )
+
+
+def _counts_prompt(limited: Sequence[tuple[LimitPolicy, str | None]], stream: bool) -> bool:
+    """Whether any policy has the prompt counted (else the estimate only adds up characters
+    and reads the budget: cheap at any size, no thread needed)."""
+    return stream or any(policy.estimate_prompt_tokens for policy, _ in limited)
+
+
+def _estimates(
+    body: dict[str, Any],
+    operation: str,
+    model: str | None,
+    limited: Sequence[tuple[LimitPolicy, str | None]],
+    stream: bool,
+) -> list[TokenEstimate]:
+    """Each policy's estimate, in order.
+
+    Policies that would estimate alike (the same completion default, prompt counted or not)
+    share one estimate: with several policies a body is counted once, not once each (what
+    matters when it is large).
+    """
+    out: list[TokenEstimate] = []
+    done: dict[tuple[int, bool], TokenEstimate] = {}
+    for policy, _ in limited:
+        count_prompt = policy.estimate_prompt_tokens or stream
+        alike = (policy.default_completion_tokens, count_prompt)
+        estimate = done.get(alike)
+        if estimate is None:
+            estimate = done[alike] = estimate_request_tokens(
+                body, operation, model, policy.default_completion_tokens, count_prompt=count_prompt
+            )
+        out.append(estimate)
+    return out

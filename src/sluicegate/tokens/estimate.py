@@ -15,7 +15,10 @@ tokenizer) plus ``completion_tokens`` (the most the request may generate). Rules
   are ``response_format`` JSON schemas. Completion: ``max_completion_tokens`` or
   ``max_tokens`` (else ``default_completion_tokens``) times ``n``.
 * **Responses API**: ``instructions`` and ``input`` (a string or a list of items, counted like
-  chat messages) plus tools; completion ``max_output_tokens``. Conversation state held by
+  chat messages) plus tools; completion ``max_output_tokens``. Items of other kinds (a
+  computer call's output, an earlier image generation, …) are counted as their JSON, except
+  the images, audio and files inside them, which cost the fixed amounts above (a screenshot
+  is an image, not 200 KB of base64 text). Conversation state held by
   the server (``previous_response_id``, ``conversation``) cannot be seen and is not counted:
   the settle step corrects it with the reported usage.
 * **Embeddings**: the inputs (strings or token arrays), no completion.
@@ -25,8 +28,9 @@ tokenizer) plus ``completion_tokens`` (the most the request may generate). Rules
 
 For a model whose tokenizer is unknown the same structure is counted, but text costs
 ``ceil(characters / 4)`` and ``exact_tokenizer`` is ``False``. Everything here is synchronous
-and pure; tokenising costs roughly 1 µs per character, so the caller may run very large
-bodies in a thread.
+and pure; tokenising costs 0.1-0.3 µs per character of prose and code, up to ~2 µs per byte
+of text without breaks (bounded: ``tokens/bpe.py``), so the caller runs large bodies in a
+thread (``proxy/admission.py``).
 """
 
 from __future__ import annotations
@@ -158,7 +162,14 @@ class _Meter:
         if isinstance(value, str):
             self.text(value)
         elif value is not None:
-            self.text(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+            try:
+                text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+            except (RecursionError, ValueError):
+                # Nested deeper than the encoder goes (orjson parses 1,024 levels, json.dumps
+                # stops near 1,000), or an integer too long to print: count what it holds.
+                _every_string(value, self)
+                return
+            self.text(text)
 
     def fixed(self, tokens: int) -> None:
         self.tokens += tokens
@@ -177,22 +188,37 @@ def _int_field(body: Mapping[str, Any], *names: str) -> int | None:
     return None
 
 
+#: Content part types that are images: chat's and the Responses API's, and the screenshot a
+#: computer call's output holds.
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "computer_screenshot"})
+_AUDIO_PARTS = frozenset({"input_audio"})
+_FILE_PARTS = frozenset({"file", "input_file"})
+
+
+def _media_tokens(part: Mapping[str, Any]) -> int | None:
+    """The fixed cost of an image, audio or file part, or ``None`` for any other part."""
+    kind = part.get("type")
+    if kind in _IMAGE_PARTS:
+        image = part.get("image_url")
+        detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+        return IMAGE_LOW_DETAIL_TOKENS if detail == "low" else IMAGE_TOKENS
+    if kind in _AUDIO_PARTS:
+        return AUDIO_PART_TOKENS
+    if kind in _FILE_PARTS:
+        return FILE_PART_TOKENS
+    return None
+
+
 def _part(part: object, meter: _Meter) -> None:
     if isinstance(part, str):
         meter.text(part)
         return
     if not isinstance(part, Mapping):
         return
-    kind = part.get("type")
-    if kind in ("image_url", "input_image"):
-        image = part.get("image_url")
-        detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
-        meter.fixed(IMAGE_LOW_DETAIL_TOKENS if detail == "low" else IMAGE_TOKENS)
-    elif kind == "input_audio":
-        meter.fixed(AUDIO_PART_TOKENS)
-    elif kind in ("file", "input_file"):
-        meter.fixed(FILE_PART_TOKENS)
-    elif kind == "refusal":
+    media = _media_tokens(part)
+    if media is not None:
+        meter.fixed(media)
+    elif part.get("type") == "refusal":
         meter.text(part.get("refusal"))
     else:
         meter.text(part.get("text"))
@@ -320,15 +346,74 @@ def _responses(body: Mapping[str, Any], meter: _Meter) -> None:
                 meter.fixed(TOOL_CALL_TOKENS)
                 _content(item.get("output"), meter)
             elif kind == "reasoning":
-                for summary in item.get("summary") or ():
-                    _part(summary, meter)
+                summaries = item.get("summary")
+                if isinstance(summaries, list):
+                    for summary in summaries:
+                        _part(summary, meter)
             elif kind != "item_reference":
-                meter.json(item)
+                _other_item(item, meter)
     meter.fixed(REPLY_PRIMING_TOKENS)
     _tools(body.get("tools"), meter, _function_overhead(meter))
     text = body.get("text")
     if isinstance(text, Mapping) and isinstance(text.get("format"), Mapping):
         meter.json(text["format"].get("schema"))
+
+
+#: How deep :func:`_without_media` looks for media parts inside an item (real items nest a
+#: few levels); deeper values are counted as JSON, whatever they hold.
+_MEDIA_DEPTH = 16
+
+
+def _other_item(item: Mapping[str, Any], meter: _Meter) -> None:
+    """A Responses input item of a kind without a rule of its own (a computer call's output,
+    an earlier image generation call, a shell call, …): its JSON, but every image, audio or
+    file part in it costs its fixed amount instead of the tokens of its base64 text."""
+    meter.json(_without_media(item, meter, 0))
+
+
+def _without_media(value: object, meter: _Meter, depth: int) -> object:
+    """``value`` with its media parts charged to ``meter`` and left out (a copy where needed:
+    the body is never changed)."""
+    if depth > _MEDIA_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        media = _media_tokens(value)
+        if media is not None:
+            meter.fixed(media)
+            return {"type": value.get("type")}
+        out: dict[object, object] = {}
+        generated = value.get("type") == "image_generation_call"
+        for key, item in value.items():
+            if generated and key == "result" and isinstance(item, str):
+                # An image generated earlier, sent back as context: base64 of the image.
+                if item:
+                    meter.fixed(IMAGE_TOKENS)
+                continue
+            out[key] = _without_media(item, meter, depth + 1)
+        return out
+    if isinstance(value, list):
+        return [_without_media(item, meter, depth + 1) for item in value]
+    if isinstance(value, str) and value.startswith("data:image/"):
+        meter.fixed(IMAGE_TOKENS)  # an image as a data URL where no part type says so
+        return ""
+    return value
+
+
+def _every_string(value: object, meter: _Meter) -> None:
+    """Count every string and number in ``value`` as text, however deep (iteratively: no
+    recursion limit), for values the JSON encoder cannot print."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            meter.text(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float) or (isinstance(item, int) and item.bit_length() <= 64):
+            meter.text(repr(item))  # (an integer too long to print is not counted)
 
 
 def _inputs(value: object, meter: _Meter) -> int:

@@ -3,25 +3,49 @@
 -- Only the window that was charged is touched: a sliding bucket that has been evicted, or
 -- a quota key that has expired, is left alone (never re-created without its TTL).
 -- Counters never go below zero. A sliding counter's sum (field "-1", see admit.lua) moves
--- with its bucket.
+-- with its bucket, and "reserved" comes off the bucket's amount in flight ("p<slot>",
+-- admit.lua), which is deleted at zero.
 --
 -- KEYS[i]  one key per adjustment
--- then 3 values per adjustment i, from ARGV[1 + (i-1)*3]: kind ("s" | "f"), slot, delta
+-- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f"), slot, delta,
+-- reserved (what the settled admission reserved in the bucket; 0 for "f")
 
 for i = 1, #KEYS do
-  local base = 1 + (i - 1) * 3
+  local base = 1 + (i - 1) * 4
   local kind = ARGV[base]
   local field = ARGV[base + 1]
   local delta = tonumber(ARGV[base + 2])
+  local reserved = tonumber(ARGV[base + 3])
   if kind == "s" then
-    local old = tonumber(redis.call("HGET", KEYS[i], field))
+    -- One read and one write (and a delete when the bucket's last reservation in flight
+    -- settles), not a call per field: a settle follows every admission.
+    local held_field = "p" .. field
+    local found = redis.call("HMGET", KEYS[i], field, "-1", held_field)
+    local old = tonumber(found[1])
     if old ~= nil then
       local new = math.max(old + delta, 0)
-      redis.call("HSET", KEYS[i], field, new)
+      local writes = {field, new}
       -- The buckets' sum (admit.lua), when the hash has one: the next admission counts
-      -- the buckets afresh if not.
-      if redis.call("HEXISTS", KEYS[i], "-1") == 1 then
-        redis.call("HINCRBY", KEYS[i], "-1", new - old)
+      -- the buckets afresh if not (a hash without "-1" has no "-2" either).
+      local sum = tonumber(found[2])
+      if sum ~= nil then
+        writes[#writes + 1] = "-1"
+        writes[#writes + 1] = sum + new - old
+      end
+      -- Only while the bucket lives: an evicted bucket took its amount in flight along.
+      local delete_held = false
+      if reserved > 0 then
+        local held = (tonumber(found[3]) or 0) - reserved
+        if held > 0 then
+          writes[#writes + 1] = held_field
+          writes[#writes + 1] = held
+        elseif found[3] then
+          delete_held = true
+        end
+      end
+      redis.call("HSET", KEYS[i], unpack(writes))
+      if delete_held then
+        redis.call("HDEL", KEYS[i], held_field)
       end
     end
   elseif redis.call("EXISTS", KEYS[i]) == 1 then

@@ -8,6 +8,13 @@
 -- and, while requests are admitted, constant work per counter key, whatever the limit. The maths is the same as sluicegate/limits/memory.py
 -- (see sluicegate/limits/store.py); the conformance tests run both.
 --
+-- In flight: a sliding counter of kind "r" (its cost is a reservation, settled later by
+-- adjust.lua) also keeps, in field "p<bucket index>", how much of that bucket is reserved by
+-- admissions not yet settled. The field leaves with its bucket, and adjust.lua takes a
+-- settled reservation off it (deleting it at zero), so the hash holds one only per bucket
+-- with requests in progress. A refusal reports the live buckets' total (sluicegate/limits/
+-- store.py: CounterState.pending).
+--
 -- Every key the script writes has a TTL when it returns, admitted or refused (window +
 -- bucket for a sliding counter, the period's end + grace for a quota): no key outlives its
 -- counter.
@@ -21,18 +28,21 @@
 -- ARGV[1]  now_ms
 -- ARGV[2]  grace_ms: how long a fixed (quota) counter outlives its period
 -- then 5 values per counter i, from ARGV[3 + (i-1)*5]:
---   kind ("s" sliding | "f" fixed), limit, cost,
+--   kind ("s" sliding | "r" sliding, the cost a reservation | "f" fixed), limit, cost,
 --   sliding: window_ms, bucket_ms      fixed: end_ms, 0
 --
--- Returns {allowed, used_1..used_n, retry_1..retry_n, slot_1..slot_n}:
---   used:  count after the charge when allowed, else the count found
---   retry: 0 = room, -1 = cost exceeds the whole limit, else ms until there is room
---   slot:  bucket index charged (sliding) or 0 (fixed)
+-- Returns {allowed, used_1..used_n, retry_1..retry_n, slot_1..slot_n}, and when refused
+-- (allowed = 0) pending_1..pending_n after them:
+--   used:    count after the charge when allowed, else the count found
+--   retry:   0 = room, -1 = cost exceeds the whole limit, else ms until buckets free room
+--   slot:    bucket index charged (sliding) or 0 (fixed)
+--   pending: for a sliding counter refused with a wait, its live buckets' amounts in flight
+--            (reserved, not settled); else 0
 
 local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
 local n = #KEYS
-local used, retry, slot, kinds, costs, ttls = {}, {}, {}, {}, {}, {}
+local used, retry, slot, kinds, costs, ttls, pending = {}, {}, {}, {}, {}, {}, {}
 local wrote = {}  -- counters whose hash this call wrote before deciding (see the refusal)
 local allowed = 1
 
@@ -44,7 +54,8 @@ for i = 1, n do
   local need = math.max(cost, 1)
   kinds[i] = kind
   costs[i] = cost
-  if kind == "s" then
+  pending[i] = 0
+  if kind == "s" or kind == "r" then
     local window = tonumber(ARGV[base + 3])
     local bucket = tonumber(ARGV[base + 4])
     local nb = math.floor(window / bucket)
@@ -73,6 +84,11 @@ for i = 1, n do
           else
             total = total + tonumber(flat[j + 1])
           end
+        elseif string.byte(flat[j], 1) == 112 then  -- "p<index>": a bucket's amount in flight
+          local of = tonumber(string.sub(flat[j], 2))
+          if of ~= nil and of < oldest then
+            dead[#dead + 1] = flat[j]
+          end
         end
       end
     elseif evicted < oldest then
@@ -86,6 +102,7 @@ for i = 1, n do
         if amounts[j] then
           total = total - tonumber(amounts[j])
           dead[#dead + 1] = fields[j]
+          dead[#dead + 1] = "p" .. fields[j]  -- its amount in flight, if any, goes with it
         end
       end
     end
@@ -104,6 +121,7 @@ for i = 1, n do
       -- decided on the buckets.
       local flat = redis.call("HGETALL", key)
       local counted = 0
+      local held = 0
       live = {}
       for j = 1, #flat, 2 do
         local index = tonumber(flat[j])
@@ -111,8 +129,14 @@ for i = 1, n do
           local amount = tonumber(flat[j + 1])
           counted = counted + amount
           live[#live + 1] = {index, amount}
+        elseif index == nil and string.byte(flat[j], 1) == 112 then
+          local of = tonumber(string.sub(flat[j], 2))
+          if of ~= nil and of >= oldest then
+            held = held + tonumber(flat[j + 1])
+          end
         end
       end
+      pending[i] = held
       if counted ~= total then
         total = counted
         redis.call("HSET", key, "-1", total)
@@ -160,11 +184,15 @@ end
 
 if allowed == 1 then
   for i = 1, n do
-    if kinds[i] == "s" then
+    if kinds[i] ~= "f" then
       -- A zero cost still creates its bucket, so that a later settle lands.
       used[i] = used[i] + costs[i]
-      redis.call("HINCRBY", KEYS[i], string.format("%d", slot[i]), costs[i])
+      local field = string.format("%d", slot[i])
+      redis.call("HINCRBY", KEYS[i], field, costs[i])
       redis.call("HINCRBY", KEYS[i], "-1", costs[i])
+      if kinds[i] == "r" and costs[i] > 0 then
+        redis.call("HINCRBY", KEYS[i], "p" .. field, costs[i])
+      end
       redis.call("PEXPIRE", KEYS[i], ttls[i])
     else
       used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
@@ -189,4 +217,7 @@ local reply = {allowed}
 for i = 1, n do reply[#reply + 1] = used[i] end
 for i = 1, n do reply[#reply + 1] = retry[i] end
 for i = 1, n do reply[#reply + 1] = slot[i] end
+if allowed == 0 then
+  for i = 1, n do reply[#reply + 1] = pending[i] end
+end
 return reply

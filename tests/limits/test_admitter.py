@@ -1,0 +1,178 @@
+"""The pipeline's admitter (``proxy/admission.py``): the prompt estimate it leaves for the
+relay, and where it counts (inline for ordinary bodies, in the counting thread for large
+ones)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+from sluicegate.auth.subscriptions import Subscription, SubscriptionState
+from sluicegate.clock import FakeClock
+from sluicegate.limits import Limiter, LimitPolicy, MemoryStore
+from sluicegate.proxy import admission as admission_module
+from sluicegate.proxy.admission import INLINE_COUNT_BYTES, LimitsAdmitter
+from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.deadlines import Deadlines
+from sluicegate.proxy.errors import GatewayError
+from sluicegate.proxy.routes import match_route
+from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
+from sluicegate.tokens.offload import counting_thread
+
+CHAT = "/openai/deployments/gpt-4o/chat/completions"
+SMALL = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 5}
+# hello world: 3 per message + "user" 1 + "hello world" 2 + 3 to prime the reply.
+SMALL_PROMPT = 9
+
+
+@dataclass(frozen=True)
+class _Deployment:
+    name: str
+    model: str
+
+
+def _subscription(product: str = "p") -> Subscription:
+    return Subscription(
+        "sub-1", "s", "team-a", product, SubscriptionState.ACTIVE,
+        b"h1", b"h2", "p1", "p2", 0.0, 1.0,
+    )  # fmt: skip
+
+
+def _admitter(*policies: LimitPolicy) -> LimitsAdmitter:
+    return LimitsAdmitter(Limiter(MemoryStore(), FakeClock()), {"p": tuple(policies)})
+
+
+def _context(body: dict[str, Any], stream: bool = False) -> RequestContext:
+    route = match_route("POST", CHAT)
+    assert route is not None
+    ctx = RequestContext("r", 0.0, 0.0, route, Deadlines(), client_ip="127.0.0.1")
+    ctx.subscription = _subscription()
+    ctx.deployment = _Deployment("gpt-4o", "gpt-4o")  # type: ignore[assignment]
+    ctx.json = body
+    ctx.body = orjson.dumps(body)
+    ctx.stream = stream
+    return ctx
+
+
+async def test_a_prompt_not_counted_leaves_no_estimate_for_the_relay() -> None:
+    """With estimate_prompt_tokens: false the prompt is not counted: the estimate left for
+    an answer without usage must say "unknown" (None, so the relay counts it), not 0 (which
+    gave a usage of no prompt tokens at all)."""
+    ctx = _context(SMALL)
+    await _admitter(LimitPolicy(tokens_per_minute=10_000, estimate_prompt_tokens=False)).admit(ctx)
+    assert ctx.admission is not None and ctx.admission.allowed
+    assert ctx.prompt_estimate is None
+    streamed = _context(SMALL, stream=True)  # streams always count the prompt
+    await _admitter(LimitPolicy(tokens_per_minute=10_000, estimate_prompt_tokens=False)).admit(
+        streamed
+    )
+    assert streamed.prompt_estimate == SMALL_PROMPT
+
+
+@pytest.mark.parametrize("counting_first", [True, False])
+async def test_with_several_policies_the_counted_prompt_is_kept(counting_first: bool) -> None:
+    counting = LimitPolicy(tokens_per_minute=10_000)
+    not_counting = LimitPolicy(
+        tokens_per_minute=10_000, counter_key="owner", estimate_prompt_tokens=False
+    )
+    policies = (counting, not_counting) if counting_first else (not_counting, counting)
+    ctx = _context(SMALL)
+    await _admitter(*policies).admit(ctx)
+    assert ctx.prompt_estimate == SMALL_PROMPT
+    reserved = sorted(charge.amount for charge in ctx.admission.reservation.charges)
+    assert reserved == [5, SMALL_PROMPT + 5]  # each policy reserved what it counts
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the thread of every estimate the admitter makes."""
+    threads: list[str] = []
+
+    def estimate(*args: Any, **kwargs: Any) -> TokenEstimate:
+        threads.append(threading.current_thread().name)
+        return estimate_request_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(admission_module, "estimate_request_tokens", estimate)
+    return threads
+
+
+async def test_an_ordinary_body_is_counted_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = _recording(monkeypatch)
+    body = {"messages": [{"role": "user", "content": "hello " * 2000}]}  # 12 KB
+    ctx = _context(body)
+    assert len(ctx.body) <= INLINE_COUNT_BYTES
+    await _admitter(LimitPolicy(tokens_per_minute=10**9)).admit(ctx)
+    assert threads == [threading.current_thread().name]
+
+
+async def test_a_large_body_is_counted_in_the_counting_thread_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counted off the event loop, and once for several policies that count alike."""
+    threads = _recording(monkeypatch)
+    body = {"messages": [{"role": "user", "content": "hello " * 20_000}]}  # 120 KB
+    ctx = _context(body)
+    assert len(ctx.body) > INLINE_COUNT_BYTES
+    policies = (
+        LimitPolicy(tokens_per_minute=10**9),
+        LimitPolicy(tokens_per_minute=10**9, counter_key="owner"),
+        LimitPolicy(tokens_per_minute=10**9, counter_key="product", estimate_prompt_tokens=False),
+    )
+    await _admitter(*policies).admit(ctx)
+    assert threads == [counting_thread().name] * 2  # counted once, and one not counted
+    prompt = estimate_request_tokens(body, "chat.completions", "gpt-4o", 0).prompt_tokens
+    assert ctx.prompt_estimate == prompt > 20_000
+    reserved = sorted(charge.amount for charge in ctx.admission.reservation.charges)
+    assert reserved == [1024, prompt + 1024, prompt + 1024]
+
+
+async def test_a_large_body_not_counted_stays_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a prompt to count the estimate only reads the budget: no hop."""
+    threads = _recording(monkeypatch)
+    ctx = _context({"messages": [{"role": "user", "content": "hello " * 20_000}]})
+    await _admitter(LimitPolicy(tokens_per_minute=10**9, estimate_prompt_tokens=False)).admit(ctx)
+    assert threads == [threading.current_thread().name]
+    assert ctx.prompt_estimate is None
+
+
+async def test_the_counting_thread_hands_back_errors_and_survives_them() -> None:
+    def fail() -> int:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await counting_thread().run(fail)
+    assert await counting_thread().run(lambda: 6 * 7) == 42
+    thread = next(t for t in threading.enumerate() if t.name == counting_thread().name)
+    assert thread.daemon
+
+
+async def test_ceilings_clamp_or_refuse_before_the_limits_count() -> None:
+    """A ceiling-only policy (no limits) clamps the body and reserves nothing; with limits
+    beside it, the clamped budget is what is reserved; a rejecting ceiling answers 400."""
+    clamp = LimitPolicy(max_tokens_ceiling=8, max_tokens_action="clamp")
+    ctx = _context({**SMALL, "max_tokens": 500})
+    await _admitter(clamp).admit(ctx)
+    assert ctx.json == {**SMALL, "max_tokens": 8}
+    assert orjson.loads(ctx.body) == ctx.json
+    assert ctx.admission is None and ctx.prompt_estimate is None
+    ctx = _context({**SMALL, "max_tokens": 500})
+    await _admitter(clamp, LimitPolicy(tokens_per_minute=1000, counter_key="owner")).admit(ctx)
+    assert [c.amount for c in ctx.admission.reservation.charges] == [SMALL_PROMPT + 8]
+    with pytest.raises(GatewayError) as refused:
+        await _admitter(LimitPolicy(max_tokens_ceiling=8)).admit(
+            _context({**SMALL, "max_tokens": 500})
+        )
+    assert (refused.value.status, refused.value.code) == (400, "MaxTokensCeilingExceeded")
+
+
+async def test_a_refusal_raises_with_the_limits_headers() -> None:
+    admitter = _admitter(LimitPolicy(tokens_per_minute=20))
+    await admitter.admit(_context(SMALL))
+    ctx = _context(SMALL)
+    with pytest.raises(GatewayError) as refused:
+        await admitter.admit(ctx)
+    assert refused.value.status == 429
+    assert dict(refused.value.headers)["retry-after-ms"] == "5000"  # the first is in flight
