@@ -88,6 +88,24 @@ def test_tpm_headers_and_429_with_real_wait(
     assert sum(1 for r in h.sim_log()) == 5  # refused requests never reached the backend
 
 
+def test_the_consumed_tokens_header_carries_the_backends_count(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
+    """``tokens_consumed_header`` (APIM's tokens-consumed-header-name): the tokens the backend
+    reported, on answers that report them; not on streams, whose count comes after the head."""
+    limits = {"tokens_per_minute": 100_000, "tokens_consumed_header": "X-Consumed-Tokens"}
+    h = limited(tmp_path, simulator, limits)
+    stop_later.append(h)
+    key = h.new_key().primary_key or ""
+    with httpx.Client(base_url=h.url, headers={"api-key": key}) as c:
+        answer = c.post(CHAT, json=ONE_MESSAGE)
+        assert answer.status_code == 200
+        assert answer.headers["x-consumed-tokens"] == str(answer.json()["usage"]["total_tokens"])
+        streamed = c.post(CHAT, json={**ONE_MESSAGE, "stream": True})
+        assert streamed.status_code == 200
+        assert "x-consumed-tokens" not in streamed.headers
+
+
 def test_quota_403_until_the_next_month(
     tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
 ) -> None:

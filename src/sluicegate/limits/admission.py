@@ -196,12 +196,6 @@ class Admission:
                 out.append((SHOULD_RETRY_HEADER, "false"))
         return out
 
-    def consumed_headers(self, tokens: int) -> list[tuple[str, str]]:
-        """The policies' ``tokens_consumed_header`` with the reported usage (send only once
-        the backend's usage is known, as APIM does)."""
-        names = {status.request.policy.tokens_consumed_header for status in self.limits}
-        return [(name, str(tokens)) for name in sorted(n for n in names if n)]
-
 
 ALLOWED_UNLIMITED = Admission(True, 200, None, "", 0.0, None)
 

@@ -65,12 +65,14 @@ def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 class _Plan:
     """What the policies of one subscription version ask of each request, worked out once:
     ``policies`` (merged, without those that do nothing), ``ceilings`` (those with a
-    ``max_tokens_ceiling``) and ``limited`` (those with limits, each with its counter key, or
-    ``None`` for a key that depends on the request: the client's address)."""
+    ``max_tokens_ceiling``), ``limited`` (those with limits, each with its counter key, or
+    ``None`` for a key that depends on the request: the client's address) and ``consumed``
+    (the ``tokens_consumed_header`` names of the limited ones, lower case, for the answer)."""
 
     policies: tuple[LimitPolicy, ...]
     ceilings: tuple[LimitPolicy, ...]
     limited: tuple[tuple[LimitPolicy, str | None], ...]
+    consumed: tuple[bytes, ...] = ()
 
 
 class LimitsAdmitter:
@@ -110,6 +112,15 @@ class LimitsAdmitter:
                 (p, None if p.counter_key == "client_ip" else _counter_key(p, sub, None))
                 for p in merged
                 if p.has_limits
+            ),
+            tuple(
+                sorted(
+                    {
+                        p.tokens_consumed_header.lower().encode("latin-1")
+                        for p in merged
+                        if p.has_limits and p.tokens_consumed_header
+                    }
+                )
             ),
         )
         if len(self._cache) > 100_000:
@@ -181,6 +192,7 @@ class LimitsAdmitter:
                 headers=admission.headers(),
             )
         ctx.admission = admission
+        ctx.consumed_headers = plan.consumed
         ctx.response_headers.extend(_encode(admission.headers()))
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -60,6 +60,9 @@ class RequestContext:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: Opaque state of the limiter for this request (a reservation to settle).
     admission: Any = None
+    #: Header names (lower case) that carry the tokens the backend reported, once it has
+    #: (``tokens_consumed_header`` of the limits that admitted the request).
+    consumed_headers: tuple[bytes, ...] = ()
     #: The reservation has been settled (or its settling began: never twice).
     settled: bool = False
     #: The record has been written.

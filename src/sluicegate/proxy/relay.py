@@ -228,6 +228,10 @@ async def _send_whole(
         if ctx.usage is None:  # a backend that reports none: estimated, never zero
             _estimate(ctx, answer_text(data))
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
+    if ctx.consumed_headers and ctx.usage is not None and not ctx.usage_estimated:
+        # As APIM's tokens-consumed-header-name: the backend's count, so only once known.
+        consumed = str(ctx.usage.total_tokens).encode("ascii")
+        headers.extend((name, consumed) for name in ctx.consumed_headers)
     status = response.status
     if status in (204, 304):
         pass  # no content, and no Content-Length either (RFC 9110 §8.6)
