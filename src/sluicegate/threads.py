@@ -185,18 +185,25 @@ def in_daemon_thread(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
-    def run() -> None:
-        error: BaseException | None = None
-        result: T | None = None
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting side, whatever it is
-            error = exc
-        with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle_future, future, error, result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(
+        target=call_and_settle, args=(loop, future, fn), name=name, daemon=True
+    ).start()
     return future
+
+
+def call_and_settle(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[T], fn: Callable[[], T]
+) -> None:
+    """In a worker thread: call ``fn()`` and hand its outcome to ``future`` in ``loop``
+    (``settle_future``); nothing if the loop has closed meanwhile (nobody waits any more)."""
+    error: BaseException | None = None
+    result: T | None = None
+    try:
+        result = fn()
+    except BaseException as exc:  # handed to the awaiting side, whatever it is
+        error = exc
+    with suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle_future, future, error, result)
 
 
 def settle_future(future: asyncio.Future[T], error: BaseException | None, result: object) -> None:

@@ -21,9 +21,15 @@ Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def _serve(write_body: Writer) -> AsyncIterator[str]:
+async def _serve(write_body: Writer, asked: list[bytes] | None = None) -> AsyncIterator[str]:
+    """A server on loopback answering each request with ``write_body``; ``asked`` gets each
+    request line. Yields a URL on it."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            line = await reader.readuntil(b"\r\n")
+            if asked is not None:
+                asked.append(line.strip())
             await reader.readuntil(b"\r\n\r\n")
             await write_body(writer)
         finally:
@@ -100,26 +106,15 @@ async def test_an_egress_proxy_named_in_the_environment_is_used(
         )
         await writer.drain()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async with _serve(proxy, asked) as url:
+        monkeypatch.setenv("HTTP_PROXY", url.removesuffix("/discovery/keys"))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        fetcher = HttpFetcher(5.0)
+        await fetcher.start()
         try:
-            asked.append((await reader.readuntil(b"\r\n")).strip())
-            await reader.readuntil(b"\r\n\r\n")
-            await proxy(writer)
+            doc = await fetcher("http://login.example.invalid/tenant/discovery/v2.0/keys")
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    fetcher = HttpFetcher(5.0)
-    await fetcher.start()
-    try:
-        doc = await fetcher("http://login.example.invalid/tenant/discovery/v2.0/keys")
-    finally:
-        await fetcher.aclose()
-        server.close()
-        await server.wait_closed()
+            await fetcher.aclose()
     assert len(doc["keys"]) == 8
     assert asked == [b"GET http://login.example.invalid/tenant/discovery/v2.0/keys HTTP/1.1"]

@@ -11,35 +11,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from sluicegate.clock import FakeClock
-from sluicegate.limits.admission import IN_FLIGHT_RETRY_MS, MAX_RETRY_AFTER_MS, Admission
+from sluicegate.limits.admission import IN_FLIGHT_RETRY_MS, MAX_RETRY_AFTER_MS
 from sluicegate.limits.limiter import Limiter, LimitRequest
 from sluicegate.limits.memory import MemoryStore
 from sluicegate.limits.policy import LimitPolicy
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import Adjustment, Counter
-
-TPM = LimitPolicy(tokens_per_minute=10_000)
-
-
-async def admit(
-    limiter: Limiter, tokens: int, policy: LimitPolicy = TPM, key: str = "sub:a"
-) -> Admission:
-    return await limiter.admit([LimitRequest(key, policy, tokens)])
-
-
-async def use(
-    limiter: Limiter, tokens: int, policy: LimitPolicy = TPM, key: str = "sub:a"
-) -> Admission:
-    """Admit and settle to the estimate: used, not in flight."""
-    admission = await admit(limiter, tokens, policy, key)
-    assert admission.allowed
-    await limiter.settle(admission.reservation, tokens)
-    return admission
-
-
-def headers(admission: Admission) -> dict[str, str]:
-    return dict(admission.headers())
-
+from tests.limits.test_conformance import admit, headers, use
 
 # --- At most 60 s ---------------------------------------------------------------------------
 

@@ -120,6 +120,18 @@ def migrated(db_url: str) -> Iterator[tuple[str, Engine]]:
     engine.dispose()
 
 
+def assert_none_lost_nor_stored_twice(
+    url: str, engine: Engine, spill_path: Path, everything: set[str]
+) -> None:
+    """Each record is in the table or (still) in the spill file, and once the spill file is
+    replayed (by a successor writer), each is stored exactly once."""
+    rows, stored = stored_ids(url)
+    assert rows == len(stored)
+    assert stored | spilled_ids(spill_path) == everything
+    replay_with_a_successor(engine, spill_path)
+    assert stored_ids(url) == (len(everything), everything)
+
+
 def test_close_returns_in_time_while_a_replay_waits_on_a_locked_table(
     migrated: tuple[str, Engine], tmp_path: Path
 ) -> None:
@@ -142,13 +154,7 @@ def test_close_returns_in_time_while_a_replay_waits_on_a_locked_table(
     finish(writer, closer)
     assert took <= CLOSE_TIMEOUT + MARGIN, f"close({CLOSE_TIMEOUT}) took {took:.1f} s"
 
-    # None lost: each record is in the table or (still) in the spill file ...
-    rows, stored = stored_ids(url)
-    assert rows == len(stored)
-    assert stored | spilled_ids(spill_path) == everything
-    # ... and once the spill file is replayed, each is stored exactly once.
-    replay_with_a_successor(engine, spill_path)
-    assert stored_ids(url) == (len(everything), everything)
+    assert_none_lost_nor_stored_twice(url, engine, spill_path, everything)
 
 
 def test_close_returns_in_time_while_a_batch_waits_on_a_locked_table(
@@ -177,11 +183,7 @@ def test_close_returns_in_time_while_a_batch_waits_on_a_locked_table(
     # The in-flight batch is in the spill file even if its statement commits later.
     assert spilled_ids(spill_path) >= {r.request_id for r in records[:10]}
 
-    rows, stored = stored_ids(url)
-    assert rows == len(stored)
-    assert stored | spilled_ids(spill_path) == everything
-    replay_with_a_successor(engine, spill_path)
-    assert stored_ids(url) == (len(everything), everything)
+    assert_none_lost_nor_stored_twice(url, engine, spill_path, everything)
 
 
 def test_a_statement_timeout_turns_a_locked_table_into_a_failure_the_writer_rides_out(

@@ -27,10 +27,9 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any, TypeVar
 
-from sluicegate.threads import lower_priority, settle_future
+from sluicegate.threads import call_and_settle, lower_priority
 
 T = TypeVar("T")
 
@@ -81,16 +80,8 @@ class CountingThread:
             loop, future, fn = jobs.get()
             # Read from another thread: a benign race, at worst a call whose outcome nobody
             # takes any more.
-            if future.cancelled():
-                continue
-            error: BaseException | None = None
-            result: Any = None
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the awaiting side, whatever it is
-                error = exc
-            with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-                loop.call_soon_threadsafe(settle_future, future, error, result)
+            if not future.cancelled():
+                call_and_settle(loop, future, fn)
 
 
 _counting: CountingThread | None = None
