@@ -30,6 +30,7 @@ from sluicegate.limits import (
     apply_max_tokens_ceiling,
     merge,
     resolve_counter_key,
+    tokens_to_reserve,
 )
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
@@ -177,10 +178,9 @@ class LimitsAdmitter:
                 prompt = estimate.prompt_tokens
             if key is None:
                 key = _counter_key(policy, sub, ctx.client_ip)
-            # As tokens_to_reserve(policy, estimate, stream=stream): the prompt is 0 when it
-            # was not counted.
-            tokens = estimate.prompt_tokens + estimate.completion_tokens
-            requests.append(LimitRequest(key, policy, tokens))
+            requests.append(
+                LimitRequest(key, policy, tokens_to_reserve(policy, estimate, stream=stream))
+            )
         ctx.prompt_estimate = prompt
         admission = await self.limiter.admit(requests)
         if not admission.allowed:
