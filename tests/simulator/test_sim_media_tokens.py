@@ -143,3 +143,58 @@ async def test_usage_reports_image_and_audio_tokens(client: httpx.AsyncClient) -
     assert usage["prompt_tokens"] == 4 + 1 + 1445 + 10 + 3
     assert usage["prompt_tokens_details"]["audio_tokens"] == 10
     assert usage["total_tokens"] == usage["prompt_tokens"] + 2
+
+
+def pdf(pages: list[tuple[float, float]], text: str = "", inherited: bool = False) -> bytes:
+    """A small uncompressed PDF: one page object per size, ``text`` shown on the first page.
+
+    ``inherited`` puts one MediaBox on the page tree instead of one per page."""
+    tree_box = b" /MediaBox [0 0 %g %g]" % pages[0] if inherited else b""
+    parts = [b"%%PDF-1.4\n1 0 obj << /Type /Pages /Count %d%s >> endobj\n" % (len(pages), tree_box)]
+    for i, (w, h) in enumerate(pages):
+        box = b"" if inherited else b" /MediaBox [0 0 %g %g]" % (w, h)
+        parts.append(b"%d 0 obj << /Type /Page /Parent 1 0 R%s >> endobj\n" % (i + 2, box))
+    stream = b"BT /F1 12 Tf (%s) Tj [(a\\) b) 120 (c)] TJ ET" % text.encode() if text else b""
+    parts.append(
+        b"9 0 obj << /Length %d >> stream\n%s\nendstream endobj\n%%%%EOF" % (len(stream), stream)
+    )
+    return b"".join(parts)
+
+
+def test_pdf_files_count_their_text_and_an_image_per_page() -> None:
+    # Letter (612×792 pt) at 2 px per point is 1224×1584 px: 765 tokens; A4 (595×842) too.
+    # A 300×300 pt page is 600×600 px: 2×2 tiles of 512, 765; a 200×200 one is 400 px: 255.
+    letter, small = (612.0, 792.0), (200.0, 200.0)
+    url = data_url("application/pdf", pdf([letter, small], text="four words of text"))
+    chat = {"type": "file", "file": {"filename": "a.pdf", "file_data": url}}
+    # The shown text: "four words of text" (4) + "a\) b" (2) + "c" (1).
+    assert chat_prompt_tokens(one_user(chat)) == 4 + (765 + 255 + 7) + 3
+    three = url_of(pdf([small, small, small], inherited=True))
+    responses = {
+        "input": [{"role": "user", "content": [{"type": "input_file", "file_data": three}]}]
+    }
+    assert responses_input_tokens(responses) == 4 + 3 * 255 + 3
+
+
+def url_of(raw: bytes) -> str:
+    return data_url("application/pdf", raw)
+
+
+def test_unreadable_files_count_as_one_letter_page() -> None:
+    for part in (
+        {"type": "file", "file": {"file_id": "assistant-abc"}},
+        {"type": "file", "file": {"file_data": data_url("application/pdf", b"not a pdf")}},
+        {"type": "input_file", "file_url": "https://example.test/a.pdf"},
+    ):
+        assert chat_prompt_tokens(one_user(part)) == 4 + 765 + 3
+
+
+async def test_usage_reports_file_tokens(client: httpx.AsyncClient) -> None:
+    file = {
+        "type": "file",
+        "file": {"filename": "a.pdf", "file_data": url_of(pdf([(200.0, 200.0)]))},
+    }
+    messages = one_user({"type": "text", "text": "summarise"}, file)
+    resp = await client.post(chat_url("free"), json={"messages": messages, "max_tokens": 2})
+    assert resp.status_code == 200
+    assert resp.json()["usage"]["prompt_tokens"] == 4 + 1 + 255 + 3

@@ -6,7 +6,7 @@ number it reports:
 * a *word* is a whitespace-separated run (``str.split()``); one word is one token;
 * chat prompt tokens = sum over messages of (4 + tokens of the message's content) + 3, where
   the content is a string (its words) or a list of parts: a text part counts the words of
-  its ``text``, an image part and an audio part count as below (other parts count 0);
+  its ``text``, an image, audio or file part counts as below (other parts count 0);
 * an image part (``image_url`` in chat, ``input_image`` in the Responses API) counts as
   OpenAI publishes for its vision models (the rule Azure bills by): ``detail: "low"`` is 85
   tokens; otherwise (``high``, ``auto`` or none given) the image is scaled to fit in
@@ -17,6 +17,12 @@ number it reports:
   rate for user audio: one token per 100 ms), rounded up: the length is read from a WAV
   header, other formats are taken as 128 kbit/s (16,000 bytes per second of audio). These
   tokens are also reported as ``prompt_tokens_details.audio_tokens``;
+* a file part (``file`` in chat, ``input_file`` in the Responses API) holding a PDF counts as
+  OpenAI describes PDF input: the text extracted from it plus an image of every page. Here
+  the text is the words of the literal strings shown by ``Tj``/``TJ`` in its uncompressed
+  content streams, and a page's image is its ``/MediaBox`` at 2 px per point (US Letter when
+  it has none: 1224×1584 px, 765 tokens) counted as a high-detail image. A file the
+  simulator cannot read (a ``file_id``, a URL, not a PDF) counts as one Letter page;
 * legacy completions and embeddings prompt tokens = words of every input string (an input
   given as token ids counts one per id);
 * Responses API input counts like chat (a string input is one user message; ``instructions``
@@ -32,6 +38,7 @@ import base64
 import binascii
 import hashlib
 import math
+import re
 import struct
 import sys
 from array import array
@@ -192,6 +199,54 @@ def _audio_part_tokens(part: dict[str, Any]) -> int:
     return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND - 1e-9)
 
 
+#: A PDF page's image: its MediaBox at this many pixels per point; Letter when unknown.
+PDF_PIXELS_PER_POINT = 2
+PDF_DEFAULT_PAGE_POINTS = (612.0, 792.0)
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+_PDF_MEDIA_BOX = re.compile(
+    rb"/MediaBox\s*\[\s*(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)\s*\]"
+)
+_PDF_SHOWN_TEXT = re.compile(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj|\[((?:[^\]])*)\]\s*TJ")
+_PDF_STRING = re.compile(rb"\(((?:[^()\\]|\\.)*)\)")
+
+
+def _pdf_page_tokens(width_pt: float, height_pt: float) -> int:
+    return image_tokens(
+        max(1, round(width_pt * PDF_PIXELS_PER_POINT)),
+        max(1, round(height_pt * PDF_PIXELS_PER_POINT)),
+    )
+
+
+def pdf_tokens(data: bytes | None) -> int:
+    """Tokens of a PDF file part (see the module docstring): text words plus page images."""
+    default_page = _pdf_page_tokens(*PDF_DEFAULT_PAGE_POINTS)
+    if data is None or not data.startswith(b"%PDF-"):
+        return default_page
+    boxes = [
+        (abs(float(x1) - float(x0)), abs(float(y1) - float(y0)))
+        for x0, y0, x1, y1 in _PDF_MEDIA_BOX.findall(data)
+    ]
+    pages = max(1, len(_PDF_PAGE.findall(data)))
+    # A MediaBox per page when there is one each; else the first (inherited) or Letter.
+    sizes = boxes if len(boxes) == pages else [boxes[0] if boxes else PDF_DEFAULT_PAGE_POINTS]
+    images = sum(_pdf_page_tokens(*sizes[min(i, len(sizes) - 1)]) for i in range(pages))
+    words = 0
+    for single, array_ in _PDF_SHOWN_TEXT.findall(data):
+        for piece in [single] if single else _PDF_STRING.findall(array_):
+            words += count_words(piece.decode("latin-1"))
+    return images + words
+
+
+def _file_part_tokens(part: dict[str, Any]) -> int:
+    # chat: {"file": {"file_data": "data:application/pdf;base64,…"}};
+    # Responses: {"file_data": "data:…"} (a bare base64 string is accepted too)
+    raw = part.get("file")
+    data = raw.get("file_data") if isinstance(raw, dict) else part.get("file_data")
+    if not isinstance(data, str):
+        return pdf_tokens(None)
+    return pdf_tokens(_data_url_bytes(data) if data.startswith("data:") else _b64(data))
+
+
 def _content_tokens(content: Any) -> PromptCount:
     if isinstance(content, str):
         return PromptCount(count_words(content))
@@ -202,6 +257,8 @@ def _content_tokens(content: Any) -> PromptCount:
                 kind = part.get("type")
                 if kind in ("image_url", "input_image"):
                     total += _image_part_tokens(part)
+                elif kind in ("file", "input_file"):
+                    total += _file_part_tokens(part)
                 elif kind == "input_audio":
                     tokens = _audio_part_tokens(part)
                     total += tokens
