@@ -86,10 +86,14 @@ def set_connections(database: str, allowed: bool) -> None:
 
 def stored_records(database: str) -> int:
     """The usage records in ``database``."""
+    return sum(stored_outcomes(database).values())
+
+
+def stored_outcomes(database: str) -> dict[str, int]:
+    """The usage records in ``database``, by outcome."""
     with psycopg.connect(PG_SERVER + database, connect_timeout=5) as conn:
-        row = conn.execute("SELECT count(*) FROM usage_records").fetchone()
-    assert row is not None
-    return int(row[0])
+        rows = conn.execute("SELECT outcome, count(*) FROM usage_records GROUP BY 1").fetchall()
+    return {str(outcome): int(n) for outcome, n in rows}
 
 
 @dataclass
@@ -184,9 +188,17 @@ def measure(
     drain_s = time.monotonic() - drain_started if wait_until(drained, args.drain_timeout) else None
     complete: bool | None = None
     if outage is not None:
+        # Counted again once drained: a request the gateway forwarded after wrk stopped (in
+        # flight at the load's end) reaches the upstream after the count above was read.
+        answered = upstream_requests(ctx.upstream_port) - first
         stored = stored_records(outage.database) - stored_before
-        complete = stored == requests
-        print(f"  {run.name}: {stored} records stored for {requests} upstream requests")
+        complete = stored == answered
+        print(
+            f"  {run.name}: {stored} records stored for {answered} upstream requests"
+            f" ({answered - requests} of them after the load's end)"
+        )
+        if not complete:
+            print(f"  {run.name}: records by outcome: {stored_outcomes(outage.database)}")
     return Trace(
         run.name,
         seconds,
