@@ -44,6 +44,7 @@ from sluicegate.admin.service import (
     report_csv,
     report_rows,
     subscription_view,
+    validation_message,
 )
 from sluicegate.auth.subscriptions import SubscriptionState
 
@@ -53,7 +54,8 @@ T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 _ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 #: The largest admin API request body read. The largest request is a subscription to create
-#: (three texts of at most 200 characters): a few KiB even with every character escaped.
+#: (three texts of at most 200 characters and the overrides, a handful of limit fields): a
+#: few KiB even with every character escaped.
 BODY_LIMIT = 1024 * 1024
 #: The times ``Query.time`` accepts: 1970 to 9999-01-01T00:00:00Z. Reports widen ranges to
 #: whole hours and months, and the next month of December 9999 is past what ``datetime``
@@ -325,10 +327,15 @@ class AdminApi:
     async def openapi(self, request: Request) -> Response:
         return json_response(openapi_document(self.operations, "/admin/api"))
 
-    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+    async def _body(
+        self, request: Request, model: type[BaseModel], *, required: bool = False
+    ) -> Any:
+        """The request body as ``model``; an empty body is ``{}`` unless ``required``."""
         security = self.service.config.security
         limit = min(BODY_LIMIT, security.max_body_bytes)
         raw = await read_body(request, limit, security.body_read_timeout_seconds)
+        if required and not raw.strip():
+            raise AdminError(422, "body: a JSON object is required")
         try:
             data = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError:
@@ -336,9 +343,7 @@ class AdminApi:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise AdminError(422, f"{where}: {first['msg']}") from None
+            raise AdminError(422, validation_message(exc)) from None
 
     def _range(self, q: Query) -> tuple[float, float]:
         now = self.service.clock.now()
@@ -368,12 +373,14 @@ class AdminApi:
 
     async def create_subscription(self, request: Request) -> Response:
         body = await self._body(request, schemas.SubscriptionCreate)
+        overrides = body.overrides
         issued = await run(
             self.service.create_subscription,
             product=body.product,
             owner=body.owner,
             name=body.name,
             expires_at=body.expires_at,
+            overrides=None if overrides is None else overrides.model_dump(exclude_unset=True),
         )
         assert issued.primary_key is not None and issued.secondary_key is not None
         out = schemas.IssuedSubscription(
@@ -406,6 +413,12 @@ class AdminApi:
                 subscription=subscription_model(issued.subscription), slot=body.slot, key=key
             )
         )
+
+    async def set_overrides(self, request: Request) -> Response:
+        sub_id = _subscription_id(request)
+        body = await self._body(request, schemas.Overrides, required=True)
+        sub = await run(self.service.set_overrides, sub_id, body.model_dump(exclude_unset=True))
+        return json_response(subscription_model(sub))
 
     async def usage(self, request: Request) -> Response:
         q = Query(request)
@@ -632,6 +645,7 @@ class AdminApi:
                 "Create a subscription; its keys are shown only in this answer",
                 schemas.IssuedSubscription,
                 body=schemas.SubscriptionCreate,
+                body_required=True,
                 status=201,
                 errors=(408, 413, 422),
             ),
@@ -667,6 +681,18 @@ class AdminApi:
                 [sid],
                 body=schemas.RotateRequest,
                 errors=(404, 408, 413, 422),
+            ),
+            Operation(
+                "put",
+                "/subscriptions/{subscription_id}/overrides",
+                self.set_overrides,
+                "Replace a subscription's overrides (its limits over the product's); running "
+                "gateways apply them within a second",
+                sub,
+                [sid],
+                body=schemas.Overrides,
+                body_required=True,
+                errors=(404, 408, 409, 413, 422),
             ),
             Operation(
                 "get",

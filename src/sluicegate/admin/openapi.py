@@ -41,6 +41,8 @@ class Operation:
     response: type[BaseModel] | None
     params: list[dict[str, Any]] = field(default_factory=list)
     body: type[BaseModel] | None = None
+    #: Must a body be sent? (Otherwise an empty body means ``{}``.)
+    body_required: bool = False
     status: int = 200
     errors: tuple[int, ...] = ()
     media_type: str = "application/json"
@@ -91,7 +93,7 @@ def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]
         }
         if op.body is not None:
             entry["requestBody"] = {
-                "required": op.method == "post" and op.body is schemas.SubscriptionCreate,
+                "required": op.body_required,
                 "content": {
                     "application/json": {"schema": {"$ref": _REF.format(model=op.body.__name__)}}
                 },

@@ -63,11 +63,25 @@ class SubscriptionPage(_Model):
     items: list[Subscription]
 
 
+class Overrides(_Model):
+    """A subscription's overrides, replaced whole. Unknown members are refused (a typo would
+    otherwise be stored and silently do nothing)."""
+
+    limits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Limit policy fields (docs/limits.md) merged one by one over the "
+        "product's policy counted per subscription; null lifts a limit. Checked with the "
+        "limit policy's own rules (422 naming the field).",
+        examples=[{"tokens_per_minute": 50000, "requests_per_minute": None}],
+    )
+
+
 class SubscriptionCreate(_Model):
     product: Text
     owner: Text
     name: Text
     expires_at: float | None = Field(default=None, ge=0, le=32503680000)
+    overrides: Overrides | None = None
 
 
 class IssuedSubscription(_Model):

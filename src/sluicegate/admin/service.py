@@ -17,10 +17,11 @@ import builtins
 import csv
 import io
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
 from sluicegate.accounting.chargeback import (
@@ -35,10 +36,12 @@ from sluicegate.accounting.periods import Granularity
 from sluicegate.accounting.pricing import PriceTable, cost_of_records, nanos_text
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.accounting.rollups import RollupRun, Rollups
+from sluicegate.admin import schemas
 from sluicegate.auth.keys import KeyHasher, display_prefix, generate_key
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
+from sluicegate.limits.policy import LimitPolicy, merge
 from sluicegate.storage.ledger import LedgerStats
 from sluicegate.storage.reports import fetch_records
 from sluicegate.storage.subscriptions import (
@@ -59,6 +62,15 @@ class AdminError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def validation_message(exc: ValidationError, where: str = "") -> str:
+    """The first problem of a pydantic error as ``<path of the field>: <what is wrong>``,
+    the path prefixed with ``where`` (``"body"`` when there is no path at all)."""
+    first = exc.errors(include_url=False)[0]
+    path = [where] if where else []
+    path += (str(p) for p in first["loc"])
+    return f"{'.'.join(path) or 'body'}: {first['msg']}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,11 @@ class AdminService:
         self.hasher = hasher
         self.clock = clock or SystemClock()
         self._products = {p.name for p in config.products}
+        #: Per product, the policies a subscription's limit overrides are merged into.
+        self._per_subscription: dict[str, tuple[LimitPolicy, ...]] = {
+            p.name: tuple(x for x in p.limit_policies() if x.counter_key == "subscription")
+            for p in config.products
+        }
         self.engine = engine
         self.prices = PriceTable(config)
         self.rollups = Rollups(engine, self.prices, self.clock) if engine is not None else None
@@ -136,6 +153,7 @@ class AdminService:
             )
         if not owner.strip() or not name.strip():
             raise AdminError(422, "owner and name must not be empty")
+        checked = self.check_overrides(product, overrides or {}, where="overrides")
         primary, secondary = generate_key(), generate_key()
         now = self.clock.now()
         sub = Subscription(
@@ -151,7 +169,7 @@ class AdminService:
             created_at=now,
             updated_at=now,
             expires_at=expires_at,
-            overrides=dict(overrides or {}),
+            overrides=checked,
         )
         self.repository.create(sub)
         return IssuedKeys(sub, primary, secondary)
@@ -195,6 +213,59 @@ class AdminService:
         if slot == "primary":
             return IssuedKeys(sub, primary_key=key)
         return IssuedKeys(sub, secondary_key=key)
+
+    def check_overrides(
+        self, product: str, overrides: Mapping[str, Any], *, where: str = ""
+    ) -> dict[str, Any]:
+        """``overrides`` as they are to be stored, or ``AdminError(422)`` whose message names
+        the field at fault (its path prefixed with ``where``: ``"overrides"`` inside a
+        creation body).
+
+        The one member is ``limits`` (``schemas.Overrides``): limit policy fields that
+        ``limits.policy.merge`` accepts on their own (``merge(None, limits)``) and over each
+        of ``product``'s policies counted per subscription (those the gateway merges them
+        into), so that what is stored does not fail there. Values are kept as the policy
+        reads them (``"Hourly"`` is stored as ``"hourly"``, ``"100"`` as ``100``).
+        """
+        try:
+            parsed = schemas.Overrides.model_validate(overrides)
+        except ValidationError as exc:
+            raise AdminError(422, validation_message(exc, where)) from None
+        checked = parsed.model_dump(exclude_unset=True)
+        if "limits" not in checked:
+            return checked
+        limits = parsed.limits
+        at = f"{where}.limits" if where else "limits"
+        try:
+            merged = merge(None, limits)
+        except ValidationError as exc:
+            raise AdminError(422, validation_message(exc, at)) from None
+        for policy in self._per_subscription.get(product, ()):
+            try:
+                merge(policy, limits)
+            except ValidationError as exc:
+                raise AdminError(
+                    422,
+                    f"{validation_message(exc, at)} (merged over the limits of product "
+                    f"{product!r})",
+                ) from None
+        canonical = merged.model_dump(mode="json")
+        checked["limits"] = {name: canonical[name] for name in limits}
+        return checked
+
+    def set_overrides(self, subscription_id: str, overrides: Mapping[str, Any]) -> Subscription:
+        """Replace a subscription's overrides (``check_overrides``) and bump the state
+        version, so running gateways apply them at their next poll. 404 for an unknown
+        subscription, 422 for invalid overrides, 409 for a cancelled subscription (like
+        ``rotate``: nothing it holds is used again)."""
+        sub = self.get(subscription_id)
+        checked = self.check_overrides(sub.product, overrides)
+        if sub.state is SubscriptionState.CANCELLED:
+            raise AdminError(409, f"subscription {subscription_id} is cancelled for good")
+        try:
+            return self.repository.set_overrides(subscription_id, checked)
+        except SubscriptionNotFound:
+            raise AdminError(404, f"no subscription {subscription_id!r}") from None
 
     def set_state(self, subscription_id: str, state: SubscriptionState) -> Subscription:
         """404 for an unknown subscription; 409 to move a cancelled one (for good, checked
@@ -482,4 +553,5 @@ __all__ = [
     "report_csv",
     "report_rows",
     "subscription_view",
+    "validation_message",
 ]
