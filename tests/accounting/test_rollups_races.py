@@ -111,9 +111,9 @@ def test_a_purge_between_reading_the_horizon_and_rebuilding_keeps_the_rollups(
 def test_a_purge_while_a_catch_up_recomputes_keeps_the_rollups(
     engine: Engine, tmp_path: Path
 ) -> None:
-    """PostgreSQL's catch-up recomputes the hours of the ids it rescans below its watermark:
-    a purge that deletes their raw records after the catch-up found them must not leave
-    those hours empty."""
+    """A PostgreSQL catch-up with nothing remembered (a new process) recomputes the hours of
+    the ids it rescans below the watermark: a purge that deletes their raw records after the
+    catch-up found them must not leave those hours empty."""
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(60)
@@ -125,7 +125,7 @@ def test_a_purge_while_a_catch_up_recomputes_keeps_the_rollups(
     with before_the_first_lock(
         engine, lambda: rollups.purge(raw_days=1, hourly_days=None)
     ) as purged:
-        rollups.catch_up()
+        Rollups(engine, PRICES, clock).catch_up()
     assert purged[0].raw_deleted == len(old)
     assert totals(engine) == expected(old + new)
     assert hourly_matches_daily(engine)
@@ -342,3 +342,146 @@ def test_a_purge_keeps_the_cost_of_an_hour_where_the_price_changes(
     rollups.catch_up()
     assert charged() == (len(old) + len(late), cost(old + late))
     assert hourly_matches_daily(engine)
+
+
+def matches_the_ledger(engine: Engine) -> bool:
+    """The rollups charge-back reads hold exactly the raw records' requests and tokens."""
+    raw = ledger_totals(engine)
+    return totals(engine)[:2] == (raw.requests, raw.total_tokens)
+
+
+def commit_below_the_watermark(
+    engine: Engine, tmp_path: Path, rollups: Rollups, late: UsageRecord, newer: UsageRecord
+) -> None:
+    """``late`` is inserted, ``newer`` inserted and committed after it (a higher id), a
+    catch-up with ``rollups`` moves the watermark past both, and only then does ``late``
+    commit: ids out of commit order, as two ledger writers produce them on PostgreSQL."""
+    ledger = insert_uncommitted(engine, late)
+    try:
+        write(engine, tmp_path, [newer])
+        rollups.catch_up()
+        late_id = ledger.execute(
+            select(usage_records.c.id).where(usage_records.c.request_id == late.request_id)
+        ).scalar_one()
+        assert rollups.state()[0] > late_id  # the watermark passed it
+        ledger.commit()
+    finally:
+        ledger.close()
+
+
+def test_a_record_committing_below_the_watermark_is_counted_without_a_newer_record(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    """PostgreSQL: a record for a kept hour commits after a catch-up moved the watermark past
+    its id, and no record follows it (a quiet tenant, the last hour of a day): the next
+    catch-up counts it, once, also through later catch-ups and purges."""
+    engine = pg_engine
+    clock = FakeClock(T0)
+    rollups = Rollups(engine, PRICES, clock)
+    old = records(20)  # 22:00 to 22:31 on 3 March
+    write(engine, tmp_path, old)
+    rollups.catch_up()
+    late, newer = records(2, T0 + 90)[1], records(1, T0 + 3 * HOUR)[0]
+    late.request_id, newer.request_id = "late", "newer"
+    commit_below_the_watermark(engine, tmp_path, rollups, late, newer)
+    assert totals(engine) == expected([*old, newer])  # the late record is not counted yet
+    rollups.catch_up()  # no new id
+    assert totals(engine) == expected([*old, late, newer])
+    assert matches_the_ledger(engine)
+    assert hourly_matches_daily(engine)
+    assert rollups.catch_up().hours == 0  # counted once, and not looked at again
+    newest = records(1, T0 + 3 * HOUR + 60)[0]
+    newest.request_id = "newest"
+    write(engine, tmp_path, [newest])
+    assert rollups.catch_up().hours == 1  # the new record's hour only, not those read before
+    assert totals(engine) == expected([*old, late, newer, newest])
+    # Another process's catch-up (it rescans below the watermark) and the purge: still once.
+    Rollups(engine, PRICES, clock).catch_up()
+    clock.set(T0 + 3 * DAY)
+    rollups.purge(raw_days=1, hourly_days=None)
+    rollups.catch_up()
+    assert totals(engine) == expected([*old, late, newer, newest])
+    assert ledger_totals(engine).requests == 0
+    assert hourly_matches_daily(engine)
+
+
+def test_a_record_committing_below_the_watermark_is_counted_by_another_process(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    """PostgreSQL: one gateway's catch-up moved the watermark past a record in flight; after
+    it commits, with no newer record, another gateway's next catch-up counts it (one that
+    read below its id before, then one that never ran), once."""
+    engine = pg_engine
+    clock = FakeClock(T0)
+    old = records(20)
+    write(engine, tmp_path, old)
+    other = Rollups(engine, PRICES, clock)
+    other.catch_up()
+    late, newer = records(2, T0 + 90)[1], records(1, T0 + 120)[0]
+    late.request_id, newer.request_id = "late", "newer"
+    commit_below_the_watermark(engine, tmp_path, Rollups(engine, PRICES, clock), late, newer)
+    other.catch_up()
+    assert totals(engine) == expected([*old, late, newer])
+    Rollups(engine, PRICES, clock).catch_up()
+    other.catch_up()
+    assert totals(engine) == expected([*old, late, newer])
+    assert matches_the_ledger(engine)
+    assert hourly_matches_daily(engine)
+
+
+def test_a_record_committing_below_the_watermark_after_its_hour_was_purged_is_counted(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    """PostgreSQL: the watermark passed a record in flight, then the purge took its hour;
+    the record commits then: the next catch-up finds it where its id was missing, and it is
+    taken into its purged hour, once (not recomputed: its hour's other records are gone)."""
+    engine = pg_engine
+    clock = FakeClock(T0)
+    rollups = Rollups(engine, PRICES, clock)
+    old = records(20)
+    write(engine, tmp_path, old)
+    rollups.catch_up()
+    late, newer = records(2, T0 + 90)[1], records(1, T0 + 3 * DAY)[0]
+    late.request_id, newer.request_id = "late", "newer"
+    ledger = insert_uncommitted(engine, late)
+    try:
+        write(engine, tmp_path, [newer])
+        rollups.catch_up()
+        clock.set(T0 + 3 * DAY)
+        assert rollups.purge(raw_days=1, hourly_days=None).raw_deleted == len(old)
+        ledger.commit()
+    finally:
+        ledger.close()
+    rollups.catch_up()
+    assert totals(engine) == expected([*old, late, newer])
+    rollups.catch_up()
+    assert totals(engine) == expected([*old, late, newer])
+    assert ledger_totals(engine).requests == 1  # the late record was taken, as its hour
+    assert hourly_matches_daily(engine)
+
+
+def test_a_rolled_back_insert_below_the_watermark_leaves_the_rollups_exact(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    """PostgreSQL: a ledger batch that took an id and rolled back (an outage) leaves a gap
+    below the watermark that never fills; later records are counted around it."""
+    engine = pg_engine
+    rollups = Rollups(engine, PRICES, FakeClock(T0))
+    old = records(20)
+    write(engine, tmp_path, old)
+    rollups.catch_up()
+    lost, newer = records(1, T0 + 90)[0], records(1, T0 + 120)[0]
+    lost.request_id, newer.request_id = "lost", "newer"
+    ledger = insert_uncommitted(engine, lost)
+    try:
+        write(engine, tmp_path, [newer])
+        rollups.catch_up()
+        ledger.rollback()
+    finally:
+        ledger.close()
+    assert rollups.catch_up().hours == 0
+    newest = records(3, T0 + 4000)
+    write(engine, tmp_path, newest)
+    rollups.catch_up()
+    assert totals(engine) == expected([*old, newer, *newest])
+    assert matches_the_ledger(engine)

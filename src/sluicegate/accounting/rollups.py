@@ -13,8 +13,14 @@ How it stays correct without touching the ledger writer:
   with the watermark moved, in one short transaction (``_catch_up_sqlite``): the ledger
   writer needs that lock several times a second.
 - On PostgreSQL, ids are handed out before commit, so a record with a lower id can become
-  visible after a higher one. Each run therefore rescans ``POSTGRES_OVERLAP`` ids below the
-  watermark (more than the ledger writers can have in flight) and recomputes those hours too.
+  visible after a higher one, below the watermark. Each ``Rollups`` remembers how far its runs
+  read the ids and which of those were missing (the gaps: in flight then, or rolled back for
+  good); a run recomputes the hours of the records above what it read and of those that
+  appeared in its gaps since (``_catch_up_postgresql``). So a record that commits below the
+  watermark is counted by the next run of any process, with no newer record needed, as long
+  as its id is less than ``POSTGRES_OVERLAP`` below the watermark when it commits (more ids
+  than the ledger writers can have in flight). A run with nothing remembered (a new process)
+  reads the ``POSTGRES_OVERLAP`` ids below the watermark instead.
 - Runs serialise on a lock (an advisory transaction lock on PostgreSQL, which inserts do not
   wait for; the write lock on SQLite, held only to merge a chunk and move the watermark).
 - Pricing happens here (see ``pricing``): each hour is split where a price starts, so every
@@ -49,21 +55,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     ColumnElement,
     Table,
-    and_,
     case,
     cast,
+    column,
     delete,
     func,
     insert,
     literal,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 from sluicegate.accounting.periods import DAY, HOUR, floor_day, floor_hour
 from sluicegate.accounting.pricing import PriceTable
@@ -74,7 +83,8 @@ from sluicegate.threads import not_idle
 
 log = logging.getLogger("sluicegate.rollups")
 
-#: Ids rescanned below the watermark on PostgreSQL (see the module docstring).
+#: PostgreSQL: how far below the highest id read a missing id is still waited for, and how
+#: far below the watermark a run with nothing remembered reads (see the module docstring).
 POSTGRES_OVERLAP = 50_000
 #: Records aggregated per step of a SQLite catch-up (outside the write lock; see
 #: ``Rollups._catch_up_sqlite``).
@@ -129,6 +139,34 @@ class PurgeRun:
     raw_purged_before: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """PostgreSQL: how far a ``Rollups``' runs have read ``usage_records``. Every record with an
+    id up to ``upto`` that was visible to a run had its hour recomputed (or taken) after
+    that, except in ``gaps`` (inclusive ranges, the lowest first): ids no record had then."""
+
+    upto: int
+    gaps: tuple[tuple[int, int], ...]
+
+
+def _gaps_above(gaps: Iterable[tuple[int, int]], floor: int) -> list[tuple[int, int]]:
+    """The parts of ``gaps`` (inclusive ranges) above ``floor``."""
+    return [(max(lo, floor + 1), hi) for lo, hi in gaps if hi > floor]
+
+
+def _id_ranges(ranges: list[tuple[int, int]]) -> TableValuedAlias:
+    """PostgreSQL: ``ranges`` (inclusive) as a table ``(lo, hi)``: two array parameters, so
+    the statement stays the same size however many ranges there are."""
+    return (
+        func.unnest(
+            literal([lo for lo, _ in ranges], ARRAY(BigInteger)),
+            literal([hi for _, hi in ranges], ARRAY(BigInteger)),
+        )
+        .table_valued(column("lo", BigInteger), column("hi", BigInteger))
+        .render_derived(name="ranges")
+    )
+
+
 def _hour_of(conn: Connection) -> ColumnElement[Any]:
     ts = usage_records.c.ts
     if conn.dialect.name == "postgresql":
@@ -166,6 +204,9 @@ class Rollups:
         self.engine = engine
         self.prices = prices
         self.clock = clock or SystemClock()
+        #: PostgreSQL: what this object's runs read of ``usage_records`` (see
+        #: ``_catch_up_postgresql``); None until its first run.
+        self._read: _Read | None = None
 
     def __repr__(self) -> str:
         return f"<Rollups {self.engine.url.render_as_string(hide_password=True)}>"
@@ -179,47 +220,115 @@ class Rollups:
         return int(row.last_record_id), row.raw_purged_before
 
     def catch_up(self) -> RollupRun:
-        """Bring the rollups up to date with every record committed so far."""
+        """Bring the rollups up to date with every record committed so far (on PostgreSQL,
+        one that committed with its id ``POSTGRES_OVERLAP`` or more below the watermark
+        excepted: see the module docstring)."""
         if self.engine.dialect.name == "sqlite":
             return self._catch_up_sqlite()
+        return self._catch_up_postgresql()
+
+    def _catch_up_postgresql(self) -> RollupRun:
+        """PostgreSQL: recompute the hours of the records this object has not read yet: those
+        above the ids it read, and those that committed since in the gaps it left below (ids
+        handed out but not visible then). A record committing below the watermark is thus
+        counted by this object's next run, whether or not a newer record follows it.
+
+        Why remember the gaps, rather than rescan ``POSTGRES_OVERLAP`` ids below the
+        watermark on every run (as this did while there were new ids, and not at all when
+        there were none, so a late record waited for the next new id): probing the gaps costs
+        an index look-up per range of missing ids, a few in practice (records in flight, a
+        rolled-back batch, ids an ``ON CONFLICT`` skipped), while a rescan read 50,000 records
+        every run and recomputed every hour they fell into: days of hours for a quiet
+        ledger, every ten seconds. A run now reads only new ids and gaps, and recomputes only
+        the hours that got records.
+
+        Why in memory, not in ``rollup_state``: what a run may skip depends only on what the
+        same object read before, and nothing else needs it. A run with nothing remembered (a
+        new process, or another process moved the watermark ``POSTGRES_OVERLAP`` past what
+        this one read) reads the ids ``POSTGRES_OVERLAP`` below the watermark, as a run of
+        any process did before. Concurrent runs of one object may each store what they read;
+        either is true of what it read, so whichever is stored last is sound.
+
+        Exact, whatever the order: hours are recomputed from the raw records (idempotent); the
+        gaps are read in a statement before the one that finds the hours, so a record is
+        either recomputed after it was visible or still in a gap; hours before the horizon
+        are taken by ``_take_late`` instead, as before.
+        """
         started = time.monotonic()
         c = usage_records.c
+        read = self._read
         with self.engine.connect() as conn:
             watermark, purged = self._read_state(conn)
-            top = conn.execute(select(func.max(c.id))).scalar()
-            if top is None or int(top) <= watermark:
-                # No new id, but a record may have committed below the watermark for an hour
-                # before the horizon (an index probe, normally empty).
-                late = (
+            top = int(conn.execute(select(func.max(c.id))).scalar() or 0)
+            floor = max(watermark - POSTGRES_OVERLAP, 0)
+            if read is not None and read.upto > watermark:
+                read = None  # the watermark went back (restored database): start afresh
+            start = floor if read is None else max(read.upto, floor)
+            upto = max(start, top)
+            ranges = [] if read is None else _gaps_above(read.gaps, floor)
+            if upto > start:
+                ranges.append((start + 1, upto))
+            gaps: list[tuple[int, int]] = []
+            hours: list[int] = []
+            if ranges:
+                # Gaps first: a record that commits between the two statements is then in
+                # the hours (recomputed after it was visible) or still in a gap, never lost.
+                gaps = self._missing(conn, ranges)
+                hours = self._hours_in(conn, ranges)
+            # No new record, nothing late in a gap; but a record may have committed below the
+            # watermark for an hour before the horizon (an index probe, normally empty).
+            work = (
+                bool(hours)
+                or top > watermark
+                or (
                     purged is not None
-                    and conn.execute(select(c.id).where(c.ts < purged).limit(1)).first()
+                    and conn.execute(select(c.id).where(c.ts < purged).limit(1)).first() is not None
                 )
-                conn.rollback()
-                if late:
-                    with self.engine.connect() as conn:
-                        self._lock(conn)
-                        self._take_late(conn)
-                        conn.commit()
-                return RollupRun(0, 0, watermark, time.monotonic() - started)
-            top = int(top)
-            new_ids = and_(c.id > max(watermark - POSTGRES_OVERLAP, 0), c.id <= top)
-            hours = sorted(
-                int(h) for (h,) in conn.execute(select(_hour_of(conn)).where(new_ids).distinct())
             )
-        # Hours before the horizon are taken below instead (records of ids at or under the
-        # watermark included); ``_recompute`` checks the horizon again under the lock.
-        done, days = self._recompute(h for h in hours if purged is None or h >= purged)
-        with self.engine.connect() as conn:
-            self._lock(conn)
-            current, _ = self._read_state(conn)
-            self._take_late(conn)
-            conn.execute(
-                update(rollup_state)
-                .where(rollup_state.c.id == 1)
-                .values(last_record_id=max(current, top), updated_at=self.clock.now())
-            )
-            conn.commit()
-        return RollupRun(done, days, top, time.monotonic() - started)
+            conn.rollback()
+        done = days = 0
+        if work:
+            # Hours before the horizon are taken below instead (records of ids at or under
+            # the watermark included); ``_recompute`` checks the horizon again under the lock.
+            done, days = self._recompute(h for h in hours if purged is None or h >= purged)
+            with self.engine.connect() as conn:
+                self._lock(conn)
+                current, _ = self._read_state(conn)
+                self._take_late(conn)
+                watermark = max(current, top)
+                conn.execute(
+                    update(rollup_state)
+                    .where(rollup_state.c.id == 1)
+                    .values(last_record_id=watermark, updated_at=self.clock.now())
+                )
+                conn.commit()
+        self._read = _Read(upto, tuple(_gaps_above(gaps, upto - POSTGRES_OVERLAP)))
+        return RollupRun(done, days, watermark, time.monotonic() - started)
+
+    def _missing(self, conn: Connection, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """PostgreSQL: the ids of ``ranges`` (inclusive) no record has, as inclusive ranges:
+        an index-only pass over the ids, the lowest first."""
+        c = usage_records.c
+        r = _id_ranges(ranges)
+        present = select(r.c.lo, c.id).join_from(r, usage_records, c.id.between(r.c.lo, r.c.hi))
+        # One id past each range's end closes its last gap.
+        ids = union_all(present, select(r.c.lo, r.c.hi + 1)).subquery()
+        before = func.lag(ids.c.id, 1, ids.c.lo - 1).over(partition_by=ids.c.lo, order_by=ids.c.id)
+        steps = select(ids.c.id, before.label("before")).subquery()
+        query = (
+            select(steps.c.before + 1, steps.c.id - 1)
+            .where(steps.c.id > steps.c.before + 1)
+            .order_by(steps.c.before)
+        )
+        return [(int(a), int(b)) for a, b in conn.execute(query)]
+
+    def _hours_in(self, conn: Connection, ranges: list[tuple[int, int]]) -> list[int]:
+        """PostgreSQL: the hours of the records whose ids are in ``ranges`` (inclusive)."""
+        c = usage_records.c
+        r = _id_ranges(ranges)
+        hour = _hour_of(conn)
+        query = select(hour).join_from(r, usage_records, c.id.between(r.c.lo, r.c.hi)).distinct()
+        return sorted(int(h) for (h,) in conn.execute(query))
 
     def _catch_up_sqlite(self) -> RollupRun:
         """SQLite: add the records above the watermark to their hours, a chunk at a time.
