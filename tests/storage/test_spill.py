@@ -79,6 +79,26 @@ def test_a_torn_last_line_neither_swallows_later_records_nor_blocks_replay(
     ]
 
 
+def test_lines_that_are_json_but_no_record_are_moved_aside_not_retried(tmp_path: Path) -> None:
+    # Valid JSON whose values cannot be a record's: a number out of range for an integer
+    # column (int(1e400) raises OverflowError) and nesting too deep to decode (RecursionError).
+    # Raised out of the replay they were taken for a database failure, retried for ever, and
+    # the records around them never written.
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append([build_record(1)])
+    good = spill.path.read_bytes().strip()
+    huge = good.replace(b'"status":200', b'"status":1e400')
+    assert huge != good
+    nested = b'{"request_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with spill.path.open("ab") as f:
+        f.write(huge + b"\n" + nested + b"\n")
+    spill.append([build_record(2)])
+    replayed: list[UsageRecord] = []
+    assert spill.replay(replayed.extend) == 2
+    assert [r.request_id for r in replayed] == ["req-000001", "req-000002"]
+    assert spill.corrupt_path.read_bytes().splitlines() == [huge, nested]
+
+
 def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     spill = SpillFile(tmp_path / "spill.jsonl")
     barrier = threading.Barrier(4)

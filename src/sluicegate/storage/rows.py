@@ -160,8 +160,11 @@ def record_from_json(line: str) -> UsageRecord:
         if not isinstance(obj, dict):
             raise TypeError("not a JSON object")
         return record_from_row(obj)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"not a usage record: {exc}") from exc
+    # OverflowError: a number out of an integer column's range (``int(1e400)``);
+    # RecursionError: nesting too deep to decode. Either is a line that is no record, to be
+    # moved aside: raised as itself it would be taken for a database failure and retried.
+    except (KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise ValueError(f"not a usage record: {type(exc).__name__}") from exc
 
 
 def subscription_to_row(sub: Subscription) -> dict[str, Any]:
