@@ -96,9 +96,10 @@ class Gateway:
         self.limit_store: CounterStore = self._limit_store(config)
         self.limiter = Limiter(self.limit_store, self.clock)
         policies = {name: p.limits for name, p in self.runtime.products.items()}
-        self.admitter: Admitter | None = (
-            LimitsAdmitter(self.limiter, policies) if any(policies.values()) else None
-        )
+        # Always, even when no product has limits: a subscription's overrides can set some
+        # (and may be set at any time). Without product limits, a request of a subscription
+        # without overrides returns from admit() after two attribute reads.
+        self.admitter: Admitter | None = LimitsAdmitter(self.limiter, policies)
         self.routing_store: BackendStateStore | None = self._routing_store(config)
         self.router = router_for(
             self.runtime, self.clock, self.routing_store, _RoutingMetrics(self.metrics)

@@ -70,7 +70,8 @@ async def test_quota_message_names_the_renewal_in_the_quota_zone(
         token_quota=1000, token_quota_period="weekly", quota_timezone="Europe/Berlin"
     )
     clock.set(epoch("2024-03-07T10:00:00"))  # a Thursday
-    assert (await memory_limiter.admit([LimitRequest("owner:o", policy, 1000)])).allowed
+    used = await memory_limiter.admit([LimitRequest("owner:o", policy, 1000)])
+    await memory_limiter.settle(used.reservation, 1000)  # used, not in flight
     refused = await memory_limiter.admit([LimitRequest("owner:o", policy, 1)])
     assert refused.status == 403
     assert refused.reason == (

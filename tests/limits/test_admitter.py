@@ -4,6 +4,7 @@ ones)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -176,3 +177,50 @@ async def test_a_refusal_raises_with_the_limits_headers() -> None:
         await admitter.admit(ctx)
     assert refused.value.status == 429
     assert dict(refused.value.headers)["retry-after-ms"] == "5000"  # the first is in flight
+
+
+def _with_overrides(overrides: dict[str, Any], updated_at: float = 1.0) -> Subscription:
+    sub = _subscription()
+    return Subscription(
+        sub.id, sub.name, sub.owner, sub.product, sub.state,
+        sub.primary_key_hash, sub.secondary_key_hash, sub.primary_key_prefix,
+        sub.secondary_key_prefix, sub.created_at, updated_at, overrides=overrides,
+    )  # fmt: skip
+
+
+async def test_without_product_limits_only_overrides_ask_for_work() -> None:
+    """A gateway whose products have no limits still admits through the admitter (the
+    overrides of any subscription may set some). A subscription without overrides costs
+    nothing: no plan is worked out (the cache stays empty) and nothing is reserved."""
+    admitter = LimitsAdmitter(Limiter(MemoryStore(), FakeClock()), {"p": ()})
+    ctx = _context(SMALL)
+    await admitter.admit(ctx)
+    assert ctx.admission is None and admitter._cache == {}
+    ctx = _context(SMALL)
+    ctx.subscription = _with_overrides({"limits": {"tokens_per_minute": 20}})
+    await admitter.admit(ctx)
+    assert ctx.admission is not None
+    assert dict(ctx.admission.headers())["x-ratelimit-limit-tokens"] == "20"
+    with pytest.raises(GatewayError) as refused:
+        await admitter.admit(ctx)
+    assert (refused.value.status, refused.value.code) == (429, "TokenRateLimitExceeded")
+
+
+async def test_an_invalid_override_falls_back_to_the_products_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once per subscription version: the plan is cached under it."""
+    product = LimitPolicy(tokens_per_minute=1000)
+    admitter = _admitter(product)
+    typo = _with_overrides({"limits": {"tokens_per_minute": "lots"}})
+    assert admitter.policies_for(typo) == (product,)
+    assert admitter.policies_for(typo) == (product,)
+    assert len(caplog.records) == 1
+    assert caplog.records[0].levelno == logging.WARNING
+    assert "tokens_per_minute: Input should be a valid integer" in caplog.records[0].getMessage()
+    changed = _with_overrides({"limits": {"tokens_per_minute": "lots"}}, updated_at=2.0)
+    assert admitter.policies_for(changed) == (product,)
+    assert len(caplog.records) == 2
+    fixed = _with_overrides({"limits": {"tokens_per_minute": 50}}, updated_at=3.0)
+    assert admitter.policies_for(fixed) == (LimitPolicy(tokens_per_minute=50),)
+    assert len(caplog.records) == 2

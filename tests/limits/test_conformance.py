@@ -220,7 +220,7 @@ async def test_quota_refuses_with_403_until_the_month_renews(
 ) -> None:
     policy = LimitPolicy(token_quota=1000, token_quota_period="monthly")
     clock.set(epoch("2024-01-31T23:59:50"))
-    assert (await admit(limiter, 800, policy)).allowed
+    assert (await use(limiter, 800, policy)).allowed
     refused = await admit(limiter, 300, policy)
     assert refused.status == 403
     assert refused.code == "TokenQuotaExceeded"
@@ -261,7 +261,7 @@ async def test_quota_period_edges(
         {"token_quota": 100, "token_quota_period": period, "quota_timezone": timezone}
     )
     clock.set(epoch(full_at))
-    assert (await admit(limiter, 100, policy)).allowed
+    assert (await use(limiter, 100, policy)).allowed
     refused = await admit(limiter, 1, policy)
     assert refused.status == 403
     assert refused.retry_after_s == pytest.approx(epoch(renews_at) - epoch(full_at))
@@ -295,7 +295,7 @@ async def test_several_limits_are_reserved_all_or_none(limiter: Limiter) -> None
 
 async def test_quota_refusal_wins_over_rate_refusal(limiter: Limiter) -> None:
     policy = LimitPolicy(tokens_per_minute=1000, token_quota=1500, token_quota_period="daily")
-    assert (await admit(limiter, 1000, policy)).allowed
+    assert (await use(limiter, 1000, policy)).allowed
     refused = await admit(limiter, 600, policy)
     assert refused.status == 403 and refused.code == "TokenQuotaExceeded"
 

@@ -39,14 +39,17 @@ async def test_redis_keys_carry_ttls(
     start_ms, end_ms = period_bounds("hourly", clock.now())
     assert keys == [
         f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}",
+        f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}:held",  # the reservation in flight
         f"{redis_prefix}sub:ttl:rpm",
         f"{redis_prefix}sub:ttl:tpm",
     ]
-    for key in keys[1:]:
+    for key in keys[2:]:
         assert 61_000 < await redis_client.pttl(key) <= 62_000  # 61 buckets + one
     quota_ttl = await redis_client.pttl(keys[0])
     expected = end_ms + FIXED_GRACE_MS - int(clock.now() * 1000)
     assert expected - 1000 < quota_ttl <= expected
+    held_ttl = 660_000  # ten minutes in flight, and one (QUOTA_HELD_WINDOW_MS + _BUCKET_MS)
+    assert held_ttl - 1000 < await redis_client.pttl(keys[1]) <= held_ttl
 
 
 async def _stored_keys(client: aioredis.Redis, prefix: str) -> list[str]:
@@ -74,7 +77,8 @@ async def test_redis_refusals_leave_no_key_without_a_ttl(
     )
     too_large = await limiter.admit([LimitRequest("ip:203.0.113.7", rates, 1001)])
     assert too_large.status == 429 and too_large.code == "TokenRequestTooLarge"
-    assert (await limiter.admit([LimitRequest("sub:over", quota, 100)])).allowed
+    used = await limiter.admit([LimitRequest("sub:over", quota, 100)])
+    await limiter.settle(used.reservation, 100)  # no longer in flight: its held key goes
     # The quota is used up; its rate counters do not exist (as once they have expired).
     over = await limiter.admit([LimitRequest("sub:over", both, 10)])
     assert over.status == 403 and over.code == "TokenQuotaExceeded"

@@ -7,6 +7,11 @@ Pure data and pure functions; no I/O. :func:`decide` turns a store's answer into
 * a token quota is exhausted → **403** ``TokenQuotaExceeded`` (quota wins over rate limits,
   since waiting a minute would not help), ``Retry-After`` until the period renews and
   ``x-should-retry: false``;
+* a token quota is full only because of reservations of requests still in progress (the
+  usage settled so far leaves room for this request) → **429** ``TokenQuotaInFlight`` with
+  ``Retry-After`` :data:`IN_FLIGHT_RETRY_MS`: those requests settle to their real usage
+  within seconds, usually far below their estimates. It binds like a rate refusal (a
+  longer rate wait wins); an exhausted quota still wins over everything;
 * a TPM or RPM window is full → **429** ``TokenRateLimitExceeded`` /
   ``RequestRateLimitExceeded`` with ``Retry-After`` (whole seconds, rounded up) and
   ``retry-after-ms``: when the oldest buckets free enough room for *this* request, at most
@@ -42,6 +47,10 @@ SHOULD_RETRY_HEADER = "x-should-retry"
 CODE_TOKENS = "TokenRateLimitExceeded"
 CODE_REQUESTS = "RequestRateLimitExceeded"
 CODE_QUOTA = "TokenQuotaExceeded"
+#: A quota held by reservations of requests in progress (429): not the rate limits' codes,
+#: so that logs and the ledger tell it from a TPM refusal, and not TokenQuotaExceeded, which
+#: means "until the period renews" to a client.
+CODE_QUOTA_IN_FLIGHT = "TokenQuotaInFlight"
 CODE_TOO_LARGE = "TokenRequestTooLarge"
 CODE_UNAVAILABLE = "LimitStoreUnavailable"
 
@@ -51,8 +60,8 @@ MAX_RETRY_AFTER_MS = 60_000
 that, burning its retries; a 61-bucket window can ask for up to 61 s."""
 
 IN_FLIGHT_RETRY_MS = 5_000
-"""The wait a TPM refusal advertises when the shortfall is held by reservations of requests
-still in progress, which settle to their real usage when they end. 5 s: a non-streamed
+"""The wait a TPM (or quota) refusal advertises when the shortfall is held by reservations of
+requests still in progress, which settle to their real usage when they end. 5 s: a non-streamed
 completion of a few hundred tokens takes seconds, so with openai-python's default of two
 retries a client keeps trying for 10 s, long enough for typical requests in flight to end;
 a shorter wait spends the client's retries before they can, a longer one goes back towards
@@ -74,7 +83,8 @@ class LimitStatus:
     retry_after_ms: int
     period_end_ms: int = 0
     #: On a refusal whose wait is short because of reservations in flight: how many tokens
-    #: requests in progress hold in the window (else 0).
+    #: requests in progress hold in the window or quota (else 0). A quota refusal with it is
+    #: a 429 (:data:`CODE_QUOTA_IN_FLIGHT`), not a 403.
     in_flight: int = 0
 
     @property
@@ -134,9 +144,10 @@ def _label(request: LimitRequest) -> str:
 class Admission:
     """The limiter's decision for one request.
 
-    ``status`` is 200 when allowed, else 429 (rate), 403 (quota) or 503 (store unavailable,
-    fail-closed). ``code`` and ``reason`` are for the error body; ``headers()`` lists the
-    headers to add to the response (also when allowed). ``reservation`` is set when allowed.
+    ``status`` is 200 when allowed, else 429 (rate, or a quota held by requests in
+    progress), 403 (quota exhausted) or 503 (store unavailable, fail-closed). ``code`` and
+    ``reason`` are for the error body; ``headers()`` lists the headers to add to the
+    response (also when allowed). ``reservation`` is set when allowed.
     """
 
     allowed: bool
@@ -233,6 +244,14 @@ def _refusal(status: LimitStatus, now_ms: int) -> tuple[int, str, str, bool]:
                 "(or max_completion_tokens) or ask for a larger quota."
             )
             return 403, CODE_TOO_LARGE, reason, False
+        if status.in_flight:
+            reason = (
+                f"Token quota of {status.limit} tokens per {noun} for {label} is held by "
+                f"requests still in progress ({status.in_flight} tokens reserved until they "
+                "end); the usage settled so far leaves room for this request: retry after "
+                f"{_duration(status.retry_after_ms)}."
+            )
+            return 429, CODE_QUOTA_IN_FLIGHT, reason, True
         reason = (
             f"Token quota of {status.limit} tokens per {noun} is exhausted for {label}; "
             f"it renews at {renews} (in {_duration(status.period_end_ms - now_ms)})."
@@ -269,7 +288,8 @@ def decide(
     if allowed:
         return Admission(True, 200, None, "", 0.0, reservation, statuses)
     refused = [status for status in statuses if status.refused]
-    quotas = [status for status in refused if status.kind == "quota"]
+    # An exhausted quota wins; one held by requests in progress competes with the rates.
+    quotas = [status for status in refused if status.kind == "quota" and not status.in_flight]
     candidates = quotas or refused
     never = [status for status in candidates if status.retry_after_ms == NEVER]
     binding = never[0] if never else max(candidates, key=lambda status: status.retry_after_ms)

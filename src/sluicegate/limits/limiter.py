@@ -22,7 +22,9 @@ The wait a refusal advertises (``Retry-After``, ``retry-after-ms``) for a TPM or
 when enough buckets leave it, with two exceptions (:func:`_advertise`): never more than
 :data:`~sluicegate.limits.admission.MAX_RETRY_AFTER_MS` (60 s), and only
 :data:`~sluicegate.limits.admission.IN_FLIGHT_RETRY_MS` when reservations of requests still
-in progress could cover the shortfall once they settle.
+in progress could cover the shortfall once they settle. A quota waits until its period
+renews, unless reservations in progress cover its shortfall: then it too is a short wait
+(a 429, not a 403: see :mod:`sluicegate.limits.admission`).
 """
 
 from __future__ import annotations
@@ -289,8 +291,11 @@ class Limiter:
                     adjustments.append(
                         Adjustment(charge.name, "sliding", charge.slot, delta, charge.amount)
                     )
-            elif delta != 0:
-                adjustments.append(Adjustment(charge.name, charge.kind, charge.slot, delta))
+            elif delta != 0 or charge.amount:
+                # A quota's reservation is in flight too (its minute is the slot).
+                adjustments.append(
+                    Adjustment(charge.name, charge.kind, charge.slot, delta, charge.amount)
+                )
         if not adjustments:
             return
         if self._sync is not None:
@@ -358,6 +363,11 @@ def _advertise(
       completion budget of 1,024 tokens against a reply of a few hundred): the wait is
       :data:`IN_FLIGHT_RETRY_MS` if shorter than the buckets' expiry. Settles never refuse,
       so a retry that comes too early is refused again, cheaply, and told again.
+    * A quota: until its period renews, unless its reservations in progress (those of the
+      last minutes, :data:`~sluicegate.limits.store.QUOTA_HELD_WINDOW_MS`) are at least
+      the shortfall, i.e. the usage settled so far leaves room for this request: then
+      :data:`IN_FLIGHT_RETRY_MS` (or the renewal, if sooner) and ``in_flight`` is set,
+      which makes it a 429 (:func:`~sluicegate.limits.admission.decide`).
     * At most :data:`MAX_RETRY_AFTER_MS`: a window of 61 buckets can hold a charge up to
       61 s, and openai-python ignores a Retry-After over 60 s (then retrying after its own
       short backoff). A retry at 60 s that is still too early gets the last second.
@@ -366,12 +376,19 @@ def _advertise(
     for index, bind in enumerate(shape.binds):
         status = statuses[index]
         retry = status.retry_after_ms
-        if retry <= 0 or specs[bind.counter].kind != "sliding":
-            continue  # room, too large for any wait, or a quota (until its period renews)
+        if retry <= 0:
+            continue  # room, or too large for any wait
         state = states[bind.counter]
         counter = counters[bind.counter]
+        # Positive (a refusal with a wait): settles could free it when pending covers it.
         shortfall = state.used + max(counter.cost, 1) - counter.limit
-        if state.pending >= shortfall and retry > IN_FLIGHT_RETRY_MS:
+        held = state.pending >= shortfall
+        if specs[bind.counter].kind != "sliding":
+            if held:  # the settled usage leaves room: a short wait, not the period's end
+                status.retry_after_ms = min(retry, IN_FLIGHT_RETRY_MS)
+                status.in_flight = state.pending
+            continue
+        if held and retry > IN_FLIGHT_RETRY_MS:
             retry = IN_FLIGHT_RETRY_MS
             status.in_flight = state.pending
         status.retry_after_ms = min(retry, MAX_RETRY_AFTER_MS)

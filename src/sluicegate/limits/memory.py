@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from sluicegate.limits.store import (
     FIXED_GRACE_MS,
     NEVER,
+    QUOTA_HELD_BUCKET_MS,
+    QUOTA_HELD_BUCKETS,
     Adjustment,
     Counter,
     CounterState,
@@ -61,11 +63,51 @@ class _Sliding:
 
 
 class _Fixed:
-    __slots__ = ("expires_ms", "used")
+    """A quota's count, and ``held``: minute of admission -> what admissions of that minute
+    reserved and have not settled yet (``None`` until the first reservation; see
+    :mod:`sluicegate.limits.store`)."""
+
+    __slots__ = ("expires_ms", "held", "used")
 
     def __init__(self, expires_ms: int) -> None:
         self.used = 0
         self.expires_ms = expires_ms
+        self.held: dict[int, int] | None = None
+
+    def hold(self, minute: int, amount: int) -> None:
+        held = self.held
+        if held is None:
+            held = self.held = {}
+        known = held.get(minute)
+        if known is not None:
+            held[minute] = known + amount
+            return
+        # A new minute (about once a minute): forget what is too old to be in flight, the
+        # reservations whose settle was lost, so that the dict stays small.
+        oldest = minute - QUOTA_HELD_BUCKETS + 1
+        for old in [index for index in held if index < oldest]:
+            del held[old]
+        held[minute] = amount
+
+    def release(self, minute: int, amount: int) -> None:
+        held = self.held
+        if held is None:
+            return
+        known = held.get(minute)
+        if known is None:
+            return
+        left = known - amount
+        if left > 0:
+            held[minute] = left
+        else:
+            del held[minute]
+
+    def pending(self, now_ms: int) -> int:
+        """What the last minutes hold in reservations not yet settled (for a refusal only)."""
+        if not self.held:
+            return 0
+        oldest = now_ms // QUOTA_HELD_BUCKET_MS - QUOTA_HELD_BUCKETS + 1
+        return sum([amount for index, amount in self.held.items() if index >= oldest])
 
 
 class MemoryStore:
@@ -135,7 +177,8 @@ class MemoryStore:
                     if fixed is None:
                         fixed = fixed_map[counter.name] = _Fixed(counter.end_ms + FIXED_GRACE_MS)
                     windows.append(fixed)
-                    used, slot = fixed.used, 0
+                    used = fixed.used
+                    slot = now_ms // QUOTA_HELD_BUCKET_MS if counter.reserve else 0
                     if used + need <= limit:
                         retry = 0
                     elif need > limit:
@@ -149,7 +192,12 @@ class MemoryStore:
                 states: list[CounterState] = []
                 for index, (used, retry, slot) in enumerate(found):
                     window = windows[index]
-                    pending = window.pending() if retry > 0 and isinstance(window, _Sliding) else 0
+                    if retry <= 0:
+                        pending = 0
+                    elif isinstance(window, _Sliding):
+                        pending = window.pending()
+                    else:
+                        pending = window.pending(now_ms) if counters[index].reserve else 0
                     states.append(CounterState(used, retry, slot, pending))
                 return StoreResult(False, tuple(states), self.origin)
             charged: list[CounterState] = []
@@ -173,7 +221,10 @@ class MemoryStore:
                     charged.append(CounterState(window.total, 0, slot))
                 else:
                     window.used += cost
-                    charged.append(CounterState(window.used, 0, 0))
+                    slot = found[index][2]
+                    if counter.reserve and cost:
+                        window.hold(slot, cost)
+                    charged.append(CounterState(window.used, 0, slot))
             return StoreResult(True, tuple(charged), self.origin)
 
     def adjust_sync(self, adjustments: Sequence[Adjustment], origin: str) -> None:
@@ -198,6 +249,8 @@ class MemoryStore:
                     fixed = self._fixed.get(adjustment.name)
                     if fixed is not None:
                         fixed.used = max(fixed.used + adjustment.delta, 0)
+                        if adjustment.reserved:
+                            fixed.release(adjustment.slot, adjustment.reserved)
 
     def _sweep(self, now_ms: int) -> None:
         """Drop counters with nothing left in their window (the in-memory "TTL")."""

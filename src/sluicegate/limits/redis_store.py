@@ -4,10 +4,12 @@ The scripts live in ``limits/lua/`` (``admit.lua``, ``adjust.lua``) and are run 
 EVALSHA, the calls of one event-loop turn sharing one pipeline (``limits/redis_batch.py``;
 scripts are re-loaded automatically after a Redis restart). Keys are
 ``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
-window + one bucket, quota counters are integers expiring at period end + grace, so every
-key expires on its own (so does ``{prefix}batch:…``, a batch's replies kept a few seconds for
-a resend: ``limits/redis_batch.py``). All keys of one admission are touched by one script, so on
-a Redis Cluster they must share a hash slot: put a hash tag in the prefix (``"{sg}:limits:"``).
+window + one bucket, quota counters are integers expiring at period end + grace (with, beside
+each, ``…:held``, a hash of its reservations in flight by minute, expiring 11 minutes after
+the last), so every key expires on its own (so does ``{prefix}batch:…``, a batch's replies
+kept a few seconds for a resend: ``limits/redis_batch.py``). All keys of one admission are
+touched by one script, so on a Redis Cluster they must share a hash slot: put a hash tag in
+the prefix (``"{sg}:limits:"``).
 
 Time: the gateway's injected clock is passed to the scripts (see ``admit.lua`` for why).
 
@@ -45,6 +47,8 @@ from sluicegate.limits.memory import MemoryStore
 from sluicegate.limits.redis_batch import BatchStats, ScriptBatcher
 from sluicegate.limits.store import (
     FIXED_GRACE_MS,
+    QUOTA_HELD_BUCKET_MS,
+    QUOTA_HELD_BUCKETS,
     Adjustment,
     Counter,
     CounterState,
@@ -57,6 +61,10 @@ logger = logging.getLogger(__name__)
 FailMode = Literal["open", "closed"]
 REDIS_ORIGIN = "redis"
 FALLBACK_ORIGIN = "fallback"
+#: A quota's reservations in flight are a hash of their own, ``{prefix}{counter name}`` and
+#: this (``admit.lua``). No counter's name ends so (they end in ``:tpm``, ``:rpm`` or the
+#: quota period's start).
+HELD_SUFFIX = ":held"
 
 
 def _script(name: str) -> str:
@@ -153,14 +161,19 @@ class RedisStore:
     async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
         if not self._should_try_redis():
             return self._while_down(counters, now_ms)
-        args: list[Any] = [now_ms, FIXED_GRACE_MS]
+        prefix = self.prefix
+        keys = [prefix + counter.name for counter in counters]
+        args: list[Any] = [now_ms, FIXED_GRACE_MS, QUOTA_HELD_BUCKET_MS, QUOTA_HELD_BUCKETS]
         for counter in counters:
             if counter.kind == "sliding":
                 kind = "r" if counter.reserve else "s"  # "r": kept in flight (admit.lua)
                 args += [kind, counter.limit, counter.cost, counter.window_ms, counter.bucket_ms]
             else:
-                args += ["f", counter.limit, counter.cost, counter.end_ms, 0]
-        keys = [self.prefix + counter.name for counter in counters]
+                held = 0
+                if counter.reserve:  # its reservations in flight: a key after the counters'
+                    keys.append(prefix + counter.name + HELD_SUFFIX)
+                    held = len(keys)
+                args += ["f", counter.limit, counter.cost, counter.end_ms, held]
         try:
             reply = await self._scripts.call("admit", keys, args)
         except RedisError as exc:
@@ -193,11 +206,22 @@ class RedisStore:
         if not self._should_try_redis():
             self.stats.dropped_adjustments += len(adjustments)
             return
-        keys = [self.prefix + adjustment.name for adjustment in adjustments]
+        prefix = self.prefix
+        keys: list[str] = []
         args: list[Any] = []
         for adjustment in adjustments:
-            kind = "s" if adjustment.kind == "sliding" else "f"
-            args += [kind, adjustment.slot, adjustment.delta, adjustment.reserved]
+            if adjustment.kind == "sliding":
+                keys.append(prefix + adjustment.name)
+                args += ["s", adjustment.slot, adjustment.delta, adjustment.reserved]
+                continue
+            if adjustment.delta:
+                keys.append(prefix + adjustment.name)
+                args += ["f", adjustment.slot, adjustment.delta, 0]
+            if adjustment.reserved:  # no longer in flight: off the quota's held key
+                keys.append(prefix + adjustment.name + HELD_SUFFIX)
+                args += ["h", adjustment.slot, 0, adjustment.reserved]
+        if not keys:
+            return
         try:
             await self._scripts.call("adjust", keys, args)
         except RedisError as exc:

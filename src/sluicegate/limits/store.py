@@ -26,6 +26,11 @@ Window maths, shared by both (all times are integer epoch milliseconds from the 
   requests in progress settle, not only when buckets leave the window. The amount in flight
   leaves with its bucket, so a reservation never settled (a lost request) is forgotten
   with the window like any charge.
+* **In flight, quotas**: a fixed counter whose cost is a reservation keeps the same, per
+  minute of admission (:data:`QUOTA_HELD_BUCKET_MS`; the counter's ``slot`` is that minute's
+  index), and a refused one reports, as ``pending``, what the minutes of the last
+  :data:`QUOTA_HELD_WINDOW_MS` hold. A quota has no window for them to leave with, so this
+  bounds how long a reservation never settled can pass for one in progress.
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ FIXED_GRACE_MS = 600_000
 
 NEVER = -1
 """``retry_after_ms`` of a counter whose cost exceeds its whole limit: waiting cannot help."""
+
+
+QUOTA_HELD_BUCKET_MS = 60_000
+"""A quota counter keeps what is reserved in flight per minute of admission."""
+
+QUOTA_HELD_WINDOW_MS = 600_000
+"""How long a quota's reservation counts as in flight at most (9 to 10 minutes: whole
+minutes of admission). A request in progress for longer (a very long stream) is taken as
+used up for a refusal's answer, as is a reservation whose settle was lost (the process
+died, Redis was unreachable): the quota then answers "exhausted" again instead of "held by
+requests in progress" until its period renews. Long enough for nearly every request (a
+backend's first byte times out after 2 min by default), short enough that a lost settle
+misleads clients for minutes, not for the rest of a month."""
+
+QUOTA_HELD_BUCKETS = QUOTA_HELD_WINDOW_MS // QUOTA_HELD_BUCKET_MS
 
 
 class LimitsError(Exception):
@@ -66,8 +86,8 @@ class Counter:
 
     ``name`` identifies the counter in the store (the store adds its own prefix). Sliding
     counters use ``window_ms`` and ``bucket_ms``; fixed counters use ``end_ms``. ``reserve``:
-    the cost is a reservation that an adjustment will settle (a tokens counter): a sliding
-    counter keeps it as in flight until then (module docstring); ignored for fixed counters.
+    the cost is a reservation that an adjustment will settle (a tokens counter, a quota): the
+    counter keeps it as in flight until then (module docstring).
     """
 
     name: str
@@ -89,10 +109,11 @@ class CounterState:
     ``used`` is the count after the charge when admitted, else the count found.
     ``retry_after_ms`` is 0 when this counter had room, :data:`NEVER` when the cost exceeds
     the whole limit, else how long until buckets leave the window and free enough room
-    (in-flight reservations aside). ``slot`` is the bucket charged (sliding) or 0 (fixed),
-    needed to adjust the same window later. ``pending``: for a sliding counter refused with a
+    (in-flight reservations aside). ``slot`` is the bucket charged (sliding), the minute of
+    admission (a fixed counter with ``reserve``) or 0 (another fixed counter), needed to
+    adjust the same window later. ``pending``: for a counter with reservations refused with a
     wait (``retry_after_ms > 0``), how much of ``used`` is reserved by admissions not settled
-    yet; 0 otherwise.
+    yet (for a quota, by those of the last :data:`QUOTA_HELD_WINDOW_MS`); 0 otherwise.
     """
 
     used: int
@@ -124,8 +145,9 @@ class Adjustment:
 
     Only the window that was charged is touched (``slot`` for sliding counters); a window
     that has expired meanwhile is left alone. Counters never go below zero. ``reserved``:
-    what the admission reserved in that window, no longer in flight after this adjustment
-    (a settle or release of a sliding counter's reservation; 0 for anything else).
+    what the admission reserved in that window (``slot``: its bucket, or its minute for a
+    quota), no longer in flight after this adjustment (a settle or release of a
+    reservation; 0 for anything else).
     """
 
     name: str

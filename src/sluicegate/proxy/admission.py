@@ -4,7 +4,13 @@ arrival, settle (or release) when the response has ended.
 Policies come from the subscription's product (one policy or a list of them, each with its own
 counter key) with the subscription's overrides applied to the policies counted per
 subscription. The merged policies are cached per subscription version, so the request path
-does no validation work.
+does no validation work. A subscription's overrides apply even when its product has no limits
+(the gateway always builds the admitter); a subscription without overrides under a product
+without limits costs the request path two attribute reads. An invalid override (a wrong type,
+an unknown field, an invalid combination: stored data the admin API did not check) is
+ignored, with a warning once per subscription version: the product's policy applies as if
+the subscription had no override. Failing the requests (the 500 this was) would lock a team
+out for an administrator's typo; the product's limits still hold.
 
 The prompt is counted on the event loop for bodies up to :data:`INLINE_COUNT_BYTES` (almost
 every request: a chat of a few KB costs well under a millisecond, mostly from caches) and in
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from sluicegate.accounting.records import Outcome
 from sluicegate.auth.subscriptions import Subscription
@@ -84,6 +91,8 @@ class LimitsAdmitter:
     ) -> None:
         self.limiter = limiter
         self.product_policies = product_policies
+        #: Whether any product has a policy; if none has, only overrides can ask for work.
+        self._any_product_policy = any(product_policies.values())
         self._cache: dict[tuple[str, float], _Plan] = {}
 
     def policies_for(self, sub: Subscription) -> tuple[LimitPolicy, ...]:
@@ -97,14 +106,7 @@ class LimitsAdmitter:
             return cached
         base = self.product_policies.get(sub.product, ())
         overrides = sub.overrides.get("limits") if isinstance(sub.overrides, dict) else None
-        if overrides:
-            per_sub = [p for p in base if p.counter_key == "subscription"]
-            if per_sub:
-                merged = tuple(merge(p, overrides) if p is per_sub[0] else p for p in base)
-            else:
-                merged = (*base, merge(None, overrides))
-        else:
-            merged = base
+        merged = _merged(base, overrides, sub) if overrides else base
         merged = tuple(p for p in merged if p.has_limits or p.max_tokens_ceiling is not None)
         plan = _Plan(
             merged,
@@ -132,6 +134,8 @@ class LimitsAdmitter:
     async def admit(self, ctx: RequestContext) -> None:
         sub = ctx.subscription
         assert sub is not None
+        if not self._any_product_policy and not sub.overrides:
+            return  # nothing to do, and no allocation (not even the plan's cache key)
         plan = self._plan(sub)
         if not plan.policies:
             return
@@ -205,6 +209,40 @@ class LimitsAdmitter:
             await self.limiter.release(admission.reservation)
         # Otherwise (a success without usage, e.g. a backend that reports none) the estimate
         # stays charged: the safe side for a limit.
+
+
+def _merged(
+    base: tuple[LimitPolicy, ...], overrides: object, sub: Subscription
+) -> tuple[LimitPolicy, ...]:
+    """The product's policies with the subscription's limits override merged into its first
+    policy counted per subscription (added as a policy of its own when it has none); the
+    product's policies unchanged, with a warning, when the override is invalid."""
+    try:
+        if not isinstance(overrides, dict):
+            raise TypeError(f"a JSON object is expected, not {type(overrides).__name__}")
+        per_sub = [p for p in base if p.counter_key == "subscription"]
+        if per_sub:
+            return tuple(merge(p, overrides) if p is per_sub[0] else p for p in base)
+        return (*base, merge(None, overrides))
+    except (ValidationError, TypeError) as exc:
+        # Once per subscription version: the plan is cached under it. Field names and
+        # pydantic's messages only, never the values (nor, of course, any key).
+        problems = (
+            "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'limits'}: {error['msg']}"
+                for error in exc.errors(include_url=False, include_input=False)
+            )
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        log.warning(
+            "subscription %s (product %s): its limits override is invalid and ignored, the "
+            "product's limits apply (%s)",
+            sub.id,
+            sub.product,
+            problems,
+        )
+        return base
 
 
 def _counter_key(policy: LimitPolicy, sub: Subscription, client_ip: str | None) -> str:

@@ -6,9 +6,12 @@
 -- with its bucket, and "reserved" comes off the bucket's amount in flight ("p<slot>",
 -- admit.lua), which is deleted at zero.
 --
+-- A quota's reservation comes off its held key (admit.lua) as an adjustment of its own, kind
+-- "h": the field of its minute of admission ("slot"), deleted at zero, never re-created.
+--
 -- KEYS[i]  one key per adjustment
--- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f"), slot, delta,
--- reserved (what the settled admission reserved in the bucket; 0 for "f")
+-- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f" | "h"), slot,
+-- delta, reserved (what the settled admission reserved in the bucket or minute; 0 for "f")
 
 for i = 1, #KEYS do
   local base = 1 + (i - 1) * 4
@@ -46,6 +49,15 @@ for i = 1, #KEYS do
       redis.call("HSET", KEYS[i], unpack(writes))
       if delete_held then
         redis.call("HDEL", KEYS[i], held_field)
+      end
+    end
+  elseif kind == "h" then
+    local held = tonumber(redis.call("HGET", KEYS[i], field))
+    if held ~= nil then
+      if held > reserved then
+        redis.call("HSET", KEYS[i], field, held - reserved)
+      else
+        redis.call("HDEL", KEYS[i], field)
       end
     end
   elseif redis.call("EXISTS", KEYS[i]) == 1 then

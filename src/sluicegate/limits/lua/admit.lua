@@ -15,6 +15,13 @@
 -- with requests in progress. A refusal reports the live buckets' total (sluicegate/limits/
 -- store.py: CounterState.pending).
 --
+-- In flight, quotas: a quota whose cost is a reservation names a hash of its own among the
+-- keys (its "held" key, KEYS[held]), minute of admission -> the amount reserved and not yet
+-- settled (adjust.lua takes settled reservations off, deleting a field at zero). Only the
+-- last held_n minutes count as in flight; older fields (settles that were lost) are deleted
+-- when a minute's field is created and when a refusal reads the hash. Its TTL is
+-- (held_n + 1) minutes from the last reservation.
+--
 -- Every key the script writes has a TTL when it returns, admitted or refused (window +
 -- bucket for a sliding counter, the period's end + grace for a quota): no key outlives its
 -- counter.
@@ -24,30 +31,57 @@
 -- clock. Gateways must keep their clocks in sync (NTP); skew only moves a charge between
 -- adjacent one-second buckets.
 --
--- KEYS[i]  one key per counter (distinct)
+-- KEYS[i]  one key per counter (distinct), i = 1..n; then the quotas' held keys
 -- ARGV[1]  now_ms
 -- ARGV[2]  grace_ms: how long a fixed (quota) counter outlives its period
--- then 5 values per counter i, from ARGV[3 + (i-1)*5]:
+-- ARGV[3]  held_ms: a quota's minute of reservations in flight (60000)
+-- ARGV[4]  held_n: how many of those minutes count as in flight
+-- then 5 values per counter i, from ARGV[5 + (i-1)*5]:
 --   kind ("s" sliding | "r" sliding, the cost a reservation | "f" fixed), limit, cost,
---   sliding: window_ms, bucket_ms      fixed: end_ms, 0
+--   sliding: window_ms, bucket_ms
+--   fixed:   end_ms, held (the index in KEYS of its held key; 0: the cost is no reservation)
 --
 -- Returns {allowed, used_1..used_n, retry_1..retry_n, slot_1..slot_n}, and when refused
 -- (allowed = 0) pending_1..pending_n after them:
 --   used:    count after the charge when allowed, else the count found
 --   retry:   0 = room, -1 = cost exceeds the whole limit, else ms until buckets free room
---   slot:    bucket index charged (sliding) or 0 (fixed)
---   pending: for a sliding counter refused with a wait, its live buckets' amounts in flight
---            (reserved, not settled); else 0
+--   slot:    bucket index charged (sliding), minute of admission (fixed with a held key)
+--            or 0 (fixed)
+--   pending: for a counter with reservations refused with a wait, its amounts in flight
+--            (reserved, not settled: the live buckets', the last held_n minutes'); else 0
 
 local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
-local n = #KEYS
+local held_ms = tonumber(ARGV[3])
+local held_n = tonumber(ARGV[4])
+local n = (#ARGV - 4) / 5
 local used, retry, slot, kinds, costs, ttls, pending = {}, {}, {}, {}, {}, {}, {}
+local helds = {}  -- a quota's held key, when its cost is a reservation
 local wrote = {}  -- counters whose hash this call wrote before deciding (see the refusal)
 local allowed = 1
 
+-- A quota's amounts in flight of the minutes from `oldest` on; fields of older minutes
+-- (reservations whose settle was lost) are deleted.
+local function held_since(key, oldest)
+  local flat = redis.call("HGETALL", key)
+  local total = 0
+  local dead = {}
+  for j = 1, #flat, 2 do
+    local index = tonumber(flat[j])
+    if index ~= nil and index >= oldest then
+      total = total + tonumber(flat[j + 1])
+    else
+      dead[#dead + 1] = flat[j]
+    end
+  end
+  if #dead > 0 then
+    redis.call("HDEL", key, unpack(dead))
+  end
+  return total
+end
+
 for i = 1, n do
-  local base = 3 + (i - 1) * 5
+  local base = 5 + (i - 1) * 5
   local kind = ARGV[base]
   local limit = tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])
@@ -165,9 +199,14 @@ for i = 1, n do
     end
   else
     local end_ms = tonumber(ARGV[base + 3])
+    local held = tonumber(ARGV[base + 4])
     local total = tonumber(redis.call("GET", KEYS[i]) or "0")
     used[i] = total
     slot[i] = 0
+    if held > 0 then
+      helds[i] = KEYS[held]
+      slot[i] = math.floor(now / held_ms)
+    end
     ttls[i] = math.max(end_ms + grace - now, 1)
     if total + need <= limit then
       retry[i] = 0
@@ -175,6 +214,9 @@ for i = 1, n do
       retry[i] = -1
     else
       retry[i] = math.max(end_ms - now, 0)
+      if held > 0 and retry[i] > 0 then
+        pending[i] = held_since(helds[i], slot[i] - held_n + 1)
+      end
     end
   end
   if retry[i] ~= 0 then
@@ -198,6 +240,16 @@ if allowed == 1 then
       used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
       -- Relative to the caller's clock (like every time here), not Redis's own.
       redis.call("PEXPIRE", KEYS[i], ttls[i])
+      local held = helds[i]
+      if held ~= nil and costs[i] > 0 then
+        local field = string.format("%d", slot[i])
+        if redis.call("HINCRBY", held, field, costs[i]) == costs[i] then
+          -- The minute's first reservation in flight (about once a minute): drop the
+          -- fields too old to count, so that the hash stays small.
+          held_since(held, slot[i] - held_n + 1)
+        end
+        redis.call("PEXPIRE", held, (held_n + 1) * held_ms)
+      end
     end
   end
 else
