@@ -41,6 +41,17 @@ class Answer:
     #: Break the stream off (connection closed) after its content events: no usage, no
     #: ``[DONE]``.
     cut: bool = False
+    #: Break the answer off in the middle of its body (connection closed): a JSON answer
+    #: after half its body (its ``content-length`` says the whole), a stream after its
+    #: content events and half of one more (so with ``chunks=0``, before any whole event).
+    torn: bool = False
+    #: A stream even without content events (``chunks=0`` is otherwise a JSON answer).
+    stream: bool = False
+    #: Hold the status line (after ``delay``) until this is set (at most 10 s): the test
+    #: decides when the answer comes.
+    hold: threading.Event | None = None
+    #: Hold the body (after the status line) until this is set (at most 10 s).
+    hold_body: threading.Event | None = None
 
 
 @dataclass
@@ -52,6 +63,13 @@ class Hit:
     answered: float | None = None
     #: When the last of the body was sent (a cut stream: when it was cut).
     ended: float | None = None
+
+
+async def _held(event: threading.Event | None) -> None:
+    """Wait (without blocking the server's loop) until ``event`` is set, at most 10 s."""
+    deadline = time.monotonic() + 10
+    while event is not None and not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -131,19 +149,25 @@ class ScriptedBackend:
             await asyncio.sleep(0.005)
         if answer.delay:
             await asyncio.sleep(answer.delay)
+        await _held(answer.hold)
         headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
-        if answer.chunks:
+        if answer.chunks or answer.stream:
             headers.append((b"content-type", b"text/event-stream"))
             start = {"type": "http.response.start", "status": answer.status, "headers": headers}
             hit.answered = time.monotonic()
             await send(start)
+            await _held(answer.hold_body)
             for i in range(answer.chunks):
                 await send(
                     {"type": "http.response.body", "body": _event(_chunk(i)), "more_body": True}
                 )
                 await asyncio.sleep(answer.chunk_delay)
+            if answer.torn:
+                half = _event(_chunk(answer.chunks))
+                half = half[: len(half) // 2]
+                await send({"type": "http.response.body", "body": half, "more_body": True})
             hit.ended = time.monotonic()
-            if answer.cut:
+            if answer.cut or answer.torn:
                 # An exception mid-body: uvicorn drops the connection without the chunked
                 # framing's end, as a backend that died would.
                 raise ConnectionAbortedError("scripted cut")
@@ -168,6 +192,22 @@ class ScriptedBackend:
             payload = {"error": {"code": str(answer.status), "message": "scripted failure"}}
         data = json.dumps(payload).encode()
         headers.append((b"content-type", b"application/json"))
-        hit.answered = hit.ended = time.monotonic()
+        if not (answer.torn or answer.hold_body):
+            hit.answered = hit.ended = time.monotonic()
+            start = {"type": "http.response.start", "status": answer.status, "headers": headers}
+            await send(start)
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+            return
+        # The head on its own, then (part of) the body.
+        headers.append((b"content-length", str(len(data)).encode()))
+        hit.answered = time.monotonic()
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": data, "more_body": False})
+        await _held(answer.hold_body)
+        if not answer.torn:
+            hit.ended = time.monotonic()
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+            return
+        half = data[: len(data) // 2]
+        await send({"type": "http.response.body", "body": half, "more_body": True})
+        hit.ended = time.monotonic()
+        raise ConnectionAbortedError("scripted tear")

@@ -1,9 +1,10 @@
 """The breaker on the request path, end to end (a real gateway over a scripted backend or the
-simulator): a half-open probe's verdict comes with its answer's head, not after its relay; a
-one-member pool's wait-and-retry goes through the breaker; only the probe or a request sent
-after the trip closes or re-opens a half-open breaker; the wait a client is told is capped;
-a relayed 429's retry-after sets the trip; a passthrough without a token tells the client
-nothing of the identity's reasons."""
+simulator): a half-open stream probe's verdict comes with its first event, not after its
+relay (test_probe_body.py: other answers' verdicts, bodies that break off); a one-member
+pool's wait-and-retry goes through the breaker; only the probe or a request sent after the
+trip closes or re-opens a half-open breaker; the wait a client is told is capped; a relayed
+429's retry-after sets the trip; a passthrough without a token tells the client nothing of
+the identity's reasons."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def test_a_streaming_probe_frees_the_backend_once_its_head_passed(
     tmp_path: Path, started: list[Any]
 ) -> None:
     """The probe after a trip is a long stream: the backend is taken back when the stream's
-    head arrived, not when its relay ends, so a one-member pool serves others meanwhile."""
+    first event went through (right after its head), not when its relay ends, so a
+    one-member pool serves others meanwhile."""
 
     def script(n: int) -> Answer:
         if n == 1:
@@ -133,7 +135,7 @@ def test_a_streaming_probe_frees_the_backend_once_its_head_passed(
 def test_a_probe_stream_that_breaks_later_counts_as_a_failure_without_holding_the_slot(
     tmp_path: Path, started: list[Any]
 ) -> None:
-    """The probe's head closed the breaker; the stream then breaks off mid-way: the client
+    """The probe's first event closed the breaker; the stream then breaks off mid-way: the client
     gets the error event, the break counts as one failure of the (closed) breaker, and the
     backend served another request while the probe still streamed."""
 
@@ -231,7 +233,8 @@ def test_waiting_requests_retry_after_the_trip_and_only_one_probes(
 ) -> None:
     """Five requests to a one-member pool get 429s without a retry-after: the breaker opens
     for trip_seconds. They wait for its end (not 0.5 s into it), then one of them is the
-    probe and the others get what a new request would get; the probe closes the breaker."""
+    probe and the others get what a new request would get (429 and a second's wait, as while
+    the breaker was open after the throttles); the probe closes the breaker."""
 
     def script(n: int) -> Answer:
         return Answer(429, together=5) if n <= 5 else Answer(delay=0.3)
@@ -242,8 +245,8 @@ def test_waiting_requests_retry_after_the_trip_and_only_one_probes(
     answers = _concurrently(routed, 5)
     later = _after_the_throttles(backend, 5)
     assert len(later) == 1 and later[0] >= 0.95, later
-    assert Counter(r.status_code for r in answers) == {200: 1, 503: 4}
-    refused = [r for r in answers if r.status_code == 503]
+    assert Counter(r.status_code for r in answers) == {200: 1, 429: 4}
+    refused = [r for r in answers if r.status_code == 429]
     assert all(r.headers["retry-after"] == "1" for r in refused)
     assert routed.states()["only"]["state"] == "closed"
 
@@ -262,7 +265,7 @@ def test_waiting_requests_told_a_retry_after_send_one_probe_not_all(
     answers = _concurrently(routed, 5)
     later = _after_the_throttles(backend, 5)
     assert len(later) == 1 and later[0] >= 0.95, later
-    assert Counter(r.status_code for r in answers) == {200: 1, 503: 4}
+    assert Counter(r.status_code for r in answers) == {200: 1, 429: 4}
     assert routed.states()["only"]["state"] == "closed"
 
 

@@ -141,12 +141,14 @@ def _trip_ptu(router: Router, clock: FakeClock) -> Target:
     return ptu
 
 
-def test_a_probe_gives_its_verdict_with_its_head_and_its_end_counts_like_any_other() -> None:
+def test_a_probe_stream_gives_its_verdict_with_its_first_event_and_its_end_counts_as_any() -> None:
     router, pool, clock, _ = _router()
     ptu = _trip_ptu(router, clock)
     probe = router.begin(ptu, 10)
     assert probe.probe
-    router.probe_head(probe, 200)  # a stream's head: it will be relayed for a while
+    router.probe_head(probe, 200)  # a 200 head: no verdict until the body says
+    assert probe.probe and ptu.breaker.state(clock.now()) is BreakerState.HALF_OPEN
+    router.probe_streaming(probe, 200)  # its first event: it will be relayed for a while
     assert not probe.probe and ptu.breaker.state(clock.now()) is BreakerState.CLOSED
     choice = router.choose(pool, 10)
     assert choice is not None and choice.member is PTU, "taken back during the relay"

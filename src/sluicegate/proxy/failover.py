@@ -14,8 +14,10 @@ A one-member pool's wait-and-retry goes through the breaker like a new request: 
 least until the breaker's end (or gives up when that is beyond ``max_wait``), then retries only
 if the breaker lets it through — as the half-open probe, if the slot is free — and otherwise
 answers what a new request would get. A half-open probe's verdict is given as soon as its
-answer's head passed the retry check (``_probe_retryable``), so a long stream does not hold
-the probe slot.
+answer says it: a failure status with its head (``_probe_retryable``), a stream with its first
+whole event (``_probe_send``: a long stream does not hold the probe slot), anything else at
+the attempt's end, once its body was read whole — a 200 whose body breaks off is a failed
+probe, not a closed breaker's first failure.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import NoReturn
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.clock import Clock
-from sluicegate.proxy.asgi import Receive, Scope, Send
+from sluicegate.proxy.asgi import Message, Receive, Scope, Send
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.relay import AttemptFailed, attempt
@@ -84,20 +86,20 @@ async def forward_routed(
         url, body = upstream(member, backend)
         started = clock.monotonic()
         ticket = router.begin(choice.target, estimate)
-        # Only a half-open probe (rare) gets a check of its own, which gives its verdict
-        # early; every other attempt keeps the bare membership test.
-        retryable: Callable[[int], bool] = (
-            functools.partial(_probe_retryable, router, ticket, policy.statuses)
-            if ticket.probe
-            else policy.statuses.__contains__
-        )
+        # Only a half-open probe (rare) gets a check and a ``send`` of its own, which give
+        # its verdict early; every other attempt keeps the bare membership test and ``send``.
+        retryable: Callable[[int], bool] = policy.statuses.__contains__
+        relay_send = send
+        if ticket.probe:
+            retryable = functools.partial(_probe_retryable, router, ticket, policy.statuses)
+            relay_send = _probe_send(router, ticket, ctx, send)
         try:
             try:
                 auth = await backend.request_auth()
             except BackendAuthError as exc:
                 raise _auth_failed(ctx, backend, exc) from None
             await attempt(
-                ctx, backend, scope, receive, send, url, body, auth, clock,
+                ctx, backend, scope, receive, relay_send, url, body, auth, clock,
                 retryable=retryable, on_headers=functools.partial(router.report, ticket),
             )  # fmt: skip
         except AttemptFailed as failed:
@@ -155,12 +157,28 @@ def _routed_extra(deployment: str, kind: str, reason: str) -> Mapping[str, str]:
 
 
 def _probe_retryable(router: Router, ticket: Ticket, statuses: frozenset[int], status: int) -> bool:
-    """The retry check of a half-open probe's answer: an answer that will be relayed gives
-    the probe's verdict now (``router.probe_head``), not when the relay ends."""
+    """The retry check of a half-open probe's answer: an answer that will be relayed with a
+    failure status gives the probe's verdict now (``router.probe_head``), not when the relay
+    ends; any other waits for its body."""
     if status in statuses:
         return True
     router.probe_head(ticket, status)
     return False
+
+
+def _probe_send(router: Router, ticket: Ticket, ctx: RequestContext, send: Send) -> Send:
+    """``send`` for a half-open probe's attempt. The relay sends a body with ``more_body``
+    only for a stream still arriving, and only whole events: the first such body gives the
+    probe's verdict (``router.probe_streaming``) before it goes out. A JSON answer (sent in
+    one piece, after its body was read whole) or a stream that came whole leaves the verdict
+    to the attempt's end, where a body that broke off is the probe's failure."""
+
+    async def probe_send(message: Message) -> None:
+        if ticket.probe and message.get("more_body") and message.get("body"):
+            router.probe_streaming(ticket, ctx.status)
+        await send(message)
+
+    return probe_send
 
 
 async def _wait_same(

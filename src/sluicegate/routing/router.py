@@ -7,6 +7,7 @@ share its breaker and headroom) and the pools over them. Per attempt the request
     ticket = router.begin(choice.target, estimate)
     router.report(ticket, response_headers)           # headroom, from any answer
     router.probe_head(ticket, status)                 # a probe's answer will be relayed
+    router.probe_streaming(ticket, status)            # a probe's stream relays its events
     router.succeeded(ticket, status) | router.failed(ticket, outcome)
         | router.relayed_failure(ticket, status) | router.abandoned(ticket)
 
@@ -16,10 +17,14 @@ A one-member pool that waits and tries its backend again asks ``router.out_for(t
 ``router.refusal(pool, outcomes)`` says what the client gets (429 with the shortest wait if
 every member is throttled, else 503, both with a wait).
 
-A half-open breaker lets one request through as its probe. The probe's verdict is given as
-soon as its answer's head passed the retry check (``probe_head``), not when the relay ends,
-so a probe that streams for a minute does not keep the backend out for everyone else
-meanwhile; the rest of its ticket (in-flight count, headroom) lasts until it ends.
+A half-open breaker lets one request through as its probe. A head that passed the retry check
+is the probe's verdict only if it is a failure (``probe_head``: 429/5xx). Any other head waits
+for its body, which a backend can still fail to send: a stream's verdict comes with its first
+whole event while more are coming (``probe_streaming``), so a probe that streams for a minute
+does not keep the backend out for everyone else meanwhile; any other answer's (a JSON body,
+read whole before it is relayed; a stream that came whole) with the ticket's end. A body that
+broke off before the verdict is the probe's failure. The rest of a ticket whose verdict came
+early (in-flight count, headroom) lasts until it ends.
 
 Choosing: the best priority group with a member that is available (breaker closed, or
 half-open with no probe in flight), not yet tried by this request and — with headroom
@@ -128,8 +133,8 @@ class Ticket:
     """One attempt in flight; end it exactly once."""
 
     target: Target
-    #: It holds the half-open breaker's probe slot (until its verdict: ``probe_head`` or
-    #: the ticket's end).
+    #: It holds the half-open breaker's probe slot (until its verdict: ``probe_head`` for a
+    #: failure, ``probe_streaming``, or the ticket's end).
     probe: bool
     marks: tuple[int, int]
     #: The clock's ``now()`` when it was sent: the breaker ignores the verdicts of requests
@@ -279,21 +284,29 @@ class Router:
 
     def probe_head(self, ticket: Ticket, status: int) -> None:
         """The answer's head arrived and passed the retry check (it will be relayed): if the
-        ticket is the half-open probe, give the breaker its verdict now — a failure for
-        429/5xx (with the wait the headers ask for), else a success — and free the probe
-        slot, instead of holding it for the whole relay. The ticket stays in flight until it
-        ends (``succeeded``/``failed``/…), and that end counts as any request's does: a
+        ticket is the half-open probe and the status is a failure (429/5xx), give the
+        breaker that verdict now (with the wait the headers ask for) and free the probe
+        slot; the body cannot make such an answer a success. Any other status is no verdict
+        yet: a backend that answers 200 can still break off in the body, so the probe keeps
+        its slot until ``probe_streaming`` or its end. No-op for any other ticket."""
+        if not ticket.probe or ticket.done or not is_backend_failure(status):
+            return
+        self._failure(ticket, Outcome(status, None, self._asked_wait(ticket)))
+        ticket.probe = False  # its end must not free a slot a later probe may hold
+
+    def probe_streaming(self, ticket: Ticket, status: int) -> None:
+        """The probe's answer (``status``, not a failure) is a stream that relayed its first
+        whole event and goes on: the backend answers, so the breaker closes now and the slot
+        is free, instead of being held for the whole relay. The ticket stays in flight until
+        it ends (``succeeded``/``failed``/…), and that end counts as any request's does: a
         stream that breaks afterwards is a failure of a (by then closed) breaker. No-op for
         any other ticket."""
         if not ticket.probe or ticket.done:
             return
-        if is_backend_failure(status):
-            self._failure(ticket, Outcome(status, None, self._asked_wait(ticket)))
-        else:
-            target = ticket.target
-            target.last_status = status
-            if target.breaker.success(self.clock.now(), True, ticket.begun):
-                log.info("backend %s closed again (probe answered %s)", target.key, status)
+        target = ticket.target
+        target.last_status = status
+        if target.breaker.success(self.clock.now(), True, ticket.begun):
+            log.info("backend %s closed again (probe streams, %s)", target.key, status)
         ticket.probe = False  # its end must not free a slot a later probe may hold
 
     def succeeded(self, ticket: Ticket, status: int) -> None:
@@ -373,10 +386,14 @@ class Router:
     # --- when nothing is left -----------------------------------------------------------------
 
     def refusal(self, pool: Pool, outcomes: dict[str, Outcome]) -> Refusal:
-        """429 with the shortest wait when every member is throttled (open after a 429, or
-        answered 429 in this request), else 503 with the shortest wait until one may work.
-        No wait is longer than the breaker's ``max_trip``: the gateway would take the
-        backend back by then whatever it said (Azure can say "retry after 86400 seconds")."""
+        """429 with the shortest wait when every member is throttled (open after a 429,
+        half-open after one while its probe is out, or answered 429 in this request), else
+        503 with the shortest wait until one may work. A member half-open with its probe out
+        counts as it did while open (a probe's verdict is the only thing that changes what
+        its trip said) with a wait of 1 s: its probe has been sent, and the verdict comes
+        with the probe's answer. No wait is longer than the breaker's ``max_trip``: the
+        gateway would take the backend back by then whatever it said (Azure can say "retry
+        after 86400 seconds")."""
         now = self.clock.now()
         cap = self.settings.breaker.max_trip
         throttled: list[float] = []
@@ -390,6 +407,8 @@ class Router:
             elif outcome is not None and outcome.throttled:
                 asked = outcome.retry_after
                 throttled.append(min(asked, cap) if asked is not None else 1.0)
+            elif outcome is None and state is BreakerState.HALF_OPEN:
+                (throttled if breaker.throttled else down).append(1.0)
             else:
                 down.append(1.0)
         name = pool.name
