@@ -42,18 +42,9 @@ from sluicegate.limits import (
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
-from sluicegate.tokens.offload import counting_thread
+from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
 
 log = logging.getLogger("sluicegate.limits")
-
-#: Bodies up to this many bytes have their prompt counted inline, larger ones in the counting
-#: thread. A body's size bounds the UTF-8 bytes of its text (JSON only adds to them), so this
-#: bounds what one request can hold the loop for: 16 KiB is ~3 ms of prose or code and ~35 ms
-#: of the worst text (random letters without a break, ~2 µs a byte; measured 2026-12-07 on
-#: the project's 2-core machine, see ``tokens/bpe.py``). The hop to the thread costs ~0.1 ms
-#: and the GIL's hand-overs: worth it once counting costs milliseconds, not for a chat
-#: request of a few KB, which keeps the inline path (no hop, nothing allocated for it).
-INLINE_COUNT_BYTES = 16 * 1024
 
 
 _NAMES: dict[str, bytes] = {}

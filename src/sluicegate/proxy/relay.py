@@ -5,7 +5,9 @@ nothing was sent (the caller may try another backend; see ``proxy/failover.py``)
 JSON answers are read whole (they are small) and their ``usage`` read; streams are relayed
 event by event as they arrive, never buffered whole, with the usage picked out of the final
 chunk. A stream's first chunk is read before the client gets the status line, so a backend
-that answers 200 and then breaks off before sending anything still fails over invisibly.
+that answers 200 and then breaks off before sending anything still fails over invisibly. An
+answer without usage is estimated (``_estimate``), in the counting thread when the prompt
+left to count or the answer is large, so that counting never holds the event loop.
 
 Timeouts: ``first_byte`` bounds everything up to the status line (and, for streams, the first
 chunk); ``between_chunks`` bounds every later read. The upstream response is always released
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -30,7 +34,17 @@ from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
-from sluicegate.tokens.usage import StreamScanner, Usage, answer_text, usage_from_body
+from sluicegate.tokens.counting import count_text
+from sluicegate.tokens.estimate import estimate_request_tokens
+from sluicegate.tokens.estimate_text import estimate_text_tokens
+from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
+from sluicegate.tokens.usage import (
+    RELAYED_KEPT_BYTES,
+    StreamScanner,
+    Usage,
+    answer_text,
+    usage_from_body,
+)
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.client import UpstreamResponse
 from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
@@ -226,7 +240,7 @@ async def _send_whole(
     if ctx.route.metered and response.status < 300:
         ctx.usage, ctx.model = usage_from_body(data)
         if ctx.usage is None:  # a backend that reports none: estimated, never zero
-            _estimate(ctx, answer_text(data))
+            await _estimate(ctx, functools.partial(answer_text, data), len(data))
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     if ctx.consumed_headers and ctx.usage is not None and not ctx.usage_estimated:
         # As APIM's tokens-consumed-header-name: the backend's count, so only once known.
@@ -267,6 +281,8 @@ async def _relay_stream(
         # (not in chunked framing, which would copy it once more).
         body = scanner.feed(first)
         body += _stream_end(ctx, scanner, None)
+        if ctx.usage is None:
+            await _estimate_relayed(ctx, scanner)
         headers.append((b"content-length", str(len(body)).encode("ascii")))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body and ctx.ttfb is None:
@@ -283,9 +299,13 @@ async def _relay_stream(
         raise
     if gone and not scanner.done:
         ctx.outcome = Outcome.ABORTED
-        _cut_short(ctx, scanner)
+        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+        if ctx.usage is None:
+            await _estimate_relayed(ctx, scanner)
         return False
     tail = _stream_end(ctx, scanner, broke)
+    if ctx.usage is None:
+        await _estimate_relayed(ctx, scanner)
     if held and ctx.ttfb is None:
         ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": held + tail, "more_body": False})
@@ -293,17 +313,27 @@ async def _relay_stream(
 
 
 def _cut_short(ctx: RequestContext, scanner: StreamScanner) -> None:
-    """A stream cut off before its end (the client left, or the task was cancelled): the
-    record still says what the client got, the backend's usage if it came, else the
-    estimate of what was relayed."""
+    """A stream cut off before its end by the task's cancellation (a shutdown): the record
+    still says what the client got, the backend's usage if it came, else the estimate of
+    what was relayed, made at once (``_estimate_now``)."""
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     if ctx.usage is None:
-        _estimate(ctx, scanner.relayed_text(), scanner.relayed_share)
+        _estimate_now(ctx, scanner.relayed_text, scanner.relayed_bytes, scanner.relayed_share)
+
+
+async def _estimate_relayed(ctx: RequestContext, scanner: StreamScanner) -> None:
+    """A stream ended, or was left by its client, without usage, though the gateway asked
+    for it: a backend that ignores ``stream_options`` (an older API version, another
+    OpenAI-compatible server), a ``response.failed`` without it, or a stream cut short.
+    Counted as an estimate of what was relayed, never as zero, which would pass for the
+    backend's count and settle limits at nothing."""
+    await _estimate(ctx, scanner.relayed_text, scanner.relayed_bytes, scanner.relayed_share)
 
 
 def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
     """Take the stream's usage into ``ctx`` and return what is left to send after the events
-    relayed: the scanner's rest, and an error event when the stream was not complete."""
+    relayed: the scanner's rest, and an error event when the stream was not complete. A
+    ``ctx.usage`` left None is the caller's to estimate (``_estimate_relayed``)."""
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     tail = scanner.flush()
     # Once the end of the stream went through (``[DONE]``, ``response.completed``) the answer
@@ -327,12 +357,6 @@ def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) 
         # says it failed, so that dashboards and charge-back do not count it as served.
         ctx.outcome = Outcome.BACKEND_ERROR
         ctx.error_code = "ResponseFailed"
-    if ctx.usage is None:
-        # No usage came back, though the gateway asked for it: a backend that ignores
-        # ``stream_options`` (an older API version, another OpenAI-compatible server), a
-        # ``response.failed`` without it, or a stream cut short. Counted as an estimate,
-        # never as zero, which would pass for the backend's count and settle limits at nothing.
-        _estimate(ctx, scanner.relayed_text(), scanner.relayed_share)
     return tail
 
 
@@ -415,22 +439,89 @@ async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> No
             return
 
 
-def _estimate(ctx: RequestContext, text: str, share: float = 1.0) -> None:
-    """No usage came back: estimate the completion from ``text``, what the client received
-    (or its first ``share`` of it, scaled up), and the prompt from the request (admission's
-    estimate if it made one)."""
-    from sluicegate.tokens.estimate_text import estimate_text_tokens
+async def _estimate(
+    ctx: RequestContext, text_of: Callable[[], str], size: int, share: float = 1.0
+) -> None:
+    """No usage came back: put an estimate in ``ctx`` (``_estimated_usage``), marked as one.
+    ``text_of()`` gives the text the client received (or its first ``share`` of it), held in
+    ``size`` bytes (the answer's body, the events kept).
 
+    Counted inline when the text and the prompt left to count (admission counted it when it
+    set ``prompt_estimate``) are held in at most ``INLINE_COUNT_BYTES`` each (nearly every
+    answer: no hop, nothing allocated for it); otherwise in the counting thread
+    (``tokens/offload.py``), as admission counts a large prompt, so that a multi-megabyte
+    prompt or answer never holds the event loop for the other tenants' requests. A request
+    cancelled while it waits for that count (a shutdown) still gets its estimate, made at once
+    (``_estimate_now``), before the cancellation goes on: its record is never left without
+    one."""
+    prompt = ctx.prompt_estimate
+    if size <= INLINE_COUNT_BYTES and (prompt is not None or len(ctx.body) <= INLINE_COUNT_BYTES):
+        _estimate_now(ctx, text_of, size, share)
+        return
+    body = ctx.json or {}
+    operation = ctx.route.operation
     model = ctx.deployment.model if ctx.deployment else None
-    completion = estimate_text_tokens(text, model)
+    try:
+        ctx.usage = await counting_thread().run(
+            lambda: _estimated_usage(body, operation, model, prompt, text_of, share)
+        )
+    except asyncio.CancelledError:
+        # The count, begun already, is dropped: its outcome would come too late for the
+        # record, which is written as the cancellation ends the request.
+        _estimate_now(ctx, text_of, size, share)
+        raise
+    ctx.usage_estimated = True
+
+
+def _estimate_now(
+    ctx: RequestContext, text_of: Callable[[], str], size: int, share: float = 1.0
+) -> None:
+    """``_estimate`` made at once, on the event loop, for where the request cannot wait for
+    the counting thread (its task is being cancelled): a prompt or a text held in more than
+    ``INLINE_COUNT_BYTES`` costs ``ceil(characters / 4)`` (the rule for an unknown tokenizer:
+    no tokenizer runs, so a large one costs a walk of its structure, not microseconds a
+    byte); smaller ones are counted as usual."""
+    prompt = ctx.prompt_estimate
+    ctx.usage = _estimated_usage(
+        ctx.json or {},
+        ctx.route.operation,
+        ctx.deployment.model if ctx.deployment else None,
+        prompt,
+        text_of,
+        share,
+        rough_prompt=prompt is None and len(ctx.body) > INLINE_COUNT_BYTES,
+        rough_text=size > INLINE_COUNT_BYTES,
+    )
+    ctx.usage_estimated = True
+
+
+def _estimated_usage(
+    body: Mapping[str, Any],
+    operation: str,
+    model: str | None,
+    prompt: int | None,
+    text_of: Callable[[], str],
+    share: float,
+    *,
+    rough_prompt: bool = False,
+    rough_text: bool = False,
+) -> Usage:
+    """The usage of an answer that reported none: the completion from ``text_of()``, the text
+    the client received (or its first ``share`` of it, scaled up), and the prompt from the
+    request (``prompt``, admission's estimate, unless None). At most ``RELAYED_KEPT_BYTES``
+    characters of the text are counted, the rest scaled like a stream's beyond what its
+    scanner kept: a JSON answer is read whole, and no bound holds its size. ``rough_*``:
+    ``ceil(characters / 4)`` instead of the tokenizer. Pure and thread-safe (run in the
+    counting thread): reads its arguments only."""
+    text = text_of()
+    if len(text) > RELAYED_KEPT_BYTES:
+        share *= RELAYED_KEPT_BYTES / len(text)
+        text = text[:RELAYED_KEPT_BYTES]
+    completion = count_text(text, None) if rough_text else estimate_text_tokens(text, model)
     if share < 1.0:
         completion = round(completion / share)
-    prompt = ctx.prompt_estimate
     if prompt is None:
-        from sluicegate.tokens.estimate import estimate_request_tokens
-
         prompt = estimate_request_tokens(
-            ctx.json or {}, ctx.route.operation, model, 0
+            body, operation, model, 0, approximate=rough_prompt
         ).prompt_tokens
-    ctx.usage = Usage(prompt, completion, prompt + completion)
-    ctx.usage_estimated = True
+    return Usage(prompt, completion, prompt + completion)

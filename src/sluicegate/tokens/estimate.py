@@ -29,8 +29,8 @@ tokenizer) plus ``completion_tokens`` (the most the request may generate). Rules
 For a model whose tokenizer is unknown the same structure is counted, but text costs
 ``ceil(characters / 4)`` and ``exact_tokenizer`` is ``False``. Everything here is synchronous
 and pure; tokenising costs 0.1-0.3 µs per character of prose and code, up to ~2 µs per byte
-of text without breaks (bounded: ``tokens/bpe.py``), so the caller runs large bodies in a
-thread (``proxy/admission.py``).
+of text without breaks (bounded: ``tokens/bpe.py``), so the callers run large bodies in a
+thread (``proxy/admission.py``, and ``proxy/relay.py`` for an answer without usage).
 """
 
 from __future__ import annotations
@@ -198,6 +198,8 @@ _FILE_PARTS = frozenset({"file", "input_file"})
 def _media_tokens(part: Mapping[str, Any]) -> int | None:
     """The fixed cost of an image, audio or file part, or ``None`` for any other part."""
     kind = part.get("type")
+    if type(kind) is not str:
+        return None  # (a list or an object cannot be looked up in a set: TypeError)
     if kind in _IMAGE_PARTS:
         image = part.get("image_url")
         detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
@@ -457,6 +459,7 @@ def estimate_request_tokens(
     default_completion_tokens: int,
     *,
     count_prompt: bool = True,
+    approximate: bool = False,
 ) -> TokenEstimate:
     """Estimate prompt and completion tokens of one request body (see the module docstring).
 
@@ -465,11 +468,14 @@ def estimate_request_tokens(
     the model name if known (the body's ``model`` is used when it is ``None``). With
     ``count_prompt=False`` the prompt is not tokenised (``prompt_tokens`` is 0, ``method``
     ``"not-counted"``): for policies that do not estimate prompts. Malformed bodies never
-    raise: what cannot be read is not counted.
+    raise: what cannot be read is not counted. With ``approximate=True`` text costs
+    ``ceil(characters / 4)`` whatever the model, as for an unknown one: no tokenizer runs, so
+    a long text costs the walk of the body, not ~1 µs a byte (for an estimate that can
+    neither wait for the counting thread nor hold the event loop).
     """
     if model is None and isinstance(body.get("model"), str):
         model = body["model"]
-    encoding = encoding_for(model) if count_prompt else None
+    encoding = encoding_for(model) if count_prompt and not approximate else None
     meter = _Meter(encoding)
     op = normalise_operation(operation)
     completion = 0

@@ -19,6 +19,10 @@ Why one thread of our own, not ``asyncio.to_thread``:
   executor's threads are joined at the loop's end and at exit);
 * it runs at a lower priority (a higher nice value): on a worker pinned to one core the
   loop's thread wins the core whenever both are ready.
+
+Its callers: admission (``proxy/admission.py``) counts a large prompt here before forwarding,
+and the relay (``proxy/relay.py``) counts here an answer's usage it has to estimate (no usage
+came back) when the prompt or the answer is large.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ T = TypeVar("T")
 
 #: Nice value added to the counting thread (see the module docstring).
 COUNTING_NICENESS = 10
+
+#: Texts held in more bytes than this are counted in the counting thread, smaller ones inline
+#: (a request body for a prompt, the answer's body or events kept for a completion: either
+#: bounds the UTF-8 bytes of the text it holds). 16 KiB is ~3 ms of prose or code and ~35 ms
+#: of the worst text (random letters without a break, ~2 µs a byte; see ``tokens/bpe.py``);
+#: the hop to the thread costs ~0.1 ms and the GIL's hand-overs: worth it once counting costs
+#: milliseconds, not for a chat of a few KB. Admission's bound for a prompt, and the relay's
+#: for an estimate.
+INLINE_COUNT_BYTES = 16 * 1024
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
 

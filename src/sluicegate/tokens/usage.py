@@ -294,6 +294,13 @@ class StreamScanner:
         return chunk.replace(b"\r\n", b"\n")
 
     @property
+    def relayed_bytes(self) -> int:
+        """The bytes of events ``relayed`` holds: a bound of the UTF-8 bytes of
+        ``relayed_text``, known without extracting it (whether an estimate from it is
+        counted inline or in the counting thread, ``tokens/offload.py``)."""
+        return self._kept
+
+    @property
     def relayed_share(self) -> float:
         """The share of the bytes relayed that ``relayed`` holds (1.0 unless the stream went
         past ``RELAYED_KEPT_BYTES``): an estimate from ``relayed_text`` is scaled by its
