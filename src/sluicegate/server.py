@@ -134,8 +134,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     request heads with more than ``max_header_count`` fields or more than
     ``max_header_bytes`` bytes (request line and headers) with 431, before the parser
     buffers them: httptools sets no limit of its own. A head must also arrive within
-    ``head_timeout`` seconds (408; a connection that sends nothing is closed). ``protocol_for``
-    makes a subclass with a configuration's limits.
+    ``head_timeout`` seconds (408; a connection that sends nothing is closed). A request
+    answered before its body was all in (401, 404, 413, …) has ``body_timeout`` seconds from
+    the answer for the rest of its body, which is dropped; past that the connection is
+    half-closed and closed (``on_response_complete``). ``protocol_for`` makes a subclass with
+    a configuration's limits.
 
     A connection opened while ``max_connections`` others are open is refused: its first
     request's head is read (not parsed) and answered 503 ``TooManyConnections`` with
@@ -147,9 +150,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     max_header_count: ClassVar[int] = _DEFAULT_SECURITY.max_header_count
     max_header_bytes: ClassVar[int] = _DEFAULT_SECURITY.max_header_bytes
     head_timeout: ClassVar[float] = _DEFAULT_SECURITY.head_read_timeout_seconds
+    body_timeout: ClassVar[float] = _DEFAULT_SECURITY.body_read_timeout_seconds
 
     _head_done = False
-    #: Opened past ``max_connections``: its head is only read, for the 503 (``_busy_read``).
+    #: Its bytes are only read, never parsed: opened past ``max_connections`` (its head is
+    #: read for the 503, ``_busy_read``), or lingering before the close (``_linger``).
     _busy = False
     _head_bytes = 0
     _head_tail = b""
@@ -167,6 +172,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     #: Cycles of earlier requests on this connection still being answered while a pipelined
     #: one waits (None: none so far; see ``on_headers_complete``).
     _earlier: list[Any] | None = None
+    #: Fires ``body_timeout`` after a request was answered before its body was all in,
+    #: unless the rest of the body came (``on_response_complete``).
+    _drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -207,6 +215,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def on_message_begin(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            # Set by ``on_message_complete`` after a dropped body, in this same read: the
+            # connection is no longer idle.
+            self._unset_keepalive_if_required()
         self._head_done, self._header_count = False, 0
         self._uncounted = not self._read_starts_head
         self._between = self._read_starts_head = False
@@ -221,12 +233,45 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # The next bytes are the next request's head: ``data_received`` counts them again.
         self._head_done, self._head_bytes, self._head_tail = False, 0, b""
         self._between = True
+        if self._drain_timer is not None:
+            # An early-answered request's body came in time (and was dropped): the
+            # connection is idle now, under uvicorn's keep-alive timer as after any answer
+            # (its data_received stopped the one the answer set).
+            self._drain_timer.cancel()
+            self._drain_timer = None
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_done and self.cycle.response_complete and not self.transport.is_closing():
+            # Answered before its body was all in (401/403 at authentication, 404 for a
+            # refused path, 413 from content-length). uvicorn keeps the connection and drops
+            # the rest of the body, but its keep-alive timer stops at the next read and
+            # nothing sets one again: a body byte now and then would hold the connection
+            # (and a slot of max_connections) for ever. The rest of the body has
+            # ``body_timeout`` from the answer, as a body the app reads has; then the
+            # connection lingers and closes. Not ``connection: close`` on every early answer:
+            # a client that sends its whole body at once (the SDKs) keeps its connection,
+            # and a request pipelined behind the body is still served (nginx discards such
+            # a body too, within lingering_time).
+            self._unset_keepalive_if_required()
+            self._drain_timer = self.loop.call_later(self.body_timeout, self._drain_timed_out)
+
+    def _drain_timed_out(self) -> None:
+        self._drain_timer = None
+        if not self.transport.is_closing():
+            self._linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.counts.open -= 1
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         cycles = [*(self._earlier or ()), self.cycle]
         super().connection_lost(exc)  # tells ``self.cycle`` only
         for cycle in cycles:
@@ -307,19 +352,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if b"\r\n\r\n" not in window and self._head_bytes <= self.max_header_bytes:
             self._head_tail = window[-3:]
             return
-        self._head_done = True
         message = (
             f"The gateway holds its limit of {self.max_connections} client connections. "
             "Retry shortly, and reuse connections (keep-alive) rather than opening new ones."
         )
         body = orjson.dumps({"error": {"code": "TooManyConnections", "message": message}})
+        self.transport.write(_answer(b"503 Service Unavailable", body, b"retry-after: 1\r\n"))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop whatever the client still sends until it closes,
+        for at most ``_LINGER_SECONDS``; then close. (Closed with unread bytes, the
+        connection would be reset, and a reset can discard an answer the client has not
+        read yet.)"""
+        self._refused = self._busy = self._head_done = True
         transport = self.transport
-        transport.write(_answer(b"503 Service Unavailable", body, b"retry-after: 1\r\n"))
         if self._head_timer is not None:
             self._head_timer.cancel()
         if transport.can_write_eof():
-            # Half-close: the client reads the answer and closes; until then (or for
-            # ``_LINGER_SECONDS``) the rest of its request is read and dropped.
             transport.write_eof()
             self._head_timer = self.loop.call_later(_LINGER_SECONDS, self._head_timed_out)
         else:  # TLS cannot half-close
@@ -381,6 +431,7 @@ def protocol_for(
             "max_header_count": security.max_header_count,
             "max_header_bytes": security.max_header_bytes,
             "head_timeout": security.head_read_timeout_seconds,
+            "body_timeout": security.body_read_timeout_seconds,
         },
     )
 
