@@ -233,6 +233,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # The next bytes are the next request's head: ``data_received`` counts them again.
         self._head_done, self._head_bytes, self._head_tail = False, 0, b""
         self._between = True
+        if not self.pipeline:
+            # uvicorn pauses reading while more than 64 KiB of body waits for the app and
+            # resumes only at the app's next read: after the last part of a large body it
+            # stayed paused, and a client hanging up mid-stream was not heard until a write
+            # failed (the backend generating for nobody meanwhile). Nothing of this message
+            # is left to hold back; a pipelined request pauses reading again (uvicorn's
+            # on_headers_complete), hence only with none queued.
+            self.flow.resume_reading()
         if self._drain_timer is not None:
             # An early-answered request's body came in time (and was dropped): the
             # connection is idle now, under uvicorn's keep-alive timer as after any answer
