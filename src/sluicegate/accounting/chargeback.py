@@ -2,14 +2,21 @@
 
 A range ``[start, end)`` is widened to whole hours (``periods.whole_hours``); whole UTC days
 inside it are read from ``usage_daily`` and the hours at either edge from ``usage_hourly``, so
-a month over ten million records reads a few thousand rollup rows.
+a month over ten million records reads a few thousand rollup rows. Where an edge falls in a
+day whose hourly rollups are gone (``retention.hourly_rollups_days``), that edge is widened to
+the whole day, read from ``usage_daily``: a report never counts purged hours as zero, and
+its ``start``/``end`` (and ``note``) say what it covers (``covered_range``). A time series by
+hour reads hours only, and refuses a range with such days (``ValueError``).
 
 Cost of a group = its pay-as-you-go cost (priced per record when rolled up) + its share of
 each PTU reservation's cost over the range: a reservation's cost for a piece of a month is
 split between groups in proportion to the total tokens each sent to the reserved
 backend/deployment in that piece (largest-remainder rounding, so the shares add up to the
 reservation's cost to the nano). A piece in which nobody used the reservation is reported as
-unallocated.
+unallocated. A report for one subscription grouped by anything else first takes that
+subscription's share, as in the report by subscription (against everybody's tokens), then
+splits it between its groups by their tokens: its rows add up to its line in the report by
+subscription, to the nano.
 
 Counting: ``requests`` counts first attempts (so a request retried on another backend counts
 once, for the group of its first attempt); ``attempts`` counts every upstream attempt.
@@ -17,10 +24,22 @@ once, for the group of its first attempt); ``attempts`` counts every upstream at
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
-from sqlalchemy import BigInteger, ColumnElement, Select, case, func, literal, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.engine import Engine
 
 from sluicegate.accounting.periods import (
@@ -30,6 +49,7 @@ from sluicegate.accounting.periods import (
     ceil_day,
     floor_day,
     floor_hour,
+    iso,
     next_month,
     whole_hours,
 )
@@ -64,6 +84,8 @@ OTHER = "(other)"
 UNALLOCATED = "(unallocated PTU)"
 #: The most buckets one series may have (a chart wider than this is unreadable anyway).
 MAX_BUCKETS = 2_000
+
+_K = TypeVar("_K", bound=Hashable)
 
 
 @dataclass(slots=True)
@@ -110,6 +132,10 @@ class ChargeRow:
 
 @dataclass(slots=True)
 class ChargeReport:
+    """``start``/``end``: the range actually covered (whole hours; an edge in a day whose
+    hourly rollups are purged, the whole day). ``note``: why it is wider than whole hours of
+    the range asked for, or empty."""
+
     start: int
     end: int
     by: str
@@ -117,6 +143,7 @@ class ChargeReport:
     rows: list[ChargeRow]
     total: ChargeRow
     ptu: list[PtuInterval] = field(default_factory=list)
+    note: str = ""
 
 
 def _parts(start: int, end: int) -> list[tuple[Any, int, int]]:
@@ -132,16 +159,84 @@ def _parts(start: int, end: int) -> list[tuple[Any, int, int]]:
     return parts
 
 
+def _purged_days(conn: Any, days: Iterable[int]) -> set[int]:
+    """The days (UTC midnights) among ``days`` whose hourly rollups no longer hold the whole
+    day: its daily rollup counts more attempts than its hours.
+
+    Why compare, rather than look for any hourly row: ``Rollups.purge`` deletes the hourly
+    rollups of whole days (``retention.hourly_rollups_days``) and records no horizon for
+    them, and a record replayed late for such a day adds an hourly row (and the same to the
+    day), so a purged day may hold a few hourly rows. Where a day's hours are kept, every
+    change to them changes the day in the same transaction, so the two agree; every record
+    counts one attempt, so a missing hour shows. One statement: one snapshot of both tables.
+    """
+    spans: list[list[int]] = []  # runs of consecutive days, [first, end)
+    for day in sorted(set(days)):
+        if spans and spans[-1][1] == day:
+            spans[-1][1] = day + DAY
+        else:
+            spans.append([day, day + DAY])
+    if not spans:
+        return set()
+    h, d = usage_hourly.c, usage_daily.c
+    hours = select(((h.bucket // DAY) * DAY).label("day"), (-h.attempts).label("n")).where(
+        or_(*(and_(h.bucket >= lo, h.bucket < hi) for lo, hi in spans))
+    )
+    daily = select(d.bucket.label("day"), d.attempts.label("n")).where(
+        or_(*(and_(d.bucket >= lo, d.bucket < hi) for lo, hi in spans))
+    )
+    both = union_all(hours, daily).subquery()
+    query = select(both.c.day).group_by(both.c.day).having(func.sum(both.c.n) != 0)
+    return {int(day) for (day,) in conn.execute(query)}
+
+
+def covered_range(conn: Any, start: int, end: int) -> tuple[int, int]:
+    """The range a report over ``[start, end)`` (whole hours) can cover: an edge in a day
+    whose hourly rollups are purged moves out to that day's midnight, so the day is read
+    whole from ``usage_daily`` instead of as zero (``_purged_days``)."""
+    days = {
+        day
+        for table, lo, hi in _parts(start, end)
+        if table is usage_hourly
+        for day in (floor_day(lo), floor_day(hi - 1))
+    }
+    purged = _purged_days(conn, days)
+    if floor_day(start) in purged:
+        start = floor_day(start)
+    if floor_day(end - 1) in purged:
+        end = ceil_day(end)
+    return start, end
+
+
+def _widened_note(asked: tuple[int, int], covered: tuple[int, int]) -> str:
+    """Why ``covered`` (from ``covered_range``) is wider than ``asked``; empty if it is not."""
+    days = []
+    if covered[0] < asked[0]:
+        days.append(iso(covered[0])[:10])
+    if covered[1] > asked[1]:
+        days.append(iso(covered[1] - DAY)[:10])
+    if not days:
+        return ""
+    return (
+        f"the hourly rollups of {' and '.join(dict.fromkeys(days))} are no longer kept "
+        "(retention.hourly_rollups_days), so whole days are counted: the range covered is "
+        f"{iso(covered[0])} to {iso(covered[1])}"
+    )
+
+
 def _union(
     start: int,
     end: int,
     columns: list[str],
     where: dict[str, str | None] | None = None,
     bucket_of: Any = None,
+    *,
+    hourly: bool = False,
 ) -> Any:
-    """A subquery: the union of the rollup rows covering ``[start, end)``."""
+    """A subquery: the union of the rollup rows covering ``[start, end)`` (``hourly``: from
+    ``usage_hourly`` only)."""
     selects: list[Select[Any]] = []
-    for table, lo, hi in _parts(start, end):
+    for table, lo, hi in [(usage_hourly, start, end)] if hourly else _parts(start, end):
         cols: list[ColumnElement[Any]] = [table.c[name] for name in columns]
         if bucket_of is not None:
             cols.append(bucket_of(table).label("b"))
@@ -167,21 +262,27 @@ def charge_report(
     by: str = "subscription",
     subscription_id: str | None = None,
 ) -> ChargeReport:
-    """Totals and cost per value of ``by`` over ``[start, end)`` (widened to whole hours).
+    """Totals and cost per value of ``by`` over ``[start, end)`` (widened to whole hours, and
+    an edge in a day whose hourly rollups are purged to the whole day: the report's
+    ``start``/``end`` are the range covered, its ``note`` says why when it is wider).
 
     Rows are sorted by cost, then tokens, descending. With ``subscription_id`` only that
-    subscription's rows are returned (its PTU share is still computed against everybody's
-    tokens). Raises ``ValueError`` for an unknown ``by`` or an empty range.
+    subscription's rows are returned; its PTU share is its share against everybody's tokens
+    (as in the report by subscription), split between its rows by their tokens on the
+    reservation. Raises ``ValueError`` for an unknown ``by`` or an empty range.
     """
     column = _check_by(by)
-    a, b = whole_hours(start, end)
+    asked = whole_hours(start, end)
     where: dict[str, str | None] | None = (
         {"subscription_id": subscription_id} if subscription_id is not None else None
     )
-    sub = _union(a, b, [column, *_SUMMED], where)
-    query = select(sub.c[column], *(func.sum(sub.c[n]) for n in _SUMMED)).group_by(sub.c[column])
     rows: dict[str | None, ChargeRow] = {}
     with engine.connect() as conn:
+        a, b = covered_range(conn, *asked)
+        sub = _union(a, b, [column, *_SUMMED], where)
+        query = select(sub.c[column], *(func.sum(sub.c[n]) for n in _SUMMED)).group_by(
+            sub.c[column]
+        )
         for r in conn.execute(query):
             key, *vals = tuple(r)
             row = ChargeRow(key)
@@ -190,12 +291,7 @@ def charge_report(
             rows[key] = row
         intervals = prices.ptu_intervals(a, b)
         for interval in intervals:
-            shares = _ptu_tokens(conn, interval, column)
-            for key, nanos in allocate(interval.cost_nanos, shares).items():
-                if subscription_id is not None and key == UNALLOCATED:
-                    continue
-                if subscription_id is not None and key not in rows:
-                    continue
+            for key, nanos in _ptu_shares(conn, interval, column, subscription_id).items():
                 rows.setdefault(key, ChargeRow(key)).ptu_nanos += nanos
     ordered = sorted(
         rows.values(),
@@ -204,44 +300,86 @@ def charge_report(
     total = ChargeRow(None)
     for row in ordered:
         total.add(row)
-    return ChargeReport(a, b, by, prices.currency, ordered, total, intervals)
+    note = _widened_note(asked, (a, b))
+    return ChargeReport(a, b, by, prices.currency, ordered, total, intervals, note)
 
 
-def _ptu_tokens(conn: Any, interval: PtuInterval, column: str) -> dict[str | None, int]:
-    """Total tokens per group on the reservation's backend/deployment within the interval."""
+def _ptu_shares(
+    conn: Any, interval: PtuInterval, column: str, subscription_id: str | None
+) -> dict[str | None, int]:
+    """The reservation's cost over ``interval`` per value of ``column`` (with
+    ``subscription_id``: of that subscription's rows only, no ``UNALLOCATED``).
+
+    For one subscription grouped by another column, allocating over that column's values
+    across everybody would give the subscription the whole share of every group it is in
+    (everybody's model ``gpt-4o``); so its own share is allocated first, against every
+    subscription, exactly as in the report by subscription, and then split between its
+    groups by their tokens (both largest remainder: exact to the nano, and its rows add up
+    to its line in the report by subscription)."""
+    if subscription_id is None or column == "subscription_id":
+        tokens = ptu_tokens(conn, interval, [column])
+        shares = allocate(interval.cost_nanos, {key[0]: n for key, n in tokens.items()})
+        if subscription_id is None:
+            return shares
+        return {k: v for k, v in shares.items() if k == subscription_id}
+    pairs = ptu_tokens(conn, interval, ["subscription_id", column])
+    per_subscription: dict[str | None, int] = {}
+    for (sub, _), n in pairs.items():
+        per_subscription[sub] = per_subscription.get(sub, 0) + n
+    own = allocate(interval.cost_nanos, per_subscription).get(subscription_id, 0)
+    mine = {key: n for (sub, key), n in pairs.items() if sub == subscription_id}
+    # ``own`` is positive only if this subscription has tokens here: never unallocated.
+    return allocate(own, mine)
+
+
+def ptu_tokens(
+    conn: Any, interval: PtuInterval, columns: list[str]
+) -> dict[tuple[str | None, ...], int]:
+    """Total tokens per group of ``columns`` on the reservation's backend/deployment within
+    the interval (whole hours; an edge in a day whose hourly rollups are purged: the day's
+    tokens, from its daily rollup)."""
     lo, hi = floor_hour(interval.start), floor_hour(interval.end - 1) + 3600
+    lo, hi = covered_range(conn, lo, hi)
     where: dict[str, str | None] = {}
     if interval.entry.backend is not None:
         where["backend"] = interval.entry.backend
     if interval.entry.deployment is not None:
         where["deployment"] = interval.entry.deployment
-    sub = _union(lo, hi, [column, "total_tokens"], where)
-    query = select(sub.c[column], func.sum(sub.c.total_tokens)).group_by(sub.c[column])
-    return {key: int(tokens or 0) for key, tokens in conn.execute(query)}
+    sub = _union(lo, hi, [*columns, "total_tokens"], where)
+    groups = [sub.c[c] for c in columns]
+    query = select(*groups, func.sum(sub.c.total_tokens)).group_by(*groups)
+    return {tuple(r[:-1]): int(r[-1] or 0) for r in conn.execute(query)}
 
 
-def allocate(total: int, weights: dict[str | None, int]) -> dict[str | None, int]:
+def allocate(total: int, weights: Mapping[_K, int]) -> dict[_K | str, int]:
     """Split ``total`` nanos in proportion to ``weights`` so that the parts add up exactly
-    (largest remainder; ties by key). No positive weight: everything is unallocated."""
+    (largest remainder; ties by key). No positive weight: everything is ``UNALLOCATED``."""
     positive = {k: w for k, w in weights.items() if w > 0}
     weight_sum = sum(positive.values())
     if total == 0:
         return {}
     if weight_sum == 0:
         return {UNALLOCATED: total}
-    shares = {k: total * w // weight_sum for k, w in positive.items()}
+    shares: dict[_K | str, int] = {k: total * w // weight_sum for k, w in positive.items()}
     rest = total - sum(shares.values())
     by_remainder = sorted(
-        positive, key=lambda k: (-(total * positive[k] % weight_sum), k is None, k or "")
+        positive, key=lambda k: (-(total * positive[k] % weight_sum), _tie_order(k))
     )
     for k in by_remainder[:rest]:
         shares[k] += 1
     return shares
 
 
+def _tie_order(key: object) -> tuple[tuple[bool, Any], ...]:
+    """Ties are broken by key, ``None`` last (each part of a tuple key in turn)."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return tuple((p is None, p or "") for p in parts)
+
+
 @dataclass(slots=True)
 class Series:
-    """Values per bucket for the top keys (and ``(other)``)."""
+    """Values per bucket for the top keys (and ``(other)``). ``start``/``end``/``note``: the
+    range covered, as in ``ChargeReport``."""
 
     start: int
     end: int
@@ -252,6 +390,7 @@ class Series:
     #: key → metric → one value per bucket
     values: dict[str, dict[str, list[int]]]
     currency: str
+    note: str = ""
 
 
 _SERIES_METRICS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_nanos")
@@ -269,9 +408,14 @@ def usage_series(
     subscription_id: str | None = None,
 ) -> Series:
     """Tokens and pay-as-you-go cost per bucket for the ``top`` keys by total tokens over the
-    range; every other key is summed as ``(other)``, a missing value is ``(none)``."""
+    range; every other key is summed as ``(other)``, a missing value is ``(none)``.
+
+    By hour, every bucket is read from ``usage_hourly`` (a day's rollup cannot be split into
+    hours), and a range touching days whose hourly rollups are purged raises ``ValueError``
+    naming them; by day or month, such an edge is widened to the whole day as in
+    ``charge_report`` (``start``/``end``/``note`` say so)."""
     column = _check_by(by)
-    a, b = whole_hours(start, end)
+    asked = a, b = whole_hours(start, end)
     if granularity not in ("hour", "day", "month"):
         raise ValueError("granularity must be hour, day or month")
     starts = buckets(a, b, granularity)
@@ -280,8 +424,22 @@ def usage_series(
     where: dict[str, str | None] | None = (
         {"subscription_id": subscription_id} if subscription_id is not None else None
     )
+    hourly = granularity == "hour"
     with engine.connect() as conn:
-        totals = _union(a, b, [column, "total_tokens"], where)
+        if hourly:
+            purged = sorted(_purged_days(conn, range(floor_day(a), b, DAY)))
+            if purged:
+                days = iso(purged[0])[:10]
+                if len(purged) > 1:
+                    days += f" to {iso(purged[-1])[:10]}"
+                raise ValueError(
+                    f"the hourly rollups of {days} are no longer kept "
+                    "(retention.hourly_rollups_days): choose granularity day, or a later range"
+                )
+        else:
+            a, b = covered_range(conn, a, b)
+            starts = buckets(a, b, granularity)
+        totals = _union(a, b, [column, "total_tokens"], where, hourly=hourly)
         top_keys = [
             k
             for (k,) in conn.execute(
@@ -292,7 +450,9 @@ def usage_series(
             )
         ]
         named = [k for k in top_keys if k is not None]
-        sub = _union(a, b, [column, *_SERIES_METRICS], where, _bucket_fn(granularity, a, b))
+        sub = _union(
+            a, b, [column, *_SERIES_METRICS], where, _bucket_fn(granularity, a, b), hourly=hourly
+        )
         col = sub.c[column]
         key_expr = case(
             (col.is_(None), literal("(none)")),
@@ -314,7 +474,8 @@ def usage_series(
                 per[m][i] += int(v or 0)
     keys = [("(none)" if k is None else k) for k in top_keys]
     keys = [k for k in keys if k in values] + ([OTHER] if OTHER in values else [])
-    return Series(a, b, granularity, by, starts, keys, values, prices.currency)
+    note = _widened_note(asked, (a, b))
+    return Series(a, b, granularity, by, starts, keys, values, prices.currency, note)
 
 
 def _bucket_fn(granularity: str, start: int, end: int) -> Any:

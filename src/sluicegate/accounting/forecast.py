@@ -9,7 +9,15 @@ Method (documented in docs/chargeback.md, tested in tests/accounting):
   today) is projected from that line, clamped at zero, so a growing or shrinking subscription
   is projected along its trend. With fewer complete days, the run rate is used:
   ``MTD * month_length / elapsed``.
-- Projected cost = projected tokens x the MTD cost per token (pay-as-you-go plus PTU share).
+- Projected pay-as-you-go cost = projected tokens x the MTD pay-as-you-go cost per token.
+- PTU reservations are a fixed cost: each one's cost for the whole month (``ptu_intervals``
+  over the month, so a reservation starting mid-month counts from its start) is in the
+  projected total whatever the traffic. It is split the way the month's charge-back will
+  split it if the projections hold: in proportion to each subscription's *projected* tokens
+  on the reserved backend/deployment (its MTD tokens there x its projected/MTD ratio), to the
+  nano. What no subscription is projected to use (a reservation nobody used so far) is the
+  ``(unallocated PTU)`` row (method ``unallocated``): not a subscription, so not counted in
+  the number of subscriptions, and listed after them, on the last page.
 - Break-even (per deployment): the pay-as-you-go cost of the projected month (at the current
   price, with the MTD mix of input/cached/output tokens) against the PTU cost: the actual
   reservation if the deployment is on one, else a quote (``ptu_quotes``) sized for the busiest
@@ -22,13 +30,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from sluicegate.accounting.chargeback import ChargeRow, charge_report
+from sluicegate.accounting.chargeback import (
+    UNALLOCATED,
+    ChargeReport,
+    ChargeRow,
+    allocate,
+    charge_report,
+    ptu_tokens,
+)
 from sluicegate.accounting.periods import DAY, HOUR, floor_day, floor_hour, month_bounds
-from sluicegate.accounting.pricing import NANOS, PriceTable
+from sluicegate.accounting.pricing import NANOS, PriceTable, PtuInterval
 from sluicegate.config.model import GatewayConfig
 from sluicegate.storage.schema import usage_daily, usage_hourly
 
@@ -84,28 +100,33 @@ def _scale(cost: int, tokens: int, projected: int) -> int:
 
 
 def _daily_by_key(
-    engine: Engine, column: str, keys: list[str | None], start: int, end: int
+    engine: Engine, column: str, keys: list[str | None] | None, start: int, end: int
 ) -> dict[str | None, list[int]]:
+    """Total tokens per complete day of ``[start, end)`` for each of ``keys`` (``None``: for
+    every key with usage, in one grouped query)."""
     days = (end - start) // DAY
-    out: dict[str | None, list[int]] = {k: [0] * days for k in keys}
-    if days <= 0 or not keys:
+    out: dict[str | None, list[int]] = {k: [0] * days for k in keys or []}
+    if days <= 0 or keys == []:
         return out
     d = usage_daily.c
-    named = [k for k in keys if k is not None]
     query = (
         select(d[column], d.bucket, func.sum(d.total_tokens))
         .where(d.bucket >= start, d.bucket < end)
         .group_by(d[column], d.bucket)
     )
-    if None in keys and named:
-        query = query.where(d[column].in_(named) | d[column].is_(None))
-    elif named:
-        query = query.where(d[column].in_(named))
-    else:
-        query = query.where(d[column].is_(None))
+    if keys is not None:
+        named = [k for k in keys if k is not None]
+        if None in keys and named:
+            query = query.where(d[column].in_(named) | d[column].is_(None))
+        elif named:
+            query = query.where(d[column].in_(named))
+        else:
+            query = query.where(d[column].is_(None))
     with engine.connect() as conn:
         for key, bucket, tokens in conn.execute(query):
             i = (int(bucket) - start) // DAY
+            if keys is None:
+                out.setdefault(key, [0] * days)
             if key in out and 0 <= i < days:
                 out[key][i] += int(tokens or 0)
     return out
@@ -122,47 +143,135 @@ def forecast(
     subscription_id: str | None = None,
 ) -> tuple[list[Projection], Projection, int]:
     """Projections for one page of keys (ordered by MTD cost), the projection of the total,
-    and how many keys have usage this month."""
+    and how many keys have usage this month (see the module docstring for the method).
+
+    Without ``subscription_id``, the last page ends with the ``(unallocated PTU)`` row when
+    some reservation cost is not projected onto any key; it is not counted in the number of
+    keys, and the total includes it (every reservation's whole month). With
+    ``subscription_id`` (only by subscription: ``ValueError`` otherwise), the page and the
+    total are that subscription's projection, its PTU share against everybody's."""
+    if subscription_id is not None and by != "subscription":
+        raise ValueError("a forecast for one subscription is by subscription")
     m0, m1 = month_bounds(now)
-    report = charge_report(
-        engine, prices, start=m0, end=now, by=by, subscription_id=subscription_id
-    )
-    column = {"subscription": "subscription_id"}.get(by, by)
-    page = report.rows[offset : offset + limit]
     today = floor_day(now)
-    daily = _daily_by_key(engine, column, [r.key for r in page], m0, today)
-    totals = _daily_totals(engine, m0, today, subscription_id)
-    out = [_project(r, daily.get(r.key, []), m0, m1, now) for r in page]
-    total = _project(report.total, totals, m0, m1, now)
-    return out, total, len(report.rows)
+    column = {"subscription": "subscription_id"}.get(by, by)
+    intervals = prices.ptu_intervals(m0, m1)
+    report = (
+        charge_report(engine, prices, start=m0, end=now, by=by, subscription_id=subscription_id)
+        if now > m0
+        else ChargeReport(m0, m0, by, prices.currency, [], ChargeRow(None))
+    )
+    rows = {r.key: r for r in report.rows if r.key != UNALLOCATED}
+    with engine.connect() as conn:
+        used = {i: _ptu_tokens_so_far(conn, i, column, now) for i in intervals}
+    # A projected PTU share depends on the projection of everybody on the reservation.
+    ptu_keys = {k for tokens in used.values() for k in tokens}
+    wanted = list(rows)
+    page = wanted[offset : offset + limit]
+    shown = set(wanted if subscription_id is not None else page)
+    days = [0] * max((today - m0) // DAY, 0)
+    daily = _daily_by_key(engine, column, None if ptu_keys else list(shown), m0, today)
+    for k in ptu_keys | shown:
+        daily.setdefault(k, list(days))  # no complete day with usage yet
+    so_far = {k: r.total_tokens for k, r in rows.items()}
+    if ptu_keys - so_far.keys():
+        # One subscription's report holds only its row: the others' tokens so far are
+        # their complete days and today's hours (what the report would have read).
+        hours = _tokens_by_key(engine, column, today, floor_hour(now - 1) + HOUR)
+        for k in ptu_keys - so_far.keys():
+            so_far[k] = sum(daily[k]) + hours.get(k, 0)
+    projected = {k: project_month(daily[k], so_far[k], m0, m1, now) for k in ptu_keys | shown}
+    ptu_share: dict[str | None, int] = {}
+    for interval in intervals:
+        weights = {k: _scale(n, so_far[k], projected[k][0]) for k, n in used[interval].items()}
+        for k, nanos in allocate(interval.cost_nanos, weights).items():
+            ptu_share[k] = ptu_share.get(k, 0) + nanos
+    out = [_projection(rows[k], daily[k], projected[k], ptu_share.get(k, 0)) for k in page]
+    if subscription_id is not None:
+        if subscription_id not in rows:
+            return out, Projection(None, 0, 0, 0, 0, "none", tuple(days)), 0
+        own = _projection(
+            rows[subscription_id],
+            daily[subscription_id],
+            projected[subscription_id],
+            ptu_share.get(subscription_id, 0),
+        )
+        return out, own, 1
+    # The reservations' cost nobody is projected to use: on the page holding the last key
+    # (the first page if there is none), so that it needs no page of its own.
+    unallocated = ptu_share.get(UNALLOCATED, 0)
+    unallocated_mtd = sum(r.cost_nanos for r in report.rows if r.key == UNALLOCATED)
+    last_page = offset < len(wanted) <= offset + limit or (not wanted and offset == 0)
+    if (unallocated or unallocated_mtd) and last_page:
+        out.append(
+            Projection(UNALLOCATED, 0, unallocated_mtd, 0, unallocated, "unallocated", tuple(days))
+        )
+    totals = _daily_totals(engine, m0, today)
+    tokens, method = project_month(totals, report.total.total_tokens, m0, m1, now)
+    paygo = _scale(report.total.paygo_nanos, report.total.total_tokens, tokens)
+    total = Projection(
+        None,
+        report.total.total_tokens,
+        report.total.cost_nanos,
+        tokens,
+        paygo + sum(i.cost_nanos for i in intervals),
+        method,
+        tuple(totals),
+    )
+    return out, total, len(wanted)
 
 
-def _daily_totals(engine: Engine, start: int, end: int, subscription_id: str | None) -> list[int]:
+def _tokens_by_key(engine: Engine, column: str, start: int, end: int) -> dict[str | None, int]:
+    """Total tokens per key in the hours of ``[start, end)`` (hourly rollups)."""
+    h = usage_hourly.c
+    query = (
+        select(h[column], func.sum(h.total_tokens))
+        .where(h.bucket >= start, h.bucket < end)
+        .group_by(h[column])
+    )
+    with engine.connect() as conn:
+        return {key: int(tokens or 0) for key, tokens in conn.execute(query)}
+
+
+def _ptu_tokens_so_far(
+    conn: Any, interval: PtuInterval, column: str, now: float
+) -> dict[str | None, int]:
+    """Tokens per key on the reservation from the interval's start until ``now``."""
+    if interval.start >= now:
+        return {}
+    elapsed = PtuInterval(interval.entry, interval.start, min(interval.end, now), 0)
+    return {key[0]: n for key, n in ptu_tokens(conn, elapsed, [column]).items() if n > 0}
+
+
+def _projection(
+    row: ChargeRow, daily: list[int], projected: tuple[int, str], ptu_nanos: int
+) -> Projection:
+    """A key's projection: pay-as-you-go cost scaled with its tokens, plus its projected
+    share of the reservations' month cost."""
+    tokens, method = projected
+    paygo = _scale(row.paygo_nanos, row.total_tokens, tokens)
+    return Projection(
+        row.key,
+        row.total_tokens,
+        row.cost_nanos,
+        tokens,
+        paygo + ptu_nanos,
+        method,
+        tuple(daily),
+    )
+
+
+def _daily_totals(engine: Engine, start: int, end: int) -> list[int]:
     days = (end - start) // DAY
     values = [0] * max(days, 0)
     d = usage_daily.c
     query = select(d.bucket, func.sum(d.total_tokens)).where(d.bucket >= start, d.bucket < end)
-    if subscription_id is not None:
-        query = query.where(d.subscription_id == subscription_id)
     with engine.connect() as conn:
         for bucket, tokens in conn.execute(query.group_by(d.bucket)):
             i = (int(bucket) - start) // DAY
             if 0 <= i < days:
                 values[i] += int(tokens or 0)
     return values
-
-
-def _project(row: ChargeRow, daily: list[int], m0: int, m1: int, now: float) -> Projection:
-    projected, method = project_month(daily, row.total_tokens, m0, m1, now)
-    return Projection(
-        row.key,
-        row.total_tokens,
-        row.cost_nanos,
-        projected,
-        _scale(row.cost_nanos, row.total_tokens, projected),
-        method,
-        tuple(daily),
-    )
 
 
 @dataclass(frozen=True, slots=True)

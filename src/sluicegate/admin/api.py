@@ -242,6 +242,7 @@ def report_model(report: ChargeReport, offset: int, limit: int) -> schemas.Repor
     return schemas.Report(
         start=report.start,
         end=report.end,
+        note=report.note or None,
         by=report.by,
         currency=report.currency,
         total_rows=len(rows) - 1,
@@ -473,6 +474,7 @@ class AdminApi:
             schemas.Series(
                 start=s.start,
                 end=s.end,
+                note=s.note or None,
                 granularity=s.granularity,  # type: ignore[arg-type]
                 by=s.by,
                 currency=s.currency,

@@ -128,8 +128,17 @@ class PtuCharge(_Model):
 
 
 class Report(_Model):
-    start: float = Field(description="Start of the range covered (rounded down to the hour).")
-    end: float = Field(description="End of the range covered (rounded up to the hour).")
+    start: float = Field(
+        description="Start of the range covered (rounded down to the hour, or to the day "
+        "where that day's hourly rollups are purged)."
+    )
+    end: float = Field(
+        description="End of the range covered (rounded up to the hour, or to the day where "
+        "that day's hourly rollups are purged)."
+    )
+    note: str | None = Field(
+        default=None, description="Why the range covered is wider than asked, if it is."
+    )
     by: str
     currency: str
     total_rows: int
@@ -152,6 +161,9 @@ class SeriesLine(_Model):
 class Series(_Model):
     start: float
     end: float
+    note: str | None = Field(
+        default=None, description="Why the range covered is wider than asked, if it is."
+    )
     granularity: Literal["hour", "day", "month"]
     by: str
     currency: str

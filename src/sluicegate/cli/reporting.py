@@ -28,6 +28,8 @@ def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: 
     except AdminError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
+    if report.note:  # the range covered is wider than asked (purged hourly rollups)
+        typer.echo(f"note: {report.note}", err=True)
     if fmt == "json":
         out = {
             "from": report.start,

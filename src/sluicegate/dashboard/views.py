@@ -412,9 +412,7 @@ class Dashboard:
         by = Query(request).text("by", ("subscription", "product", "model", "deployment", "owner"))
         by = by or "subscription"
         report = await run(self.service.usage_report, start=start, end=end, by=by)
-        series = await run(
-            self.service.usage_series, start=start, end=end, granularity=granularity, by=by
-        )
+        series = await self._series(start=start, end=end, granularity=granularity, by=by)
         _, total_forecast, _ = await run(self.service.forecast, limit=1)
         names = await self._names(report.rows[:10] if by == "subscription" else [])
         labels = {k: names.get(k, k) for k in series.keys}
@@ -431,10 +429,11 @@ class Dashboard:
             "overview.html",
             {
                 "period": period,
-                "start": start,
-                "end": end,
+                # Where purged hourly rollups widened the report, the range it covers.
+                "start": report.start if report.note else start,
+                "end": report.end if report.note else end,
                 "by": by,
-                "granularity": granularity,
+                "granularity": series.granularity,
                 "report": report,
                 "top": report.rows[:10],
                 "names": names,
@@ -446,6 +445,16 @@ class Dashboard:
                 "query": _query(request),
             },
         )
+
+    async def _series(self, *, granularity: str, **kwargs: Any) -> Any:
+        """The usage series by ``granularity``; by day where it is by hour and the service
+        refuses it (422: hourly rollups of the range are purged)."""
+        try:
+            return await run(self.service.usage_series, granularity=granularity, **kwargs)
+        except AdminError as exc:
+            if granularity != "hour" or exc.status != 422:
+                raise
+            return await run(self.service.usage_series, granularity="day", **kwargs)
 
     def _chart(
         self, series: Any, metric: str, unit: str, labels: dict[str, str], chart_id: str
@@ -509,8 +518,9 @@ class Dashboard:
             "usage.html",
             {
                 "period": period,
-                "start": start,
-                "end": end,
+                # Where purged hourly rollups widened the report, the range it covers.
+                "start": report.start if report.note else start,
+                "end": report.end if report.note else end,
                 "by": by,
                 "report": report,
                 "rows": rows,
@@ -595,13 +605,8 @@ class Dashboard:
         now = self._now()
         m0, _ = month_bounds(now)
         granularity = "day" if now - m0 > 2 * DAY else "hour"
-        series = await run(
-            self.service.usage_series,
-            start=m0,
-            end=now,
-            granularity=granularity,
-            by="model",
-            subscription_id=sub_id,
+        series = await self._series(
+            start=m0, end=now, granularity=granularity, by="model", subscription_id=sub_id
         )
         report = await run(
             self.service.usage_report, start=m0, end=now, by="model", subscription_id=sub_id
