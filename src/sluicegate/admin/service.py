@@ -46,6 +46,7 @@ from sluicegate.storage.ledger import LedgerStats
 from sluicegate.storage.reports import fetch_records
 from sluicegate.storage.subscriptions import (
     SubscriptionConflict,
+    SubscriptionInvalid,
     SubscriptionNotFound,
     SubscriptionRepository,
 )
@@ -171,7 +172,11 @@ class AdminService:
             expires_at=expires_at,
             overrides=checked,
         )
-        self.repository.create(sub)
+        try:
+            # The repository checks the columns' lengths (name, owner: 200), on every database.
+            self.repository.create(sub)
+        except SubscriptionInvalid as exc:
+            raise AdminError(422, str(exc)) from None
         return IssuedKeys(sub, primary, secondary)
 
     def get(self, subscription_id: str) -> Subscription:
@@ -317,7 +322,9 @@ class AdminService:
         by: str = "subscription",
         subscription_id: str | None = None,
     ) -> ChargeReport:
-        """Tokens and cost per ``by`` over ``[start, end)`` (widened to whole hours)."""
+        """Tokens and cost per ``by`` over ``[start, end)`` (widened to whole hours, and an edge
+        in a day whose hourly rollups are purged to the whole day: the report's
+        ``start``/``end`` are the range covered, its ``note`` says why it is wider)."""
         self._range(start, end)
         if by not in DIMENSIONS:
             raise AdminError(422, f"'by' must be one of {', '.join(DIMENSIONS)}")
@@ -342,7 +349,8 @@ class AdminService:
         top: int = 8,
         subscription_id: str | None = None,
     ) -> Series:
-        """Per-bucket tokens and cost of the ``top`` keys (the rest as ``(other)``)."""
+        """Per-bucket tokens and cost of the ``top`` keys (the rest as ``(other)``); 422 by
+        hour over a day whose hourly rollups are purged."""
         self._range(start, end)
         if by not in DIMENSIONS:
             raise AdminError(422, f"'by' must be one of {', '.join(DIMENSIONS)}")

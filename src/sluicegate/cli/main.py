@@ -4,6 +4,7 @@ backends | simulate."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,10 @@ app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
 
+#: The latest expiry a subscription may have: 3000-01-01 UTC, the admin API's bound
+#: (``schemas.SubscriptionCreate.expires_at``); the dashboard shows it as a date.
+LATEST_EXPIRY = 32_503_680_000.0
+
 ConfigOpt = Annotated[
     Path,
     typer.Option("--config", "-c", envvar="SLUICEGATE_CONFIG", help="Path of gateway.yaml."),
@@ -44,7 +49,10 @@ def _load(path: Path) -> GatewayConfig:
 def serve(
     config: ConfigOpt = Path("gateway.yaml"),
     host: Annotated[str | None, typer.Option(help="Override listen.host.")] = None,
-    port: Annotated[int | None, typer.Option(help="Override listen.port.")] = None,
+    # Range-checked here: uvloop would quietly listen on 70000 % 65536.
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Override listen.port.")
+    ] = None,
 ) -> None:
     """Run the gateway in the foreground (SIGTERM stops it gracefully)."""
     cfg = _load(config)
@@ -76,10 +84,34 @@ def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to chec
     )
 
 
-def _admin(config: Path):  # type: ignore[no-untyped-def]
+def _admin(config: GatewayConfig):  # type: ignore[no-untyped-def]
     from sluicegate.cli.context import open_admin
 
-    return open_admin(_load(config))
+    return open_admin(config)
+
+
+def _reported(config: GatewayConfig | None = None):  # type: ignore[no-untyped-def]
+    """``cli.context.reported_errors``: wrap every command that touches the database, so
+    that a refused request or an unreachable database is one line and exit status 1."""
+    from sluicegate.cli.context import reported_errors
+
+    return reported_errors(config)
+
+
+def _expiry(expires_in_days: float | None, now: float) -> float | None:
+    """``--expires-in-days`` as an epoch time (None: never expires). Zero, negative, NaN and
+    infinite values are usage errors: none of them is a time to store."""
+    if expires_in_days is None:
+        return None
+    if not (math.isfinite(expires_in_days) and expires_in_days > 0):
+        raise typer.BadParameter(
+            f"must be a number of days greater than 0, not {expires_in_days!r}",
+            param_hint="'--expires-in-days'",
+        )
+    expires = now + expires_in_days * 86400
+    if expires > LATEST_EXPIRY:
+        raise typer.BadParameter("must end before the year 3000", param_hint="'--expires-in-days'")
+    return expires
 
 
 def _print_sub(data: dict[str, object], as_json: bool) -> None:
@@ -97,22 +129,20 @@ def keys_create(
     name: Annotated[str, typer.Option(help="Display name.")],
     config: ConfigOpt = Path("gateway.yaml"),
     expires_in_days: Annotated[
-        float | None, typer.Option(help="Expire after this many days.")
+        float | None,
+        typer.Option(help="Expire after this many days (more than 0; default: never)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a subscription and print its two keys (shown only this once)."""
-    from sluicegate.admin.service import AdminError, subscription_view
+    from sluicegate.admin.service import subscription_view
 
-    service = _admin(config)
-    expires = time.time() + expires_in_days * 86400 if expires_in_days else None
-    try:
-        issued = service.create_subscription(
+    expires = _expiry(expires_in_days, time.time())
+    cfg = _load(config)
+    with _reported(cfg):
+        issued = _admin(cfg).create_subscription(
             product=product, owner=owner, name=name, expires_at=expires
         )
-    except AdminError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
     data = subscription_view(issued.subscription)
     data["primary_key"] = issued.primary_key
     data["secondary_key"] = issued.secondary_key
@@ -132,7 +162,9 @@ def keys_list(
     """List subscriptions (keys are never shown, only their prefixes)."""
     from sluicegate.admin.service import subscription_view
 
-    subs, total = _admin(config).list(offset=offset, limit=limit, search=search)
+    cfg = _load(config)
+    with _reported(cfg):
+        subs, total = _admin(cfg).list(offset=offset, limit=limit, search=search)
     rows = [subscription_view(s) for s in subs]
     if as_json:
         typer.echo(json.dumps({"total": total, "items": rows}, indent=2))
@@ -155,14 +187,9 @@ def _state_command(action: str):  # type: ignore[no-untyped-def]
         subscription_id: Annotated[str, typer.Argument(metavar="ID")],
         config: ConfigOpt = Path("gateway.yaml"),
     ) -> None:
-        from sluicegate.admin.service import AdminError
-
-        service = _admin(config)
-        try:
-            sub = getattr(service, action)(subscription_id)
-        except AdminError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(1) from None
+        cfg = _load(config)
+        with _reported(cfg):
+            sub = getattr(_admin(cfg), action)(subscription_id)
         typer.echo(f"{sub.id}: {sub.state.value}")
 
     command.__doc__ = f"{action.capitalize()} a subscription."
@@ -180,13 +207,11 @@ def keys_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show one subscription."""
-    from sluicegate.admin.service import AdminError, subscription_view
+    from sluicegate.admin.service import subscription_view
 
-    try:
-        sub = _admin(config).get(subscription_id)
-    except AdminError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    cfg = _load(config)
+    with _reported(cfg):
+        sub = _admin(cfg).get(subscription_id)
     _print_sub(subscription_view(sub), as_json)
 
 
@@ -198,16 +223,12 @@ def keys_rotate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Replace one of the two keys; the other keeps working (rotate without downtime)."""
-    from sluicegate.admin.service import AdminError
-
     if key not in ("primary", "secondary"):
         typer.echo("error: --key must be primary or secondary", err=True)
         raise typer.Exit(2)
-    try:
-        issued = _admin(config).rotate(subscription_id, key)
-    except AdminError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    cfg = _load(config)
+    with _reported(cfg):
+        issued = _admin(cfg).rotate(subscription_id, key)
     value = issued.primary_key or issued.secondary_key
     if as_json:
         typer.echo(json.dumps({"id": subscription_id, f"{key}_key": value}))
@@ -246,9 +267,10 @@ def usage_report(
     from sluicegate.cli.reporting import print_report
 
     now = time.time()
-    print_report(
-        _load(config), _parse_time(start, now - 30 * 86400), _parse_time(end, now), by, fmt
-    )
+    since, until = _parse_time(start, now - 30 * 86400), _parse_time(end, now)
+    cfg = _load(config)
+    with _reported(cfg):
+        print_report(cfg, since, until, by, fmt)
 
 
 @app.command()
@@ -261,7 +283,9 @@ def forecast(
     deployment (method: docs/chargeback.md)."""
     from sluicegate.cli.reporting import print_forecast
 
-    print_forecast(_load(config), limit, as_json)
+    cfg = _load(config)
+    with _reported(cfg):
+        print_forecast(cfg, limit, as_json)
 
 
 @app.command()
@@ -292,7 +316,7 @@ def backends(
 def simulate(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Simulator YAML.")] = None,
     host: str = "127.0.0.1",
-    port: int = 8081,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8081,
 ) -> None:
     """Run the built-in Azure OpenAI simulator."""
     from sluicegate.simulator.cli import simulate as run
@@ -302,8 +326,8 @@ def simulate(
 
 @app.command()
 def demo(
-    port: int = 8080,
-    sim_port: int = 8081,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    sim_port: Annotated[int, typer.Option(min=1, max=65535)] = 8081,
     workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(
         "var/demo"
     ),
@@ -311,7 +335,9 @@ def demo(
     """Start the simulator and the gateway, create a demo key and print working examples."""
     from sluicegate.cli.demo import run_demo
 
-    raise typer.Exit(run_demo(port=port, sim_port=sim_port, workdir=workdir))
+    with _reported():
+        code = run_demo(port=port, sim_port=sim_port, workdir=workdir)
+    raise typer.Exit(code)
 
 
 def run() -> None:
@@ -319,14 +345,17 @@ def run() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return its exit status,
+    behaving exactly as the installed ``sluicegate`` script: usage errors are printed as
+    such (status 2), Ctrl-C is status 130. ``python -m sluicegate.cli.main`` (how ``demo``
+    starts its children) comes here."""
     try:
-        # Without standalone mode, click returns the exit code instead of raising.
-        code = app(args=argv, standalone_mode=False)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
+        # Standalone mode, as the script runs: click reports its own exceptions (a bad
+        # option, a missing one) and ends with SystemExit, whose code is returned here.
+        app(args=argv, standalone_mode=True)
     except SystemExit as exc:
-        return int(exc.code or 0)
-    return code if isinstance(code, int) else 0
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,9 +11,9 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
@@ -50,6 +50,16 @@ class SubscriptionConflict(ValueError):
         self.field = field
 
 
+class SubscriptionInvalid(ValueError):
+    """The database cannot store a subscription's values as given: a text longer than its
+    column allows (``field`` names it), or a value the database refuses otherwise (``field``
+    is None). The message names the problem, never the values themselves."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class SubscriptionRepository:
     """Subscriptions in the ``subscriptions`` table.
 
@@ -71,10 +81,14 @@ class SubscriptionRepository:
 
         Raises ``SubscriptionConflict`` if the id is taken, if the two key hashes are equal, or
         if either is already the hash of any stored key (primary or secondary): a key must
-        identify exactly one subscription.
+        identify exactly one subscription. Raises ``SubscriptionInvalid`` if a text is longer
+        than its column (checked here, so that SQLite, which stores any length, refuses what
+        PostgreSQL does), or if the database refuses a value (``DataError``).
         """
         if sub.primary_key_hash == sub.secondary_key_hash:
             raise SubscriptionConflict("the two keys must differ", field="key")
+        row = subscription_to_row(sub)
+        _check_lengths(row)
         try:
             with self._engine.begin() as conn:
                 if conn.execute(
@@ -89,8 +103,13 @@ class SubscriptionRepository:
                     conn, sub.secondary_key_hash
                 ):
                     raise SubscriptionConflict(_KEY_IN_USE, field="key")
-                conn.execute(subscriptions.insert().values(subscription_to_row(sub)))
+                conn.execute(subscriptions.insert().values(row))
                 _bump(conn)
+        except DataError as exc:
+            # From None: SQLAlchemy's text of the error holds the INSERT's parameters (the key
+            # hashes among them); the driver's first line says what is wrong without them.
+            reason = str(exc.orig).strip().split("\n", 1)[0]
+            raise SubscriptionInvalid(f"the database refused the subscription: {reason}") from None
         except IntegrityError as exc:
             if self.get(sub.id) is not None:
                 raise SubscriptionConflict(
@@ -239,6 +258,18 @@ class SubscriptionRepository:
                 select(subscriptions).where(subscriptions.c.id == subscription_id)
             ).one()
         return subscription_from_row(row._mapping)
+
+
+def _check_lengths(row: dict[str, Any]) -> None:
+    """``SubscriptionInvalid`` for the first text longer than its column's declared length."""
+    for column in subscriptions.columns:
+        value = row.get(column.name)
+        length = column.type.length if isinstance(column.type, String) else None
+        if length is not None and isinstance(value, str) and len(value) > length:
+            raise SubscriptionInvalid(
+                f"{column.name} must be at most {length} characters (it has {len(value)})",
+                field=column.name,
+            )
 
 
 def _bump(conn: Connection) -> None:
