@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,12 +98,16 @@ def harness(tmp_path: Path, simulator: SimulatorThread) -> Iterator[Harness]:
     gw.stop()
 
 
-@pytest.fixture
-def slow_harness(tmp_path: Path) -> Iterator[Harness]:
-    """A gateway in front of a simulator that generates slowly (first token after 50 ms,
-    then 20 tokens a second): streams that last long enough to be interrupted."""
+@contextlib.contextmanager
+def generating_at(tmp_path: Path, ttft_ms: int, tokens_per_second: float) -> Iterator[Harness]:
+    """A gateway in front of a simulator whose gpt-4o-mini sends its first token after
+    ``ttft_ms`` and then ``tokens_per_second``."""
     slow = SimDeployment(
-        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=50, tokens_per_second=20
+        name="gpt-4o-mini",
+        model="gpt-4o-mini",
+        kind="chat",
+        ttft_ms=ttft_ms,
+        tokens_per_second=tokens_per_second,
     )
     sim = SimulatorThread(sim_config(deployments=[slow], api_keys=[BACKEND_KEY]))
     sim.start()
@@ -114,6 +119,16 @@ def slow_harness(tmp_path: Path) -> Iterator[Harness]:
         )
     )
     gw.start()
-    yield Harness(gw, sim)
-    gw.stop()
-    sim.stop()
+    try:
+        yield Harness(gw, sim)
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+@pytest.fixture
+def slow_harness(tmp_path: Path) -> Iterator[Harness]:
+    """A gateway in front of a simulator that generates slowly (first token after 50 ms,
+    then 20 tokens a second): streams that last long enough to be interrupted."""
+    with generating_at(tmp_path, ttft_ms=50, tokens_per_second=20) as harness:
+        yield harness

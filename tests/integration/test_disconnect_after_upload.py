@@ -15,31 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sluicegate.simulator.config import SimDeployment
-from sluicegate.simulator.server import SimulatorThread
-from tests.integration.conftest import Harness, sim_config
-from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+from tests.integration.conftest import Harness, generating_at
 
 
 @pytest.fixture
 def glacial(tmp_path: Path) -> Iterator[Harness]:
     """A simulator whose first token comes at once and every later one 20 s after."""
-    slow = SimDeployment(
-        name="gpt-4o-mini", model="gpt-4o-mini", kind="chat", ttft_ms=20, tokens_per_second=0.05
-    )
-    sim = SimulatorThread(sim_config(deployments=[slow], api_keys=[BACKEND_KEY]))
-    sim.start()
-    gw = GatewayThread(
-        gateway_config(
-            tmp_path,
-            {"sim": sim.url},
-            deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
-        )
-    )
-    gw.start()
-    yield Harness(gw, sim)
-    gw.stop()
-    sim.stop()
+    with generating_at(tmp_path, ttft_ms=20, tokens_per_second=0.05) as harness:
+        yield harness
 
 
 @pytest.mark.parametrize("prompt_bytes", [1_000, 400_000, 1_500_000])
