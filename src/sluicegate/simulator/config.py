@@ -2,7 +2,7 @@
 
 The models are immutable and validated once. ``load_sim_config`` reads the same shape from YAML::
 
-    region: swedencentral
+    region: Sweden Central
     seed: 7
     api_keys: [sim-key]
     bearer_tokens: []
