@@ -15,8 +15,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# `make demo PORT=8090 SIM_PORT=8091` when 8080 or 8081 is taken.
+PORT ?= 8080
+SIM_PORT ?= 8081
 demo: $(STAMP)
-	$(BIN)/sluicegate demo
+	$(BIN)/sluicegate demo --port $(PORT) --sim-port $(SIM_PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
