@@ -169,7 +169,10 @@ def test_a_key_secret_the_cli_cannot_use_is_one_line(
         config = write_config(
             tmp_path, url, mode="cluster", redis={"url": "redis://127.0.0.1:6379/0"}
         )
-        code, _, err = run_cli(capsys, "keys", "list", "-c", str(config))
+        code, _, err = run_cli(
+            capsys, "keys", "create", "--product", "p", "--owner", "o", "--name", "n",
+            "-c", str(config),
+        )  # fmt: skip
     assert code == 1
     assert_one_line_error(err, "error: key secret: ")
     assert problem in err

@@ -101,11 +101,15 @@ def subscription_view(sub: Subscription) -> dict[str, Any]:
 
 
 class AdminService:
+    """``hasher`` makes the stored hash of a new key (``create_subscription``, ``rotate``);
+    ``None`` serves every other operation (the CLI's reports and listings run without the key
+    secret) and makes those two raise ``AdminError(503)``."""
+
     def __init__(
         self,
         config: GatewayConfig,
         repository: SubscriptionRepository,
-        hasher: KeyHasher,
+        hasher: KeyHasher | None,
         clock: Clock | None = None,
         *,
         engine: Engine | None = None,
@@ -163,8 +167,8 @@ class AdminService:
             owner=owner.strip(),
             product=product,
             state=SubscriptionState.ACTIVE,
-            primary_key_hash=self.hasher.digest(primary),
-            secondary_key_hash=self.hasher.digest(secondary),
+            primary_key_hash=self._digest(primary),
+            secondary_key_hash=self._digest(secondary),
             primary_key_prefix=display_prefix(primary),
             secondary_key_prefix=display_prefix(secondary),
             created_at=now,
@@ -178,6 +182,11 @@ class AdminService:
         except SubscriptionInvalid as exc:
             raise AdminError(422, str(exc)) from None
         return IssuedKeys(sub, primary, secondary)
+
+    def _digest(self, key: str) -> bytes:
+        if self.hasher is None:
+            raise AdminError(503, "making a key needs the key secret: no key hasher was given")
+        return self.hasher.digest(key)
 
     def get(self, subscription_id: str) -> Subscription:
         sub = self.repository.get(subscription_id)
@@ -212,9 +221,7 @@ class AdminService:
         if self.get(subscription_id).state is SubscriptionState.CANCELLED:
             raise AdminError(409, f"subscription {subscription_id} is cancelled for good")
         key = generate_key()
-        sub = self.repository.set_key(
-            subscription_id, slot, self.hasher.digest(key), display_prefix(key)
-        )
+        sub = self.repository.set_key(subscription_id, slot, self._digest(key), display_prefix(key))
         if slot == "primary":
             return IssuedKeys(sub, primary_key=key)
         return IssuedKeys(sub, secondary_key=key)

@@ -24,19 +24,25 @@ class CommandFailed(Exception):
     message as ``error: <message>``."""
 
 
-def open_admin(config: GatewayConfig) -> AdminService:
+def open_admin(config: GatewayConfig, *, issues_keys: bool = True) -> AdminService:
     """The admin service on ``config``'s database, migrated to the newest schema first.
 
+    Only a command that makes keys (``issues_keys``: creating a subscription, rotating a key)
+    needs the key secret, to hash them; the others (listings, reports, forecasts, state
+    changes) get a service without a hasher, so they run where the secret is not set.
+
     Raises SQLAlchemy's errors or ``OSError`` when the database cannot be reached or created,
-    ``CommandFailed`` when the key secret is missing or unusable.
+    ``CommandFailed`` when ``issues_keys`` and the key secret is missing or unusable.
     """
     migrate(config.storage.url)
     engine = create_engine_for(config.storage.url)
-    try:
-        hasher = key_hasher_for(config, dict(os.environ))
-    except (RuntimeError, ValueError) as exc:  # unset in cluster mode, or too short
-        engine.dispose()
-        raise CommandFailed(f"key secret: {exc}") from None
+    hasher = None
+    if issues_keys:
+        try:
+            hasher = key_hasher_for(config, dict(os.environ))
+        except (RuntimeError, ValueError) as exc:  # unset in cluster mode, or too short
+            engine.dispose()
+            raise CommandFailed(f"key secret: {exc}") from None
     return AdminService(config, SubscriptionRepository(engine), hasher, engine=engine)
 
 

@@ -10,19 +10,61 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from sluicegate.config.loader import ConfigError, environment_problems, load_config
 from sluicegate.config.model import GatewayConfig
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from sluicegate.admin.service import AdminService
+    from sluicegate.auth.subscriptions import KeySlot
+
+
+def _plain_flag(option: TyperOption | None) -> TyperOption | None:
+    """``option`` without a type in help when it is a flag. Typer's rich help shows every
+    option's type, flags included (``--json <bool>``, ``--help <bool>``), as if they took a
+    value; an empty metavar shows none (its plain help already leaves flags bare)."""
+    if option is not None and option.is_bool_flag and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    """A command whose help shows flags as flags (``_plain_flag``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperOption):
+                _plain_flag(param)
+
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        return _plain_flag(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    """A command group whose help shows ``--help`` as a flag (``_plain_flag``)."""
+
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        return _plain_flag(super().get_help_option(ctx))
+
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="sluicegate: a gateway for Azure OpenAI."
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    help="sluicegate: a gateway for Azure OpenAI.",
 )
-config_app = typer.Typer(no_args_is_help=True, help="Check a configuration file.")
-keys_app = typer.Typer(no_args_is_help=True, help="Manage subscriptions and their keys.")
-usage_app = typer.Typer(no_args_is_help=True, help="Usage reports from the ledger.")
+config_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Check a configuration file.")
+keys_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Manage subscriptions and their keys."
+)
+usage_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Usage reports from the ledger.")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
@@ -45,7 +87,7 @@ def _load(path: Path) -> GatewayConfig:
         raise typer.Exit(2) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     config: ConfigOpt = Path("gateway.yaml"),
     host: Annotated[str | None, typer.Option(help="Override listen.host.")] = None,
@@ -67,7 +109,7 @@ def serve(
     raise typer.Exit(run(cfg, host=host, port=port))
 
 
-@config_app.command("check")
+@config_app.command("check", cls=_Command)
 def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to check")]) -> None:
     """Validate a configuration file; every problem is printed with its location."""
     cfg = _load(path)
@@ -84,13 +126,15 @@ def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to chec
     )
 
 
-def _admin(config: GatewayConfig):  # type: ignore[no-untyped-def]
+def _admin(config: GatewayConfig, *, issues_keys: bool = False) -> AdminService:
+    """``cli.context.open_admin``; the key secret is read only for a command that makes keys
+    (``issues_keys``), the others work without it."""
     from sluicegate.cli.context import open_admin
 
-    return open_admin(config)
+    return open_admin(config, issues_keys=issues_keys)
 
 
-def _reported(config: GatewayConfig | None = None):  # type: ignore[no-untyped-def]
+def _reported(config: GatewayConfig | None = None) -> AbstractContextManager[None]:
     """``cli.context.reported_errors``: wrap every command that touches the database, so
     that a refused request or an unreachable database is one line and exit status 1."""
     from sluicegate.cli.context import reported_errors
@@ -114,15 +158,33 @@ def _expiry(expires_in_days: float | None, now: float) -> float | None:
     return expires
 
 
-def _print_sub(data: dict[str, object], as_json: bool) -> None:
+#: Fields of ``subscription_view`` that hold an epoch time (``None``: never, for expiry).
+_TIMES = ("created_at", "updated_at", "expires_at")
+
+
+def _iso(epoch: float) -> str:
+    """An epoch time as ISO 8601 in UTC, to the second (``2026-12-07T12:35:56Z``)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_sub(data: dict[str, Any], as_json: bool) -> None:
+    """A subscription (``subscription_view``, perhaps with its new keys): ``--json`` as the
+    admin API gives it (times as epoch seconds); else one field a line, times in ISO 8601 UTC
+    and overrides as JSON."""
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
-        typer.echo(f"{key:>22}: {value}")
+        if key in _TIMES:
+            shown = "never" if value is None else _iso(value)
+        elif key == "overrides":
+            shown = json.dumps(value)
+        else:
+            shown = str(value)
+        typer.echo(f"{key:>22}: {shown}")
 
 
-@keys_app.command("create")
+@keys_app.command("create", cls=_Command)
 def keys_create(
     product: Annotated[str, typer.Option(help="Product the subscription belongs to.")],
     owner: Annotated[str, typer.Option(help="Team or user that owns it.")],
@@ -140,7 +202,7 @@ def keys_create(
     expires = _expiry(expires_in_days, time.time())
     cfg = _load(config)
     with _reported(cfg):
-        issued = _admin(cfg).create_subscription(
+        issued = _admin(cfg, issues_keys=True).create_subscription(
             product=product, owner=owner, name=name, expires_at=expires
         )
     data = subscription_view(issued.subscription)
@@ -151,7 +213,7 @@ def keys_create(
         typer.echo("\nThe keys are shown only now; store them safely.", err=True)
 
 
-@keys_app.command("list")
+@keys_app.command("list", cls=_Command)
 def keys_list(
     config: ConfigOpt = Path("gateway.yaml"),
     search: Annotated[str | None, typer.Option(help="Filter by id, name or owner.")] = None,
@@ -172,9 +234,15 @@ def keys_list(
     from rich.console import Console
     from rich.table import Table
 
+    from sluicegate.cli.tables import id_column, text_column
+
+    # The id is what `keys show` and the others take, the prefix what tells a key's holder
+    # which one it is: neither is ever cut (cli.tables).
     table = Table(title=f"{total} subscription(s)")
-    for col in ("id", "name", "owner", "product", "state", "primary_key_prefix"):
-        table.add_column(col)
+    id_column(table, "id", (r["id"] for r in rows))
+    for col in ("name", "owner", "product", "state"):
+        text_column(table, col)
+    id_column(table, "primary key", (r["primary_key_prefix"] for r in rows))
     for r in rows:
         table.add_row(
             *(str(r[c]) for c in ("id", "name", "owner", "product", "state", "primary_key_prefix"))
@@ -186,21 +254,29 @@ def _state_command(action: str):  # type: ignore[no-untyped-def]
     def command(
         subscription_id: Annotated[str, typer.Argument(metavar="ID")],
         config: ConfigOpt = Path("gateway.yaml"),
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print the subscription as JSON.")
+        ] = False,
     ) -> None:
+        from sluicegate.admin.service import subscription_view
+
         cfg = _load(config)
         with _reported(cfg):
             sub = getattr(_admin(cfg), action)(subscription_id)
-        typer.echo(f"{sub.id}: {sub.state.value}")
+        if as_json:
+            typer.echo(json.dumps(subscription_view(sub), indent=2))
+        else:
+            typer.echo(f"{sub.id}: {sub.state.value}")
 
     command.__doc__ = f"{action.capitalize()} a subscription."
     return command
 
 
 for _action in ("suspend", "resume", "cancel"):
-    keys_app.command(_action)(_state_command(_action))
+    keys_app.command(_action, cls=_Command)(_state_command(_action))
 
 
-@keys_app.command("show")
+@keys_app.command("show", cls=_Command)
 def keys_show(
     subscription_id: Annotated[str, typer.Argument(metavar="ID")],
     config: ConfigOpt = Path("gateway.yaml"),
@@ -215,7 +291,7 @@ def keys_show(
     _print_sub(subscription_view(sub), as_json)
 
 
-@keys_app.command("rotate")
+@keys_app.command("rotate", cls=_Command)
 def keys_rotate(
     subscription_id: Annotated[str, typer.Argument(metavar="ID")],
     key: Annotated[str, typer.Option(help="primary or secondary")] = "primary",
@@ -228,7 +304,8 @@ def keys_rotate(
         raise typer.Exit(2)
     cfg = _load(config)
     with _reported(cfg):
-        issued = _admin(cfg).rotate(subscription_id, key)
+        slot: KeySlot = "primary" if key == "primary" else "secondary"
+        issued = _admin(cfg, issues_keys=True).rotate(subscription_id, slot)
     value = issued.primary_key or issued.secondary_key
     if as_json:
         typer.echo(json.dumps({"id": subscription_id, f"{key}_key": value}))
@@ -248,7 +325,7 @@ def _parse_time(value: str | None, default: float) -> float:
     return dt.timestamp()
 
 
-@usage_app.command("report")
+@usage_app.command("report", cls=_Command)
 def usage_report(
     config: ConfigOpt = Path("gateway.yaml"),
     start: Annotated[
@@ -273,7 +350,7 @@ def usage_report(
         print_report(cfg, since, until, by, fmt)
 
 
-@app.command()
+@app.command(cls=_Command)
 def forecast(
     config: ConfigOpt = Path("gateway.yaml"),
     limit: Annotated[int, typer.Option(help="How many subscriptions (by cost so far).")] = 20,
@@ -288,7 +365,7 @@ def forecast(
         print_forecast(cfg, limit, as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 def backends(
     config: ConfigOpt = Path("gateway.yaml"),
     url: Annotated[
@@ -298,7 +375,8 @@ def backends(
 ) -> None:
     """Each deployment's backend pool with its live state: circuit (closed, open until …,
     half-open), headroom, in-flight requests (see docs/routing.md)."""
-    from sluicegate.routing.overview import collect, render
+    from sluicegate.cli.tables import print_backends
+    from sluicegate.routing.overview import collect
 
     cfg = _load(config)
     try:
@@ -309,10 +387,10 @@ def backends(
     if as_json:
         typer.echo(json.dumps({"source": note, "items": [r.as_dict() for r in rows]}, indent=2))
     else:
-        render(rows, note)
+        print_backends(rows, note)
 
 
-@app.command()
+@app.command(cls=_Command)
 def simulate(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Simulator YAML.")] = None,
     host: str = "127.0.0.1",
@@ -324,7 +402,7 @@ def simulate(
     raise typer.Exit(run(config, host, port))
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
     sim_port: Annotated[int, typer.Option(min=1, max=65535)] = 8081,

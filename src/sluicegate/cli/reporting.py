@@ -1,5 +1,9 @@
 """Printing usage reports and forecasts as a table, CSV or JSON (through the admin service,
-like the admin API and the dashboard)."""
+like the admin API and the dashboard). Neither needs the key secret.
+
+A group without a value (requests refused before a subscription, deployment or backend was
+known; no model named by the backend) is ``(none)`` in a table, as on the dashboard; ``null``
+in JSON and an empty ``key`` in CSV, as the admin API gives them."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from sluicegate.accounting.chargeback import DIMENSIONS
 from sluicegate.accounting.pricing import format_money
 from sluicegate.admin.service import AdminError, money, report_csv, report_rows
 from sluicegate.cli.context import open_admin
+from sluicegate.cli.tables import NO_VALUE, id_column, label, text_column
 from sluicegate.config.model import GatewayConfig
 
 
@@ -22,7 +27,7 @@ def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: 
         raise typer.BadParameter(f"--by must be one of {', '.join(DIMENSIONS)}")
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter("--format must be table, csv or json")
-    service = open_admin(config)
+    service = open_admin(config, issues_keys=False)
     try:
         report = service.usage_report(start=start, end=end, by=by)
     except AdminError as exc:
@@ -51,21 +56,21 @@ def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: 
         f"Usage by {by}, {time.strftime(fmt_t, time.gmtime(report.start))} – "
         f"{time.strftime(fmt_t, time.gmtime(report.end))} UTC, cost in {report.currency}"
     )
-    table = Table(title=title)
-    for col in (
-        "key",
-        "requests",
-        "input",
-        "output",
-        "total tokens",
-        "PTU share",
-        "cost",
-        "unpriced",
-    ):
-        table.add_column(col, justify="left" if col == "key" else "right")
+    none = any(row.key is None for row in report.rows)
+    table = Table(
+        title=title,
+        caption=f"{NO_VALUE}: {_NO_VALUE_MEANS.get(by, f'no {by}')}" if none else None,
+    )
+    keys = ["(total)", *(label(row.key) for row in report.rows)]
+    if by == "subscription":  # ids, which `keys show` takes: never cut
+        id_column(table, "key", keys)
+    else:
+        text_column(table, "key")
+    for col in ("requests", "input", "output", "total tokens", "PTU share", "cost", "unpriced"):
+        text_column(table, col, "right")
     for row in [*report.rows, report.total]:
         table.add_row(
-            "(total)" if row is report.total else str(row.key),
+            "(total)" if row is report.total else label(row.key),
             f"{row.requests:,}",
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",
@@ -83,9 +88,20 @@ def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: 
         )
 
 
+#: Per dimension, which requests a report's ``(none)`` row counts (a ``None`` key).
+_NO_VALUE_MEANS = {
+    "subscription": "requests refused before a subscription was known (no or unknown key)",
+    "owner": "requests refused before a subscription was known (no or unknown key)",
+    "product": "requests refused before a subscription was known (no or unknown key)",
+    "deployment": "requests refused before a deployment was chosen",
+    "backend": "requests refused before routing (no backend tried)",
+    "model": "requests without a model named by a backend (refused, or failed upstream)",
+}
+
+
 def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
     """Month-end projections per subscription, and PTU against pay-as-you-go per deployment."""
-    service = open_admin(config)
+    service = open_admin(config, issues_keys=False)
     items, total, count = service.forecast(limit=limit)
     deployments = service.break_even()
     currency = service.prices.currency
@@ -134,18 +150,13 @@ def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
     table = Table(
         title=f"Month-end forecast ({count} subscriptions with usage, cost in {currency})"
     )
-    for col in (
-        "subscription",
-        "tokens so far",
-        "cost so far",
-        "projected tokens",
-        "projected cost",
-        "method",
-    ):
-        table.add_column(col, justify="left" if col in ("subscription", "method") else "right")
+    keys = ["(total)", *(label(p.key) for p in items)]
+    id_column(table, "subscription", keys)  # ids, which `keys show` takes: never cut
+    for col in ("tokens so far", "cost so far", "projected tokens", "projected cost", "method"):
+        text_column(table, col, "left" if col == "method" else "right")
     for p in [*items, total]:
         table.add_row(
-            "(total)" if p is total else str(p.key),
+            "(total)" if p is total else label(p.key),
             f"{p.mtd_tokens:,}",
             format_money(p.mtd_cost_nanos, 4),
             f"{p.projected_tokens:,}",
@@ -164,7 +175,7 @@ def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
         "cheaper",
         "note",
     ):
-        be.add_column(col, justify="left" if col in ("deployment", "cheaper", "note") else "right")
+        text_column(be, col, "left" if col in ("deployment", "cheaper", "note") else "right")
     for d in deployments:
         be.add_row(
             d.deployment,

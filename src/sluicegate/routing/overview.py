@@ -145,27 +145,3 @@ def collect(config: GatewayConfig, url: str | None) -> tuple[list[Row], str]:
         merge_shared(rows, read_shared(config), time.time())
         return rows, "shared cluster state from Redis (trips and headroom)"
     return rows, "configuration only: pass --url of a running gateway for its live state"
-
-
-def render(rows: list[Row], note: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Backends by deployment", caption=note)
-    columns = ("deployment", "backend", "backend deployment", "prio", "weight", "kind",
-               "state", "headroom tokens", "headroom requests", "in flight")  # fmt: skip
-    for col in columns:
-        table.add_column(col, justify="right" if col in ("prio", "weight", "in flight") else "left")
-    for r in rows:
-        state = r.state
-        if r.open_seconds is not None:
-            state += f" ({r.open_seconds:.1f}s" + (f", {r.open_reason})" if r.open_reason else ")")
-        table.add_row(
-            r.deployment, r.backend, r.backend_deployment, str(r.priority), str(r.weight),
-            r.kind, state, _opt(r.headroom_tokens), _opt(r.headroom_requests), _opt(r.in_flight),
-        )  # fmt: skip
-    Console().print(table)
-
-
-def _opt(value: object) -> str:
-    return "—" if value is None else str(value)
