@@ -8,7 +8,7 @@ from decimal import Decimal
 from sluicegate.accounting.chargeback import UNALLOCATED, allocate
 from sluicegate.accounting.forecast import project_month
 from sluicegate.accounting.periods import DAY, month_bounds
-from sluicegate.accounting.pricing import PriceTable, nanos_text
+from sluicegate.accounting.pricing import PriceTable, format_money, nanos_text
 from sluicegate.config.loader import parse_config
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
@@ -106,3 +106,14 @@ def test_projection_run_rate_then_trend() -> None:
     late = [0, 0, 0, 0, 0, 50]
     total, method = project_month(late, 50, m0, m1, m0 + 6 * DAY)
     assert method == "run-rate" and total == round(50 * 26 / 1)
+
+
+def test_money_that_would_show_as_zero_keeps_two_significant_digits() -> None:
+    # Two demo requests cost ~$0.00002: the CLI's table (4 decimals) showed 0.0000.
+    assert format_money(20_000, 4) == "0.000020"
+    assert format_money(5_000_000) == "0.0050"
+    assert format_money(-5_000) == "-0.0000050"
+    assert format_money(1) == "0.000000001"  # one nano: at most 9 decimals
+    assert format_money(0, 4) == "0.0000"
+    assert format_money(123_456, 4) == "0.0001"  # not zero at 4 decimals: as asked
+    assert format_money(1_234_567_890_000) == "1,234.57"

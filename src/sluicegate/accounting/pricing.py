@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -44,8 +45,14 @@ def nanos_to_decimal(nanos: int) -> Decimal:
 
 
 def format_money(nanos: int, places: int = 2) -> str:
-    """``1234567890000`` → ``"1,234.57"`` (rounded half-even to ``places`` decimals)."""
-    value = nanos_to_decimal(nanos).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
+    """``1234567890000`` → ``"1,234.57"`` (rounded half-even to ``places`` decimals). An
+    amount that would show as zero keeps two significant digits instead (``20000`` nanos →
+    ``"0.000020"``; at most 9 decimals): a request costs a few millionths, and a report of
+    two of them must not read 0.0000."""
+    value = nanos_to_decimal(nanos)
+    if 0 < abs(value) < Decimal(1).scaleb(-places):
+        places = min(9, -math.floor(math.log10(abs(value))) + 1)
+    value = value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
     return f"{value:,.{places}f}"
 
 

@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from sluicegate.accounting.periods import DAY, floor_day, floor_hour, month_bounds
-from sluicegate.accounting.pricing import nanos_to_decimal
+from sluicegate.accounting.pricing import format_money, nanos_to_decimal
 from sluicegate.admin.access import AdminAccess, AdminFailure
 from sluicegate.admin.api import (
     BODY_TIMEOUT_HEADERS,
@@ -93,12 +93,9 @@ def _env() -> jinja2.Environment:
 
 
 def money_text(nanos: int, currency: str, places: int = 2) -> str:
-    """``$1,234.57`` (or ``1,234.57 CHF``); amounts under one cent keep 4 decimals."""
-    value = nanos_to_decimal(nanos)
-    if 0 < abs(value) < Decimal("0.01"):
-        # Small amounts keep two significant digits instead of showing as 0.00.
-        places = min(9, max(places, -math.floor(math.log10(abs(value))) + 1))
-    text = f"{value:,.{places}f}"
+    """``$1,234.57`` (or ``1,234.57 CHF``); amounts that would show as zero keep two
+    significant digits (``format_money``)."""
+    text = format_money(nanos, places)
     symbol = _SYMBOLS.get(currency)
     return f"{symbol}{text}" if symbol else f"{text} {currency}"
 
