@@ -13,9 +13,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from sluicegate.gateway import Gateway
 from sluicegate.proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
 from sluicegate.proxy.errors import GatewayError
+from sluicegate.storage.engine import database_problem
 
 log = logging.getLogger("sluicegate.app")
 
@@ -60,6 +64,18 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.gateway.start()
+                except SQLAlchemyError as exc:
+                    # One line that says what to fix (a database that does not exist, a
+                    # refused connection), not a traceback that buries it: see database_problem.
+                    where = make_url(self.gateway.config.storage.url)
+                    problem = database_problem(exc)
+                    log.error(
+                        "the gateway could not start: database %s: %s",
+                        where.render_as_string(hide_password=True),
+                        problem,
+                    )
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    return
                 except Exception as exc:
                     log.exception("the gateway could not start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -303,6 +303,19 @@ def test_serve_and_simulate_refuse_a_port_out_of_range(
     assert "Traceback" not in done.stderr
 
 
+def test_serve_on_a_database_that_does_not_exist_says_so_in_one_line(tmp_path: Path) -> None:
+    # An operator's first cluster start: migrations create the tables, not the database.
+    config = write_config(tmp_path, f"postgresql://postgres@127.0.0.1:5432/nodb_{free_port()}")
+    done = run_script("serve", "-c", str(config), "--port", str(free_port()), cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "could not start" in x]
+    message = json.loads(line)["msg"]
+    assert message.startswith("the gateway could not start: database postgresql://")
+    assert "does not exist" in message
+    assert "alembic.runtime.plugins" not in done.stderr  # its eight lines of plugin noise
+
+
 # -- python -m sluicegate.cli.main -----------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sluicegate.admin.service import AdminError, AdminService
 from sluicegate.config.model import GatewayConfig
 from sluicegate.gateway import key_hasher_for
-from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.engine import create_engine_for, database_problem, first_line
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.subscriptions import SubscriptionRepository
 
@@ -67,20 +67,7 @@ def reported_errors(config: GatewayConfig | None = None) -> Iterator[None]:
             where = f" {make_url(config.storage.url).render_as_string(hide_password=True)}"
         _fail(f"database{where}: {database_problem(exc)}")
     except OSError as exc:
-        _fail(_first_line(str(exc)) or type(exc).__name__)
-
-
-def database_problem(exc: SQLAlchemyError) -> str:
-    """What went wrong, in one line that holds no SQL and no parameters: the exception's
-    class and the first line of the driver's message (of SQLAlchemy's when there is no
-    driver error)."""
-    orig = getattr(exc, "orig", None)
-    text = _first_line(str(orig if isinstance(orig, BaseException) else exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
+        _fail(first_line(str(exc)) or type(exc).__name__)
 
 
 def _fail(message: str) -> None:

@@ -126,3 +126,18 @@ def ping(engine: Engine) -> bool:
 def describe(engine: Engine) -> str:
     """The engine's URL with any password hidden, for logs and error messages."""
     return engine.url.render_as_string(hide_password=True)
+
+
+def database_problem(exc: SQLAlchemyError) -> str:
+    """What went wrong, in one line that holds no SQL and no parameters: the exception's
+    class and the first line of the driver's message (of SQLAlchemy's when there is no
+    driver error). SQLAlchemy's own text goes on with the statement and its parameters (key
+    hashes among them), and a driver's second line may quote a stored value."""
+    orig = getattr(exc, "orig", None)
+    text = first_line(str(orig if isinstance(orig, BaseException) else exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def first_line(text: str) -> str:
+    """``text``'s first line, stripped."""
+    return text.strip().split("\n", 1)[0].strip()

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
+from sluicegate.storage.engine import first_line
 from sluicegate.storage.rows import encode_json, subscription_from_row, subscription_to_row
 from sluicegate.storage.schema import STATE_VERSION_ROW_ID, state_version, subscriptions
 
@@ -108,7 +109,7 @@ class SubscriptionRepository:
         except DataError as exc:
             # From None: SQLAlchemy's text of the error holds the INSERT's parameters (the key
             # hashes among them); the driver's first line says what is wrong without them.
-            reason = str(exc.orig).strip().split("\n", 1)[0]
+            reason = first_line(str(exc.orig))
             raise SubscriptionInvalid(f"the database refused the subscription: {reason}") from None
         except IntegrityError as exc:
             if self.get(sub.id) is not None:

@@ -15,6 +15,7 @@ revision. ``tests/storage/test_migrations.py`` fails until the migrated database
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,10 @@ SCRIPT_LOCATION = Path(__file__).resolve().parent
 #: on an up-to-date database never imports it (about 11 MiB of resident memory per worker).
 #: ``tests/storage/test_migrations.py`` checks it against Alembic's own view.
 HEAD = "0002"
+
+# Alembic 1.16+ announces each of its autogenerate plugins at INFO whenever it runs (eight
+# lines before "Running upgrade …" in every new gateway's log); they say nothing to an operator.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 #: Key of the PostgreSQL advisory lock held while migrating (any fixed 64-bit number).
 _PG_LOCK_KEY = 0x51_0C_E6_A7_E0_00_00_01
