@@ -198,6 +198,9 @@ class TimeoutsConfig(_Strict):
     first_byte: float = Field(default=120.0, gt=0)
     #: Seconds allowed between two chunks of a response body.
     between_chunks: float = Field(default=60.0, gt=0)
+    #: Seconds the client may take to accept each part of this backend's answer (while its
+    #: connection's send buffer is full); past that it is treated as gone (docs/architecture.md).
+    client_write: float = Field(default=60.0, gt=0)
 
 
 class BackendConfig(_Strict):

@@ -8,7 +8,10 @@ record (``attempt`` 1, 2, …, with its backend, the backend's status and outcom
 ``backend_error``); the last attempt is the request's context, written by the pipeline as
 usual. When no attempt is left the gateway answers itself — 429 with the shortest wait if
 every member is throttled, 503 otherwise — and the last attempt's record carries that status
-with the backend's own in ``extra["upstream_status"]``.
+with the backend's own in ``extra["upstream_status"]``. An attempt that found no free pooled
+connection to its backend in time (outcome ``BUSY``) never reached it: it is abandoned, not a
+failure for the breaker, and is followed by another member's attempt, never a wait for the
+same one (503 ``BackendBusy`` when every member was busy).
 
 A one-member pool's wait-and-retry goes through the breaker like a new request: it waits at
 least until the breaker's end (or gives up when that is beyond ``max_wait``), then retries only
@@ -39,7 +42,7 @@ from sluicegate.routing.estimate import request_estimate
 from sluicegate.routing.pool import Member, Pool
 from sluicegate.routing.retry import Action, RetryPolicy
 from sluicegate.routing.retry import Outcome as AttemptOutcome
-from sluicegate.routing.router import Choice, Router, Ticket
+from sluicegate.routing.router import BUSY, Choice, Router, Ticket
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.identity import BackendAuthError
 
@@ -104,13 +107,21 @@ async def forward_routed(
             )  # fmt: skip
         except AttemptFailed as failed:
             outcome = failed.outcome
-            router.failed(ticket, outcome)
+            # No free connection to the backend in time: nothing about its health (the
+            # breaker does not hear of it), and no waiting to try it again (the request
+            # waited already): another member, if any, else 503 BackendBusy.
+            busy = outcome.error == BUSY
+            if busy:
+                router.abandoned(ticket)
+            else:
+                router.failed(ticket, outcome)
             tried.append(member.key)
             outcomes[member.key] = outcome
             duration = clock.monotonic() - started
             elapsed = clock.monotonic() - ctx.started
-            out_for = router.out_for(choice.target) if pool.single else 0.0
-            decision = policy.decide(outcome, number, pool.single, elapsed, out_for)
+            single = pool.single and not busy
+            out_for = router.out_for(choice.target) if single else 0.0
+            decision = policy.decide(outcome, number, single, elapsed, out_for)
             following: Choice | None = None
             if decision.action is Action.NEXT:
                 following = router.choose(pool, estimate, tried)
@@ -168,10 +179,11 @@ def _probe_retryable(router: Router, ticket: Ticket, statuses: frozenset[int], s
 
 def _probe_send(router: Router, ticket: Ticket, ctx: RequestContext, send: Send) -> Send:
     """``send`` for a half-open probe's attempt. The relay sends a body with ``more_body``
-    only for a stream still arriving, and only whole events: the first such body gives the
-    probe's verdict (``router.probe_streaming``) before it goes out. A JSON answer (sent in
-    one piece, after its body was read whole) or a stream that came whole leaves the verdict
-    to the attempt's end, where a body that broke off is the probe's failure."""
+    only for an answer still arriving (a stream: only whole events): the first such body
+    gives the probe's verdict (``router.probe_streaming``) before it goes out. A metered JSON
+    answer (sent in one piece, after its body was read whole) or any answer that came whole
+    leaves the verdict to the attempt's end, where a body that broke off is the probe's
+    failure."""
 
     async def probe_send(message: Message) -> None:
         if ticket.probe and message.get("more_body") and message.get("body"):
@@ -210,11 +222,16 @@ def _describe(ctx: RequestContext, choice: Choice) -> None:
     ctx.extra = _routed_extra(member.deployment, member.kind, choice.reason)
 
 
+#: Error codes of relayed answers whose body broke off after part of it went out: a stream's
+#: (the client got an error event) and any other answer's (its connection closed short).
+_BROKEN_BODIES = frozenset({"StreamInterrupted", "AnswerInterrupted"})
+
+
 def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:
     """Tell the router how a relayed attempt went."""
     if ctx.outcome is Outcome.ABORTED:
         router.abandoned(ticket)
-    elif ctx.error_code == "StreamInterrupted":
+    elif ctx.error_code in _BROKEN_BODIES:
         router.failed(ticket, AttemptOutcome(None, "broken"))
     elif ctx.status >= 500 or ctx.status == 429:
         # Relayed because its status is not retried: the breaker still honours the wait its

@@ -2,17 +2,25 @@
 unless it fails before the first byte went out, in which case ``AttemptFailed`` says how and
 nothing was sent (the caller may try another backend; see ``proxy/failover.py``).
 
-JSON answers are read whole (they are small) and their ``usage`` read; streams are relayed
-event by event as they arrive, never buffered whole, with the usage picked out of the final
-chunk. A stream's first chunk is read before the client gets the status line, so a backend
-that answers 200 and then breaks off before sending anything still fails over invisibly. An
-answer without usage is estimated (``_estimate``), in the counting thread when the prompt
-left to count or the answer is large, so that counting never holds the event loop.
+A metered JSON answer is read whole (up to ``WHOLE_ANSWER_LIMIT``) and its ``usage`` read;
+any answer that came whole with its first read leaves in one write, with its length. The
+rest is relayed in parts as they arrive, never buffered whole: streams event by event, with
+the usage picked out of the final chunk; other answers (a file download, a metered answer
+past the limit, whose usage is looked for in its last part) as they come. A stream's first
+chunk is read before the client gets the status line, so a backend that answers 200 and then
+breaks off before sending anything still fails over invisibly. Only metered answers are
+counted: an answer without usage is estimated (``_estimate``), in the counting thread when
+the prompt left to count or the answer is large, so that counting never holds the event
+loop.
 
 Timeouts: ``first_byte`` bounds everything up to the status line (and, for streams, the first
-chunk); ``between_chunks`` bounds every later read. The upstream response is always released
-(or closed, when unfinished) in this module's own ``finally`` — also when the client
-disconnects or the task is cancelled — and a disconnecting client closes it at once.
+chunk), from when a pooled connection was free: the wait for one has a bound of the same
+length, and running out of it is not the backend's failure (outcome ``BUSY``);
+``between_chunks`` bounds every later read; ``client_write`` every send to the client (a
+client whose connection takes nothing for that long is treated as gone). The upstream
+response is always released (or closed, when unfinished) in this module's own ``finally`` —
+also when the client disconnects or the task is cancelled — and a disconnecting client closes
+it at once. A body read to its end goes back to the pool before the client is written to.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -29,11 +38,12 @@ import orjson
 from sluicegate.accounting.records import Outcome
 from sluicegate.clock import Clock
 from sluicegate.proxy import errors
-from sluicegate.proxy.asgi import Receive, Scope, Send, disconnect_hook
+from sluicegate.proxy.asgi import Message, Receive, Scope, Send, disconnect_hook
 from sluicegate.proxy.context import RequestContext
-from sluicegate.proxy.deadlines import Deadlines
+from sluicegate.proxy.deadlines import Deadlines, Watch
 from sluicegate.routing.retry import Outcome as AttemptOutcome
 from sluicegate.routing.retry_after import retry_after_from_body, retry_after_from_headers
+from sluicegate.routing.router import BUSY
 from sluicegate.tokens.counting import count_text
 from sluicegate.tokens.estimate import estimate_request_tokens
 from sluicegate.tokens.estimate_text import estimate_text_tokens
@@ -43,7 +53,9 @@ from sluicegate.tokens.usage import (
     StreamScanner,
     Usage,
     answer_text,
+    model_name,
     usage_from_body,
+    usage_from_object,
 )
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.client import UpstreamResponse
@@ -56,6 +68,15 @@ _INFINITY = float("inf")
 
 #: How much of a failed answer's body is read (for the wait an Azure 429 message names).
 _ERROR_BODY_LIMIT = 64 * 1024
+
+#: A metered answer (not a stream) is read whole up to this size, for its usage, and leaves
+#: in one write; past it, it is relayed in parts and its usage looked for in its last part.
+#: The largest usual answer fits: embeddings of 2048 inputs × 3072 dimensions are ~60 MB as
+#: JSON floats (the SDKs ask for base64 by default, ~33 MB).
+WHOLE_ANSWER_LIMIT = 64 * 1024 * 1024
+#: The last bytes of an answer relayed in parts kept to find its usage (a few hundred bytes
+#: from its end, after ``choices``/``data``/``output``).
+TAIL_KEPT_BYTES = 64 * 1024
 
 
 class AttemptFailed(Exception):
@@ -106,19 +127,33 @@ async def attempt(
 ) -> None:
     """Send one attempt and relay its answer. Raises ``AttemptFailed`` (nothing sent to the
     client) on a connection error, a timeout before the first byte, a body that broke off
-    before the first byte, or a status for which ``retryable(status)`` is true.
+    before the first byte, no free pooled connection in time (outcome ``busy``: not the
+    backend's failure), or a status for which ``retryable(status)`` is true.
     ``on_headers`` receives every answer's headers (for headroom), failed ones included.
     Raises ``GatewayError`` (400, nothing sent anywhere) for a request that HTTP/1.1 cannot
     carry as built: not an attempt that failed, so no backend is blamed for it."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     deadlines = ctx.deadlines
+    client = backend.client
     deadline = deadlines.now() + backend.first_byte_timeout
     backend.in_flight += 1
     try:
+        queued = False
         try:
-            with deadlines.at(deadline):
-                response = await backend.client.request(scope["method"], url, headers.items(), body)
+            with deadlines.at(deadline) as watch:
+                if client.full:
+                    # Every connection the pool may open is busy (with other answers, or held
+                    # by clients that read slowly): wait for one, at most ``first_byte``. Only
+                    # then does the backend's own wait begin, with its whole ``first_byte``.
+                    queued = True
+                    while client.full:
+                        await client.wait_for_room()
+                    queued = False
+                    deadline = watch.deadline = deadlines.now() + backend.first_byte_timeout
+                response = await client.request(scope["method"], url, headers.items(), body)
         except TimeoutError:
+            if queued:
+                raise _busy(backend) from None
             raise _timed_out(backend, "no status line") from None
         except OSError as exc:
             backend.connect_failed(exc)
@@ -140,16 +175,11 @@ async def attempt(
             if retryable(status):
                 raise await _failed_answer(deadlines, backend, response, clock)
             if response.content_type == "text/event-stream":
-                first = await _first_chunk(deadlines, backend, response, deadline)
-                _set_status(ctx, status)
                 finished = await _relay_stream(
-                    ctx, response, first, scope, receive, send, clock, backend
+                    ctx, backend, response, scope, receive, send, clock, deadline
                 )
             else:
-                data = await _read_body(deadlines, backend, response, None)
-                finished = True
-                _set_status(ctx, status)
-                await _send_whole(ctx, response, data, scope, send, clock)
+                finished = await _relay_answer(ctx, backend, response, scope, receive, send, clock)
         finally:
             if finished and ctx.outcome is not Outcome.ABORTED:
                 response.release()
@@ -157,6 +187,19 @@ async def attempt(
                 response.close()
     finally:
         backend.in_flight -= 1
+
+
+def _busy(backend: Backend) -> AttemptFailed:
+    """No pooled connection to ``backend`` came free within ``first_byte``: the request never
+    reached it, and the wait says nothing about its health, so the outcome is ``BUSY``, which
+    the router keeps out of the breaker (``proxy/failover.py`` fails over, or answers 503)."""
+    return AttemptFailed(
+        AttemptOutcome(None, BUSY),
+        503,
+        "BackendBusy",
+        f"Every connection the gateway may open to backend {backend.name} stayed in use for "
+        f"{backend.first_byte_timeout:g} s.",
+    )
 
 
 def _set_status(ctx: RequestContext, status: int) -> None:
@@ -191,25 +234,10 @@ async def _failed_answer(
     )
 
 
-async def _first_chunk(
-    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, deadline: float
-) -> bytes:
-    try:
-        with deadlines.at(deadline):
-            first = await response.readany()
-    except TimeoutError:
-        raise _timed_out(backend, "no first chunk") from None
-    except OSError as exc:
-        raise _broken(backend, exc) from None
-    if not first:
-        raise _broken(backend, None)
-    return first
-
-
 async def _read_body(
-    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, limit: int | None
+    deadlines: Deadlines, backend: Backend, response: UpstreamResponse, limit: int
 ) -> bytes:
-    """The whole body (up to ``limit`` bytes), each read bounded by ``between_chunks``."""
+    """The body up to ``limit`` bytes, each read bounded by ``between_chunks``."""
     parts: list[bytes] = []
     size = 0
     between = backend.between_chunks_timeout
@@ -221,7 +249,7 @@ async def _read_body(
                     break
                 parts.append(chunk)
                 size += len(chunk)
-                if limit is not None and size >= limit:
+                if size >= limit:
                     break
                 watch.deadline = deadlines.now() + between
     except (OSError, TimeoutError) as exc:
@@ -229,17 +257,115 @@ async def _read_body(
     return b"".join(parts)
 
 
+async def _relay_answer(
+    ctx: RequestContext,
+    backend: Backend,
+    response: UpstreamResponse,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    clock: Clock,
+) -> bool:
+    """Relay an answer that is not a stream; True if its body was read to its end.
+
+    A metered answer (2xx) is read whole, up to ``WHOLE_ANSWER_LIMIT``, for its usage; any
+    other only as far as its first read. Whole, it leaves in one write with its length,
+    after the upstream connection went back to the pool (``_send_whole``); a body that
+    breaks off before that fails the attempt (``AttemptFailed``, nothing sent). An answer
+    still arriving past that (a file download, an error answer in several reads, a metered
+    answer past the limit) is relayed in parts as they come (``_relay_parts``), keeping only
+    the last ``TAIL_KEPT_BYTES`` of a metered one, where its usage is."""
+    deadlines = ctx.deadlines
+    between = backend.between_chunks_timeout
+    status = response.status
+    metered = status < 300 and ctx.route.metered
+    limit = WHOLE_ANSWER_LIMIT if metered else 0
+    parts: list[bytes] = []
+    size = 0
+    sending = False
+    try:
+        with deadlines.after(between) as watch:
+            try:
+                while chunk := await response.readany():
+                    parts.append(chunk)
+                    if response.at_eof():
+                        break  # all in: no need to ask for the end
+                    size += len(chunk)
+                    if size >= limit:
+                        break  # more to come: relayed in parts
+                    watch.deadline = deadlines.now() + between
+            except OSError as exc:
+                raise _broken(backend, exc) from None
+            if not chunk or response.at_eof():
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                # Read to its end: back to the pool before the client is written to, which
+                # may take up to ``client_write``.
+                response.release()
+                _set_status(ctx, status)
+                sending = True
+                await _send_whole(ctx, backend, response, data, metered, scope, send, clock, watch)
+                return True
+    except TimeoutError as exc:
+        if sending:
+            _client_stalled(ctx, backend)
+            return False
+        raise _broken(backend, exc) from None
+    _set_status(ctx, status)
+    headers = client_response_headers(response.raw_headers, ctx.response_headers)
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    tail = _Tail() if metered else None
+
+    async def finish(held: bytes) -> bytes:
+        if tail is not None:
+            await _tail_usage(ctx, tail)
+        return held
+
+    try:
+        complete, broke, gone, _ = await _relay_parts(
+            ctx, backend, response, start, parts, tail.feed if tail else _as_is, finish,
+            scope, receive, send, clock,
+        )  # fmt: skip
+    except asyncio.CancelledError:
+        if tail is not None and ctx.usage is None:  # at shutdown, mid-answer
+            ctx.usage, model = tail.usage()
+            ctx.model = model or ctx.model
+            if ctx.usage is None:
+                _estimate_now(ctx, _no_text, 0)
+        raise
+    if complete:
+        return True
+    if gone:
+        ctx.outcome = Outcome.ABORTED
+    elif broke is not None:
+        # Part of the body went out: the client can only see an answer cut short (the
+        # connection closes without its end), and the breaker hears of a broken body.
+        ctx.outcome = Outcome.BACKEND_ERROR
+        ctx.error_code = "AnswerInterrupted"
+        log.info(
+            "request %s: backend %s broke off its answer (%s)", ctx.request_id, backend.name, broke
+        )
+    if tail is not None and ctx.usage is None:
+        await _tail_usage(ctx, tail)
+    return False
+
+
 async def _send_whole(
     ctx: RequestContext,
+    backend: Backend,
     response: UpstreamResponse,
     data: bytes,
+    metered: bool,
     scope: Scope,
     send: Send,
     clock: Clock,
+    watch: Watch,
 ) -> None:
-    if ctx.route.metered and response.status < 300:
+    """Send a whole answer (head and body in one write), its usage taken first when
+    ``metered``; ``watch`` (the read's) then bounds the sends by ``client_write``."""
+    if metered:
         ctx.usage, ctx.model = usage_from_body(data)
         if ctx.usage is None:  # a backend that reports none: estimated, never zero
+            watch.deadline = _INFINITY
             await _estimate(ctx, functools.partial(answer_text, data), len(data))
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     if ctx.consumed_headers and ctx.usage is not None and not ctx.usage_estimated:
@@ -255,6 +381,7 @@ async def _send_whole(
         # A HEAD answer's length is the GET answer's: the backend's, not the empty body's.
         raw = response.raw_headers
         headers.extend((b"content-length", v) for n, v in raw if n.lower() == b"content-length")
+    watch.deadline = ctx.deadlines.now() + backend.config.timeouts.client_write
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -262,80 +389,127 @@ async def _send_whole(
 
 async def _relay_stream(
     ctx: RequestContext,
+    backend: Backend,
     response: UpstreamResponse,
-    first: bytes,
     scope: Scope,
     receive: Receive,
     send: Send,
     clock: Clock,
-    backend: Backend,
+    deadline: float,
 ) -> bool:
-    """Relay a stream whose first chunk was read; True if the upstream body was read to its
-    end (the connection can be reused)."""
-    scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
-    headers = client_response_headers(response.raw_headers, ctx.response_headers)
-    if response.at_eof():
-        # The whole answer came with the first read (under load a stream is often all
-        # generated before the gateway reads it): nothing is left to wait for, so no
-        # disconnect watch is set up, and it leaves whole, with its length, in one write
-        # (not in chunked framing, which would copy it once more).
-        body = scanner.feed(first)
-        body += _stream_end(ctx, scanner, None)
-        if ctx.usage is None:
-            await _estimate_relayed(ctx, scanner)
-        headers.append((b"content-length", str(len(body)).encode("ascii")))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        if body and ctx.ttfb is None:
-            ctx.ttfb = clock.monotonic()
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        return True
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    """Relay a stream; True if the upstream body was read to its end (the connection can be
+    reused). Its first chunk is read (by ``deadline``, the first-byte one) before anything
+    is sent, so a backend that breaks off before it fails over (``AttemptFailed``).
+
+    Only a metered stream's usage is taken (or estimated): the others are counted as zero,
+    as their JSON counterparts are (a Responses stream resumed through the passthrough
+    replays the ``usage`` its first request was charged for). The scanner still splits
+    every stream into events and finds its end: that is what tells a complete stream from
+    one that broke off, and what keeps a torn event from reaching the client."""
+    deadlines = ctx.deadlines
+    metered = ctx.route.metered
+    sending = False
     try:
-        held, ended, broke, gone = await _relay_events(
-            ctx, response, first, scanner, scope, receive, send, clock, backend
-        )
-    except asyncio.CancelledError:
-        _cut_short(ctx, scanner)  # at shutdown, mid-stream
-        raise
-    if gone and not scanner.done:
-        ctx.outcome = Outcome.ABORTED
-        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
-        if ctx.usage is None:
+        with deadlines.at(deadline) as watch:
+            try:
+                first = await response.readany()
+            except OSError as exc:
+                raise _broken(backend, exc) from None
+            if not first:
+                raise _broken(backend, None)
+            _set_status(ctx, response.status)
+            scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
+            headers = client_response_headers(response.raw_headers, ctx.response_headers)
+            if response.at_eof():
+                # The whole answer came with the first read (under load a stream is often
+                # all generated before the gateway reads it): nothing is left to wait for,
+                # so no disconnect watch is set up, and it leaves whole, with its length, in
+                # one write (not in chunked framing, which would copy it once more).
+                body = scanner.feed(first) + _stream_end(ctx, scanner, None, metered)
+                if metered and ctx.usage is None:
+                    watch.deadline = _INFINITY
+                    await _estimate_relayed(ctx, scanner)
+                response.release()  # back to the pool before the client is written to
+                headers.append((b"content-length", str(len(body)).encode("ascii")))
+                watch.deadline = deadlines.now() + backend.config.timeouts.client_write
+                sending = True
+                await send(
+                    {"type": "http.response.start", "status": response.status, "headers": headers}
+                )
+                if body and ctx.ttfb is None:
+                    ctx.ttfb = clock.monotonic()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return True
+    except TimeoutError:
+        if sending:
+            _client_stalled(ctx, backend)
+            return False
+        raise _timed_out(backend, "no first chunk") from None
+    start = {"type": "http.response.start", "status": response.status, "headers": headers}
+
+    async def finish(held: bytes) -> bytes:
+        tail = _stream_end(ctx, scanner, None, metered)
+        if metered and ctx.usage is None:
             await _estimate_relayed(ctx, scanner)
+        return held + tail
+
+    try:
+        complete, broke, gone, stalled = await _relay_parts(
+            ctx, backend, response, start, [first], scanner.feed, finish,
+            scope, receive, send, clock,
+        )  # fmt: skip
+    except asyncio.CancelledError:
+        if metered:
+            _cut_short(ctx, scanner)  # at shutdown, mid-stream
+        raise
+    if complete:
+        return True
+    if stalled or (gone and not scanner.done):
+        # Left before the end reached it (a stall's last events were never written).
+        ctx.outcome = Outcome.ABORTED
+        if metered and ctx.usage is None:
+            ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+            if ctx.usage is None:
+                await _estimate_relayed(ctx, scanner)
         return False
-    tail = _stream_end(ctx, scanner, broke)
-    if ctx.usage is None:
+    tail = _stream_end(ctx, scanner, broke, metered)
+    if metered and ctx.usage is None:
         await _estimate_relayed(ctx, scanner)
-    if held and ctx.ttfb is None:
-        ctx.ttfb = clock.monotonic()
-    await send({"type": "http.response.body", "body": held + tail, "more_body": False})
-    return ended and broke is None
+    if not gone:
+        await _send_last(ctx, backend, send, tail)  # the backend broke off: tell the client
+    return False
 
 
 def _cut_short(ctx: RequestContext, scanner: StreamScanner) -> None:
-    """A stream cut off before its end by the task's cancellation (a shutdown): the record
-    still says what the client got, the backend's usage if it came, else the estimate of
-    what was relayed, made at once (``_estimate_now``)."""
+    """A metered stream cut off before its end by the task's cancellation (a shutdown): the
+    record still says what the client got, the backend's usage if it came, else the
+    estimate of what was relayed, made at once (``_estimate_now``)."""
     ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     if ctx.usage is None:
         _estimate_now(ctx, scanner.relayed_text, scanner.relayed_bytes, scanner.relayed_share)
 
 
 async def _estimate_relayed(ctx: RequestContext, scanner: StreamScanner) -> None:
-    """A stream ended, or was left by its client, without usage, though the gateway asked
-    for it: a backend that ignores ``stream_options`` (an older API version, another
+    """A metered stream ended, or was left by its client, without usage, though the gateway
+    asked for it: a backend that ignores ``stream_options`` (an older API version, another
     OpenAI-compatible server), a ``response.failed`` without it, or a stream cut short.
     Counted as an estimate of what was relayed, never as zero, which would pass for the
     backend's count and settle limits at nothing."""
     await _estimate(ctx, scanner.relayed_text, scanner.relayed_bytes, scanner.relayed_share)
 
 
-def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) -> bytes:
-    """Take the stream's usage into ``ctx`` and return what is left to send after the events
-    relayed: the scanner's rest, and an error event when the stream was not complete. A
-    ``ctx.usage`` left None is the caller's to estimate (``_estimate_relayed``)."""
-    ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
-    tail = scanner.flush()
+def _stream_end(
+    ctx: RequestContext, scanner: StreamScanner, broke: str | None, metered: bool
+) -> bytes:
+    """Return what is left to send after the events relayed: the scanner's rest when the
+    stream is complete, else an error event. A partial event that a break left is dropped:
+    torn, it is no event a client can parse, and sent before the error event it would make
+    that one unreadable too (one ``data:`` line holding both). With ``metered``, the
+    stream's usage is taken into ``ctx``; a ``ctx.usage`` left None is the caller's to
+    estimate (``_estimate_relayed``)."""
+    if metered:
+        ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
+    rest = scanner.flush()
     # Once the end of the stream went through (``[DONE]``, ``response.completed``) the answer
     # is whole, whatever happens to the connection afterwards: the SDKs stop reading there and
     # may close theirs, which closes the backend's (``client_gone``) before its last bytes.
@@ -351,30 +525,41 @@ def _stream_end(ctx: RequestContext, scanner: StreamScanner, broke: str | None) 
                 + ". The answer above is partial; retry the request.",
             }
         }
-        tail += b"data: " + orjson.dumps(error) + b"\n\n"
-    elif scanner.failed:
+        return b"data: " + orjson.dumps(error) + b"\n\n"
+    if scanner.failed:
         # Whole, and the client has the backend's own account of the failure; the record
         # says it failed, so that dashboards and charge-back do not count it as served.
         ctx.outcome = Outcome.BACKEND_ERROR
         ctx.error_code = "ResponseFailed"
-    return tail
+    return rest
 
 
-async def _relay_events(
+async def _relay_parts(
     ctx: RequestContext,
+    backend: Backend,
     response: UpstreamResponse,
-    first: bytes,
-    scanner: StreamScanner,
+    start: Message,
+    parts: list[bytes],
+    feed: Callable[[bytes], bytes],
+    finish: Callable[[bytes], Awaitable[bytes]],
     scope: Scope,
     receive: Receive,
     send: Send,
     clock: Clock,
-    backend: Backend,
-) -> tuple[bytes, bool, str | None, bool]:
-    """Relay the events of a stream still arriving until it ends, breaks off or the client
-    leaves (the backend's response is closed at once then). Returns the events held back to
-    leave with the stream's end, whether the backend's body was read to its end, why it
-    broke off (None: it did not), and whether the client left."""
+) -> tuple[bool, str | None, bool, bool]:
+    """Send ``start`` (the head), then relay ``parts`` (the body read so far; the list is
+    emptied) and the rest of the body as it arrives, each part through ``feed`` (what to
+    send of it now: a stream's whole events), until the body ends, breaks off, or the
+    client leaves or stops reading. At the body's end the part that came with it is held
+    back, the upstream connection goes back to the pool, and ``finish(held)`` gives the last
+    body to send (the held part and whatever the end adds).
+
+    Returns (complete: everything was sent and the body read to its end; why the body broke
+    off, or None; the client left; the client stopped reading). A client that leaves closes
+    the backend's response at once. ``between_chunks`` bounds each read, ``client_write``
+    each send: a client that takes nothing for that long (its window stays shut) is treated
+    as gone (``_client_stalled``) and the backend's response is closed too, so that a
+    reader that stopped does not hold a pooled connection for ever."""
     gone = False
 
     def client_gone() -> None:
@@ -389,37 +574,62 @@ async def _relay_events(
     else:
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, client_gone))
     broke: str | None = None
-    ended = False
-    held = b""  # the last events, sent with the end of the stream
+    stalled = sending = False
     between = backend.between_chunks_timeout
+    client_write = backend.config.timeouts.client_write
     loop_time = ctx.deadlines.loop().time
     try:
-        # One watch for the whole relay: its deadline is moved before each read and lifted
-        # while the client is sent to (a slow reader is not the backend's fault).
-        with ctx.deadlines.at(_INFINITY) as watch:
-            chunk = first
-            while chunk:
-                out = scanner.feed(chunk)
-                if response.at_eof():
-                    # The backend's answer is all in: these events leave with the stream's
-                    # end, in one write.
-                    held, ended = out, True
-                    break
-                if out:
-                    if ctx.ttfb is None:
+        # One watch for the whole relay: its deadline is moved before each read (the
+        # backend's ``between_chunks``) and each send (the client's ``client_write``).
+        with ctx.deadlines.at(loop_time() + client_write) as watch:
+            try:
+                sending = True
+                await send(start)
+                parts.reverse()  # popped from the end as they go: each is freed once sent
+                while len(parts) > 1:  # an answer past what is read whole
+                    if out := feed(parts.pop()):
+                        if ctx.ttfb is None:
+                            ctx.ttfb = clock.monotonic()
+                        watch.deadline = loop_time() + client_write
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                sending = False
+                chunk = parts.pop()
+                held = b""  # the last part, sent with the end of the body
+                while chunk:
+                    out = feed(chunk)
+                    if response.at_eof():
+                        held = out  # all in: this part leaves with the end, in one write
+                        break
+                    if out:
+                        if ctx.ttfb is None:
+                            ctx.ttfb = clock.monotonic()
+                        watch.deadline = loop_time() + client_write
+                        sending = True
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                        sending = False
+                    if gone:
+                        break
+                    watch.deadline = loop_time() + between
+                    chunk = await response.readany()
+                if not gone:
+                    watch.deadline = _INFINITY  # ``finish`` may count an estimate
+                    body = await finish(held)
+                    response.release()  # read to its end: back to the pool
+                    if body and ctx.ttfb is None:
                         ctx.ttfb = clock.monotonic()
-                    watch.deadline = _INFINITY
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                if gone:
-                    break
-                watch.deadline = loop_time() + between
-                chunk = await response.readany()
-            else:
-                ended = True
+                    watch.deadline = loop_time() + client_write
+                    sending = True
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return True, None, False, False
+            except OSError as exc:
+                broke = type(exc).__name__
     except TimeoutError:
-        broke = f"no data for {between:g} s"
-    except OSError as exc:
-        broke = type(exc).__name__
+        if sending:
+            stalled = True
+            _client_stalled(ctx, backend)
+            response.close()  # as for a client that left: the backend stops at once
+        else:
+            broke = f"no data for {between:g} s"
     finally:
         if hook is not None:
             hook.remove(client_gone)
@@ -427,7 +637,94 @@ async def _relay_events(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-    return held, ended, broke, gone
+    return False, broke, gone, stalled
+
+
+def _client_stalled(ctx: RequestContext, backend: Backend) -> None:
+    """The client took nothing of the answer for ``client_write`` seconds (its connection's
+    window stayed shut, uvicorn's ``send`` waiting for it to drain): it is treated as gone.
+    Its record is ``aborted`` (error code ``ClientWriteTimeout``): no verdict on the backend
+    (the router abandons the attempt), and the request is settled and recorded now."""
+    ctx.outcome = Outcome.ABORTED
+    ctx.error_code = "ClientWriteTimeout"
+    log.info(
+        "request %s: the client took nothing of the answer for %g s; treated as gone",
+        ctx.request_id,
+        backend.config.timeouts.client_write,
+    )
+
+
+async def _send_last(ctx: RequestContext, backend: Backend, send: Send, body: bytes) -> None:
+    """Send the last body of an answer that broke off, bounded by ``client_write``: a client
+    that does not take it is left (the record keeps the backend's failure)."""
+    try:
+        with ctx.deadlines.after(backend.config.timeouts.client_write):
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+    except TimeoutError:
+        log.info("request %s: the client did not take the end of a broken answer", ctx.request_id)
+
+
+def _as_is(part: bytes) -> bytes:
+    return part
+
+
+def _no_text() -> str:
+    return ""
+
+
+class _Tail:
+    """The last ``TAIL_KEPT_BYTES`` (at least) of an answer relayed in parts: where a JSON
+    answer's ``usage`` is (Azure's keys are in alphabetical order, ``usage`` after the
+    ``choices``/``data``; a Responses answer's few fields after it fit too)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def feed(self, part: bytes) -> bytes:
+        parts = self.parts
+        parts.append(part)
+        self.size += len(part)
+        while self.size - len(parts[0]) >= TAIL_KEPT_BYTES:
+            self.size -= len(parts.pop(0))
+        return part
+
+    def usage(self) -> tuple[Usage | None, str | None]:
+        """The answer's usage and model, from the last of each key in the tail."""
+        data = b"".join(self.parts)
+        usage = model = None
+        end = len(data)
+        while usage is None and (at := data.rfind(b'"usage":', 0, end)) >= 0:
+            usage = usage_from_object(_json_at(data, at + 8))
+            end = at
+        at = data.rfind(b'"model":')
+        if at >= 0:
+            model = model_name(_json_at(data, at + 8))
+        return usage, model
+
+
+#: Reads one JSON value at a position (``raw_decode``; orjson parses whole documents only).
+_DECODER = json.JSONDecoder()
+
+
+def _json_at(data: bytes, at: int) -> Any:
+    """The JSON value that starts at ``data[at:]`` (after blanks), or None."""
+    text = data[at : at + 4096].decode("utf-8", "replace").lstrip()
+    try:
+        return _DECODER.raw_decode(text)[0]
+    except ValueError:
+        return None
+
+
+async def _tail_usage(ctx: RequestContext, tail: _Tail) -> None:
+    """A metered answer relayed in parts: its usage from its tail, else an estimate (the
+    prompt as admission estimated it: none of the answer's text is kept)."""
+    ctx.usage, model = tail.usage()
+    ctx.model = model or ctx.model
+    if ctx.usage is None:
+        await _estimate(ctx, _no_text, 0)
 
 
 async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:

@@ -59,6 +59,12 @@ from sluicegate.routing.state import (
 
 log = logging.getLogger("sluicegate.routing")
 
+#: An attempt's ``Outcome.error`` when no pooled connection to the backend came free in time:
+#: the request never reached the backend, whose health that says nothing about. Such an
+#: attempt is ``abandoned`` (never a breaker's failure) and fails over to another member; a
+#: pool with none left answers 503 ``BackendBusy`` (``refusal``).
+BUSY = "busy"
+
 
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
@@ -387,8 +393,10 @@ class Router:
 
     def refusal(self, pool: Pool, outcomes: dict[str, Outcome]) -> Refusal:
         """429 with the shortest wait when every member is throttled (open after a 429,
-        half-open after one while its probe is out, or answered 429 in this request), else
-        503 with the shortest wait until one may work. A member half-open with its probe out
+        half-open after one while its probe is out, or answered 429 in this request), 503
+        ``BackendBusy`` with a wait of 1 s when every member's connections were all in use
+        (``BUSY``) and none is throttled or down, else 503 with the shortest wait until one
+        may work (a busy member counting 1 s). A member half-open with its probe out
         counts as it did while open (a probe's verdict is the only thing that changes what
         its trip said) with a wait of 1 s: its probe has been sent, and the verdict comes
         with the probe's answer. No wait is longer than the breaker's ``max_trip``: the
@@ -398,12 +406,15 @@ class Router:
         cap = self.settings.breaker.max_trip
         throttled: list[float] = []
         down: list[float] = []
+        busy = False
         for member in pool.members:
             breaker = self.targets[member.key].breaker
             state = breaker.state(now)
             outcome = outcomes.get(member.key)
             if state is BreakerState.OPEN:
                 (throttled if breaker.throttled else down).append(breaker.open_until - now)
+            elif outcome is not None and outcome.error == BUSY:
+                busy = True
             elif outcome is not None and outcome.throttled:
                 asked = outcome.retry_after
                 throttled.append(min(asked, cap) if asked is not None else 1.0)
@@ -412,6 +423,16 @@ class Router:
             else:
                 down.append(1.0)
         name = pool.name
+        if busy and not throttled and not down:
+            return Refusal(
+                503,
+                "BackendBusy",
+                f"Every connection the gateway may open to the backends of deployment {name!r} "
+                "is in use. Retry after 1 seconds.",
+                1.0,
+            )
+        if busy:
+            down.append(1.0)
         if throttled and not down:
             wait = max(min(throttled), 0.001)
             return Refusal(

@@ -18,8 +18,9 @@ Contract: ``request()`` returns once the status line and headers are in (or rais
 ``UpstreamError``/``OSError`` for a connection that failed, ``TimeoutError`` when connecting
 took longer than the connect timeout). The body is read with ``readany()``. Every response
 must end with ``release()`` (read to its end: the connection goes back to the pool) or
-``close()``; a cancelled ``request()`` closes its connection itself. Not thread-safe: one
-event loop.
+``close()``; a cancelled ``request()`` closes its connection itself. A caller that must tell
+a wait for a free connection from a wait for the backend checks ``full`` and waits with
+``wait_for_room()`` before it calls ``request()``. Not thread-safe: one event loop.
 """
 
 from __future__ import annotations
@@ -425,6 +426,34 @@ class UpstreamPool:
         lines.append("\r\n")
         return "".join(lines).encode("latin-1") + body
 
+    @property
+    def full(self) -> bool:
+        """Every connection the pool may open is open and busy: a ``request()`` now would wait
+        for one (``wait_for_room``). Read without an ``await`` before ``request()``, False
+        means that ``request()`` takes a connection (or a slot to open one) at once."""
+        return not self._idle and self._open >= self._max and not self._closing
+
+    async def wait_for_room(self) -> None:
+        """Wait until a connection is released or closed (the pool may then have room). The
+        room is not reserved: a request that came meanwhile may have taken it, so callers
+        check ``full`` again. A waiter cancelled after it was woken passes the wake-up on.
+        Raises ``UpstreamError`` when the pool is closed meanwhile.
+
+        Why callers may wait here rather than in ``request()``: a request that waits for a
+        free connection has not reached the backend yet, and when that wait runs out it says
+        nothing about the backend's health (its connections are busy with other answers, or
+        held by clients that read slowly); the relay tells the two apart this way."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, then cancelled: pass the free slot on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
     async def _acquire(self) -> _Connection:
         loop = self.loop
         while True:
@@ -438,16 +467,7 @@ class UpstreamPool:
                 conn.close()
             if self._open < self._max:
                 return await self._connect()
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, then cancelled: pass the free slot on
-                elif waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                raise
+            await self.wait_for_room()
 
     async def _connect(self) -> _Connection:
         self._open += 1
