@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sluicegate.auth.keys import MIN_KEY_SECRET_BYTES
-from sluicegate.config.model import GatewayConfig
+from sluicegate.config.model import (
+    UNION_TAGS,
+    BackendConfig,
+    ConfigParts,
+    DeploymentConfig,
+    GatewayConfig,
+    PriceConfig,
+    ProductConfig,
+    PtuCostConfig,
+    PtuQuoteConfig,
+    StorageConfig,
+    reference_problems,
+)
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -38,10 +52,16 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _internal(part: int | str) -> bool:
+    """A part of a pydantic error location that is no key of the file: a validator's name
+    (``function-after[…]``) or the tag of a union's branch."""
+    return isinstance(part, str) and (part.startswith("function-") or part in UNION_TAGS)
+
+
 def _problems(exc: ValidationError) -> list[str]:
     problems: list[str] = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in err["loc"] if not _internal(p))
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "value_error" and not loc and ": " in msg:
             # Cross-reference errors already carry their own locations, joined by "; ".
@@ -58,7 +78,78 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from exc
+        problems = _problems(exc)
+        if all(err["loc"] for err in exc.errors()):
+            # Field errors: pydantic skipped the cross-reference checks (a model validator
+            # runs only once every field is valid). Run them on the parts that are valid, so
+            # that one run lists every problem.
+            problems.extend(reference_problems(_valid_parts(data)))
+        raise ConfigError(source, problems) from exc
+
+
+def _salvaged(model: type[_M], raw: Any) -> _M | None:
+    """``raw`` as a ``model``; failing that, without its keys that have errors (so with their
+    defaults), so that its other fields can be cross-checked; None if that fails too (a
+    required key is wrong, or the entry as a whole is)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+    if not isinstance(raw, dict) or not all(err["loc"] for err in errors):
+        return None
+    bad = {err["loc"][0] for err in errors}
+    try:
+        return model.model_validate({k: v for k, v in raw.items() if k not in bad})
+    except ValidationError:
+        return None
+
+
+def _entries(data: dict[str, Any], section: str, model: type[_M]) -> list[_M | None]:
+    raw = data.get(section)
+    return [_salvaged(model, entry) for entry in raw] if isinstance(raw, list) else []
+
+
+def _named(data: dict[str, Any], section: str, model: type[_M]) -> list[_M | str | None]:
+    """A section's entries, salvaged; an entry that is not even that, by its name if it has
+    one (others may name it even though it has errors)."""
+    raw = data.get(section)
+    if not isinstance(raw, list):
+        return []
+    named: list[_M | str | None] = []
+    for entry in raw:
+        valid = _salvaged(model, entry)
+        if valid is None and isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            named.append(entry["name"])
+        else:
+            named.append(valid)
+    return named
+
+
+def _valid_parts(data: dict[str, Any]) -> ConfigParts:
+    """What the cross-reference checks read, from a file with field errors: each entry as
+    far as it validates (``_salvaged``), every name given."""
+    backends = [
+        b.name if isinstance(b, BackendConfig) else b
+        for b in _named(data, "backends", BackendConfig)
+    ]
+    storage = _salvaged(StorageConfig, data.get("storage", {}))
+    mode = data.get("mode", "embedded")
+    passthrough = data.get("passthrough_backend")
+    token_rules = data.get("token_rules")
+    return ConfigParts(
+        backends=backends,
+        deployments=_named(data, "deployments", DeploymentConfig),
+        products=_entries(data, "products", ProductConfig),
+        prices=_entries(data, "prices", PriceConfig),
+        ptu=_entries(data, "ptu", PtuCostConfig),
+        ptu_quotes=_entries(data, "ptu_quotes", PtuQuoteConfig),
+        mode=mode if isinstance(mode, str) else "embedded",
+        has_redis=data.get("redis") is not None,
+        storage_url=storage.url if storage else None,
+        passthrough_backend=passthrough if isinstance(passthrough, str) else None,
+        has_token_rules=isinstance(token_rules, list) and bool(token_rules),
+        has_oidc=data.get("oidc") is not None,
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

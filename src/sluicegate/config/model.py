@@ -8,12 +8,22 @@ be written into the file).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from sluicegate.config.admin import AdminEntraConfig
 from sluicegate.config.oidc import OidcConfig, TokenRule, check_networks
@@ -281,6 +291,34 @@ class DeploymentConfig(_Strict):
         ]
 
 
+#: The branches of the configuration's tagged unions. pydantic puts a branch's tag in the
+#: locations of its errors; ``config.loader`` drops them (they are not keys of the file).
+_ONE_POLICY = "(one policy)"
+_POLICY_LIST = "(list of policies)"
+UNION_TAGS = frozenset({_ONE_POLICY, _POLICY_LIST})
+
+
+def _policy_shape(value: Any) -> str | None:
+    # The input's shape chooses the branch, so that only that branch's errors are reported
+    # (pydantic's plain union reports every branch's, named by its internals).
+    if isinstance(value, list | tuple):
+        return _POLICY_LIST
+    if isinstance(value, dict | LimitPolicy):
+        return _ONE_POLICY
+    return None
+
+
+#: One limit policy (a mapping) or a list of them.
+LimitPolicies = Annotated[
+    Annotated[LimitPolicy, Tag(_ONE_POLICY)] | Annotated[list[LimitPolicy], Tag(_POLICY_LIST)],
+    Discriminator(
+        _policy_shape,
+        custom_error_type="limits_shape",
+        custom_error_message="must be a limit policy (a mapping) or a list of them",
+    ),
+]
+
+
 class ProductConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -293,7 +331,7 @@ class ProductConfig(_Strict):
     passthrough: bool | None = None
     #: Limit policy or policies (tokens/requests per minute, quota, each with its counter
     #: key); see docs/limits.md.
-    limits: LimitPolicy | list[LimitPolicy] | None = None
+    limits: LimitPolicies | None = None
     #: Only clients from these addresses or CIDR networks may use the product (None: anyone).
     #: The client address is the peer's, or X-Forwarded-For's behind a trusted proxy.
     allowed_ips: list[str] | None = None
@@ -351,7 +389,9 @@ class SecurityConfig(_Strict):
     max_header_count: int = Field(default=100, ge=16, le=10_000)
     max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024)
     #: Seconds a client has to send the whole request body once the gateway starts reading it
-    #: (slow senders get 408).
+    #: (slow senders get 408). It also bounds the rest of a body the gateway answered before
+    #: reading it (401, 404, 413): the body is read and dropped for at most this long, then
+    #: the connection is closed.
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
     #: Seconds a client has to send a request's whole head (request line and headers): from
     #: the connection's opening for its first request, from the first byte of the head for a
@@ -600,58 +640,119 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
-        errors: list[str] = []
-        backend_names = [b.name for b in self.backends]
-        _duplicates("backends", backend_names, errors)
-        _duplicates("deployments", [d.name for d in self.deployments], errors)
-        _duplicates("products", [p.name for p in self.products], errors)
-        deployment_names = {d.name for d in self.deployments}
-        for i, dep in enumerate(self.deployments):
-            if dep.pool is None and dep.backend not in backend_names:
-                errors.append(
-                    f"deployments[{i}].backend: unknown backend {dep.backend!r} "
-                    f"(known: {', '.join(backend_names)})"
-                )
-            seen_members: set[tuple[str, str]] = set()
-            for j, member in enumerate(dep.members()):
-                if dep.pool is not None and member.backend not in backend_names:
-                    errors.append(
-                        f"deployments[{i}].pool[{j}].backend: unknown backend "
-                        f"{member.backend!r} (known: {', '.join(backend_names)})"
-                    )
-                key = (member.backend, member.backend_deployment or "")
-                if key in seen_members:
-                    errors.append(
-                        f"deployments[{i}].pool[{j}]: {member.backend}/"
-                        f"{member.backend_deployment} is already a member"
-                    )
-                seen_members.add(key)
-        for i, prod in enumerate(self.products):
-            for name in prod.deployments:
-                if name != "*" and name not in deployment_names:
-                    errors.append(f"products[{i}].deployments: unknown deployment {name!r}")
-        if self.passthrough_backend and self.passthrough_backend not in backend_names:
-            errors.append(f"passthrough_backend: unknown backend {self.passthrough_backend!r}")
-        if self.mode == "cluster":
-            if self.redis is None:
-                errors.append("redis: cluster mode needs a redis section with a url")
-            if self.storage.url.startswith("sqlite"):
-                errors.append("storage.url: cluster mode needs a PostgreSQL url")
-        errors.extend(_accounting_problems(self))
-        if self.token_rules and self.oidc is None:
-            errors.append("token_rules: rules need an oidc section with at least one issuer")
+        errors = reference_problems(ConfigParts.of(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
 
 
-def _accounting_problems(config: GatewayConfig) -> list[str]:
+@dataclass(frozen=True)
+class ConfigParts:
+    """What the cross-reference checks (``reference_problems``) read: a whole configuration
+    (``ConfigParts.of``), or the parts of an invalid file that did validate (built by
+    ``config.loader``), so that one run reports field errors and cross-reference errors.
+
+    Lists keep every entry at its index in the file. An entry that did not validate is
+    ``None``, or, for backends and deployments, its name alone (a string) when it has one:
+    others may name it, but its own references are not checked.
+    """
+
+    backends: Sequence[str | None]
+    deployments: Sequence[DeploymentConfig | str | None]
+    products: Sequence[ProductConfig | None]
+    prices: Sequence[PriceConfig | None] = ()
+    ptu: Sequence[PtuCostConfig | None] = ()
+    ptu_quotes: Sequence[PtuQuoteConfig | None] = ()
+    mode: str = "embedded"
+    has_redis: bool = False
+    #: None: the storage section did not validate (nothing to check).
+    storage_url: str | None = None
+    passthrough_backend: str | None = None
+    has_token_rules: bool = False
+    has_oidc: bool = False
+
+    @classmethod
+    def of(cls, config: GatewayConfig) -> ConfigParts:
+        return cls(
+            backends=[b.name for b in config.backends],
+            deployments=config.deployments,
+            products=config.products,
+            prices=config.prices,
+            ptu=config.ptu,
+            ptu_quotes=config.ptu_quotes,
+            mode=config.mode,
+            has_redis=config.redis is not None,
+            storage_url=config.storage.url,
+            passthrough_backend=config.passthrough_backend,
+            has_token_rules=bool(config.token_rules),
+            has_oidc=config.oidc is not None,
+        )
+
+
+def _name(entry: DeploymentConfig | str | None) -> str | None:
+    return entry.name if isinstance(entry, DeploymentConfig) else entry
+
+
+def reference_problems(parts: ConfigParts) -> list[str]:
+    """The problems between sections (unknown or duplicate names, what cluster mode needs,
+    accounting entries), one line each, starting with its location in the file."""
+    errors: list[str] = []
+    backend_names = [n for n in parts.backends if n is not None]
+    _duplicates("backends", parts.backends, errors)
+    _duplicates("deployments", [_name(d) for d in parts.deployments], errors)
+    _duplicates("products", [p.name if p else None for p in parts.products], errors)
+    deployment_names = {n for n in map(_name, parts.deployments) if n is not None}
+    for i, dep in enumerate(parts.deployments):
+        if not isinstance(dep, DeploymentConfig):
+            continue
+        if dep.pool is None and dep.backend not in backend_names:
+            errors.append(
+                f"deployments[{i}].backend: unknown backend {dep.backend!r} "
+                f"(known: {', '.join(backend_names)})"
+            )
+        seen_members: set[tuple[str, str]] = set()
+        for j, member in enumerate(dep.members()):
+            if dep.pool is not None and member.backend not in backend_names:
+                errors.append(
+                    f"deployments[{i}].pool[{j}].backend: unknown backend "
+                    f"{member.backend!r} (known: {', '.join(backend_names)})"
+                )
+            key = (member.backend, member.backend_deployment or "")
+            if key in seen_members:
+                errors.append(
+                    f"deployments[{i}].pool[{j}]: {member.backend}/"
+                    f"{member.backend_deployment} is already a member"
+                )
+            seen_members.add(key)
+    for i, prod in enumerate(parts.products):
+        for name in prod.deployments if prod else ():
+            if name != "*" and name not in deployment_names:
+                errors.append(f"products[{i}].deployments: unknown deployment {name!r}")
+    if parts.passthrough_backend and parts.passthrough_backend not in backend_names:
+        errors.append(f"passthrough_backend: unknown backend {parts.passthrough_backend!r}")
+    if parts.mode == "cluster":
+        if not parts.has_redis:
+            errors.append(
+                "redis: cluster mode needs a redis section (`redis: {}` takes the default url "
+                f"{RedisConfig.model_fields['url'].default})"
+            )
+        if parts.storage_url is not None and parts.storage_url.startswith("sqlite"):
+            errors.append("storage.url: cluster mode needs a PostgreSQL url")
+    errors.extend(_accounting_problems(parts, set(backend_names), deployment_names))
+    if parts.has_token_rules and not parts.has_oidc:
+        errors.append("token_rules: rules need an oidc section with at least one issuer")
+    return errors
+
+
+def _accounting_problems(
+    parts: ConfigParts, backends: set[str], deployments: set[str]
+) -> list[str]:
     """Cross-references of prices, PTU entries and quotes (see docs/chargeback.md)."""
     errors: list[str] = []
-    backends = {b.name for b in config.backends}
-    deployments = {d.name for d in config.deployments}
     seen: set[tuple[str, str, datetime | None]] = set()
-    for i, price in enumerate(config.prices):
+    for i, price in enumerate(parts.prices):
+        if price is None:
+            continue
         kind = "deployment" if price.deployment else "model"
         name = price.deployment or price.model
         assert name is not None
@@ -660,15 +761,21 @@ def _accounting_problems(config: GatewayConfig) -> list[str]:
         if (kind, name, price.effective_from) in seen:
             errors.append(f"prices[{i}]: a second price for {kind} {name!r} from the same date")
         seen.add((kind, name, price.effective_from))
-    for i, ptu in enumerate(config.ptu):
+    for i, ptu in enumerate(parts.ptu):
+        if ptu is None:
+            continue
         if ptu.backend is not None and ptu.backend not in backends:
             errors.append(f"ptu[{i}].backend: unknown backend {ptu.backend!r}")
         if ptu.deployment is not None and ptu.deployment not in deployments:
             errors.append(f"ptu[{i}].deployment: unknown deployment {ptu.deployment!r}")
-    for i, quote in enumerate(config.ptu_quotes):
-        if quote.deployment is not None and quote.deployment not in deployments:
+    for i, quote in enumerate(parts.ptu_quotes):
+        if (
+            quote is not None
+            and quote.deployment is not None
+            and quote.deployment not in deployments
+        ):
             errors.append(f"ptu_quotes[{i}].deployment: unknown deployment {quote.deployment!r}")
-    currencies = {p.currency for p in config.prices} | {p.currency for p in config.ptu}
+    currencies = {p.currency for p in parts.prices if p} | {p.currency for p in parts.ptu if p}
     if len(currencies) > 1:
         errors.append(
             f"prices: one currency per gateway, found {', '.join(sorted(currencies))} "
@@ -677,9 +784,11 @@ def _accounting_problems(config: GatewayConfig) -> list[str]:
     return errors
 
 
-def _duplicates(section: str, names: list[str], errors: list[str]) -> None:
+def _duplicates(section: str, names: Sequence[str | None], errors: list[str]) -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
+        if name is None:
+            continue
         if name in seen:
             errors.append(f"{section}[{i}].name: duplicate name {name!r}")
         seen.add(name)
