@@ -114,6 +114,24 @@ class _HeadHoldingTransport:
         return getattr(self._transport, name)
 
 
+class _ConnectionHook(DisconnectHook):
+    """A request's disconnect hook on a ``GatewayHttpProtocol`` connection: ``abort`` also
+    tells the requests in flight at once (``GatewayHttpProtocol._aborted``)."""
+
+    __slots__ = ()
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        # Looked up when needed rather than held: the hook is in the scope the protocol
+        # holds, and a reference back would make a cycle of every request's objects.
+        protocol = transport.get_protocol()
+        super().abort()
+        if isinstance(protocol, GatewayHttpProtocol):
+            protocol._aborted()
+
+
 @dataclass(slots=True)
 class ConnectionCounts:
     """One server's client connections: open now, and refused since start for
@@ -225,8 +243,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         # The request's disconnect hook (proxy.asgi.DisconnectHook): relays register a
         # callback here instead of keeping a task blocked in receive().
-        # (ASGI extension values are dicts.)
-        self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
+        # (ASGI extension values are dicts.) It holds the transport (for ``abort``), not
+        # this protocol, which holds the scope: no reference cycle per request.
+        self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": _ConnectionHook(self.transport)}}
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -292,6 +311,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 hook = disconnect_hook(cycle.scope)
                 if hook is not None:
                     hook.fire()
+
+    def _aborted(self) -> None:
+        """The connection was aborted (``_ConnectionHook.abort``): every request still in
+        flight hears it now, not when ``connection_lost`` comes (a turn of the loop later, or
+        more over TLS). Otherwise uvicorn, finding the response unfinished when the app
+        returns, logs an error for it and, if it had not started, begins a 500 for nobody.
+        ``connection_lost`` still runs the disconnect hooks."""
+        for cycle in (*(self._earlier or ()), self.cycle):
+            if cycle is not None and not cycle.response_complete and not cycle.disconnected:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.flow.resume_writing()  # a send waiting for the buffer to drain returns
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1

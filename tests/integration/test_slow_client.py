@@ -10,16 +10,19 @@ stops reading, so that the gateway's writes to it really block.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
+import pytest
 
+from sluicegate.server import GatewayHttpProtocol
 from tests.integration.conftest import Harness
 from tests.integration.wire_backend import (
     Request,
@@ -178,3 +181,68 @@ def test_an_answer_read_whole_gives_its_connection_back_before_it_is_written(
             assert reply.choices[0].message.content == "hi"
             assert len(served) == 3
             assert _breaker(harness) == "closed (failures=0, throttles=0)"
+
+
+def _open_connections(harness: Harness) -> int:
+    """The gateway's open client connections (what ``/metrics`` exports), read directly: a
+    scrape would open one more."""
+    protocol = cast(type[GatewayHttpProtocol], harness.gw.server.config.http)
+    return protocol.counts.open
+
+
+def _read_to_the_end(sock: socket.socket) -> None:
+    """Read what the connection still delivers until it ends (EOF or reset); fails if it
+    does not end within 10 s (the gateway still holds its side open)."""
+    sock.settimeout(10)
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(1 << 20):
+            pass
+
+
+def test_a_stalled_clients_connection_is_dropped_after_client_write(tmp_path: Path) -> None:
+    """Once the relay gave up on a client that takes nothing, the gateway drops its side of
+    the connection at once, unsent bytes and all (not a close, which waits for them to be
+    written): the client no longer holds a slot of ``listen.max_connections``, and when it
+    reads again it gets what was already on the way, then the end."""
+    backend = WireBackend(_endless_stream_or_json)
+    with backend.running(), _gateway(tmp_path, backend, client_write=1) as harness:
+        key = harness.new_key().primary_key or ""
+        stream = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with closing(_stalled_client(harness.gw.port)) as stalled:
+            stalled.sendall(_request(key, stream))
+            assert stalled.recv(12) == b"HTTP/1.1 200"
+            wait_for(harness.records, what="the stalled request's record")
+            wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
+            _read_to_the_end(stalled)
+        (record,) = harness.records()
+        assert (record.outcome, record.error_code) == ("aborted", "ClientWriteTimeout")
+
+
+def test_a_client_stalled_before_an_answers_head_is_dropped_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two pipelined requests: the first answer (8 MB) fills the connection's buffers, so the
+    second one's head cannot be written. After ``client_write`` the connection is dropped,
+    rather than left to uvicorn, whose 500 for a response never started would wait for the
+    buffers to drain without limit (and which hears that the connection is gone, so it
+    neither logs the response as unstarted nor begins that 500)."""
+
+    async def large_then_small(request: Request, writer: asyncio.StreamWriter) -> None:
+        first = len(backend.requests) == 1
+        body = _answer("x" * 8_000_000, 2_000_000) if first else _answer()
+        writer.write(head(length=len(body)) + body)
+        await writer.drain()
+
+    backend = WireBackend(large_then_small)
+    with backend.running(), _gateway(tmp_path, backend, client_write=1) as harness:
+        key = harness.new_key().primary_key or ""
+        plain = _request(key, {"messages": [{"role": "user", "content": "hi"}]})
+        with closing(_stalled_client(harness.gw.port)) as stalled:
+            stalled.sendall(plain * 2)
+            wait_for(lambda: len(harness.records()) == 2, what="both requests' records")
+            wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
+            _read_to_the_end(stalled)
+        first, second = sorted(harness.records(), key=lambda r: r.completion_tokens, reverse=True)
+        assert (first.outcome, first.completion_tokens) == ("ok", 2_000_000)
+        assert (second.outcome, second.error_code) == ("aborted", "ClientWriteTimeout")
+        assert "ASGI callable" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -34,13 +35,27 @@ class DisconnectHook:
     that is a task per request. The gateway's own HTTP protocol offers this hook instead
     (``scope["extensions"][DISCONNECT_HOOK]["hook"]``), so a relay registers a callback and pays
     nothing unless the client really leaves. Other servers: no hook, use ``receive()``.
+
+    ``transport`` (the connection's): what ``abort`` drops.
     """
 
-    __slots__ = ("_callbacks", "fired")
+    __slots__ = ("_callbacks", "fired", "transport")
 
-    def __init__(self) -> None:
+    def __init__(self, transport: asyncio.Transport | None = None) -> None:
         self._callbacks: list[Callable[[], None]] = []
+        self.transport = transport
         self.fired = False
+
+    def abort(self) -> None:
+        """Drop the client's connection at once, bytes not yet written included
+        (``transport.abort()``): for a client that took nothing for ``client_write``. The
+        connection is then lost as for a client that left (the callbacks run, the request
+        hears ``http.disconnect``). Left to uvicorn, an unfinished response is closed with
+        ``close()``, which waits for the buffered bytes to be written: a client that never
+        reads again would keep its connection, and a slot of ``listen.max_connections``,
+        until it hung up. Nothing without a transport (a hook made without one)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def add(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on disconnect (at once if the client has already gone)."""

@@ -59,11 +59,19 @@ from sluicegate.tokens.usage import (
 )
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.client import UpstreamResponse
-from sluicegate.upstream.headers import client_response_headers, upstream_request_headers
+from sluicegate.upstream.headers import (
+    client_response_headers,
+    relayed_length,
+    upstream_request_headers,
+)
 
 log = logging.getLogger("sluicegate.relay")
 
 _INFINITY = float("inf")
+
+#: A chat stream's last event, and its line alone (as a backend may end its body with it).
+_DONE_EVENT = b"data: [DONE]\n\n"
+_DONE = _DONE_EVENT.rstrip()
 
 
 #: How much of a failed answer's body is read (for the wait an Azure 429 message names).
@@ -274,7 +282,9 @@ async def _relay_answer(
     breaks off before that fails the attempt (``AttemptFailed``, nothing sent). An answer
     still arriving past that (a file download, an error answer in several reads, a metered
     answer past the limit) is relayed in parts as they come (``_relay_parts``), keeping only
-    the last ``TAIL_KEPT_BYTES`` of a metered one, where its usage is."""
+    the last ``TAIL_KEPT_BYTES`` of a metered one, where its usage is; with the backend's
+    ``Content-Length`` when the body is not decoded on the way (``relayed_length``), else
+    chunked."""
     deadlines = ctx.deadlines
     between = backend.between_chunks_timeout
     status = response.status
@@ -307,11 +317,15 @@ async def _relay_answer(
                 return True
     except TimeoutError as exc:
         if sending:
-            _client_stalled(ctx, backend)
+            _client_stalled(ctx, backend, scope)
             return False
         raise _broken(backend, exc) from None
     _set_status(ctx, status)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
+    if (length := relayed_length(response.raw_headers)) is not None:
+        # Relayed byte for byte: the backend's length holds, and the client can tell a whole
+        # download from one cut short (and show its progress) without chunked framing.
+        headers.append((b"content-length", length))
     start = {"type": "http.response.start", "status": status, "headers": headers}
     tail = _Tail() if metered else None
 
@@ -442,7 +456,7 @@ async def _relay_stream(
                 return True
     except TimeoutError:
         if sending:
-            _client_stalled(ctx, backend)
+            _client_stalled(ctx, backend, scope)
             return False
         raise _timed_out(backend, "no first chunk") from None
     start = {"type": "http.response.start", "status": response.status, "headers": headers}
@@ -476,7 +490,7 @@ async def _relay_stream(
     if metered and ctx.usage is None:
         await _estimate_relayed(ctx, scanner)
     if not gone:
-        await _send_last(ctx, backend, send, tail)  # the backend broke off: tell the client
+        await _send_last(ctx, backend, scope, send, tail)  # the backend broke off: tell the client
     return False
 
 
@@ -504,12 +518,20 @@ def _stream_end(
     """Return what is left to send after the events relayed: the scanner's rest when the
     stream is complete, else an error event. A partial event that a break left is dropped:
     torn, it is no event a client can parse, and sent before the error event it would make
-    that one unreadable too (one ``data:`` line holding both). With ``metered``, the
-    stream's usage is taken into ``ctx``; a ``ctx.usage`` left None is the caller's to
-    estimate (``_estimate_relayed``)."""
+    that one unreadable too (one ``data:`` line holding both). ``broke``: why the body broke
+    off, None when it ended cleanly; then a rest that is ``data: [DONE]`` without its blank
+    line ends the stream as ``[DONE]`` does. With ``metered``, the stream's usage is taken
+    into ``ctx``; a ``ctx.usage`` left None is the caller's to estimate
+    (``_estimate_relayed``)."""
     if metered:
         ctx.usage, ctx.model = scanner.usage, scanner.model or ctx.model
     rest = scanner.flush()
+    if not scanner.done and broke is None and rest.rstrip() == _DONE:
+        # The body ended cleanly (its terminal chunk came) right after ``data: [DONE]``
+        # without the blank line that ends an event. Per SSE an unterminated event at the
+        # end is dropped, but ``[DONE]`` has no other reading: the stream is whole.
+        scanner.done = True
+        rest = _DONE_EVENT
     # Once the end of the stream went through (``[DONE]``, ``response.completed``) the answer
     # is whole, whatever happens to the connection afterwards: the SDKs stop reading there and
     # may close theirs, which closes the backend's (``client_gone``) before its last bytes.
@@ -626,7 +648,7 @@ async def _relay_parts(
     except TimeoutError:
         if sending:
             stalled = True
-            _client_stalled(ctx, backend)
+            _client_stalled(ctx, backend, scope)
             response.close()  # as for a client that left: the backend stops at once
         else:
             broke = f"no data for {between:g} s"
@@ -640,11 +662,14 @@ async def _relay_parts(
     return False, broke, gone, stalled
 
 
-def _client_stalled(ctx: RequestContext, backend: Backend) -> None:
+def _client_stalled(ctx: RequestContext, backend: Backend, scope: Scope) -> None:
     """The client took nothing of the answer for ``client_write`` seconds (its connection's
     window stayed shut, uvicorn's ``send`` waiting for it to drain): it is treated as gone.
     Its record is ``aborted`` (error code ``ClientWriteTimeout``): no verdict on the backend
-    (the router abandons the attempt), and the request is settled and recorded now."""
+    (the router abandons the attempt), and the request is settled and recorded now. Its
+    connection is aborted (``DisconnectHook.abort``), not left to uvicorn's close, which
+    would wait without limit for the unsent bytes to be written."""
+    _abort_client(scope)
     ctx.outcome = Outcome.ABORTED
     ctx.error_code = "ClientWriteTimeout"
     log.info(
@@ -654,14 +679,26 @@ def _client_stalled(ctx: RequestContext, backend: Backend) -> None:
     )
 
 
-async def _send_last(ctx: RequestContext, backend: Backend, send: Send, body: bytes) -> None:
+async def _send_last(
+    ctx: RequestContext, backend: Backend, scope: Scope, send: Send, body: bytes
+) -> None:
     """Send the last body of an answer that broke off, bounded by ``client_write``: a client
-    that does not take it is left (the record keeps the backend's failure)."""
+    that does not take it is left, its connection aborted (the record keeps the backend's
+    failure)."""
     try:
         with ctx.deadlines.after(backend.config.timeouts.client_write):
             await send({"type": "http.response.body", "body": body, "more_body": False})
     except TimeoutError:
+        _abort_client(scope)
         log.info("request %s: the client did not take the end of a broken answer", ctx.request_id)
+
+
+def _abort_client(scope: Scope) -> None:
+    """Drop the client's connection, unsent bytes and all, where the server offers a
+    ``DisconnectHook`` (elsewhere it is the server's to close)."""
+    hook = disconnect_hook(scope)
+    if hook is not None:
+        hook.abort()
 
 
 def _as_is(part: bytes) -> bytes:

@@ -104,6 +104,21 @@ def client_response_headers(
     return out
 
 
+def relayed_length(upstream: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """The backend's ``Content-Length`` (``upstream``: its headers, names in lower case) if
+    it still holds for the body the client gets when the gateway relays it unchanged; None
+    when there is none, or when the body is compressed: the upstream client decodes such an
+    answer (``upstream/client.py``; the gateway asks for ``identity``), so its length is
+    not the client's."""
+    length = None
+    for name, value in upstream:
+        if name == b"content-length":
+            length = value.strip()
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return None
+    return length if length is not None and length.isdigit() else None
+
+
 #: ``Connection`` options that are not header names (RFC 9112 §9.3, §9.6).
 _CONNECTION_TOKENS = frozenset({"close", "keep-alive", ""})
 
