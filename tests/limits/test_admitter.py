@@ -85,7 +85,9 @@ async def test_with_several_policies_the_counted_prompt_is_kept(counting_first: 
     await _admitter(*policies).admit(ctx)
     assert ctx.prompt_estimate == SMALL_PROMPT
     reserved = sorted(charge.amount for charge in ctx.admission.reservation.charges)
-    assert reserved == [5, SMALL_PROMPT + 5]  # each policy reserved what it counts
+    # Each policy reserved what it counts: estimation off reserves nothing, not even the
+    # max_tokens the request set (APIM: usage from the response only).
+    assert reserved == [0, SMALL_PROMPT + 5]
 
 
 def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -123,19 +125,21 @@ async def test_a_large_body_is_counted_in_the_counting_thread_once(
         LimitPolicy(tokens_per_minute=10**9, counter_key="product", estimate_prompt_tokens=False),
     )
     await _admitter(*policies).admit(ctx)
-    assert threads == [counting_thread().name] * 2  # counted once, and one not counted
+    assert threads == [counting_thread().name]  # counted once; not at all for the third
     prompt = estimate_request_tokens(body, "chat.completions", "gpt-4o", 0).prompt_tokens
     assert ctx.prompt_estimate == prompt > 20_000
     reserved = sorted(charge.amount for charge in ctx.admission.reservation.charges)
-    assert reserved == [1024, prompt + 1024, prompt + 1024]
+    assert reserved == [0, prompt + 1024, prompt + 1024]
 
 
 async def test_a_large_body_not_counted_stays_inline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a prompt to count the estimate only reads the budget: no hop."""
+    """Without a prompt to count nothing is estimated (0 is reserved): no hop, no walk."""
     threads = _recording(monkeypatch)
     ctx = _context({"messages": [{"role": "user", "content": "hello " * 20_000}]})
     await _admitter(LimitPolicy(tokens_per_minute=10**9, estimate_prompt_tokens=False)).admit(ctx)
-    assert threads == [threading.current_thread().name]
+    assert threads == []
+    assert ctx.admission is not None and ctx.admission.reservation is not None
+    assert [charge.amount for charge in ctx.admission.reservation.charges] == [0]
     assert ctx.prompt_estimate is None
 
 

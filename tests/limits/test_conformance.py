@@ -15,7 +15,8 @@ import pytest
 from sluicegate.clock import FakeClock
 from sluicegate.limits.admission import Admission
 from sluicegate.limits.limiter import Limiter, LimitRequest
-from sluicegate.limits.policy import LimitPolicy
+from sluicegate.limits.policy import DEFAULT_COMPLETION_TOKENS, LimitPolicy, tokens_to_reserve
+from sluicegate.tokens.estimate import TokenEstimate
 from tests.limits.conftest import epoch
 
 TPM = LimitPolicy(tokens_per_minute=10_000)
@@ -333,6 +334,52 @@ async def test_settle_up_overshoots_and_then_blocks_even_zero_cost(
     assert not (await admit(limiter, 0)).allowed
     clock.advance(1)
     assert (await admit(limiter, 0)).allowed
+
+
+async def test_without_estimation_a_request_is_admitted_below_the_limit_and_charged_its_usage(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    """APIM's estimate-prompt-tokens="false" (its token-rate-limiting lab: 100 TPM): nothing
+    is reserved up front, whatever the completion budget, so a request is admitted while the
+    count is below the limit (at limit - 1 too: a zero cost needs room for one token), the
+    reported usage is charged at settle, the request that passes the limit goes through, and
+    the next ones wait for the window. The gateway reserved the default budget of 1,024
+    tokens and refused every such request as larger than the whole limit."""
+    policy = LimitPolicy(tokens_per_minute=100, estimate_prompt_tokens=False)
+    # What estimate_request_tokens gives a policy that does not count the prompt.
+    no_budget = TokenEstimate(0, DEFAULT_COMPLETION_TOKENS, False, "not-counted")
+    asked = TokenEstimate(0, 500, False, "not-counted")  # max_tokens 500: ignored, as in APIM
+    cost = tokens_to_reserve(policy, no_budget)
+
+    first = await admit(limiter, cost, policy)
+    assert first.allowed, first.reason
+    await limiter.settle(first.reservation, 60)  # bucket T0
+    clock.advance(1)
+    second = await admit(limiter, tokens_to_reserve(policy, asked), policy)
+    assert second.allowed, second.reason
+    assert headers(second)["x-ratelimit-remaining-tokens"] == "40"
+    await limiter.settle(second.reservation, 39)  # bucket T0+1: 99 in the window
+    clock.advance(1)
+    third = await admit(limiter, cost, policy)  # count == limit - 1
+    assert third.allowed, third.reason
+    await limiter.settle(third.reservation, 30)  # 129: over the limit, let through
+
+    refused = await admit(limiter, cost, policy)
+    assert not refused.allowed
+    assert (refused.status, refused.code) == (429, "TokenRateLimitExceeded")
+    assert refused.should_retry
+    # 129 + 1 - 100 = 30 must leave: the 60 of bucket T0 do, at T0+61 (now T0+2).
+    assert refused.retry_after_s == pytest.approx(59.0)
+    h = headers(refused)
+    assert h["Retry-After"] == "59" and "x-should-retry" not in h
+
+    clock.advance(59)  # T0+61: 69 left
+    fourth = await admit(limiter, cost, policy)
+    assert fourth.allowed, fourth.reason
+    await limiter.settle(fourth.reservation, 31)  # exactly 100
+    at_limit = await admit(limiter, cost, policy)  # count == limit: no room
+    assert not at_limit.allowed and at_limit.code == "TokenRateLimitExceeded"
+    assert at_limit.retry_after_s == pytest.approx(1.0)  # the 39 of T0+1 leave at T0+62
 
 
 async def test_settle_of_quota_raises_the_period_counter(limiter: Limiter) -> None:

@@ -90,8 +90,11 @@ def test_tokens_to_reserve() -> None:
     estimate = TokenEstimate(120, 1000, True, "tiktoken:o200k_base")
     assert tokens_to_reserve(LimitPolicy(), estimate) == 1120
     off = LimitPolicy(estimate_prompt_tokens=False)
-    assert tokens_to_reserve(off, estimate) == 1000
-    assert tokens_to_reserve(off, estimate, stream=True) == 1120  # APIM: streams estimate
+    # APIM's estimate-prompt-tokens="false": usage from the response only, nothing reserved
+    # up front (the completion budget neither: a 1,024-token default refused every request
+    # without max_tokens under a 100 TPM limit, as too large for it).
+    assert tokens_to_reserve(off, estimate) == 0
+    assert tokens_to_reserve(off, estimate, stream=True) == 120  # APIM: a stream's prompt
 
 
 def test_ceiling_rejects_or_clamps_what_the_client_asked_for() -> None:

@@ -51,8 +51,10 @@ class LimitPolicy(BaseModel):
     of arrivals holds more than the limit (429 when exceeded); ``token_quota`` is a fixed
     calendar window of ``token_quota_period`` in ``quota_timezone`` (403 when exhausted).
     ``counter_key`` says whose counter is charged.
-    ``estimate_prompt_tokens=False`` skips tokenising the prompt (the completion budget is
-    still reserved, and the real prompt is charged at settle). ``max_tokens_ceiling`` bounds
+    ``estimate_prompt_tokens=False`` is APIM's "use only usage from the response": nothing
+    is estimated or reserved up front (a stream's prompt excepted), a request is admitted
+    while the counter is below its limit, and the reported usage is charged at settle
+    (:func:`tokens_to_reserve`). ``max_tokens_ceiling`` bounds
     what a request may ask for: rejected (400) or clamped. The ``*_header`` fields name the
     extra headers returned to the client (``None`` = not sent), as APIM's attributes do.
     """
@@ -152,7 +154,20 @@ def resolve_counter_key(
 
 
 def tokens_to_reserve(policy: LimitPolicy, estimate: TokenEstimate, *, stream: bool = False) -> int:
-    """Tokens to reserve at admission: the completion budget, plus the prompt estimate when
-    the policy estimates prompts or the request streams (APIM always estimates streams)."""
-    prompt = estimate.prompt_tokens if policy.estimate_prompt_tokens or stream else 0
-    return prompt + estimate.completion_tokens
+    """Tokens to reserve at admission for ``policy``.
+
+    * ``estimate_prompt_tokens`` true: the prompt estimate plus the completion budget
+      (``max_tokens`` and its kin, else ``default_completion_tokens``), corrected to the
+      reported usage at settle. (APIM reserves the prompt only; docs/limits.md.)
+    * false, as APIM's ``estimate-prompt-tokens="false"`` ("use only usage from the
+      response"): 0, whatever ``max_tokens`` the request sets (APIM ignores it for the limit
+      too). A zero-cost admission needs the counter below its limit (admission asks room
+      for ``max(cost, 1)``), and the settle charges the reported usage: the request that
+      pushes a counter over its limit goes through, the next ones wait until the window
+      frees room. Nothing reserved also means no protection against concurrent overshoot.
+    * false, but the request streams: the prompt estimate only (APIM always estimates a
+      streamed prompt); the completion is still charged from the usage at settle.
+    """
+    if policy.estimate_prompt_tokens:
+        return estimate.prompt_tokens + estimate.completion_tokens
+    return estimate.prompt_tokens if stream else 0

@@ -15,7 +15,8 @@ out for an administrator's typo; the product's limits still hold.
 The prompt is counted on the event loop for bodies up to :data:`INLINE_COUNT_BYTES` (almost
 every request: a chat of a few KB costs well under a millisecond, mostly from caches) and in
 the counting thread above it (``tokens/offload.py``), so that a multi-megabyte prompt never
-holds the loop.
+holds the loop. A policy with ``estimate_prompt_tokens: false`` estimates nothing for a request
+that does not stream: it reserves 0 tokens and is charged the reported usage at settle.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
 from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
 
 log = logging.getLogger("sluicegate.limits")
+
+#: The estimate of a policy with ``estimate_prompt_tokens: false`` for a request that does
+#: not stream: :func:`~sluicegate.limits.tokens_to_reserve` reserves nothing for it (APIM's
+#: "use only usage from the response"), so the body is not even walked.
+_NOT_COUNTED = TokenEstimate(0, 0, False, "not-counted")
 
 
 _NAMES: dict[str, bytes] = {}
@@ -159,7 +165,11 @@ class LimitsAdmitter:
         prompt: int | None = None
         for index, (policy, key) in enumerate(limited):
             count_prompt = policy.estimate_prompt_tokens or stream
-            if estimates is None:
+            if not count_prompt:
+                # Nothing to reserve (tokens_to_reserve: estimation off charges the
+                # reported usage at settle only), so nothing to estimate.
+                estimate = _NOT_COUNTED
+            elif estimates is None:
                 estimate = estimate_request_tokens(
                     body,
                     operation,
@@ -247,8 +257,8 @@ def _counter_key(policy: LimitPolicy, sub: Subscription, client_ip: str | None) 
 
 
 def _counts_prompt(limited: Sequence[tuple[LimitPolicy, str | None]], stream: bool) -> bool:
-    """Whether any policy has the prompt counted (else the estimate only adds up characters
-    and reads the budget: cheap at any size, no thread needed)."""
+    """Whether any policy has the prompt counted (else nothing is estimated at all: no
+    thread needed)."""
     return stream or any(policy.estimate_prompt_tokens for policy, _ in limited)
 
 
@@ -261,19 +271,20 @@ def _estimates(
 ) -> list[TokenEstimate]:
     """Each policy's estimate, in order.
 
-    Policies that would estimate alike (the same completion default, prompt counted or not)
-    share one estimate: with several policies a body is counted once, not once each (what
-    matters when it is large).
+    Policies that would estimate alike (the same completion default) share one estimate:
+    with several policies a body is counted once, not once each (what matters when it is
+    large). Policies that do not count the prompt get :data:`_NOT_COUNTED`.
     """
     out: list[TokenEstimate] = []
-    done: dict[tuple[int, bool], TokenEstimate] = {}
+    done: dict[int, TokenEstimate] = {}
     for policy, _ in limited:
-        count_prompt = policy.estimate_prompt_tokens or stream
-        alike = (policy.default_completion_tokens, count_prompt)
-        estimate = done.get(alike)
+        if not (policy.estimate_prompt_tokens or stream):
+            out.append(_NOT_COUNTED)  # nothing reserved: see admit()
+            continue
+        estimate = done.get(policy.default_completion_tokens)
         if estimate is None:
-            estimate = done[alike] = estimate_request_tokens(
-                body, operation, model, policy.default_completion_tokens, count_prompt=count_prompt
+            estimate = done[policy.default_completion_tokens] = estimate_request_tokens(
+                body, operation, model, policy.default_completion_tokens
             )
         out.append(estimate)
     return out
