@@ -4,10 +4,12 @@ Semantics (APIM's backend circuit breaker, plus a half-open probe):
 
 * **closed**: traffic flows. Failures (5xx, timeouts, connection errors) and throttles (429)
   are counted separately in a sliding ``interval``; reaching ``failures`` or ``throttles``
-  trips the breaker.
+  trips the breaker. A failure that carries the backend's ``retry-after`` (a 503 "service
+  busy", say) trips it at once when ``honour_retry_after`` is on: the backend has said when
+  to come back, as a 429 does (APIM's ``acceptRetryAfter`` honours it whatever the status).
 * **open until T**: no traffic. T is now + the backend's ``retry-after`` when it sent one and
-  ``honour_retry_after`` is on, else now + the trip duration (``trip_seconds``, doubled after
-  each failed probe); never more than ``max_trip_seconds``.
+  ``honour_retry_after`` is on (429 or failure alike), else now + the trip duration
+  (``trip_seconds``, doubled after each failed probe); never more than ``max_trip_seconds``.
 * **half-open** (after T): one request at a time is let through as a probe. Success closes
   the breaker; failure opens it again.
 
@@ -15,8 +17,9 @@ Verdicts say something about the backend only if the request was sent after the 
 request sent before it (``begun`` < ``open_until``) may end seconds later, and its success or
 failure describes the backend as it was then. While the breaker is open or half-open such
 verdicts are ignored; only the probe, or a request begun at or after ``open_until``, closes or
-re-opens it. (A late 429 may still push an open breaker's end out: its ``retry-after`` is the
-backend's word about the future, whenever the request was sent.)
+re-opens it. (A late 429 or failure with a ``retry-after`` may still push an open breaker's
+end out: its ``retry-after`` is the backend's word about the future, whenever the request was
+sent.)
 
 Pure state: time comes from the caller (``now``, epoch seconds of the injected clock — wall
 time because trips are shared between instances in cluster mode). Not thread-safe; used from
@@ -139,16 +142,20 @@ class CircuitBreaker:
         begun: float = -math.inf,
     ) -> bool:
         """Count a failure (``throttle``: a 429) of a request sent at ``begun`` (as for
-        ``success``). Returns True if this tripped the breaker. While the breaker is
-        half-open only the probe, or a request begun at or after ``open_until``, re-opens it;
-        while it is open, a 429's ``retry-after`` may push its end out, never in."""
+        ``success``); ``retry_after``: the wait the backend asked for, if any. Returns True
+        if this tripped the breaker. While it is closed, a failure with a ``retry-after``
+        trips it at once (with ``honour_retry_after``; a 429 counts against ``throttles``).
+        While it is half-open only the probe, or a request begun at or after ``open_until``,
+        re-opens it; while it is open, a ``retry-after`` may push its end out, never in."""
         if probe:
             self._probe_in_flight = False
         state = self.state(now)
+        asked = retry_after if self.settings.honour_retry_after else None
         if state is BreakerState.OPEN:
-            # Already out; a late 429 may still push the end out (never pull it in).
-            if throttle and retry_after is not None and self.settings.honour_retry_after:
-                self.open_until = max(self.open_until, now + min(retry_after, self._cap()))
+            # Already out; a late answer's retry-after may still push the end out (never
+            # pull it in).
+            if asked is not None:
+                self.open_until = max(self.open_until, now + min(asked, self._cap()))
             return False
         if state is BreakerState.HALF_OPEN:
             if not probe and begun < self.open_until:
@@ -161,7 +168,10 @@ class CircuitBreaker:
         while window and window[0] <= cutoff:
             window.popleft()
         threshold = self.settings.throttles if throttle else self.settings.failures
-        if len(window) >= threshold:
+        # A failure that says when to come back (a 503 with retry-after) trips at once:
+        # counting it as one of ``failures`` would keep sending requests to a backend that
+        # asked to be left alone, and a pool's refusal could not pass its wait on.
+        if len(window) >= threshold or (asked is not None and not throttle):
             self._trip(now, reason, throttle, retry_after)
             return True
         return False
@@ -181,7 +191,7 @@ class CircuitBreaker:
         return self.settings.max_trip
 
     def _trip(self, now: float, reason: str, throttle: bool, retry_after: float | None) -> None:
-        if throttle and retry_after is not None and self.settings.honour_retry_after:
+        if retry_after is not None and self.settings.honour_retry_after:
             duration = retry_after
         else:
             duration = self.settings.trip * (2 ** min(self._trips_in_a_row, 16))

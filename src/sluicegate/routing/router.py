@@ -396,7 +396,9 @@ class Router:
         half-open after one while its probe is out, or answered 429 in this request), 503
         ``BackendBusy`` with a wait of 1 s when every member's connections were all in use
         (``BUSY``) and none is throttled or down, else 503 with the shortest wait until one
-        may work (a busy member counting 1 s). A member half-open with its probe out
+        may work (at least 1 s): an open member's end (a 5xx's ``retry-after`` sets it as a
+        429's does), the ``retry-after`` a failure in this request asked for, 1 s for a
+        failure that named none and for a busy member. A member half-open with its probe out
         counts as it did while open (a probe's verdict is the only thing that changes what
         its trip said) with a wait of 1 s: its probe has been sent, and the verdict comes
         with the probe's answer. No wait is longer than the breaker's ``max_trip``: the
@@ -420,6 +422,10 @@ class Router:
                 throttled.append(min(asked, cap) if asked is not None else 1.0)
             elif outcome is None and state is BreakerState.HALF_OPEN:
                 (throttled if breaker.throttled else down).append(1.0)
+            elif outcome is not None and outcome.retry_after is not None:
+                # A failure that said when to come back whose breaker is not open for it
+                # (``honour_retry_after`` off, or the breaker taken back meanwhile).
+                down.append(min(outcome.retry_after, cap))
             else:
                 down.append(1.0)
         name = pool.name
