@@ -91,10 +91,9 @@ def test_keys_missing_wrong_suspended_and_ambiguous(harness: Harness, key: str) 
         _assert_azure_error(
             c.post(CHAT, json=body, headers={"api-key": key}), 403, "SubscriptionInactive"
         )
-    # The key in the query string never reaches the backend.
-    for entry in harness.sim_log():
-        assert "subscription-key" not in entry["path"]
-        assert key not in str(entry)
+    # That the key in the query string never reaches the backend is checked on the request
+    # line a backend receives: tests/integration/test_query_credentials.py (the simulator's
+    # log holds the path without its query).
 
 
 def _raw_exchange(port: int, request: bytes) -> bytes:

@@ -64,8 +64,9 @@ def ambiguous_key() -> GatewayError:
     return GatewayError(
         400,
         "AmbiguousCredentials",
-        "The request carries different subscription keys in several places (api-key, "
-        "Ocp-Apim-Subscription-Key, Authorization, subscription-key). Send one key.",
+        "The request carries different subscription keys in several places (api-key or "
+        "Ocp-Apim-Subscription-Key header, Authorization, api-key or subscription-key query "
+        "parameter). Send one key.",
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote
+
+from sluicegate.auth.credentials import is_key_parameter, may_hold_key_parameter
 
 #: Never forwarded in either direction (RFC 9110 §7.6.1 plus framing the gateway redoes).
 HOP_BY_HOP = frozenset(
@@ -135,14 +137,22 @@ def connection_options(value: bytes, into: set[str] | None) -> set[str] | None:
 
 
 def strip_key_from_query(query_string: bytes) -> str:
-    """The query string for the backend: everything but ``subscription-key``."""
+    """The query string for the backend: the client's, without any parameter that carries a
+    subscription key (``api-key``, ``subscription-key``: every occurrence, in any letter case
+    or percent-encoding that decodes to such a name, with a value or without), whether or not
+    it was the key the request was authenticated with. The other parameters go as the client
+    sent them, byte for byte, in their order."""
     if not query_string:
         return ""
-    if b"subscription-key" not in query_string:
-        return query_string.decode("latin-1")
-    pairs = [
-        (k, v)
-        for k, v in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-        if k != "subscription-key"
+    query = query_string.decode("latin-1")
+    if not may_hold_key_parameter(query_string):
+        return query
+    # Split as parse_qsl does (on "&" only) and decode each name as it does, so what
+    # find_key could take for a key is what is dropped here; the kept parts are not
+    # re-encoded (urlencode would rewrite the client's escapes).
+    kept = [
+        part
+        for part in query.split("&")
+        if not is_key_parameter(unquote(part.partition("=")[0].replace("+", " ")))
     ]
-    return urlencode(pairs)
+    return "&".join(kept)
