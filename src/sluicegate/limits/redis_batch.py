@@ -43,6 +43,14 @@ batcher's connections have no socket timeout of their own: one deadline bounds e
 exchange (send and reply) instead, with the same length. At most ``connections`` batches are
 in flight; calls arriving while all are busy wait for the next free connection and go
 together, so that batches grow under load rather than connections.
+
+A connection that answers an error saying its server is not (or no longer) the primary to
+write to (``READONLY``, ``MOVED``/``ASK``, ``LOADING``, ``MASTERDOWN``:
+:func:`needs_reconnect`) is closed, like one that failed, and the next batch connects anew.
+Behind an address that follows the primary after a failover (a Kubernetes Service, HAProxy,
+a DNS name) only a new connection reaches the new primary: a kept one would keep asking the
+demoted node, for ever. The script is loaded after a ``NOSCRIPT`` on the connection that
+answered it, so on the server that runs the batch (a promoted replica has no scripts).
 """
 
 from __future__ import annotations
@@ -56,13 +64,42 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sluicegate.loops import running_loop
 
 #: (script name, keys, args, the caller's future)
 _Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
+
+
+#: Error codes of a server that will not run writes for us on this connection (a replica, a
+#: node of another slot, one loading its data or without its primary): reconnect.
+_RECONNECT_CODES = frozenset({"READONLY", "MOVED", "ASK", "LOADING", "MASTERDOWN"})
+
+
+def needs_reconnect(error: BaseException) -> bool:
+    """Whether ``error`` means the connection must be closed so that the next command
+    reaches the current primary: a connection-level error, or a reply whose code is one of
+    ``READONLY``, ``MOVED``, ``ASK``, ``LOADING``, ``MASTERDOWN`` (also when a script
+    relays it, the code then starting its text)."""
+    if isinstance(
+        error, RedisConnectionError | ReadOnlyError | AskError | MasterDownError | BusyLoadingError
+    ):
+        return True
+    if not isinstance(error, ResponseError):
+        return False
+    code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
+    return code in _RECONNECT_CODES
 
 
 def reply_ttl_ms(timeout: float | None) -> int:
@@ -215,7 +252,9 @@ class ScriptBatcher:
             return
         self.stats.script_reloads += 1
         try:
-            await self._client.script_load(self._source)
+            # On this connection: the server that answered NOSCRIPT is the one to run it (the
+            # client's pool may still hold a connection to a former primary).
+            await self._load_script(conn)
         except RedisError as exc:
             for call in retry:
                 _answer(call[3], exc)
@@ -229,6 +268,19 @@ class ScriptBatcher:
         if replies is not None:
             for call, reply in zip(retry, replies, strict=True):
                 _answer(call[3], reply)
+
+    async def _load_script(self, conn: AbstractConnection) -> None:
+        """``SCRIPT LOAD`` the batch script on ``conn``, within the exchange deadline; the
+        connection is closed on any failure (a reply may be left unread on it)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_command("SCRIPT", "LOAD", self._source)
+                await conn.read_response()
+        except BaseException as exc:
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"Redis did not answer within {self._timeout} s") from None
+            raise
 
     async def _execute(
         self, conn: AbstractConnection, batch: list[_Call], batch_key: str
@@ -273,6 +325,13 @@ class ScriptBatcher:
             for call in batch:
                 _answer(call[3], failure)
             raise
+        if isinstance(reply, ResponseError) and needs_reconnect(reply):
+            # A demoted primary (module docstring): the next batch connects anew.
+            await conn.disconnect(nowait=True)
+        elif isinstance(reply, list) and any(
+            isinstance(item, ResponseError) and needs_reconnect(item) for item in reply
+        ):
+            await conn.disconnect(nowait=True)
         if isinstance(reply, list) and len(reply) == len(batch):
             return reply
         # An error for the batch as a whole (NOSCRIPT among them) is every call's.

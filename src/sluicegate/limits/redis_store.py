@@ -22,8 +22,11 @@ When Redis cannot be reached, ``fail_mode`` decides:
 
 Either way Redis is tried again ``retry_interval_s`` (monotonic clock) after the failure, by
 one admission at a time, so recovery is automatic and a dead server costs at most one
-timeout per interval. Settles of reservations made in Redis that cannot reach Redis are
-dropped and counted (the estimate stays charged until the window ends). A script that timed
+timeout per interval. Settles (and releases) of reservations made in Redis are always sent to
+Redis, also while it is marked down: they run after the response was sent, so a wait costs
+the client nothing, and a short stall must not lose the settles of every request in flight.
+One that succeeds marks Redis up again; one that fails is dropped and counted (the estimate
+stays charged until the window ends). A script that timed
 out may still have run in Redis, so the request can be charged there and in the fallback:
 the error is on the side of counting too much, never of admitting too much.
 """
@@ -203,9 +206,7 @@ class RedisStore:
         if origin != REDIS_ORIGIN:
             self._fallback.adjust_sync(adjustments, origin)
             return
-        if not self._should_try_redis():
-            self.stats.dropped_adjustments += len(adjustments)
-            return
+        # No _should_try_redis(): always tried (module docstring).
         prefix = self.prefix
         keys: list[str] = []
         args: list[Any] = []

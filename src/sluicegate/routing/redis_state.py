@@ -18,7 +18,10 @@ interval.
 
 When Redis cannot be reached each instance keeps routing on its own state (fail open: a
 routing store outage must not stop traffic); a warning is logged once per outage and the
-exchange resumes by itself.
+exchange resumes by itself. After a failed round the pool's idle connections are closed, so
+that the next round connects anew: behind an address that follows the primary after a
+failover (a Kubernetes Service, HAProxy, a DNS name), a kept connection would keep writing to
+the demoted node and be refused (``READONLY``) for ever.
 """
 
 from __future__ import annotations
@@ -151,6 +154,11 @@ class RedisStateStore:
             except (RedisError, OSError) as exc:
                 # Keep what was not pushed (newer publications win over it).
                 self._pending = {**pending, **self._pending}
+                # Reconnect next round (module docstring). Idle ones only: the failed
+                # connection is back in the pool, and a client the caller owns may have
+                # commands of its own in progress on others.
+                with contextlib.suppress(Exception):
+                    await self._client.connection_pool.disconnect(inuse_connections=False)
                 if self.healthy:
                     self.healthy = False
                     log.warning(
