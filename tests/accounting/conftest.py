@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
+from sluicegate.accounting.records import UsageRecord
 from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
 from tests.support.pg import pg_database_url, postgres_server  # noqa: F401  (fixtures)
 
@@ -26,3 +28,14 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     eng = create_engine_for(url)
     yield eng
     eng.dispose()
+
+
+def write_ledger(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
+    """Write ``recs`` to the ledger through a real ``LedgerWriter`` (spilling under ``tmp``),
+    all of them flushed before it returns."""
+    writer = LedgerWriter(engine, spill_path=tmp / "spill.jsonl", flush_interval=0.01)
+    writer.start()
+    for r in recs:
+        writer.submit(r)
+    assert writer.flush(10)
+    writer.close(10)

@@ -18,7 +18,7 @@ from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.clock import FakeClock
 from sluicegate.config.loader import parse_config
-from sluicegate.storage.ledger import LedgerWriter
+from tests.accounting.conftest import write_ledger
 
 JANUARY = datetime(2026, 1, 1, tzinfo=UTC).timestamp()  # 31 days
 FEBRUARY = datetime(2026, 2, 1, tzinfo=UTC).timestamp()  # 28 days
@@ -54,12 +54,7 @@ def record(n: int, sub: str, deployment: str, tokens: int, ts: float) -> UsageRe
 
 
 def load(engine: Engine, tmp: Path, recs: list[UsageRecord], now: float) -> PriceTable:
-    writer = LedgerWriter(engine, spill_path=tmp / "spill.jsonl", flush_interval=0.01)
-    writer.start()
-    for r in recs:
-        writer.submit(r)
-    assert writer.flush(10)
-    writer.close(10)
+    write_ledger(engine, tmp, recs)
     prices = PriceTable(parse_config(CONFIG))
     Rollups(engine, prices, FakeClock(now)).catch_up()
     return prices

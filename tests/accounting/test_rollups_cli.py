@@ -22,6 +22,7 @@ from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.reports import ledger_totals, usage_report
+from tests.accounting.conftest import write_ledger
 
 T0 = datetime(2026, 3, 3, 22, 0, tzinfo=UTC).timestamp()
 CONFIG = {
@@ -58,21 +59,13 @@ def records(n: int, start: float = T0) -> list[UsageRecord]:
     ]
 
 
-def write(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
-    writer = LedgerWriter(engine, spill_path=tmp / "spill.jsonl", flush_interval=0.01)
-    writer.start()
-    for r in recs:
-        writer.submit(r)
-    assert writer.flush(10)
-    writer.close(10)
-
-
 def test_rollups_match_the_raw_ledger_incrementally(engine: Engine, tmp_path: Path) -> None:
     prices = PriceTable(parse_config(CONFIG))
     rollups = Rollups(engine, prices, FakeClock(T0))
-    write(engine, tmp_path, records(150))  # crosses midnight
+    write_ledger(engine, tmp_path, records(150))  # crosses midnight
     assert rollups.catch_up().hours >= 4
-    write(engine, tmp_path, records(40, T0 + 3600))  # more records in hours already rolled up
+    # More records, in hours already rolled up.
+    write_ledger(engine, tmp_path, records(40, T0 + 3600))
     rollups.catch_up()
     rollups.catch_up()  # idempotent
     start, end = T0 - 86400, T0 + 3 * 86400
@@ -104,7 +97,7 @@ def test_cli_usage_report_forecast_and_config_check(
     path.write_text(yaml.safe_dump(cfg))
     migrate(cfg["storage"]["url"])
     engine = create_engine_for(cfg["storage"]["url"])
-    write(engine, tmp_path, records(30))
+    write_ledger(engine, tmp_path, records(30))
     engine.dispose()
     assert (
         main(
@@ -210,9 +203,9 @@ def test_rebuild_between_catch_ups_counts_every_record_once(engine: Engine, tmp_
     prices = PriceTable(parse_config(CONFIG))
     rollups = Rollups(engine, prices, FakeClock(T0))
     first, later = records(60), records(50, T0 + 1800)  # the same hours
-    write(engine, tmp_path, first)
+    write_ledger(engine, tmp_path, first)
     rollups.catch_up()
-    write(engine, tmp_path, later)
+    write_ledger(engine, tmp_path, later)
     rollups.rebuild(T0 - 86400, T0 + 3 * 86400)
     rollups.catch_up()
     rep = charge_report(engine, prices, start=T0 - 86400, end=T0 + 3 * 86400, by="owner")
@@ -231,13 +224,13 @@ def test_records_written_after_a_purge_emptied_the_ledger_are_rolled_up(
     rollups = Rollups(engine, prices, clock)
     kept = 1 if engine.dialect.name == "sqlite" else 0
     old = records(30)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     clock.set(T0 + 3 * 86400)  # two quiet days later
     purged = rollups.purge(raw_days=1, hourly_days=None)
     left = ledger_totals(engine).requests
     new = records(5, clock.now())
-    write(engine, tmp_path, new)
+    write_ledger(engine, tmp_path, new)
     rollups.catch_up()
     start, end = T0 - 86400, clock.now() + 86400
     rep = charge_report(engine, prices, start=start, end=end, by="owner")
@@ -268,12 +261,12 @@ def test_late_records_for_purged_hours_are_added_once_by_concurrent_runs(
         prices = PriceTable(parse_config(CONFIG))
         clock = FakeClock(T0)
         old = records(20)
-        write(engine, tmp_path, old)
+        write_ledger(engine, tmp_path, old)
         Rollups(engine, prices, clock).catch_up()
         clock.set(T0 + 3 * 86400)
         assert Rollups(engine, prices, clock).purge(raw_days=1, hourly_days=None).raw_deleted
         late = records(3, T0 + 60)  # old timestamps, new ids
-        write(engine, tmp_path, late)
+        write_ledger(engine, tmp_path, late)
 
         def run(start: threading.Barrier) -> None:
             start.wait()

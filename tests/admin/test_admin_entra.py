@@ -22,7 +22,6 @@ from sluicegate.simulator.server import SimulatorThread
 from tests.admin.entra import ADMIN_APP, ADMIN_GROUP, ADMIN_ROLE, admin_section, metric
 from tests.admin.harness import ADMIN_TOKEN, ADMIN_TOKEN_ENV, admin_gateway
 from tests.auth.harness import EntraHarness, entra_gateway, oidc_section
-from tests.integration.conftest import sim_config
 from tests.support.idp import AUDIENCE, TestIdentityProvider
 
 CLIENT_APP = str(uuid.uuid4())  # a client application, mapped by the client token rules
@@ -32,14 +31,6 @@ CLIENT_APP = str(uuid.uuid4())  # a client application, mapped by the client tok
 def idp() -> Iterator[TestIdentityProvider]:
     with TestIdentityProvider() as provider:
         yield provider
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorThread]:
-    sim = SimulatorThread(sim_config())
-    sim.start()
-    yield sim
-    sim.stop()
 
 
 @pytest.fixture

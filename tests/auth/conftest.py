@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sluicegate.simulator.server import SimulatorThread
-from tests.integration.conftest import sim_config
+from tests.integration.conftest import simulator  # noqa: F401  (fixture)
 from tests.support.idp import TestIdentityProvider
 
 
@@ -15,11 +14,3 @@ from tests.support.idp import TestIdentityProvider
 def idp() -> Iterator[TestIdentityProvider]:
     with TestIdentityProvider() as provider:
         yield provider
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorThread]:
-    sim = SimulatorThread(sim_config())
-    sim.start()
-    yield sim
-    sim.stop()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
@@ -83,6 +85,12 @@ class Harness:
                 return rows
             time.sleep(0.02)
 
+    def sdk(self, key: str) -> openai.AzureOpenAI:
+        """An openai SDK client of this gateway with ``key``, without the SDK's retries."""
+        return openai.AzureOpenAI(
+            azure_endpoint=self.url, api_key=key, api_version="2024-10-21", max_retries=0
+        )
+
     def sim_log(self) -> list[dict[str, Any]]:
         resp = httpx.get(f"{self.sim.url}/_sim/log")
         resp.raise_for_status()
@@ -96,6 +104,45 @@ def harness(tmp_path: Path, simulator: SimulatorThread) -> Iterator[Harness]:
     gw.start()
     yield Harness(gw, simulator)
     gw.stop()
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[Harness]]:
+    """Harnesses a test started itself, stopped at its end."""
+    started: list[Harness] = []
+    yield started
+    for h in started:
+        h.gw.stop()
+
+
+@contextlib.contextmanager
+def gateway_over(tmp_path: Path, backend_url: str) -> Iterator[Harness]:
+    """A gateway of the default configuration whose backend ``b`` is at ``backend_url`` (no
+    simulator: ``Harness.sim`` is None), stopped when the block ends."""
+    gw = GatewayThread(gateway_config(tmp_path, {"b": backend_url})).start()
+    try:
+        yield Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
+    finally:
+        gw.stop()
+
+
+@contextlib.contextmanager
+def posted_aside(url: str, body: dict[str, Any], key: str) -> Iterator[dict[str, Any]]:
+    """POST ``body`` to ``url`` with ``key`` from another thread while the block runs. The dict
+    yielded gets the answer's ``status`` once the request ends; the block's end waits for that
+    (up to 120 s)."""
+    answer: dict[str, Any] = {}
+
+    def send() -> None:
+        response = httpx.post(url, json=body, headers={"api-key": key}, timeout=120)
+        answer["status"] = response.status_code
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        yield answer
+    finally:
+        sender.join(timeout=120)
 
 
 @contextlib.contextmanager

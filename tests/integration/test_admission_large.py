@@ -26,7 +26,7 @@ from sluicegate.proxy import admission as admission_module
 from sluicegate.simulator.server import SimulatorThread
 from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
 from sluicegate.tokens.offload import counting_thread
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, posted_aside
 from tests.support.gateway import GatewayThread, gateway_config
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
@@ -75,20 +75,8 @@ def test_a_huge_prompt_does_not_hold_other_tenants_requests(
     monkeypatch.setattr(admission_module, "estimate_request_tokens", observed)
     rng = random.Random(11)
     prompt = "".join(rng.choices(string.ascii_lowercase, k=LARGE_BYTES))
-    large: dict[str, Any] = {}
-
-    def send_large() -> None:
-        response = httpx.post(
-            gateway.url + CHAT,
-            json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 5},
-            headers={"api-key": large_key},
-            timeout=120,
-        )
-        large["status"] = response.status_code
-
-    sender = threading.Thread(target=send_large)
-    sender.start()
-    try:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5}
+    with posted_aside(gateway.url + CHAT, body, large_key) as large:
         assert counting.wait(timeout=60), "the large request was never counted"
         response = httpx.post(
             gateway.url + CHAT,
@@ -97,8 +85,6 @@ def test_a_huge_prompt_does_not_hold_other_tenants_requests(
             timeout=120,
         )
         small_done = time.monotonic()
-    finally:
-        sender.join(timeout=120)
     assert response.status_code == 200
     assert large["status"] == 200
     assert counted["thread"] == counting_thread().name

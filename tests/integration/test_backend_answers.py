@@ -5,7 +5,6 @@ without usage is counted as an estimate."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,8 @@ import httpx
 import orjson
 
 from tests.integration.conftest import Harness
-from tests.support.gateway import GatewayThread, free_port, gateway_config
+from tests.integration.wire_backend import LoopbackServer
+from tests.support.gateway import GatewayThread, gateway_config
 
 _CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 _ANSWER = orjson.dumps(
@@ -28,17 +28,15 @@ _ANSWER = orjson.dumps(
 )
 
 
-class _RecordingUpstream:
+class _RecordingUpstream(LoopbackServer):
     """A backend that keeps every request head it gets and answers by method: POST with a
     chat completion whose ``Connection`` header names a header of its own, DELETE with 204,
     HEAD with the length a GET would have."""
 
     def __init__(self, answer: bytes = _ANSWER) -> None:
+        super().__init__()
         self.answer = answer
         self.heads: list[dict[str, str]] = []
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,25 +73,13 @@ class _RecordingUpstream:
         finally:
             writer.close()
 
-    @contextmanager
-    def running(self) -> Iterator[str]:
-        self._thread.start()
-        start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        try:
-            yield f"http://127.0.0.1:{self.port}"
-        finally:
-            server.close()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
 
 @contextmanager
 def _gateway(
     tmp_path: Path, answer: bytes = _ANSWER
 ) -> Iterator[tuple[Harness, _RecordingUpstream]]:
     upstream = _RecordingUpstream(answer)
-    with upstream.running() as url:
+    with upstream.serving() as url:
         gw = GatewayThread(
             gateway_config(
                 tmp_path,

@@ -27,8 +27,9 @@ import orjson
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
-from tests.integration.conftest import Harness
-from tests.support.gateway import GatewayThread, free_port, gateway_config
+from tests.integration.conftest import Harness, posted_aside
+from tests.integration.wire_backend import LoopbackServer
+from tests.support.gateway import GatewayThread, gateway_config
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 #: Random letters without a break: no piece repeats, so nothing is cached, and a count of
@@ -43,7 +44,7 @@ def _letters(size: int, seed: int) -> str:
     return "".join(random.Random(seed).choices(string.ascii_lowercase, k=size))
 
 
-class _UsagelessBackend:
+class _UsagelessBackend(LoopbackServer):
     """A backend that never reports usage (an OpenAI-compatible server; one that ignores
     ``stream_options``), on loopback. Chat requests get a JSON answer, or with ``stream`` an
     SSE stream sent as ``stream_mode`` says: ``whole`` (one write, with its length),
@@ -55,13 +56,11 @@ class _UsagelessBackend:
     stream."""
 
     def __init__(self, stream_mode: str = "whole") -> None:
+        super().__init__()
         self.stream_mode = stream_mode
         self.large_text = _letters(LARGE_BYTES, seed=7)
         self.large_answered = threading.Event()
         self.closed_by_gateway = threading.Event()
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -152,18 +151,6 @@ class _UsagelessBackend:
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
         await writer.drain()
 
-    @contextmanager
-    def running(self) -> Iterator[str]:
-        self._thread.start()
-        start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        try:
-            yield f"http://127.0.0.1:{self.port}"
-        finally:
-            server.close()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
 
 @contextmanager
 def _gateway(
@@ -173,7 +160,7 @@ def _gateway(
     records its pipeline writes, each with the moment it was written (a sink of its own, next
     to the ledger's)."""
     written: list[tuple[float, UsageRecord]] = []
-    with backend.running() as url:
+    with backend.serving() as url:
         config = gateway_config(
             tmp_path,
             {"scripted": url},
@@ -232,29 +219,15 @@ def test_a_large_estimate_does_not_hold_other_tenants_requests(
         large_key = harness.new_key(owner="team-a", name="large").primary_key or ""
         small_key = harness.new_key(owner="team-b", name="small").primary_key or ""
         prompt = _letters(LARGE_BYTES, seed=11) if large_part == "prompt" else WRITE_A_LOT
-        large: dict[str, Any] = {}
-
-        def send_large() -> None:
-            response = httpx.post(
-                harness.url + CHAT,
-                json={
-                    "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": 5,
-                    "stream": stream_mode is not None,
-                },
-                headers={"api-key": large_key},
-                timeout=120,
-            )
-            large["status"] = response.status_code
-
-        sender = threading.Thread(target=send_large)
-        sender.start()
-        try:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 5,
+            "stream": stream_mode is not None,
+        }
+        with posted_aside(harness.url + CHAT, body, large_key) as large:
             # The backend has answered: the gateway now estimates the usage it did not get.
             assert backend.large_answered.wait(timeout=60), "the large request never got back"
             small_done = _small_request(harness, small_key)
-        finally:
-            sender.join(timeout=120)
         assert large["status"] == 200
         large_written, record = _written(written, "team-a")
         small_written, _ = _written(written, "team-b")
@@ -320,24 +293,10 @@ def test_a_request_cancelled_while_its_estimate_is_counted_keeps_an_estimate(
     backend = _UsagelessBackend()
     with _gateway(tmp_path, backend, graceful_shutdown_seconds=0) as (harness, written):
         key = harness.new_key(owner="team-a", name="large").primary_key or ""
-        large: dict[str, Any] = {}
-
-        def send_large() -> None:
-            response = httpx.post(
-                harness.url + CHAT,
-                json={"messages": [{"role": "user", "content": _letters(LARGE_BYTES, seed=17)}]},
-                headers={"api-key": key},
-                timeout=120,
-            )
-            large["status"] = response.status_code
-
-        sender = threading.Thread(target=send_large)
-        sender.start()
-        try:
+        body = {"messages": [{"role": "user", "content": _letters(LARGE_BYTES, seed=17)}]}
+        with posted_aside(harness.url + CHAT, body, key) as large:
             assert backend.large_answered.wait(timeout=60), "the large request never got back"
             harness.gw.stop()  # counting takes seconds: the request is cancelled meanwhile
-        finally:
-            sender.join(timeout=120)
     assert large["status"] == 503
     ((_, record),) = written
     assert (record.outcome, record.status, record.usage_estimated) == ("aborted", 503, True)

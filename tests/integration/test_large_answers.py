@@ -12,14 +12,14 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from sluicegate.proxy.relay import WHOLE_ANSWER_LIMIT
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, gateway_over
 from tests.integration.wire_backend import Request, WireBackend, head, wait_for
-from tests.support.gateway import GatewayThread, gateway_config
 
 _MIB = 1024 * 1024
 _FILE_SIZE = 8 * _MIB
@@ -97,65 +97,47 @@ def _expected(parts: Iterator[bytes]) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _gateway(tmp_path: Path, backend: WireBackend) -> GatewayThread:
-    return GatewayThread(gateway_config(tmp_path, {"b": backend.url})).start()
+@contextmanager
+def _served(tmp_path: Path) -> Iterator[tuple[Harness, WireBackend, threading.Event, str]]:
+    """A gateway over ``_backend``: the harness, the backend, the event that releases the
+    backend's last parts, and a key."""
+    release = threading.Event()
+    backend = _backend(release)
+    with backend.running(), gateway_over(tmp_path, backend.url) as harness:
+        yield harness, backend, release, harness.new_key().primary_key or ""
 
 
 def test_a_file_download_is_relayed_as_it_arrives(tmp_path: Path) -> None:
-    release = threading.Event()
-    backend = _backend(release)
-    with backend.running():
-        gw = _gateway(tmp_path, backend)
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            key = harness.new_key().primary_key or ""
-            url = f"{gw.url}/openai/files/file-1/content?api-version=2024-10-21"
-            status, digest, size = _read(url, key, release)
-            (record,) = harness.records(expect=1)
-        finally:
-            gw.stop()
+    with _served(tmp_path) as (harness, _, release, key):
+        url = f"{harness.url}/openai/files/file-1/content?api-version=2024-10-21"
+        status, digest, size = _read(url, key, release)
+        (record,) = harness.records(expect=1)
     parts = (_file_part(i) for i in range(_FILE_SIZE // _MIB))
     assert (status, digest, size) == (200, *_expected(parts))
     assert (record.operation, record.outcome, record.total_tokens) == ("passthrough", "ok", 0)
 
 
 def test_a_client_that_leaves_a_download_closes_the_backends_answer(tmp_path: Path) -> None:
-    release = threading.Event()
-    backend = _backend(release)
-    with backend.running():
-        gw = _gateway(tmp_path, backend)
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            key = harness.new_key().primary_key or ""
-            url = f"{gw.url}/openai/files/file-1/content?api-version=2024-10-21"
-            with httpx.stream("GET", url, headers={"api-key": key}, timeout=10) as resp:
-                assert next(resp.iter_raw())  # the first bytes, then the client hangs up
-            (record,) = harness.records(expect=1)
-            release.set()  # the backend writes its last part: to a closed connection
-            wait_for(lambda: backend.hangups == 1, what="the backend's connection closed")
-        finally:
-            gw.stop()
+    with _served(tmp_path) as (harness, backend, release, key):
+        url = f"{harness.url}/openai/files/file-1/content?api-version=2024-10-21"
+        with httpx.stream("GET", url, headers={"api-key": key}, timeout=10) as resp:
+            assert next(resp.iter_raw())  # the first bytes, then the client hangs up
+        (record,) = harness.records(expect=1)
+        release.set()  # the backend writes its last part: to a closed connection
+        wait_for(lambda: backend.hangups == 1, what="the backend's connection closed")
     assert (record.operation, record.outcome, record.status) == ("passthrough", "aborted", 200)
 
 
 def test_a_metered_answer_past_the_limit_is_relayed_in_parts_with_its_usage(
     tmp_path: Path,
 ) -> None:
-    release = threading.Event()
-    backend = _backend(release)
-    with backend.running():
-        gw = _gateway(tmp_path, backend)
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            key = harness.new_key().primary_key or ""
-            url = (
-                f"{gw.url}/openai/deployments/text-embedding-3-small/embeddings"
-                "?api-version=2024-10-21"
-            )
-            status, digest, size = _read(url, key, release, {"input": "hello"})
-            (record,) = harness.records(expect=1)
-        finally:
-            gw.stop()
+    with _served(tmp_path) as (harness, _, release, key):
+        url = (
+            f"{harness.url}/openai/deployments/text-embedding-3-small/embeddings"
+            "?api-version=2024-10-21"
+        )
+        status, digest, size = _read(url, key, release, {"input": "hello"})
+        (record,) = harness.records(expect=1)
     assert size > WHOLE_ANSWER_LIMIT
     assert (status, digest, size) == (200, *_expected(_embedding_parts()))
     assert (record.operation, record.outcome) == ("embeddings", "ok")

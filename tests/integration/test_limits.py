@@ -4,14 +4,12 @@ quota is used up until the next period, max_tokens ceilings, and the SDK backing
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import pytest
 
 from sluicegate.clock import FakeClock
 from sluicegate.simulator.server import SimulatorThread
@@ -48,14 +46,6 @@ def limited(tmp_path: Path, sim: SimulatorThread, limits: Any, clock: Any = None
     gw = GatewayThread(cfg, clock=clock)
     gw.start()
     return Harness(gw, sim)
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[Harness]]:
-    started: list[Harness] = []
-    yield started
-    for h in started:
-        h.gw.stop()
 
 
 def test_tpm_headers_and_429_with_real_wait(

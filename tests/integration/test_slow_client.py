@@ -19,7 +19,6 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-import openai
 import pytest
 
 from sluicegate.server import GatewayHttpProtocol
@@ -118,18 +117,10 @@ def _breaker(harness: Harness) -> str:
     return harness.gw.gateway.router.targets[_TARGET].breaker.describe(time.time())
 
 
-def _other_client(harness: Harness, key: str) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(
-        azure_endpoint=harness.url, api_key=key, api_version="2024-10-21", max_retries=0
-    )
-
-
-def test_a_stream_the_client_stopped_reading_is_cut_after_client_write(tmp_path: Path) -> None:
-    """The client takes the head and then nothing: once the socket buffers are full, the
-    gateway's send waits on it; after ``client_write`` the client counts as gone. The
-    backend's connection is closed (the pool's only one is free again), the record is
-    written while the client still holds its socket (aborted, the completion estimated from
-    what was relayed), and the breaker heard nothing against the backend."""
+@contextmanager
+def _stalled_stream(tmp_path: Path) -> Iterator[tuple[WireBackend, Harness, str, socket.socket]]:
+    """A stream asked for (``client_write`` 1 s) by a client that takes its head and then
+    stops reading; yields once the request's record is written."""
     backend = WireBackend(_endless_stream_or_json)
     with backend.running(), _gateway(tmp_path, backend, client_write=1) as harness:
         key = harness.new_key().primary_key or ""
@@ -138,18 +129,50 @@ def test_a_stream_the_client_stopped_reading_is_cut_after_client_write(tmp_path:
             stalled.sendall(_request(key, stream))
             assert stalled.recv(12) == b"HTTP/1.1 200"
             wait_for(harness.records, what="the stalled request's record")
-            (record,) = harness.records()
-            assert (record.outcome, record.error_code) == ("aborted", "ClientWriteTimeout")
-            assert record.streamed and record.usage_estimated and record.completion_tokens > 0
-            wait_for(lambda: backend.hangups == 1, what="the backend's connection closed")
-            runtime_backend = harness.gw.gateway.runtime.backends["b"]
-            wait_for(lambda: runtime_backend.in_flight == 0, what="no attempt in flight")
-            assert _breaker(harness) == "closed (failures=0, throttles=0)"
-            # The one pooled connection serves the next client while this one still waits.
-            reply = _other_client(harness, key).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
-            )
-            assert reply.choices[0].message.content == "hi"
+            yield backend, harness, key, stalled
+
+
+@contextmanager
+def _two_pipelined(
+    tmp_path: Path, client_write: float
+) -> Iterator[tuple[WireBackend, Harness, str, socket.socket]]:
+    """Two chat requests sent at once by a client that reads nothing, to a backend whose first
+    answer is 8 MB (2,000,000 completion tokens) and every later one small."""
+
+    async def large_then_small(request: Request, writer: asyncio.StreamWriter) -> None:
+        first = len(backend.requests) == 1
+        body = _answer("x" * 8_000_000, 2_000_000) if first else _answer()
+        writer.write(head(length=len(body)) + body)
+        await writer.drain()
+
+    backend = WireBackend(large_then_small)
+    with backend.running(), _gateway(tmp_path, backend, client_write=client_write) as harness:
+        key = harness.new_key().primary_key or ""
+        plain = _request(key, {"messages": [{"role": "user", "content": "hi"}]})
+        with closing(_stalled_client(harness.gw.port)) as stalled:
+            stalled.sendall(plain * 2)
+            yield backend, harness, key, stalled
+
+
+def test_a_stream_the_client_stopped_reading_is_cut_after_client_write(tmp_path: Path) -> None:
+    """The client takes the head and then nothing: once the socket buffers are full, the
+    gateway's send waits on it; after ``client_write`` the client counts as gone. The
+    backend's connection is closed (the pool's only one is free again), the record is
+    written while the client still holds its socket (aborted, the completion estimated from
+    what was relayed), and the breaker heard nothing against the backend."""
+    with _stalled_stream(tmp_path) as (backend, harness, key, _):
+        (record,) = harness.records()
+        assert (record.outcome, record.error_code) == ("aborted", "ClientWriteTimeout")
+        assert record.streamed and record.usage_estimated and record.completion_tokens > 0
+        wait_for(lambda: backend.hangups == 1, what="the backend's connection closed")
+        runtime_backend = harness.gw.gateway.runtime.backends["b"]
+        wait_for(lambda: runtime_backend.in_flight == 0, what="no attempt in flight")
+        assert _breaker(harness) == "closed (failures=0, throttles=0)"
+        # The one pooled connection serves the next client while this one still waits.
+        reply = harness.sdk(key).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "hi"
 
 
 def test_an_answer_read_whole_gives_its_connection_back_before_it_is_written(
@@ -160,27 +183,15 @@ def test_an_answer_read_whole_gives_its_connection_back_before_it_is_written(
     to drain before it writes). That answer's body was read whole already: the backend's one
     pooled connection is back in the pool, and another client is served at once rather than
     timing out in the queue."""
-    served: list[Request] = []
-
-    async def large_then_small(request: Request, writer: asyncio.StreamWriter) -> None:
-        served.append(request)
-        body = _answer("x" * 8_000_000, 2_000_000) if len(served) == 1 else _answer()
-        writer.write(head(length=len(body)) + body)
-        await writer.drain()
-
-    backend = WireBackend(large_then_small)
-    with backend.running(), _gateway(tmp_path, backend, client_write=120) as harness:
-        key = harness.new_key().primary_key or ""
-        plain = _request(key, {"messages": [{"role": "user", "content": "hi"}]})
-        with closing(_stalled_client(harness.gw.port)) as stalled:
-            stalled.sendall(plain * 2)
-            wait_for(lambda: len(served) == 2, what="the second request at the backend")
-            reply = _other_client(harness, key).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
-            )
-            assert reply.choices[0].message.content == "hi"
-            assert len(served) == 3
-            assert _breaker(harness) == "closed (failures=0, throttles=0)"
+    with _two_pipelined(tmp_path, client_write=120) as (backend, harness, key, _):
+        served = backend.requests
+        wait_for(lambda: len(served) == 2, what="the second request at the backend")
+        reply = harness.sdk(key).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "hi"
+        assert len(served) == 3
+        assert _breaker(harness) == "closed (failures=0, throttles=0)"
 
 
 def _open_connections(harness: Harness) -> int:
@@ -204,16 +215,9 @@ def test_a_stalled_clients_connection_is_dropped_after_client_write(tmp_path: Pa
     the connection at once, unsent bytes and all (not a close, which waits for them to be
     written): the client no longer holds a slot of ``listen.max_connections``, and when it
     reads again it gets what was already on the way, then the end."""
-    backend = WireBackend(_endless_stream_or_json)
-    with backend.running(), _gateway(tmp_path, backend, client_write=1) as harness:
-        key = harness.new_key().primary_key or ""
-        stream = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        with closing(_stalled_client(harness.gw.port)) as stalled:
-            stalled.sendall(_request(key, stream))
-            assert stalled.recv(12) == b"HTTP/1.1 200"
-            wait_for(harness.records, what="the stalled request's record")
-            wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
-            _read_to_the_end(stalled)
+    with _stalled_stream(tmp_path) as (_, harness, _, stalled):
+        wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
+        _read_to_the_end(stalled)
         (record,) = harness.records()
         assert (record.outcome, record.error_code) == ("aborted", "ClientWriteTimeout")
 
@@ -226,22 +230,10 @@ def test_a_client_stalled_before_an_answers_head_is_dropped_too(
     rather than left to uvicorn, whose 500 for a response never started would wait for the
     buffers to drain without limit (and which hears that the connection is gone, so it
     neither logs the response as unstarted nor begins that 500)."""
-
-    async def large_then_small(request: Request, writer: asyncio.StreamWriter) -> None:
-        first = len(backend.requests) == 1
-        body = _answer("x" * 8_000_000, 2_000_000) if first else _answer()
-        writer.write(head(length=len(body)) + body)
-        await writer.drain()
-
-    backend = WireBackend(large_then_small)
-    with backend.running(), _gateway(tmp_path, backend, client_write=1) as harness:
-        key = harness.new_key().primary_key or ""
-        plain = _request(key, {"messages": [{"role": "user", "content": "hi"}]})
-        with closing(_stalled_client(harness.gw.port)) as stalled:
-            stalled.sendall(plain * 2)
-            wait_for(lambda: len(harness.records()) == 2, what="both requests' records")
-            wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
-            _read_to_the_end(stalled)
+    with _two_pipelined(tmp_path, client_write=1) as (_, harness, _, stalled):
+        wait_for(lambda: len(harness.records()) == 2, what="both requests' records")
+        wait_for(lambda: _open_connections(harness) == 0, within=10, what="no connection")
+        _read_to_the_end(stalled)
         first, second = sorted(harness.records(), key=lambda r: r.completion_tokens, reverse=True)
         assert (first.outcome, first.completion_tokens) == ("ok", 2_000_000)
         assert (second.outcome, second.error_code) == ("aborted", "ClientWriteTimeout")

@@ -10,24 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import openai
 import pytest
 
-from tests.integration.conftest import Harness
-from tests.integration.wire_backend import Request, WireBackend, chunk, event, head
-from tests.support.gateway import GatewayThread, gateway_config
-
-
-def _content(text: str) -> bytes:
-    return event(
-        {
-            "id": "c1",
-            "object": "chat.completion.chunk",
-            "model": "gpt-4o",
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
-        }
-    )
-
+from tests.integration.conftest import gateway_over
+from tests.integration.wire_backend import Request, WireBackend, chunk, content_event, event, head
 
 _USAGE = event(
     {
@@ -47,7 +33,7 @@ def _backend(tail: bytes, release: threading.Event | None) -> WireBackend:
 
     async def answer(request: Request, writer: asyncio.StreamWriter) -> None:
         writer.write(head(content_type="text/event-stream"))
-        first, rest = _content("one "), _content("two ") + _USAGE
+        first, rest = content_event("one "), content_event("two ") + _USAGE
         if release is not None:
             writer.write(chunk(first))
             await writer.drain()
@@ -77,38 +63,28 @@ def test_a_stream_ending_in_done_without_its_blank_line_is_whole(
 ) -> None:
     release = threading.Event() if held else None
     backend = _backend(tail, release)
-    with backend.running():
-        gw = GatewayThread(gateway_config(tmp_path, {"b": backend.url})).start()
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            client = openai.AzureOpenAI(
-                azure_endpoint=gw.url,
-                api_key=harness.new_key().primary_key or "",
-                api_version="2024-10-21",
-                max_retries=0,
-            )
-            texts: list[str] = []
-            with client.chat.completions.with_streaming_response.create(
-                model="gpt-4o",
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                stream_options={"include_usage": True},
-            ) as response:
-                lines = []
-                for line in response.iter_lines():
-                    if release is not None:
-                        release.set()  # the first event is in: the backend sends the rest
-                    lines.append(line)
-            (record,) = harness.records(expect=1)
-            stream = client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
-            )
-            for part in stream:  # the SDK's own reading ends without an error
+    with backend.running(), gateway_over(tmp_path, backend.url) as harness:
+        client = harness.sdk(harness.new_key().primary_key or "")
+        texts: list[str] = []
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        ) as response:
+            lines = []
+            for line in response.iter_lines():
                 if release is not None:
-                    release.set()
-                texts.extend(c.delta.content or "" for c in part.choices)
-        finally:
-            gw.stop()
+                    release.set()  # the first event is in: the backend sends the rest
+                lines.append(line)
+        (record,) = harness.records(expect=1)
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        for part in stream:  # the SDK's own reading ends without an error
+            if release is not None:
+                release.set()
+            texts.extend(c.delta.content or "" for c in part.choices)
     assert lines[-2:] == ["data: [DONE]", ""]
     assert not any("StreamInterrupted" in line for line in lines)
     assert "".join(texts) == "one two "

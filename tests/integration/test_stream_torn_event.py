@@ -11,30 +11,18 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.integration.conftest import Harness
-from tests.integration.wire_backend import Request, WireBackend, chunk, event, head
-from tests.support.gateway import GatewayThread, gateway_config
-
-
-def _content(text: str) -> bytes:
-    return event(
-        {
-            "id": "c1",
-            "object": "chat.completion.chunk",
-            "model": "gpt-4o",
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
-        }
-    )
+from tests.integration.conftest import gateway_over
+from tests.integration.wire_backend import Request, WireBackend, chunk, content_event, head
 
 
 async def _torn(request: Request, writer: asyncio.StreamWriter) -> bool:
     """Two content events, then half of a third, and the connection closes."""
     writer.write(head(content_type="text/event-stream"))
-    for data in (_content("one "), _content("two ")):
+    for data in (content_event("one "), content_event("two ")):
         writer.write(chunk(data))
         await writer.drain()
         await asyncio.sleep(0.02)
-    third = _content("three")
+    third = content_event("three")
     writer.write(chunk(third[: len(third) // 2]))
     await writer.drain()
     return False
@@ -42,30 +30,20 @@ async def _torn(request: Request, writer: asyncio.StreamWriter) -> bool:
 
 def test_the_sdk_sees_stream_interrupted_after_an_event_torn_in_half(tmp_path: Path) -> None:
     backend = WireBackend(_torn)
-    with backend.running():
-        gw = GatewayThread(gateway_config(tmp_path, {"b": backend.url})).start()
-        try:
-            harness = Harness(gw, None)  # type: ignore[arg-type]  # no simulator here
-            client = openai.AzureOpenAI(
-                azure_endpoint=gw.url,
-                api_key=harness.new_key().primary_key or "",
-                api_version="2024-10-21",
-                max_retries=0,
-            )
-            stream = client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
-            )
-            texts: list[str] = []
+    with backend.running(), gateway_over(tmp_path, backend.url) as harness:
+        client = harness.sdk(harness.new_key().primary_key or "")
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        texts: list[str] = []
 
-            def read() -> None:
-                for part in stream:
-                    texts.extend(c.delta.content or "" for c in part.choices)
+        def read() -> None:
+            for part in stream:
+                texts.extend(c.delta.content or "" for c in part.choices)
 
-            with pytest.raises(openai.APIError) as broken:
-                read()
-            (record,) = harness.records(expect=1)
-        finally:
-            gw.stop()
+        with pytest.raises(openai.APIError) as broken:
+            read()
+        (record,) = harness.records(expect=1)
     assert broken.value.code == "StreamInterrupted"
     assert "partial" in broken.value.message
     assert texts == ["one ", "two "]

@@ -56,6 +56,18 @@ def event(data: dict[str, Any], name: str | None = None) -> bytes:
     return f"event: {name}\n".encode() + line if name else line
 
 
+def content_event(text: str, model: str = "gpt-4o") -> bytes:
+    """One chat stream event carrying ``text`` as its content delta."""
+    return event(
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        }
+    )
+
+
 def wait_for(condition: Callable[[], object], within: float = 30.0, what: str = "") -> None:
     """Poll ``condition`` until it holds, at most ``within`` seconds."""
     deadline = time.monotonic() + within
@@ -65,11 +77,12 @@ def wait_for(condition: Callable[[], object], within: float = 30.0, what: str = 
         time.sleep(0.02)
 
 
-class WireBackend:
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[Request] = []
-        self.hangups = 0
+class LoopbackServer:
+    """An asyncio server on a free loopback port, run by an event loop in a thread of its own:
+    a subclass answers each connection in ``_serve``. ``serving()`` starts it (once) and
+    stops it when its block ends."""
+
+    def __init__(self) -> None:
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -78,17 +91,34 @@ class WireBackend:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
     @contextmanager
-    def running(self) -> Iterator[WireBackend]:
+    def serving(self) -> Iterator[str]:
+        """Serve while the block runs; yields the server's URL."""
         self._thread.start()
         start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
         server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
         try:
-            yield self
+            yield self.url
         finally:
             server.close()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+class WireBackend(LoopbackServer):
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.requests: list[Request] = []
+        self.hangups = 0
+
+    @contextmanager
+    def running(self) -> Iterator[WireBackend]:
+        with self.serving():
+            yield self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

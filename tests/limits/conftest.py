@@ -20,6 +20,7 @@ from sluicegate.limits.limiter import Limiter
 from sluicegate.limits.memory import MemoryStore
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import CounterStore
+from tests.integration.conftest import simulator, stop_later  # noqa: F401  (gateway tests' fixtures)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # A minute boundary (2023-11-14T22:14:00Z), so that bucket arithmetic in tests is plain.

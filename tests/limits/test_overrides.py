@@ -6,7 +6,6 @@ storage layer, as anything that writes the database could."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +13,13 @@ import openai
 import pytest
 
 from sluicegate.simulator.server import SimulatorThread
-from tests.integration.conftest import Harness, sim_config
+from tests.integration.conftest import Harness
 from tests.support.gateway import GatewayThread, gateway_config
 
-API_VERSION = "2024-10-21"
 MESSAGES: Any = [{"role": "user", "content": "hello hello hello"}]
 # The simulator counts 10 prompt tokens and answers max_tokens (10): 20 tokens a request,
 # and the gateway reserves 19 (its own count of the prompt, 9, and the budget).
 TPM = 30
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorThread]:
-    sim = SimulatorThread(sim_config())
-    sim.start()
-    yield sim
-    sim.stop()
 
 
 def _gateway(tmp_path: Path, sim: SimulatorThread, limits: dict[str, Any] | None) -> Harness:
@@ -43,14 +33,6 @@ def _gateway(tmp_path: Path, sim: SimulatorThread, limits: dict[str, Any] | None
         products=[product],
     )
     return Harness(GatewayThread(cfg).start(), sim)
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[Harness]]:
-    started: list[Harness] = []
-    yield started
-    for h in started:
-        h.gw.stop()
 
 
 def _subscription(
@@ -69,9 +51,7 @@ def _subscription(
 def _chat(h: Harness, key: str) -> tuple[int, str | None, str | None]:
     """One chat completion through the openai SDK, without retries: (status, the error code
     or None, the x-ratelimit-limit-tokens header or None)."""
-    client = openai.AzureOpenAI(
-        azure_endpoint=h.url, api_key=key, api_version=API_VERSION, max_retries=0
-    )
+    client = h.sdk(key)
     try:
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=MESSAGES, max_tokens=10

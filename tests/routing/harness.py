@@ -14,6 +14,7 @@ from sluicegate.clock import Clock
 from sluicegate.simulator.config import SimConfig, SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.reports import fetch_records
+from tests.routing.scripted import ScriptedBackend
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 API = "api-version=2024-10-21"
@@ -127,3 +128,28 @@ def body(max_tokens: int = 100, stream: bool = False, text: str = "hello there")
         "max_tokens": max_tokens,
         "stream": stream,
     }
+
+
+def one_member_pool(
+    tmp: Path, backend: ScriptedBackend, routing: dict[str, Any], started: list[Any]
+) -> Routed:
+    """Start ``backend`` and a gateway whose deployment gpt-4o is a one-member pool over it
+    (backend ``only``) with these ``routing`` settings; both are put first in ``started``
+    (the gateway before the backend) to be stopped at the test's end."""
+    backend.start()
+    data = gateway_config(
+        tmp,
+        {"only": backend.url},
+        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
+        routing=routing,
+    )
+    routed = Routed(data, {})
+    started[:0] = [routed, backend]
+    return routed
+
+
+def post_chat(routed: Routed, **kw: Any) -> httpx.Response:
+    """A chat request to gpt-4o (``body(5, **kw)``) with the harness's key."""
+    return httpx.post(
+        routed.chat_url(), json=body(5, **kw), headers={"api-key": routed.key}, timeout=30
+    )

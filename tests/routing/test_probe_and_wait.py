@@ -13,50 +13,31 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.routing.harness import Routed, body, pool_config, start_sim
+from tests.routing.harness import (
+    Routed,
+    body,
+    one_member_pool,
+    pool_config,
+    post_chat,
+    start_sim,
+)
 from tests.routing.scripted import Answer, ScriptedBackend
-from tests.support.gateway import gateway_config
 from tests.support.identity_endpoint import IdentityEndpoint
 
 KEY = "only/gpt-4o"  # the one member's target: backend/deployment
-
-
-@pytest.fixture
-def started() -> Iterator[list[Any]]:
-    """Things to stop at the end (gateways first, then their backends)."""
-    things: list[Any] = []
-    yield things
-    for thing in things:
-        thing.stop()
 
 
 def _over(
     tmp: Path, backend: ScriptedBackend, routing: dict[str, Any], started: list[Any]
 ) -> Routed:
     """A gateway whose deployment gpt-4o is a one-member pool over ``backend``."""
-    backend.start()
-    data = gateway_config(
-        tmp,
-        {"only": backend.url},
-        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
-        routing=routing,
-    )
-    routed = Routed(data, {})
-    started[:0] = [routed, backend]
-    return routed
-
-
-def _post(routed: Routed, **kw: Any) -> httpx.Response:
-    return httpx.post(
-        routed.chat_url(), json=body(5, **kw), headers={"api-key": routed.key}, timeout=30
-    )
+    return one_member_pool(tmp, backend, routing, started)
 
 
 def _events(resp: httpx.Response) -> list[Any]:
@@ -95,7 +76,7 @@ class _Stream(threading.Thread):
 def _trip_with_a_short_429(routed: Routed) -> None:
     """The first request's 429 (retry-after 0.3 s) opens the breaker; return when it is
     half-open."""
-    r = _post(routed)
+    r = post_chat(routed)
     assert r.status_code == 429, r.text
     time.sleep(0.4)
     assert _breaker(routed) == "half-open"
@@ -121,7 +102,7 @@ def test_a_streaming_probe_frees_the_backend_once_its_head_passed(
     probe = _Stream(routed)
     probe.start()
     assert probe.head.wait(10)
-    during = [_post(routed) for _ in range(2)]
+    during = [post_chat(routed) for _ in range(2)]
     still_streaming = probe.is_alive()
     states = routed.states()["only"]
     probe.join(30)
@@ -152,7 +133,7 @@ def test_a_probe_stream_that_breaks_later_counts_as_a_failure_without_holding_th
     probe = _Stream(routed)
     probe.start()
     assert probe.head.wait(10)
-    during = _post(routed)
+    during = post_chat(routed)
     probe.join(30)
     assert during.status_code == 200, during.text
     assert probe.status == 200
@@ -187,10 +168,10 @@ def test_answers_to_requests_sent_before_the_trip_leave_a_half_open_breaker_to_i
     early = _Stream(routed)
     early.start()
     assert early.head.wait(10)
-    assert [_post(routed).status_code for _ in range(3)] == [503, 503, 503]
+    assert [post_chat(routed).status_code for _ in range(3)] == [503, 503, 503]
     assert _breaker(routed).startswith("open")
     time.sleep(0.6)
-    probe = _post(routed)
+    probe = post_chat(routed)
     early.join(30)
     assert early.events[-1] == "[DONE]"
     stream, sent = backend.hits[0], backend.hits[4]
@@ -206,7 +187,7 @@ def _concurrently(routed: Routed, n: int) -> list[httpx.Response]:
     lock = threading.Lock()
 
     def one() -> None:
-        r = _post(routed)
+        r = post_chat(routed)
         with lock:
             out.append(r)
 
@@ -278,7 +259,7 @@ def test_no_wait_into_a_breaker_open_longer_than_max_wait(
     routing = {"circuit_breaker": {"trip_seconds": 5}, "retry": {"max_wait_seconds": 2}}
     routed = _over(tmp_path, backend, routing, started)
     began = time.monotonic()
-    r = _post(routed)
+    r = post_chat(routed)
     assert time.monotonic() - began < 1.0
     assert r.status_code == 429 and r.headers["retry-after"] == "5", r.headers
     time.sleep(0.6)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,10 @@ from sluicegate.routing.breaker import BreakerSettings, BreakerState
 from sluicegate.routing.pool import Member
 from sluicegate.routing.retry import Outcome
 from sluicegate.routing.router import Router, RouterSettings
-from tests.routing.harness import Routed, body
+from tests.routing.harness import Routed, body, one_member_pool, post_chat
 from tests.routing.scripted import Answer, ScriptedBackend
-from tests.support.gateway import gateway_config
 
 KEY = "only/gpt-4o"  # the one member's target: backend/deployment
-
-
-@pytest.fixture
-def started() -> Iterator[list[Any]]:
-    """Things to stop at the end (gateways first, then their backends)."""
-    things: list[Any] = []
-    yield things
-    for thing in things:
-        thing.stop()
 
 
 def _over(
@@ -48,22 +37,8 @@ def _over(
 ) -> Routed:
     """A gateway whose deployment gpt-4o is a one-member pool over ``backend``, with no
     wait-and-retry (each request is one attempt) and these breaker settings."""
-    backend.start()
-    data = gateway_config(
-        tmp,
-        {"only": backend.url},
-        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
-        routing={"retry": {"wait_same": False}, "circuit_breaker": breaker},
-    )
-    routed = Routed(data, {})
-    started[:0] = [routed, backend]
-    return routed
-
-
-def _post(routed: Routed, **kw: Any) -> httpx.Response:
-    return httpx.post(
-        routed.chat_url(), json=body(5, **kw), headers={"api-key": routed.key}, timeout=30
-    )
+    routing = {"retry": {"wait_same": False}, "circuit_breaker": breaker}
+    return one_member_pool(tmp, backend, routing, started)
 
 
 def _breaker(routed: Routed) -> str:
@@ -73,7 +48,7 @@ def _breaker(routed: Routed) -> str:
 def _half_open_after(routed: Routed, status: int) -> None:
     """The first request's answer (``status``, with ``retry-after-ms: 300``) opens the
     breaker, tripping on the first failure; return when it is half-open."""
-    r = _post(routed)
+    r = post_chat(routed)
     assert r.status_code == status, r.text
     time.sleep(0.4)
     assert _breaker(routed) == "half-open"
@@ -88,7 +63,7 @@ def _reopened_by_the_probe(routed: Routed, backend: ScriptedBackend) -> None:
         _breaker(routed)
     )
     assert 9.0 < state["open_until"] - time.time() <= 10.0
-    after = _post(routed)
+    after = post_chat(routed)
     assert after.status_code == 503, after.text
     assert after.json()["error"]["code"] == "BackendUnavailable"
     assert len(backend.hits) == 2, "the backend was taken back after its probe broke off"
@@ -113,7 +88,7 @@ def test_a_probe_whose_json_body_breaks_off_opens_the_breaker_again(
     backend = ScriptedBackend(script)
     routed = _over(tmp_path, backend, _BREAKER, started)
     _half_open_after(routed, 429)
-    probe = _post(routed)
+    probe = post_chat(routed)
     assert probe.status_code == 503, probe.text  # nothing reached the client: refused
     _reopened_by_the_probe(routed, backend)
 
@@ -168,10 +143,10 @@ def test_a_json_probe_holds_the_slot_until_its_body_is_in(
     routed = _over(tmp_path, backend, _BREAKER, started)
     _half_open_after(routed, 429)
     probe: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: probe.append(_post(routed)), daemon=True)
+    thread = threading.Thread(target=lambda: probe.append(post_chat(routed)), daemon=True)
     thread.start()
     _wait_for(lambda: len(backend.hits) == 2 and backend.hits[1].answered is not None)
-    during = _post(routed)
+    during = post_chat(routed)
     body_sent.set()
     thread.join(30)
     assert [r.status_code for r in probe] == [200]
@@ -191,7 +166,7 @@ def test_a_body_that_breaks_off_in_a_closed_breaker_counts_as_one_failure(
 
     backend = ScriptedBackend(script)
     routed = _over(tmp_path, backend, {"failures": 3}, started)
-    assert _post(routed).status_code == 503
+    assert post_chat(routed).status_code == 503
     assert _breaker(routed) == "closed (failures=1, throttles=0)"
     with httpx.stream(
         "POST", routed.chat_url(), json=body(5, stream=True),
@@ -222,15 +197,15 @@ def test_while_the_probe_is_out_a_request_gets_what_it_got_while_the_breaker_was
 
     backend = ScriptedBackend(script)
     routed = _over(tmp_path, backend, {"failures": 1, "trip_seconds": 0.3}, started)
-    while_open = _post(routed)
+    while_open = post_chat(routed)
     assert (while_open.status_code, while_open.json()["error"]["code"]) == (status, code)
     time.sleep(0.4)
     assert _breaker(routed) == "half-open"
     probe: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: probe.append(_post(routed)), daemon=True)
+    thread = threading.Thread(target=lambda: probe.append(post_chat(routed)), daemon=True)
     thread.start()
     _wait_for(lambda: len(backend.hits) == 2)
-    during = _post(routed)
+    during = post_chat(routed)
     answered.set()
     thread.join(30)
     assert [r.status_code for r in probe] == [200]

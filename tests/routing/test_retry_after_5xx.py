@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,6 @@ from tests.integration.wire_backend import wait_for
 from tests.routing.harness import Routed, pool_config, start_sim
 from tests.routing.scripted import Answer, ScriptedBackend
 from tests.support.gateway import gateway_config
-
-
-@pytest.fixture
-def started() -> Iterator[list[Any]]:
-    """Things to stop at the end (gateways first, then their backends)."""
-    things: list[Any] = []
-    yield things
-    for thing in things:
-        thing.stop()
 
 
 def _client(routed: Routed, headers: dict[str, str] | None = None) -> openai.AzureOpenAI:
