@@ -33,7 +33,8 @@ from sluicegate.storage.migrations import migrate
 from sluicegate.storage.reports import ledger_totals
 from sluicegate.storage.rows import record_to_row
 from sluicegate.storage.schema import rollup_state, usage_daily, usage_hourly, usage_records
-from tests.accounting.test_rollups_cli import CONFIG, T0, records, write
+from tests.accounting.conftest import write_ledger
+from tests.accounting.test_rollups_cli import CONFIG, T0, records
 from tests.support.pg import pg_database_url  # noqa: F401  (the fixture)
 
 PRICES = PriceTable(parse_config(CONFIG))
@@ -94,7 +95,7 @@ def test_a_purge_between_reading_the_horizon_and_rebuilding_keeps_the_rollups(
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(60)  # 22:00 to 23:35 on 3 March
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     assert totals(engine) == expected(old)
     clock.set(T0 + 3 * DAY)
@@ -117,11 +118,11 @@ def test_a_purge_while_a_catch_up_recomputes_keeps_the_rollups(
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(60)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     clock.set(T0 + 3 * DAY)
     new = records(2, clock.now())
-    write(engine, tmp_path, new)  # the next catch-up rescans the old ids too
+    write_ledger(engine, tmp_path, new)  # the next catch-up rescans the old ids too
     with before_the_first_lock(
         engine, lambda: rollups.purge(raw_days=1, hourly_days=None)
     ) as purged:
@@ -138,7 +139,7 @@ def test_a_stale_purge_does_not_move_the_horizon_back(engine: Engine, tmp_path: 
     behind, ahead = FakeClock(T0 + 3 * DAY), FakeClock(T0 + 4 * DAY)
     rollups = Rollups(engine, PRICES, FakeClock(T0))
     old = records(60) + records(30, T0 + DAY)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     with before_the_first_lock(
         engine, lambda: Rollups(engine, PRICES, ahead).purge(raw_days=1, hourly_days=None)
@@ -169,7 +170,7 @@ def test_a_rebuild_of_part_of_a_day_keeps_the_day(
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(60) + records(30, T0 + DAY)  # 22:00 to 23:35 on 3 and 4 March
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     clock.set(T0 + 40 * DAY)
     purged = rollups.purge(raw_days=raw_days, hourly_days=1)
@@ -192,18 +193,18 @@ def test_a_late_record_for_a_day_without_hourly_rollups_keeps_the_day(
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(60) + records(30, T0 + DAY)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     past_the_overlap(engine)
     clock.set(T0 + 40 * DAY)
     recent = records(2, clock.now())
-    write(engine, tmp_path, recent)
+    write_ledger(engine, tmp_path, recent)
     rollups.catch_up()
     rollups.purge(raw_days=raw_days, hourly_days=1)
     late = records(3, T0 + 600)
     for r in late:
         r.request_id = f"late-{r.request_id}"
-    write(engine, tmp_path, late)
+    write_ledger(engine, tmp_path, late)
     rollups.catch_up()
     assert totals(engine) == expected(old + recent + late)
 
@@ -235,7 +236,7 @@ def test_a_record_for_a_purged_hour_committing_below_the_watermark_is_counted(
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(20)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     clock.set(T0 + 3 * DAY)
     assert rollups.purge(raw_days=1, hourly_days=None).raw_deleted == len(old)
@@ -244,7 +245,7 @@ def test_a_record_for_a_purged_hour_committing_below_the_watermark_is_counted(
     replay = insert_uncommitted(engine, late)
     try:
         newer = records(1, clock.now())
-        write(engine, tmp_path, newer)
+        write_ledger(engine, tmp_path, newer)
         rollups.catch_up()
         replayed_id = replay.execute(
             select(usage_records.c.id).where(usage_records.c.request_id == "replayed")
@@ -257,7 +258,7 @@ def test_a_record_for_a_purged_hour_committing_below_the_watermark_is_counted(
     assert totals(engine) == expected([*old, late, *newer])
     newest = records(1, clock.now() + 60)
     newest[0].request_id = "newest"
-    write(engine, tmp_path, newest)
+    write_ledger(engine, tmp_path, newest)
     rollups.catch_up()  # rescans the replayed record's id: not added twice
     rollups.catch_up()
     assert totals(engine) == expected([*old, late, *newer, *newest])
@@ -273,7 +274,7 @@ def test_a_record_committing_below_the_watermark_just_before_its_hour_is_purged_
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(20)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     slow = records(1, T0 + 90)[0]
     slow.request_id = "slow"
@@ -281,7 +282,7 @@ def test_a_record_committing_below_the_watermark_just_before_its_hour_is_purged_
     try:
         newer = records(1, T0 + 120)
         newer[0].request_id = "newer"
-        write(engine, tmp_path, newer)
+        write_ledger(engine, tmp_path, newer)
         rollups.catch_up()
         ledger.commit()
     finally:
@@ -329,7 +330,7 @@ def test_a_purge_keeps_the_cost_of_an_hour_where_the_price_changes(
     clock = FakeClock(T0)
     rollups = Rollups(engine, prices, clock)
     old = records(60)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     assert charged() == (len(old), cost(old))
     clock.set(T0 + 3 * DAY)
@@ -338,7 +339,7 @@ def test_a_purge_keeps_the_cost_of_an_hour_where_the_price_changes(
     late = records(40, T0 + 5)  # both sides of the change
     for r in late:
         r.request_id = f"late-{r.request_id}"
-    write(engine, tmp_path, late)
+    write_ledger(engine, tmp_path, late)
     rollups.catch_up()
     assert charged() == (len(old) + len(late), cost(old + late))
     assert hourly_matches_daily(engine)
@@ -358,7 +359,7 @@ def commit_below_the_watermark(
     commit: ids out of commit order, as two ledger writers produce them on PostgreSQL."""
     ledger = insert_uncommitted(engine, late)
     try:
-        write(engine, tmp_path, [newer])
+        write_ledger(engine, tmp_path, [newer])
         rollups.catch_up()
         late_id = ledger.execute(
             select(usage_records.c.id).where(usage_records.c.request_id == late.request_id)
@@ -379,7 +380,7 @@ def test_a_record_committing_below_the_watermark_is_counted_without_a_newer_reco
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(20)  # 22:00 to 22:31 on 3 March
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     late, newer = records(2, T0 + 90)[1], records(1, T0 + 3 * HOUR)[0]
     late.request_id, newer.request_id = "late", "newer"
@@ -392,7 +393,7 @@ def test_a_record_committing_below_the_watermark_is_counted_without_a_newer_reco
     assert rollups.catch_up().hours == 0  # counted once, and not looked at again
     newest = records(1, T0 + 3 * HOUR + 60)[0]
     newest.request_id = "newest"
-    write(engine, tmp_path, [newest])
+    write_ledger(engine, tmp_path, [newest])
     assert rollups.catch_up().hours == 1  # the new record's hour only, not those read before
     assert totals(engine) == expected([*old, late, newer, newest])
     # Another process's catch-up (it rescans below the watermark) and the purge: still once.
@@ -414,7 +415,7 @@ def test_a_record_committing_below_the_watermark_is_counted_by_another_process(
     engine = pg_engine
     clock = FakeClock(T0)
     old = records(20)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     other = Rollups(engine, PRICES, clock)
     other.catch_up()
     late, newer = records(2, T0 + 90)[1], records(1, T0 + 120)[0]
@@ -439,13 +440,13 @@ def test_a_record_committing_below_the_watermark_after_its_hour_was_purged_is_co
     clock = FakeClock(T0)
     rollups = Rollups(engine, PRICES, clock)
     old = records(20)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     late, newer = records(2, T0 + 90)[1], records(1, T0 + 3 * DAY)[0]
     late.request_id, newer.request_id = "late", "newer"
     ledger = insert_uncommitted(engine, late)
     try:
-        write(engine, tmp_path, [newer])
+        write_ledger(engine, tmp_path, [newer])
         rollups.catch_up()
         clock.set(T0 + 3 * DAY)
         assert rollups.purge(raw_days=1, hourly_days=None).raw_deleted == len(old)
@@ -468,20 +469,20 @@ def test_a_rolled_back_insert_below_the_watermark_leaves_the_rollups_exact(
     engine = pg_engine
     rollups = Rollups(engine, PRICES, FakeClock(T0))
     old = records(20)
-    write(engine, tmp_path, old)
+    write_ledger(engine, tmp_path, old)
     rollups.catch_up()
     lost, newer = records(1, T0 + 90)[0], records(1, T0 + 120)[0]
     lost.request_id, newer.request_id = "lost", "newer"
     ledger = insert_uncommitted(engine, lost)
     try:
-        write(engine, tmp_path, [newer])
+        write_ledger(engine, tmp_path, [newer])
         rollups.catch_up()
         ledger.rollback()
     finally:
         ledger.close()
     assert rollups.catch_up().hours == 0
     newest = records(3, T0 + 4000)
-    write(engine, tmp_path, newest)
+    write_ledger(engine, tmp_path, newest)
     rollups.catch_up()
     assert totals(engine) == expected([*old, newer, *newest])
     assert matches_the_ledger(engine)
