@@ -21,7 +21,7 @@ from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.clock import FakeClock
 from sluicegate.config.loader import parse_config
-from sluicegate.storage.ledger import LedgerWriter
+from tests.accounting.conftest import write_ledger
 from tests.admin.harness import ADMIN_TOKEN, admin_gateway
 
 DAY0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -60,21 +60,12 @@ def tokens_in(recs: list[UsageRecord], start: float, end: float) -> int:
     return sum(r.total_tokens for r in recs if start <= r.ts < end)
 
 
-def write(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
-    writer = LedgerWriter(engine, spill_path=tmp / "spill.jsonl", flush_interval=0.01)
-    writer.start()
-    for r in recs:
-        writer.submit(r)
-    assert writer.flush(30)
-    writer.close(30)
-
-
 def purged(engine: Engine, tmp: Path) -> tuple[PriceTable, list[UsageRecord]]:
     """A ledger of ``hourly_records`` rolled up, then purged as of NOW with three days of
     raw records and hourly rollups: hours before 2026-01-10 are gone."""
     prices = PriceTable(parse_config(CONFIG))
     recs = hourly_records()
-    write(engine, tmp, recs)
+    write_ledger(engine, tmp, recs)
     rollups = Rollups(engine, prices, FakeClock(NOW))
     rollups.catch_up()
     run = rollups.purge(raw_days=3, hourly_days=3)
@@ -90,7 +81,7 @@ def test_a_report_widens_an_edge_in_a_purged_day_to_the_whole_day(
     covers the whole of 2026-01-03 (and says so) instead of losing its last nine hours."""
     prices = PriceTable(parse_config(CONFIG))
     recs = hourly_records()
-    write(engine, tmp_path, recs)
+    write_ledger(engine, tmp_path, recs)
     rollups = Rollups(engine, prices, FakeClock(NOW))
     rollups.catch_up()
     start = NOW - 10 * DAY
@@ -153,7 +144,7 @@ def test_a_late_record_for_a_purged_day_keeps_the_day_whole(engine: Engine, tmp_
         prompt_tokens=7,
         total_tokens=7,
     )
-    write(engine, tmp_path, [late])
+    write_ledger(engine, tmp_path, [late])
     Rollups(engine, prices, FakeClock(NOW)).catch_up()
     report = charge_report(
         engine, prices, start=DAY0 + 3 * DAY + 10 * HOUR, end=DAY0 + 3 * DAY + 11 * HOUR
@@ -212,7 +203,7 @@ def test_admin_api_and_dashboard_over_purged_hours(tmp_path: Path) -> None:
         engine = h.gw.gateway.engine
         assert engine is not None
         recs = hourly_records()
-        write(engine, tmp_path, recs)
+        write_ledger(engine, tmp_path, recs)
         rollups = Rollups(engine, PriceTable(h.gw.gateway.config), clock)
         rollups.catch_up()
         rollups.purge(raw_days=3, hourly_days=3)

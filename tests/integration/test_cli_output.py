@@ -30,9 +30,9 @@ from sluicegate.admin.service import AdminError, AdminService
 from sluicegate.cli.main import main
 from sluicegate.config.loader import load_config
 from sluicegate.storage.engine import create_engine_for
-from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.subscriptions import SubscriptionRepository
+from tests.accounting.conftest import write_ledger
 from tests.support.pg import throwaway_database
 
 SECRET = "cli-output-key-secret-0123456789"
@@ -94,12 +94,7 @@ def write_records(config: Path, tmp_path: Path, records: list[UsageRecord]) -> N
     url = load_config(config).storage.url
     migrate(url)
     engine = create_engine_for(url)
-    writer = LedgerWriter(engine, spill_path=tmp_path / "spill.jsonl", flush_interval=0.01)
-    writer.start()
-    for r in records:
-        writer.submit(r)
-    assert writer.flush(10)
-    writer.close(10)
+    write_ledger(engine, tmp_path, records)
     engine.dispose()
 
 
