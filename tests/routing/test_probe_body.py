@@ -5,10 +5,10 @@ A probe whose head is 200 and whose body then breaks off (a JSON body cut short,
 torn before its first whole event) is a failed probe: the breaker opens again at once, for
 twice as long, instead of taking the backend back and counting the break as a closed
 breaker's first failure. A stream's probe gives its verdict with its first whole event, so a
-long stream still does not hold the slot. A body that breaks off in a closed breaker still
-counts as one failure. While the probe is out, a request that nothing else can take gets
-what it got while the breaker was open: 429 after a throttle, 503 after failures, each
-with a ``Retry-After``.
+long stream still does not hold the slot (and a break after it still fails the probe). A
+body that breaks off in a closed breaker still counts as one failure. While the probe is
+out, a request that nothing else can take gets what it got while the breaker was open: 429
+after a throttle, 503 after failures, each with a ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def _router(failures: int = 1) -> tuple[Router, FakeClock]:
 def test_a_probe_head_keeps_the_slot_until_its_body_says() -> None:
     """A 200 head is no verdict: the probe keeps its slot; its end gives the verdict — a
     body that broke off opens the breaker again for twice the trip, a whole one closes it;
-    a stream's first whole event closes it at once."""
+    a stream's first whole event closes it at once, until the stream breaks off."""
     router, clock = _router(failures=2)
     ptu = router.targets[PTU.key]
     for _ in range(2):
@@ -262,8 +262,8 @@ def test_a_probe_head_keeps_the_slot_until_its_body_says() -> None:
     router.probe_streaming(probe, 200)
     assert not probe.probe and ptu.breaker.state(clock.now()) is BreakerState.CLOSED
     assert ptu.in_flight == 1, "still relaying"
-    router.failed(probe, Outcome(None, "broken"))  # the stream broke off later
-    assert ptu.breaker.describe(clock.now()) == "closed (failures=1, throttles=0)"
+    router.failed(probe, Outcome(None, "broken"))  # the stream broke off later: it failed
+    assert ptu.breaker.describe(clock.now()) == "open for 10.0s (broken)"
     assert ptu.in_flight == 0
 
 

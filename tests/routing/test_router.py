@@ -141,7 +141,7 @@ def _trip_ptu(router: Router, clock: FakeClock) -> Target:
     return ptu
 
 
-def test_a_probe_stream_gives_its_verdict_with_its_first_event_and_its_end_counts_as_any() -> None:
+def test_a_probe_stream_gives_its_verdict_with_its_first_event_and_its_break_reopens() -> None:
     router, pool, clock, _ = _router()
     ptu = _trip_ptu(router, clock)
     probe = router.begin(ptu, 10)
@@ -153,9 +153,9 @@ def test_a_probe_stream_gives_its_verdict_with_its_first_event_and_its_end_count
     choice = router.choose(pool, 10)
     assert choice is not None and choice.member is PTU, "taken back during the relay"
     assert ptu.in_flight == 1
-    router.failed(probe, Outcome(None, "broken"))  # the stream broke off later
+    router.failed(probe, Outcome(None, "broken"))  # the stream broke off later: it failed
     assert ptu.in_flight == 0
-    assert ptu.breaker.describe(clock.now()) == "closed (failures=1, throttles=0)"
+    assert ptu.breaker.describe(clock.now()) == "open for 10.0s (broken)"
 
 
 def test_a_probe_head_that_is_a_failure_opens_it_again_for_the_wait_asked() -> None:

@@ -20,7 +20,14 @@ answers what a new request would get. A half-open probe's verdict is given as so
 answer says it: a failure status with its head (``_probe_retryable``), a stream with its first
 whole event (``_probe_send``: a long stream does not hold the probe slot), anything else at
 the attempt's end, once its body was read whole — a 200 whose body breaks off is a failed
-probe, not a closed breaker's first failure.
+probe, not a closed breaker's first failure. A stream's early verdict is on probation: if it
+breaks off later, its end (``_settle``) fails the probe after all, and the breaker opens
+again at once.
+
+At the end of a relayed attempt (``_settle``) a body the backend broke off (a stream's
+``StreamInterrupted``, any other answer's ``AnswerInterrupted``) is the backend's failure,
+counted toward the breaker's ``failures`` like a 5xx; a client that left or stopped reading
+(outcome ``aborted``, ``ClientWriteTimeout`` included) is no verdict on the backend.
 """
 
 from __future__ import annotations
@@ -228,7 +235,10 @@ _BROKEN_BODIES = frozenset({"StreamInterrupted", "AnswerInterrupted"})
 
 
 def _settle(router: Router, ticket: Ticket, ctx: RequestContext) -> None:
-    """Tell the router how a relayed attempt went."""
+    """Tell the router how a relayed attempt went (module docstring): a client that left is
+    checked first, so that a body cut off because the client went is never the backend's
+    failure; a body the backend broke off is, also after a probe's stream closed the
+    breaker (the router then opens it again)."""
     if ctx.outcome is Outcome.ABORTED:
         router.abandoned(ticket)
     elif ctx.error_code in _BROKEN_BODIES:

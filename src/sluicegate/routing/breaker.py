@@ -11,7 +11,16 @@ Semantics (APIM's backend circuit breaker, plus a half-open probe):
   ``honour_retry_after`` is on (429 or failure alike), else now + the trip duration
   (``trip_seconds``, doubled after each failed probe); never more than ``max_trip_seconds``.
 * **half-open** (after T): one request at a time is let through as a probe. Success closes
-  the breaker; failure opens it again.
+  the breaker; failure opens it again. A probe's stream closes it with its first event
+  (``success_so_far``), on probation: if that stream breaks off afterwards (a reset, a torn
+  event) the probe failed after all, and the breaker opens again at once for twice as long,
+  as for any failed probe (``failure`` with the ``probation`` token), unless something else
+  opened it meanwhile.
+
+A broken body (a stream or JSON answer cut off by the backend) is a failure like a 5xx: APIM
+counts status codes only, because it does not see streams break, but a backend that resets
+every stream after its first event is failing, and a breaker that never trips on it would
+keep sending it everything. (A client that leaves is no verdict at all: ``abandon``.)
 
 Verdicts say something about the backend only if the request was sent after the trip: a
 request sent before it (``begun`` < ``open_until``) may end seconds later, and its success or
@@ -54,7 +63,10 @@ class CircuitBreaker:
     """One target's breaker (see the module docstring)."""
 
     __slots__ = (
+        "_closes",
         "_failures",
+        "_probation",
+        "_probation_trips",
         "_probe_in_flight",
         "_throttles",
         "_trips_in_a_row",
@@ -78,6 +90,12 @@ class CircuitBreaker:
         self.trips = 0
         self._trips_in_a_row = 0
         self._probe_in_flight = False
+        #: Closes so far: tokens for ``success_so_far``.
+        self._closes = 0
+        #: The token of the probe whose stream closed the breaker and may still break off
+        #: (0: none), and the failed probes in a row before that close.
+        self._probation = 0
+        self._probation_trips = 0
 
     def state(self, now: float) -> BreakerState:
         if self.open_until == 0.0:
@@ -131,6 +149,22 @@ class CircuitBreaker:
         self._close()
         return True
 
+    def success_so_far(self, now: float, begun: float) -> int:
+        """The probe's answer is a stream that relayed its first whole event and goes on:
+        close the breaker now (as ``success``; the slot is free) but on probation, since the
+        stream may still break off. Returns the probation's token (0 if this did not close
+        the breaker): the stream's end passes it to ``failure`` if it broke off, which then
+        opens the breaker again as a failed probe would — at once, for twice as long —
+        provided nothing has opened it since. A stream that ends whole, or that its client
+        left, needs no call: the close stands."""
+        trips = self._trips_in_a_row
+        if not self.success(now, True, begun):
+            return 0
+        self._closes += 1
+        self._probation = self._closes
+        self._probation_trips = trips
+        return self._probation
+
     def failure(
         self,
         now: float,
@@ -140,13 +174,17 @@ class CircuitBreaker:
         retry_after: float | None,
         probe: bool,
         begun: float = -math.inf,
+        probation: int = 0,
     ) -> bool:
         """Count a failure (``throttle``: a 429) of a request sent at ``begun`` (as for
         ``success``); ``retry_after``: the wait the backend asked for, if any. Returns True
         if this tripped the breaker. While it is closed, a failure with a ``retry-after``
-        trips it at once (with ``honour_retry_after``; a 429 counts against ``throttles``).
-        While it is half-open only the probe, or a request begun at or after ``open_until``,
-        re-opens it; while it is open, a ``retry-after`` may push its end out, never in."""
+        trips it at once (with ``honour_retry_after``; a 429 counts against ``throttles``),
+        and so does the failure of the probe whose stream closed it (``probation``: the
+        token ``success_so_far`` returned), which trips it as a failed probe does (twice
+        the last trip). While it is half-open only the probe, or a request begun at or after
+        ``open_until``, re-opens it; while it is open, a ``retry-after`` may push its end
+        out, never in."""
         if probe:
             self._probe_in_flight = False
         state = self.state(now)
@@ -160,6 +198,12 @@ class CircuitBreaker:
         if state is BreakerState.HALF_OPEN:
             if not probe and begun < self.open_until:
                 return False  # sent before the trip: the probe will tell
+            self._trip(now, reason, throttle, retry_after)
+            return True
+        if probation and probation == self._probation:
+            # The probe that closed the breaker with its stream's first event failed after
+            # all (its stream broke off). Any trip or close since voids the token.
+            self._trips_in_a_row = self._probation_trips
             self._trip(now, reason, throttle, retry_after)
             return True
         window = self._throttles if throttle else self._failures
@@ -185,6 +229,7 @@ class CircuitBreaker:
         self.reason = reason
         self.throttled = throttled
         self.trips += 1
+        self._probation = 0  # the peer's trip stands whatever the probe's stream does
         return True
 
     def _cap(self) -> float:
@@ -202,12 +247,14 @@ class CircuitBreaker:
         self.throttled = throttle
         self.trips += 1
         self._trips_in_a_row += 1
+        self._probation = 0
         self._failures.clear()
         self._throttles.clear()
 
     def _close(self) -> None:
         self.open_until = 0.0
         self._trips_in_a_row = 0
+        self._probation = 0
         self._failures.clear()
         self._throttles.clear()
 
@@ -223,5 +270,6 @@ class CircuitBreaker:
         return (
             f"CircuitBreaker(open_until={self.open_until:.3f}, reason={self.reason!r}, "
             f"trips={self.trips}, failures={len(self._failures)}, "
-            f"throttles={len(self._throttles)}, probing={self._probe_in_flight})"
+            f"throttles={len(self._throttles)}, probing={self._probe_in_flight}, "
+            f"probation={self._probation})"
         )

@@ -24,7 +24,11 @@ whole event while more are coming (``probe_streaming``), so a probe that streams
 does not keep the backend out for everyone else meanwhile; any other answer's (a JSON body,
 read whole before it is relayed; a stream that came whole) with the ticket's end. A body that
 broke off before the verdict is the probe's failure. The rest of a ticket whose verdict came
-early (in-flight count, headroom) lasts until it ends.
+early (in-flight count, headroom) lasts until it ends; a stream's verdict is on probation
+until then: if it breaks off after all (``failed``), the probe failed, and the breaker opens
+again at once for twice as long (unless something else opened it meanwhile). A broken body
+of any other request is one failure toward ``failures``; a client that left
+(``abandoned``) is none.
 
 Choosing: the best priority group with a member that is available (breaker closed, or
 half-open with no probe in flight), not yet tried by this request and — with headroom
@@ -147,6 +151,9 @@ class Ticket:
     #: sent before its trip.
     begun: float
     done: bool = False
+    #: The breaker's probation token when this probe's stream closed it with its first
+    #: event (``probe_streaming``; 0 otherwise): a failure at its end re-opens the breaker.
+    probation: int = 0
     #: The answer's headers (from ``report``), read only for a failure's ``retry-after``.
     headers: Sequence[tuple[bytes, bytes]] = ()
 
@@ -303,15 +310,17 @@ class Router:
     def probe_streaming(self, ticket: Ticket, status: int) -> None:
         """The probe's answer (``status``, not a failure) is a stream that relayed its first
         whole event and goes on: the backend answers, so the breaker closes now and the slot
-        is free, instead of being held for the whole relay. The ticket stays in flight until
-        it ends (``succeeded``/``failed``/…), and that end counts as any request's does: a
-        stream that breaks afterwards is a failure of a (by then closed) breaker. No-op for
-        any other ticket."""
+        is free, instead of being held for the whole relay. The close is on probation until
+        the ticket ends: a stream that breaks off afterwards (``failed``) is a failed probe
+        after all, and opens the breaker again at once for twice as long, as a failed probe
+        does (unless it opened meanwhile for another reason); a stream that ends whole or
+        whose client left (``abandoned``) leaves it closed. No-op for any other ticket."""
         if not ticket.probe or ticket.done:
             return
         target = ticket.target
         target.last_status = status
-        if target.breaker.success(self.clock.now(), True, ticket.begun):
+        ticket.probation = target.breaker.success_so_far(self.clock.now(), ticket.begun)
+        if ticket.probation:
             log.info("backend %s closed again (probe streams, %s)", target.key, status)
         ticket.probe = False  # its end must not free a slot a later probe may hold
 
@@ -331,7 +340,9 @@ class Router:
         self.failed(ticket, Outcome(status, None, self._asked_wait(ticket)))
 
     def failed(self, ticket: Ticket, outcome: Outcome) -> None:
-        """The attempt failed (429, 5xx, timeout, connection error, broken body)."""
+        """The attempt failed (429, 5xx, timeout, connection error, broken body — a stream
+        that broke off after its first events included). A probe's stream that closed the
+        breaker (``probe_streaming``) and fails now opens it again at once."""
         if outcome.status is not None and not is_backend_failure(outcome.status):
             self.succeeded(ticket, outcome.status)
             return
@@ -353,6 +364,7 @@ class Router:
             retry_after=outcome.retry_after,
             probe=ticket.probe,
             begun=ticket.begun,
+            probation=ticket.probation,
         )
         if not tripped:
             return
