@@ -115,7 +115,8 @@ def entra_gateway(
     ``listen``, ``products``, …). Without ``idp`` the gateway has no ``oidc`` section."""
     tmp.mkdir(parents=True, exist_ok=True)
     base = gateway_config(tmp, {"sim": sim.url}, **extra)
-    plain = parse_config(base)
+    # With the oidc section when there is one: settings that need it (require_token) pass.
+    plain = parse_config({**base, "oidc": oidc or oidc_section(idp)} if idp else base)
     migrate(plain.storage.url)
     engine = create_engine_for(plain.storage.url)
     try:

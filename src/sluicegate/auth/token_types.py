@@ -23,7 +23,11 @@ class TokenFailure(enum.StrEnum):
     UNKNOWN_KEY = "TokenSigningKeyUnknown"
     ALGORITHM = "TokenAlgorithmNotAllowed"
     CLAIM_MISSING = "TokenClaimMissing"
+    #: A required claim (``required_claims``) without the values the gateway requires.
+    CLAIM_INVALID = "TokenClaimInvalid"
     NOT_ACCEPTED = "TokensNotAccepted"
+    #: The subscription's product takes tokens only (``require_token``), and none came.
+    REQUIRED = "TokenRequired"
     UNAVAILABLE = "IdentityProviderUnavailable"
     NO_RULE = "NoMatchingTokenRule"
     NO_SUBSCRIPTION = "TokenSubscriptionNotFound"

@@ -4,8 +4,9 @@
 ``auth.bearer``; the admin API can build its own with its own audience). PyJWT does the
 cryptography; this module chooses the key, restricts the algorithms to asymmetric ones, and
 checks ``exp``/``nbf`` against the injected clock (PyJWT reads the system clock) with the
-configured leeway. Every refusal is a :class:`TokenError` whose ``code`` comes from a fixed
-set (a bounded metrics label) and whose message says why, without the token.
+configured leeway, then the required claims (``auth.claims``). Every refusal is a
+:class:`TokenError` whose ``code`` comes from a fixed set (a bounded metrics label) and whose
+message says why, without the token.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import jwt
 from jwt import exceptions as jwt_errors
 
+from sluicegate.auth.claims import RequiredClaims
 from sluicegate.auth.oidc import (
     HttpFetcher,
     JsonFetcher,
@@ -80,6 +82,11 @@ class TokenValidator:
             )
             for issuer in config.issuers
         ]
+        #: Per key set: ``oidc.required_claims`` and its issuer's, compiled once.
+        self._required = {
+            id(ks): RequiredClaims([*config.required_claims, *ks.config.required_claims])
+            for ks in self.key_sets
+        }
         self._task: asyncio.Task[None] | None = None
         self._prefetch: set[asyncio.Task[None]] = set()
 
@@ -177,6 +184,11 @@ class TokenValidator:
             token, key, alg, kid, unverified, key_set, audiences or key_set.config.audiences
         )
         self._check_lifetime(claims)
+        required = self._required[id(key_set)]
+        if required:
+            failure = required.check(claims)
+            if failure is not None:
+                raise failure
         return VerifiedToken(str(claims["iss"]), claims, kid)
 
     async def _key_set_for(self, iss: object) -> KeySet:

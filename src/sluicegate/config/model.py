@@ -335,6 +335,10 @@ class ProductConfig(_Strict):
     #: Only clients from these addresses or CIDR networks may use the product (None: anyone).
     #: The client address is the peer's, or X-Forwarded-For's behind a trusted proxy.
     allowed_ips: list[str] | None = None
+    #: Only Entra ID / OIDC tokens authenticate for this product (APIM: an API behind
+    #: ``validate-jwt`` only): a request with a subscription key and no token gets 401
+    #: ``TokenRequired``. Needs an ``oidc`` section. Default: keys and tokens.
+    require_token: bool = False
 
     @field_validator("allowed_ips")
     @classmethod
@@ -741,6 +745,9 @@ def reference_problems(parts: ConfigParts) -> list[str]:
     errors.extend(_accounting_problems(parts, set(backend_names), deployment_names))
     if parts.has_token_rules and not parts.has_oidc:
         errors.append("token_rules: rules need an oidc section with at least one issuer")
+    for i, prod in enumerate(parts.products):
+        if prod is not None and prod.require_token and not parts.has_oidc:
+            errors.append(f"products[{i}].require_token: needs an oidc section (tokens)")
     return errors
 
 

@@ -8,6 +8,7 @@ stays readable; everything here is data, validated once.
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,6 +68,21 @@ def check_algorithms(value: list[str]) -> list[str]:
     return value
 
 
+class RequiredClaim(_Strict):
+    """A claim every token must carry (APIM's ``<required-claims><claim name match
+    separator>``). ``match: all`` (APIM's default): the token's claim holds every one of
+    ``values``; ``any``: at least one. No ``values``: the claim must be present (not null,
+    not empty). A token's claim counts as its string values: a string (split at
+    ``separator`` when one is given; ``scp`` at spaces by default), each string of a list,
+    ``true``/``false`` and integers as JSON writes them. A token that fails is refused with
+    401 (``TokenClaimMissing`` when it lacks the claim, ``TokenClaimInvalid`` otherwise)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    values: list[str] = Field(default_factory=list)
+    match: Literal["all", "any"] = "all"
+    separator: str | None = Field(default=None, min_length=1)
+
+
 class OidcIssuerConfig(_Strict):
     """One trusted token issuer: an Entra ID tenant (``https://login.microsoftonline.com/
     <tenant>/v2.0/.well-known/openid-configuration``), an Azure Government authority, or any
@@ -82,6 +98,8 @@ class OidcIssuerConfig(_Strict):
     #: the discovery document is the v2.0 one.
     issuers: list[str] = Field(default_factory=list)
     allowed_algorithms: list[str] = Field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
+    #: Claims every token of this issuer must carry (beside ``oidc.required_claims``).
+    required_claims: list[RequiredClaim] = Field(default_factory=list)
 
     @field_validator("discovery_url")
     @classmethod
@@ -110,6 +128,9 @@ class OidcConfig(_Strict):
     fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     #: Longer tokens are refused without being parsed.
     max_token_bytes: int = Field(default=16 * 1024, ge=1024, le=256 * 1024)
+    #: Claims every token must carry, whatever its issuer (APIM's ``required-claims``);
+    #: checked after the signature, before the token rules.
+    required_claims: list[RequiredClaim] = Field(default_factory=list)
 
 
 class TokenRule(_Strict):

@@ -8,6 +8,7 @@ typos are errors (``extra="forbid"``). Every limit is optional: a policy with no
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from sluicegate.tokens.estimate import TokenEstimate
 
 QuotaPeriod = Literal["hourly", "daily", "weekly", "monthly", "yearly"]
-CounterKeyKind = Literal["subscription", "owner", "product", "client_ip"]
+CounterKeyKind = Literal["subscription", "owner", "product", "client_ip", "caller", "header"]
 MaxTokensAction = Literal["reject", "clamp"]
 
 DEFAULT_COMPLETION_TOKENS = 1024
@@ -41,7 +42,31 @@ _KEY_PREFIX: dict[CounterKeyKind, str] = {
     "owner": "owner",
     "product": "product",
     "client_ip": "ip",
+    "caller": "caller",
+    "header": "hdr",
 }
+
+#: Counter keys whose value depends on the request, not only on the subscription: resolved
+#: per request, the others once per subscription version.
+REQUEST_KEYED: frozenset[str] = frozenset({"client_ip", "caller", "header"})
+
+#: A header value longer than this (or with other than visible ASCII) is hashed into the
+#: counter key: a client cannot make key names (Redis keys, memory) of unbounded size.
+MAX_HEADER_KEY_CHARS = 128
+_PLAIN_HEADER_VALUE = re.compile(rb"[!-~]{1,%d}" % MAX_HEADER_KEY_CHARS)
+
+
+def header_key_value(raw: bytes) -> str | None:
+    """The part of a ``counter_key: header`` key that comes from the header's raw value:
+    the value itself (surrounding whitespace stripped) when it is 1 to
+    :data:`MAX_HEADER_KEY_CHARS` visible ASCII characters, else ``sha256:`` and 32 hex
+    digits of its hash; None for an empty value (the subscription counter applies)."""
+    value = raw.strip()
+    if not value:
+        return None
+    if _PLAIN_HEADER_VALUE.fullmatch(value):
+        return value.decode("ascii")
+    return "sha256:" + hashlib.sha256(value).hexdigest()[:32]
 
 
 class LimitPolicy(BaseModel):
@@ -50,7 +75,8 @@ class LimitPolicy(BaseModel):
     ``tokens_per_minute`` and ``requests_per_minute`` are sliding windows: no 60-second span
     of arrivals holds more than the limit (429 when exceeded); ``token_quota`` is a fixed
     calendar window of ``token_quota_period`` in ``quota_timezone`` (403 when exhausted).
-    ``counter_key`` says whose counter is charged.
+    ``counter_key`` says whose counter is charged (``counter_header`` names the header of
+    ``counter_key: header``).
     ``estimate_prompt_tokens=False`` is APIM's "use only usage from the response": nothing
     is estimated or reserved up front (a stream's prompt excepted), a request is admitted
     while the counter is below its limit, and the reported usage is charged at settle
@@ -67,6 +93,9 @@ class LimitPolicy(BaseModel):
     token_quota_period: QuotaPeriod | None = None
     quota_timezone: str = "UTC"
     counter_key: CounterKeyKind = "subscription"
+    #: The request header whose value is the counter key with ``counter_key: header``
+    #: (e.g. ``x-user-id``); required then, refused otherwise.
+    counter_header: HeaderName | None = None
     estimate_prompt_tokens: bool = True
     default_completion_tokens: int = Field(default=DEFAULT_COMPLETION_TOKENS, ge=0)
     max_tokens_ceiling: int | None = Field(default=None, gt=0)
@@ -81,6 +110,12 @@ class LimitPolicy(BaseModel):
     def _lower_period(cls, value: object) -> object:
         # APIM spells the periods "Hourly", "Daily", …: accept that spelling too.
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("counter_header")
+    @classmethod
+    def _lower_header(cls, value: str | None) -> str | None:
+        # Header names are case-insensitive: X-User-Id and x-user-id are one counter.
+        return value.lower() if value is not None else None
 
     @field_validator("quota_timezone")
     @classmethod
@@ -100,6 +135,10 @@ class LimitPolicy(BaseModel):
     def _quota_has_period(self) -> LimitPolicy:
         if (self.token_quota is None) != (self.token_quota_period is None):
             raise ValueError("token_quota and token_quota_period must be set together")
+        if (self.counter_key == "header") != (self.counter_header is not None):
+            raise ValueError(
+                "counter_header must be set with counter_key: header (and only with it)"
+            )
         return self
 
     @property
@@ -131,12 +170,23 @@ def resolve_counter_key(
     owner: str | None = None,
     product: str | None = None,
     client_ip: str | None = None,
+    caller: str | None = None,
+    header_value: str | None = None,
 ) -> str:
     """The counter key value for a request, e.g. ``"sub:abc"`` or ``"owner:team-a"``.
 
     One counter per key value is shared wherever the same key is used (as in APIM). A
     subscription without an owner (or product) falls back to its own subscription counter;
     an unknown client IP is counted under ``ip:unknown``.
+
+    * ``caller``: the authenticated caller (``RequestContext.caller``: the token's ``oid``,
+      else its app id, else ``sub``), ``caller:<id>``, shared across subscriptions like
+      ``owner``; a request without a token (a subscription key) falls back to the
+      subscription counter.
+    * ``header``: ``header_value`` (already bounded by :func:`header_key_value`), scoped
+      within the subscription and the header's name, ``hdr:<sub id>:<header>:<value>``: one
+      team's users cannot spend another team's counters by sending the same value. A missing
+      or empty header falls back to the subscription counter.
     """
     kind = policy.counter_key
     value: str | None
@@ -146,6 +196,14 @@ def resolve_counter_key(
         value = product
     elif kind == "client_ip":
         value = client_ip or "unknown"
+    elif kind == "caller":
+        value = caller
+    elif kind == "header":
+        value = (
+            f"{subscription_id}:{policy.counter_header}:{header_value}"
+            if header_value and policy.counter_header
+            else None
+        )
     else:
         value = subscription_id
     if not value:

@@ -40,6 +40,7 @@ from sluicegate.limits import (
     resolve_counter_key,
     tokens_to_reserve,
 )
+from sluicegate.limits.policy import REQUEST_KEYED, header_key_value
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
@@ -71,7 +72,8 @@ class _Plan:
     """What the policies of one subscription version ask of each request, worked out once:
     ``policies`` (merged, without those that do nothing), ``ceilings`` (those with a
     ``max_tokens_ceiling``), ``limited`` (those with limits, each with its counter key, or
-    ``None`` for a key that depends on the request: the client's address) and ``consumed``
+    ``None`` for a key that depends on the request: the client's address, the caller, a
+    header) and ``consumed``
     (the ``tokens_consumed_header`` names of the limited ones, lower case, for the answer)."""
 
     policies: tuple[LimitPolicy, ...]
@@ -109,7 +111,7 @@ class LimitsAdmitter:
             merged,
             tuple(p for p in merged if p.max_tokens_ceiling is not None),
             tuple(
-                (p, None if p.counter_key == "client_ip" else _counter_key(p, sub, None))
+                (p, None if p.counter_key in REQUEST_KEYED else _counter_key(p, sub, None))
                 for p in merged
                 if p.has_limits
             ),
@@ -182,7 +184,7 @@ class LimitsAdmitter:
             if count_prompt and (prompt is None or estimate.prompt_tokens > prompt):
                 prompt = estimate.prompt_tokens
             if key is None:
-                key = _counter_key(policy, sub, ctx.client_ip)
+                key = _counter_key(policy, sub, ctx)
             requests.append(
                 LimitRequest(key, policy, tokens_to_reserve(policy, estimate, stream=stream))
             )
@@ -246,14 +248,37 @@ def _merged(
         return base
 
 
-def _counter_key(policy: LimitPolicy, sub: Subscription, client_ip: str | None) -> str:
+def _counter_key(policy: LimitPolicy, sub: Subscription, ctx: RequestContext | None) -> str:
+    """The policy's counter key; ``ctx`` None (when the plan is built) for the kinds that do
+    not depend on the request. Per request: a few attribute reads, and for ``header`` one
+    scan of the request's headers."""
+    header_value: str | None = None
+    if ctx is not None and policy.counter_key == "header" and policy.counter_header:
+        raw = _header(ctx.headers, policy.counter_header)
+        header_value = header_key_value(raw) if raw is not None else None
     return resolve_counter_key(
         policy,
         subscription_id=sub.id,
         owner=sub.owner,
         product=sub.product,
-        client_ip=client_ip,
+        client_ip=ctx.client_ip if ctx is not None else None,
+        caller=ctx.caller if ctx is not None else None,
+        header_value=header_value,
     )
+
+
+_HEADER_NAMES: dict[str, bytes] = {}
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: str) -> bytes | None:
+    """The first value of header ``name`` (ASGI names are lower case; so is ``name``)."""
+    raw = _HEADER_NAMES.get(name)
+    if raw is None:  # the counter_header names of the configuration: a handful
+        raw = _HEADER_NAMES[name] = name.encode("latin-1")
+    for key, value in headers:
+        if key == raw:
+            return value
+    return None
 
 
 def _counts_prompt(limited: Sequence[tuple[LimitPolicy, str | None]], stream: bool) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ class RequestContext:
     #: The pipeline's deadlines (timeouts of the waits on the client and the backend).
     deadlines: Deadlines
     client_ip: str | None = None
+    #: The request's ASGI headers (lower-case names), for limits keyed by a header.
+    headers: Sequence[tuple[bytes, bytes]] = ()
     subscription: Subscription | None = None
     #: Who called, when authenticated by token (the token's oid, else azp/appid).
     caller: str | None = None

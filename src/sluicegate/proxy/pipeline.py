@@ -129,6 +129,7 @@ class Pipeline:
             route=match_route(scope["method"], scope["path"]),
             deadlines=self.deadlines,
             client_ip=self.network.client_ip(scope),
+            headers=scope["headers"],
         )
         # 408 for bodies that trickle in.
         receive = self.network.body_deadline(receive, self.deadlines)
@@ -307,6 +308,14 @@ class Pipeline:
                 "ProductNotFound",
                 f"Subscription {sub.id} belongs to product {sub.product!r}, which this gateway "
                 "no longer offers. Ask the gateway's operators to move it.",
+            )
+        if presented.token is None and product.config.require_token:
+            raise GatewayError(
+                401,
+                "TokenRequired",  # auth.token_types.TokenFailure.REQUIRED
+                f"Access denied: product {product.name!r} takes Entra ID / OIDC tokens only, "
+                "not subscription keys. Send 'Authorization: Bearer <token>'.",
+                headers=[("www-authenticate", "Bearer")],
             )
         self.network.check_product(product.name, ctx.client_ip)
         ctx.subscription, ctx.product = sub, product
