@@ -7,7 +7,6 @@ present.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -43,10 +42,10 @@ class GatewayApp:
             elif path == "/healthz":
                 await send_json(send, 200, {"status": "ok"})
             elif path == "/readyz":
-                ok = await asyncio.to_thread(self.gateway.ready)
-                await send_json(
-                    send, 200 if ok else 503, {"status": "ok" if ok else "storage unreachable"}
-                )
+                # Ready = this instance can take requests: see Gateway.readiness. A database
+                # outage alone keeps it ready (records spill; the body says so).
+                ok, verdict = self.gateway.readiness()
+                await send_json(send, 200 if ok else 503, verdict)
             elif path == "/metrics" and self.gateway.config.metrics.enabled:
                 self.gateway.update_ledger_metrics()
                 body = self.gateway.metrics.render()
@@ -65,8 +64,9 @@ class GatewayApp:
                 try:
                     await self.gateway.start()
                 except SQLAlchemyError as exc:
-                    # One line that says what to fix (a database that does not exist, a
-                    # refused connection), not a traceback that buries it: see database_problem.
+                    # One line that says what to fix (a database that does not exist, a role
+                    # refused), not a traceback that buries it: see database_problem. An
+                    # unreachable database does not get here: Gateway.start waits for it.
                     where = make_url(self.gateway.config.storage.url)
                     problem = database_problem(exc)
                     log.error(

@@ -4,12 +4,16 @@ and owns their lifecycle (start in the lifespan, stop in order on shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy.exc import SQLAlchemyError
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
@@ -17,6 +21,8 @@ from sluicegate.auth.keys import KeyHasher, load_key_secret
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import GatewayConfig
 from sluicegate.limits import CounterStore, Limiter, MemoryStore
+from sluicegate.limits.seeding import QuotaSeeder
+from sluicegate.limits.store import SeedableStore
 from sluicegate.logs import AccessLog
 from sluicegate.metrics.registry import GatewayMetrics, RoutingSample
 from sluicegate.proxy.admission import LimitsAdmitter
@@ -25,9 +31,15 @@ from sluicegate.proxy.pipeline import Admitter, Pipeline
 from sluicegate.routing.build import router_for
 from sluicegate.routing.state import BackendStateStore
 from sluicegate.runtime import Runtime, compile_runtime
-from sluicegate.storage.engine import create_engine_for
-from sluicegate.storage.ledger import LedgerWriter
+from sluicegate.storage.engine import (
+    create_engine_for,
+    database_problem,
+    database_unreachable,
+    describe,
+)
+from sluicegate.storage.ledger import LedgerStats, LedgerWriter
 from sluicegate.storage.migrations import migrate
+from sluicegate.storage.quota_usage import COUNTER_KEY_COLUMNS, ledger_usage
 from sluicegate.storage.subscriptions import SubscriptionRepository
 
 if TYPE_CHECKING:
@@ -75,9 +87,15 @@ class Gateway:
         self.hasher = key_hasher_for(config, env)
         self.index = SubscriptionIndex(self.hasher)
         self.refresher = IndexRefresher(
-            self.index, self.repository.version, self.repository.load_all, config.refresh_seconds
+            self.index,
+            self.repository.version,
+            self.repository.load_all,
+            config.refresh_seconds,
+            prepare=functools.partial(migrate, config.storage.url),
+            max_stale=config.storage.max_stale_seconds,
         )
         self.metrics = GatewayMetrics(config.metrics.max_subscription_labels)
+        self.metrics.registry.register(_ReadinessCollector(self))
         spill = Path(config.storage.spill_dir) / "ledger-spill.jsonl"
         self.ledger = LedgerWriter(
             self.engine,
@@ -95,6 +113,7 @@ class Gateway:
         self.sinks: list[Callable[[UsageRecord], None]] = [self.ledger.submit, *observers]
         self.limit_store: CounterStore = self._limit_store(config)
         self.limiter = Limiter(self.limit_store, self.clock)
+        self.quota_seeder = self._quota_seeder(config)
         policies = {name: p.limits for name, p in self.runtime.products.items()}
         # Always, even when no product has limits: a subscription's overrides can set some
         # (and may be set at any time). Without product limits, a request of a subscription
@@ -169,13 +188,54 @@ class Gateway:
                 self.clock,
                 fail_mode=config.redis.fail_mode,
             )
-        return MemoryStore()
+        # Every admission of this process from now on is in it: quota counters are seeded
+        # from the ledger's records before this moment (limits/seeding.py).
+        return MemoryStore(counting_since_ms=int(self.clock.now() * 1000))
+
+    def _quota_seeder(self, config: GatewayConfig) -> QuotaSeeder | None:
+        """Quota counters created after their period began (after a restart in embedded
+        mode, after Redis lost them in cluster mode) get the ledger's earlier usage
+        (docs/limits.md, "Quotas survive restarts"). Both stores can be seeded."""
+        store = self.limit_store
+        if not isinstance(store, SeedableStore):
+            return None
+        spill = self.ledger.spill_path
+        seeder = QuotaSeeder(
+            store,
+            ledger_usage(self.engine),
+            COUNTER_KEY_COLUMNS.keys(),
+            # Records of requests that ended just before are in their writers' next batch
+            # (every instance flushes at this interval); the previous run's spill file is
+            # replayed by this writer's thread at start (ledger_ready).
+            settle_s=max(2 * config.storage.flush_interval_seconds, 0.5),
+            ledger_ready=lambda: not spill.exists(),
+        )
+        self.limiter.quota_seen = seeder.notice
+        store.quota_created = seeder.created
+        return seeder
 
     async def start(self) -> None:
-        await asyncio.to_thread(migrate, self.config.storage.url)
-        await asyncio.to_thread(self.refresher.refresh_now)
+        try:
+            await asyncio.to_thread(self.refresher.load_first)  # migrations, then the view
+        except SQLAlchemyError as exc:
+            if not database_unreachable(exc):
+                raise  # a configuration error: the lifespan reports it in one line, and exits
+            # Start anyway and answer 503 (Retry-After) until the view is loaded, rather
+            # than keep a snapshot of the subscriptions (key hashes) on local disk: an
+            # instance restarted during a database outage stays out of rotation (/readyz)
+            # while the others serve. The refresher retries migrations and the first load in
+            # the background, exactly what this start would have done, logged when it does.
+            log.error(
+                "database %s unreachable at start (%s): serving 503 until it answers; "
+                "migrations and the subscriptions load are retried in the background",
+                describe(self.engine),
+                database_problem(exc),
+            )
+            self.refresher.defer()
         self.refresher.start()
         self.ledger.start()
+        if self.quota_seeder is not None:
+            self.quota_seeder.start()
         if self.routing_store is not None:
             await self.routing_store.start()
         for backend in self.runtime.backends.values():
@@ -212,6 +272,8 @@ class Gateway:
 
     async def stop(self, ledger_timeout: float = 30.0) -> None:
         await self.refresher.stop()
+        if self.quota_seeder is not None:
+            await self.quota_seeder.aclose()
         if self.token_auth is not None:
             await self.token_auth.aclose()
         for backend in self.runtime.backends.values():
@@ -226,10 +288,42 @@ class Gateway:
         self.started = False
         log.info("gateway stopped")
 
-    def ready(self) -> bool:
-        from sluicegate.storage.engine import ping
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this instance can take requests, and why (the ``/readyz`` body).
 
-        return ping(self.engine)
+        Ready: its subscription view is loaded and not stale (else every request gets 503),
+        and usage records are durable: written, or appended to the spill file while the
+        database is unreachable. The database being down is reported (``database``,
+        ``ledger: spilling``), not a reason to be unready: every instance shares it, and
+        an unready cluster answers nothing although it could serve. Redis and the backends
+        are reported or left out for the same reason, and because both recover through
+        traffic (the limit store retries Redis on admissions; a half-open breaker probes
+        with a request): an instance taken out of rotation for them would never come back.
+        No I/O but a ``statvfs`` of the spill directory while the database is down.
+        """
+        view = self.refresher.state
+        stats = self.ledger.stats()
+        database_ok = view != "loading" and self.refresher.failures == 0 and stats.healthy
+        spill = (
+            None
+            if database_ok
+            else _spill_problem(self.ledger.spill_path, stats, self.config.storage.max_pending)
+        )
+        age = self.refresher.age()
+        body: dict[str, Any] = {
+            "subscriptions": view,
+            "subscriptions_age_seconds": None if age is None else round(age, 1),
+            "database": "ok" if database_ok else "unreachable",
+            "ledger": "ok" if database_ok else ("spilling" if spill is None else "failing"),
+        }
+        if spill is not None:
+            body["ledger_problem"] = spill
+        available = getattr(self.limit_store, "available", None)
+        if isinstance(available, bool) and self.config.redis is not None:
+            mode = self.config.redis.fail_mode
+            body["limits"] = "ok" if available else f"redis unreachable (fail_mode {mode})"
+        ready = view == "loaded" and spill is None
+        return ready, {"status": "ok" if ready else "unavailable", **body}
 
     def update_ledger_metrics(self) -> None:
         stats = self.ledger.stats()
@@ -266,3 +360,62 @@ def _token_authenticator(
     from sluicegate.auth.bearer import TokenAuthenticator
 
     return TokenAuthenticator.from_config(config, clock, on_refused=on_refused)
+
+
+#: While the database is down, the spill file must be able to take records: less free space
+#: than this in its directory makes the instance unready (records would soon be lost).
+SPILL_MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+def _spill_problem(path: Path, stats: LedgerStats, max_pending: int) -> str | None:
+    """Why the spill file at ``path`` cannot take records now, or None. The spill file has
+    no size cap of its own; what stops it is the disk. A failed append keeps its records in
+    memory (``LedgerWriter._spill_group``), so far more than ``max_pending`` waiting there
+    means appends fail, whatever the cause."""
+    if stats.pending > 2 * max_pending:
+        return f"{stats.pending} records wait in memory: the spill file cannot be written"
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent  # created at the first append
+    if not directory.is_dir():
+        return f"spill directory: {directory} is not a directory"
+    if not os.access(directory, os.W_OK):
+        return f"spill directory {directory} is not writable"
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        return f"spill directory {directory}: {exc.strerror}"
+    free = st.f_bavail * st.f_frsize
+    if free < SPILL_MIN_FREE_BYTES:
+        return f"spill directory {directory} has {free // (1024 * 1024)} MiB free"
+    return None
+
+
+class _ReadinessCollector:
+    """``/readyz``'s verdict at every scrape: ``sluicegate_ready`` (1/0),
+    ``sluicegate_database_reachable`` (1/0) and ``sluicegate_subscriptions_age_seconds``
+    (since the last successful refresh of the subscription view)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready, body = self._gateway.readiness()
+        yield GaugeMetricFamily(
+            "sluicegate_ready", "1 when this instance can take requests (/readyz 200).", ready
+        )
+        yield GaugeMetricFamily(
+            "sluicegate_database_reachable",
+            "1 when the database answers (records are written, not spilled).",
+            body["database"] == "ok",
+        )
+        age = body["subscriptions_age_seconds"]
+        if age is not None:
+            yield GaugeMetricFamily(
+                "sluicegate_subscriptions_age_seconds",
+                "Seconds since the subscription view was last refreshed from the database.",
+                age,
+            )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -60,8 +60,8 @@ def test_postgres_down_for_20_seconds_under_load(tmp_path: Path) -> None:
         gw.kill()
         log = httpx.get(f"{sim.url}/_sim/log").json()
         sim.stop()
-    assert ready == 503  # the gateway said it could not reach its storage...
-    assert served_while_down > 100  # ...and kept serving meanwhile
+    assert ready == 200  # records spill: a database outage leaves the gateway ready...
+    assert served_while_down > 100  # ...and serving
     assert set(answered) == {200}
     entries = log["entries"] if isinstance(log, dict) else log
     forwarded = {e["headers"]["x-ms-client-request-id"] for e in entries}

@@ -40,14 +40,16 @@ async def test_redis_keys_carry_ttls(
     assert keys == [
         f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}",
         f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}:held",  # the reservation in flight
+        f"{redis_prefix}sub:ttl:quota:hourly:{start_ms}:origin",  # when it was created
         f"{redis_prefix}sub:ttl:rpm",
         f"{redis_prefix}sub:ttl:tpm",
     ]
-    for key in keys[2:]:
+    for key in keys[3:]:
         assert 61_000 < await redis_client.pttl(key) <= 62_000  # 61 buckets + one
     quota_ttl = await redis_client.pttl(keys[0])
     expected = end_ms + FIXED_GRACE_MS - int(clock.now() * 1000)
     assert expected - 1000 < quota_ttl <= expected
+    assert expected - 1000 < await redis_client.pttl(keys[2]) <= expected  # the quota's
     held_ttl = 660_000  # ten minutes in flight, and one (QUOTA_HELD_WINDOW_MS + _BUCKET_MS)
     assert held_ttl - 1000 < await redis_client.pttl(keys[1]) <= held_ttl
 
@@ -88,6 +90,7 @@ async def test_redis_refusals_leave_no_key_without_a_ttl(
         f"{redis_prefix}ip:203.0.113.7:rpm",
         f"{redis_prefix}ip:203.0.113.7:tpm",
         f"{redis_prefix}sub:over:quota:hourly:{start_ms}",
+        f"{redis_prefix}sub:over:quota:hourly:{start_ms}:origin",
         f"{redis_prefix}sub:over:rpm",
         f"{redis_prefix}sub:over:tpm",
     ]

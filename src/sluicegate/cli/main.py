@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from sluicegate.config.loader import ConfigError, environment_problems, load_config
+from sluicegate.config.loader import (
+    ConfigError,
+    environment_problems,
+    load_config,
+    retention_warnings,
+)
 from sluicegate.config.model import GatewayConfig
 
 if TYPE_CHECKING:
@@ -113,7 +118,7 @@ def serve(
 def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to check")]) -> None:
     """Validate a configuration file; every problem is printed with its location."""
     cfg = _load(path)
-    warnings = environment_problems(cfg, dict(os.environ))
+    warnings = environment_problems(cfg, dict(os.environ)) + retention_warnings(cfg)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     from sluicegate.accounting.pricing import PriceTable

@@ -223,3 +223,39 @@ def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list
             "bytes (e.g. the output of: openssl rand -hex 32)"
         )
     return problems
+
+
+#: The longest span of each quota period, in days (a month of 31, a leap year).
+_QUOTA_PERIOD_DAYS: dict[str, float] = {
+    "hourly": 1 / 24,
+    "daily": 1,
+    "weekly": 7,
+    "monthly": 31,
+    "yearly": 366,
+}
+
+
+def retention_warnings(config: GatewayConfig) -> list[str]:
+    """Settings that work but weaken something: raw usage records kept for less than the
+    longest token quota period of a product. A quota counter created after its period
+    began (after a restart, or after Redis lost it) is seeded from the raw records of the
+    period (docs/limits.md); records purged before it are missing from the seed. Products'
+    policies only: a subscription's override is not known here."""
+    days = config.retention.raw_records_days
+    if days is None:
+        return []
+    longest: tuple[float, str, str] | None = None
+    for product in config.products:
+        limits = product.limits
+        policies = limits if isinstance(limits, list) else [] if limits is None else [limits]
+        for policy in policies:
+            period = policy.token_quota_period
+            if period is not None and (longest is None or _QUOTA_PERIOD_DAYS[period] > longest[0]):
+                longest = (_QUOTA_PERIOD_DAYS[period], period, product.name)
+    if longest is None or days >= longest[0]:
+        return []
+    return [
+        f"retention.raw_records_days: {days:g} day(s) is shorter than the {longest[1]} token "
+        f"quota of product {longest[2]!r}: a quota counter seeded from the ledger after a "
+        "restart (or a Redis loss) misses the usage of purged records"
+    ]

@@ -359,6 +359,11 @@ class StorageConfig(_Strict):
     batch_size: int = Field(default=500, ge=1)
     flush_interval_seconds: float = Field(default=0.2, gt=0)
     max_pending: int = Field(default=20_000, ge=1)
+    #: Seconds the in-memory subscription view may go without a successful refresh (the
+    #: database unreachable) before requests are refused with 503 ``SubscriptionViewStale``;
+    #: None: serve from the last view for as long as the outage lasts. Keep it several times
+    #: ``refresh_seconds``, or one slow refresh refuses requests.
+    max_stale_seconds: float | None = Field(default=None, ge=1)
 
     @field_validator("url")
     @classmethod

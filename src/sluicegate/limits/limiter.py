@@ -29,7 +29,7 @@ renews, unless reservations in progress cover its shortfall: then it too is a sh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sluicegate.clock import Clock
@@ -133,6 +133,27 @@ class _Shape:
 
 _FOREVER_MS = 2**62
 
+_QUOTA_MARK = ":quota:"
+
+
+def quota_counter_name(key: str, period: str, start_ms: int) -> str:
+    """The name of ``key``'s quota counter of the period starting at ``start_ms``, e.g.
+    ``sub:abc:quota:monthly:1700000000000`` (docs/limits.md)."""
+    return f"{key}{_QUOTA_MARK}{period}:{start_ms}"
+
+
+def parse_quota_counter_name(name: str) -> tuple[str, str, int] | None:
+    """``(key, period, start_ms)`` of a name made by :func:`quota_counter_name`; ``None`` for
+    any other name. The key may hold colons (an owner's name): the period and start are cut
+    from the right."""
+    key, mark, rest = name.rpartition(_QUOTA_MARK)
+    if not mark or not key:
+        return None
+    period, _, start = rest.partition(":")
+    if not period or not start.isdigit():
+        return None
+    return key, period, int(start)
+
 
 def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
     """Turn limit requests into store counters and bindings (pure; ``now`` is epoch s)."""
@@ -181,8 +202,8 @@ def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
                 "quota",
                 number,
                 _Spec(
-                    f"{key}:quota:{period}:{start_ms}", "fixed", policy.token_quota, 0, 0,
-                    end_ms, (number,),
+                    quota_counter_name(key, period, start_ms), "fixed", policy.token_quota, 0,
+                    0, end_ms, (number,),
                 ),
             )  # fmt: skip
     return _Shape(tuple(specs), tuple(binds), until_ms, tuple(r.policy for r in requests))
@@ -219,6 +240,10 @@ class Limiter:
         self._clock = clock
         self._sync: SyncCounterStore | None = store if isinstance(store, SyncCounterStore) else None
         self._shapes: dict[tuple[tuple[str, int], ...], _Shape] = {}
+        #: Called with the name of each quota counter of a shape built anew (the first
+        #: admission of a key, policy and period in this process; not on every request):
+        #: the seeder's cheap wake-up (``limits/seeding.py``).
+        self.quota_seen: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"Limiter(store={self.store!r})"
@@ -269,6 +294,11 @@ class Limiter:
             if len(self._shapes) >= _SHAPE_CACHE_SIZE:
                 self._shapes.clear()
             self._shapes[cache_key] = shape
+            seen = self.quota_seen
+            if seen is not None:
+                for spec in shape.specs:
+                    if spec.kind == "fixed":
+                        seen(spec.name)
         return shape
 
     async def settle(self, reservation: Reservation | None, actual_tokens: int) -> None:

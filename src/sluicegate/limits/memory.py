@@ -4,13 +4,16 @@ All work is synchronous and short (a few dict and deque operations per counter),
 async methods never yield to the event loop; a ``threading.Lock`` makes the store safe to
 share between threads too. Memory per key is constant (at most ``window/bucket`` buckets);
 idle counters are swept out every :data:`SWEEP_INTERVAL_MS` of caller time.
+
+Quota counters remember their creation (``since``) and whether a seed from the ledger has
+been added (:class:`~sluicegate.limits.store.SeedableStore`, ``limits/seeding.py``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sluicegate.limits.store import (
     FIXED_GRACE_MS,
@@ -20,6 +23,7 @@ from sluicegate.limits.store import (
     Adjustment,
     Counter,
     CounterState,
+    QuotaOrigin,
     StoreResult,
 )
 
@@ -65,14 +69,17 @@ class _Sliding:
 class _Fixed:
     """A quota's count, and ``held``: minute of admission -> what admissions of that minute
     reserved and have not settled yet (``None`` until the first reservation; see
-    :mod:`sluicegate.limits.store`)."""
+    :mod:`sluicegate.limits.store`). ``since_ms``: when it was created; ``seeded``: the
+    ledger's earlier usage has been added (``limits/seeding.py``)."""
 
-    __slots__ = ("expires_ms", "held", "used")
+    __slots__ = ("expires_ms", "held", "seeded", "since_ms", "used")
 
-    def __init__(self, expires_ms: int) -> None:
+    def __init__(self, expires_ms: int, since_ms: int) -> None:
         self.used = 0
         self.expires_ms = expires_ms
         self.held: dict[int, int] | None = None
+        self.since_ms = since_ms
+        self.seeded = False
 
     def hold(self, minute: int, amount: int) -> None:
         held = self.held
@@ -111,12 +118,24 @@ class _Fixed:
 
 
 class MemoryStore:
-    """Counters in a dict; see :mod:`sluicegate.limits.store` for the semantics."""
+    """Counters in a dict; see :mod:`sluicegate.limits.store` for the semantics.
+
+    ``counting_since_ms`` (the gateway passes its start): this store has seen every
+    admission of the process from then on. A quota counter it creates later then holds every
+    admission of its name since that moment (a quota counter lives until its period is over),
+    so :meth:`quota_origin` reports that moment, not the counter's creation: a request that
+    arrived before the counter was created but was admitted just after (its prompt counted
+    in the counting thread meanwhile) is in the counter, and the ledger's records before
+    ``since`` must not hold it too. ``None``: the counter's creation.
+    """
 
     origin = "memory"
 
-    def __init__(self, origin: str = "memory") -> None:
+    def __init__(self, origin: str = "memory", *, counting_since_ms: int | None = None) -> None:
         self.origin = origin
+        self.counting_since_ms = counting_since_ms
+        #: Called with a quota counter's name when an admission creates it (seeding).
+        self.quota_created: Callable[[str], None] | None = None
         self._sliding: dict[str, _Sliding] = {}
         self._fixed: dict[str, _Fixed] = {}
         self._lock = threading.Lock()
@@ -175,7 +194,11 @@ class MemoryStore:
                 else:
                     fixed = fixed_map.get(counter.name)
                     if fixed is None:
-                        fixed = fixed_map[counter.name] = _Fixed(counter.end_ms + FIXED_GRACE_MS)
+                        fixed = fixed_map[counter.name] = _Fixed(
+                            counter.end_ms + FIXED_GRACE_MS, now_ms
+                        )
+                        if self.quota_created is not None:
+                            self.quota_created(counter.name)
                     windows.append(fixed)
                     used = fixed.used
                     slot = now_ms // QUOTA_HELD_BUCKET_MS if counter.reserve else 0
@@ -251,6 +274,30 @@ class MemoryStore:
                         fixed.used = max(fixed.used + adjustment.delta, 0)
                         if adjustment.reserved:
                             fixed.release(adjustment.slot, adjustment.reserved)
+
+    async def quota_origin(self, name: str) -> QuotaOrigin | None:
+        with self._lock:
+            fixed = self._fixed.get(name)
+            if fixed is None:
+                return None
+            since = fixed.since_ms
+            if self.counting_since_ms is not None and self.counting_since_ms < since:
+                since = self.counting_since_ms
+            return QuotaOrigin(since, fixed.seeded)
+
+    async def apply_seed(self, name: str, since_ms: int, tokens: int) -> bool:
+        with self._lock:
+            fixed = self._fixed.get(name)
+            if fixed is None or fixed.seeded:
+                return False
+            since = fixed.since_ms
+            if self.counting_since_ms is not None and self.counting_since_ms < since:
+                since = self.counting_since_ms
+            if since != since_ms:
+                return False
+            fixed.used += max(tokens, 0)
+            fixed.seeded = True
+            return True
 
     def _sweep(self, now_ms: int) -> None:
         """Drop counters with nothing left in their window (the in-memory "TTL")."""

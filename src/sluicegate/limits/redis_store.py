@@ -6,7 +6,9 @@ scripts are re-loaded automatically after a Redis restart). Keys are
 ``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
 window + one bucket, quota counters are integers expiring at period end + grace (with, beside
 each, ``…:held``, a hash of its reservations in flight by minute, expiring 11 minutes after
-the last), so every key expires on its own (so does ``{prefix}batch:…``, a batch's replies
+the last, and ``…:origin``, a hash of when the quota key was created and whether the
+ledger's earlier usage was added to it, ``limits/seeding.py``, expiring with the quota key),
+so every key expires on its own (so does ``{prefix}batch:…``, a batch's replies
 kept a few seconds for a resend: ``limits/redis_batch.py``). All keys of one admission are
 touched by one script, so on a Redis Cluster they must share a hash slot: put a hash tag in
 the prefix (``"{sg}:limits:"``).
@@ -34,7 +36,7 @@ the error is on the side of counting too much, never of admitting too much.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -55,6 +57,7 @@ from sluicegate.limits.store import (
     Adjustment,
     Counter,
     CounterState,
+    QuotaOrigin,
     StoreResult,
     StoreUnavailable,
 )
@@ -68,6 +71,9 @@ FALLBACK_ORIGIN = "fallback"
 #: this (``admit.lua``). No counter's name ends so (they end in ``:tpm``, ``:rpm`` or the
 #: quota period's start).
 HELD_SUFFIX = ":held"
+#: A quota's origin (``admit.lua``: when its key was created; ``seed.lua``: its seed is in),
+#: a hash ``{prefix}{counter name}`` and this, expiring with the quota key.
+ORIGIN_SUFFIX = ":origin"
 
 
 def _script(name: str) -> str:
@@ -143,6 +149,9 @@ class RedisStore:
             key_prefix=f"{prefix}batch:",
         )
         self._down_until: float | None = None
+        #: Called with a quota counter's name when an admission created its key (seeding).
+        self.quota_created: Callable[[str], None] | None = None
+        self._seed_script = self._client.register_script(_script("seed.lua"))
 
     @property
     def batching(self) -> BatchStats:
@@ -170,13 +179,17 @@ class RedisStore:
         for counter in counters:
             if counter.kind == "sliding":
                 kind = "r" if counter.reserve else "s"  # "r": kept in flight (admit.lua)
-                args += [kind, counter.limit, counter.cost, counter.window_ms, counter.bucket_ms]
+                args += [
+                    kind, counter.limit, counter.cost, counter.window_ms, counter.bucket_ms, 0,
+                ]  # fmt: skip
             else:
                 held = 0
+                name = prefix + counter.name
                 if counter.reserve:  # its reservations in flight: a key after the counters'
-                    keys.append(prefix + counter.name + HELD_SUFFIX)
+                    keys.append(name + HELD_SUFFIX)
                     held = len(keys)
-                args += ["f", counter.limit, counter.cost, counter.end_ms, held]
+                keys.append(name + ORIGIN_SUFFIX)  # written when admit.lua creates the quota
+                args += ["f", counter.limit, counter.cost, counter.end_ms, held, len(keys)]
         try:
             reply = await self._scripts.call("admit", keys, args)
         except RedisError as exc:
@@ -185,11 +198,13 @@ class RedisStore:
         self._mark_up()
         n = len(counters)
         values = [int(value) for value in reply]
-        if values[0] == 1:
+        if values[0] != 0:
             states = tuple(
                 CounterState(values[1 + i], values[1 + n + i], values[1 + 2 * n + i])
                 for i in range(n)
             )
+            if values[0] == 2:  # a quota key created (admit.lua): rare, once per period
+                self._created(counters, values[1 + 3 * n :])
             return StoreResult(True, states, REDIS_ORIGIN)
         # A refusal also says what is in flight (after the slots).
         states = tuple(
@@ -230,6 +245,32 @@ class RedisStore:
             self.stats.dropped_adjustments += len(adjustments)
             return
         self._mark_up()
+
+    def _created(self, counters: Sequence[Counter], flags: list[int]) -> None:
+        hook = self.quota_created
+        if hook is None:
+            return
+        for counter, flag in zip(counters, flags, strict=False):
+            if flag:
+                hook(counter.name)
+
+    async def quota_origin(self, name: str) -> QuotaOrigin | None:
+        """From the quota's origin key (one HMGET; not batched: for the seeder, off the
+        request path). Raises ``RedisError``."""
+        since, seeded = await self._client.hmget(
+            self.prefix + name + ORIGIN_SUFFIX, ["since", "seeded"]
+        )
+        if since is None:
+            return None
+        return QuotaOrigin(int(since), seeded is not None)
+
+    async def apply_seed(self, name: str, since_ms: int, tokens: int) -> bool:
+        """``seed.lua``: atomic and idempotent across instances. Raises ``RedisError``."""
+        key = self.prefix + name
+        applied = await self._seed_script(
+            keys=[key, key + ORIGIN_SUFFIX], args=[str(since_ms), max(tokens, 0)]
+        )
+        return int(applied) == 1
 
     async def aclose(self) -> None:
         await self._scripts.aclose()

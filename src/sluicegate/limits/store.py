@@ -26,6 +26,10 @@ Window maths, shared by both (all times are integer epoch milliseconds from the 
   requests in progress settle, not only when buckets leave the window. The amount in flight
   leaves with its bucket, so a reservation never settled (a lost request) is forgotten
   with the window like any charge.
+* **Quota origin** (for seeding from the ledger, ``limits/seeding.py``): a quota counter
+  remembers when it was created (``since``, the ``now_ms`` of the admission that created
+  it) and whether a seed has been added to it; a store that creates one calls its
+  ``quota_created`` hook with the counter's name (:class:`SeedableStore`).
 * **In flight, quotas**: a fixed counter whose cost is a reservation keeps the same, per
   minute of admission (:data:`QUOTA_HELD_BUCKET_MS`; the counter's ``slot`` is that minute's
   index), and a refused one reports, as ``pending``, what the minutes of the last
@@ -35,7 +39,7 @@ Window maths, shared by both (all times are integer epoch milliseconds from the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -186,3 +190,40 @@ class SyncCounterStore(Protocol):
     def admit_sync(self, counters: Sequence[Counter], now_ms: int) -> StoreResult: ...
 
     def adjust_sync(self, adjustments: Sequence[Adjustment], origin: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaOrigin:
+    """When a quota counter began counting and whether its seed is in.
+
+    ``since_ms``: epoch milliseconds from which the counter holds every admission charged to
+    its name (requests charged before, by an earlier counter of the same name that was lost,
+    are what a seed adds). ``seeded``: a seed has been applied to this counter already.
+    """
+
+    since_ms: int
+    seeded: bool
+
+
+@runtime_checkable
+class SeedableStore(Protocol):
+    """A counter store whose quota counters can be seeded (``limits/seeding.py``).
+
+    ``quota_created``: called (on the event loop, synchronously, so keep it tiny) with a quota
+    counter's name when an admission creates that counter; ``None``: nobody listens.
+    """
+
+    quota_created: Callable[[str], None] | None
+
+    async def quota_origin(self, name: str) -> QuotaOrigin | None:
+        """The origin of quota counter ``name``; ``None`` when it does not exist (or was
+        created by a version that did not record its origin: it cannot be seeded exactly).
+        May raise the store's errors (the seeder retries)."""
+        ...
+
+    async def apply_seed(self, name: str, since_ms: int, tokens: int) -> bool:
+        """Add ``tokens`` to quota counter ``name`` once, atomically: only while the counter
+        still has origin ``since_ms`` (it was not lost and created again meanwhile) and no
+        seed was applied to it. Returns whether this call applied it. May raise the store's
+        errors."""
+        ...

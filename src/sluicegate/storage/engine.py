@@ -141,3 +141,58 @@ def database_problem(exc: SQLAlchemyError) -> str:
 def first_line(text: str) -> str:
     """``text``'s first line, stripped."""
     return text.strip().split("\n", 1)[0].strip()
+
+
+#: What the driver says when the server could not be reached (lower case). psycopg 3 gives
+#: connection-phase errors no SQLSTATE, so the text is all there is to tell "down" from
+#: "misconfigured" (a database that does not exist, a role or password refused, a host name
+#: that does not resolve).
+_NETWORK_PHRASES = (
+    "connection refused",
+    "timeout expired",
+    "timed out",
+    "no route to host",
+    "network is unreachable",
+    "connection reset",
+    "server closed the connection",
+)
+
+#: What a server that answered says when it is not taking connections *yet* (a ``FATAL``
+#: that passes by itself, unlike "database does not exist").
+_NOT_NOW_PHRASES = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "terminating connection due to administrator command",
+)
+
+#: SQLSTATEs of a server that is going away or not there yet (class 08: connection
+#: exception; 57P01-57P03: shutdown, crash shutdown, cannot connect now).
+_UNREACHABLE_SQLSTATES = frozenset(
+    {"08000", "08001", "08003", "08004", "08006", "57P01", "57P02", "57P03"}
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database server is down or unreachable (connection refused,
+    timed out, starting up or shutting down): a condition that may pass by itself, as
+    opposed to a configuration error that will not (a database that does not exist, a
+    refused role or password, a host name that does not resolve, a schema too new).
+
+    A gateway may start and wait for the first; it must stop on the second, so when in
+    doubt this says False."""
+    if not isinstance(exc, SQLAlchemyError):
+        return False
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, BaseException):
+        return False
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _UNREACHABLE_SQLSTATES:
+        return True
+    message = str(orig).lower()
+    if any(phrase in message for phrase in _NOT_NOW_PHRASES):
+        return True
+    if "fatal:" in message:
+        return False  # the server answered and refused: a configuration problem
+    return any(phrase in message for phrase in _NETWORK_PHRASES)

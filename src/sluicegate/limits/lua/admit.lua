@@ -22,6 +22,13 @@
 -- when a minute's field is created and when a refusal reads the hash. Its TTL is
 -- (held_n + 1) minutes from the last reservation.
 --
+-- Origin, quotas: when an admission creates a quota key (it did not exist: a new period,
+-- or Redis lost it: a restart without persistence, an eviction, a FLUSH), the same call
+-- records the creation in the quota's origin key (KEYS[origin], a hash): field "since" =
+-- now, and no field "seeded" (limits/lua/seed.lua adds the ledger's earlier usage once and
+-- sets it). Same expiry as the quota key. The reply's first value is then 2 instead of 1,
+-- and says which counters were created (below), so that the gateway can seed them.
+--
 -- Every key the script writes has a TTL when it returns, admitted or refused (window +
 -- bucket for a sliding counter, the period's end + grace for a quota): no key outlives its
 -- counter.
@@ -31,18 +38,20 @@
 -- clock. Gateways must keep their clocks in sync (NTP); skew only moves a charge between
 -- adjacent one-second buckets.
 --
--- KEYS[i]  one key per counter (distinct), i = 1..n; then the quotas' held keys
+-- KEYS[i]  one key per counter (distinct), i = 1..n; then the quotas' held and origin keys
 -- ARGV[1]  now_ms
 -- ARGV[2]  grace_ms: how long a fixed (quota) counter outlives its period
 -- ARGV[3]  held_ms: a quota's minute of reservations in flight (60000)
 -- ARGV[4]  held_n: how many of those minutes count as in flight
--- then 5 values per counter i, from ARGV[5 + (i-1)*5]:
+-- then 6 values per counter i, from ARGV[5 + (i-1)*6]:
 --   kind ("s" sliding | "r" sliding, the cost a reservation | "f" fixed), limit, cost,
---   sliding: window_ms, bucket_ms
---   fixed:   end_ms, held (the index in KEYS of its held key; 0: the cost is no reservation)
+--   sliding: window_ms, bucket_ms, 0
+--   fixed:   end_ms, held (the index in KEYS of its held key; 0: the cost is no reservation),
+--            origin (the index in KEYS of its origin key; 0: none kept)
 --
 -- Returns {allowed, used_1..used_n, retry_1..retry_n, slot_1..slot_n}, and when refused
--- (allowed = 0) pending_1..pending_n after them:
+-- (allowed = 0) pending_1..pending_n after them; when admitted creating a quota key
+-- (allowed = 2) created_1..created_n after them (1: this call created counter i's key):
 --   used:    count after the charge when allowed, else the count found
 --   retry:   0 = room, -1 = cost exceeds the whole limit, else ms until buckets free room
 --   slot:    bucket index charged (sliding), minute of admission (fixed with a held key)
@@ -54,9 +63,11 @@ local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
 local held_ms = tonumber(ARGV[3])
 local held_n = tonumber(ARGV[4])
-local n = (#ARGV - 4) / 5
+local n = (#ARGV - 4) / 6
 local used, retry, slot, kinds, costs, ttls, pending = {}, {}, {}, {}, {}, {}, {}
 local helds = {}  -- a quota's held key, when its cost is a reservation
+local origins = {}  -- a quota's origin key, when kept; absent (its key did not exist)
+local created = {}  -- counters whose key this call creates
 local wrote = {}  -- counters whose hash this call wrote before deciding (see the refusal)
 local allowed = 1
 
@@ -81,7 +92,7 @@ local function held_since(key, oldest)
 end
 
 for i = 1, n do
-  local base = 5 + (i - 1) * 5
+  local base = 5 + (i - 1) * 6
   local kind = ARGV[base]
   local limit = tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])
@@ -200,7 +211,12 @@ for i = 1, n do
   else
     local end_ms = tonumber(ARGV[base + 3])
     local held = tonumber(ARGV[base + 4])
-    local total = tonumber(redis.call("GET", KEYS[i]) or "0")
+    local origin = tonumber(ARGV[base + 5])
+    local found = redis.call("GET", KEYS[i])
+    local total = tonumber(found or "0")
+    if not found and origin > 0 then
+      origins[i] = KEYS[origin]
+    end
     used[i] = total
     slot[i] = 0
     if held > 0 then
@@ -240,6 +256,16 @@ if allowed == 1 then
       used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
       -- Relative to the caller's clock (like every time here), not Redis's own.
       redis.call("PEXPIRE", KEYS[i], ttls[i])
+      local origin = origins[i]
+      if origin ~= nil then
+        -- Created now: a fresh origin (an old one, left by a lost key, had its own "since"
+        -- and perhaps "seeded").
+        redis.call("DEL", origin)
+        redis.call("HSET", origin, "since", ARGV[1])
+        redis.call("PEXPIRE", origin, ttls[i])
+        created[i] = 1
+        allowed = 2
+      end
       local held = helds[i]
       if held ~= nil and costs[i] > 0 then
         local field = string.format("%d", slot[i])
@@ -271,5 +297,7 @@ for i = 1, n do reply[#reply + 1] = retry[i] end
 for i = 1, n do reply[#reply + 1] = slot[i] end
 if allowed == 0 then
   for i = 1, n do reply[#reply + 1] = pending[i] end
+elseif allowed == 2 then
+  for i = 1, n do reply[#reply + 1] = created[i] or 0 end
 end
 return reply
