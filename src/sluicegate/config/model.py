@@ -603,18 +603,37 @@ class HeadroomConfig(_Strict):
     default_completion_tokens: int = Field(default=256, ge=0)
 
 
+class ResponseAffinityConfig(_Strict):
+    """Stateful Responses API calls go to the backend that holds the response
+    (docs/routing.md, "Responses affinity")."""
+
+    #: Learn which backend answered each Responses call and send continuations
+    #: (``previous_response_id``) and ``responses/{id}`` calls there. Only pools where it
+    #: matters learn: more than one member, or a member on another backend than
+    #: ``passthrough_backend``.
+    enabled: bool = True
+    #: Response ids this instance remembers (least recently used go first; ~200 bytes each).
+    max_ids: int = Field(default=100_000, ge=1)
+
+
 class RoutingConfig(_Strict):
     """Pools, retries, circuit breakers and headroom (docs/routing.md)."""
 
     headroom: HeadroomConfig = HeadroomConfig()
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    response_affinity: ResponseAffinityConfig = ResponseAffinityConfig()
     #: Cluster mode: seconds between exchanges of backend state through Redis.
     sync_seconds: float = Field(default=0.25, gt=0, le=10)
 
     @field_validator("headroom", mode="before")
     @classmethod
     def _headroom_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("response_affinity", mode="before")
+    @classmethod
+    def _affinity_flag(cls, value: Any) -> Any:
         return {"enabled": value} if isinstance(value, bool) else value
 
 

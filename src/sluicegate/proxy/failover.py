@@ -28,6 +28,12 @@ At the end of a relayed attempt (``_settle``) a body the backend broke off (a st
 ``StreamInterrupted``, any other answer's ``AnswerInterrupted``) is the backend's failure,
 counted toward the breaker's ``failures`` like a 5xx; a client that left or stopped reading
 (outcome ``aborted``, ``ClientWriteTimeout`` included) is no verdict on the backend.
+
+Responses affinity (``routing/affinity.py``, docs/routing.md): a request that names a stored
+response the router knows (``previous_response_id``, ``…/responses/{id}``) is served by the
+pool's member that holds it alone — a one-member pool, so never failed over to a member
+that would not know the id; its refusal says why. A Responses creation's 2xx answer teaches
+the router its id (``on_response_id``, per attempt, with the attempt's backend).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from sluicegate.proxy.asgi import Message, Receive, Scope, Send
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.relay import AttemptFailed, attempt
+from sluicegate.routing.affinity import ResponseAffinity
 from sluicegate.routing.estimate import request_estimate
 from sluicegate.routing.pool import Member, Pool
 from sluicegate.routing.retry import Action, RetryPolicy
@@ -84,14 +91,31 @@ async def forward_routed(
     )
     tried: list[str] = []
     outcomes: dict[str, AttemptOutcome] = {}
+    route = ctx.route
+    affinity = router.affinity
+    learn = False
+    held: str | None = None  # the stored response only the pool (pinned) can serve
+    if affinity is not None and (route.operation == "responses" or route.response_id):
+        learn = route.operation == "responses" and pool.name in affinity.pools
+        response_id = _named_response(ctx)
+        if response_id is not None:
+            holder = affinity.holder(response_id)
+            if holder is None and affinity.shared is not None:
+                # Cluster mode, not learned here: a second Redis round trip, for these only.
+                holder = await affinity.lookup(response_id)
+            pinned = affinity.pinned(pool, holder) if holder is not None else None
+            if pinned is not None:
+                pool, held = pinned, response_id
     choice = router.choose(pool, estimate, tried)
     if choice is None:
-        _refuse(ctx, router, pool, outcomes)
+        _refuse(ctx, router, pool, outcomes, held)
     number = 1
     while True:
         member = choice.member
         backend = backends[member.backend]
         ctx.attempt = number
+        if held is not None:
+            choice = Choice(member, choice.target, "affinity")
         _describe(ctx, choice)
         url, body = upstream(member, backend)
         started = clock.monotonic()
@@ -103,6 +127,10 @@ async def forward_routed(
         if ticket.probe:
             retryable = functools.partial(_probe_retryable, router, ticket, policy.statuses)
             relay_send = _probe_send(router, ticket, ctx, send)
+        on_response_id: Callable[[str], None] | None = None
+        if learn:
+            assert affinity is not None
+            on_response_id = functools.partial(_learn, affinity, member.backend)
         try:
             try:
                 auth = await backend.request_auth()
@@ -111,6 +139,7 @@ async def forward_routed(
             await attempt(
                 ctx, backend, scope, receive, relay_send, url, body, auth, clock,
                 retryable=retryable, on_headers=functools.partial(router.report, ticket),
+                on_response_id=on_response_id,
             )  # fmt: skip
         except AttemptFailed as failed:
             outcome = failed.outcome
@@ -147,10 +176,10 @@ async def forward_routed(
                     # new request would get now. This request's own outcome is stale: its
                     # wait was just waited.
                     _last_attempt_failed(ctx, failed)
-                    _refuse(ctx, router, pool, {})
+                    _refuse(ctx, router, pool, {}, held)
             if following is None:
                 _last_attempt_failed(ctx, failed)
-                _refuse(ctx, router, pool, outcomes)
+                _refuse(ctx, router, pool, outcomes, held)
             emit(_failed_record(ctx, failed, duration))
             choice = following
             number += 1
@@ -160,6 +189,37 @@ async def forward_routed(
             raise
         _settle(router, ticket, ctx)
         return
+
+
+def _learn(affinity: ResponseAffinity, backend: str, response_id: str) -> None:
+    affinity.learn(response_id, backend)
+
+
+def _named_response(ctx: RequestContext) -> str | None:
+    """The stored response a request names for Responses affinity: ``responses/{id}`` in
+    its path, or a creation's ``previous_response_id``; None when there is none."""
+    response_id = ctx.route.response_id
+    if response_id is not None:
+        return response_id
+    # The body was parsed already (``ctx.json``): one dict lookup, no scan of the body.
+    previous = ctx.json.get("previous_response_id") if ctx.json is not None else None
+    return previous if isinstance(previous, str) and previous else None
+
+
+async def held_backend(
+    ctx: RequestContext, affinity: ResponseAffinity | None, backends: Mapping[str, Backend]
+) -> Backend | None:
+    """Responses affinity for a passthrough path (``/openai/v1/responses/{id}…``): the
+    backend that holds the response, or None (no id in the path, unknown, or no longer
+    configured): the path then goes to ``passthrough_backend`` as usual. Passthrough paths
+    have no breaker: the holder answers for itself."""
+    response_id = ctx.route.response_id
+    if affinity is None or response_id is None:
+        return None
+    holder = affinity.holder(response_id)
+    if holder is None and affinity.shared is not None:
+        holder = await affinity.lookup(response_id)
+    return backends.get(holder) if holder is not None else None
 
 
 # The ``extra`` of records routed alike, one mapping per (deployment, kind, reason): a
@@ -262,13 +322,24 @@ def _last_attempt_failed(ctx: RequestContext, failed: AttemptFailed) -> None:
 
 
 def _refuse(
-    ctx: RequestContext, router: Router, pool: Pool, outcomes: dict[str, AttemptOutcome]
+    ctx: RequestContext,
+    router: Router,
+    pool: Pool,
+    outcomes: dict[str, AttemptOutcome],
+    held: str | None = None,
 ) -> NoReturn:
+    """Answer the router's refusal. ``held``: the stored response the request names, which
+    only ``pool``'s (pinned) member holds: the refusal is that member's, and says why the
+    request was not sent to another (it would not know the id)."""
     refusal = router.refusal(pool, outcomes)
     ctx.outcome = Outcome.BACKEND_ERROR
-    raise GatewayError(
-        refusal.status, refusal.code, refusal.message, retry_after=refusal.retry_after
-    )
+    message = refusal.message
+    if held is not None:
+        message += (
+            f" The request names stored response {held!r}, which only the backend that "
+            "served it holds: it is not sent to another backend."
+        )
+    raise GatewayError(refusal.status, refusal.code, message, retry_after=refusal.retry_after)
 
 
 def _failed_record(ctx: RequestContext, failed: AttemptFailed, duration: float) -> UsageRecord:

@@ -35,7 +35,7 @@ from sluicegate.proxy.asgi import (
 from sluicegate.proxy.context import RequestContext, new_request_id
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
-from sluicegate.proxy.failover import forward_routed, forward_single
+from sluicegate.proxy.failover import forward_routed, forward_single, held_backend
 from sluicegate.proxy.network import NetworkPolicy
 from sluicegate.proxy.routes import RouteKind, match_route
 from sluicegate.routing.build import router_for
@@ -238,6 +238,10 @@ class Pipeline:
                     "other /openai/deployments/{deployment}/… operations, not this path.",
                 )
             backend = self.runtime.passthrough
+            if route.response_id is not None:  # Responses affinity: to the holder
+                backend = (
+                    await held_backend(ctx, self.router.affinity, self.runtime.backends) or backend
+                )
             ctx.backend_name = backend.name
             url = f"{backend.base_url}/openai/{route.upstream_suffix}"
             if query:

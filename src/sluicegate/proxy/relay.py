@@ -132,6 +132,7 @@ async def attempt(
     *,
     retryable: Callable[[int], bool],
     on_headers: Callable[[Sequence[tuple[bytes, bytes]]], None],
+    on_response_id: Callable[[str], None] | None = None,
 ) -> None:
     """Send one attempt and relay its answer. Raises ``AttemptFailed`` (nothing sent to the
     client) on a connection error, a timeout before the first byte, a body that broke off
@@ -139,7 +140,10 @@ async def attempt(
     backend's failure), or a status for which ``retryable(status)`` is true.
     ``on_headers`` receives every answer's headers (for headroom), failed ones included.
     Raises ``GatewayError`` (400, nothing sent anywhere) for a request that HTTP/1.1 cannot
-    carry as built: not an attempt that failed, so no backend is blamed for it."""
+    carry as built: not an attempt that failed, so no backend is blamed for it.
+    ``on_response_id`` (Responses creations only, for Responses affinity) receives the id of
+    a 2xx answer: a JSON answer's top-level ``id`` (from the parse that reads its usage),
+    after the answer went out; a stream's from its first event, ``response.created``."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     deadlines = ctx.deadlines
     client = backend.client
@@ -182,12 +186,16 @@ async def attempt(
             status = response.status
             if retryable(status):
                 raise await _failed_answer(deadlines, backend, response, clock)
+            if status >= 300:
+                on_response_id = None
             if response.content_type == "text/event-stream":
                 finished = await _relay_stream(
-                    ctx, backend, response, scope, receive, send, clock, deadline
+                    ctx, backend, response, scope, receive, send, clock, deadline, on_response_id
                 )
             else:
-                finished = await _relay_answer(ctx, backend, response, scope, receive, send, clock)
+                finished = await _relay_answer(
+                    ctx, backend, response, scope, receive, send, clock, on_response_id
+                )
         finally:
             if finished and ctx.outcome is not Outcome.ABORTED:
                 response.release()
@@ -273,6 +281,7 @@ async def _relay_answer(
     receive: Receive,
     send: Send,
     clock: Clock,
+    on_response_id: Callable[[str], None] | None = None,
 ) -> bool:
     """Relay an answer that is not a stream; True if its body was read to its end.
 
@@ -313,7 +322,10 @@ async def _relay_answer(
                 response.release()
                 _set_status(ctx, status)
                 sending = True
-                await _send_whole(ctx, backend, response, data, metered, scope, send, clock, watch)
+                await _send_whole(
+                    ctx, backend, response, data, metered, scope, send, clock, watch,
+                    on_response_id,
+                )  # fmt: skip
                 return True
     except TimeoutError as exc:
         if sending:
@@ -373,11 +385,18 @@ async def _send_whole(
     send: Send,
     clock: Clock,
     watch: Watch,
+    on_response_id: Callable[[str], None] | None = None,
 ) -> None:
     """Send a whole answer (head and body in one write), its usage taken first when
-    ``metered``; ``watch`` (the read's) then bounds the sends by ``client_write``."""
+    ``metered``; ``watch`` (the read's) then bounds the sends by ``client_write``. With
+    ``on_response_id``, the answer's ``id`` (read in the same parse as its usage) goes to it
+    once the answer went out."""
+    response_id: str | None = None
     if metered:
-        ctx.usage, ctx.model = usage_from_body(data)
+        if on_response_id is None:
+            ctx.usage, ctx.model = usage_from_body(data)
+        else:
+            ctx.usage, ctx.model, response_id = _usage_and_id(data)
         if ctx.usage is None:  # a backend that reports none: estimated, never zero
             watch.deadline = _INFINITY
             await _estimate(ctx, functools.partial(answer_text, data), len(data))
@@ -399,6 +418,65 @@ async def _send_whole(
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": data, "more_body": False})
+    if response_id is not None and on_response_id is not None:
+        on_response_id(response_id)
+
+
+def _usage_and_id(body: bytes) -> tuple[Usage | None, str | None, str | None]:
+    """``usage_from_body`` and the answer's top-level ``id`` (a Responses object's), from
+    one parse."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, None
+    if not isinstance(obj, dict):
+        return None, None, None
+    response_id = obj.get("id")
+    return (
+        usage_from_object(obj.get("usage")),
+        model_name(obj.get("model")),
+        response_id if isinstance(response_id, str) and response_id else None,
+    )
+
+
+class _CreatedId:
+    """A Responses stream's ``feed`` that hands the id in its first event,
+    ``response.created``, to ``learn`` (once; the first events relayed decide). Only
+    Responses creations pay for it: other streams feed the scanner directly."""
+
+    __slots__ = ("_feed", "_learn", "_pending")
+
+    def __init__(self, feed: Callable[[bytes], bytes], learn: Callable[[str], None]) -> None:
+        self._feed = feed
+        self._learn = learn
+        self._pending = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = self._feed(chunk)
+        if self._pending and out:
+            self._pending = False
+            response_id = created_response_id(out)
+            if response_id is not None:
+                self._learn(response_id)
+        return out
+
+
+def created_response_id(events: bytes) -> str | None:
+    """The ``response.id`` of a ``response.created`` event at the start of ``events``
+    (whole SSE events, LF line ends); None when the first event is not one."""
+    at = events.find(b"response.created", 0, 200)
+    if at < 0:
+        return None
+    start = events.find(b"data:", at)
+    if start < 0:
+        return None
+    end = events.find(b"\n", start)
+    try:
+        event = orjson.loads(events[start + 5 : end if end >= 0 else len(events)])
+        response_id = event["response"]["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return response_id if isinstance(response_id, str) and response_id else None
 
 
 async def _relay_stream(
@@ -410,10 +488,12 @@ async def _relay_stream(
     send: Send,
     clock: Clock,
     deadline: float,
+    on_response_id: Callable[[str], None] | None = None,
 ) -> bool:
     """Relay a stream; True if the upstream body was read to its end (the connection can be
     reused). Its first chunk is read (by ``deadline``, the first-byte one) before anything
     is sent, so a backend that breaks off before it fails over (``AttemptFailed``).
+    ``on_response_id``: see ``_CreatedId``.
 
     Only a metered stream's usage is taken (or estimated): the others are counted as zero,
     as their JSON counterparts are (a Responses stream resumed through the passthrough
@@ -433,13 +513,16 @@ async def _relay_stream(
                 raise _broken(backend, None)
             _set_status(ctx, response.status)
             scanner = StreamScanner(strip_usage_chunk=ctx.injected_usage)
+            feed = scanner.feed
+            if on_response_id is not None:
+                feed = _CreatedId(feed, on_response_id).feed
             headers = client_response_headers(response.raw_headers, ctx.response_headers)
             if response.at_eof():
                 # The whole answer came with the first read (under load a stream is often
                 # all generated before the gateway reads it): nothing is left to wait for,
                 # so no disconnect watch is set up, and it leaves whole, with its length, in
                 # one write (not in chunked framing, which would copy it once more).
-                body = scanner.feed(first) + _stream_end(ctx, scanner, None, metered)
+                body = feed(first) + _stream_end(ctx, scanner, None, metered)
                 if metered and ctx.usage is None:
                     watch.deadline = _INFINITY
                     await _estimate_relayed(ctx, scanner)
@@ -469,7 +552,7 @@ async def _relay_stream(
 
     try:
         complete, broke, gone, stalled = await _relay_parts(
-            ctx, backend, response, start, [first], scanner.feed, finish,
+            ctx, backend, response, start, [first], feed, finish,
             scope, receive, send, clock,
         )  # fmt: skip
     except asyncio.CancelledError:

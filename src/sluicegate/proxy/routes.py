@@ -31,6 +31,9 @@ class Route:
     #: The path as the backend should receive it, with ``{deployment}`` still to fill in for
     #: deployment routes (the backend's deployment name may differ from the client's).
     upstream_suffix: str = ""
+    #: The stored response a ``…/responses/{id}…`` path names (GET, DELETE, cancel,
+    #: input_items): Responses affinity sends it to the backend that holds it.
+    response_id: str | None = None
 
     @property
     def metered(self) -> bool:
@@ -74,7 +77,10 @@ def match_route(method: str, path: str) -> Route:
                     return Route(RouteKind.NOT_FOUND)
             elif not _forwardable(method, path):
                 return Route(RouteKind.REFUSED)
-            return Route(RouteKind.DEPLOYMENT, operation, parts[1], operation)
+            route = Route(RouteKind.DEPLOYMENT, operation, parts[1], operation)
+            if operation.startswith(_RESPONSES):
+                route.response_id = _response_id(operation)
+            return route
         return Route(RouteKind.NOT_FOUND)
     if rest.startswith("v1/"):
         operation = rest[3:].rstrip("/")
@@ -95,7 +101,19 @@ def match_route(method: str, path: str) -> Route:
 def _passthrough(method: str, path: str, rest: str) -> Route:
     if not _forwardable(method, path):
         return Route(RouteKind.REFUSED)
-    return Route(RouteKind.PASSTHROUGH, "passthrough", None, rest)
+    route = Route(RouteKind.PASSTHROUGH, "passthrough", None, rest)
+    tail = rest[3:] if rest.startswith("v1/") else rest
+    if tail.startswith(_RESPONSES):
+        route.response_id = _response_id(tail)
+    return route
+
+
+_RESPONSES = "responses/"
+
+
+def _response_id(tail: str) -> str | None:
+    """The id in ``responses/{id}[/…]``, or None when the segment is empty."""
+    return tail[len(_RESPONSES) :].split("/", 1)[0] or None
 
 
 def _forwardable(method: str, path: str) -> bool:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from sluicegate.clock import Clock
 from sluicegate.config.model import RoutingConfig
+from sluicegate.routing.affinity import ResponseAffinity, ResponseIdSource
 from sluicegate.routing.breaker import BreakerSettings
 from sluicegate.routing.retry import RetryPolicy
 from sluicegate.routing.router import Router, RouterSettings, RoutingObserver
@@ -39,6 +40,26 @@ def router_settings(config: RoutingConfig) -> RouterSettings:
     )
 
 
+def response_affinity(runtime: Runtime, store: BackendStateStore | None) -> ResponseAffinity | None:
+    """Responses affinity for the pools where a Responses call could reach another backend
+    than the one holding its response: more than one member, or a member on another backend
+    than ``passthrough_backend`` (where ``GET /openai/v1/responses/{id}`` goes). None when
+    turned off or no pool needs it. Shares ids through ``store`` when it can (Redis)."""
+    config = runtime.config.routing.response_affinity
+    if not config.enabled:
+        return None
+    passthrough = runtime.passthrough.name
+    pools = frozenset(
+        d.name
+        for d in runtime.deployments.values()
+        if len(d.members) > 1 or any(m.backend != passthrough for m in d.members)
+    )
+    if not pools:
+        return None
+    shared = store.response_ids() if isinstance(store, ResponseIdSource) else None
+    return ResponseAffinity(config.max_ids, pools, shared)
+
+
 def router_for(
     runtime: Runtime,
     clock: Clock,
@@ -50,6 +71,7 @@ def router_for(
     router = Router(router_settings(runtime.config.routing), clock, store, observer)
     for deployment in runtime.deployments.values():
         router.add_pool(deployment.name, deployment.members)
+    router.affinity = response_affinity(runtime, store)
     for backend in runtime.backends.values():
         name = backend.name
         backend.status_source = lambda name=name: router.backend_state(name)

@@ -22,6 +22,10 @@ exchange resumes by itself. After a failed round the pool's idle connections are
 that the next round connects anew: behind an address that follows the primary after a
 failover (a Kubernetes Service, HAProxy, a DNS name), a kept connection would keep writing to
 the demoted node and be refused (``READONLY``) for ever.
+
+Responses affinity's shared ids (``RedisResponseIds``, made by ``response_ids()``) use the
+same client: ``{prefix}resp:{id}`` keys, written after the answers that carry them and read
+only by requests that name an id this instance does not know (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -96,12 +100,16 @@ class RedisStateStore:
         socket_timeout: float = 0.5,
     ) -> None:
         if isinstance(url_or_client, str):
-            self._client: aioredis.Redis = aioredis.Redis.from_url(
+            # Blocking: a response-id lookup (``RedisResponseIds``) that finds every
+            # connection busy waits for one (up to ``socket_timeout``) instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url_or_client,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
-                max_connections=4,
+                max_connections=8,
+                timeout=socket_timeout,
             )
+            self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self._client = url_or_client
@@ -117,6 +125,15 @@ class RedisStateStore:
         self._lock = asyncio.Lock()
         self.healthy = True
         self.rounds = 0
+        self._response_ids: RedisResponseIds | None = None
+        self._prefix = prefix
+
+    def response_ids(self) -> RedisResponseIds:
+        """The response-id store of Responses affinity, on this store's connections
+        (``{prefix}resp:{id}``); closed with the store."""
+        if self._response_ids is None:
+            self._response_ids = RedisResponseIds(self._client, self._prefix)
+        return self._response_ids
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -198,6 +215,8 @@ class RedisStateStore:
         if self._pending:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.sync(), timeout=1.0)
+        if self._response_ids is not None:
+            await self._response_ids.aclose()
         if self._owns_client:
             await self._client.aclose()
 
@@ -205,4 +224,100 @@ class RedisStateStore:
         return (
             f"RedisStateStore(hash={self.hash_key!r}, interval={self.interval}, "
             f"healthy={self.healthy}, pending={len(self._pending)}, rounds={self.rounds})"
+        )
+
+
+#: How long Redis keeps a response id: Azure keeps a stored response for 30 days.
+RESPONSE_ID_TTL = 30 * 24 * 3600
+
+
+class RedisResponseIds:
+    """Responses affinity's shared ids (``routing/affinity.py``): ``{prefix}resp:{id}`` →
+    the backend's name, kept ``RESPONSE_ID_TTL`` seconds.
+
+    ``remember`` never waits: it queues the id, and one writer task (started when the queue
+    was empty) sends everything queued meanwhile as one pipeline of ``SET … EX``; under load
+    the writes of many answers share a round trip. A write that fails is dropped (the id is
+    still known to this instance) and counted in ``write_errors``, with a warning once per
+    outage. ``lookup`` is one ``GET``, for a continuation this instance does not know; a
+    failure is counted (``lookup_errors``) and answers None (the request is routed as if the
+    id were unknown). Both share the routing store's client and connection pool."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl: int = RESPONSE_ID_TTL) -> None:
+        self._client = client
+        self.key_prefix = f"{prefix}resp:"
+        self.ttl = ttl
+        self._queued: dict[str, str] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self.written = 0
+        self.write_errors = 0
+        self.lookups = 0
+        self.lookup_errors = 0
+        self.healthy = True
+
+    def remember(self, response_id: str, backend: str) -> None:
+        self._queued[response_id] = backend
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), name="sluicegate-response-ids"
+            )
+
+    async def _write(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, {}
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for response_id, backend in batch.items():
+                            pipe.set(self.key_prefix + response_id, backend, ex=self.ttl)
+                        await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    self.write_errors += len(batch)
+                    self._unhealthy("writing", exc)
+                    return
+                self.written += len(batch)
+                self._healthy()
+        finally:
+            self._writer = None
+
+    async def lookup(self, response_id: str) -> str | None:
+        self.lookups += 1
+        try:
+            value: bytes | str | None = await self._client.get(self.key_prefix + response_id)
+        except (RedisError, OSError) as exc:
+            self.lookup_errors += 1
+            self._unhealthy("looking up", exc)
+            return None
+        self._healthy()
+        if value is None:
+            return None
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    def _unhealthy(self, doing: str, exc: BaseException) -> None:
+        if self.healthy:
+            self.healthy = False
+            log.warning(
+                "responses affinity: %s response ids in Redis failed (%s); continuations "
+                "this instance did not learn itself are routed as usual until it is back",
+                doing,
+                type(exc).__name__,
+            )
+
+    def _healthy(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.warning("responses affinity: Redis reachable again")
+
+    async def aclose(self) -> None:
+        """Wait (briefly) for the writes queued so far."""
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(writer), timeout=1.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisResponseIds(prefix={self.key_prefix!r}, queued={len(self._queued)}, "
+            f"written={self.written}, write_errors={self.write_errors}, "
+            f"lookups={self.lookups}, lookup_errors={self.lookup_errors})"
         )

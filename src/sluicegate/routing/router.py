@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from sluicegate.clock import Clock
+from sluicegate.routing.affinity import ResponseAffinity
 from sluicegate.routing.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from sluicegate.routing.headroom import Headroom, report_from_headers
 from sluicegate.routing.pool import Member, Pool
@@ -209,6 +210,9 @@ class Router:
         self.observer = observer
         self.targets: dict[str, Target] = {}
         self.pools: dict[str, Pool] = {}
+        #: Responses affinity (``routing/affinity.py``; None: off). Set by whoever builds
+        #: the router (``routing/build.py``), once its pools are known.
+        self.affinity: ResponseAffinity | None = None
         if store is not None:
             store.subscribe(self.apply)
 

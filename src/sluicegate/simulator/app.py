@@ -8,6 +8,8 @@ Routes (all under ``/openai`` need a key; ``/_sim`` does not)::
     POST /openai/responses?api-version=…            (deployment = body "model")
     POST /openai/v1/chat/completions | completions | embeddings | responses   (body "model")
     GET  /openai/v1/models, GET /openai/models
+    GET|DELETE /openai/v1/responses/{id}, POST …/{id}/cancel, GET …/{id}/input_items
+        (also under /openai/responses/{id}?api-version=…: stored responses, ``stored.py``)
     GET  /_sim/health · GET|DELETE /_sim/log (truth log) · DELETE /_sim/limits (empty windows)
 
 Order of checks for a model call: route and ``api-version`` (404 ``"404"``), credentials
@@ -43,6 +45,7 @@ from sluicegate.simulator.faults import (
 )
 from sluicegate.simulator.plan import BadRequest, RequestPlan, plan_request
 from sluicegate.simulator.state import SIM_STATE, Call, SimulatorState
+from sluicegate.simulator.stored import StoredResponses, StoredRoutes
 from sluicegate.simulator.window import retry_after_values
 
 _ID_PREFIX: dict[Operation, str] = {
@@ -75,6 +78,8 @@ class _Simulator:
 
     def __init__(self, state: SimulatorState) -> None:
         self.state = state
+        #: The Responses API's stored responses (``stored.py``).
+        self.stored = StoredResponses()
 
     def routes(self) -> list[web.RouteDef]:
         def gen(operation: Operation, dated: bool, in_path: bool) -> _Handler:
@@ -99,6 +104,7 @@ class _Simulator:
             web.get("/_sim/log", self._log),
             web.delete("/_sim/log", self._clear_log),
             web.delete("/_sim/limits", self._clear_limits),
+            *StoredRoutes(self.state, self.stored, self._authorized).routes(),
             web.route("*", "/openai/{tail:.*}", self._not_found),
         ]
 
@@ -199,6 +205,8 @@ class _Simulator:
         call.limits(limiter.snapshot(now))  # replaced by the admission's figures below
         if (operation == "embeddings") != (deployment.kind == "embeddings"):
             return call.respond(400, errors.operation_not_supported(operation, deployment.model))
+        if operation == "responses" and (missing := self.stored.missing_previous(body)):
+            return call.respond(400, missing)  # another resource's id: nothing charged
         try:
             plan = plan_request(operation, body, deployment)
         except BadRequest as exc:
@@ -270,6 +278,8 @@ class _Simulator:
         answer = self._answer(call, admitted)
         call.record.finish_reason = answer.finish_reason
         call.record.completion_tokens = answer.usage_completion_tokens
+        if operation == "responses":
+            self.stored.keep(answer, admitted.body)
         tps = deployment.tokens_per_second
         if plan.stream:
             if operation == "chat":

@@ -248,7 +248,7 @@ def response_object(
         "object": "response",
         "created_at": answer.created,
         "status": status,
-        "background": False,
+        "background": request.get("background") is True,
         "error": None,
         "incomplete_details": {"reason": reason} if incomplete else None,
         "instructions": request.get("instructions"),
