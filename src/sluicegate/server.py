@@ -11,10 +11,10 @@ from typing import Any, ClassVar, cast
 
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from sluicegate.app import create_app
-from sluicegate.config.model import GatewayConfig, ListenConfig, SecurityConfig
+from sluicegate.config.model import GatewayConfig, ListenConfig, SecurityConfig, TimeoutsConfig
 from sluicegate.gateway import Gateway
 from sluicegate.logs import configure_logging
 from sluicegate.metrics.registry import GatewayMetrics
@@ -114,6 +114,32 @@ class _HeadHoldingTransport:
         return getattr(self._transport, name)
 
 
+class _ExpectingCycle(RequestResponseCycle):
+    """The cycle of a request that said ``Expect: 100-continue`` (``GatewayHttpProtocol``
+    gives it this class). uvicorn sends ``100 Continue`` only when the app first reads the
+    body; answered before that (401, 404, 413 from the head), the client may never send the
+    body (RFC 9110 §10.1.1), and waiting for it would hold the connection for
+    ``body_timeout``. Such an answer says ``connection: close``, and the protocol closes the
+    connection after it (``on_response_complete``: half-close, then close)."""
+
+    #: Answered before ``100 Continue`` with the body not all in: close after the answer.
+    close_after = False
+
+    async def send(self, message: Any) -> None:
+        if not self.response_started and self.waiting_for_100_continue and self.more_body:
+            self.close_after = True
+            keep_alive, self.keep_alive = self.keep_alive, False  # the head says close
+            try:
+                await super().send(message)
+            finally:
+                # The protocol closes, half-closing first (``_linger``): uvicorn's plain
+                # close would reset a connection whose client sends its body after all, and
+                # a reset can discard the answer before the client read it.
+                self.keep_alive = keep_alive
+            return
+        await super().send(message)
+
+
 class _ConnectionHook(DisconnectHook):
     """A request's disconnect hook on a ``GatewayHttpProtocol`` connection: ``abort`` also
     tells the requests in flight at once (``GatewayHttpProtocol._aborted``)."""
@@ -155,8 +181,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     ``head_timeout`` seconds (408; a connection that sends nothing is closed). A request
     answered before its body was all in (401, 404, 413, …) has ``body_timeout`` seconds from
     the answer for the rest of its body, which is dropped; past that the connection is
-    half-closed and closed (``on_response_complete``). ``protocol_for`` makes a subclass with
-    a configuration's limits.
+    half-closed and closed (``on_response_complete``); one that said ``Expect: 100-continue``
+    and was answered before ``100 Continue`` went out (its client may never send the body)
+    has none: the answer says ``connection: close`` and the connection is half-closed and
+    closed at once (``_ExpectingCycle``). A client that takes nothing of an answer (any
+    answer, the gateway's own included) for ``write_timeout`` seconds loses its connection
+    (``_watch_writes``). ``protocol_for`` makes a subclass with a configuration's limits.
 
     A connection opened while ``max_connections`` others are open is refused: its first
     request's head is read (not parsed) and answered 503 ``TooManyConnections`` with
@@ -169,6 +199,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     max_header_bytes: ClassVar[int] = _DEFAULT_SECURITY.max_header_bytes
     head_timeout: ClassVar[float] = _DEFAULT_SECURITY.head_read_timeout_seconds
     body_timeout: ClassVar[float] = _DEFAULT_SECURITY.body_read_timeout_seconds
+    write_timeout: ClassVar[float] = TimeoutsConfig().client_write
 
     _head_done = False
     #: Its bytes are only read, never parsed: opened past ``max_connections`` (its head is
@@ -193,6 +224,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     #: Fires ``body_timeout`` after a request was answered before its body was all in,
     #: unless the rest of the body came (``on_response_complete``).
     _drain_timer: asyncio.TimerHandle | None = None
+    #: Fires ``write_timeout`` after answer bytes were left unsent (``_watch_writes``).
+    _write_timer: asyncio.TimerHandle | None = None
+    #: Bytes unsent at the write watch's last look, and whether the transport's buffer went
+    #: below its low-water mark since (``resume_writing``): both tell the client took some.
+    _write_left = 0
+    _write_resumed = False
+    #: The write watch's looks in a row that found a response in progress (its sender's own
+    #: bound goes first: ``_write_check``).
+    _write_waits = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -272,6 +312,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._write_timer is None and self.transport.get_write_buffer_size():
+            # The answer is not all sent: uvicorn's close (keep-alive timeout, ``connection:
+            # close``) would wait for it without limit.
+            self._watch_writes()
         if self._head_done and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before its body was all in (401/403 at authentication, 404 for a
             # refused path, 413 from content-length). uvicorn keeps the connection and drops
@@ -284,7 +328,60 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # and a request pipelined behind the body is still served (nginx discards such
             # a body too, within lingering_time).
             self._unset_keepalive_if_required()
+            if isinstance(self.cycle, _ExpectingCycle) and self.cycle.close_after:
+                # Answered before "100 Continue", with ``connection: close``: the client
+                # need not send the body, so none is waited for.
+                self._linger()
+                return
             self._drain_timer = self.loop.call_later(self.body_timeout, self._drain_timed_out)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_resumed = True
+
+    def _watch_writes(self) -> None:
+        """Watch a connection with answer bytes unsent: dropped (``_write_check``) once the
+        client has taken nothing for ``write_timeout`` seconds. Every answer is covered, the
+        gateway's own (the admin API's and the dashboard's, ``/metrics``) and relayed ones
+        alike: uvicorn's ``send`` waits for a full buffer without limit, and its close waits
+        for the unsent bytes to be written, so a client that stops reading would otherwise
+        hold its connection, and a slot of ``max_connections``, for ever."""
+        self._write_left = self.transport.get_write_buffer_size()
+        self._write_resumed = False
+        self._write_timer = self.loop.call_later(self.write_timeout, self._write_check)
+
+    def _write_check(self) -> None:
+        self._write_timer = None
+        transport = self.transport
+        left = transport.get_write_buffer_size()
+        if left == 0:
+            self._write_waits = 0
+            return  # all sent
+        if left < self._write_left or self._write_resumed:
+            self._write_waits = 0
+            self._watch_writes()  # the client takes something: slow, not gone
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and self._write_waits == 0:
+            # A response in progress: its sender's own bound goes first (the relay's
+            # ``client_write``, which records the request as ``ClientWriteTimeout``); this
+            # one acts one period later, for senders without one.
+            self._write_waits = 1
+            self._watch_writes()
+            return
+        log.info(
+            "a client took nothing of its answer for %g s (%d bytes unsent): connection dropped",
+            self.write_timeout * (1 + self._write_waits),
+            left,
+        )
+        self._write_waits = 0
+        transport.abort()
+        self._aborted()
 
     def _drain_timed_out(self) -> None:
         self._drain_timer = None
@@ -299,6 +396,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         cycles = [*(self._earlier or ()), self.cycle]
         super().connection_lost(exc)  # tells ``self.cycle`` only
         for cycle in cycles:
@@ -357,6 +457,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         elif self._earlier:
             # No longer pipelining: let the answered requests' objects go.
             self._earlier = [c for c in self._earlier if not c.response_complete] or None
+        if cycle is not None and self.expect_100_continue:
+            # Rare (curl, for large bodies), hence a class of its own, not a check per send.
+            cycle.__class__ = _ExpectingCycle
         if cycle is not None:
             # Duck-typed: it passes everything but write() through to the real transport.
             cycle.transport = cast(
@@ -457,10 +560,13 @@ def _answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
 
 
 def protocol_for(
-    security: SecurityConfig, listen: ListenConfig = _DEFAULT_LISTEN
+    security: SecurityConfig,
+    listen: ListenConfig = _DEFAULT_LISTEN,
+    write_timeout: float = GatewayHttpProtocol.write_timeout,
 ) -> type[GatewayHttpProtocol]:
-    """The HTTP protocol class with ``security``'s header limits and ``listen``'s connection
-    limit, counting its connections in a ``ConnectionCounts`` of its own (``counts``)."""
+    """The HTTP protocol class with ``security``'s header limits, ``listen``'s connection
+    limit and ``write_timeout`` (seconds a client may take nothing of an answer), counting
+    its connections in a ``ConnectionCounts`` of its own (``counts``)."""
     return type(
         "GatewayHttpProtocol",
         (GatewayHttpProtocol,),
@@ -471,7 +577,18 @@ def protocol_for(
             "max_header_bytes": security.max_header_bytes,
             "head_timeout": security.head_read_timeout_seconds,
             "body_timeout": security.body_read_timeout_seconds,
+            "write_timeout": write_timeout,
         },
+    )
+
+
+def write_timeout_for(config: GatewayConfig) -> float:
+    """How long a client may take nothing of any answer before its connection is dropped:
+    the longest of the backends' ``timeouts.client_write`` (so that a relay's own, shorter
+    bound always acts first on its answers), the default where there are no backends."""
+    return max(
+        (backend.timeouts.client_write for backend in config.backends),
+        default=TimeoutsConfig().client_write,
     )
 
 
@@ -489,7 +606,7 @@ def uvicorn_config(
     (``X-Forwarded-For`` is believed only from configured proxies, in ``proxy.network``).
     ``metrics`` (when given) exports the connection counts."""
     listen = config.listen
-    protocol = protocol_for(config.security, listen)
+    protocol = protocol_for(config.security, listen, write_timeout_for(config))
     if metrics is not None:
         metrics.watch_connections(protocol.counts)
     return uvicorn.Config(

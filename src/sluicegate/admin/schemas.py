@@ -8,13 +8,71 @@ epoch seconds (UTC).
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
-#: Printable text: no control characters (they are never a valid name and some databases
-#: refuse NUL).
-Text = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: Unicode categories never accepted in a subscription's name, owner or product: control
+#: characters (Cc: NUL, ESC, line breaks, tab, the C1 range), which reach terminals (escape
+#: sequences), logs and CSV files as they are and which PostgreSQL partly refuses; format
+#: characters (Cf: U+202E RIGHT-TO-LEFT OVERRIDE, zero-width spaces), which make a name
+#: display as another; surrogates (Cs), which are not text; the line and paragraph
+#: separators (Zl, Zp).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+#: Format characters that ordinary text needs: ZERO WIDTH NON-JOINER and ZERO WIDTH JOINER
+#: (Persian and Indic scripts, emoji sequences).
+_ALLOWED_FORMAT = frozenset("\u200c\u200d")
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a subscription's name, owner or product (``"must not
+    contain …"``), or None when it can. The one check behind the admin API (``Text``), the
+    command line and the dashboard: a character of ``_REFUSED_CATEGORIES`` is refused,
+    named by its code point and position (never printed itself)."""
+    for position, char in enumerate(value, 1):
+        if " " <= char <= "~":  # printable ASCII, nearly every character of a name
+            continue
+        if char in _ALLOWED_FORMAT:
+            continue
+        category = unicodedata.category(char)
+        if category in _REFUSED_CATEGORIES:
+            kind = "a control" if category == "Cc" else "an invisible formatting"
+            return f"must not contain {kind} character (U+{ord(char):04X} at character {position})"
+    return None
+
+
+def escaped(value: str) -> str:
+    """``value`` with each character ``text_problem`` refuses written as its escape
+    (``\\x1b``, ``\\u202e``): for text shown on a terminal that may hold such characters
+    (a name stored before the check, a backend's model name)."""
+    if value.isprintable():  # the usual case, and a cheap test
+        return value
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if char not in _ALLOWED_FORMAT
+        and not (" " <= char <= "~")
+        and unicodedata.category(char) in _REFUSED_CATEGORIES
+        else char
+        for char in value
+    )
+
+
+def _printable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("printable_text", problem)
+    return value
+
+
+#: A name, owner or product: 1 to 200 characters, none that ``text_problem`` refuses. (The
+#: documented pattern is its control-character part: JSON Schema has no Unicode classes.)
+Text = Annotated[
+    str,
+    Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f-\x9f]+$"}),
+    AfterValidator(_printable),
+]
 Money = Annotated[str, Field(pattern=r"^-?[0-9]+\.[0-9]{9}$", examples=["12.340000000"])]
 
 

@@ -1,5 +1,6 @@
 """``sluicegate demo``: the simulator and a gateway in front of it, a demo key, the dashboard,
-and examples that work as printed. Ctrl-C stops both.
+and examples that work as printed. Ctrl-C stops both. A later run in the same directory reuses
+the demo subscription with a new key (``demo_key``) rather than adding another.
 
 Before it writes anything the demo checks that both ports are free: a port in use (most often
 by a demo still running) ends it at once with a message naming the port and another to use.
@@ -27,6 +28,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from sluicegate.admin.auth import MIN_TOKEN_LENGTH
+from sluicegate.admin.service import AdminService
+from sluicegate.auth.subscriptions import SubscriptionState
 from sluicegate.cli.context import CommandFailed, open_admin
 from sluicegate.config.loader import parse_config
 
@@ -364,11 +367,53 @@ def demo_files(workdir: Path, port: int, sim_port: int, backend_key: str) -> Pat
     return path
 
 
-def examples(gateway_url: str, key: str, *, config: Path, token: str, token_file: Path) -> str:
+#: The demo's subscription: found again by these on a later run in the same directory.
+DEMO_PRODUCT, DEMO_OWNER, DEMO_NAME = "starter", "demo-team", "demo key"
+
+
+def demo_key(admin: AdminService) -> tuple[str, bool]:
+    """A working key of the demo subscription, and whether that subscription was made now.
+
+    The first run makes it (its primary key is the one printed). A later run in the same
+    directory reuses it instead of adding another each time: keys are stored hashed, so the
+    key printed before cannot be shown again, and its primary key is rotated instead (the
+    key printed before stops working; the secondary, never shown, is untouched). A suspended
+    demo subscription is resumed; a cancelled one never works again, so a new one is made."""
+    found, _ = admin.list(search=DEMO_NAME, product=DEMO_PRODUCT, limit=1000)
+    reusable = sorted(
+        (
+            sub
+            for sub in found
+            if (sub.owner, sub.name) == (DEMO_OWNER, DEMO_NAME)
+            and sub.state is not SubscriptionState.CANCELLED
+        ),
+        key=lambda sub: sub.created_at,
+    )
+    if not reusable:
+        issued = admin.create_subscription(product=DEMO_PRODUCT, owner=DEMO_OWNER, name=DEMO_NAME)
+        assert issued.primary_key is not None
+        return issued.primary_key, True
+    sub = reusable[0]
+    if sub.state is SubscriptionState.SUSPENDED:
+        admin.resume(sub.id)
+    rotated = admin.rotate(sub.id, "primary")
+    assert rotated.primary_key is not None
+    return rotated.primary_key, False
+
+
+def examples(
+    gateway_url: str, key: str, *, config: Path, token: str, token_file: Path, created: bool = True
+) -> str:
+    made = (
+        f"A demo subscription was created. Its key: {key}"
+        if created
+        else "The demo subscription of an earlier run got a new key (the one printed then no "
+        f"longer works): {key}"
+    )
     return f"""
 sluicegate is running at {gateway_url} (in front of the built-in simulator).
 
-A demo subscription was created. Its key: {key}
+{made}
 
 curl:
 
@@ -432,9 +477,12 @@ def run_demo(*, port: int, sim_port: int, workdir: Path) -> int:
             f"http://{_HOST}:{sim_port}/_sim/health", sim.proc, sim.what, stop=lambda: stopping
         )
         config = parse_config(yaml.safe_load(config_path.read_text()), str(config_path))
-        issued = open_admin(config).create_subscription(
-            product="starter", owner="demo-team", name="demo key"
-        )
+        admin = open_admin(config)
+        try:
+            key, created = demo_key(admin)
+        finally:
+            if admin.engine is not None:
+                admin.engine.dispose()  # the gateway opens the database itself
         gw = current = _start(
             "the gateway",
             [*exe, "serve", "--config", str(config_path)],
@@ -447,10 +495,11 @@ def run_demo(*, port: int, sim_port: int, workdir: Path) -> int:
         print(
             examples(
                 url,
-                issued.primary_key or "",
+                key,
                 config=config_path,
                 token=token,
                 token_file=workdir / ADMIN_TOKEN_FILE,
+                created=created,
             ),
             flush=True,
         )

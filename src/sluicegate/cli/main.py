@@ -163,6 +163,19 @@ def _expiry(expires_in_days: float | None, now: float) -> float | None:
     return expires
 
 
+def _printable(**values: str) -> None:
+    """Refuse (one line, exit status 2, before anything is opened) an option's value that
+    ``admin.schemas.text_problem`` refuses: a control character in a name would reach
+    terminals, logs and CSV exports as it is."""
+    from sluicegate.admin.schemas import text_problem
+
+    for option, value in values.items():
+        problem = text_problem(value)
+        if problem is not None:
+            typer.echo(f"error: --{option} {problem}", err=True)
+            raise typer.Exit(2)
+
+
 #: Fields of ``subscription_view`` that hold an epoch time (``None``: never, for expiry).
 _TIMES = ("created_at", "updated_at", "expires_at")
 
@@ -179,13 +192,15 @@ def _print_sub(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
+    from sluicegate.admin.schemas import escaped
+
     for key, value in data.items():
         if key in _TIMES:
             shown = "never" if value is None else _iso(value)
         elif key == "overrides":
             shown = json.dumps(value)
         else:
-            shown = str(value)
+            shown = escaped(str(value))  # a name stored before control characters were refused
         typer.echo(f"{key:>22}: {shown}")
 
 
@@ -204,6 +219,7 @@ def keys_create(
     """Create a subscription and print its two keys (shown only this once)."""
     from sluicegate.admin.service import subscription_view
 
+    _printable(product=product, owner=owner, name=name)
     expires = _expiry(expires_in_days, time.time())
     cfg = _load(config)
     with _reported(cfg):
@@ -239,7 +255,7 @@ def keys_list(
     from rich.console import Console
     from rich.table import Table
 
-    from sluicegate.cli.tables import id_column, text_column
+    from sluicegate.cli.tables import cell, id_column, text_column
 
     # The id is what `keys show` and the others take, the prefix what tells a key's holder
     # which one it is: neither is ever cut (cli.tables).
@@ -250,7 +266,10 @@ def keys_list(
     id_column(table, "primary key", (r["primary_key_prefix"] for r in rows))
     for r in rows:
         table.add_row(
-            *(str(r[c]) for c in ("id", "name", "owner", "product", "state", "primary_key_prefix"))
+            *(
+                cell(str(r[c]))
+                for c in ("id", "name", "owner", "product", "state", "primary_key_prefix")
+            )
         )
     Console().print(table)
 

@@ -17,7 +17,7 @@ from sluicegate.accounting.chargeback import DIMENSIONS
 from sluicegate.accounting.pricing import format_money
 from sluicegate.admin.service import AdminError, money, report_csv, report_rows
 from sluicegate.cli.context import open_admin
-from sluicegate.cli.tables import NO_VALUE, id_column, label, text_column
+from sluicegate.cli.tables import NO_VALUE, cell, id_column, label, text_column
 from sluicegate.config.model import GatewayConfig
 
 
@@ -70,7 +70,7 @@ def print_report(config: GatewayConfig, start: float, end: float, by: str, fmt: 
         text_column(table, col, "right")
     for row in [*report.rows, report.total]:
         table.add_row(
-            "(total)" if row is report.total else label(row.key),
+            cell("(total)" if row is report.total else label(row.key)),
             f"{row.requests:,}",
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",
@@ -156,7 +156,7 @@ def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
         text_column(table, col, "left" if col == "method" else "right")
     for p in [*items, total]:
         table.add_row(
-            "(total)" if p is total else label(p.key),
+            cell("(total)" if p is total else label(p.key)),
             f"{p.mtd_tokens:,}",
             format_money(p.mtd_cost_nanos, 4),
             f"{p.projected_tokens:,}",

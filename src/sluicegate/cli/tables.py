@@ -49,8 +49,21 @@ def text_column(table: Table, header: str, justify: Justify = "left") -> None:
 
 
 def label(key: str | None) -> str:
-    """A report's group key as the table shows it (``NO_VALUE`` for ``None``)."""
-    return NO_VALUE if key is None else key
+    """A report's group key as the table shows it (``NO_VALUE`` for ``None``; control and
+    formatting characters escaped, ``admin.schemas.escaped``)."""
+    from sluicegate.admin.schemas import escaped
+
+    return NO_VALUE if key is None else escaped(key)
+
+
+def cell(value: str) -> Text:
+    """A stored value (a name, an owner, a report's key) as a table cell: its control and
+    formatting characters escaped (``admin.schemas.escaped``: a name stored before they were
+    refused must not drive the terminal), and never read as rich markup (``[/b]`` in a name
+    made the table fail, ``[bold]`` restyled it)."""
+    from sluicegate.admin.schemas import escaped
+
+    return Text(escaped(value))
 
 
 def _opt(value: int | None) -> str:

@@ -42,6 +42,7 @@ from sluicegate.admin.api import (
     run,
 )
 from sluicegate.admin.auth import COOKIE_NAME, SESSION_SECONDS, AdminAuth
+from sluicegate.admin.schemas import text_problem
 from sluicegate.admin.service import AdminError, AdminService, subscription_view
 from sluicegate.admin.signin import (
     CALLBACK_PATH,
@@ -544,15 +545,16 @@ class Dashboard:
         error = ""
         form: dict[str, str] = request.state.form
         if request.method == "POST":
-            try:
-                issued = await run(
-                    self.service.create_subscription,
-                    product=form.get("product", ""),
-                    owner=form.get("owner", ""),
-                    name=form.get("name", ""),
-                )
-            except AdminError as exc:
-                error = exc.message
+            fields = {f: form.get(f, "") for f in ("product", "owner", "name")}
+            # The admin API's check (schemas.text_problem): a control character in a name
+            # would reach terminals, logs and CSV exports as it is.
+            problems = ((f, text_problem(v)) for f, v in fields.items())
+            error = next((f"{f.capitalize()} {p}." for f, p in problems if p is not None), "")
+            if not error:
+                try:
+                    issued = await run(self.service.create_subscription, **fields)
+                except AdminError as exc:
+                    error = exc.message
         search = q.text("search")
         state = q.text("state", tuple(SubscriptionState))
         page = q.integer("page", 1, 1, 10_000_000)
