@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import SQLAlchemyError
 
+from sluicegate.accounting.budgets import Budgets
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.auth.index import IndexRefresher, SubscriptionIndex
 from sluicegate.auth.keys import KeyHasher, load_key_secret
@@ -126,6 +127,16 @@ class Gateway:
         self.metrics.watch_routing(self._routing_samples)
         #: Client authentication by Entra ID / OIDC token (None without an ``oidc`` section).
         self.token_auth = _token_authenticator(config, self.clock, self._count_auth_refusal)
+        #: Spending budgets: computed by the rollup job (admin.mount), checked per request.
+        self.budgets = Budgets(
+            config,
+            self.engine,
+            self.clock,
+            # The in-memory view (refreshed every refresh_seconds): no database read for it.
+            lambda: list(self.index._by_id.values()),
+            observer=self.metrics if config.metrics.enabled else None,
+        )
+        self.metrics.watch_budgets(self.budgets.ratios)
         self.pipeline = Pipeline(
             self.runtime,
             self.index,
@@ -136,6 +147,7 @@ class Gateway:
             router=self.router,
             tokens=self.token_auth,
             network=NetworkPolicy.from_config(config),
+            budgets=self.budgets,
         )
         self.started = False
 
@@ -182,12 +194,15 @@ class Gateway:
         if config.mode == "cluster" and config.redis is not None:
             from sluicegate.limits.redis_store import RedisStore
 
-            return RedisStore(
+            store = RedisStore(
                 config.redis.url,
                 f"{config.redis.prefix}:limits:",
                 self.clock,
                 fail_mode=config.redis.fail_mode,
+                time_source=config.redis.clock,
             )
+            self.metrics.watch_limit_store(store)
+            return store
         # Every admission of this process from now on is in it: quota counters are seeded
         # from the ledger's records before this moment (limits/seeding.py).
         return MemoryStore(counting_since_ms=int(self.clock.now() * 1000))

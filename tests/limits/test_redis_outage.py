@@ -74,9 +74,9 @@ async def test_fail_open_enforces_in_memory_and_recovers(
     assert refused.status == 429 and refused.retry_after_s > 0
     await limiter.settle(during.reservation, 100)  # settles into the fallback
     assert (await admit(limiter, 800)).allowed
-    # A settle of a reservation made in Redis cannot land: dropped and counted.
+    # A settle of a reservation made in Redis cannot land: kept for a replay, and counted.
     await limiter.settle(before.reservation, 10)
-    assert open_store.stats.dropped_adjustments == 1
+    assert open_store.stats.failed_adjustments == 1 and open_store.queued_adjustments == 1
     assert open_store.stats.outages == 1
     assert open_store.stats.fallback_admissions == 3
 

@@ -4,6 +4,9 @@ One daemon thread per gateway process: every ``retention.rollup_interval_seconds
 ``Rollups.catch_up()``; once an hour (and at its first run) it purges. Several processes may
 run it against one database: runs serialise on the rollups' lock and are idempotent.
 Reports also catch up before they read, so the job only keeps that catch-up small.
+With ``budgets``, each run then recomputes what every budget has spent and publishes the
+subscriptions over theirs (``accounting.budgets``): right after the catch-up, so the current
+hour's rollup holds every record committed so far.
 Waiting uses real time (a thread cannot wait on an injected clock); the clock only decides
 what is old enough to purge.
 """
@@ -15,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from sluicegate.accounting.budgets import Budgets
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.config.model import RetentionConfig
 from sluicegate.threads import ROLLUP_NICENESS, IdleWhileCaughtUp, lower_priority
@@ -46,9 +50,12 @@ class JobStats:
 class RollupJob:
     """``start()`` once, ``stop()`` once; ``run_once()`` may be called from anywhere."""
 
-    def __init__(self, rollups: Rollups, retention: RetentionConfig) -> None:
+    def __init__(
+        self, rollups: Rollups, retention: RetentionConfig, budgets: Budgets | None = None
+    ) -> None:
         self.rollups = rollups
         self.retention = retention
+        self.budgets = budgets
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_purge = 0.0
@@ -75,7 +82,8 @@ class RollupJob:
             self._thread.join(timeout)
 
     def run_once(self) -> None:
-        """One catch-up, and a purge when one is due. Raises what the database raises."""
+        """One catch-up, a purge when one is due, then the budgets (if any). Raises what the
+        database raises (the budgets published last stay in force)."""
         started = time.monotonic()
         run = self.rollups.catch_up()
         if run.hours:
@@ -95,6 +103,8 @@ class RollupJob:
                     purged.raw_deleted,
                     purged.hourly_deleted,
                 )
+        if self.budgets is not None:
+            self.budgets.refresh()
         self._last_seconds = time.monotonic() - started
 
     def stats(self) -> JobStats:

@@ -588,6 +588,13 @@ class AdminApi:
         items = [schemas.Backend.model_validate(b) for b in self.service.backends()]
         return json_response(schemas.BackendList(items=items))
 
+    async def budgets(self, request: Request) -> Response:
+        q = Query(request)
+        items = await run(self.service.budgets, q.text("subscription_id"))
+        return json_response(
+            schemas.BudgetList(items=[schemas.Budget.model_validate(b.as_dict()) for b in items])
+        )
+
     async def ledger(self, request: Request) -> Response:
         return json_response(schemas.Ledger.model_validate(await run(self.service.ledger)))
 
@@ -759,6 +766,15 @@ class AdminApi:
             ),
             Operation("get", "/prices", self.prices, "The price table", schemas.Prices),
             Operation("get", "/backends", self.backends, "Backend state", schemas.BackendList),
+            Operation(
+                "get",
+                "/budgets",
+                self.budgets,
+                "Budgets and what each subscription spent in the current period",
+                schemas.BudgetList,
+                [only],
+                errors=(404, 422),
+            ),
             Operation("get", "/ledger", self.ledger, "Ledger and rollup state", schemas.Ledger),
             Operation(
                 "post",

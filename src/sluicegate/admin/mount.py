@@ -155,5 +155,5 @@ def mount_admin(gateway: Gateway, environ: Mapping[str, str]) -> AdminGatewayApp
             Route("/admin/", to_dashboard),
         ]
     )
-    job = RollupJob(service.rollups, gateway.config.retention)
+    job = RollupJob(service.rollups, gateway.config.retention, gateway.budgets)
     return AdminGatewayApp(gateway, root, job, entra)

@@ -132,6 +132,13 @@ class Overrides(_Model):
         "limit policy's own rules (422 naming the field).",
         examples=[{"tokens_per_minute": 50000, "requests_per_minute": None}],
     )
+    budget: dict[str, Any] | None = Field(
+        default=None,
+        description="A spending budget replacing the product's, whole (docs/chargeback.md, "
+        "Budgets): amount, period (daily/weekly/monthly), timezone, action (refuse/warn), "
+        "warn_at; null lifts the product's budget; absent keeps it.",
+        examples=[{"amount": "500", "period": "monthly", "action": "refuse", "warn_at": [0.8]}],
+    )
 
 
 class SubscriptionCreate(_Model):
@@ -328,6 +335,32 @@ class Prices(_Model):
     prices: list[dict[str, Any]]
     ptu: list[dict[str, Any]]
     unpriced: list[str]
+
+
+class Budget(_Model):
+    """A subscription's budget and its spending in the current period (amounts are exact
+    decimal strings of ``currency``; period bounds in UTC)."""
+
+    subscription_id: str
+    product: str
+    source: Literal["product", "subscription"]
+    amount: str
+    currency: str
+    period: str
+    timezone: str
+    action: Literal["refuse", "warn"]
+    warn_at: list[float]
+    spent: str
+    ratio: float
+    over: bool
+    refused: bool
+    period_start: str
+    period_end: str
+    unpriced_records: int
+
+
+class BudgetList(_Model):
+    items: list[Budget]
 
 
 class Ledger(_Model):

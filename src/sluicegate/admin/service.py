@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
+from sluicegate.accounting.budgets import BudgetStatus, budget_of, compute_statuses
 from sluicegate.accounting.chargeback import (
     DIMENSIONS,
     ChargeReport,
@@ -40,7 +41,7 @@ from sluicegate.admin import schemas
 from sluicegate.auth.keys import KeyHasher, display_prefix, generate_key
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
-from sluicegate.config.model import GatewayConfig
+from sluicegate.config.model import BudgetConfig, GatewayConfig
 from sluicegate.limits.policy import LimitPolicy, merge
 from sluicegate.storage.ledger import LedgerStats
 from sluicegate.storage.reports import fetch_records
@@ -233,7 +234,8 @@ class AdminService:
         the field at fault (its path prefixed with ``where``: ``"overrides"`` inside a
         creation body).
 
-        The one member is ``limits`` (``schemas.Overrides``): limit policy fields that
+        ``budget`` (``schemas.Overrides``) is a ``BudgetConfig`` (stored with every field) or
+        null (lifts the product's). ``limits``: limit policy fields that
         ``limits.policy.merge`` accepts on their own (``merge(None, limits)``) and over each
         of ``product``'s policies counted per subscription (those the gateway merges them
         into), so that what is stored does not fail there. Values are kept as the policy
@@ -244,6 +246,13 @@ class AdminService:
         except ValidationError as exc:
             raise AdminError(422, validation_message(exc, where)) from None
         checked = parsed.model_dump(exclude_unset=True)
+        if checked.get("budget") is not None:
+            try:
+                budget = BudgetConfig.model_validate(checked["budget"])
+            except ValidationError as exc:
+                at = f"{where}.budget" if where else "budget"
+                raise AdminError(422, validation_message(exc, at)) from None
+            checked["budget"] = budget.model_dump(mode="json")
         if "limits" not in checked:
             return checked
         limits = parsed.limits
@@ -320,6 +329,31 @@ class AdminService:
         """Recompute and re-price ``[start, end)`` from the raw records still kept."""
         self._range(start, end)
         return self._rollups().rebuild(start, end)
+
+    def budgets(self, subscription_id: str | None = None) -> builtins.list[BudgetStatus]:
+        """What each active subscription with a budget (or only ``subscription_id``: 404 if
+        unknown, empty if it has none) has spent in its current period, computed now from
+        freshly caught-up rollups (the gateway's own refusals use its job's last run)."""
+        rollups = self._rollups()
+        if subscription_id is not None:
+            subs = [self.get(subscription_id)]
+        else:
+            subs = self.repository.load_all()
+        products = {p.name: p for p in self.config.products}
+        budgeted = []
+        for sub in subs:
+            if sub.state is not SubscriptionState.ACTIVE:
+                continue
+            try:
+                found = budget_of(sub, products)
+            except ValidationError:
+                continue  # refused by check_overrides: only a row written by hand has one
+            if found is not None:
+                budgeted.append((sub, *found))
+        if not budgeted:
+            return []
+        rollups.catch_up()
+        return compute_statuses(rollups.engine, self.prices, budgeted, self.clock.now())
 
     def usage_report(
         self,

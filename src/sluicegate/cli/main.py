@@ -1,5 +1,5 @@
 """``sluicegate`` — the command line: serve | demo | config check | keys | usage | forecast |
-backends | simulate."""
+budgets | backends | simulate."""
 
 from __future__ import annotations
 
@@ -387,6 +387,23 @@ def forecast(
     cfg = _load(config)
     with _reported(cfg):
         print_forecast(cfg, limit, as_json)
+
+
+@app.command(cls=_Command)
+def budgets(
+    config: ConfigOpt = Path("gateway.yaml"),
+    subscription: Annotated[
+        str | None, typer.Option(help="Only this subscription (its id).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Each active subscription with a spending budget: the budget, what it spent this period
+    and when the period renews (docs/chargeback.md, "Budgets")."""
+    from sluicegate.cli.reporting import print_budgets
+
+    cfg = _load(config)
+    with _reported(cfg):
+        print_budgets(cfg, subscription, as_json)
 
 
 @app.command(cls=_Command)

@@ -188,3 +188,35 @@ def print_forecast(config: GatewayConfig, limit: int, as_json: bool) -> None:
             d.note,
         )
     console.print(be)
+
+
+def print_budgets(config: GatewayConfig, subscription_id: str | None, as_json: bool) -> None:
+    """Budgets and their spending in the current period, the most spent (by ratio) first."""
+    service = open_admin(config, issues_keys=False)
+    try:
+        statuses = service.budgets(subscription_id)
+    except AdminError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    statuses.sort(key=lambda s: (-s.ratio, s.subscription_id))
+    if as_json:
+        typer.echo(json.dumps({"items": [s.as_dict() for s in statuses]}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Budgets ({len(statuses)} subscriptions)")
+    id_column(table, "subscription", [s.subscription_id for s in statuses])
+    for col in ("spent", "budget", "%", "renews (UTC)", "state"):
+        text_column(table, col, "right" if col in ("spent", "budget", "%") else "left")
+    for s in statuses:
+        state = "refused" if s.refuses else "over, warn" if s.over else "ok"
+        table.add_row(
+            cell(s.subscription_id),
+            format_money(s.spent_nanos),
+            f"{format_money(s.amount_nanos)} {s.currency}/{s.noun()}",
+            f"{s.ratio:.0%}",
+            s.as_dict()["period_end"][:16].replace("T", " "),
+            state,
+        )
+    Console().print(table)

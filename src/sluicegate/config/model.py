@@ -319,6 +319,46 @@ LimitPolicies = Annotated[
 ]
 
 
+BudgetPeriod = Literal["daily", "weekly", "monthly"]
+
+
+class BudgetConfig(_Strict):
+    """A spending budget (docs/chargeback.md, "Budgets"): at most ``amount`` (in the prices'
+    currency) per calendar ``period`` in ``timezone`` (cut as token quotas are). Over it,
+    ``action: refuse`` answers 403 ``BudgetExceeded`` until the period renews; ``warn`` only
+    logs and counts. ``warn_at``: fractions of ``amount`` (e.g. ``[0.8, 1.0]``) at which a
+    warning is logged once per period, whatever the action. Checked after the fact by a
+    background job: a budget, not a hard cap (use ``token_quota`` for one)."""
+
+    amount: Decimal = Field(gt=0)
+    period: BudgetPeriod = "monthly"
+    timezone: str = "UTC"
+    action: Literal["refuse", "warn"] = "refuse"
+    warn_at: list[float] = Field(default_factory=list, max_length=10)
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _lower_period(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("amount")
+    @classmethod
+    def _precision(cls, value: Decimal) -> Decimal:
+        return _six_decimals(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return LimitPolicy._known_zone(value)  # the token quotas' rule and message
+
+    @field_validator("warn_at")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f <= 10 for f in value):
+            raise ValueError("warn_at holds fractions of the amount, each above 0 (1.0 = all)")
+        return sorted(set(value))
+
+
 class ProductConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -339,6 +379,9 @@ class ProductConfig(_Strict):
     #: ``validate-jwt`` only): a request with a subscription key and no token gets 401
     #: ``TokenRequired``. Needs an ``oidc`` section. Default: keys and tokens.
     require_token: bool = False
+    #: A spending budget for each of the product's subscriptions (a subscription's
+    #: overrides may replace or lift it); see docs/chargeback.md, "Budgets".
+    budget: BudgetConfig | None = None
 
     @field_validator("allowed_ips")
     @classmethod
@@ -378,6 +421,9 @@ class RedisConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "sg"
     fail_mode: Literal["open", "closed"] = "open"
+    #: Whose clock the shared rate windows run on: Redis's (one clock for every instance) or
+    #: each gateway's (deterministic: for tests with a fake clock). docs/limits.md, "Time".
+    clock: Literal["redis", "gateway"] = "redis"
 
 
 class AdminConfig(_Strict):

@@ -611,6 +611,7 @@ class Dashboard:
             self.service.usage_report, start=m0, end=now, by="model", subscription_id=sub_id
         )
         projections, _, _ = await run(self.service.forecast, limit=1, subscription_id=sub_id)
+        budgets = await run(self.service.budgets, sub_id)
         records = await run(
             self.service.records, subscription_id=sub_id, start=m0, limit=20, offset=0
         )
@@ -624,6 +625,7 @@ class Dashboard:
                 "report": report,
                 "chart": charts.safe(chart),
                 "forecast": projections[0] if projections else None,
+                "budget": budgets[0] if budgets else None,
                 "records": records,
             },
         )

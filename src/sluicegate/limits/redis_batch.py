@@ -51,6 +51,12 @@ Behind an address that follows the primary after a failover (a Kubernetes Servic
 a DNS name) only a new connection reaches the new primary: a kept one would keep asking the
 demoted node, for ever. The script is loaded after a ``NOSCRIPT`` on the connection that
 answered it, so on the server that runs the batch (a promoted replica has no scripts).
+
+A batch that failed as a whole may have run or not. Its calls get a :class:`BatchFailed`
+naming the batch's key, and :meth:`ScriptBatcher.resend` runs calls again under that key
+later (the store replays failed settles so, ``limits/redis_store.py``): while the key lives
+(:func:`reply_ttl_ms` from when Redis ran the batch) a batch that did run answers its stored
+replies and runs nothing again; one that did not run runs the calls given, once.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +106,17 @@ def needs_reconnect(error: BaseException) -> bool:
         return False
     code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
     return code in _RECONNECT_CODES
+
+
+class BatchFailed(RedisError):
+    """A batch failed as a whole (``error``: why; the message is its message). It may have
+    run in Redis (a timeout, a connection dropped after sending). ``batch_key`` names it for
+    :meth:`ScriptBatcher.resend`."""
+
+    def __init__(self, error: RedisError, batch_key: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.batch_key = batch_key
 
 
 def reply_ttl_ms(timeout: float | None) -> int:
@@ -217,12 +234,7 @@ class ScriptBatcher:
     async def _send(self, batch: list[_Call]) -> None:
         """Run ``batch`` on a connection of the batcher's, then whatever was submitted
         meanwhile, until nothing is pending."""
-        if self._idle:
-            conn = self._idle.pop()
-        else:
-            conn = self._connection_class(**self._connection_kwargs)
-            self._made.append(conn)
-            self.stats.connections += 1
+        conn = self._idle.pop() if self._idle else self._connect()
         try:
             while batch:
                 await self._run(conn, batch)
@@ -231,15 +243,65 @@ class ScriptBatcher:
             self._busy -= 1
             self._idle.append(conn)
 
+    async def resend(
+        self, batch_key: str | None, calls: Sequence[tuple[str, list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run ``calls`` as one batch under ``batch_key`` (a :class:`BatchFailed`'s) or, when
+        ``None``, a new key, on a connection of the batcher's; their replies (a call's own
+        error as its exception object), or ``None`` each when the key's batch had already
+        run (with other calls: the replies stored are not theirs). Raises ``RedisError``
+        (:class:`BatchFailed` when this batch may have run) if the batch fails as a whole.
+
+        Exactly once: if the batch of that key ran (and its key has not expired), nothing
+        runs; otherwise these calls run, and their key keeps them from running twice.
+        """
+        loop = self._running_loop()
+        batch: list[_Call] = [
+            (name, keys, args, loop.create_future()) for name, keys, args in calls
+        ]
+        if not batch:
+            return []
+        conn = self._idle.pop() if self._idle else self._connect()
+        self._busy += 1
+        try:
+            await self._run(conn, batch, batch_key or self._batch_key(), stored_ok=True)
+        finally:
+            self._busy -= 1
+            self._idle.append(conn)
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush)
+        replies: list[Any] = []
+        for call in batch:
+            error = call[3].exception()
+            if isinstance(error, RedisError) and not isinstance(error, ResponseError):
+                raise error  # the batch as a whole (its calls all got it)
+            replies.append(error if error is not None else call[3].result())
+        return replies
+
+    def _connect(self) -> AbstractConnection:
+        conn = self._connection_class(**self._connection_kwargs)
+        self._made.append(conn)
+        self.stats.connections += 1
+        return conn
+
     def _batch_key(self) -> str:
         self._batch_serial += 1
         return f"{self._batch_key_head}{self._batch_serial}"
 
-    async def _run(self, conn: AbstractConnection, batch: list[_Call]) -> None:
+    async def _run(
+        self,
+        conn: AbstractConnection,
+        batch: list[_Call],
+        batch_key: str | None = None,
+        *,
+        stored_ok: bool = False,
+    ) -> None:
         self.stats.pipelines += 1
         self.stats.calls += len(batch)
-        batch_key = self._batch_key()
-        replies = await self._execute(conn, batch, batch_key)
+        if batch_key is None:
+            batch_key = self._batch_key()
+        replies = await self._execute(conn, batch, batch_key, stored_ok=stored_ok)
         if replies is None:
             return
         retry: list[_Call] = []
@@ -264,7 +326,7 @@ class ScriptBatcher:
         # which lose the script cache and may keep the data), still runs once.
         if len(retry) != len(batch):
             batch_key = self._batch_key()
-        replies = await self._execute(conn, retry, batch_key)
+        replies = await self._execute(conn, retry, batch_key, stored_ok=stored_ok)
         if replies is not None:
             for call, reply in zip(retry, replies, strict=True):
                 _answer(call[3], reply)
@@ -283,10 +345,17 @@ class ScriptBatcher:
             raise
 
     async def _execute(
-        self, conn: AbstractConnection, batch: list[_Call], batch_key: str
+        self,
+        conn: AbstractConnection,
+        batch: list[_Call],
+        batch_key: str,
+        *,
+        stored_ok: bool = False,
     ) -> list[Any] | None:
         """The replies (an exception object for a call that failed on its own), or None
-        when the whole batch failed (every call has been told)."""
+        when the whole batch failed (every call has been told, with :class:`BatchFailed`).
+        ``stored_ok`` (a resend): a list of replies of another length is the stored one of
+        the key's earlier batch, which ran: each call's reply is then ``None``."""
         numbers = self._numbers
         try:
             # ARGV: the number of calls, then (script, keys, arguments) counts per call, then
@@ -317,8 +386,9 @@ class ScriptBatcher:
                     ) from None
                 raise
         except RedisError as exc:
+            failed = BatchFailed(exc, batch_key)
             for call in batch:
-                _answer(call[3], exc)
+                _answer(call[3], failed)
             return None
         except BaseException as exc:  # cancelled at shutdown, or a bug: nobody waits forever
             failure = RedisError(f"the Redis pipeline failed: {type(exc).__name__}")
@@ -334,6 +404,8 @@ class ScriptBatcher:
             await conn.disconnect(nowait=True)
         if isinstance(reply, list) and len(reply) == len(batch):
             return reply
+        if isinstance(reply, list) and stored_ok:
+            return [None] * len(batch)
         # An error for the batch as a whole (NOSCRIPT among them) is every call's.
         if not isinstance(reply, ResponseError):
             reply = ResponseError(f"the batch script answered {type(reply).__name__}")

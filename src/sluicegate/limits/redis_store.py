@@ -13,7 +13,15 @@ kept a few seconds for a resend: ``limits/redis_batch.py``). All keys of one adm
 touched by one script, so on a Redis Cluster they must share a hash slot: put a hash tag in
 the prefix (``"{sg}:limits:"``).
 
-Time: the gateway's injected clock is passed to the scripts (see ``admit.lua`` for why).
+Time (``time_source``): ``"redis"`` (the configuration's default, ``redis.clock``) runs the
+sliding windows (TPM, RPM) and a quota's minutes of reservations in flight on Redis's own
+clock (``TIME`` inside ``admit.lua``: no extra round trip), one clock for every instance;
+``"gateway"`` (the constructor's default, for tests with a fake clock) on the injected clock.
+Quota periods are the gateway's either way (the limiter names the period in the key), so
+every admission's reply also carries Redis's time: :attr:`RedisStore.clock_skew_s` is Redis's
+time minus this instance's at the last admission, ``/metrics`` exports it, and on Redis's
+clock a warning is logged when it exceeds :data:`SKEW_WARNING_S` (once, until it is back under
+half of that; not on the gateway's clock, which tests fake on purpose).
 
 When Redis cannot be reached, ``fail_mode`` decides:
 
@@ -27,14 +35,23 @@ one admission at a time, so recovery is automatic and a dead server costs at mos
 timeout per interval. Settles (and releases) of reservations made in Redis are always sent to
 Redis, also while it is marked down: they run after the response was sent, so a wait costs
 the client nothing, and a short stall must not lose the settles of every request in flight.
-One that succeeds marks Redis up again; one that fails is dropped and counted (the estimate
-stays charged until the window ends). A script that timed
+One that succeeds marks Redis up again. One that fails is kept in a bounded queue
+(``max_replay`` adjustments; beyond it the oldest are dropped and counted) and replayed, in
+the background, after the next call that reaches Redis (the probing admission, any
+settle): under its failed batch's key (:meth:`ScriptBatcher.resend
+<sluicegate.limits.redis_batch.ScriptBatcher.resend>`), so that a batch that did run before
+its reply was lost is not applied twice while that key lives (:func:`~sluicegate.limits.
+redis_batch.reply_ttl_ms` from the run). An adjustment whose window is over is dropped
+instead (a bucket :data:`SLIDING_REPLAY_MS` after the failure; a quota's after its period
+and grace), and a quota's is applied only to the quota key it was charged to, not to one
+Redis created again since (``adjust.lua``'s guard). A script that timed
 out may still have run in Redis, so the request can be charged there and in the fallback:
 the error is on the side of counting too much, never of admitting too much.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,15 +62,17 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sluicegate.clock import Clock
+from sluicegate.limits.limiter import parse_quota_counter_name
 from sluicegate.limits.memory import MemoryStore
-from sluicegate.limits.redis_batch import BatchStats, ScriptBatcher
+from sluicegate.limits.redis_batch import BatchFailed, BatchStats, ScriptBatcher, needs_reconnect
 from sluicegate.limits.store import (
     FIXED_GRACE_MS,
     QUOTA_HELD_BUCKET_MS,
     QUOTA_HELD_BUCKETS,
+    QUOTA_HELD_WINDOW_MS,
     Adjustment,
     Counter,
     CounterState,
@@ -65,6 +84,19 @@ from sluicegate.limits.store import (
 logger = logging.getLogger(__name__)
 
 FailMode = Literal["open", "closed"]
+TimeSource = Literal["redis", "gateway"]
+SKEW_WARNING_S = 1.0
+"""A warning is logged when Redis's clock and this instance's differ by more than this."""
+SLIDING_REPLAY_MS = 120_000
+"""A failed adjustment of a sliding counter is replayed for this long at most (ms after the
+failure): its bucket has left every window by then (the limiter's are 61 s)."""
+_PERIOD_MAX_MS = {
+    "hourly": 3_600_000,
+    "daily": 25 * 3_600_000,  # a day of 25 hours at a daylight-saving change
+    "weekly": 7 * 86_400_000 + 3_600_000,
+    "monthly": 31 * 86_400_000 + 3_600_000,
+    "yearly": 366 * 86_400_000 + 3_600_000,
+}
 REDIS_ORIGIN = "redis"
 FALLBACK_ORIGIN = "fallback"
 #: A quota's reservations in flight are a hash of their own, ``{prefix}{counter name}`` and
@@ -83,12 +115,26 @@ def _script(name: str) -> str:
 @dataclass(slots=True)
 class RedisStoreStats:
     """Counters for metrics: outages begun, admissions decided while Redis was down
-    (by the fallback, or refused when failing closed) and adjustments dropped."""
+    (by the fallback, or refused when failing closed); adjustments (settles, releases) that
+    failed (each then queued for a replay), replayed since, and dropped (the queue full,
+    their window over before Redis answered again, or an error of the script itself)."""
 
     outages: int = 0
     fallback_admissions: int = 0
     refused_admissions: int = 0
+    failed_adjustments: int = 0
+    replayed_adjustments: int = 0
     dropped_adjustments: int = 0
+
+
+@dataclass(slots=True)
+class _Replay:
+    """Failed adjustments of one batch, to send again under its key (``None``: the batch
+    never ran, any key will do). Per adjustment: its keys, its ``adjust.lua`` arguments and
+    until when (epoch ms, the gateway's clock) it is worth replaying."""
+
+    batch_key: str | None
+    items: list[tuple[list[str], list[Any], int]]
 
 
 class RedisStore:
@@ -98,8 +144,10 @@ class RedisStore:
     of ``max_connections``, ``socket_timeout_s`` timeouts, one immediate reconnect after a
     dropped connection) or a ``redis.asyncio.Redis`` the caller owns (give it a
     ``BlockingConnectionPool`` and short timeouts too: any Redis error counts as an outage).
-    ``prefix`` starts every key (give each gateway deployment its own). Safe for concurrent
-    use from one event loop.
+    ``prefix`` starts every key (give each gateway deployment its own). ``time_source``:
+    whose clock the sliding windows run on, ``"redis"`` or ``"gateway"`` (``clock``; the
+    module docstring). ``max_replay``: how many failed adjustments wait for a replay at most.
+    Safe for concurrent use from one event loop.
     """
 
     def __init__(
@@ -113,9 +161,13 @@ class RedisStore:
         socket_timeout_s: float = 0.5,
         max_connections: int = 64,
         fallback: MemoryStore | None = None,
+        time_source: TimeSource = "gateway",
+        max_replay: int = 100_000,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
+        if time_source not in ("redis", "gateway"):
+            raise ValueError(f"time_source must be 'redis' or 'gateway', not {time_source!r}")
         if isinstance(url_or_client, str):
             # A blocking pool: a burst of admissions waits for a connection instead of
             # failing with "too many connections" (which would look like an outage).
@@ -149,6 +201,20 @@ class RedisStore:
             key_prefix=f"{prefix}batch:",
         )
         self._down_until: float | None = None
+        self.time_source: TimeSource = time_source
+        self._time_arg = "r" if time_source == "redis" else "g"  # admit.lua's ARGV[5]
+        #: Redis's clock minus this instance's, in seconds, at the last admission in Redis.
+        self.clock_skew_s: float | None = None
+        self._skew_warned = False
+        # Only on Redis's clock: on the gateway's, a test's fake clock is far off on purpose.
+        self._warn_skew = time_source == "redis"
+        self.max_replay = max_replay
+        # Failed adjustments by batch (insertion order: oldest first), and how many in all.
+        self._replays: dict[str, _Replay] = {}
+        self._replay_count = 0
+        self._replay_serial = 0
+        self._replaying: str | None = None  # the group being sent
+        self._replay_task: asyncio.Task[None] | None = None
         #: Called with a quota counter's name when an admission created its key (seeding).
         self.quota_created: Callable[[str], None] | None = None
         self._seed_script = self._client.register_script(_script("seed.lua"))
@@ -175,7 +241,9 @@ class RedisStore:
             return self._while_down(counters, now_ms)
         prefix = self.prefix
         keys = [prefix + counter.name for counter in counters]
-        args: list[Any] = [now_ms, FIXED_GRACE_MS, QUOTA_HELD_BUCKET_MS, QUOTA_HELD_BUCKETS]
+        args: list[Any] = [
+            now_ms, FIXED_GRACE_MS, QUOTA_HELD_BUCKET_MS, QUOTA_HELD_BUCKETS, self._time_arg,
+        ]  # fmt: skip
         for counter in counters:
             if counter.kind == "sliding":
                 kind = "r" if counter.reserve else "s"  # "r": kept in flight (admit.lua)
@@ -198,13 +266,19 @@ class RedisStore:
         self._mark_up()
         n = len(counters)
         values = [int(value) for value in reply]
+        skew = (values[-1] - now_ms) / 1000  # Redis's time comes last (admit.lua)
+        self.clock_skew_s = skew
+        if (
+            skew > SKEW_WARNING_S or skew < -SKEW_WARNING_S
+        ) != self._skew_warned and self._warn_skew:
+            self._skew_changed(skew)
         if values[0] != 0:
             states = tuple(
                 CounterState(values[1 + i], values[1 + n + i], values[1 + 2 * n + i])
                 for i in range(n)
             )
             if values[0] == 2:  # a quota key created (admit.lua): rare, once per period
-                self._created(counters, values[1 + 3 * n :])
+                self._created(counters, values[1 + 3 * n : 1 + 4 * n])
             return StoreResult(True, states, REDIS_ORIGIN)
         # A refusal also says what is in flight (after the slots).
         states = tuple(
@@ -242,9 +316,131 @@ class RedisStore:
             await self._scripts.call("adjust", keys, args)
         except RedisError as exc:
             self._mark_down(exc)
-            self.stats.dropped_adjustments += len(adjustments)
+            self.stats.failed_adjustments += len(adjustments)
+            if isinstance(exc, ResponseError) and not needs_reconnect(exc):
+                self.stats.dropped_adjustments += len(adjustments)  # the script's own error
+                return
+            self._queue(exc, adjustments)
             return
         self._mark_up()
+
+    @property
+    def queued_adjustments(self) -> int:
+        """Failed adjustments waiting to be replayed."""
+        return self._replay_count
+
+    def _queue(self, exc: RedisError, adjustments: Sequence[Adjustment]) -> None:
+        """Keep the failed ``adjustments`` for a replay (module docstring): with the key of
+        their batch when it may have run, each with until when it matters."""
+        batch_key = exc.batch_key if isinstance(exc, BatchFailed) else None
+        if batch_key is not None and batch_key == self._replaying:
+            # Its batch is being replayed already (cannot happen: a batch's callers all learn
+            # of its failure in one turn): sending these under its key would not run them.
+            self.stats.dropped_adjustments += len(adjustments)
+            return
+        now_ms = int(self._clock.now() * 1000)
+        prefix = self.prefix
+        items: list[tuple[list[str], list[Any], int]] = []
+        for adjustment in adjustments:
+            name = prefix + adjustment.name
+            if adjustment.kind == "sliding":
+                items.append(
+                    (
+                        [name],
+                        ["s", adjustment.slot, adjustment.delta, adjustment.reserved],
+                        now_ms + SLIDING_REPLAY_MS,
+                    )
+                )
+                continue
+            keys: list[str] = []
+            args: list[Any] = []
+            if adjustment.delta:  # only to the quota key it was charged to (adjust.lua)
+                keys += [name + ORIGIN_SUFFIX, name]
+                args += ["g", now_ms, 0, 0, "f", adjustment.slot, adjustment.delta, 0]
+            if adjustment.reserved:
+                keys.append(name + HELD_SUFFIX)
+                args += ["h", adjustment.slot, 0, adjustment.reserved]
+            parsed = parse_quota_counter_name(adjustment.name)
+            if parsed is not None and parsed[1] in _PERIOD_MAX_MS:
+                until = parsed[2] + _PERIOD_MAX_MS[parsed[1]] + FIXED_GRACE_MS
+            else:  # not a name of ours: as long as a reservation counts as in flight
+                until = now_ms + QUOTA_HELD_WINDOW_MS
+            if keys:
+                items.append((keys, args, until))
+        if not items:
+            return
+        if batch_key is None:
+            self._replay_serial += 1
+            group_id = f"new:{self._replay_serial}"
+        else:
+            group_id = batch_key
+        group = self._replays.get(group_id)
+        if group is None:
+            group = self._replays[group_id] = _Replay(batch_key, [])
+        group.items += items
+        self._replay_count += len(items)
+        # Bounded: the oldest go first (the nearest to the end of their windows).
+        while self._replay_count > self.max_replay:
+            oldest_id = next(iter(self._replays))
+            oldest = self._replays[oldest_id]
+            excess = min(self._replay_count - self.max_replay, len(oldest.items))
+            if oldest_id == self._replaying:  # being sent: drop the newest instead
+                group.items = group.items[
+                    : len(group.items) - (self._replay_count - self.max_replay)
+                ]
+                excess = self._replay_count - self.max_replay
+            else:
+                del oldest.items[:excess]
+                if not oldest.items:
+                    del self._replays[oldest_id]
+            self._replay_count -= excess
+            self.stats.dropped_adjustments += excess
+
+    async def _replay(self) -> None:
+        """Send the queued adjustments again, oldest batch first, until the queue is empty
+        or Redis fails again (the rest wait for the next success)."""
+        try:
+            while self._replays:
+                group_id, group = next(iter(self._replays.items()))
+                now_ms = int(self._clock.now() * 1000)
+                live = [item for item in group.items if item[2] > now_ms]
+                expired = len(group.items) - len(live)
+                self._replay_count -= expired
+                self.stats.dropped_adjustments += expired
+                group.items = live
+                if not live:
+                    del self._replays[group_id]
+                    continue
+                keys: list[str] = []
+                args: list[Any] = []
+                for item_keys, item_args, _ in live:
+                    keys += item_keys
+                    args += item_args
+                self._replaying = group_id
+                try:
+                    replies = await self._scripts.resend(group.batch_key, [("adjust", keys, args)])
+                except RedisError as exc:
+                    if isinstance(exc, BatchFailed):  # this send may have run: its key now
+                        group.batch_key = exc.batch_key
+                    self._mark_down(exc)
+                    return
+                finally:
+                    self._replaying = None
+                failure = replies[0]
+                if isinstance(failure, ResponseError) and needs_reconnect(failure):
+                    self._mark_down(failure)  # nothing ran (a replica, a loading server)
+                    return
+                # Sent (or it had run: the batch's key answered). A script error of its own
+                # would fail again: dropped.
+                sent = len(group.items)
+                del self._replays[group_id]
+                self._replay_count -= sent
+                if isinstance(failure, ResponseError):
+                    self.stats.dropped_adjustments += sent
+                else:
+                    self.stats.replayed_adjustments += sent
+        finally:
+            self._replay_task = None
 
     def _created(self, counters: Sequence[Counter], flags: list[int]) -> None:
         hook = self.quota_created
@@ -272,7 +468,16 @@ class RedisStore:
         )
         return int(applied) == 1
 
+    async def replayed(self) -> None:
+        """Wait until the replay of failed adjustments in progress, if any, has ended (sent
+        everything queued, or stopped at a failure)."""
+        task = self._replay_task
+        if task is not None:
+            await asyncio.shield(task)
+
     async def aclose(self) -> None:
+        # A replay in progress delivers what it can first (each send has its deadline).
+        await self.replayed()
         await self._scripts.aclose()
         if self._owns_client:
             await self._client.aclose()
@@ -297,6 +502,8 @@ class RedisStore:
         return self._fallback.admit_sync(counters, now_ms)
 
     def _mark_down(self, exc: RedisError) -> None:
+        if isinstance(exc, BatchFailed):
+            exc = exc.error
         if self._down_until is None:
             self.stats.outages += 1
             action = (
@@ -317,3 +524,20 @@ class RedisStore:
         if self._down_until is not None:
             logger.info("Redis limit store is reachable again; counting in Redis")
             self._down_until = None
+        if self._replays and self._replay_task is None:
+            self._replay_task = asyncio.get_running_loop().create_task(self._replay())
+
+    def _skew_changed(self, skew: float) -> None:
+        """Log when the skew passes :data:`SKEW_WARNING_S`, and when it is back under half
+        of it (not at every admission in between)."""
+        if not self._skew_warned:
+            self._skew_warned = True
+            logger.warning(
+                "Redis's clock and this instance's differ by %.1f s (Redis %s): quota periods "
+                "are cut by this instance's clock; keep the clocks in sync (NTP)",
+                abs(skew),
+                "ahead" if skew > 0 else "behind",
+            )
+        elif abs(skew) < SKEW_WARNING_S / 2:
+            self._skew_warned = False
+            logger.info("Redis's clock and this instance's agree again (%.3f s)", skew)

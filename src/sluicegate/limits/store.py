@@ -4,7 +4,8 @@ Two implementations keep exactly the same window maths: :class:`~.memory.MemoryS
 (embedded mode, in process) and :class:`~.redis_store.RedisStore` (cluster mode, one Lua
 script per admission). ``tests/limits`` runs one conformance suite against both.
 
-Window maths, shared by both (all times are integer epoch milliseconds from the caller):
+Window maths, shared by both (all times are integer epoch milliseconds from the caller;
+the Redis store may run its sliding windows on Redis's clock instead, ``time_source``):
 
 * **Sliding** counters (TPM, RPM) split the window into buckets of ``bucket_ms``; a bucket
   ``b`` (covering ``[b*bucket_ms, (b+1)*bucket_ms)``) counts until ``(b + n)*bucket_ms``
@@ -174,7 +175,8 @@ class CounterStore(Protocol):
     async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
         """Apply adjustments to counters charged by an admission with this ``origin``.
 
-        Never raises for an unreachable store (the adjustment is dropped and counted).
+        Never raises for an unreachable store (the Redis store keeps the adjustment for a
+        replay when Redis answers again, or drops and counts it).
         """
         ...
 

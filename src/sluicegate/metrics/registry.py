@@ -40,6 +40,7 @@ _LIMIT_CODES = frozenset(
         "TokenRequestTooLarge",
         "LimitStoreUnavailable",
         "MaxTokensCeilingExceeded",
+        "BudgetExceeded",
     }
 )
 _SLOT_SECONDS = 10.0
@@ -199,6 +200,102 @@ class _BackendCollector(Collector):
         yield states
         yield in_flight
         yield headroom
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
+class _BudgetCollector(Collector):
+    """``sluicegate_budget_spent_ratio{subscription}`` (spent / budget in the current period,
+    at the budget job's last run) for at most ``limit`` subscriptions, the highest ratios
+    first (those are the ones to watch), and how many budgets exist and refuse."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, float]]], limit: int) -> None:
+        self.source = source
+        self.limit = limit
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ratios = sorted(self.source(), key=lambda item: (-item[1], item[0]))
+        spent = GaugeMetricFamily(
+            "sluicegate_budget_spent_ratio",
+            "Spent / budget of a subscription in its current budget period (1 = all spent), "
+            "as of the budget job's last run; the highest max_subscription_labels only.",
+            labels=["subscription"],
+        )
+        for subscription, ratio in ratios[: self.limit]:
+            spent.add_metric([subscription], ratio)
+        yield spent
+        yield GaugeMetricFamily(
+            "sluicegate_budgets_over",
+            "Subscriptions whose spending has reached their budget this period.",
+            sum(1 for _, ratio in ratios if ratio >= 1.0),
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
+class LimitStoreStats(Protocol):
+    """The adjustment counters of ``limits.redis_store.RedisStoreStats``."""
+
+    @property
+    def failed_adjustments(self) -> int: ...
+
+    @property
+    def replayed_adjustments(self) -> int: ...
+
+    @property
+    def dropped_adjustments(self) -> int: ...
+
+
+class LimitStoreSource(Protocol):
+    """The cluster mode's limit store (``limits.redis_store.RedisStore``)."""
+
+    @property
+    def clock_skew_s(self) -> float | None: ...
+
+    @property
+    def queued_adjustments(self) -> int: ...
+
+    @property
+    def stats(self) -> LimitStoreStats: ...
+
+
+class _LimitStoreCollector(Collector):
+    """Redis's clock skew and the limit store's failed settles (docs/limits.md)."""
+
+    def __init__(self, source: LimitStoreSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        store = self.source
+        skew = store.clock_skew_s
+        if skew is not None:  # none before the first admission in Redis
+            yield GaugeMetricFamily(
+                "sluicegate_redis_clock_skew_seconds",
+                "Redis's clock minus this instance's, at the last admission counted in Redis.",
+                skew,
+            )
+        yield GaugeMetricFamily(
+            "sluicegate_limit_adjustments_queued",
+            "Settles and releases that failed to reach Redis, waiting to be replayed.",
+            store.queued_adjustments,
+        )
+        stats = store.stats
+        for name, text, value in (
+            ("failed", "that failed to reach Redis (then queued)", stats.failed_adjustments),
+            ("replayed", "replayed after a failure", stats.replayed_adjustments),
+            (
+                "dropped",
+                "given up (queue full, window over before Redis answered, script error)",
+                stats.dropped_adjustments,
+            ),
+        ):
+            yield CounterMetricFamily(
+                f"sluicegate_limit_adjustments_{name}",
+                f"Settles and releases of Redis reservations {text}.",
+                value,
+            )
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
@@ -382,6 +479,13 @@ class GatewayMetrics:
             "Duration of the last ledger write.",
             registry=r,
         )
+        self.budget_thresholds = Counter(
+            "sluicegate_budget_thresholds_crossed",
+            "Budget thresholds (warn_at fractions and the whole budget) crossed, once per "
+            "threshold, subscription and period, by the budget's action (refuse / warn).",
+            ["action"],
+            registry=r,
+        )
         self._backend_collector: _BackendCollector | None = None
         self._connection_collector: _ConnectionCollector | None = None
 
@@ -401,6 +505,19 @@ class GatewayMetrics:
             return
         self._connection_collector = _ConnectionCollector(source)
         self.registry.register(self._connection_collector)
+
+    def watch_limit_store(self, source: LimitStoreSource) -> None:
+        """Export the Redis limit store's clock skew and failed settles at every scrape."""
+        self.registry.register(_LimitStoreCollector(source))
+
+    def watch_budgets(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
+        """Export ``(subscription, spent ratio)`` pairs from ``source`` at every scrape
+        (bounded to ``max_subscription_labels`` series)."""
+        self.registry.register(_BudgetCollector(source, self._max_subs))
+
+    def budget_threshold(self, action: str) -> None:
+        """For the budgets: a threshold was crossed (``accounting.budgets.BudgetObserver``)."""
+        self._child(self.budget_thresholds, action).inc()
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""

@@ -46,6 +46,8 @@ from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.headers import strip_key_from_query
 
 if TYPE_CHECKING:
+    from sluicegate.accounting.budgets import Budgets
+
     # Imported where used: PyJWT and cryptography load only when tokens are accepted.
     from sluicegate.auth.bearer import TokenAuthenticator
 
@@ -102,13 +104,15 @@ class Pipeline:
         router: Router | None = None,
         tokens: TokenAuthenticator | None = None,
         network: NetworkPolicy | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         """``sinks`` receive every record of an authenticated request (the ledger among
         them); ``observers`` (metrics, access log) also those of unauthenticated ones.
         ``router`` routes deployments over their pools (default: one with in-process state,
         built from ``runtime``). ``tokens`` authenticates bearer JWTs (None: tokens are
         refused); ``network`` decides the client address, IP allow-lists and the body read
-        timeout (default: from ``runtime``'s configuration)."""
+        timeout (default: from ``runtime``'s configuration). ``budgets``: the subscriptions
+        over their spending budget, refused with 403 (``accounting.budgets``; None: none)."""
         self.runtime = runtime
         self.router = router if router is not None else router_for(runtime, clock)
         self.index = index
@@ -120,6 +124,7 @@ class Pipeline:
         self.tokens = tokens
         self.network = network if network is not None else NetworkPolicy.from_config(runtime.config)
         self.deadlines = Deadlines()
+        self.budgets = budgets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
@@ -224,6 +229,9 @@ class Pipeline:
             await self._models(ctx, send)
             ctx.status = 200
             return
+        if self.budgets is not None and ctx.subscription is not None:
+            # One dict lookup: what was spent is computed off the request path.
+            self.budgets.check(ctx.subscription.id, ctx.ts)
         ctx.body = await read_body(scope, receive, self.max_body)
         query = strip_key_from_query(scope["query_string"])
         if route.kind is RouteKind.PASSTHROUGH:

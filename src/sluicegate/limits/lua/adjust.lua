@@ -9,17 +9,31 @@
 -- A quota's reservation comes off its held key (admit.lua) as an adjustment of its own, kind
 -- "h": the field of its minute of admission ("slot"), deleted at zero, never re-created.
 --
+-- A replayed quota adjustment (limits/redis_store.py: one that failed while Redis was
+-- unreachable, sent again later) comes after a guard, kind "g": its key is the quota's origin
+-- key (admit.lua) and its slot the epoch ms (gateway clock) when the adjustment failed. The
+-- next adjustment is skipped when the quota key was created after that (Redis lost it
+-- meanwhile: the new key never held the admission's estimate, and its seed from the ledger
+-- already counts the request's real usage).
+--
 -- KEYS[i]  one key per adjustment
--- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f" | "h"), slot,
--- delta, reserved (what the settled admission reserved in the bucket or minute; 0 for "f")
+-- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f" | "h" | "g"),
+-- slot, delta, reserved (what the settled admission reserved in the bucket or minute; 0 for
+-- "f" and "g")
 
+local skip = false
 for i = 1, #KEYS do
   local base = 1 + (i - 1) * 4
   local kind = ARGV[base]
   local field = ARGV[base + 1]
   local delta = tonumber(ARGV[base + 2])
   local reserved = tonumber(ARGV[base + 3])
-  if kind == "s" then
+  if skip then
+    skip = false
+  elseif kind == "g" then
+    local since = tonumber(redis.call("HGET", KEYS[i], "since"))
+    skip = since ~= nil and since > tonumber(field)
+  elseif kind == "s" then
     -- One read and one write (and a delete when the bucket's last reservation in flight
     -- settles), not a call per field: a settle follows every admission.
     local held_field = "p" .. field

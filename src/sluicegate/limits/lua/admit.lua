@@ -33,17 +33,22 @@
 -- bucket for a sliding counter, the period's end + grace for a quota): no key outlives its
 -- counter.
 --
--- Time comes from the caller (ARGV[1], epoch ms of the gateway's injected clock), not from
--- Redis TIME: the script stays deterministic, and the window maths is testable with a fake
--- clock. Gateways must keep their clocks in sync (NTP); skew only moves a charge between
--- adjacent one-second buckets.
+-- Time: ARGV[5] says whose clock the windows run on. "r" (production): Redis's own (TIME),
+-- one clock for every gateway instance, so that a skewed instance can neither drop the
+-- others' buckets early nor keep them late. "g": the caller's (ARGV[1], epoch ms of the
+-- gateway's injected clock), deterministic, so that the window maths is tested with a fake
+-- clock against the in-memory store. Either way a quota's period, its end (end_ms) and so its
+-- TTL and wait are the gateway's (it names the period in the key), as is an origin's
+-- "since" (compared with the ledger's times, limits/seeding.py). The reply ends with Redis's
+-- time, so that the gateway can measure its skew (limits/redis_store.py).
 --
 -- KEYS[i]  one key per counter (distinct), i = 1..n; then the quotas' held and origin keys
 -- ARGV[1]  now_ms
 -- ARGV[2]  grace_ms: how long a fixed (quota) counter outlives its period
 -- ARGV[3]  held_ms: a quota's minute of reservations in flight (60000)
 -- ARGV[4]  held_n: how many of those minutes count as in flight
--- then 6 values per counter i, from ARGV[5 + (i-1)*6]:
+-- ARGV[5]  "r": the windows run on Redis's clock; "g": on the caller's (now_ms)
+-- then 6 values per counter i, from ARGV[6 + (i-1)*6]:
 --   kind ("s" sliding | "r" sliding, the cost a reservation | "f" fixed), limit, cost,
 --   sliding: window_ms, bucket_ms, 0
 --   fixed:   end_ms, held (the index in KEYS of its held key; 0: the cost is no reservation),
@@ -58,12 +63,20 @@
 --            or 0 (fixed)
 --   pending: for a counter with reservations refused with a wait, its amounts in flight
 --            (reserved, not settled: the live buckets', the last held_n minutes'); else 0
+-- and, last, Redis's time (epoch ms) when the script ran.
 
-local now = tonumber(ARGV[1])
+local gateway_now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
 local held_ms = tonumber(ARGV[3])
 local held_n = tonumber(ARGV[4])
-local n = (#ARGV - 4) / 6
+-- Allowed among writes: Redis 5+ replicates a script by its effects (7+ only so).
+local clock = redis.call("TIME")
+local redis_now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = gateway_now
+if ARGV[5] == "r" then
+  now = redis_now
+end
+local n = (#ARGV - 5) / 6
 local used, retry, slot, kinds, costs, ttls, pending = {}, {}, {}, {}, {}, {}, {}
 local helds = {}  -- a quota's held key, when its cost is a reservation
 local origins = {}  -- a quota's origin key, when kept; absent (its key did not exist)
@@ -92,7 +105,7 @@ local function held_since(key, oldest)
 end
 
 for i = 1, n do
-  local base = 5 + (i - 1) * 6
+  local base = 6 + (i - 1) * 6
   local kind = ARGV[base]
   local limit = tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])
@@ -223,13 +236,15 @@ for i = 1, n do
       helds[i] = KEYS[held]
       slot[i] = math.floor(now / held_ms)
     end
-    ttls[i] = math.max(end_ms + grace - now, 1)
+    -- The gateway's period, so the gateway's time (the Time note above): its end is after
+    -- gateway_now, so a refusal's wait is never 0 (which would read as room).
+    ttls[i] = math.max(end_ms + grace - gateway_now, 1)
     if total + need <= limit then
       retry[i] = 0
     elseif need > limit then
       retry[i] = -1
     else
-      retry[i] = math.max(end_ms - now, 0)
+      retry[i] = math.max(end_ms - gateway_now, 1)
       if held > 0 and retry[i] > 0 then
         pending[i] = held_since(helds[i], slot[i] - held_n + 1)
       end
@@ -254,7 +269,7 @@ if allowed == 1 then
       redis.call("PEXPIRE", KEYS[i], ttls[i])
     else
       used[i] = tonumber(redis.call("INCRBY", KEYS[i], costs[i]))
-      -- Relative to the caller's clock (like every time here), not Redis's own.
+      -- Relative to the gateway's clock (its period), not Redis's own.
       redis.call("PEXPIRE", KEYS[i], ttls[i])
       local origin = origins[i]
       if origin ~= nil then
@@ -300,4 +315,5 @@ if allowed == 0 then
 elseif allowed == 2 then
   for i = 1, n do reply[#reply + 1] = created[i] or 0 end
 end
+reply[#reply + 1] = redis_now
 return reply
