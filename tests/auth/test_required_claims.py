@@ -159,3 +159,41 @@ def test_product_that_requires_a_token_refuses_subscription_keys(
     data = gateway_config(tmp_path / "plain", {"sim": simulator.url}, products=products)
     with pytest.raises(ConfigError, match=r"products\[1\]\.require_token"):
         parse_config(data)
+
+
+def test_required_claim_with_numbers_and_objects(
+    tmp_path: Path, simulator: SimulatorThread, idp: TestIdentityProvider
+) -> None:
+    """A claim of numbers (``groups: [1, 2]``) compares as JSON writes them; a present claim
+    whose values do not match (objects, other numbers) is ``TokenClaimInvalid``, not missing."""
+    oidc = oidc_section(idp, required_claims=[{"name": "groups", "values": ["2"]}])
+    with entra_gateway(
+        tmp_path, simulator, idp, subscriptions={"team-a": "starter"}, rules=_rules, oidc=oidc
+    ) as h:
+        assert _refusal(h, idp.issue(azp=APP, groups=[1, 2])) == (200, None)
+        assert _refusal(h, idp.issue(azp=APP, groups=2)) == (200, None)
+        assert _refusal(h, idp.issue(azp=APP, groups=[3])) == (401, "TokenClaimInvalid")
+        assert _refusal(h, idp.issue(azp=APP, groups=[{"id": 2}])) == (401, "TokenClaimInvalid")
+        assert _refusal(h, idp.issue(azp=APP)) == (401, "TokenClaimMissing")
+
+
+@pytest.mark.parametrize(
+    ("claim", "problem"),
+    [
+        ({"name": "tier", "values": ["gold,silver"], "separator": ","}, "contains the separator"),
+        ({"name": "roles", "values": [""]}, "cannot be empty"),
+        ({"name": "roles", "values": [" Gateway.User"]}, "surrounding whitespace"),
+        ({"name": "scp", "values": ["a b"]}, "cannot contain whitespace"),
+    ],
+)
+def test_required_claim_values_no_token_could_match_are_refused(
+    tmp_path: Path, simulator: SimulatorThread, claim: dict[str, Any], problem: str
+) -> None:
+    oidc = {
+        "issuers": [{"discovery_url": "https://login.example.com/.well-known/openid-configuration",
+                     "audiences": [AUDIENCE]}],
+        "required_claims": [claim],
+    }  # fmt: skip
+    data = gateway_config(tmp_path, {"sim": simulator.url}, oidc=oidc)
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(data)

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from sqlalchemy import update
+from sqlalchemy import event, text, update
 from sqlalchemy.engine import Engine
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.clock import FakeClock
-from sluicegate.config.loader import parse_config, retention_warnings
+from sluicegate.config.loader import (
+    ConfigError,
+    header_quota_warnings,
+    parse_config,
+    retention_warnings,
+)
 from sluicegate.limits.limiter import (
     Limiter,
     LimitRequest,
@@ -32,7 +39,13 @@ from sluicegate.limits.seeding import QuotaSeeder
 from sluicegate.limits.store import Counter, CounterStore, SeedableStore
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.migrations import migrate
-from sluicegate.storage.quota_usage import COUNTER_KEY_COLUMNS, ledger_usage
+from sluicegate.storage.quota_usage import (
+    COUNTER_KEY_COLUMNS,
+    LedgerUsage,
+    QuotaUsageError,
+    ledger_usage,
+    quota_usages,
+)
 from sluicegate.storage.rows import record_to_row
 from sluicegate.storage.schema import rollup_state, usage_records
 from tests.limits.conftest import T0
@@ -217,6 +230,7 @@ async def test_redis_loss_seeds_from_postgresql_and_racing_instances_seed_once(
         admitted = await limiter_a.admit([LimitRequest("sub:sub-a", QUOTA, 100)])
         await limiter_a.settle(admitted.reservation, 100)
         insert(pg_engine, record(3, T0, 100))
+        seeder_b.notice(name, "subscription")  # B's limiter has the same policy
         applied = await asyncio.gather(seeder_a.seed_now(name), seeder_b.seed_now(name))
         assert sorted(applied) == [False, True]
         assert await used(store_a, name) == 4900 + 100
@@ -226,13 +240,14 @@ async def test_redis_loss_seeds_from_postgresql_and_racing_instances_seed_once(
         await redis_client.delete(*keys)
         clock.advance(2)
         seeder_b.start()
+        won, won_tokens = seeder_b.applied, seeder_b.applied_tokens  # B may have won the race
         later = await limiter_b.admit([LimitRequest("sub:sub-a", QUOTA, 10)])
         assert later.allowed
         insert(pg_engine, record(4, T0 + 2, 10))  # in the ledger before the seed: not in it
         assert seeder_b.pending == 1  # the store reported the creation
         await limiter_b.settle(later.reservation, 10)
-        await wait_for(lambda: seeder_b.applied == 1)
-        assert seeder_b.applied_tokens == 5000
+        await wait_for(lambda: seeder_b.applied == won + 1)
+        assert seeder_b.applied_tokens - won_tokens == 5000
         assert await used(store_b, name, NOW_MS + 2000) == 5000 + 10
         assert not await seeder_a.seed_now(name)  # the other instance finds it seeded
     finally:
@@ -291,6 +306,7 @@ async def test_purged_records_are_warned_about_once(
     seeder = seeder_of(store, sqlite_engine)
     with caplog.at_level(logging.WARNING, logger="sluicegate.limits"):
         for key in ("sub:sub-a", "owner:team-x"):
+            seeder.notice(name_of(key), "subscription")  # as the limiter tells it
             await store.admit([fixed(name_of(key), 1)], NOW_MS)
             assert await seeder.seed_now(name_of(key))
     assert caplog.text.count("have been purged") == 1
@@ -341,3 +357,260 @@ def test_each_seedable_key_kind_matches_its_ledger_column(sqlite_engine: Engine)
     assert usage("sub:sub-a", START_MS, int((base + 1) * 1000)) == (0, None)  # ts < before
     assert usage("ip:203.0.113.7", START_MS, before) is None
     assert usage("hdr:sub-a:x-user:u1", START_MS, before) is None
+
+
+# -- which records a seed counts, batching, timeouts, one warning per outage ------------------
+
+
+def wire(store: MemoryStore, engine: Engine, clock: FakeClock, **options: Any) -> Any:
+    """A limiter and a started seeder on ``store``, wired as the gateway wires them."""
+    limiter = Limiter(store, clock)
+    seeder = seeder_of(store, engine, **options)
+    limiter.quota_seen = seeder.notice
+    store.quota_created = seeder.created
+    seeder.start()
+    return limiter, seeder
+
+
+async def test_a_caller_policys_subscription_fallback_is_seeded_with_tokenless_requests_only(
+    sqlite_engine: Engine,
+) -> None:
+    """``counter_key: caller``: a request with a key and no token charges ``sub:<id>``. Its
+    seed is the subscription's records without a caller, not the token requests that went
+    to ``caller:`` counters; a header policy's fallback is not seeded (no header column);
+    a ``sub:`` counter that a subscription policy charges too holds every request."""
+    base = START_MS / 1000
+    insert(
+        sqlite_engine,
+        record(1, base + 10, 5000, caller="oid-1"),  # token requests: caller:oid-1
+        record(2, base + 11, 300),  # key only: the fallback
+        record(3, base + 12, 4000, sub="sub-b", caller="oid-2"),
+        record(4, base + 13, 20, sub="sub-b"),
+        record(5, base + 14, 7000, sub="sub-c", caller="oid-3"),
+        record(6, base + 15, 1, sub="sub-c"),
+    )
+    by_caller = LimitPolicy(token_quota=20_000, token_quota_period="monthly", counter_key="caller")
+    by_header = LimitPolicy(
+        token_quota=20_000,
+        token_quota_period="monthly",
+        counter_key="header",
+        counter_header="x-user-id",
+    )
+    clock = FakeClock(start=T0)
+    store = MemoryStore(counting_since_ms=NOW_MS - 5000)
+    limiter, seeder = wire(store, sqlite_engine, clock)
+    try:
+        for requests in (
+            [LimitRequest("sub:sub-a", by_caller, 1)],
+            [LimitRequest("caller:oid-1", by_caller, 1)],
+            [LimitRequest("sub:sub-b", by_header, 1)],
+            [LimitRequest("sub:sub-c", by_caller, 1), LimitRequest("sub:sub-c", QUOTA, 1)],
+        ):
+            assert (await limiter.admit(requests)).allowed
+        await wait_for(lambda: seeder.pending == 0)
+        assert await used(store, name_of("sub:sub-a")) == 300 + 1
+        assert await used(store, name_of("caller:oid-1")) == 5000 + 1
+        assert await used(store, name_of("sub:sub-b")) == 1  # not seeded
+        assert await used(store, name_of("sub:sub-c")) == 7001 + 1
+        assert seeder.applied == 3
+    finally:
+        await seeder.aclose()
+
+
+class StatementCounter:
+    """Counts the SQL statements run on an engine (an SQLAlchemy event listener)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.count = 0
+
+    def __enter__(self) -> StatementCounter:
+        event.listen(self.engine, "before_cursor_execute", self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._count)
+
+    def _count(self, *args: Any) -> None:
+        self.count += 1
+
+
+async def test_many_counters_with_one_since_are_seeded_with_a_few_grouped_queries(
+    sqlite_engine: Engine,
+) -> None:
+    """Embedded mode after a restart: 1,200 caller counters share the gateway's start as
+    their ``since``: one grouped query per 500 keys (and one read of the purge horizon),
+    not two statements per key; each seed equals the key's own sum."""
+    base = START_MS / 1000
+    n = 1200
+    insert(
+        sqlite_engine,
+        *(record(i, base + i, 10 + i % 7, caller=f"oid-{i % n}") for i in range(2 * n)),
+        record(9999, NOW_MS / 1000 - 1, 1_000_000, caller="oid-0"),  # after since: not in
+    )
+    usage = ledger_usage(sqlite_engine)
+    since = NOW_MS - 5000
+    expected = {f"oid-{i}": usage(f"caller:oid-{i}", START_MS, since) for i in range(n)}
+    policy = LimitPolicy(token_quota=10**9, token_quota_period="monthly", counter_key="caller")
+    clock = FakeClock(start=T0)
+    store = MemoryStore(counting_since_ms=since)
+    limiter, seeder = wire(store, sqlite_engine, clock, settle_s=1.5)
+    try:
+        with StatementCounter(sqlite_engine) as statements:
+            for i in range(n):
+                assert (await limiter.admit([LimitRequest(f"caller:oid-{i}", policy, 0)])).allowed
+            await wait_for(lambda: seeder.applied == n, timeout=20)
+        assert statements.count <= 3 + 1  # ceil(1200 / 500) grouped queries, the horizon
+        for i in range(n):
+            tokens, _ = expected[f"oid-{i}"] or (None, None)
+            assert await used(store, name_of(f"caller:oid-{i}")) == tokens
+    finally:
+        await seeder.aclose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_batched_usage_with_different_sinces_equals_the_per_key_sums(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    """Cluster mode: counters created at different moments. One grouped query up to the
+    earliest ``since``, a short tail query for each later one; the same sums as one query
+    per key; a counter created when its period began has nothing to add."""
+    engine: Engine = request.getfixturevalue(
+        "sqlite_engine" if database == "sqlite" else "pg_engine"
+    )
+    base = START_MS / 1000
+    insert(engine, *(record(i, base + i, 100 + i, sub=f"s{i % 5}") for i in range(50)))
+    sinces = {f"s{k}": START_MS + (10 + 5 * k) * 1000 for k in range(5)} | {"s9": START_MS}
+    with StatementCounter(engine) as statements:
+        tokens, purged = quota_usages(engine, "sub", START_MS, sinces)
+    timeouts = 2 if database == "postgresql" else 0  # SET LOCAL statement_, lock_timeout
+    assert statements.count == timeouts + 1 + 4 + 1  # grouped, 4 tails, the horizon
+    usage = ledger_usage(engine)
+    for value, since in sinces.items():
+        assert (tokens[value], purged) == usage(f"sub:{value}", START_MS, since)
+    assert tokens["s9"] == 0
+
+
+@pytest.fixture
+def locked_ledger(pg_engine: Engine) -> Iterator[threading.Event]:
+    """``LOCK TABLE usage_records`` held by another session until the event is set (or
+    20 s)."""
+    release, locked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pg_engine.connect() as conn, conn.begin():
+            conn.execute(text("LOCK TABLE usage_records"))
+            locked.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert locked.wait(5)
+    yield release
+    release.set()
+    thread.join(25)
+
+
+def test_a_seed_query_gives_up_on_a_locked_ledger(
+    pg_engine: Engine, locked_ledger: threading.Event
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(QuotaUsageError):
+        quota_usages(pg_engine, "owner", START_MS, {"team-x": NOW_MS}, lock_timeout_s=0.5)
+    assert time.monotonic() - started < 3  # not until the lock is released (20 s)
+
+
+def test_stopping_never_waits_for_a_seed_query_the_database_holds(
+    pg_engine: Engine, locked_ledger: threading.Event
+) -> None:
+    """The seed's query waits for the lock (a long lock timeout here): the seeder's close
+    and the event loop's end do not wait for it (a daemon thread, not the loop's executor,
+    whose threads ``asyncio.run`` joins)."""
+
+    async def scenario() -> None:
+        store = MemoryStore(counting_since_ms=NOW_MS - 5000)
+        usage = LedgerUsage(pg_engine, lock_timeout_s=30)
+        seeder = QuotaSeeder(store, usage, COUNTER_KEY_COLUMNS.keys(), settle_s=0.0)
+        store.quota_created = seeder.created
+        seeder.start()
+        await store.admit([fixed(name_of("owner:team-x"), 1)], NOW_MS)
+        await wait_for(lambda: waiting_for_a_lock(pg_engine), timeout=5)
+        await seeder.aclose()
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 5
+    locked_ledger.set()  # the query left behind ends, its connection back in the pool
+    for thread in threading.enumerate():
+        if thread.name == "quota-seed":
+            thread.join(10)
+
+
+def waiting_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        return bool(conn.execute(text(query)).scalar_one())
+
+
+async def test_a_database_outage_is_one_warning_for_every_key_and_retry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hundreds of counters wait through an outage (here: a ledger not migrated yet): one
+    warning with their count, not one per key and retry; one line when seeding resumes."""
+    url = f"sqlite:///{tmp_path / 'later.db'}"
+    engine = create_engine_for(url)
+    clock = FakeClock(start=T0)
+    store = MemoryStore(counting_since_ms=NOW_MS - 5000)
+    limiter, seeder = wire(store, engine, clock, retry_s=0.01, max_retry_s=0.02)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sluicegate.limits"):
+            for i in range(300):
+                await limiter.admit([LimitRequest(f"owner:team-{i}", QUOTA.model_copy(), 1)])
+            await wait_for(lambda: "quota seeding failed" in caplog.text)
+            await asyncio.sleep(0.3)  # many retries of every key
+            migrate(url)
+            await wait_for(lambda: seeder.applied == 300)
+        assert caplog.text.count("quota seeding failed") == 1
+        assert "300 quota counter(s) wait" in caplog.text
+        assert caplog.text.count("quota seeding works again") == 1
+    finally:
+        await seeder.aclose()
+        engine.dispose()
+
+
+def minimal_config(**more: Any) -> dict[str, Any]:
+    return {
+        "backends": [{"name": "b", "url": "https://b.example.com"}],
+        "deployments": [{"name": "d", "backend": "b"}],
+        "products": [{"name": "gold", "deployments": ["d"]}],
+        **more,
+    }
+
+
+def test_max_stale_seconds_below_two_refreshes_is_refused() -> None:
+    """With refresh every 3 s, a view bound of 1 s refuses requests 1-3 s of every 3 s with
+    a healthy database: refused; 2 x refresh + 1 is accepted."""
+    with pytest.raises(ConfigError, match=r"max_stale_seconds \(1\) must be at least .* = 7"):
+        parse_config(minimal_config(refresh_seconds=3, storage={"max_stale_seconds": 1}))
+    parse_config(minimal_config(refresh_seconds=3, storage={"max_stale_seconds": 7}))
+    parse_config(minimal_config(storage={"max_stale_seconds": 2}))  # refresh 0.5 s
+    parse_config(minimal_config(refresh_seconds=5))  # unset: no bound
+
+
+def test_config_check_warns_about_a_header_keyed_quota() -> None:
+    header = {"counter_key": "header", "counter_header": "x-user-id"}
+    quota = {"token_quota": 5000, "token_quota_period": "monthly"}
+    config = minimal_config(
+        products=[
+            {"name": "gold", "deployments": ["d"], "limits": [{**header, **quota}]},
+            {
+                "name": "silver",
+                "deployments": ["d"],
+                "limits": [{**header, "tokens_per_minute": 9}],
+            },
+            {"name": "bronze", "deployments": ["d"], "limits": [quota]},
+        ]
+    )
+    [warning] = header_quota_warnings(parse_config(config))
+    assert warning.startswith("products['gold']: a monthly token_quota with counter_key: header")
+    assert "1,500 bytes" in warning and "tokens_per_minute" in warning

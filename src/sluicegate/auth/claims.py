@@ -18,19 +18,30 @@ from sluicegate.auth.token_types import TokenError, TokenFailure
 from sluicegate.config.oidc import RequiredClaim
 
 
+def _scalar_text(value: object) -> str | None:
+    """A scalar claim value as JSON writes it (``true``, ``12``, ``1.5``); None otherwise."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
 def required_claim_values(value: object, name: str, separator: str | None) -> frozenset[str]:
     """The values of a claim as a required claim compares them: a string (split at
-    ``separator``; ``scp`` at whitespace when none is given), each string of a list (split
-    too), ``true``/``false`` and integers as JSON writes them. Anything else (null, an
-    object, an empty string) is no value."""
-    if isinstance(value, bool):
-        return frozenset({"true" if value else "false"})
-    if isinstance(value, int):
-        return frozenset({str(value)})
+    ``separator``; ``scp`` at whitespace when none is given), each scalar of a list (strings
+    split too), ``true``/``false`` and numbers as JSON writes them (``groups: [1, 2]`` holds
+    ``"1"`` and ``"2"``). Anything else (null, an object, an empty string) is no value."""
     items: Iterable[object] = value if isinstance(value, list) else (value,)
     out: set[str] = set()
     for item in items:
+        text = _scalar_text(item)
+        if text is None:
+            continue
         if not isinstance(item, str):
+            out.add(text)
             continue
         if separator is not None:
             out.update(part.strip() for part in item.split(separator))
@@ -42,6 +53,14 @@ def required_claim_values(value: object, name: str, separator: str | None) -> fr
     return frozenset(out)
 
 
+def _present(value: object) -> bool:
+    """Whether a claim is there with some content (not absent, null, ``""`` or ``[]``): one
+    whose values are none the gateway compares (objects) is present but cannot match."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return value is not None and value != []
+
+
 @dataclass(frozen=True, slots=True)
 class _Condition:
     name: str
@@ -50,8 +69,9 @@ class _Condition:
     separator: str | None
 
     def failure(self, claims: Mapping[str, Any]) -> TokenError | None:
-        found = required_claim_values(claims.get(self.name), self.name, self.separator)
-        if not found:
+        raw = claims.get(self.name)
+        found = required_claim_values(raw, self.name, self.separator)
+        if not found and not _present(raw):
             return TokenError(
                 TokenFailure.CLAIM_MISSING,
                 f"Access denied: the token has no '{self.name}' claim, which this gateway "

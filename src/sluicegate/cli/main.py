@@ -18,6 +18,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 from sluicegate.config.loader import (
     ConfigError,
     environment_problems,
+    header_quota_warnings,
     load_config,
     retention_warnings,
 )
@@ -118,7 +119,11 @@ def serve(
 def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to check")]) -> None:
     """Validate a configuration file; every problem is printed with its location."""
     cfg = _load(path)
-    warnings = environment_problems(cfg, dict(os.environ)) + retention_warnings(cfg)
+    warnings = (
+        environment_problems(cfg, dict(os.environ))
+        + retention_warnings(cfg)
+        + header_quota_warnings(cfg)
+    )
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     from sluicegate.accounting.pricing import PriceTable

@@ -259,3 +259,31 @@ def retention_warnings(config: GatewayConfig) -> list[str]:
         f"quota of product {longest[2]!r}: a quota counter seeded from the ledger after a "
         "restart (or a Redis loss) misses the usage of purged records"
     ]
+
+
+#: Memory a quota counter takes in the limit store, about (the counter, its origin, the
+#: limiter's cached shape and the seeder's bookkeeping), for the warning below.
+QUOTA_COUNTER_BYTES = 1_500
+
+
+def header_quota_warnings(config: GatewayConfig) -> list[str]:
+    """A product policy with ``counter_key: header`` and a ``token_quota``: one quota counter
+    per distinct header value, kept until the period ends (idle sweeping frees only TPM and
+    RPM windows), so memory (or Redis) grows with every value clients send. Products'
+    policies only: a subscription's override is not known here."""
+    warnings: list[str] = []
+    for product in config.products:
+        for policy in product.limit_policies():
+            if policy.counter_key != "header" or policy.token_quota is None:
+                continue
+            warnings.append(
+                f"products[{product.name!r}]: a {policy.token_quota_period} token_quota with "
+                f"counter_key: header ({policy.counter_header}) keeps one quota counter per "
+                f"distinct header value until the period ends (about "
+                f"{QUOTA_COUNTER_BYTES:,} bytes of memory each; in cluster mode, Redis keys): "
+                "a client sending "
+                "many values grows it without bound; prefer tokens_per_minute for a header "
+                "key (its counters are freed after a minute idle), or a header whose values "
+                "are a bounded set of users"
+            )
+    return warnings

@@ -719,6 +719,21 @@ class GatewayConfig(_Strict):
             raise ValueError("; ".join(errors))
         return self
 
+    @model_validator(mode="after")
+    def _stale_after_refreshes(self) -> GatewayConfig:
+        # The view's age reaches refresh_seconds (plus the refresh's own time) between two
+        # healthy refreshes: a bound below that refuses requests with the database up.
+        stale = self.storage.max_stale_seconds
+        least = 2 * self.refresh_seconds + 1
+        if stale is not None and stale < least:
+            raise ValueError(
+                f"storage.max_stale_seconds ({stale:g}) must be at least 2 x refresh_seconds "
+                f"+ 1 = {least:g}: the subscription view is refreshed every "
+                f"{self.refresh_seconds:g} s, so a smaller bound refuses requests (503 "
+                "SubscriptionViewStale) while the database is healthy"
+            )
+        return self
+
 
 @dataclass(frozen=True)
 class ConfigParts:

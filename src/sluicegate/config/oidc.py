@@ -73,14 +73,39 @@ class RequiredClaim(_Strict):
     separator>``). ``match: all`` (APIM's default): the token's claim holds every one of
     ``values``; ``any``: at least one. No ``values``: the claim must be present (not null,
     not empty). A token's claim counts as its string values: a string (split at
-    ``separator`` when one is given; ``scp`` at spaces by default), each string of a list,
-    ``true``/``false`` and integers as JSON writes them. A token that fails is refused with
-    401 (``TokenClaimMissing`` when it lacks the claim, ``TokenClaimInvalid`` otherwise)."""
+    ``separator`` when one is given; ``scp`` at spaces by default), each scalar of a list,
+    ``true``/``false`` and numbers as JSON writes them. A token that fails is refused with
+    401 (``TokenClaimMissing`` when it lacks the claim, ``TokenClaimInvalid`` otherwise).
+    A value no token could match (empty, padded, holding the separator) is refused."""
 
     name: str = Field(min_length=1, max_length=256)
     values: list[str] = Field(default_factory=list)
     match: Literal["all", "any"] = "all"
     separator: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _values_can_match(self) -> RequiredClaim:
+        # A token's values are split at the separator (scp at whitespace) and stripped, and
+        # empty ones dropped: such a configured value could never match, and every token
+        # would be refused.
+        for value in self.values:
+            if not value.strip() or value != value.strip():
+                raise ValueError(
+                    f"required claim {self.name!r}: a value cannot be empty or have "
+                    "surrounding whitespace (no token could match it)"
+                )
+            if self.separator is not None and self.separator in value:
+                raise ValueError(
+                    f"required claim {self.name!r}: the value {value!r} contains the "
+                    f"separator {self.separator!r} (a token's claim is split at it, so no "
+                    "token could match it)"
+                )
+            if self.separator is None and self.name == "scp" and any(c.isspace() for c in value):
+                raise ValueError(
+                    "required claim 'scp': a value cannot contain whitespace (scp is split "
+                    "at whitespace, so no token could match it)"
+                )
+        return self
 
 
 class OidcIssuerConfig(_Strict):

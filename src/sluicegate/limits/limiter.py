@@ -242,8 +242,9 @@ class Limiter:
         self._shapes: dict[tuple[tuple[str, int], ...], _Shape] = {}
         #: Called with the name of each quota counter of a shape built anew (the first
         #: admission of a key, policy and period in this process; not on every request):
-        #: the seeder's cheap wake-up (``limits/seeding.py``).
-        self.quota_seen: Callable[[str], None] | None = None
+        #: the seeder's cheap wake-up (``limits/seeding.py``), with the ``counter_key`` of
+        #: each policy charging it (a ``sub:`` counter may be a caller policy's fallback).
+        self.quota_seen: Callable[[str, str], None] | None = None
 
     def __repr__(self) -> str:
         return f"Limiter(store={self.store!r})"
@@ -296,9 +297,11 @@ class Limiter:
             self._shapes[cache_key] = shape
             seen = self.quota_seen
             if seen is not None:
-                for spec in shape.specs:
-                    if spec.kind == "fixed":
-                        seen(spec.name)
+                for bind in shape.binds:
+                    if bind.kind == "quota":
+                        seen(
+                            shape.specs[bind.counter].name, shape.policies[bind.request].counter_key
+                        )
         return shape
 
     async def settle(self, reservation: Reservation | None, actual_tokens: int) -> None:

@@ -16,14 +16,32 @@ every request), the store calls :meth:`created` when an admission creates a quot
 insert and an ``asyncio.Event.set``. The work runs in a background task: a short wait for
 the ledger (:attr:`settle_s`: records of requests that ended just before are still in their
 writers' batches; in embedded mode, until the spill file left by the previous run has been
-replayed, at most :attr:`ready_wait_s`), one store read, one query in a thread, one store
-write. Until the seed lands (about :attr:`settle_s`, longer while the database is down),
+replayed, at most :attr:`ready_wait_s`), then per counter one store read and one store
+write, and one ledger read per batch (below). Until the seed lands (about :attr:`settle_s`,
+up to twice that in a batch, longer while the database is down),
 requests are admitted against the counter without it: during that window a client can
 overshoot its quota by at most what the period used before ``since``.
 
-Errors (database, Redis) are logged as warnings and retried with a backoff doubling from
-:attr:`retry_s` to :attr:`max_retry_s`; they never reach the request path. Keys the ledger
-cannot attribute (``ip:``) are not seeded.
+Seeds due together are batched: grouped by key kind, period start and scope, one usage
+read (``UsageSource.batch``: one grouped query per chunk of keys, ``storage/quota_usage.py``)
+serves the whole group; the read runs in a daemon thread (``threads.in_daemon_thread``), so
+that :meth:`QuotaSeeder.aclose` and the process's exit never wait for a query the database
+holds (the query itself is bounded by its statement and lock timeouts).
+
+Which records a counter's seed counts depends on the policies that charge it, which the
+limiter tells :meth:`QuotaSeeder.notice` (the policy's ``counter_key``): ``caller:``,
+``owner:``, ``product:`` keys count every record of the key (a ``caller:`` seed thus
+includes the caller's requests in products without a caller quota: an over-count, the price
+of a ledger without a policy column); a ``sub:`` counter counts every record of the
+subscription when a ``subscription``, ``owner`` or ``product`` policy charges it, only the
+records without a caller when it is only the fallback of a ``caller`` policy (requests with
+a key and no token), and is not seeded when it is only the fallback of a ``header`` policy
+(the ledger has no header column; nor when no policy was reported for it).
+
+Errors (database, Redis) are retried with a backoff doubling from :attr:`retry_s` to
+:attr:`max_retry_s`; they never reach the request path. One warning per outage (with the
+number of counters waiting), one line when seeding works again. Keys the ledger cannot
+attribute (``ip:``, ``hdr:``) are not seeded.
 """
 
 from __future__ import annotations
@@ -32,22 +50,49 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sluicegate.limits.limiter import parse_quota_counter_name
 from sluicegate.limits.store import SeedableStore
+from sluicegate.threads import in_daemon_thread
 
 log = logging.getLogger("sluicegate.limits")
 
-#: ``usage(key, start_ms, before_ms)`` -> ``(tokens, raw records purged before (epoch s) or
-#: None)``, or None when the key cannot be seeded. Blocking (runs in a thread); raises on a
-#: database error (the message must hold no key or secret).
-UsageSource = Callable[[str, int, int], tuple[int, float | None] | None]
+
+class UsageSource(Protocol):
+    """Where seeds come from (``storage.quota_usage.LedgerUsage``)."""
+
+    def batch(
+        self, kind: str, start_ms: int, sinces: Mapping[str, int], *, without_caller: bool
+    ) -> tuple[dict[str, int], float | None]:
+        """``(tokens by value, raw records purged before (epoch s) or None)``: for each
+        value of ``sinces``, the ledger's tokens of key ``{kind}:{value}`` in ``start_ms <=
+        ts < sinces[value]``; ``without_caller``: records without a caller only. Blocking
+        (runs in a thread); raises on a database error (the message must hold no key or
+        secret)."""
+        ...
+
 
 #: How many counter names are remembered as seen before the set is emptied (each name seen
 #: again then costs one store read).
 _SEEN_LIMIT = 100_000
+#: Policy kinds whose ``sub:`` counter holds every request of the subscription.
+_WHOLE_SUBSCRIPTION = frozenset({"subscription", "owner", "product"})
+#: How long :meth:`QuotaSeeder.aclose` waits for the task to end once cancelled (a store
+#: call in progress); a ledger read is not waited for at all (a daemon thread).
+CLOSE_WAIT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Seeds read together: one key kind, period start and scope."""
+
+    kind: str
+    start_ms: int
+    without_caller: bool
 
 
 class QuotaSeeder:
@@ -80,9 +125,13 @@ class QuotaSeeder:
         self._kinds = frozenset(kinds)
         self._ledger_ready = ledger_ready
         self._seen: set[str] = set()
+        #: ``sub:`` counter name -> the ``counter_key`` of the policies charging it.
+        self._sub_policies: dict[str, set[str]] = {}
         #: Counter name -> when to try it (time.monotonic()).
         self._due: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        #: Since when (time.monotonic()) seeds fail; None while they work.
+        self._failing_since: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready_deadline = 0.0
@@ -97,9 +146,17 @@ class QuotaSeeder:
 
     # -- wake-ups (event loop, cheap) -----------------------------------------------------
 
-    def notice(self, name: str) -> None:
-        """The limiter built counter ``name`` (first sight in this process): seed it if its
-        store has it unseeded (a counter another instance created and could not seed)."""
+    def notice(self, name: str, counter_key: str = "subscription") -> None:
+        """The limiter built counter ``name`` for a policy with this ``counter_key`` (first
+        sight in this process): seed it if its store has it unseeded (a counter another
+        instance created and could not seed)."""
+        if name.startswith("sub:"):
+            policies = self._sub_policies.get(name)
+            if policies is None:
+                if len(self._sub_policies) >= _SEEN_LIMIT:
+                    del self._sub_policies[next(iter(self._sub_policies))]  # the oldest
+                policies = self._sub_policies[name] = set()
+            policies.add(counter_key)
         if name in self._seen:
             return
         self._remember(name)
@@ -131,13 +188,15 @@ class QuotaSeeder:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="quota-seeder")
 
     async def aclose(self) -> None:
-        """Stop the task; seeds not applied yet are dropped (the next start seeds anew)."""
+        """Stop the task; seeds not applied yet are dropped (the next start seeds anew).
+        Waits at most :data:`CLOSE_WAIT_S` (a store call in progress), never for a ledger
+        read (left to finish in its daemon thread, its result dropped)."""
         task, self._task = self._task, None
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), CLOSE_WAIT_S)
 
     async def _run(self) -> None:
         while True:
@@ -146,10 +205,15 @@ class QuotaSeeder:
                 await self._wake.wait()
                 continue
             now = time.monotonic()
+            # Batch: the counters due within a settle time of the first one wait for the
+            # last of them (the first waits at most twice its settle time, none less), so
+            # that counters noticed one after the other go into one read, not many.
+            horizon = min(self._due.values()) + self.settle_s
+            last = max([at for at in self._due.values() if at <= horizon])
             due = [name for name, at in self._due.items() if at <= now]
-            if not due:
+            if last > now:
                 self._wake.clear()
-                wait = min(self._due.values()) - now
+                wait = last - now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue
@@ -157,8 +221,7 @@ class QuotaSeeder:
                 for name in due:
                     self._due[name] = now + self.settle_s
                 continue
-            for name in due:
-                await self._seed(name)
+            await self._seed_batch(due)
 
     def _ready(self) -> bool:
         if self._ledger_ready is None or self._ledger_ready():
@@ -177,48 +240,158 @@ class QuotaSeeder:
     async def seed_now(self, name: str) -> bool:
         """Seed ``name`` at once (no wait, no retry); whether a seed was applied. Raises what
         the store or the ledger raise. For tests and tools; the gateway uses the task."""
-        return await self._apply(name)
+        groups = await self._collect([name], strict=True)
+        applied = False
+        for group, sinces in groups.items():
+            found = await self._read(group, sinces)
+            applied = await self._land(group, sinces, found) > 0 or applied
+        return applied
 
-    async def _seed(self, name: str) -> None:
-        try:
-            await self._apply(name)
-        except Exception as exc:  # any failure: logged and retried, never raised
-            failures = self._failures.get(name, 0) + 1
-            self._failures[name] = failures
-            delay = min(self.retry_s * 2 ** (failures - 1), self.max_retry_s)
-            self._due[name] = time.monotonic() + delay
-            log.warning(
-                "quota seeding failed (%s: %s); retrying in %.0f s",
-                type(exc).__name__,
-                str(exc).strip().split("\n", 1)[0],
-                delay,
+    # -- the work -------------------------------------------------------------------------
+
+    def _sub_group(self, name: str, start_ms: int) -> _Group | None:
+        """How ``sub:`` counter ``name`` is seeded (the policies charging it), or None when
+        it is not (module docstring)."""
+        policies = self._sub_policies.get(name)
+        if policies is None:
+            return None  # no policy reported: whose fallback it is is unknown
+        if policies & _WHOLE_SUBSCRIPTION:
+            return _Group("sub", start_ms, False)
+        if "caller" in policies:
+            return _Group("sub", start_ms, True)  # requests without a token only
+        return None  # a header policy's fallback only: the ledger cannot tell
+
+    async def _collect(
+        self, names: list[str], *, strict: bool = False
+    ) -> dict[_Group, dict[str, tuple[str, int]]]:
+        """Group the names that need a seed: group -> value -> (name, since_ms). Names that
+        need none are done (removed from the due ones); a store error marks the name failed
+        (raised when ``strict``). Counters created when their period began get their empty
+        seed at once."""
+        groups: dict[_Group, dict[str, tuple[str, int]]] = {}
+        for name in names:
+            parsed = parse_quota_counter_name(name)
+            group = None
+            if parsed is not None:
+                key, _period, start_ms = parsed
+                kind = key.partition(":")[0]
+                group = (
+                    self._sub_group(name, start_ms)
+                    if kind == "sub"
+                    else _Group(kind, start_ms, False)
+                )
+            if parsed is None or group is None:
+                self._done(name)
+                continue
+            try:
+                origin = await self.store.quota_origin(name)
+                if origin is None or origin.seeded:
+                    self._done(name)  # gone (or from a version without origins), or seeded
+                    continue
+                if origin.since_ms <= group.start_ms:  # nothing of the period before it
+                    await self._apply(name, origin.since_ms, 0)
+                    self._done(name)
+                    continue
+            except Exception as exc:
+                if strict:
+                    raise
+                self._failed([name], exc)
+                continue
+            value = parsed[0].partition(":")[2]
+            groups.setdefault(group, {})[value] = (name, origin.since_ms)
+        return groups
+
+    async def _read(
+        self, group: _Group, members: Mapping[str, tuple[str, int]]
+    ) -> tuple[dict[str, int], float | None]:
+        """The ledger's usage of a group's members, in a daemon thread."""
+        sinces = {value: since for value, (_name, since) in members.items()}
+        usage = self._usage
+
+        def read() -> tuple[dict[str, int], float | None]:
+            return usage.batch(
+                group.kind, group.start_ms, sinces, without_caller=group.without_caller
             )
-            return
-        self._due.pop(name, None)
-        self._failures.pop(name, None)
 
-    async def _apply(self, name: str) -> bool:
-        parsed = parse_quota_counter_name(name)
-        if parsed is None:
-            return False
-        key, _period, start_ms = parsed
-        origin = await self.store.quota_origin(name)
-        if origin is None or origin.seeded:
-            return False  # gone (or from a version without origins), or seeded already
-        tokens = 0
-        if origin.since_ms > start_ms:  # else nothing of the period came before it
-            found = await asyncio.to_thread(self._usage, key, start_ms, origin.since_ms)
-            if found is None:
-                return False
-            tokens, purged_before = found
-            if purged_before is not None and purged_before * 1000 > start_ms:
-                self._warn_purged(purged_before)
-        applied = await self.store.apply_seed(name, origin.since_ms, tokens)
+        return await in_daemon_thread("quota-seed", read)
+
+    async def _land(
+        self,
+        group: _Group,
+        members: Mapping[str, tuple[str, int]],
+        found: tuple[dict[str, int], float | None],
+        *,
+        strict: bool = True,
+    ) -> int:
+        """Apply each member's seed; how many were applied."""
+        tokens_by_value, purged_before = found
+        if purged_before is not None and purged_before * 1000 > group.start_ms:
+            self._warn_purged(purged_before)
+        count = 0
+        for value, (name, since) in members.items():
+            try:
+                count += await self._apply(name, since, tokens_by_value.get(value, 0))
+            except Exception as exc:
+                if strict:
+                    raise
+                self._failed([name], exc)
+                continue
+            self._done(name)
+        return count
+
+    async def _seed_batch(self, names: list[str]) -> None:
+        groups = await self._collect(names)
+        for group, members in groups.items():
+            try:
+                found = await self._read(group, members)
+            except Exception as exc:  # any failure: retried, never raised
+                self._failed([name for name, _since in members.values()], exc)
+                continue
+            self._recovered()
+            await self._land(group, members, found, strict=False)
+
+    async def _apply(self, name: str, since_ms: int, tokens: int) -> bool:
+        applied = await self.store.apply_seed(name, since_ms, tokens)
         if applied:
             self.applied += 1
             self.applied_tokens += tokens
             log.debug("quota counter seeded with %d token(s) from the ledger", tokens)
         return applied
+
+    def _done(self, name: str) -> None:
+        self._due.pop(name, None)
+        self._failures.pop(name, None)
+
+    def _recovered(self) -> None:
+        """A ledger read worked: the end of an outage, if one was going on (one line)."""
+        if self._failing_since is not None:
+            waited = time.monotonic() - self._failing_since
+            self._failing_since = None
+            log.warning(
+                "quota seeding works again after %.0f s of failures; %d quota counter(s) "
+                "still wait for their seed",
+                waited,
+                len(self._due),
+            )
+
+    def _failed(self, names: list[str], exc: Exception) -> None:
+        """Retry ``names`` with a backoff; one warning per outage, not per key or retry."""
+        now = time.monotonic()
+        for name in names:
+            failures = self._failures.get(name, 0) + 1
+            self._failures[name] = failures
+            self._due[name] = now + min(self.retry_s * 2 ** (failures - 1), self.max_retry_s)
+        if self._failing_since is not None:
+            return
+        self._failing_since = now
+        log.warning(
+            "quota seeding failed (%s: %s); %d quota counter(s) wait for their seed, retried "
+            "with a backoff up to %g s (logged again when seeding works)",
+            type(exc).__name__,
+            str(exc).strip().split("\n", 1)[0],
+            len(self._due),
+            self.max_retry_s,
+        )
 
     def _warn_purged(self, purged_before: float) -> None:
         if self._warned_purge:
