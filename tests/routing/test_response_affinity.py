@@ -180,14 +180,15 @@ def test_the_holders_refusal_not_another_members_404(tmp_path: Path, started: li
 
 def test_the_local_map_is_bounded_and_forgets_the_least_recently_used() -> None:
     pool = Pool("gpt-4o", [Member("east", "gpt-4o"), Member("west", "gpt-4o")])
-    affinity = ResponseAffinity(3, frozenset({"gpt-4o"}))
+    affinity = ResponseAffinity(3)
     for i in range(3):
-        affinity.learn(f"resp_{i}", "east")
-    assert affinity.holder("resp_0") == "east"  # used: now the most recent
-    affinity.learn("resp_3", "west")
+        affinity.learn(f"resp_{i}", "east", "sub-a")
+    assert affinity.holder("resp_0") == ("east", "sub-a")  # used: now the most recent
+    affinity.learn("resp_3", "west", "sub-b")
     assert len(affinity) == 3
     assert affinity.holder("resp_1") is None
-    assert affinity.holder("resp_0") == "east" and affinity.holder("resp_3") == "west"
+    assert affinity.holder("resp_0") == ("east", "sub-a")
+    assert affinity.holder("resp_3") == ("west", "sub-b")
     pinned = affinity.pinned(pool, "west")
     assert pinned is not None and [m.key for m in pinned.members] == ["west/gpt-4o"]
     assert affinity.pinned(pool, "north") is None

@@ -650,16 +650,19 @@ class HeadroomConfig(_Strict):
 
 
 class ResponseAffinityConfig(_Strict):
-    """Stateful Responses API calls go to the backend that holds the response
-    (docs/routing.md, "Responses affinity")."""
+    """Stateful Responses API calls go to the backend that holds the response, for the
+    subscription that created it only (docs/routing.md, "Responses affinity")."""
 
-    #: Learn which backend answered each Responses call and send continuations
-    #: (``previous_response_id``) and ``responses/{id}`` calls there. Only pools where it
-    #: matters learn: more than one member, or a member on another backend than
-    #: ``passthrough_backend``.
+    #: Learn which backend answered each Responses creation (``store`` not false), for which
+    #: subscription, and send continuations (``previous_response_id``) and
+    #: ``responses/{id}`` calls there; another subscription naming the id gets Azure's
+    #: answer for an unknown id.
     enabled: bool = True
-    #: Response ids this instance remembers (least recently used go first; ~200 bytes each).
+    #: Response ids this instance remembers (least recently used go first; ~250 bytes each).
     max_ids: int = Field(default=100_000, ge=1)
+    #: Cluster mode: seconds Redis keeps a learned id (default 30 days, Azure's retention of
+    #: a stored response).
+    ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
 
 
 class RoutingConfig(_Strict):

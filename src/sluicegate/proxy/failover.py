@@ -31,9 +31,12 @@ counted toward the breaker's ``failures`` like a 5xx; a client that left or stop
 
 Responses affinity (``routing/affinity.py``, docs/routing.md): a request that names a stored
 response the router knows (``previous_response_id``, ``…/responses/{id}``) is served by the
-pool's member that holds it alone — a one-member pool, so never failed over to a member
-that would not know the id; its refusal says why. A Responses creation's 2xx answer teaches
-the router its id (``on_response_id``, per attempt, with the attempt's backend).
+pool's members on the resource that holds it alone — a smaller pool, so never failed over to
+a member that would not know the id; its refusal says why. A Responses creation's 2xx answer (unless
+``"store": false``) teaches the router its id (``on_response_id``, per attempt, with the
+attempt's backend and the subscription as its owner). A request naming an id another
+subscription created gets Azure's answer for an unknown id (``unknown_response``), and no
+backend is contacted.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import NoReturn
+
+import orjson
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.clock import Clock
@@ -95,17 +100,26 @@ async def forward_routed(
     affinity = router.affinity
     learn = False
     held: str | None = None  # the stored response only the pool (pinned) can serve
+    owner = ""
     if affinity is not None and (route.operation == "responses" or route.response_id):
-        learn = route.operation == "responses" and pool.name in affinity.pools
+        owner = ctx.subscription.id if ctx.subscription is not None else ""
+        # A creation with ``"store": false`` is never stored, so never continued: not learned.
+        learn = route.operation == "responses" and not (
+            ctx.json is not None and ctx.json.get("store") is False
+        )
         response_id = _named_response(ctx)
         if response_id is not None:
-            holder = affinity.holder(response_id)
-            if holder is None and affinity.shared is not None:
-                # Cluster mode, not learned here: a second Redis round trip, for these only.
-                holder = await affinity.lookup(response_id)
-            pinned = affinity.pinned(pool, holder) if holder is not None else None
-            if pinned is not None:
-                pool, held = pinned, response_id
+            found = affinity.holder(response_id)
+            if found is None and affinity.shared is not None:
+                # Cluster mode, not learned here: a second Redis round trip, for these only
+                # (well-formed ids not recently found missing, Redis not failing).
+                found = await affinity.lookup(response_id)
+            if found is not None:
+                if found[1] != owner:
+                    raise unknown_response(ctx, response_id)
+                pinned = affinity.pinned(pool, found[0])
+                if pinned is not None:
+                    pool, held = pinned, response_id
     choice = router.choose(pool, estimate, tried)
     if choice is None:
         _refuse(ctx, router, pool, outcomes, held)
@@ -130,7 +144,7 @@ async def forward_routed(
         on_response_id: Callable[[str], None] | None = None
         if learn:
             assert affinity is not None
-            on_response_id = functools.partial(_learn, affinity, member.backend)
+            on_response_id = functools.partial(affinity.learn, backend=member.backend, owner=owner)
         try:
             try:
                 auth = await backend.request_auth()
@@ -191,10 +205,6 @@ async def forward_routed(
         return
 
 
-def _learn(affinity: ResponseAffinity, backend: str, response_id: str) -> None:
-    affinity.learn(response_id, backend)
-
-
 def _named_response(ctx: RequestContext) -> str | None:
     """The stored response a request names for Responses affinity: ``responses/{id}`` in
     its path, or a creation's ``previous_response_id``; None when there is none."""
@@ -210,16 +220,63 @@ async def held_backend(
     ctx: RequestContext, affinity: ResponseAffinity | None, backends: Mapping[str, Backend]
 ) -> Backend | None:
     """Responses affinity for a passthrough path (``/openai/v1/responses/{id}…``): the
-    backend that holds the response, or None (no id in the path, unknown, or no longer
-    configured): the path then goes to ``passthrough_backend`` as usual. Passthrough paths
-    have no breaker: the holder answers for itself."""
+    backend that holds the response, or None (no id in the path, unknown, no longer
+    configured, or not one the caller's product could reach otherwise: defence in depth):
+    the path then goes to ``passthrough_backend`` as usual. Raises ``GatewayError`` (Azure's
+    404 for an unknown id, no backend contacted) when another subscription created it.
+    Passthrough paths have no breaker: the holder answers for itself."""
     response_id = ctx.route.response_id
     if affinity is None or response_id is None:
         return None
-    holder = affinity.holder(response_id)
-    if holder is None and affinity.shared is not None:
-        holder = await affinity.lookup(response_id)
-    return backends.get(holder) if holder is not None else None
+    found = affinity.holder(response_id)
+    if found is None and affinity.shared is not None:
+        found = await affinity.lookup(response_id)
+    if found is None:
+        return None
+    holder, owner = found
+    if ctx.subscription is None or owner != ctx.subscription.id:
+        raise unknown_response(ctx, response_id)
+    product = ctx.product
+    if product is None or not affinity.reaches(product.allowed, holder):
+        return None
+    return backends.get(holder)
+
+
+class _UnknownResponse(GatewayError):
+    """Azure's own answer for a response id its resource does not hold (type and param
+    included, as the SDKs parse them)."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None) -> None:
+        super().__init__(status, code, message)
+        self.param = param
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": "invalid_request_error",
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+def unknown_response(ctx: RequestContext, response_id: str) -> GatewayError:
+    """What Azure answers for ``response_id`` when its resource does not hold it: 404
+    ``not_found`` on a ``responses/{id}`` path, 400 ``previous_response_not_found`` for a
+    continuation. Given to a subscription naming another's response."""
+    if ctx.route.response_id is not None:
+        return _UnknownResponse(
+            404, "not_found", f"Response with id '{response_id}' not found.", None
+        )
+    return _UnknownResponse(
+        400,
+        "previous_response_not_found",
+        f"Previous response with id '{response_id}' not found.",
+        "previous_response_id",
+    )
 
 
 # The ``extra`` of records routed alike, one mapping per (deployment, kind, reason): a

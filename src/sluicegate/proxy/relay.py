@@ -143,7 +143,7 @@ async def attempt(
     carry as built: not an attempt that failed, so no backend is blamed for it.
     ``on_response_id`` (Responses creations only, for Responses affinity) receives the id of
     a 2xx answer: a JSON answer's top-level ``id`` (from the parse that reads its usage),
-    after the answer went out; a stream's from its first event, ``response.created``."""
+    before the answer goes out; a stream's from its first event, ``response.created``."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     deadlines = ctx.deadlines
     client = backend.client
@@ -390,13 +390,15 @@ async def _send_whole(
     """Send a whole answer (head and body in one write), its usage taken first when
     ``metered``; ``watch`` (the read's) then bounds the sends by ``client_write``. With
     ``on_response_id``, the answer's ``id`` (read in the same parse as its usage) goes to it
-    once the answer went out."""
-    response_id: str | None = None
+    before the answer goes out."""
     if metered:
         if on_response_id is None:
             ctx.usage, ctx.model = usage_from_body(data)
         else:
             ctx.usage, ctx.model, response_id = _usage_and_id(data)
+            if response_id is not None:
+                # Learned before the answer goes out: the client cannot continue it sooner.
+                on_response_id(response_id)
         if ctx.usage is None:  # a backend that reports none: estimated, never zero
             watch.deadline = _INFINITY
             await _estimate(ctx, functools.partial(answer_text, data), len(data))
@@ -418,8 +420,6 @@ async def _send_whole(
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.ttfb = clock.monotonic()
     await send({"type": "http.response.body", "body": data, "more_body": False})
-    if response_id is not None and on_response_id is not None:
-        on_response_id(response_id)
 
 
 def _usage_and_id(body: bytes) -> tuple[Usage | None, str | None, str | None]:
@@ -441,7 +441,7 @@ def _usage_and_id(body: bytes) -> tuple[Usage | None, str | None, str | None]:
 
 class _CreatedId:
     """A Responses stream's ``feed`` that hands the id in its first event,
-    ``response.created``, to ``learn`` (once; the first events relayed decide). Only
+    ``response.created``, to ``learn`` (once; the first event with data decides). Only
     Responses creations pay for it: other streams feed the scanner directly."""
 
     __slots__ = ("_feed", "_learn", "_pending")
@@ -453,7 +453,7 @@ class _CreatedId:
 
     def feed(self, chunk: bytes) -> bytes:
         out = self._feed(chunk)
-        if self._pending and out:
+        if self._pending and b"data:" in out:
             self._pending = False
             response_id = created_response_id(out)
             if response_id is not None:
@@ -462,17 +462,20 @@ class _CreatedId:
 
 
 def created_response_id(events: bytes) -> str | None:
-    """The ``response.id`` of a ``response.created`` event at the start of ``events``
-    (whole SSE events, LF line ends); None when the first event is not one."""
-    at = events.find(b"response.created", 0, 200)
-    if at < 0:
-        return None
-    start = events.find(b"data:", at)
-    if start < 0:
-        return None
+    """The ``response.id`` of the first event with data in ``events`` (whole SSE events, LF
+    line ends) when it is a ``response.created`` (its JSON's ``type``; streams with and
+    without ``event:`` lines alike); None otherwise."""
+    if events.startswith(b"data:"):
+        start = 0
+    else:
+        start = events.find(b"\ndata:") + 1
+        if start == 0:
+            return None
     end = events.find(b"\n", start)
     try:
         event = orjson.loads(events[start + 5 : end if end >= 0 else len(events)])
+        if event["type"] != "response.created":
+            return None
         response_id = event["response"]["id"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None

@@ -41,23 +41,20 @@ def router_settings(config: RoutingConfig) -> RouterSettings:
 
 
 def response_affinity(runtime: Runtime, store: BackendStateStore | None) -> ResponseAffinity | None:
-    """Responses affinity for the pools where a Responses call could reach another backend
-    than the one holding its response: more than one member, or a member on another backend
-    than ``passthrough_backend`` (where ``GET /openai/v1/responses/{id}`` goes). None when
-    turned off or no pool needs it. Shares ids through ``store`` when it can (Redis)."""
+    """Responses affinity (None when turned off). Every pool learns, even a one-member pool on
+    ``passthrough_backend`` that routing alone would not need it for: the owner it records is
+    what keeps one subscription out of another's stored responses (docs/routing.md), and
+    learning costs a dict insert. Shares ids through ``store`` when it can (Redis)."""
     config = runtime.config.routing.response_affinity
     if not config.enabled:
         return None
-    passthrough = runtime.passthrough.name
-    pools = frozenset(
-        d.name
-        for d in runtime.deployments.values()
-        if len(d.members) > 1 or any(m.backend != passthrough for m in d.members)
+    shared = store.response_ids(config.ttl_seconds) if isinstance(store, ResponseIdSource) else None
+    pool_backends = {
+        d.name: frozenset(m.backend for m in d.members) for d in runtime.deployments.values()
+    }
+    return ResponseAffinity(
+        config.max_ids, shared, pool_backends=pool_backends, passthrough=runtime.passthrough.name
     )
-    if not pools:
-        return None
-    shared = store.response_ids() if isinstance(store, ResponseIdSource) else None
-    return ResponseAffinity(config.max_ids, pools, shared)
 
 
 def router_for(

@@ -23,9 +23,10 @@ that the next round connects anew: behind an address that follows the primary af
 failover (a Kubernetes Service, HAProxy, a DNS name), a kept connection would keep writing to
 the demoted node and be refused (``READONLY``) for ever.
 
-Responses affinity's shared ids (``RedisResponseIds``, made by ``response_ids()``) use the
-same client: ``{prefix}resp:{id}`` keys, written after the answers that carry them and read
-only by requests that name an id this instance does not know (docs/routing.md).
+Responses affinity's shared ids (``RedisResponseIds``, made by ``response_ids()``) have their
+own small connection pool on the same Redis: ``{prefix}resp:{id}`` keys, written as soon as
+an answer's id is known and read only by requests that name a well-formed id this instance
+does not know (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sluicegate.routing.affinity import Held
 from sluicegate.routing.headroom import Report
 from sluicegate.routing.state import Listener, SharedHeadroom, SharedTrip, SharedUpdate
 
@@ -46,6 +51,19 @@ log = logging.getLogger("sluicegate.routing")
 
 _TRIP = "trip:"
 _HEADROOM = "headroom:"
+
+#: How long Redis keeps a response id by default: Azure keeps a stored response 30 days.
+RESPONSE_ID_TTL = 30 * 24 * 3600
+#: Connections of the response-id store's own pool (lookups wait for one, up to the socket
+#: timeout; the writer uses one at a time).
+RESPONSE_ID_CONNECTIONS = 4
+#: Seconds a lookup that found nothing is remembered (repeats of an unknown id skip Redis),
+#: and how many such misses are kept.
+MISS_SECONDS = 5.0
+MAX_MISSES = 10_000
+#: Seconds after a failed Redis call during which lookups are skipped (answer None at once):
+#: an outage costs one socket timeout per back-off, not one per request.
+BACKOFF_SECONDS = 5.0
 
 
 def _encode_trip(trip: SharedTrip) -> bytes:
@@ -99,18 +117,17 @@ class RedisStateStore:
         ttl: float = 3600.0,
         socket_timeout: float = 0.5,
     ) -> None:
+        self._url: str | None = None
+        self._socket_timeout = socket_timeout
         if isinstance(url_or_client, str):
-            # Blocking: a response-id lookup (``RedisResponseIds``) that finds every
-            # connection busy waits for one (up to ``socket_timeout``) instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
+            self._client: aioredis.Redis = aioredis.Redis.from_url(
                 url_or_client,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
-                max_connections=8,
-                timeout=socket_timeout,
+                max_connections=4,
             )
-            self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
             self._owns_client = True
+            self._url = url_or_client
         else:
             self._client = url_or_client
             self._owns_client = False
@@ -128,11 +145,23 @@ class RedisStateStore:
         self._response_ids: RedisResponseIds | None = None
         self._prefix = prefix
 
-    def response_ids(self) -> RedisResponseIds:
-        """The response-id store of Responses affinity, on this store's connections
-        (``{prefix}resp:{id}``); closed with the store."""
+    def response_ids(self, ttl: int = RESPONSE_ID_TTL) -> RedisResponseIds:
+        """The response-id store of Responses affinity (``{prefix}resp:{id}``, kept ``ttl``
+        seconds); closed with the store. Given a URL, it has its own small connection pool:
+        requests that look ids up never wait behind (or hold up) the state exchange."""
         if self._response_ids is None:
-            self._response_ids = RedisResponseIds(self._client, self._prefix)
+            if self._url is not None:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._url,
+                    socket_timeout=self._socket_timeout,
+                    socket_connect_timeout=self._socket_timeout,
+                    max_connections=RESPONSE_ID_CONNECTIONS,
+                    timeout=self._socket_timeout,
+                )
+                client = aioredis.Redis.from_pool(pool)
+                self._response_ids = RedisResponseIds(client, self._prefix, ttl, owns_client=True)
+            else:
+                self._response_ids = RedisResponseIds(self._client, self._prefix, ttl)
         return self._response_ids
 
     def subscribe(self, listener: Listener) -> None:
@@ -227,36 +256,46 @@ class RedisStateStore:
         )
 
 
-#: How long Redis keeps a response id: Azure keeps a stored response for 30 days.
-RESPONSE_ID_TTL = 30 * 24 * 3600
-
-
 class RedisResponseIds:
     """Responses affinity's shared ids (``routing/affinity.py``): ``{prefix}resp:{id}`` →
-    the backend's name, kept ``RESPONSE_ID_TTL`` seconds.
+    ``"<backend>\\t<subscription id>"`` (a tab between), kept ``ttl`` seconds.
 
     ``remember`` never waits: it queues the id, and one writer task (started when the queue
     was empty) sends everything queued meanwhile as one pipeline of ``SET … EX``; under load
     the writes of many answers share a round trip. A write that fails is dropped (the id is
     still known to this instance) and counted in ``write_errors``, with a warning once per
-    outage. ``lookup`` is one ``GET``, for a continuation this instance does not know; a
-    failure is counted (``lookup_errors``) and answers None (the request is routed as if the
-    id were unknown). Both share the routing store's client and connection pool."""
+    outage. ``lookup`` is at most one ``GET``: an id found missing is remembered as missing
+    for ``MISS_SECONDS`` (at most ``MAX_MISSES`` of them), and after a failure (counted in
+    ``lookup_errors``) lookups answer None without trying for ``BACKOFF_SECONDS`` (the
+    request is routed as if the id were unknown). ``clock``: monotonic seconds."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl: int = RESPONSE_ID_TTL) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        ttl: int = RESPONSE_ID_TTL,
+        *,
+        owns_client: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
+        self._owns_client = owns_client
+        self._clock = clock
         self.key_prefix = f"{prefix}resp:"
         self.ttl = ttl
-        self._queued: dict[str, str] = {}
+        self._queued: dict[str, Held] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        self._retry_at = 0.0
         self.written = 0
         self.write_errors = 0
         self.lookups = 0
         self.lookup_errors = 0
         self.healthy = True
 
-    def remember(self, response_id: str, backend: str) -> None:
-        self._queued[response_id] = backend
+    def remember(self, response_id: str, held: Held) -> None:
+        self._queued[response_id] = held
+        self._misses.pop(response_id, None)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write(), name="sluicegate-response-ids"
@@ -268,8 +307,10 @@ class RedisResponseIds:
                 batch, self._queued = self._queued, {}
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for response_id, backend in batch.items():
-                            pipe.set(self.key_prefix + response_id, backend, ex=self.ttl)
+                        for response_id, (backend, owner) in batch.items():
+                            pipe.set(
+                                self.key_prefix + response_id, f"{backend}\t{owner}", ex=self.ttl
+                            )
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
                     self.write_errors += len(batch)
@@ -280,18 +321,33 @@ class RedisResponseIds:
         finally:
             self._writer = None
 
-    async def lookup(self, response_id: str) -> str | None:
+    async def lookup(self, response_id: str) -> Held | None:
+        now = self._clock()
+        if now < self._retry_at:
+            return None  # Redis failed a moment ago: not waited for again yet
+        misses = self._misses
+        missed = misses.get(response_id)
+        if missed is not None:
+            if now < missed:
+                return None
+            del misses[response_id]
         self.lookups += 1
         try:
             value: bytes | str | None = await self._client.get(self.key_prefix + response_id)
         except (RedisError, OSError) as exc:
             self.lookup_errors += 1
+            self._retry_at = self._clock() + BACKOFF_SECONDS
             self._unhealthy("looking up", exc)
             return None
         self._healthy()
-        if value is None:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        backend, tab, owner = (text or "").partition("\t")
+        if not tab or not backend or not owner:  # missing (or not written by this version)
+            misses[response_id] = self._clock() + MISS_SECONDS
+            if len(misses) > MAX_MISSES:
+                misses.popitem(last=False)
             return None
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return backend, owner
 
     def _unhealthy(self, doing: str, exc: BaseException) -> None:
         if self.healthy:
@@ -309,11 +365,13 @@ class RedisResponseIds:
             log.warning("responses affinity: Redis reachable again")
 
     async def aclose(self) -> None:
-        """Wait (briefly) for the writes queued so far."""
+        """Wait (briefly) for the writes queued so far; close the own connections."""
         writer = self._writer
         if writer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(writer), timeout=1.0)
+        if self._owns_client:
+            await self._client.aclose()
 
     def __repr__(self) -> str:
         return (
