@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -54,6 +56,39 @@ SWITCH_INTERVAL_SECONDS = 0.0001
 #: uvloop: gathering saves ~0.7 µs on a 10 KB stream and costs ~0.2 µs on an 800-byte
 #: JSON answer (its write context is dearer than the copy).
 _GATHER_FROM = 4096
+
+#: Linux's ``struct tcp_info`` (``include/uapi/linux/tcp.h``) as far as ``tcpi_bytes_acked``
+#: (kernel 4.1 on): eight one-byte fields (bytes 0–8), 24 ``__u32`` (8–104), then the
+#: ``__u64`` pacing rates (104–112, 112–120) and ``tcpi_bytes_acked`` at byte 120, in the
+#: machine's byte order. The bytes of the connection's data its peer acknowledged: it only
+#: grows, new answer bytes leave it alone, and it moves as soon as the client's kernel takes
+#: data, where the transport's buffer moves only when the kernel wakes its writer (after half
+#: of a send buffer of up to ``tcp_wmem``'s 4 MB was freed).
+_TCP_INFO_LENGTH = 128
+_TCP_INFO_BYTES_ACKED = 120
+_U64 = struct.Struct("=Q")
+#: Elsewhere (macOS, the BSDs) ``TCP_INFO`` is missing or laid out otherwise.
+_HAS_TCP_INFO = sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> int:
+    """The bytes of ``transport``'s connection that its peer acknowledged (one
+    ``getsockopt(TCP_INFO)``), or -1 where the kernel does not tell: not Linux, not TCP (a
+    Unix socket), a kernel before 4.1 (a shorter ``tcp_info``), a socket already closed."""
+    if not _HAS_TCP_INFO:
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, ValueError):  # not TCP, or its descriptor already closed
+        return -1
+    if len(info) < _TCP_INFO_LENGTH:
+        return -1
+    acked: int = _U64.unpack_from(info, _TCP_INFO_BYTES_ACKED)[0]
+    return acked
+
 
 #: The interim response uvicorn writes when a request says ``Expect: 100-continue``.
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -226,10 +261,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _drain_timer: asyncio.TimerHandle | None = None
     #: Fires ``write_timeout`` after answer bytes were left unsent (``_watch_writes``).
     _write_timer: asyncio.TimerHandle | None = None
-    #: Bytes unsent at the write watch's last look, and whether the transport's buffer went
-    #: below its low-water mark since (``resume_writing``): both tell the client took some.
+    #: Bytes in the transport's buffer at the write watch's last look (raised when a later
+    #: answer adds some before the next), whether the buffer went below its low-water mark
+    #: since (``resume_writing``), and the bytes the client acknowledged then
+    #: (``_bytes_acked``, -1: unknown): each tells the client took some.
     _write_left = 0
     _write_resumed = False
+    _write_acked = -1
     #: The write watch's looks in a row that found a response in progress (its sender's own
     #: bound goes first: ``_write_check``).
     _write_waits = 0
@@ -312,10 +350,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._write_timer is None and self.transport.get_write_buffer_size():
-            # The answer is not all sent: uvicorn's close (keep-alive timeout, ``connection:
-            # close``) would wait for it without limit.
-            self._watch_writes()
+        left = self.transport.get_write_buffer_size()
+        if left:
+            if self._write_timer is None:
+                # The answer is not all sent: uvicorn's close (keep-alive timeout,
+                # ``connection: close``) would wait for it without limit.
+                self._watch_writes()
+            elif left > self._write_left:
+                # A later answer's bytes (keep-alive) are not the client's stalling.
+                self._write_left = left
         if self._head_done and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before its body was all in (401/403 at authentication, 404 for a
             # refused path, 413 from content-length). uvicorn keeps the connection and drops
@@ -339,20 +382,32 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().pause_writing()
         if self._write_timer is None:
             self._watch_writes()
+        else:
+            left = self.transport.get_write_buffer_size()
+            if left > self._write_left:
+                self._write_left = left  # as in ``on_response_complete``
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._write_resumed = True
 
-    def _watch_writes(self) -> None:
+    def _watch_writes(self, acked: int | None = None) -> None:
         """Watch a connection with answer bytes unsent: dropped (``_write_check``) once the
         client has taken nothing for ``write_timeout`` seconds. Every answer is covered, the
         gateway's own (the admin API's and the dashboard's, ``/metrics``) and relayed ones
         alike: uvicorn's ``send`` waits for a full buffer without limit, and its close waits
         for the unsent bytes to be written, so a client that stops reading would otherwise
-        hold its connection, and a slot of ``max_connections``, for ever."""
+        hold its connection, and a slot of ``max_connections``, for ever.
+
+        "Taken" is measured in the kernel where it tells (Linux: the bytes the client
+        acknowledged, ``_bytes_acked``; ``acked`` when the caller just read them), else only
+        by the transport's buffer going down. The buffer alone misses slow readers: the
+        kernel's send buffer grows to megabytes and wakes the writer only once half of it is
+        free, so a client taking 200 KB/s can leave the buffer unmoved for seconds. One
+        ``getsockopt`` when a watch starts and one per look, nothing per request."""
         self._write_left = self.transport.get_write_buffer_size()
         self._write_resumed = False
+        self._write_acked = _bytes_acked(self.transport) if acked is None else acked
         self._write_timer = self.loop.call_later(self.write_timeout, self._write_check)
 
     def _write_check(self) -> None:
@@ -362,9 +417,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if left == 0:
             self._write_waits = 0
             return  # all sent
-        if left < self._write_left or self._write_resumed:
+        acked = _bytes_acked(transport)
+        if left < self._write_left or self._write_resumed or acked > self._write_acked:
             self._write_waits = 0
-            self._watch_writes()  # the client takes something: slow, not gone
+            self._watch_writes(acked)  # the client takes something: slow, not gone
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and self._write_waits == 0:
@@ -372,7 +428,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # ``client_write``, which records the request as ``ClientWriteTimeout``); this
             # one acts one period later, for senders without one.
             self._write_waits = 1
-            self._watch_writes()
+            self._watch_writes(acked)
             return
         log.info(
             "a client took nothing of its answer for %g s (%d bytes unsent): connection dropped",
