@@ -228,3 +228,21 @@ async def test_an_invalid_override_falls_back_to_the_products_policy(
     fixed = _with_overrides({"limits": {"tokens_per_minute": 50}}, updated_at=3.0)
     assert admitter.policies_for(fixed) == (LimitPolicy(tokens_per_minute=50),)
     assert len(caplog.records) == 2
+
+
+async def test_a_quota_counter_counts_from_the_creating_requests_arrival() -> None:
+    """The admitter passes the request's arrival (``ctx.ts``, its ledger record's ``ts``) to
+    the limiter: the quota counter it creates has that ``since``, not the admission's time,
+    so that the ledger's seed (records before ``since``) never holds this request too."""
+    store = MemoryStore()
+    created: list[str] = []
+    store.quota_created = created.append
+    clock = FakeClock(start=1_700_000_000.25)
+    policy = LimitPolicy(token_quota=10_000, token_quota_period="monthly")
+    admitter = LimitsAdmitter(Limiter(store, clock), {"p": (policy,)})
+    ctx = _context(SMALL)
+    ctx.ts = clock.now() - 0.05  # arrived 50 ms before its admission
+    await admitter.admit(ctx)
+    assert len(created) == 1
+    origin = await store.quota_origin(created[0])
+    assert origin is not None and origin.since_ms == 1_700_000_000_200

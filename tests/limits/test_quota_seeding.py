@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from sluicegate.limits.limiter import (
 from sluicegate.limits.memory import MemoryStore
 from sluicegate.limits.periods import period_bounds
 from sluicegate.limits.policy import LimitPolicy
-from sluicegate.limits.redis_store import ORIGIN_SUFFIX, RedisStore
+from sluicegate.limits.redis_store import ORIGIN_SUFFIX, RedisStore, TimeSource
 from sluicegate.limits.seeding import QuotaSeeder
 from sluicegate.limits.store import Counter, CounterStore, SeedableStore
 from sluicegate.storage.engine import create_engine_for
@@ -138,6 +139,21 @@ async def test_stores_agree_on_origin_and_apply_a_seed_once(store: CounterStore)
     assert origin is not None and origin.seeded
     assert (await store.admit([fixed(name, 100)], NOW_MS + 1000)).states[0].used == 700
     assert created == [name]  # an existing counter is not created again
+
+
+async def test_stores_agree_that_a_quota_counts_from_the_creating_requests_arrival(
+    store: CounterStore,
+) -> None:
+    """Memory and Redis alike: ``arrived_ms`` (the request's arrival, before its admission)
+    is the origin's ``since`` of a quota counter the admission creates; a later admission's
+    arrival changes nothing."""
+    assert isinstance(store, SeedableStore)
+    name = name_of("sub:a")
+    assert (await store.admit([fixed(name, 100)], NOW_MS, NOW_MS - 50)).allowed
+    assert (await store.admit([fixed(name, 100)], NOW_MS + 10, NOW_MS - 80)).allowed
+    origin = await store.quota_origin(name)
+    assert origin is not None and origin.since_ms == NOW_MS - 50
+    assert await store.apply_seed(name, NOW_MS - 50, 1)
 
 
 async def test_redis_quota_key_lost_and_created_again_has_a_new_origin(
@@ -254,6 +270,54 @@ async def test_redis_loss_seeds_from_postgresql_and_racing_instances_seed_once(
         await seeder_b.aclose()
         await store_a.aclose()
         await store_b.aclose()
+
+
+@pytest.mark.parametrize("time_source", ["gateway", "redis"])
+@pytest.mark.parametrize(
+    "arrived",
+    [
+        T0 + 0.25,
+        # Just below a whole ms, where int(ts * 1000) / 1000 rounds above ts.
+        math.nextafter(1_700_000_040.051, -math.inf),
+    ],
+)
+async def test_the_request_creating_a_redis_quota_key_is_not_seeded_again(
+    pg_engine: Engine,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    time_source: TimeSource,
+    arrived: float,
+) -> None:
+    """A request arrives at T (its record's ts), is admitted at T + 50 ms creating the quota
+    key (a new period, a key Redis lost), settles at 300 tokens and its record is written
+    before the seeder runs: the counter holds it, so the seed (the ledger's records before
+    the origin's ``since``) must not, whichever clock the windows run on."""
+    period_start = START_MS / 1000
+    insert(pg_engine, record(1, period_start + 10, 4000))  # before the key: the seed
+    clock = FakeClock(start=arrived)
+    store = RedisStore(
+        redis_client, redis_prefix, clock, fail_mode="closed", time_source=time_source
+    )
+    limiter = Limiter(store, clock)
+    seeder = seeder_of(store, pg_engine)  # not started: seeded below, once the record is in
+    limiter.quota_seen = seeder.notice
+    store.quota_created = seeder.created
+    name = name_of("sub:sub-a")
+    try:
+        clock.advance(0.05)  # the prompt counted, the admission's turn came
+        admission = await limiter.admit([LimitRequest("sub:sub-a", QUOTA, 1000)], arrived)
+        assert admission.allowed and seeder.pending == 1  # it created the key
+        await limiter.settle(admission.reservation, 300)
+        insert(pg_engine, record(2, arrived, 300))  # the ledger's ts: the arrival
+        assert await seeder.seed_now(name)
+        assert await used(store, name) == 4000 + 300  # not 4600
+        assert seeder.applied_tokens == 4000
+        origin = await store.quota_origin(name)  # on the ledger's clock, not Redis's
+        assert origin is not None and int(arrived * 1000) - 1 <= origin.since_ms
+        assert origin.since_ms / 1000 <= arrived
+    finally:
+        await seeder.aclose()
+        await store.aclose()
 
 
 async def test_ip_keys_are_not_seeded(sqlite_engine: Engine) -> None:

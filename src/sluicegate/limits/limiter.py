@@ -249,8 +249,15 @@ class Limiter:
     def __repr__(self) -> str:
         return f"Limiter(store={self.store!r})"
 
-    async def admit(self, requests: Sequence[LimitRequest]) -> Admission:
+    async def admit(
+        self, requests: Sequence[LimitRequest], arrived: float | None = None
+    ) -> Admission:
         """Check and reserve every limit of every request, all or none.
+
+        ``arrived``: when the request arrived (epoch seconds on this limiter's clock, the
+        ledger record's ``ts``); a quota counter this admission creates counts from then
+        (its origin's ``since``, ``limits/seeding.py``), so that the seed, the ledger's
+        records before ``since``, never holds the creating request too. ``None``: now.
 
         Never raises for an unreachable store: a store failing closed gives a 503
         admission; one failing open decides with its in-memory fallback.
@@ -260,14 +267,22 @@ class Limiter:
         shape = self._shape(requests, now, now_ms)
         if not shape.specs:
             return ALLOWED_UNLIMITED
+        arrived_ms = now_ms
+        if arrived is not None and arrived < now:
+            arrived_ms = int(arrived * 1000)
+            # At or before the record's ts even when the product rounded up to a whole ms
+            # (the seed compares ts < since / 1000 in floats): else it would count the
+            # creating request. (Not after now_ms: a clock that stepped back.)
+            if arrived_ms / 1000 > arrived:
+                arrived_ms -= 1
         # Not a comprehension: one fewer call on every request (before Python 3.12).
         tokens = [requests[0].tokens] if len(requests) == 1 else [r.tokens for r in requests]
         counters = _counters(shape, tokens)
         try:
             if self._sync is not None:
-                result = self._sync.admit_sync(counters, now_ms)
+                result = self._sync.admit_sync(counters, now_ms, arrived_ms)
             else:
-                result = await self.store.admit(counters, now_ms)
+                result = await self.store.admit(counters, now_ms, arrived_ms)
         except StoreUnavailable as exc:
             return unavailable(exc.retry_after_s, requests)
         return _decide(shape, counters, result, requests, tokens, now_ms)

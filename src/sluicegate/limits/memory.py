@@ -126,7 +126,8 @@ class MemoryStore:
     so :meth:`quota_origin` reports that moment, not the counter's creation: a request that
     arrived before the counter was created but was admitted just after (its prompt counted
     in the counting thread meanwhile) is in the counter, and the ledger's records before
-    ``since`` must not hold it too. ``None``: the counter's creation.
+    ``since`` must not hold it too. ``None``: the arrival of the request that created the
+    counter (``arrived_ms``, else its admission), as the Redis store records it.
     """
 
     origin = "memory"
@@ -150,8 +151,10 @@ class MemoryStore:
             f"fixed={len(self._fixed)})"
         )
 
-    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
-        return self.admit_sync(counters, now_ms)
+    async def admit(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None = None
+    ) -> StoreResult:
+        return self.admit_sync(counters, now_ms, arrived_ms)
 
     async def adjust(self, adjustments: Sequence[Adjustment], origin: str) -> None:
         self.adjust_sync(adjustments, origin)
@@ -159,7 +162,9 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
-    def admit_sync(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+    def admit_sync(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None = None
+    ) -> StoreResult:
         with self._lock:
             if now_ms >= self._next_sweep_ms:
                 self._sweep(now_ms)
@@ -194,8 +199,11 @@ class MemoryStore:
                 else:
                     fixed = fixed_map.get(counter.name)
                     if fixed is None:
+                        # Since the creating request's arrival, as in Redis (admit.lua);
+                        # quota_origin may report the earlier counting_since_ms instead.
                         fixed = fixed_map[counter.name] = _Fixed(
-                            counter.end_ms + FIXED_GRACE_MS, now_ms
+                            counter.end_ms + FIXED_GRACE_MS,
+                            now_ms if arrived_ms is None else arrived_ms,
                         )
                         if self.quota_created is not None:
                             self.quota_created(counter.name)
@@ -281,6 +289,13 @@ class MemoryStore:
             if fixed is None:
                 return None
             since = fixed.since_ms
+            # Embedded mode: the gateway's start, not the creating request's arrival. Still
+            # right with arrivals: every request that arrived since the start was admitted
+            # by this process, into this store, whose quota counters live until their
+            # period is over, so the counter holds all of them (the creating one, and one
+            # that arrived before it and was admitted after: no residual window here), and
+            # the ledger's records before the start are exactly the previous runs'. And no
+            # request can have arrived in this process before it started.
             if self.counting_since_ms is not None and self.counting_since_ms < since:
                 since = self.counting_since_ms
             return QuotaOrigin(since, fixed.seeded)

@@ -6,8 +6,9 @@ scripts are re-loaded automatically after a Redis restart). Keys are
 ``{prefix}{counter name}``; sliding counters are hashes of one-second buckets with a TTL of
 window + one bucket, quota counters are integers expiring at period end + grace (with, beside
 each, ``…:held``, a hash of its reservations in flight by minute, expiring 11 minutes after
-the last, and ``…:origin``, a hash of when the quota key was created and whether the
-ledger's earlier usage was added to it, ``limits/seeding.py``, expiring with the quota key),
+the last, and ``…:origin``, a hash of since when the quota key counts (the arrival of the
+request that created it, on the gateway's clock) and whether the ledger's earlier usage was
+added to it, ``limits/seeding.py``, expiring with the quota key),
 so every key expires on its own (so does ``{prefix}batch:…``, a batch's replies
 kept a few seconds for a resend: ``limits/redis_batch.py``). All keys of one admission are
 touched by one script, so on a Redis Cluster they must share a hash slot: put a hash tag in
@@ -236,13 +237,18 @@ class RedisStore:
             f"outages={self.stats.outages}, fallback={self._fallback!r})"
         )
 
-    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+    async def admit(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None = None
+    ) -> StoreResult:
         if not self._should_try_redis():
-            return self._while_down(counters, now_ms)
+            return self._while_down(counters, now_ms, arrived_ms)
         prefix = self.prefix
         keys = [prefix + counter.name for counter in counters]
+        # ARGV[6], the arrival: a created quota's origin "since", on the gateway's clock (the
+        # ledger's) even when the windows run on Redis's.
         args: list[Any] = [
             now_ms, FIXED_GRACE_MS, QUOTA_HELD_BUCKET_MS, QUOTA_HELD_BUCKETS, self._time_arg,
+            now_ms if arrived_ms is None else arrived_ms,
         ]  # fmt: skip
         for counter in counters:
             if counter.kind == "sliding":
@@ -262,7 +268,7 @@ class RedisStore:
             reply = await self._scripts.call("admit", keys, args)
         except RedisError as exc:
             self._mark_down(exc)
-            return self._while_down(counters, now_ms)
+            return self._while_down(counters, now_ms, arrived_ms)
         self._mark_up()
         n = len(counters)
         values = [int(value) for value in reply]
@@ -492,14 +498,16 @@ class RedisStore:
         self._down_until = now + self.retry_interval_s
         return True
 
-    def _while_down(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+    def _while_down(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None
+    ) -> StoreResult:
         if self.fail_mode == "closed":
             self.stats.refused_admissions += 1
             until = self._down_until or 0.0
             wait = max(until - self._clock.monotonic(), 0.0) or self.retry_interval_s
             raise StoreUnavailable("the Redis limit store is unavailable", wait)
         self.stats.fallback_admissions += 1
-        return self._fallback.admit_sync(counters, now_ms)
+        return self._fallback.admit_sync(counters, now_ms, arrived_ms)
 
     def _mark_down(self, exc: RedisError) -> None:
         if isinstance(exc, BatchFailed):

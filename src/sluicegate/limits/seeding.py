@@ -3,11 +3,15 @@ counters in memory) and the loss of Redis's data (cluster mode).
 
 A quota counter created after its period began (the first admission after a restart, or
 after Redis lost the key) starts at zero, but the ledger has the period's earlier usage. The
-:class:`QuotaSeeder` adds it: for a counter created at ``since`` (its
-:class:`~sluicegate.limits.store.QuotaOrigin`), the seed is the ledger's tokens of the
-counter's key in ``period start <= ts < since``; everything admitted from ``since`` on is in
-the counter already, so nothing is counted twice. The store applies it once, atomically
-(``seed.lua`` in Redis, where several instances may race; a flag in memory).
+:class:`QuotaSeeder` adds it: for a counter counting from ``since`` (its
+:class:`~sluicegate.limits.store.QuotaOrigin`: the arrival of the request that created it,
+on the ledger's clock, or in embedded mode the gateway's start), the seed is the ledger's
+tokens of the counter's key in ``period start <= ts < since``; every request that arrived
+from ``since`` on is in the counter already, the creating one included (its record's ``ts``
+is its arrival). Only a request that arrived before the creating one and was admitted after
+it is counted twice (cluster mode; a window of milliseconds, docs/limits.md). The store
+applies the seed once, atomically (``seed.lua`` in Redis, where several instances may race;
+a flag in memory).
 
 The request path is not involved beyond a wake-up: the limiter calls :meth:`notice` when it
 builds the counters of a key and period (the first admission of them in this process, not

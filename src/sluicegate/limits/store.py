@@ -28,9 +28,12 @@ the Redis store may run its sliding windows on Redis's clock instead, ``time_sou
   leaves with its bucket, so a reservation never settled (a lost request) is forgotten
   with the window like any charge.
 * **Quota origin** (for seeding from the ledger, ``limits/seeding.py``): a quota counter
-  remembers when it was created (``since``, the ``now_ms`` of the admission that created
-  it) and whether a seed has been added to it; a store that creates one calls its
-  ``quota_created`` hook with the counter's name (:class:`SeedableStore`).
+  remembers when it was created (``since``: the ``arrived_ms`` of the admission that created
+  it, when its request arrived, on the ledger's clock; its ``now_ms`` when none is given)
+  and whether a seed has been added to it; a store that creates one calls its
+  ``quota_created`` hook with the counter's name (:class:`SeedableStore`). Why the arrival
+  and not the admission: the ledger records a request at its arrival (``ts``), and the seed
+  counts the records before ``since``; the creating request is in the counter already.
 * **In flight, quotas**: a fixed counter whose cost is a reservation keeps the same, per
   minute of admission (:data:`QUOTA_HELD_BUCKET_MS`; the counter's ``slot`` is that minute's
   index), and a refused one reports, as ``pending``, what the minutes of the last
@@ -165,10 +168,15 @@ class Adjustment:
 class CounterStore(Protocol):
     """Atomic multi-counter admission. Implementations must be safe for concurrent use."""
 
-    async def admit(self, counters: Sequence[Counter], now_ms: int) -> StoreResult:
+    async def admit(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None = None
+    ) -> StoreResult:
         """Check every counter and charge all of them, or none (see the module docstring).
 
-        Counter names must be distinct. May raise :class:`StoreUnavailable`.
+        ``arrived_ms``: when the request arrived (epoch ms on the gateway's clock, the
+        ledger's ``ts``; at most ``now_ms``), the ``since`` of a quota counter this
+        admission creates; ``None``: ``now_ms``. Counter names must be distinct. May raise
+        :class:`StoreUnavailable`.
         """
         ...
 
@@ -189,7 +197,9 @@ class CounterStore(Protocol):
 class SyncCounterStore(Protocol):
     """A store that can also decide without awaiting (the in-memory store's fast path)."""
 
-    def admit_sync(self, counters: Sequence[Counter], now_ms: int) -> StoreResult: ...
+    def admit_sync(
+        self, counters: Sequence[Counter], now_ms: int, arrived_ms: int | None = None
+    ) -> StoreResult: ...
 
     def adjust_sync(self, adjustments: Sequence[Adjustment], origin: str) -> None: ...
 
@@ -198,9 +208,11 @@ class SyncCounterStore(Protocol):
 class QuotaOrigin:
     """When a quota counter began counting and whether its seed is in.
 
-    ``since_ms``: epoch milliseconds from which the counter holds every admission charged to
-    its name (requests charged before, by an earlier counter of the same name that was lost,
-    are what a seed adds). ``seeded``: a seed has been applied to this counter already.
+    ``since_ms``: epoch milliseconds (the gateway's clock, the ledger's) from which the
+    counter holds every request charged to its name, by arrival: the creating request's
+    arrival (requests charged before, by an earlier counter of the same name that was lost,
+    are what a seed adds; one that arrived before it but was admitted after it is in both,
+    docs/limits.md). ``seeded``: a seed has been applied to this counter already.
     """
 
     since_ms: int

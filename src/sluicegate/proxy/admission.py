@@ -189,7 +189,8 @@ class LimitsAdmitter:
                 LimitRequest(key, policy, tokens_to_reserve(policy, estimate, stream=stream))
             )
         ctx.prompt_estimate = prompt
-        admission = await self.limiter.admit(requests)
+        # Its arrival (the ledger record's ts): a quota counter created now counts from then.
+        admission = await self.limiter.admit(requests, ctx.ts)
         if not admission.allowed:
             ctx.outcome = Outcome.REJECTED
             raise GatewayError(

@@ -25,7 +25,9 @@
 -- Origin, quotas: when an admission creates a quota key (it did not exist: a new period,
 -- or Redis lost it: a restart without persistence, an eviction, a FLUSH), the same call
 -- records the creation in the quota's origin key (KEYS[origin], a hash): field "since" =
--- now, and no field "seeded" (limits/lua/seed.lua adds the ledger's earlier usage once and
+-- ARGV[6], the creating request's arrival on the gateway's clock (the ledger's "ts": the
+-- seed counts the records before it, and this request is in the counter already), and no
+-- field "seeded" (limits/lua/seed.lua adds the ledger's earlier usage once and
 -- sets it). Same expiry as the quota key. The reply's first value is then 2 instead of 1,
 -- and says which counters were created (below), so that the gateway can seed them.
 --
@@ -48,7 +50,8 @@
 -- ARGV[3]  held_ms: a quota's minute of reservations in flight (60000)
 -- ARGV[4]  held_n: how many of those minutes count as in flight
 -- ARGV[5]  "r": the windows run on Redis's clock; "g": on the caller's (now_ms)
--- then 6 values per counter i, from ARGV[6 + (i-1)*6]:
+-- ARGV[6]  arrived_ms: when the request arrived (the gateway's clock), a created quota's "since"
+-- then 6 values per counter i, from ARGV[7 + (i-1)*6]:
 --   kind ("s" sliding | "r" sliding, the cost a reservation | "f" fixed), limit, cost,
 --   sliding: window_ms, bucket_ms, 0
 --   fixed:   end_ms, held (the index in KEYS of its held key; 0: the cost is no reservation),
@@ -76,7 +79,7 @@ local now = gateway_now
 if ARGV[5] == "r" then
   now = redis_now
 end
-local n = (#ARGV - 5) / 6
+local n = (#ARGV - 6) / 6
 local used, retry, slot, kinds, costs, ttls, pending = {}, {}, {}, {}, {}, {}, {}
 local helds = {}  -- a quota's held key, when its cost is a reservation
 local origins = {}  -- a quota's origin key, when kept; absent (its key did not exist)
@@ -105,7 +108,7 @@ local function held_since(key, oldest)
 end
 
 for i = 1, n do
-  local base = 6 + (i - 1) * 6
+  local base = 7 + (i - 1) * 6
   local kind = ARGV[base]
   local limit = tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])
@@ -276,7 +279,7 @@ if allowed == 1 then
         -- Created now: a fresh origin (an old one, left by a lost key, had its own "since"
         -- and perhaps "seeded").
         redis.call("DEL", origin)
-        redis.call("HSET", origin, "since", ARGV[1])
+        redis.call("HSET", origin, "since", ARGV[6])
         redis.call("PEXPIRE", origin, ttls[i])
         created[i] = 1
         allowed = 2
