@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from sluicegate.accounting.records import UsageRecord
+from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.ledger import LedgerWriter
 from sluicegate.storage.migrations import migrate
@@ -39,3 +39,32 @@ def write_ledger(engine: Engine, tmp: Path, recs: list[UsageRecord]) -> None:
         writer.submit(r)
     assert writer.flush(10)
     writer.close(10)
+
+
+def chat_record(
+    request_id: str,
+    ts: float,
+    sub: str,
+    prompt_tokens: int,
+    completion_tokens: int = 0,
+    *,
+    owner: str = "team",
+) -> UsageRecord:
+    """A successful ``chat/completions`` record of product ``p`` on the ``gpt-4o`` deployment
+    of backend ``east`` (the accounting tests' configs), its total the sum of its tokens."""
+    return UsageRecord(
+        request_id=request_id,
+        ts=ts,
+        subscription_id=sub,
+        owner=owner,
+        product="p",
+        deployment="gpt-4o",
+        backend="east",
+        operation="chat/completions",
+        status=200,
+        outcome=Outcome.OK,
+        model="gpt-4o",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

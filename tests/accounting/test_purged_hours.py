@@ -17,11 +17,11 @@ from sqlalchemy.engine import Engine
 from sluicegate.accounting.chargeback import charge_report, usage_series
 from sluicegate.accounting.periods import DAY, HOUR, iso
 from sluicegate.accounting.pricing import PriceTable
-from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.accounting.records import UsageRecord
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.clock import FakeClock
 from sluicegate.config.loader import parse_config
-from tests.accounting.conftest import write_ledger
+from tests.accounting.conftest import chat_record, write_ledger
 from tests.admin.harness import ADMIN_TOKEN, admin_gateway
 
 DAY0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -37,21 +37,7 @@ CONFIG = {
 def hourly_records(sub: str = "A") -> list[UsageRecord]:
     """One record of 1,000 tokens five seconds into every hour from DAY0 until NOW."""
     return [
-        UsageRecord(
-            request_id=f"r{h}",
-            ts=DAY0 + h * HOUR + 5,
-            subscription_id=sub,
-            owner="team",
-            product="p",
-            deployment="gpt-4o",
-            backend="east",
-            operation="chat/completions",
-            status=200,
-            outcome=Outcome.OK,
-            model="gpt-4o",
-            prompt_tokens=1000,
-            total_tokens=1000,
-        )
+        chat_record(f"r{h}", DAY0 + h * HOUR + 5, sub, 1000)
         for h in range(int((NOW - DAY0) // HOUR))
     ]
 
@@ -129,21 +115,7 @@ def test_a_late_record_for_a_purged_day_keeps_the_day_whole(engine: Engine, tmp_
     """A record replayed late for a purged day gives that day an hourly row again (and the
     same to its daily one): the day is still read whole, the late record included."""
     prices, recs = purged(engine, tmp_path)
-    late = UsageRecord(
-        request_id="late",
-        ts=DAY0 + 3 * DAY + 10 * HOUR + 1800,
-        subscription_id="A",
-        owner="team",
-        product="p",
-        deployment="gpt-4o",
-        backend="east",
-        operation="chat/completions",
-        status=200,
-        outcome=Outcome.OK,
-        model="gpt-4o",
-        prompt_tokens=7,
-        total_tokens=7,
-    )
+    late = chat_record("late", DAY0 + 3 * DAY + 10 * HOUR + 1800, "A", 7)
     write_ledger(engine, tmp_path, [late])
     Rollups(engine, prices, FakeClock(NOW)).catch_up()
     report = charge_report(

@@ -15,10 +15,26 @@ import pytest
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.admin.service import AdminService, IssuedKeys
+from sluicegate.clock import FakeClock
 from sluicegate.simulator.config import SimConfig, SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.reports import fetch_records
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+
+
+class OffsetClock(FakeClock):
+    """Real time plus an offset the test moves: what the gateway reads as now can be put
+    ahead (a new period) while the SDK and background jobs still wait in real time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 def sim_config(**overrides: Any) -> SimConfig:

@@ -7,6 +7,7 @@ shared one on 5432 is never touched. Redis is the shared one, under a prefix per
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,24 @@ def cluster_gateway(
     return GatewayProcess(tmp_path, cfg)
 
 
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, sim: SimulatorThread, pg: PostgresServer, **storage: Any
+) -> Iterator[tuple[GatewayProcess, str, str]]:
+    """A ``cluster_gateway`` on a new database ``gw`` of ``pg`` (with these ``storage``
+    settings), started, and a key it already sees: (gateway, key, database url). The gateway
+    is killed at the end (a test that checks its exit calls ``terminate()`` first)."""
+    db_url = pg.create_database("gw")
+    gw = cluster_gateway(tmp_path, sim, db_url, **storage)
+    key = gw.create_key()["primary_key"]
+    try:
+        gw.start()
+        gw.wait_visible(key)
+        yield gw, key, db_url
+    finally:
+        gw.kill()
+
+
 def readyz(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
     r = httpx.get(f"{gw.url}/readyz", timeout=10)
     body: dict[str, Any] = r.json()
@@ -72,12 +91,7 @@ def eventually(check: Callable[[], bool], within: float, what: str) -> float:
 def test_postgres_down_gateway_stays_ready_serves_and_writes_records_later(
     tmp_path: Path, simulator: SimulatorThread, pg: PostgresServer
 ) -> None:
-    db_url = pg.create_database("gw")
-    gw = cluster_gateway(tmp_path, simulator, db_url)
-    key = gw.create_key()["primary_key"]
-    try:
-        gw.start()
-        gw.wait_visible(key)
+    with serving(tmp_path, simulator, pg) as (gw, key, db_url):
         assert readyz(gw)[0] == 200
         pg.stop()
         served = [chat(gw, key) for _ in range(20)]
@@ -95,8 +109,6 @@ def test_postgres_down_gateway_stays_ready_serves_and_writes_records_later(
         pg.start()
         eventually(lambda: readyz(gw)[1]["database"] == "ok", 15, "database seen back")
         assert gw.terminate() == 0  # flushes the ledger
-    finally:
-        gw.kill()
     engine = create_engine_for(db_url)
     try:
         stored = {r.request_id for r in fetch_records(engine, limit=100_000)}
@@ -168,12 +180,7 @@ def test_start_with_postgres_down_migrates_when_it_answers(
 def test_subscription_view_older_than_max_stale_seconds_refuses_requests(
     tmp_path: Path, simulator: SimulatorThread, pg: PostgresServer
 ) -> None:
-    db_url = pg.create_database("gw")
-    gw = cluster_gateway(tmp_path, simulator, db_url, max_stale_seconds=2)
-    key = gw.create_key()["primary_key"]
-    try:
-        gw.start()
-        gw.wait_visible(key)
+    with serving(tmp_path, simulator, pg, max_stale_seconds=2) as (gw, key, _):
         time.sleep(3)  # longer than the bound, with the database up: no refusal
         assert chat(gw, key).status_code == 200
         pg.stop()
@@ -189,8 +196,6 @@ def test_subscription_view_older_than_max_stale_seconds_refuses_requests(
         eventually(lambda: chat(gw, key).status_code == 200, 10, "served again")
         assert readyz(gw)[0] == 200
         assert gw.terminate() == 0
-    finally:
-        gw.kill()
 
 
 def test_postgres_down_and_spill_file_unwritable_makes_the_gateway_unready(
@@ -199,12 +204,8 @@ def test_postgres_down_and_spill_file_unwritable_makes_the_gateway_unready(
     # Records could be neither written nor spilled: they would be lost, so out of rotation.
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the spill directory's parent should be")
-    db_url = pg.create_database("gw")
-    gw = cluster_gateway(tmp_path, simulator, db_url, spill_dir=str(blocker / "spill"))
-    key = gw.create_key()["primary_key"]
-    try:
-        gw.start()
-        gw.wait_visible(key)
+    spill_dir = str(blocker / "spill")
+    with serving(tmp_path, simulator, pg, spill_dir=spill_dir) as (gw, key, _):
         assert readyz(gw)[0] == 200  # the database takes the records: no spill file needed
         pg.stop()
         assert chat(gw, key).status_code == 200
@@ -215,5 +216,3 @@ def test_postgres_down_and_spill_file_unwritable_makes_the_gateway_unready(
         assert "not a directory" in body["ledger_problem"]
         pg.start()
         eventually(lambda: readyz(gw)[0] == 200, 15, "ready once records are written")
-    finally:
-        gw.kill()

@@ -13,27 +13,13 @@ import openai
 
 from sluicegate.clock import FakeClock
 from sluicegate.simulator.server import SimulatorThread
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, OffsetClock
 from tests.support.gateway import GatewayThread, gateway_config
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 ONE_MESSAGE = {"messages": [{"role": "user", "content": "hello hello hello"}], "max_tokens": 10}
 # The simulator counts 4 per message + words + 3 = 10 prompt tokens, so one request uses 20.
 TOKENS_PER_REQUEST = 20
-
-
-class OffsetClock(FakeClock):
-    """Real time plus an offset the test moves (the SDK sleeps in real time)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = 0.0
-
-    def now(self) -> float:
-        return time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 def limited(tmp_path: Path, sim: SimulatorThread, limits: Any, clock: Any = None) -> Harness:

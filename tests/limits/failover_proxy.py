@@ -1,6 +1,6 @@
-"""A Redis failover behind one address, for tests: two private redis-servers and a TCP proxy
-(as a Kubernetes Service, HAProxy or a DNS name would) that sends each new connection to the
-current primary."""
+"""TCP proxies in front of Redis, for tests: a Redis failover behind one address (two private
+redis-servers and a proxy that sends each new connection to the current primary, as a
+Kubernetes Service, HAProxy or a DNS name would), and a proxy that loses one reply."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -52,6 +53,84 @@ class PrimaryProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy to the Redis on port ``target`` (the test Redis by default) that can lose
+    one reply: when armed, it forwards the next EVALSHA to Redis, reads Redis's reply (so the
+    command has run) and closes the client's connection instead of passing the reply on, as
+    a network failure at the worst moment would. Every other exchange is forwarded as it is;
+    so is every later connection, unless ``refuse_after_drop``: then each new connection is
+    closed at once until ``heal()`` (so the client's immediate reconnect and resend fail too).
+    """
+
+    def __init__(self, target: int = 6379, *, refuse_after_drop: bool = False) -> None:
+        self.target = target
+        self.refuse_after_drop = refuse_after_drop
+        self.refusing = False
+        self.armed = False
+        self.connections = 0
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._serving: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    def heal(self) -> None:
+        """Accept new connections again (after a drop with ``refuse_after_drop``)."""
+        self.refusing = False
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        self.connections += 1
+        if self.refusing:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += (writer, up_writer)
+        sent_evalsha = False  # the client's last command (redis-py awaits each reply)
+
+        async def to_redis() -> None:
+            nonlocal sent_evalsha
+            while data := await reader.read(65536):
+                sent_evalsha = b"$7\r\nEVALSHA\r\n" in data
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                # An error (NOSCRIPT) means nothing ran: only a reply of a batch that ran is lost.
+                if self.armed and sent_evalsha and not data.startswith(b"-"):
+                    self.armed = False
+                    self.dropped += 1
+                    self.refusing = self.refuse_after_drop
+                    writer.close()
+                    up_writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(to_redis(), to_client())
+        except (ConnectionError, OSError):
+            writer.close()
+            up_writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -26,6 +26,7 @@ from sluicegate.limits.redis_batch import (
 from sluicegate.limits.redis_store import RedisStore
 from sluicegate.limits.store import Adjustment, Counter
 from tests.limits.conftest import REDIS_URL
+from tests.limits.failover_proxy import ReplyDroppingProxy
 
 NOW_MS = 1_700_000_040_000
 
@@ -141,70 +142,6 @@ async def test_calls_wait_for_a_busy_connection_and_go_together(
     assert len(await redis_client.client_list()) == before + 1  # the batcher's one connection
     await batcher.aclose()
     assert len(await redis_client.client_list()) == before
-
-
-class ReplyDroppingProxy:
-    """A TCP proxy to the test Redis that can lose one reply: when armed, it forwards the next
-    EVALSHA to Redis, reads Redis's reply (so the command has run) and closes the client's
-    connection instead of passing the reply on, as a network failure at the worst moment
-    would. Every other exchange, and every later connection, is forwarded as it is."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.connections = 0
-        self.dropped = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._serving: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.gather(*self._serving, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._serving.add(task)
-        self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
-        self._writers += (writer, up_writer)
-        sent_evalsha = False  # the client's last command (redis-py awaits each reply)
-
-        async def to_redis() -> None:
-            nonlocal sent_evalsha
-            while data := await reader.read(65536):
-                sent_evalsha = b"$7\r\nEVALSHA\r\n" in data
-                up_writer.write(data)
-                await up_writer.drain()
-            up_writer.close()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                # An error (NOSCRIPT) means nothing ran: only a reply of a batch that ran is lost.
-                if self.armed and sent_evalsha and not data.startswith(b"-"):
-                    self.armed = False
-                    self.dropped += 1
-                    writer.close()
-                    up_writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        try:
-            await asyncio.gather(to_redis(), to_client())
-        except (ConnectionError, OSError):
-            writer.close()
-            up_writer.close()
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ from sluicegate.simulator.server import SimulatorThread
 from sluicegate.storage.reports import fetch_records
 from tests.routing.scripted import ScriptedBackend
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+from tests.support.pg import throwaway_database
 
 API = "api-version=2024-10-21"
+#: The test Redis (cluster mode), on loopback.
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class ShiftedClock:
@@ -122,6 +127,40 @@ class Routed:
         self.gw.stop()
 
 
+@contextlib.contextmanager
+def cluster_pair(
+    tmp: Path,
+    sims: dict[str, SimulatorThread],
+    pool: list[dict[str, Any]],
+    redis_prefix: str,
+    **settings: Any,
+) -> Iterator[tuple[Routed, GatewayThread, dict[str, Any]]]:
+    """Two gateway instances in cluster mode over ``sims``, sharing the test Redis (under
+    ``redis_prefix``) and a throwaway PostgreSQL ledger: (a ``Routed`` one with a key, a
+    second that has loaded that key, their ``pool_config`` with these ``settings``). Both
+    gateways stop before the database is dropped, then every one of ``sims`` stops."""
+    gateways: list[Routed | GatewayThread] = []
+    try:
+        with throwaway_database() as pg_url:
+            redis = {"url": REDIS_URL, "prefix": redis_prefix}
+            config = pool_config(
+                tmp, sims, pool, mode="cluster", storage_url=pg_url, redis=redis, **settings
+            )
+            try:
+                one = Routed(config, sims)
+                gateways.append(one)
+                two = GatewayThread(config).start()
+                gateways.append(two)
+                two.gateway.refresher.refresh_now()  # the key made on `one` is known here too
+                yield one, two, config
+            finally:
+                for gateway in gateways:
+                    gateway.stop()
+    finally:
+        for sim in sims.values():
+            sim.stop()
+
+
 def body(max_tokens: int = 100, stream: bool = False, text: str = "hello there") -> dict[str, Any]:
     return {
         "messages": [{"role": "user", "content": text}],
@@ -130,21 +169,32 @@ def body(max_tokens: int = 100, stream: bool = False, text: str = "hello there")
     }
 
 
+def one_member_gateway(
+    tmp: Path, backend_url: str, routing: dict[str, Any], started: list[Any], **settings: Any
+) -> Routed:
+    """A started gateway whose deployment gpt-4o is a one-member pool over the backend at
+    ``backend_url`` (backend ``only``) with these ``routing`` and other ``gateway_config``
+    ``settings``; put first in ``started`` to be stopped at the test's end."""
+    data = gateway_config(
+        tmp,
+        {"only": backend_url},
+        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
+        routing=routing,
+        **settings,
+    )
+    routed = Routed(data, {})
+    started.insert(0, routed)
+    return routed
+
+
 def one_member_pool(
     tmp: Path, backend: ScriptedBackend, routing: dict[str, Any], started: list[Any]
 ) -> Routed:
-    """Start ``backend`` and a gateway whose deployment gpt-4o is a one-member pool over it
-    (backend ``only``) with these ``routing`` settings; both are put first in ``started``
-    (the gateway before the backend) to be stopped at the test's end."""
+    """Start ``backend`` and a ``one_member_gateway`` over it; both are put first in
+    ``started`` (the gateway before the backend) to be stopped at the test's end."""
     backend.start()
-    data = gateway_config(
-        tmp,
-        {"only": backend.url},
-        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
-        routing=routing,
-    )
-    routed = Routed(data, {})
-    started[:0] = [routed, backend]
+    routed = one_member_gateway(tmp, backend.url, routing, started)
+    started.insert(1, backend)
     return routed
 
 

@@ -43,12 +43,10 @@ from tests.integration.wire_backend import (
     head,
     wait_for,
 )
-from tests.routing.harness import Routed, body
-from tests.support.gateway import gateway_config
+from tests.routing.harness import REDIS_URL, Routed, body, one_member_gateway
 from tests.support.pg import throwaway_database
 
 KEY = "only/gpt-4o"  # the one member's target: backend/deployment
-REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Trips on the first 429 (for its retry-after), else after three failures; a failed probe
 #: after that first trip opens it for twice ``trip_seconds``: 10 s.
 BREAKER = {"failures": 3, "trip_seconds": 5, "max_trip_seconds": 60}
@@ -126,16 +124,7 @@ def _gateway(
     """A gateway whose deployment gpt-4o is a one-member pool over ``backend`` (which must be
     serving), with no wait-and-retry (each request is one attempt); stopped at the end."""
     routing = {"retry": {"wait_same": False}, "circuit_breaker": breaker, "sync_seconds": 0.1}
-    data = gateway_config(
-        tmp,
-        {"only": backend.url},
-        deployments=[{"name": "gpt-4o", "pool": [{"backend": "only"}], "model": "gpt-4o"}],
-        routing=routing,
-        **(mode or {}),
-    )
-    routed = Routed(data, {})
-    started.insert(0, routed)
-    return routed
+    return one_member_gateway(tmp, backend.url, routing, started, **(mode or {}))
 
 
 def _breaker(routed: Routed) -> str:
