@@ -133,7 +133,7 @@ class Gateway:
             self.engine,
             self.clock,
             # The in-memory view (refreshed every refresh_seconds): no database read for it.
-            lambda: list(self.index._by_id.values()),
+            lambda: self.index.by_id().values(),
             observer=self.metrics if config.metrics.enabled else None,
         )
         self.metrics.watch_budgets(self.budgets.ratios)

@@ -14,13 +14,13 @@ from sqlalchemy.engine import Engine
 
 from sluicegate.accounting.budgets import Budgets, budget_of
 from sluicegate.accounting.periods import HOUR
-from sluicegate.accounting.records import Outcome, UsageRecord
+from sluicegate.accounting.records import UsageRecord
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.auth.subscriptions import Subscription, SubscriptionState
 from sluicegate.clock import FakeClock
 from sluicegate.config.loader import ConfigError, parse_config
 from sluicegate.proxy.errors import GatewayError
-from tests.accounting.conftest import write_ledger
+from tests.accounting.conftest import chat_record, write_ledger
 
 # 1 USD per 1,000 tokens (input and output alike): 1,000 tokens = 1.00 USD.
 CONFIG: dict[str, Any] = {
@@ -54,22 +54,8 @@ def sub(sid: str, product: str = "p", overrides: dict[str, Any] | None = None) -
 
 
 def rec(sid: str, ts: float, tokens: int) -> UsageRecord:
-    return UsageRecord(
-        request_id=f"{sid}-{ts}-{tokens}",
-        ts=ts,
-        subscription_id=sid,
-        owner="o",
-        product="p",
-        deployment="gpt-4o",
-        backend="east",
-        operation="chat/completions",
-        status=200,
-        outcome=Outcome.OK,
-        model="gpt-4o",
-        prompt_tokens=tokens // 2,
-        completion_tokens=tokens - tokens // 2,
-        total_tokens=tokens,
-    )
+    half = tokens // 2
+    return chat_record(f"{sid}-{ts}-{tokens}", ts, sid, half, tokens - half, owner="o")
 
 
 def budgets_over(engine: Engine, clock: FakeClock, subs: list[Subscription]) -> Budgets:

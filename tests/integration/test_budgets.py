@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from sluicegate.clock import FakeClock
 from tests.admin.harness import ADMIN_TOKEN, API_VERSION, AdminHarness, admin_gateway
+from tests.integration.conftest import OffsetClock
 
 # The simulator counts 4 per message + words + 3 = 10 prompt tokens for this message, and
 # answers max_tokens (10) completion tokens: 20 tokens, at 0.05 USD per token (50,000 USD per
@@ -35,20 +35,6 @@ PRODUCTS = [
 #: (0.05 here) between runs, or 50 times its last run's duration (job.PACING): on a loaded
 #: machine, several seconds.
 WITHIN = 30.0
-
-
-class OffsetClock(FakeClock):
-    """Real time plus an offset the test moves (the SDK and the job wait in real time)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = 0.0
-
-    def now(self) -> float:
-        return time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 @pytest.fixture

@@ -4,11 +4,16 @@ the ledger, at the configured prices) and whether it is refused, as a table and 
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.test_cli_output import (
+    BACKEND,
     SECRET,
     create_key,
     recent,
@@ -53,3 +58,34 @@ def test_budgets_lists_spent_and_refused(
 
     code, out, err = run_cli(capsys, "budgets", "-c", str(config), "--subscription", "sub_nope")
     assert code == 1 and "no subscription 'sub_nope'" in err
+
+
+def test_budgets_count_no_ptu_by_default_and_never_its_cost_ahead(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICEGATE_KEY_SECRET", SECRET)
+    monthly_cost = 31_000
+    ptu = [{"backend": BACKEND, "monthly_cost": monthly_cost, "effective_from": "2020-01-01"}]
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    budget: dict[str, Any] = {"amount": "500", "period": "monthly"}
+    config = write_config(tmp_path, url, products=[{"name": "p", "budget": budget}], ptu=ptu)
+    sid = create_key(capsys, config)["id"]
+    ts = recent()
+    write_records(config, tmp_path, [record(0, ts, sid, refused=False)])
+
+    code, out, err = run_cli(capsys, "budgets", "-c", str(config), "--json")
+    assert code == 0, err
+    [item] = json.loads(out)["items"]
+    # The reserved backend's records cost nothing pay-as-you-go; its reservation is left out.
+    assert item["spent"] == "0.000000000" and item["refused"] is False
+
+    budget["include_ptu"] = True
+    config = write_config(tmp_path, url, products=[{"name": "p", "budget": budget}], ptu=ptu)
+    code, out, err = run_cli(capsys, "budgets", "-c", str(config), "--json")
+    assert code == 0, err
+    [item] = json.loads(out)["items"]
+    # The whole share of the reservation from the month's start until now, not of the month.
+    start = datetime.fromisoformat(item["period_start"].replace("Z", "+00:00")).timestamp()
+    end = datetime.fromisoformat(item["period_end"].replace("Z", "+00:00")).timestamp()
+    so_far = monthly_cost * (time.time() - start) / (end - start)
+    assert 0 < Decimal(item["spent"]) <= Decimal(str(so_far)) + 1

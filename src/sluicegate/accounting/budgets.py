@@ -9,9 +9,10 @@ How it is enforced, off the request path: the rollup job (``accounting.job``), r
 each catch-up (which rolls every record committed so far into the current hour's rollup),
 calls :meth:`Budgets.refresh`. That prices each budgeted subscription's period so far with
 the charge-back report (``chargeback.charge_report``: the pay-as-you-go cost priced when
-rolled up plus its PTU share, exactly what the reports show) and publishes a new dict of
-the subscriptions whose budget refuses. The request path looks its subscription up in that
-dict (:meth:`Budgets.check`): one dict lookup and one comparison, no I/O.
+rolled up; with ``include_ptu``, plus its PTU share from the period's start until now, never
+the rest of the period) and publishes a new dict of the subscriptions whose budget refuses.
+The request path looks its subscription up in that dict (:meth:`Budgets.check`): one dict
+lookup and one comparison, no I/O.
 
 In a cluster every instance runs the job against the shared PostgreSQL ledger and computes
 the same dict: no publication through Redis (no second source of truth to keep in sync, no
@@ -165,13 +166,20 @@ def compute_statuses(
     prices: PriceTable,
     budgeted: Iterable[tuple[Subscription, BudgetConfig, Source]],
     now: float,
+    on_missing_hours: Callable[[float, str], None] | None = None,
 ) -> list[BudgetStatus]:
     """Each budgeted subscription's spending in its period containing ``now``, read from the
     rollups (catch them up first to include the latest records): one charge-back report by
     subscription per distinct period (only that subscription's rows when it is alone in it).
 
-    Rollups hold whole hours: a period that starts within an hour (a zone whose offset is
-    not whole hours) is counted from the next whole hour."""
+    What is spent: the pay-as-you-go cost; with ``include_ptu``, plus the subscription's
+    share of each PTU reservation's cost from the period's start until ``now`` (never a
+    later hour's). Rollups hold whole hours: a period that starts within an hour (a zone
+    whose offset is not whole hours) is counted from the next whole hour. Where the hourly
+    rollups of the period's first day are purged (``retention.hourly_rollups_days``), only
+    the hours still kept from the period's start on are counted, never an earlier hour of
+    that day; ``on_missing_hours(period_start, note)`` is then called (once per run and
+    period)."""
     groups: dict[tuple[int, int], list[tuple[Subscription, BudgetConfig, Source]]] = {}
     for item in budgeted:
         bounds = period_bounds(item[1].period, now, item[1].timezone)
@@ -179,13 +187,29 @@ def compute_statuses(
     out: list[BudgetStatus] = []
     for (start_ms, end_ms), items in groups.items():
         start, end = start_ms / 1000, end_ms / 1000
+        first = ceil_hour(start)
+        # Nothing after now: the period's end is in the future, and a PTU reservation's
+        # cost up to it is not spent yet.
+        until = min(end, max(now, first + 1))
         alone = items[0][0].id if len(items) == 1 else None
         report = charge_report(
-            engine, prices, start=ceil_hour(start), end=end, subscription_id=alone
+            engine,
+            prices,
+            start=first,
+            end=until,
+            subscription_id=alone,
+            ptu=any(budget.include_ptu for _, budget, _ in items),
+            ptu_until=max(now, first),
+            widen=False,
         )
+        if report.note and on_missing_hours is not None:
+            on_missing_hours(start, report.note)
         rows = {row.key: row for row in report.rows}
         for sub, budget, source in items:
             row = rows.get(sub.id)
+            spent = 0
+            if row is not None:
+                spent = row.cost_nanos if budget.include_ptu else row.paygo_nanos
             out.append(
                 BudgetStatus(
                     sub.id,
@@ -193,7 +217,7 @@ def compute_statuses(
                     source,
                     budget,
                     prices.currency,
-                    row.cost_nanos if row is not None else 0,
+                    spent,
                     start,
                     end,
                     row.unpriced_records if row is not None else 0,
@@ -207,6 +231,27 @@ class BudgetObserver(Protocol):
 
     def budget_threshold(self, action: str) -> None:
         """A budget crossed one of its thresholds (once per threshold per period)."""
+
+    def budget_unpriced(self, records: int) -> None:
+        """Usage records without a price in budgeted subscriptions' current periods (their
+        total, at every refresh): a budget does not count them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Thresholds:
+    """A budget's thresholds, computed once per ``BudgetConfig``: ascending ``(nanos,
+    fraction)``, the whole budget included."""
+
+    budget: BudgetConfig  # held so that the ``id`` keying the cache is not reused
+    amount_nanos: int
+    steps: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, budget: BudgetConfig) -> _Thresholds:
+        amount = budget.amount * NANOS
+        fractions = sorted({*budget.warn_at, 1.0})
+        steps = tuple((int(amount * Decimal(str(f))), f) for f in fractions)
+        return cls(budget, int(amount), steps)
 
 
 class Budgets:
@@ -236,8 +281,19 @@ class Budgets:
         #: Every budgeted subscription's status at the last refresh.
         self.statuses: dict[str, BudgetStatus] = {}
         self.last_refresh: float | None = None
-        self._warned: set[tuple[str, float, float]] = set()
+        #: Subscription id → (period start, the highest fraction logged in that period):
+        #: a fraction, not a count, so a ``warn_at`` changed mid-period still works.
+        self._warned: dict[str, tuple[float, float]] = {}
+        self._periods: frozenset[float] = frozenset()
         self._invalid: set[str] = set()
+        #: Subscription id → (its raw budget override, what it validated to): validating
+        #: thousands of overrides at every run would cost more than the run's query.
+        self._overrides: dict[str, tuple[object, BudgetConfig]] = {}
+        self._thresholds: dict[int, _Thresholds] = {}
+        #: (subscription id, period start) whose unpriced records were logged already.
+        self._unpriced_logged: set[tuple[str, float]] = set()
+        #: Period starts whose missing hourly rollups were logged already.
+        self._missing_logged: set[float] = set()
 
     def __repr__(self) -> str:
         return f"<Budgets statuses={len(self.statuses)} refused={len(self.refused)}>"
@@ -257,22 +313,39 @@ class Budgets:
     def budgeted(self) -> list[tuple[Subscription, BudgetConfig, Source]]:
         """The active subscriptions with a budget, and their budget."""
         out: list[tuple[Subscription, BudgetConfig, Source]] = []
+        products = self._products
+        cache = self._overrides
+        active = SubscriptionState.ACTIVE
         for sub in self._subscriptions():
-            if sub.state is not SubscriptionState.ACTIVE:
+            if sub.state is not active:
                 continue
-            try:
-                found = budget_of(sub, self._products)
-            except ValidationError as exc:
-                if sub.id not in self._invalid:  # once, not at every run
-                    self._invalid.add(sub.id)
-                    log.warning(
-                        "budgets: subscription %s has an invalid budget override, ignored: %s",
-                        sub.id,
-                        str(exc).splitlines()[0],
-                    )
+            overrides = sub.overrides
+            if isinstance(overrides, dict) and "budget" in overrides:
+                raw = overrides["budget"]
+                if raw is None:
+                    continue
+                cached = cache.get(sub.id)
+                # ``==`` too: a refreshed view holds equal but new dicts.
+                if cached is not None and (cached[0] is raw or cached[0] == raw):
+                    out.append((sub, cached[1], "subscription"))
+                    continue
+                try:
+                    budget = BudgetConfig.model_validate(raw)
+                except ValidationError as exc:
+                    if sub.id not in self._invalid:  # once, not at every run
+                        self._invalid.add(sub.id)
+                        log.warning(
+                            "budgets: subscription %s has an invalid budget override, ignored: %s",
+                            sub.id,
+                            str(exc).splitlines()[0],
+                        )
+                    continue
+                cache[sub.id] = (raw, budget)
+                out.append((sub, budget, "subscription"))
                 continue
-            if found is not None:
-                out.append((sub, *found))
+            product = products.get(sub.product)
+            if product is not None and product.budget is not None:
+                out.append((sub, product.budget, "product"))
         return out
 
     def refresh(self) -> list[BudgetStatus]:
@@ -280,43 +353,114 @@ class Budgets:
         database (call it from a worker thread, after a catch-up); raises what it raises,
         leaving the last published set in force."""
         now = self.clock.now()
-        statuses = compute_statuses(self.engine, self.prices, self.budgeted(), now)
+        statuses = compute_statuses(
+            self.engine, self.prices, self.budgeted(), now, self._missing_hours
+        )
         self.statuses = {s.subscription_id: s for s in statuses}
         self.refused = {s.subscription_id: s for s in statuses if s.refuses}
         self.last_refresh = now
         self._alert(statuses)
+        self._unpriced(statuses)
         return statuses
+
+    def _missing_hours(self, period_start: float, note: str) -> None:
+        """Once per period: the hourly rollups of its first day are purged (the
+        configuration check refuses a retention this short; it may have changed since)."""
+        if period_start in self._missing_logged:
+            return
+        self._missing_logged.add(period_start)
+        log.warning(
+            "budgets: the period starting %s is counted from the hourly rollups still kept: "
+            "%s; raise retention.hourly_rollups_days above the longest budget period",
+            iso(period_start),
+            note,
+        )
+
+    def _unpriced(self, statuses: list[BudgetStatus]) -> None:
+        """Log once per subscription and period that it has usage without a price (which its
+        budget does not count), and report the total to the observer."""
+        total = 0
+        for s in statuses:
+            if not s.unpriced_records:
+                continue
+            total += s.unpriced_records
+            key = (s.subscription_id, s.period_start)
+            if key in self._unpriced_logged:
+                continue
+            if len(self._unpriced_logged) > 4 * len(statuses) + 1000:
+                current = {(x.subscription_id, x.period_start) for x in statuses}
+                self._unpriced_logged &= current
+            self._unpriced_logged.add(key)
+            log.warning(
+                "budget of subscription %s: %d usage record(s) this %s have no price and are "
+                "not counted as spent (add a price for their deployment or model)",
+                s.subscription_id,
+                s.unpriced_records,
+                s.noun(),
+            )
+        if self.observer is not None:
+            self.observer.budget_unpriced(total)
+
+    def _thresholds_of(self, budget: BudgetConfig) -> _Thresholds:
+        found = self._thresholds.get(id(budget))
+        if found is None or found.budget is not budget:
+            if len(self._thresholds) > 100_000:  # overrides replaced many times over
+                self._thresholds.clear()
+            found = self._thresholds[id(budget)] = _Thresholds.of(budget)
+        return found
 
     def _alert(self, statuses: list[BudgetStatus]) -> None:
         """Log once per threshold per period (and per process): each ``warn_at`` fraction,
-        and the whole budget. Subscription id and amounts only: never a key."""
-        current = {(s.subscription_id, s.period_start) for s in statuses}
-        self._warned = {w for w in self._warned if (w[0], w[1]) in current}
+        and the whole budget. Subscription id and amounts only: never a key.
+
+        Cheap per run: a budget below its lowest threshold, or with no new threshold
+        reached, costs a comparison or two; the warned state is pruned only when the set of
+        periods changes (a period renewed, or a budget with another period appeared)."""
+        periods = frozenset(s.period_start for s in statuses)
+        warned = self._warned
+        if periods != self._periods:
+            current = {s.subscription_id: s.period_start for s in statuses}
+            warned = {k: v for k, v in warned.items() if current.get(k) == v[0]}
+            self._warned = warned
+            self._periods = periods
         for s in statuses:
-            for fraction in sorted({*s.budget.warn_at, 1.0}):
-                key = (s.subscription_id, s.period_start, fraction)
-                if s.spent_nanos < s.amount_nanos * Decimal(str(fraction)) or key in self._warned:
-                    continue
-                self._warned.add(key)
-                what = (
-                    "spent: further requests are refused until it renews"
-                    if fraction >= 1.0 and s.budget.action == "refuse"
-                    else "spent (action warn: still served)"
-                    if fraction >= 1.0
-                    else f"{fraction:.0%} spent"
-                )
-                log.warning(
-                    "budget of subscription %s %s: %s of %s %s this %s (renews %s)",
-                    s.subscription_id,
-                    what,
-                    format_money(s.spent_nanos),
-                    format_money(s.amount_nanos),
-                    s.currency,
-                    s.noun(),
-                    s.renews(),
-                )
-                if self.observer is not None:
-                    self.observer.budget_threshold(s.budget.action)
+            steps = self._thresholds_of(s.budget).steps
+            spent = s.spent_nanos
+            if spent < steps[0][0]:
+                continue
+            seen = warned.get(s.subscription_id)
+            done = seen[1] if seen is not None and seen[0] == s.period_start else 0.0
+            if done >= steps[-1][1]:
+                continue  # every threshold of this period logged already
+            crossed = [f for nanos, f in steps if f > done and spent >= nanos]
+            if not crossed:
+                continue
+            warned[s.subscription_id] = (s.period_start, crossed[-1])
+            for fraction in crossed:
+                self._log_threshold(s, fraction)
+
+    def _log_threshold(self, s: BudgetStatus, fraction: float) -> None:
+        if self.observer is not None:
+            self.observer.budget_threshold(s.budget.action)
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        what = (
+            "spent: further requests are refused until it renews"
+            if fraction >= 1.0 and s.budget.action == "refuse"
+            else "spent (action warn: still served)"
+            if fraction >= 1.0
+            else f"{fraction:.0%} spent"
+        )
+        log.warning(
+            "budget of subscription %s %s: %s of %s %s this %s (renews %s)",
+            s.subscription_id,
+            what,
+            format_money(s.spent_nanos),
+            format_money(s.amount_nanos),
+            s.currency,
+            s.noun(),
+            s.renews(),
+        )
 
     def ratios(self) -> list[tuple[str, float]]:
         """``(subscription id, spent / amount)`` of every budget at the last refresh."""

@@ -224,6 +224,16 @@ def _widened_note(asked: tuple[int, int], covered: tuple[int, int]) -> str:
     )
 
 
+def _missing_note(asked: tuple[int, int], covered: tuple[int, int]) -> str:
+    """Why a range read as asked (``widen=False``) misses hours; empty if it does not."""
+    if covered == asked:
+        return ""
+    return (
+        f"{_widened_note(asked, covered).split(', so ')[0]}: only the hours still kept "
+        f"within {iso(asked[0])} to {iso(asked[1])} are counted"
+    )
+
+
 def _union(
     start: int,
     end: int,
@@ -261,6 +271,9 @@ def charge_report(
     end: float,
     by: str = "subscription",
     subscription_id: str | None = None,
+    ptu: bool = True,
+    ptu_until: float | None = None,
+    widen: bool = True,
 ) -> ChargeReport:
     """Totals and cost per value of ``by`` over ``[start, end)`` (widened to whole hours, and
     an edge in a day whose hourly rollups are purged to the whole day: the report's
@@ -270,6 +283,11 @@ def charge_report(
     subscription's rows are returned; its PTU share is its share against everybody's tokens
     (as in the report by subscription), split between its rows by their tokens on the
     reservation. Raises ``ValueError`` for an unknown ``by`` or an empty range.
+
+    For the budgets (the reports leave these at their defaults): ``ptu=False`` leaves PTU
+    shares out; ``ptu_until`` charges no reservation cost after it; ``widen=False`` never
+    widens an edge: only the hours still kept within the range are read, and the ``note``
+    says so when hours are missing.
     """
     column = _check_by(by)
     asked = whole_hours(start, end)
@@ -278,7 +296,8 @@ def charge_report(
     )
     rows: dict[str | None, ChargeRow] = {}
     with engine.connect() as conn:
-        a, b = covered_range(conn, *asked)
+        covered = covered_range(conn, *asked)
+        a, b = covered if widen else asked
         sub = _union(a, b, [column, *_SUMMED], where)
         query = select(sub.c[column], *(func.sum(sub.c[n]) for n in _SUMMED)).group_by(
             sub.c[column]
@@ -289,7 +308,9 @@ def charge_report(
             for name, value in zip(_SUMMED, vals, strict=True):
                 setattr(row, "paygo_nanos" if name == "cost_nanos" else name, int(value or 0))
             rows[key] = row
-        intervals = prices.ptu_intervals(a, b)
+        intervals = (
+            prices.ptu_intervals(a, b if ptu_until is None else min(b, ptu_until)) if ptu else []
+        )
         for interval in intervals:
             for key, nanos in _ptu_shares(conn, interval, column, subscription_id).items():
                 rows.setdefault(key, ChargeRow(key)).ptu_nanos += nanos
@@ -300,7 +321,7 @@ def charge_report(
     total = ChargeRow(None)
     for row in ordered:
         total.add(row)
-    note = _widened_note(asked, (a, b))
+    note = _widened_note(asked, (a, b)) if widen else _missing_note(asked, covered)
     return ChargeReport(a, b, by, prices.currency, ordered, total, intervals, note)
 
 

@@ -20,7 +20,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,6 +115,13 @@ class SubscriptionIndex:
         if self.refusal is not None:
             raise self.refusal()
         return self._by_id.get(subscription_id)
+
+    def by_id(self) -> Mapping[str, Subscription]:
+        """Every subscription of the current view, by id (the refusal does not apply: for
+        background work such as the budgets). The mapping is replaced whole by ``replace``
+        and never mutated, so a caller may iterate it while a refresh happens; it must not
+        modify it."""
+        return self._by_id
 
     def __len__(self) -> int:
         return len(self._by_id)

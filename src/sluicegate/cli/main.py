@@ -17,6 +17,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from sluicegate.config.loader import (
     ConfigError,
+    budget_price_warnings,
     environment_problems,
     header_quota_warnings,
     load_config,
@@ -123,6 +124,7 @@ def config_check(path: Annotated[Path, typer.Argument(help="gateway.yaml to chec
         environment_problems(cfg, dict(os.environ))
         + retention_warnings(cfg)
         + header_quota_warnings(cfg)
+        + budget_price_warnings(cfg)
     )
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)

@@ -261,6 +261,45 @@ def retention_warnings(config: GatewayConfig) -> list[str]:
     ]
 
 
+def budget_price_warnings(config: GatewayConfig) -> list[str]:
+    """A product with a budget that may use a deployment with no price at all (no price
+    entry for it or its model, no PTU reservation covering it): its records are unpriced,
+    and a budget does not count them as spent, so it never refuses for them. Products'
+    budgets only: a subscription's override is not known here."""
+    warnings: list[str] = []
+    for product in config.products:
+        if product.budget is None:
+            continue
+        names = set(product.deployments)
+        unpriced = [
+            d.name
+            for d in config.deployments
+            if ("*" in names or d.name in names) and not _priced(config, d)
+        ]
+        if unpriced:
+            warnings.append(
+                f"products[{product.name!r}].budget: deployment(s) "
+                f"{', '.join(map(repr, unpriced))} have no price: their usage is not counted "
+                "as spent, so the budget never refuses for it; add a price to prices"
+            )
+    return warnings
+
+
+def _priced(config: GatewayConfig, deployment: DeploymentConfig) -> bool:
+    """Whether any price entry or PTU reservation may price this deployment's records."""
+    if any(
+        p.deployment == deployment.name or (p.deployment is None and p.model == deployment.model)
+        for p in config.prices
+    ):
+        return True
+    backends = {m.backend for m in deployment.members()}
+    return any(
+        (e.deployment is None or e.deployment == deployment.name)
+        and (e.backend is None or e.backend in backends)
+        for e in config.ptu
+    )
+
+
 #: Memory a quota counter takes in the limit store, about (the counter, its origin, the
 #: limiter's cached shape and the seeder's bookkeeping), for the warning below.
 QUOTA_COUNTER_BYTES = 1_500

@@ -320,6 +320,8 @@ LimitPolicies = Annotated[
 
 
 BudgetPeriod = Literal["daily", "weekly", "monthly"]
+#: The longest each budget period lasts, in days.
+BUDGET_PERIOD_DAYS: dict[str, int] = {"daily": 1, "weekly": 7, "monthly": 31}
 
 
 class BudgetConfig(_Strict):
@@ -335,6 +337,10 @@ class BudgetConfig(_Strict):
     timezone: str = "UTC"
     action: Literal["refuse", "warn"] = "refuse"
     warn_at: list[float] = Field(default_factory=list, max_length=10)
+    #: Count the subscription's share of PTU reservations' cost so far (as the charge-back
+    #: reports do) besides its pay-as-you-go cost. Off by default: a reservation is a fixed
+    #: cost paid anyway, and one subscription's share of it moves with everybody's usage.
+    include_ptu: bool = False
 
     @field_validator("period", mode="before")
     @classmethod
@@ -720,6 +726,28 @@ class GatewayConfig(_Strict):
         errors = reference_problems(ConfigParts.of(self))
         if errors:
             raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_outlive_hourly_rollups(self) -> GatewayConfig:
+        # A budget reads its period from the hourly rollups (a period need not start at UTC
+        # midnight, so the daily ones cannot stand in for its first day): purging them
+        # within a period would forget what was spent in it.
+        days = self.retention.hourly_rollups_days
+        if days is None:
+            return self
+        budgeted = [(p.budget, p.name) for p in self.products if p.budget is not None]
+        if not budgeted:
+            return self
+        budget, name = max(budgeted, key=lambda b: BUDGET_PERIOD_DAYS[b[0].period])
+        least = BUDGET_PERIOD_DAYS[budget.period] + 1
+        if days < least:
+            raise ValueError(
+                f"retention.hourly_rollups_days ({days:g}) must be at least {least:g} (the "
+                f"longest budget period, {budget.period} in product {name!r}, plus a day): a "
+                "budget counts its period from the hourly rollups, and hours purged within "
+                "the period would no longer count as spent"
+            )
         return self
 
     @model_validator(mode="after")

@@ -486,6 +486,13 @@ class GatewayMetrics:
             ["action"],
             registry=r,
         )
+        self.budget_unpriced_records = Gauge(
+            "sluicegate_budget_unpriced_records",
+            "Usage records without a price in budgeted subscriptions' current budget periods "
+            "(all of them together), as of the budget job's last run: budgets do not count "
+            "them as spent.",
+            registry=r,
+        )
         self._backend_collector: _BackendCollector | None = None
         self._connection_collector: _ConnectionCollector | None = None
 
@@ -518,6 +525,10 @@ class GatewayMetrics:
     def budget_threshold(self, action: str) -> None:
         """For the budgets: a threshold was crossed (``accounting.budgets.BudgetObserver``)."""
         self._child(self.budget_thresholds, action).inc()
+
+    def budget_unpriced(self, records: int) -> None:
+        """For the budgets: unpriced records in budgeted periods (``BudgetObserver``)."""
+        self.budget_unpriced_records.set(records)
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""
