@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,10 +23,12 @@ from redis.backoff import NoBackoff
 
 from sluicegate.clock import FakeClock
 from sluicegate.limits.admission import Reservation
-from sluicegate.limits.limiter import Limiter, LimitRequest
+from sluicegate.limits.limiter import Limiter, LimitRequest, quota_counter_name
 from sluicegate.limits.policy import LimitPolicy
 from sluicegate.limits.redis_store import HELD_SUFFIX, ORIGIN_SUFFIX, RedisStore
+from sluicegate.limits.store import Adjustment
 from sluicegate.metrics.registry import GatewayMetrics
+from tests.limits.failover_proxy import ReplyDroppingProxy
 from tests.support.redis_server import RedisServer
 
 QUOTA = LimitPolicy(tokens_per_minute=100_000, token_quota=100_000, token_quota_period="monthly")
@@ -46,6 +51,24 @@ def server() -> Iterator[RedisServer]:
 def probe_client(url: str) -> aioredis.Redis:
     """The test's own client, reconnecting once after a restart dropped its connection."""
     return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+
+
+@contextlib.asynccontextmanager
+async def replaying(
+    server_url: str, clock: FakeClock, *, store_url: str | None = None, **options: Any
+) -> AsyncIterator[tuple[str, RedisStore, Limiter, aioredis.Redis]]:
+    """A fail-closed ``RedisStore`` under a fresh key prefix on ``store_url`` (the server's
+    own by default, else a proxy in front of it) with these ``options``, its ``Limiter``, and
+    a ``probe_client`` of the server itself: (prefix, store, limiter, client), both clients
+    closed at the end."""
+    prefix = f"sgtest:{uuid.uuid4().hex}:"
+    store = RedisStore(store_url or server_url, prefix, clock, fail_mode="closed", **options)
+    client = probe_client(server_url)
+    try:
+        yield prefix, store, Limiter(store, clock), client
+    finally:
+        await store.aclose()
+        await client.aclose()
 
 
 async def counters(client: aioredis.Redis, prefix: str, key: str) -> tuple[int, int, int]:
@@ -85,13 +108,9 @@ async def test_a_settle_that_failed_lands_once_redis_is_back(
     """Admitted with an estimate of 5,000, Redis stops, the request settles at 200: the
     settle fails and is queued, not dropped. Once Redis is back (with its data), the replay
     leaves the quota and the TPM window at the real usage and nothing in flight."""
-    prefix = f"sgtest:{uuid.uuid4().hex}:"
-    store = RedisStore(persistent_server.url, prefix, clock, fail_mode="closed")
-    metrics = GatewayMetrics()
-    metrics.watch_limit_store(store)
-    limiter = Limiter(store, clock)
-    client = probe_client(persistent_server.url)
-    try:
+    async with replaying(persistent_server.url, clock) as (prefix, store, limiter, client):
+        metrics = GatewayMetrics()
+        metrics.watch_limit_store(store)
         reservation = await admit(limiter, "sub:t", 5000)
         assert await counters(client, prefix, "sub:t") == (5000, 5000, 5000)
 
@@ -110,101 +129,30 @@ async def test_a_settle_that_failed_lands_once_redis_is_back(
         rendered = metrics.render()
         assert b"sluicegate_limit_adjustments_replayed_total 2.0" in rendered
         assert b"sluicegate_limit_adjustments_queued 0.0" in rendered
-    finally:
-        await store.aclose()
-        await client.aclose()
-
-
-class ReplyLosingProxy:
-    """A TCP proxy to Redis that, when ``armed``, forwards the next EVALSHA, drops its reply
-    (so Redis ran it, the client never learns) and then closes every new connection until
-    ``heal()`` (so the client's immediate reconnect and resend fail too)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.armed = False
-        self.blocked = False
-        self.lost = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def heal(self) -> None:
-        self.blocked = False
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        sent_evalsha = False
-
-        async def to_redis() -> None:
-            nonlocal sent_evalsha
-            while data := await reader.read(65536):
-                sent_evalsha = b"EVALSHA" in data
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                if self.armed and sent_evalsha and not data.startswith(b"-"):
-                    self.armed = False
-                    self.blocked = True
-                    self.lost += 1
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        pipes = [asyncio.ensure_future(to_redis()), asyncio.ensure_future(to_client())]
-        for task in pipes:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        for task in pipes:
-            task.cancel()
-        for w in (writer, up_writer):
-            w.close()
 
 
 @pytest.fixture
-async def losing_proxy(server: RedisServer) -> AsyncIterator[ReplyLosingProxy]:
-    proxy = ReplyLosingProxy(server.port)
+async def losing_proxy(server: RedisServer) -> AsyncIterator[ReplyDroppingProxy]:
+    proxy = ReplyDroppingProxy(server.port, refuse_after_drop=True)
     yield proxy
     await proxy.aclose()
 
 
 async def test_a_settle_that_ran_before_its_reply_was_lost_is_replayed_once(
-    server: RedisServer, losing_proxy: ReplyLosingProxy, clock: FakeClock
+    server: RedisServer, losing_proxy: ReplyDroppingProxy, clock: FakeClock
 ) -> None:
     """Redis ran the settle's batch, the reply was lost and the resend refused: the store
     cannot tell, and queues it. The replay goes under the failed batch's key, which Redis
     still holds: nothing runs twice (a second refund of 4,800 would leave the quota at 0)."""
-    prefix = f"sgtest:{uuid.uuid4().hex}:"
-    store = RedisStore(await losing_proxy.start(), prefix, clock, fail_mode="closed")
-    limiter = Limiter(store, clock)
-    client = probe_client(server.url)
-    try:
+    url = await losing_proxy.start()
+    async with replaying(server.url, clock, store_url=url) as (prefix, store, limiter, client):
         first = await admit(limiter, "sub:t", 5000)
         second = await admit(limiter, "sub:t", 5000)
         assert await counters(client, prefix, "sub:t") == (10_000, 10_000, 10_000)
 
         losing_proxy.armed = True
         await limiter.settle(first, 200)
-        assert losing_proxy.lost == 1
+        assert losing_proxy.dropped == 1
         assert store.queued_adjustments == 2
         assert await counters(client, prefix, "sub:t") == (5200, 5200, 5000)  # it ran
 
@@ -214,9 +162,6 @@ async def test_a_settle_that_ran_before_its_reply_was_lost_is_replayed_once(
         assert await counters(client, prefix, "sub:t") == (5200, 5200, 5000)  # once
         await limiter.settle(second, 300)
         assert await counters(client, prefix, "sub:t") == (500, 500, 0)
-    finally:
-        await store.aclose()
-        await client.aclose()
 
 
 async def test_a_replay_leaves_a_quota_that_redis_lost_and_counted_anew_alone(
@@ -225,11 +170,7 @@ async def test_a_replay_leaves_a_quota_that_redis_lost_and_counted_anew_alone(
     """Redis restarts empty while the settle waits: the quota key is created again by the
     next admission (and would be seeded from the ledger, which has the real usage). The
     replayed refund of the lost estimate must not come off the new counter."""
-    prefix = f"sgtest:{uuid.uuid4().hex}:"
-    store = RedisStore(server.url, prefix, clock, fail_mode="closed")
-    limiter = Limiter(store, clock)
-    client = probe_client(server.url)
-    try:
+    async with replaying(server.url, clock) as (prefix, store, limiter, client):
         reservation = await admit(limiter, "sub:t", 5000)
         server.stop()
         await limiter.settle(reservation, 200)
@@ -240,9 +181,6 @@ async def test_a_replay_leaves_a_quota_that_redis_lost_and_counted_anew_alone(
         await store.replayed()
         assert store.stats.replayed_adjustments == 2
         assert (await counters(client, prefix, "sub:t"))[0] == 300  # not max(300 - 4800, 0)
-    finally:
-        await store.aclose()
-        await client.aclose()
 
 
 async def test_the_queue_is_bounded_and_over_windows_are_dropped(
@@ -251,12 +189,8 @@ async def test_the_queue_is_bounded_and_over_windows_are_dropped(
     """At most ``max_replay`` adjustments wait (the oldest go first, counted); a TPM
     window's settle is not replayed once its bucket has left every window, while a quota's
     still is (until its period and grace are over)."""
-    prefix = f"sgtest:{uuid.uuid4().hex}:"
-    store = RedisStore(server.url, prefix, clock, fail_mode="closed", max_replay=3)
-    limiter = Limiter(store, clock)
     tpm_only = LimitPolicy(tokens_per_minute=100_000)
-    client = probe_client(server.url)
-    try:
+    async with replaying(server.url, clock, max_replay=3) as (_, store, limiter, _):
         reservations = [await admit(limiter, f"sub:{n}", 1000) for n in range(2)]
         tpm = await limiter.admit([LimitRequest("sub:tpm", tpm_only, 1000)])
         assert tpm.allowed and tpm.reservation is not None
@@ -275,6 +209,122 @@ async def test_the_queue_is_bounded_and_over_windows_are_dropped(
         # quota settle is the one replayed.
         assert store.stats.dropped_adjustments == 4
         assert store.stats.replayed_adjustments == 1
+
+
+async def test_a_settle_that_may_have_run_is_not_replayed_once_its_key_may_be_gone(
+    server: RedisServer, losing_proxy: ReplyDroppingProxy, clock: FakeClock
+) -> None:
+    """As the lost-reply test above, but Redis answers again only after 6 s: longer than the
+    failed batch's stored replies live (5 s at least, ``reply_ttl_ms``). A resend under its
+    key would then run the settle again (a second refund of 4,800, the other request's 5,000
+    in flight wiped: (400, 400, 0)); it is dropped and counted instead, as before replays."""
+    url = await losing_proxy.start()
+    async with replaying(server.url, clock, store_url=url) as (prefix, store, limiter, client):
+        first = await admit(limiter, "sub:t", 5000)
+        second = await admit(limiter, "sub:t", 5000)
+
+        losing_proxy.armed = True
+        await limiter.settle(first, 200)
+        assert losing_proxy.dropped == 1 and store.queued_adjustments == 2
+        assert await counters(client, prefix, "sub:t") == (5200, 5200, 5000)  # it ran
+
+        await asyncio.sleep(6)  # real time: Redis's key TTL
+        losing_proxy.heal()
+        await recover(store, limiter, clock)
+        assert await counters(client, prefix, "sub:t") == (5200, 5200, 5000)  # once
+        assert store.queued_adjustments == 0
+        assert (store.stats.replayed_adjustments, store.stats.dropped_adjustments) == (0, 2)
+        await limiter.settle(second, 300)
+        assert await counters(client, prefix, "sub:t") == (500, 500, 0)
+
+
+async def test_a_replay_leaves_a_quota_key_created_after_its_admission_alone(
+    persistent_server: RedisServer, clock: FakeClock
+) -> None:
+    """Redis loses the quota key after the admission (a FLUSH, as a restart without
+    persistence would) and the next request creates it anew, all BEFORE the settle fails
+    in a second outage (Redis keeps its data through that one). The replayed refund of an
+    estimate the new key never held must not come off it: the guard compares the key's
+    creation with the admission, not with the failure."""
+    async with replaying(persistent_server.url, clock) as (prefix, store, limiter, client):
+        reservation = await admit(limiter, "sub:t", 5000)
+        clock.advance(61)  # the next request holds its tokens in flight in another minute
+        await client.flushall()  # Redis lost its data
+        later = await admit(limiter, "sub:t", 300)  # creates the quota key anew
+        assert later.admitted_ms > reservation.admitted_ms
+        assert await counters(client, prefix, "sub:t") == (300, 300, 300)
+
+        persistent_server.stop()
+        await limiter.settle(reservation, 200)
+        assert store.queued_adjustments == 2
+        persistent_server.start()  # with its data
+        await recover(store, limiter, clock)
+        assert store.stats.replayed_adjustments == 2
+        # Not max(300 - 4800, 0): the refund was skipped (the TPM's bucket was lost too).
+        assert await counters(client, prefix, "sub:t") == (300, 300, 300)
+
+
+async def test_a_settle_that_never_reached_redis_is_replayed_after_any_outage(
+    persistent_server: RedisServer, clock: FakeClock
+) -> None:
+    """Redis is down for longer than a batch's replies live. The first settle goes out on
+    the connection Redis closed (it may have been sent: dropped after the outage); the next
+    one finds Redis refusing connections, so it certainly did not run, and is replayed once
+    Redis answers, however late."""
+    async with replaying(persistent_server.url, clock) as (prefix, store, limiter, client):
+        sent = await admit(limiter, "sub:a", 5000)
+        refused = await admit(limiter, "sub:b", 5000)
+        persistent_server.stop()
+        await limiter.settle(sent, 200)
+        await limiter.settle(refused, 300)
+        assert store.stats.failed_adjustments == 4 and store.queued_adjustments == 4
+        await asyncio.sleep(6)
+        persistent_server.start()
+        await recover(store, limiter, clock)
+        assert await counters(client, prefix, "sub:a") == (5000, 5000, 5000)  # dropped
+        assert await counters(client, prefix, "sub:b") == (300, 300, 0)  # replayed
+        assert (store.stats.replayed_adjustments, store.stats.dropped_adjustments) == (2, 2)
+
+
+async def test_the_queue_holds_at_most_about_twenty_megabytes_by_default(
+    clock: FakeClock,
+) -> None:
+    """Settles failing against a port nobody listens on fill the queue: measured with
+    tracemalloc, ``max_replay`` of them take under 20 MB (the limiter's counter names are
+    shared by a subscription's requests; each settle a TPM and a quota adjustment)."""
+    with RedisServer() as gone:
+        url = gone.url
+    store = RedisStore(url, f"sgtest:{uuid.uuid4().hex}:", clock, fail_mode="closed")
+    # The limiter's counter names, made once per subscription.
+    names = [
+        (f"{key}:tpm", quota_counter_name(key, "monthly", 1_764_547_200_000))
+        for key in (f"sub:{uuid.uuid4().hex[:24]}" for _ in range(100))
+    ]
+    settles = 2000
+    try:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(settles // 10):  # batches of ten settles
+                await store.adjust(
+                    [
+                        adjustment
+                        for r in range(10)
+                        for tpm, quota in [names[(n * 10 + r) % len(names)]]
+                        for adjustment in (
+                            Adjustment(tpm, "sliding", 1_764_547_260 + r, -800 - r, 1024),
+                            Adjustment(quota, "fixed", 29_409_121, -800 - r, 1024, n + 1),
+                        )
+                    ],
+                    "redis",
+                )
+            gc.collect()
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert store.queued_adjustments == 2 * settles
+        per_adjustment = used / store.queued_adjustments
+        assert store.max_replay * per_adjustment < 20_000_000, per_adjustment
     finally:
         await store.aclose()
-        await client.aclose()

@@ -116,6 +116,8 @@ class Reservation:
     origin: str
     tokens: int
     done: bool = False
+    #: The store's :attr:`~sluicegate.limits.store.StoreResult.admitted_ms` (0: unknown).
+    admitted_ms: int = 0
 
 
 def _ceil_s(ms: int) -> str:

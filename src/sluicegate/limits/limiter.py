@@ -342,7 +342,14 @@ class Limiter:
             elif delta != 0 or charge.amount:
                 # A quota's reservation is in flight too (its minute is the slot).
                 adjustments.append(
-                    Adjustment(charge.name, charge.kind, charge.slot, delta, charge.amount)
+                    Adjustment(
+                        charge.name,
+                        charge.kind,
+                        charge.slot,
+                        delta,
+                        charge.amount,
+                        reservation.admitted_ms,
+                    )
                 )
         if not adjustments:
             return
@@ -392,7 +399,10 @@ def _decide(
                 counter = counters[index]
                 charges.append(Charge(counter.name, counter.kind, states[index].slot, counter.cost))
         reservation = Reservation(
-            tuple(charges), result.origin, tokens[0] if len(tokens) == 1 else max(tokens, default=0)
+            tuple(charges),
+            result.origin,
+            tokens[0] if len(tokens) == 1 else max(tokens, default=0),
+            admitted_ms=result.admitted_ms,
         )
     return decide(result.allowed, tuple(statuses), reservation, now_ms)
 

@@ -53,10 +53,15 @@ demoted node, for ever. The script is loaded after a ``NOSCRIPT`` on the connect
 answered it, so on the server that runs the batch (a promoted replica has no scripts).
 
 A batch that failed as a whole may have run or not. Its calls get a :class:`BatchFailed`
-naming the batch's key, and :meth:`ScriptBatcher.resend` runs calls again under that key
+naming the batch's key and saying which: ``resend_by`` is ``None`` when no byte of it was
+ever written to a connection (connecting failed: refused, unreachable, the deadline), so it
+certainly did not run, and otherwise the latest time (``loop.time()``) at which a resend may
+start and still find its key. :meth:`ScriptBatcher.resend` runs calls again under that key
 later (the store replays failed settles so, ``limits/redis_store.py``): while the key lives
-(:func:`reply_ttl_ms` from when Redis ran the batch) a batch that did run answers its stored
-replies and runs nothing again; one that did not run runs the calls given, once.
+(:func:`reply_ttl_ms` from when Redis ran the batch, so at least that long from the first
+send) a batch that did run answers its stored replies and runs nothing again; one that did
+not run runs the calls given, once. After ``resend_by`` the key may be gone and a resend
+could run a batch that had run: the caller must not resend it then.
 """
 
 from __future__ import annotations
@@ -109,14 +114,17 @@ def needs_reconnect(error: BaseException) -> bool:
 
 
 class BatchFailed(RedisError):
-    """A batch failed as a whole (``error``: why; the message is its message). It may have
-    run in Redis (a timeout, a connection dropped after sending). ``batch_key`` names it for
-    :meth:`ScriptBatcher.resend`."""
+    """A batch failed as a whole (``error``: why; the message is its message). ``batch_key``
+    names it for :meth:`ScriptBatcher.resend`. ``resend_by``: ``None`` when it certainly did
+    not run (never written to a connection); else it may have run (a timeout, a connection
+    dropped after sending) and a resend under ``batch_key`` is exactly-once only if it starts
+    before this ``loop.time()`` (its key may have expired after: module docstring)."""
 
-    def __init__(self, error: RedisError, batch_key: str) -> None:
+    def __init__(self, error: RedisError, batch_key: str, resend_by: float | None) -> None:
         super().__init__(str(error))
         self.error = error
         self.batch_key = batch_key
+        self.resend_by = resend_by
 
 
 def reply_ttl_ms(timeout: float | None) -> int:
@@ -171,7 +179,14 @@ class ScriptBatcher:
             timeout if timeout is not None else kwargs.get("socket_timeout")
         )
         kwargs["socket_timeout"] = None  # the exchange's deadline bounds the reads and writes
-        self._source, self._numbers = batch_script(scripts, reply_ttl_ms(self._timeout))
+        ttl_ms = reply_ttl_ms(self._timeout)
+        self._source, self._numbers = batch_script(scripts, ttl_ms)
+        # How long after its first send a failed batch may be resent under its key: the key
+        # lives ttl_ms from when Redis ran it (after that send), less the resend's own
+        # deadline (it may run at the end of it; without a deadline, half the TTL).
+        self._resend_window_s = ttl_ms / 1000 - (
+            self._timeout if self._timeout is not None else ttl_ms / 2000
+        )
         sha = hashlib.sha1(self._source.encode("utf-8"), usedforsecurity=False).hexdigest()
         self._head = evalsha_head(sha)
         self._connection_kwargs = kwargs
@@ -357,6 +372,7 @@ class ScriptBatcher:
         ``stored_ok`` (a resend): a list of replies of another length is the stored one of
         the key's earlier batch, which ran: each call's reply is then ``None``."""
         numbers = self._numbers
+        sent_at: list[float] = []  # when the batch was first written to a connection
         try:
             # ARGV: the number of calls, then (script, keys, arguments) counts per call, then
             # the arguments of all calls; KEYS: the batch's key, then the keys of all calls.
@@ -374,7 +390,7 @@ class ScriptBatcher:
                     # whether a dropped connection is reconnected and the batch sent again
                     # (the same bytes, so the same batch key: it runs at most once).
                     reply: Any = await conn.retry.call_with_retry(
-                        lambda: _exchange(conn, packed),
+                        lambda: _exchange(conn, packed, sent_at),
                         lambda _error: conn.disconnect(),
                     )
             except BaseException as exc:
@@ -386,7 +402,8 @@ class ScriptBatcher:
                     ) from None
                 raise
         except RedisError as exc:
-            failed = BatchFailed(exc, batch_key)
+            resend_by = sent_at[0] + self._resend_window_s if sent_at else None
+            failed = BatchFailed(exc, batch_key, resend_by)
             for call in batch:
                 _answer(call[3], failed)
             return None
@@ -412,8 +429,15 @@ class ScriptBatcher:
         return [reply] * len(batch)
 
 
-async def _exchange(conn: AbstractConnection, packed: bytes) -> Any:
-    """Send one command and read its reply; an error reply is returned as its exception."""
+async def _exchange(conn: AbstractConnection, packed: bytes, sent_at: list[float]) -> Any:
+    """Send one command and read its reply; an error reply is returned as its exception.
+    The first time the command is written (connected), the loop's time is appended to
+    ``sent_at``: from then on Redis may run it (a failure to connect sends nothing)."""
+    if not conn.is_connected:
+        # What send_packed_command would do first, done here to tell "not sent" apart.
+        await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    if not sent_at:
+        sent_at.append(asyncio.get_running_loop().time())
     await conn.send_packed_command(packed, check_health=False)
     try:
         return await conn.read_response()

@@ -39,13 +39,21 @@ the client nothing, and a short stall must not lose the settles of every request
 One that succeeds marks Redis up again. One that fails is kept in a bounded queue
 (``max_replay`` adjustments; beyond it the oldest are dropped and counted) and replayed, in
 the background, after the next call that reaches Redis (the probing admission, any
-settle): under its failed batch's key (:meth:`ScriptBatcher.resend
-<sluicegate.limits.redis_batch.ScriptBatcher.resend>`), so that a batch that did run before
-its reply was lost is not applied twice while that key lives (:func:`~sluicegate.limits.
-redis_batch.reply_ttl_ms` from the run). An adjustment whose window is over is dropped
-instead (a bucket :data:`SLIDING_REPLAY_MS` after the failure; a quota's after its period
-and grace), and a quota's is applied only to the quota key it was charged to, not to one
-Redis created again since (``adjust.lua``'s guard). A script that timed
+settle). A batch that certainly did not run (never written to a connection: connecting
+failed) is replayed whenever Redis answers again. One that may have run (a timeout, a
+connection dropped after the send: its reply lost) is replayed under its failed batch's key
+(:meth:`ScriptBatcher.resend <sluicegate.limits.redis_batch.ScriptBatcher.resend>`), so that
+if it did run it is not applied twice, and only while that key surely lives
+(:class:`~sluicegate.limits.redis_batch.BatchFailed`'s ``resend_by``, a few seconds:
+:func:`~sluicegate.limits.redis_batch.reply_ttl_ms`); later it is dropped and counted, as
+before replays existed: a lost correction over-counts, a second refund would under-count
+(and wipe other requests' tokens in flight). Keeping every batch's replies for as long as an
+outage lasts would cost Redis ~200 bytes a batch (300 MB for 5 min at 5,000 settles/s). An
+adjustment whose window is over is dropped too (a bucket :data:`SLIDING_REPLAY_MS` after the
+failure; a quota's after its period and grace), and a quota's is applied only to the quota
+key it was charged to, not to one Redis created again after its admission (``adjust.lua``'s
+guard: the origin's ``created``, on the script's clock, against the admission's time,
+``StoreResult.admitted_ms``). A script that timed
 out may still have run in Redis, so the request can be charged there and in the fallback:
 the error is on the side of counting too much, never of admitting too much.
 """
@@ -88,6 +96,10 @@ FailMode = Literal["open", "closed"]
 TimeSource = Literal["redis", "gateway"]
 SKEW_WARNING_S = 1.0
 """A warning is logged when Redis's clock and this instance's differ by more than this."""
+MAX_REPLAY = 60_000
+"""Failed adjustments kept for a replay by default: ~290 bytes each queued (tracemalloc,
+a TPM and a quota settle per request, batches of 10), so ~17 MB at most; 3 s of settles at
+10,000 a second, far longer at usual rates (the oldest are dropped beyond it)."""
 SLIDING_REPLAY_MS = 120_000
 """A failed adjustment of a sliding counter is replayed for this long at most (ms after the
 failure): its bucket has left every window by then (the limiter's are 61 s)."""
@@ -131,11 +143,13 @@ class RedisStoreStats:
 @dataclass(slots=True)
 class _Replay:
     """Failed adjustments of one batch, to send again under its key (``None``: the batch
-    never ran, any key will do). Per adjustment: its keys, its ``adjust.lua`` arguments and
-    until when (epoch ms, the gateway's clock) it is worth replaying."""
+    never ran, any key will do), before ``resend_by`` (``loop.time()``; ``None``: any time,
+    the batch never ran; after it the batch is dropped: ``BatchFailed``). Per adjustment:
+    the adjustment and until when (epoch ms, the gateway's clock) it is worth replaying."""
 
     batch_key: str | None
-    items: list[tuple[list[str], list[Any], int]]
+    items: list[tuple[Adjustment, int]]
+    resend_by: float | None = None
 
 
 class RedisStore:
@@ -163,7 +177,7 @@ class RedisStore:
         max_connections: int = 64,
         fallback: MemoryStore | None = None,
         time_source: TimeSource = "gateway",
-        max_replay: int = 100_000,
+        max_replay: int = MAX_REPLAY,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', not {fail_mode!r}")
@@ -285,7 +299,10 @@ class RedisStore:
             )
             if values[0] == 2:  # a quota key created (admit.lua): rare, once per period
                 self._created(counters, values[1 + 3 * n : 1 + 4 * n])
-            return StoreResult(True, states, REDIS_ORIGIN)
+            # When the script ran, on its clock (admit.lua's `now`, a created quota's
+            # "created"): the replay guard's reference (adjust.lua).
+            admitted_ms = values[-1] if self._time_arg == "r" else now_ms
+            return StoreResult(True, states, REDIS_ORIGIN, admitted_ms)
         # A refusal also says what is in flight (after the slots).
         states = tuple(
             CounterState(
@@ -338,41 +355,33 @@ class RedisStore:
     def _queue(self, exc: RedisError, adjustments: Sequence[Adjustment]) -> None:
         """Keep the failed ``adjustments`` for a replay (module docstring): with the key of
         their batch when it may have run, each with until when it matters."""
-        batch_key = exc.batch_key if isinstance(exc, BatchFailed) else None
+        # A batch that may have run goes again under its key (before resend_by only); one
+        # that certainly did not under a new one, whenever.
+        resend_by = exc.resend_by if isinstance(exc, BatchFailed) else None
+        batch_key = (
+            exc.batch_key if isinstance(exc, BatchFailed) and resend_by is not None else None
+        )
         if batch_key is not None and batch_key == self._replaying:
             # Its batch is being replayed already (cannot happen: a batch's callers all learn
             # of its failure in one turn): sending these under its key would not run them.
             self.stats.dropped_adjustments += len(adjustments)
             return
         now_ms = int(self._clock.now() * 1000)
-        prefix = self.prefix
-        items: list[tuple[list[str], list[Any], int]] = []
+        # The adjustments themselves (their names are the limiter's, shared), not their
+        # keys and arguments: ~290 bytes an adjustment queued, not ~580 (MAX_REPLAY).
+        items: list[tuple[Adjustment, int]] = []
         for adjustment in adjustments:
-            name = prefix + adjustment.name
             if adjustment.kind == "sliding":
-                items.append(
-                    (
-                        [name],
-                        ["s", adjustment.slot, adjustment.delta, adjustment.reserved],
-                        now_ms + SLIDING_REPLAY_MS,
-                    )
-                )
+                items.append((adjustment, now_ms + SLIDING_REPLAY_MS))
                 continue
-            keys: list[str] = []
-            args: list[Any] = []
-            if adjustment.delta:  # only to the quota key it was charged to (adjust.lua)
-                keys += [name + ORIGIN_SUFFIX, name]
-                args += ["g", now_ms, 0, 0, "f", adjustment.slot, adjustment.delta, 0]
-            if adjustment.reserved:
-                keys.append(name + HELD_SUFFIX)
-                args += ["h", adjustment.slot, 0, adjustment.reserved]
+            if not adjustment.delta and not adjustment.reserved:
+                continue
             parsed = parse_quota_counter_name(adjustment.name)
             if parsed is not None and parsed[1] in _PERIOD_MAX_MS:
                 until = parsed[2] + _PERIOD_MAX_MS[parsed[1]] + FIXED_GRACE_MS
             else:  # not a name of ours: as long as a reservation counts as in flight
                 until = now_ms + QUOTA_HELD_WINDOW_MS
-            if keys:
-                items.append((keys, args, until))
+            items.append((adjustment, until))
         if not items:
             return
         if batch_key is None:
@@ -382,7 +391,7 @@ class RedisStore:
             group_id = batch_key
         group = self._replays.get(group_id)
         if group is None:
-            group = self._replays[group_id] = _Replay(batch_key, [])
+            group = self._replays[group_id] = _Replay(batch_key, [], resend_by)
         group.items += items
         self._replay_count += len(items)
         # Bounded: the oldest go first (the nearest to the end of their windows).
@@ -405,11 +414,18 @@ class RedisStore:
     async def _replay(self) -> None:
         """Send the queued adjustments again, oldest batch first, until the queue is empty
         or Redis fails again (the rest wait for the next success)."""
+        loop = asyncio.get_running_loop()
         try:
             while self._replays:
                 group_id, group = next(iter(self._replays.items()))
+                if group.resend_by is not None and loop.time() >= group.resend_by:
+                    # It may have run, and its key may be gone: a resend could apply it twice.
+                    self._replay_count -= len(group.items)
+                    self.stats.dropped_adjustments += len(group.items)
+                    del self._replays[group_id]
+                    continue
                 now_ms = int(self._clock.now() * 1000)
-                live = [item for item in group.items if item[2] > now_ms]
+                live = [item for item in group.items if item[1] > now_ms]
                 expired = len(group.items) - len(live)
                 self._replay_count -= expired
                 self.stats.dropped_adjustments += expired
@@ -419,15 +435,21 @@ class RedisStore:
                     continue
                 keys: list[str] = []
                 args: list[Any] = []
-                for item_keys, item_args, _ in live:
-                    keys += item_keys
-                    args += item_args
+                for adjustment, _ in live:
+                    self._replay_call(adjustment, keys, args)
                 self._replaying = group_id
                 try:
                     replies = await self._scripts.resend(group.batch_key, [("adjust", keys, args)])
                 except RedisError as exc:
-                    if isinstance(exc, BatchFailed):  # this send may have run: its key now
+                    if (
+                        isinstance(exc, BatchFailed)
+                        and exc.resend_by is not None
+                        and group.batch_key is None
+                    ):
+                        # This send may have run: its key now. (Under the batch's own key,
+                        # the first send's deadline stays: a stored reply keeps its TTL.)
                         group.batch_key = exc.batch_key
+                        group.resend_by = exc.resend_by
                     self._mark_down(exc)
                     return
                 finally:
@@ -447,6 +469,25 @@ class RedisStore:
                     self.stats.replayed_adjustments += sent
         finally:
             self._replay_task = None
+
+    def _replay_call(self, adjustment: Adjustment, keys: list[str], args: list[Any]) -> None:
+        """Append ``adjustment``'s keys and ``adjust.lua`` arguments for a replay."""
+        name = self.prefix + adjustment.name
+        if adjustment.kind == "sliding":
+            keys.append(name)
+            args += ["s", adjustment.slot, adjustment.delta, adjustment.reserved]
+            return
+        if adjustment.delta and adjustment.admitted_ms:
+            # Only to the quota key it was charged to: skipped when the key was created after
+            # the admission (adjust.lua's guard).
+            keys += [name + ORIGIN_SUFFIX, name]
+            args += ["g", adjustment.admitted_ms, 0, 0, "f", adjustment.slot, adjustment.delta, 0]
+        elif adjustment.delta:  # the admission's time unknown: no guard
+            keys.append(name)
+            args += ["f", adjustment.slot, adjustment.delta, 0]
+        if adjustment.reserved:
+            keys.append(name + HELD_SUFFIX)
+            args += ["h", adjustment.slot, 0, adjustment.reserved]
 
     def _created(self, counters: Sequence[Counter], flags: list[int]) -> None:
         hook = self.quota_created

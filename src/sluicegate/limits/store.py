@@ -143,6 +143,9 @@ class StoreResult:
     allowed: bool
     states: tuple[CounterState, ...]
     origin: str
+    #: When the store ran an admission (epoch ms on the clock its windows run on: the Redis
+    #: store's script time), for a replayed adjustment's guard; 0: not recorded.
+    admitted_ms: int = 0
 
 
 # Not frozen: created on every request, and a frozen dataclass's __init__ costs about
@@ -155,7 +158,9 @@ class Adjustment:
     that has expired meanwhile is left alone. Counters never go below zero. ``reserved``:
     what the admission reserved in that window (``slot``: its bucket, or its minute for a
     quota), no longer in flight after this adjustment (a settle or release of a
-    reservation; 0 for anything else).
+    reservation; 0 for anything else). ``admitted_ms``: the admission's
+    :attr:`StoreResult.admitted_ms` (0: unknown); the Redis store replays a failed quota
+    adjustment only onto a key created before it.
     """
 
     name: str
@@ -163,6 +168,7 @@ class Adjustment:
     slot: int
     delta: int
     reserved: int = 0
+    admitted_ms: int = 0
 
 
 class CounterStore(Protocol):

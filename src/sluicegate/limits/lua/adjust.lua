@@ -11,10 +11,12 @@
 --
 -- A replayed quota adjustment (limits/redis_store.py: one that failed while Redis was
 -- unreachable, sent again later) comes after a guard, kind "g": its key is the quota's origin
--- key (admit.lua) and its slot the epoch ms (gateway clock) when the adjustment failed. The
--- next adjustment is skipped when the quota key was created after that (Redis lost it
--- meanwhile: the new key never held the admission's estimate, and its seed from the ledger
--- already counts the request's real usage).
+-- key (admit.lua) and its slot the epoch ms when its admission ran, on the script's clock
+-- (admit.lua's `now`). The next adjustment is skipped when the quota key was created after
+-- that (the origin's "created", same clock: Redis lost the key since, before or after the
+-- adjustment failed; the new key never held the admission's estimate, and its seed from the
+-- ledger already counts the request's real usage). An origin without "created" (written by
+-- an earlier version) does not skip.
 --
 -- KEYS[i]  one key per adjustment
 -- then 4 values per adjustment i, from ARGV[1 + (i-1)*4]: kind ("s" | "f" | "h" | "g"),
@@ -31,8 +33,8 @@ for i = 1, #KEYS do
   if skip then
     skip = false
   elseif kind == "g" then
-    local since = tonumber(redis.call("HGET", KEYS[i], "since"))
-    skip = since ~= nil and since > tonumber(field)
+    local created = tonumber(redis.call("HGET", KEYS[i], "created"))
+    skip = created ~= nil and created > tonumber(field)
   elseif kind == "s" then
     -- One read and one write (and a delete when the bucket's last reservation in flight
     -- settles), not a call per field: a settle follows every admission.

@@ -26,9 +26,10 @@
 -- or Redis lost it: a restart without persistence, an eviction, a FLUSH), the same call
 -- records the creation in the quota's origin key (KEYS[origin], a hash): field "since" =
 -- ARGV[6], the creating request's arrival on the gateway's clock (the ledger's "ts": the
--- seed counts the records before it, and this request is in the counter already), and no
--- field "seeded" (limits/lua/seed.lua adds the ledger's earlier usage once and
--- sets it). Same expiry as the quota key. The reply's first value is then 2 instead of 1,
+-- seed counts the records before it, and this request is in the counter already), field
+-- "created" = this script's `now` (Redis's or the gateway's clock, ARGV[5]: the clock of the
+-- admission times the gateway keeps, for adjust.lua's replay guard), and no field "seeded"
+-- (limits/lua/seed.lua adds the ledger's earlier usage once and sets it). Same expiry as the quota key. The reply's first value is then 2 instead of 1,
 -- and says which counters were created (below), so that the gateway can seed them.
 --
 -- Every key the script writes has a TTL when it returns, admitted or refused (window +
@@ -279,7 +280,7 @@ if allowed == 1 then
         -- Created now: a fresh origin (an old one, left by a lost key, had its own "since"
         -- and perhaps "seeded").
         redis.call("DEL", origin)
-        redis.call("HSET", origin, "since", ARGV[6])
+        redis.call("HSET", origin, "since", ARGV[6], "created", string.format("%d", now))
         redis.call("PEXPIRE", origin, ttls[i])
         created[i] = 1
         allowed = 2
