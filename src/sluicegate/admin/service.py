@@ -583,14 +583,30 @@ def report_rows(report: ChargeReport) -> list[dict[str, Any]]:
     return rows
 
 
+#: A spreadsheet reads a cell starting with one of these as a formula (``=HYPERLINK(…)``,
+#: ``@SUM(…)``, ``+cmd|…``): "CSV injection" (OWASP). The report's text cells are names
+#: teams chose (owner, subscription, deployment), so such a cell is written with a leading
+#: ``'``, which spreadsheets show as text. Numbers never start with one (money is ≥ 0).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def report_csv(report: ChargeReport) -> str:
     """The charge-back report as CSV: a header line, one line per group, the total last
-    (key ``(total)``). Money columns are exact decimals in the currency unit."""
+    (key ``(total)``). Money columns are exact decimals in the currency unit. A text cell
+    that a spreadsheet would take for a formula gets a leading ``'`` (:data:`_FORMULA_START`)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in report_rows(report):
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 
