@@ -206,3 +206,29 @@ def test_an_invalid_budget_override_is_refused_with_the_field(gateway: AdminHarn
         r = h.api.put(f"/subscriptions/{sub_id}/overrides", json={"budget": bad})
         assert r.status_code == 422, (bad, r.text)
         assert field in r.json()["error"]["message"], r.text
+
+
+def test_a_budget_override_longer_than_the_hourly_retention_is_refused(
+    tmp_path: Path, clock: OffsetClock
+) -> None:
+    # 3 days of hourly rollups hold a daily budget's period (the product's), not a weekly one.
+    with admin_gateway(
+        tmp_path,
+        clock,
+        products=PRODUCTS,
+        prices=PRICES,
+        retention={"rollup_interval_seconds": 0.05, "hourly_rollups_days": 3},
+    ) as h:
+        sub_id, _ = h.create("team-x", "x", product="team")
+        r = h.api.put(
+            f"/subscriptions/{sub_id}/overrides",
+            json={"budget": {"amount": "1", "period": "weekly"}},
+        )
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "budget.period" in message and "hourly_rollups_days" in message, message
+        r = h.api.put(
+            f"/subscriptions/{sub_id}/overrides",
+            json={"budget": {"amount": "1", "period": "daily"}},
+        )
+        assert r.status_code == 200, r.text

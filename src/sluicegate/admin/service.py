@@ -41,7 +41,7 @@ from sluicegate.admin import schemas
 from sluicegate.auth.keys import KeyHasher, display_prefix, generate_key
 from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
 from sluicegate.clock import Clock, SystemClock
-from sluicegate.config.model import BudgetConfig, GatewayConfig
+from sluicegate.config.model import BUDGET_PERIOD_DAYS, BudgetConfig, GatewayConfig
 from sluicegate.limits.policy import LimitPolicy, merge
 from sluicegate.storage.ledger import LedgerStats
 from sluicegate.storage.reports import fetch_records
@@ -252,6 +252,7 @@ class AdminService:
             except ValidationError as exc:
                 at = f"{where}.budget" if where else "budget"
                 raise AdminError(422, validation_message(exc, at)) from None
+            self._check_budget_retention(budget, where)
             checked["budget"] = budget.model_dump(mode="json")
         if "limits" not in checked:
             return checked
@@ -329,6 +330,22 @@ class AdminService:
         """Recompute and re-price ``[start, end)`` from the raw records still kept."""
         self._range(start, end)
         return self._rollups().rebuild(start, end)
+
+    def _check_budget_retention(self, budget: BudgetConfig, where: str) -> None:
+        """``AdminError(422)`` when the hourly rollups are purged sooner than ``budget``'s
+        period lasts: the configuration check refuses such a product budget at load
+        (``GatewayConfig._budgets_outlive_hourly_rollups``), and an override is held to the
+        same rule, or the hours purged within its period would stop counting as spent."""
+        days = self.config.retention.hourly_rollups_days
+        least = BUDGET_PERIOD_DAYS[budget.period] + 1
+        if days is not None and days < least:
+            at = f"{where}.budget.period" if where else "budget.period"
+            raise AdminError(
+                422,
+                f"{at}: a {budget.period} budget needs the hourly rollups kept for at least "
+                f"{least:g} days (retention.hourly_rollups_days is {days:g}): a budget counts "
+                "its period from them",
+            )
 
     def budgets(self, subscription_id: str | None = None) -> builtins.list[BudgetStatus]:
         """What each active subscription with a budget (or only ``subscription_id``: 404 if
