@@ -161,3 +161,18 @@ def test_invalid_product_budgets_are_configuration_errors(
     with pytest.raises(ConfigError) as err:
         parse_config(data)
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_overrides_of_subscriptions_gone_leave_the_cache(engine: Engine) -> None:
+    # The parsed overrides are kept between runs; a subscription no longer seen (deleted,
+    # cancelled, its override removed) must not stay in memory for the process's life.
+    clock = FakeClock(TUESDAY)
+    subs = [sub(f"S{i}", overrides={"budget": {"amount": "7"}}) for i in range(3)]
+    budgets = budgets_over(engine, clock, subs)
+    assert len(budgets.budgeted()) == 3
+    first = budgets.budgeted()[0][1]
+    del subs[1:]
+    (only,) = budgets.budgeted()
+    assert only[1] is first  # still reused while it is seen
+    assert set(budgets._overrides) == {"S0"}

@@ -314,7 +314,11 @@ class Budgets:
         """The active subscriptions with a budget, and their budget."""
         out: list[tuple[Subscription, BudgetConfig, Source]] = []
         products = self._products
-        cache = self._overrides
+        cached_before = self._overrides
+        # Rebuilt at each run: a subscription deleted, cancelled or without its override
+        # since leaves the cache with the run that no longer sees it.
+        cache: dict[str, tuple[object, BudgetConfig]] = {}
+        self._overrides = cache
         active = SubscriptionState.ACTIVE
         for sub in self._subscriptions():
             if sub.state is not active:
@@ -324,9 +328,10 @@ class Budgets:
                 raw = overrides["budget"]
                 if raw is None:
                     continue
-                cached = cache.get(sub.id)
+                cached = cached_before.get(sub.id)
                 # ``==`` too: a refreshed view holds equal but new dicts.
                 if cached is not None and (cached[0] is raw or cached[0] == raw):
+                    cache[sub.id] = cached
                     out.append((sub, cached[1], "subscription"))
                     continue
                 try:
