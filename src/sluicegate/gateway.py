@@ -25,6 +25,7 @@ from sluicegate.limits import CounterStore, Limiter, MemoryStore
 from sluicegate.limits.seeding import QuotaSeeder
 from sluicegate.limits.store import SeedableStore
 from sluicegate.logs import AccessLog
+from sluicegate.messages.sink import MessageLog
 from sluicegate.metrics.registry import GatewayMetrics, RoutingSample
 from sluicegate.proxy.admission import LimitsAdmitter
 from sluicegate.proxy.network import NetworkPolicy
@@ -97,6 +98,10 @@ class Gateway:
         )
         self.metrics = GatewayMetrics(config.metrics.max_subscription_labels)
         self.metrics.registry.register(_ReadinessCollector(self))
+        if config.metrics.enabled:
+            for product in self.runtime.products.values():
+                if product.content_safety is not None:
+                    product.content_safety.observer = self.metrics
         spill = Path(config.storage.spill_dir) / "ledger-spill.jsonl"
         self.ledger = LedgerWriter(
             self.engine,
@@ -137,6 +142,11 @@ class Gateway:
             observer=self.metrics if config.metrics.enabled else None,
         )
         self.metrics.watch_budgets(self.budgets.ratios)
+        #: Prompt and completion logging (docs/message-log.md): only when a product has it.
+        self.messages: MessageLog | None = None
+        if any(p.message_log is not None for p in config.products):
+            self.messages = MessageLog(config.message_log)
+            self.metrics.watch_message_log(self.messages.stats)
         self.pipeline = Pipeline(
             self.runtime,
             self.index,
@@ -148,6 +158,7 @@ class Gateway:
             tokens=self.token_auth,
             network=NetworkPolicy.from_config(config),
             budgets=self.budgets,
+            messages=self.messages,
         )
         self.started = False
 
@@ -249,12 +260,16 @@ class Gateway:
             self.refresher.defer()
         self.refresher.start()
         self.ledger.start()
+        if self.messages is not None:
+            self.messages.start()
         if self.quota_seeder is not None:
             self.quota_seeder.start()
         if self.routing_store is not None:
             await self.routing_store.start()
         for backend in self.runtime.backends.values():
             await backend.open()
+        for service in self.runtime.content_safety.values():
+            await service.open()
         await asyncio.to_thread(self._preload_tokenizers)
         if self.token_auth is not None:
             await self.token_auth.start()  # fetches the IdPs' keys; never fails the start
@@ -293,9 +308,13 @@ class Gateway:
             await self.token_auth.aclose()
         for backend in self.runtime.backends.values():
             await backend.close()
+        for service in self.runtime.content_safety.values():
+            await service.close()
         if self.routing_store is not None:
             await self.routing_store.aclose()
         await asyncio.to_thread(self.ledger.close, ledger_timeout)
+        if self.messages is not None:
+            await asyncio.to_thread(self.messages.close)
         close = getattr(self.limit_store, "aclose", None)
         if close is not None:
             await close()

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluicegate.clock import Clock
 from sluicegate.config.model import DeploymentConfig, GatewayConfig, ProductConfig
 from sluicegate.limits.policy import LimitPolicy
+from sluicegate.messages.config import MessageLogPolicy
 from sluicegate.routing.pool import Member
 from sluicegate.upstream.backend import Backend
+
+if TYPE_CHECKING:
+    from sluicegate.guardrails.content_safety import ContentSafetyGuard, ContentSafetyService
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,11 @@ class Product:
     allowed: frozenset[str] | None
     limits: tuple[LimitPolicy, ...]
     config: ProductConfig
+    #: The prompt check of ``config.content_safety`` (None: prompts are not checked).
+    content_safety: ContentSafetyGuard | None = None
+    #: What the product's message log keeps (None: no message log; then reading this is all
+    #: the feature costs a request).
+    message_log: MessageLogPolicy | None = None
 
     def allows(self, deployment: str) -> bool:
         return self.allowed is None or deployment in self.allowed
@@ -57,9 +66,12 @@ class Runtime:
     products: dict[str, Product]
     passthrough: Backend
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Content Safety services by name (opened and closed by the gateway with the backends).
+    content_safety: dict[str, ContentSafetyService] = field(default_factory=dict)
 
     def secrets(self) -> list[str]:
-        return [s for b in self.backends.values() for s in b.secrets()]
+        held = [s for b in self.backends.values() for s in b.secrets()]
+        return held + [s for c in self.content_safety.values() for s in c.secrets()]
 
 
 def compile_runtime(
@@ -69,6 +81,7 @@ def compile_runtime(
     env = dict(os.environ) if environ is None else environ
     backends = {b.name: Backend(b, env, clock) for b in config.backends}
     deployments = {d.name: _deployment(d, backends) for d in config.deployments}
+    services = _content_safety_services(config, env, clock)
     products = {
         p.name: Product(
             p.name,
@@ -76,11 +89,36 @@ def compile_runtime(
             None if "*" in p.deployments else frozenset(p.deployments),
             p.limit_policies(),
             p,
+            content_safety=_guard(p, services),
+            message_log=p.message_log,
         )
         for p in config.products
     }
     passthrough = backends[config.passthrough_backend or config.backends[0].name]
-    return Runtime(config, backends, deployments, products, passthrough)
+    return Runtime(config, backends, deployments, products, passthrough, content_safety=services)
+
+
+def _content_safety_services(
+    config: GatewayConfig, env: dict[str, str], clock: Clock | None
+) -> dict[str, ContentSafetyService]:
+    if not config.content_safety:
+        return {}
+    # Imported only when configured: a gateway without content safety loads nothing of it.
+    from sluicegate.guardrails.content_safety import ContentSafetyService
+
+    return {s.name: ContentSafetyService(s, env, clock) for s in config.content_safety}
+
+
+def _guard(
+    product: ProductConfig, services: dict[str, ContentSafetyService]
+) -> ContentSafetyGuard | None:
+    """The product's prompt check, if it has a ``content_safety`` policy."""
+    if product.content_safety is None:
+        return None
+    from sluicegate.guardrails.content_safety import ContentSafetyGuard
+
+    policy = product.content_safety
+    return ContentSafetyGuard(product.name, policy, services[policy.service])
 
 
 def _deployment(d: DeploymentConfig, backends: dict[str, Backend]) -> Deployment:

@@ -28,6 +28,7 @@ from pydantic import (
 from sluicegate.config.admin import AdminEntraConfig
 from sluicegate.config.oidc import OidcConfig, TokenRule, check_networks
 from sluicegate.limits.policy import LimitPolicy
+from sluicegate.messages.config import MessageLogPolicy, MessageLogSink
 
 
 class _Strict(BaseModel):
@@ -365,6 +366,86 @@ class BudgetConfig(_Strict):
         return sorted(set(value))
 
 
+#: Azure AI Content Safety's harm categories (``categories`` of a product's ``content_safety``).
+ContentSafetyCategory = Literal["Hate", "SelfHarm", "Sexual", "Violence"]
+
+
+class ContentSafetyAuthConfig(BackendAuthConfig):
+    """How the gateway authenticates to an Azure AI Content Safety resource: a backend's
+    ``auth`` (api-key from ``key_env`` or ``key_vault``, or an Entra ID identity with the
+    Cognitive Services scope; the identity needs the "Cognitive Services User" role), the key
+    sent in Content Safety's own header, ``Ocp-Apim-Subscription-Key``."""
+
+    header: str = "Ocp-Apim-Subscription-Key"
+
+
+class ContentSafetyServiceConfig(_Strict):
+    """An Azure AI Content Safety resource products can check prompts with
+    (docs/content-safety.md)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: The resource's endpoint, ``https://<resource>.cognitiveservices.azure.com``.
+    url: str
+    auth: ContentSafetyAuthConfig
+    #: Seconds one check may take (every call it makes, together) before it counts as failed
+    #: (the product's ``on_error`` decides what then happens to the request).
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    #: Connections to the service held open at once.
+    max_connections: int = Field(default=64, ge=1, le=4096)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError(
+                "must be the resource's endpoint, https://<resource>.cognitiveservices.azure.com"
+                f", got {value!r}"
+            )
+        return value.rstrip("/")
+
+
+class ProductContentSafetyConfig(_Strict):
+    """APIM's ``llm-content-safety`` for a product: every prompt is checked with the named
+    Content Safety ``service`` before it is routed, and refused with 403 when a category
+    reaches its threshold, a blocklist matches or (``shield_prompt``) Prompt Shields detects
+    an attack (docs/content-safety.md)."""
+
+    service: str
+    #: Also ask Prompt Shields whether the prompt is a jailbreak / injection attack.
+    shield_prompt: bool = False
+    #: Category → severity threshold: a prompt whose severity reaches it is refused.
+    categories: dict[ContentSafetyCategory, Annotated[int, Field(ge=0, le=7)]] = Field(
+        default_factory=dict
+    )
+    #: Severities 0, 2, 4, 6 (``FourSeverityLevels``, APIM's default) or 0-7.
+    output_type: Literal["FourSeverityLevels", "EightSeverityLevels"] = "FourSeverityLevels"
+    #: Names of blocklists on the Content Safety resource: any match refuses the prompt.
+    blocklists: list[str] = Field(default_factory=list, max_length=100)
+    #: The service unreachable, failing or too slow: refuse the request (503/500) or let it
+    #: through unchecked.
+    on_error: Literal["block", "allow"] = "block"
+
+    @field_validator("blocklists")
+    @classmethod
+    def _blocklist_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+                raise ValueError(
+                    f"{name!r} is not a blocklist name (1-64 letters, digits, '_', '-', '.')"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _does_something(self) -> ProductContentSafetyConfig:
+        if not (self.categories or self.blocklists or self.shield_prompt):
+            raise ValueError(
+                "give categories (with thresholds), blocklists or shield_prompt: true; "
+                "without any, nothing would ever be refused"
+            )
+        return self
+
+
 class ProductConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -388,6 +469,10 @@ class ProductConfig(_Strict):
     #: A spending budget for each of the product's subscriptions (a subscription's
     #: overrides may replace or lift it); see docs/chargeback.md, "Budgets".
     budget: BudgetConfig | None = None
+    #: Log the text of prompts and completions (APIM's LLM logs); see docs/message-log.md.
+    message_log: MessageLogPolicy | None = None
+    #: Check prompts with Azure AI Content Safety before routing (docs/content-safety.md).
+    content_safety: ProductContentSafetyConfig | None = None
 
     @field_validator("allowed_ips")
     @classmethod
@@ -720,6 +805,10 @@ class GatewayConfig(_Strict):
     oidc: OidcConfig | None = None
     #: Token → subscription mapping, first match wins (docs/entra-id.md).
     token_rules: list[TokenRule] = Field(default_factory=list)
+    #: Where products' ``message_log`` entries go (docs/message-log.md).
+    message_log: MessageLogSink = MessageLogSink()
+    #: Azure AI Content Safety resources products check prompts with (docs/content-safety.md).
+    content_safety: list[ContentSafetyServiceConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -790,6 +879,8 @@ class ConfigParts:
     passthrough_backend: str | None = None
     has_token_rules: bool = False
     has_oidc: bool = False
+    #: The content safety services' names; None: not checked (the section did not validate).
+    content_safety: Sequence[str | None] | None = None
 
     @classmethod
     def of(cls, config: GatewayConfig) -> ConfigParts:
@@ -806,6 +897,7 @@ class ConfigParts:
             passthrough_backend=config.passthrough_backend,
             has_token_rules=bool(config.token_rules),
             has_oidc=config.oidc is not None,
+            content_safety=[s.name for s in config.content_safety],
         )
 
 
@@ -864,6 +956,16 @@ def reference_problems(parts: ConfigParts) -> list[str]:
     for i, prod in enumerate(parts.products):
         if prod is not None and prod.require_token and not parts.has_oidc:
             errors.append(f"products[{i}].require_token: needs an oidc section (tokens)")
+    if parts.content_safety is not None:
+        _duplicates("content_safety", parts.content_safety, errors)
+        services = [n for n in parts.content_safety if n is not None]
+        for i, prod in enumerate(parts.products):
+            policy = prod.content_safety if prod is not None else None
+            if policy is not None and policy.service not in services:
+                errors.append(
+                    f"products[{i}].content_safety.service: unknown content safety service "
+                    f"{policy.service!r} (known: {', '.join(services) or 'none'})"
+                )
     return errors
 
 

@@ -20,7 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -28,6 +28,9 @@ from prometheus_client.registry import Collector
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from sluicegate.messages.sink import MessageLogStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _WINDOW_SLOTS = 30
@@ -334,6 +337,42 @@ class _ConnectionCollector(Collector):
         return iter(())
 
 
+class _MessageLogCollector(Collector):
+    """The message log's counts (``messages.sink.MessageLogStats``), read at scrape time:
+    nothing is counted per request here."""
+
+    def __init__(self, source: Callable[[], MessageLogStats]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.source()
+        for name, text, value in (
+            ("requests", "Requests whose prompt/completion entries were written.", s.requests),
+            ("entries", "Prompt/completion entries (lines) written.", s.entries),
+            ("dropped", "Requests not logged: the message log's queue was full.", s.dropped),
+            (
+                "streams_cut",
+                "Streams logged without some of their text (the queue was full mid-stream).",
+                s.streams_cut,
+            ),
+            ("write_failures", "Failed writes of the message log.", s.write_failures),
+        ):
+            yield CounterMetricFamily(f"sluicegate_message_log_{name}", text, value=value)
+        yield GaugeMetricFamily(
+            "sluicegate_message_log_pending",
+            "Requests waiting to be written to the message log.",
+            value=s.pending,
+        )
+        yield GaugeMetricFamily(
+            "sluicegate_message_log_pending_bytes",
+            "Bytes of bodies held for the message log's writer.",
+            value=s.pending_bytes,
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
 #: deployment → (count per bucket, +Inf last; [sum])
 _Histogram = dict[str, tuple[list[int], list[float]]]
 
@@ -493,6 +532,20 @@ class GatewayMetrics:
             "them as spent.",
             registry=r,
         )
+        self.content_safety_refusals = Counter(
+            "sluicegate_content_safety_refusals",
+            "Prompts refused by a product's content safety policy, by product and reason "
+            "(PromptAttack, Blocklist, Hate, SelfHarm, Sexual, Violence: the first that applied).",
+            ["product", "reason"],
+            registry=r,
+        )
+        self.content_safety_failures = Counter(
+            "sluicegate_content_safety_failures",
+            "Content safety checks that could not be completed (service unreachable, failing "
+            "or too slow), by product and what on_error did with the request (block, allow).",
+            ["product", "action"],
+            registry=r,
+        )
         self._backend_collector: _BackendCollector | None = None
         self._connection_collector: _ConnectionCollector | None = None
 
@@ -530,6 +583,14 @@ class GatewayMetrics:
         """For the budgets: unpriced records in budgeted periods (``BudgetObserver``)."""
         self.budget_unpriced_records.set(records)
 
+    def content_safety_refused(self, product: str, reason: str) -> None:
+        """For content safety (``guardrails.content_safety.ContentSafetyObserver``)."""
+        self._child(self.content_safety_refusals, product, reason).inc()
+
+    def content_safety_failed(self, product: str, action: str) -> None:
+        """For content safety: a check failed; ``action`` is the product's ``on_error``."""
+        self._child(self.content_safety_failures, product, action).inc()
+
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""
         self._child(self.spillover, deployment, from_backend, to_backend).inc()
@@ -541,6 +602,10 @@ class GatewayMetrics:
     def watch_routing(self, source: Callable[[], Iterable[RoutingSample]]) -> None:
         """Export per backend deployment state and headroom from ``source`` at every scrape."""
         self.registry.register(_RoutingCollector(source))
+
+    def watch_message_log(self, source: Callable[[], MessageLogStats]) -> None:
+        """Export the message log's counts from ``source`` at every scrape."""
+        self.registry.register(_MessageLogCollector(source))
 
     def _sub_label(self, subscription_id: str | None) -> str:
         if subscription_id is None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.auth.subscriptions import Subscription
+from sluicegate.messages.capture import MessageCapture
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.routes import Route
 from sluicegate.runtime import Deployment, Product
@@ -75,6 +76,8 @@ class RequestContext:
     #: when the gateway answered for it, why the request spilled). Read-only and shared
     #: between requests routed alike: replaced, never changed in place.
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: What the message log keeps of this request (None: its product logs no messages).
+    messages: MessageCapture | None = None
 
     def record(self, now_mono: float) -> UsageRecord:
         usage = self.usage

@@ -21,6 +21,7 @@ from sluicegate.auth.credentials import find_key
 from sluicegate.auth.index import SubscriptionIndex
 from sluicegate.auth.subscriptions import Subscription, SubscriptionState
 from sluicegate.clock import Clock
+from sluicegate.messages.capture import MessageCapture
 from sluicegate.proxy import errors
 from sluicegate.proxy.asgi import (
     ClientGone,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
     # Imported where used: PyJWT and cryptography load only when tokens are accepted.
     from sluicegate.auth.bearer import TokenAuthenticator
+    from sluicegate.messages.sink import MessageLog
 
 log = logging.getLogger("sluicegate.proxy")
 
@@ -105,6 +107,7 @@ class Pipeline:
         tokens: TokenAuthenticator | None = None,
         network: NetworkPolicy | None = None,
         budgets: Budgets | None = None,
+        messages: MessageLog | None = None,
     ) -> None:
         """``sinks`` receive every record of an authenticated request (the ledger among
         them); ``observers`` (metrics, access log) also those of unauthenticated ones.
@@ -112,7 +115,8 @@ class Pipeline:
         built from ``runtime``). ``tokens`` authenticates bearer JWTs (None: tokens are
         refused); ``network`` decides the client address, IP allow-lists and the body read
         timeout (default: from ``runtime``'s configuration). ``budgets``: the subscriptions
-        over their spending budget, refused with 403 (``accounting.budgets``; None: none)."""
+        over their spending budget, refused with 403 (``accounting.budgets``; None: none).
+        ``messages``: the message log of products that have one (None: nothing logged)."""
         self.runtime = runtime
         self.router = router if router is not None else router_for(runtime, clock)
         self.index = index
@@ -125,6 +129,7 @@ class Pipeline:
         self.network = network if network is not None else NetworkPolicy.from_config(runtime.config)
         self.deadlines = Deadlines()
         self.budgets = budgets
+        self.messages = messages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
@@ -144,6 +149,8 @@ class Pipeline:
                 await self._handle(ctx, scope, receive, send)
             except GatewayError as exc:
                 ctx.status, ctx.error_code = exc.status, exc.code
+                if ctx.messages is not None:
+                    ctx.messages.refused(exc.status, exc.code, exc.message)
                 if ctx.outcome is Outcome.OK:
                     ctx.outcome = Outcome.REJECTED
                 await send_error(send, exc, ctx.response_headers)
@@ -204,7 +211,10 @@ class Pipeline:
         if ctx.finished:
             return  # written once, even if called again on cancellation
         ctx.finished = True
-        self._emit(ctx.record(self.clock.monotonic()))
+        record = ctx.record(self.clock.monotonic())
+        self._emit(record)
+        if ctx.messages is not None:  # after the record: its final token counts go with it
+            ctx.messages.finish(record, ctx.json, ctx.body, ctx.headers)
 
     def _emit(self, record: UsageRecord) -> None:
         # Unauthenticated requests reach the metrics and the log, not the ledger: a stranger
@@ -259,6 +269,11 @@ class Pipeline:
         self._prepare(ctx, scope)
         if self.admitter is not None and route.metered:
             await self.admitter.admit(ctx)
+        guard = ctx.product.content_safety if ctx.product is not None else None
+        if guard is not None and route.metered:
+            # After admission (the refused request counts against the request rate; its
+            # reservation is released), before routing: a refused prompt reaches no backend.
+            await guard.check(ctx)
         deployment = ctx.deployment
         assert deployment is not None
 
@@ -425,6 +440,11 @@ class Pipeline:
                 f"{name!r}. GET /openai/v1/models lists the deployments you may use.",
             )
         ctx.deployment = deployment
+        if product.message_log is not None and self.messages is not None:
+            ctx.messages = MessageCapture(
+                product.message_log, self.messages, scope["path"], scope["query_string"],
+                deployment.model,
+            )  # fmt: skip
         changed = False
         if body is not None:
             ctx.stream = body.get("stream") is True

@@ -188,6 +188,8 @@ async def attempt(
                 raise await _failed_answer(deadlines, backend, response, clock)
             if status >= 300:
                 on_response_id = None
+            if ctx.messages is not None:  # the message log keeps what the client is sent
+                send = ctx.messages.tee(send, response.content_type == "text/event-stream")
             if response.content_type == "text/event-stream":
                 finished = await _relay_stream(
                     ctx, backend, response, scope, receive, send, clock, deadline, on_response_id

@@ -1,0 +1,348 @@
+"""Request and answer bodies as text, cut and chunked: the pure part of the message log.
+
+Flattening follows the APIM seed's prompt/response capture (``messages`` as ``role: content``
+lines, ``input``, ``prompt``; ``choices[].message.content``, ``choices[].text``,
+``output_text``, ``output[].content[].text``, or the ``error`` object), and falls back to the
+raw body text where a body has none of those shapes. Images, audio and files in messages are
+named (``[image]``), never copied: their data is not text. Streams are flattened event by
+event (``StreamText``): chat ``delta.content`` (and ``text`` of completions) per choice,
+Responses ``response.output_text.delta``, and any error an event carries.
+
+Sizes are UTF-8 bytes; cuts never split a character. Everything here runs in the message
+log's thread, never on the request path. Pure and thread-safe (no shared state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+#: Placeholders for message parts that are not text.
+_PART_NAMES = {
+    "image_url": "[image]",
+    "input_image": "[image]",
+    "input_audio": "[audio]",
+    "audio": "[audio]",
+    "input_file": "[file]",
+    "file": "[file]",
+}
+#: The answer shapes whose text is known; a JSON answer with none of them is logged raw.
+_ANSWER_KEYS = ("choices", "output", "output_text")
+#: Responses stream events that carry answer text in ``delta``.
+_TEXT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta"})
+
+
+@dataclass(frozen=True, slots=True)
+class Clipped:
+    """A text cut to a size: ``data`` (UTF-8, at most the limit), the size before the cut,
+    and whether it was cut."""
+
+    data: bytes
+    original_bytes: int
+    truncated: bool
+
+
+def _raw(body: bytes) -> str:
+    return body.decode("utf-8", "replace")
+
+
+def _content(content: Any) -> str:
+    """A message's ``content``: a string, or parts (text parts' text; others named)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts: list[str] = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            text = part.get("text")
+            if isinstance(text, str):
+                texts.append(text)
+            elif isinstance(part.get("refusal"), str):
+                texts.append(part["refusal"])
+            elif (name := _PART_NAMES.get(str(part.get("type")))) is not None:
+                texts.append(name)
+    return "\n".join(texts)
+
+
+def _tool_calls(calls: Any) -> Iterable[str]:
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            yield f"[tool call {function.get('name')}] {function.get('arguments') or ''}"
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A chat message's content, then its tool calls, a line each."""
+    texts = [_content(message.get("content")) or message.get("refusal") or ""]
+    texts.extend(_tool_calls(message.get("tool_calls")))
+    return "\n".join(t for t in texts if isinstance(t, str) and t)
+
+
+def _message_line(message: dict[str, Any]) -> str:
+    role = message.get("role") or message.get("type") or "message"
+    return f"{role}: {_message_text(message)}"
+
+
+def _input_lines(value: Any, lines: list[str]) -> None:
+    """``input`` of the Responses API (a string or items) or of embeddings (strings, or
+    token arrays)."""
+    if isinstance(value, str):
+        lines.append(value)
+        return
+    if not isinstance(value, list):
+        return
+    if value and all(isinstance(v, int) for v in value):
+        lines.append(f"[{len(value)} tokens]")
+        return
+    for item in value:
+        if isinstance(item, str):
+            lines.append(item)
+        elif isinstance(item, list):
+            lines.append(f"[{len(item)} tokens]")
+        elif isinstance(item, dict):
+            kind = item.get("type")
+            if "role" in item:
+                lines.append(_message_line(item))
+            elif kind == "function_call":
+                lines.append(f"[tool call {item.get('name')}] {item.get('arguments') or ''}")
+            elif kind == "function_call_output":
+                output = item.get("output")
+                lines.append(f"[tool output] {output if isinstance(output, str) else ''}")
+
+
+def request_text(body: dict[str, Any] | bytes) -> str:
+    """The prompt of a request body (parsed, or the raw bytes): ``instructions`` and
+    ``messages`` as ``role: content`` lines, else ``input``, else ``prompt``; the raw body
+    when it has none of them (or is not JSON)."""
+    if isinstance(body, bytes):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _raw(body)
+        if not isinstance(parsed, dict):
+            return _raw(body)
+        body = parsed
+    lines: list[str] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        lines.append(f"instructions: {instructions}")
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        lines.extend(_message_line(m) for m in messages if isinstance(m, dict))
+    elif "input" in body:
+        _input_lines(body["input"], lines)
+    elif "prompt" in body:
+        prompt = body["prompt"]
+        if isinstance(prompt, str):
+            lines.append(prompt)
+        else:
+            _input_lines(prompt, lines)
+    elif not lines:
+        return orjson.dumps(body).decode("utf-8")
+    return "\n".join(lines)
+
+
+def _error_text(error: Any) -> str:
+    return error if isinstance(error, str) else orjson.dumps(error).decode("utf-8")
+
+
+def answer_text(body: bytes, operation: str) -> str:
+    """The text of a whole (not streamed) answer: its ``error`` object (as JSON) if it has
+    one, else the choices' and output items' text; the raw body when it is not JSON or has
+    none of those shapes. An embeddings answer has no text (its vectors are not logged)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _raw(body)
+    if not isinstance(obj, dict):
+        return _raw(body)
+    error = obj.get("error")
+    if error:
+        return _error_text(error)
+    if operation == "embeddings":
+        return ""
+    if not any(key in obj for key in _ANSWER_KEYS):
+        return _raw(body)
+    texts: list[str] = []
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            texts.append(_message_text(message))
+        elif isinstance(choice.get("text"), str):
+            texts.append(choice["text"])
+    output_text = obj.get("output_text")
+    if isinstance(output_text, str):
+        texts.append(output_text)
+    else:
+        for item in obj.get("output") or ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "function_call":
+                texts.append(f"[tool call {item.get('name')}] {item.get('arguments') or ''}")
+            elif isinstance(item.get("content"), list):
+                texts.append(_content(item["content"]))
+    return "\n".join(texts)
+
+
+class StreamText:
+    """The text of a stream, fed its events as the relay sent them (whole SSE events, LF
+    line ends; in several parts for a long stream). Keeps at most ``limit`` bytes of text
+    (plus one delta) and counts the rest, so a long stream holds no more than the log keeps.
+    Not thread-safe: fed by the message log's thread only."""
+
+    __slots__ = ("_choices", "_errors", "_kept", "limit", "original_bytes")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._choices: dict[int, list[str]] = {}
+        self._errors: list[str] = []
+        self._kept = 0
+        #: UTF-8 bytes of all the text seen (kept or not).
+        self.original_bytes = 0
+
+    def feed(self, events: bytes) -> None:
+        for event in events.split(b"\n\n"):
+            data = _event_data(event)
+            if not data or data == b"[DONE]":
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                self._event(obj)
+
+    def _event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if isinstance(kind, str):  # the Responses API's named events
+            if kind in _TEXT_DELTAS and isinstance(obj.get("delta"), str):
+                self._add(0, obj["delta"])
+            elif kind == "error":
+                self._error({k: v for k, v in obj.items() if k not in ("type", "sequence_number")})
+            elif kind == "response.failed":
+                response = obj.get("response")
+                if isinstance(response, dict) and response.get("error"):
+                    self._error(response["error"])
+            return
+        error = obj.get("error")
+        if error:  # an error event (the backend's, or the gateway's StreamInterrupted)
+            self._error(error)
+            return
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            index = index if isinstance(index, int) else 0
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                text = delta.get("content")
+                if not isinstance(text, str):
+                    text = delta.get("refusal")
+                if isinstance(text, str):
+                    self._add(index, text)
+            elif isinstance(choice.get("text"), str):
+                self._add(index, choice["text"])
+
+    def _add(self, index: int, text: str) -> None:
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        self.original_bytes += size
+        if self._kept < self.limit:
+            self._choices.setdefault(index, []).append(text)
+            self._kept += size
+
+    def _error(self, error: Any) -> None:
+        text = _error_text(error)
+        self._errors.append(text)
+        self.original_bytes += len(text.encode("utf-8")) + 1
+
+    def text(self) -> str:
+        """The choices' texts in their order (one line apart), then the errors."""
+        texts = ["".join(self._choices[i]) for i in sorted(self._choices)]
+        return "\n".join(texts + self._errors)
+
+
+def _event_data(event: bytes) -> bytes:
+    """The concatenated ``data:`` lines of one SSE event."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    return b"\n".join(
+        line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    )
+
+
+def _boundary(data: bytes, at: int) -> int:
+    """The largest position <= ``at`` that does not split a UTF-8 character of ``data``."""
+    if at >= len(data):
+        return len(data)
+    while at > 0 and data[at] & 0xC0 == 0x80:  # a continuation byte: inside a character
+        at -= 1
+    return at
+
+
+def clip(text: str, limit: int, original_bytes: int | None = None) -> Clipped:
+    """``text`` as UTF-8 cut to at most ``limit`` bytes. ``original_bytes``: the size of the
+    whole text when ``text`` is already only its beginning (a long stream's)."""
+    data = text.encode("utf-8")
+    size = len(data) if original_bytes is None else max(original_bytes, len(data))
+    if len(data) > limit:
+        data = data[: _boundary(data, limit)]
+    return Clipped(data, size, len(data) < size)
+
+
+def chunks(data: bytes, chunk_bytes: int) -> list[str]:
+    """``data`` (UTF-8) in pieces of at most ``chunk_bytes``, cut between characters; one
+    empty piece for no data."""
+    if len(data) <= chunk_bytes:
+        return [data.decode("utf-8", "replace")]
+    out: list[str] = []
+    start = 0
+    while start < len(data):
+        end = _boundary(data, start + chunk_bytes)
+        if end <= start:  # a chunk smaller than a character: never, chunk_bytes >= 1024
+            end = start + chunk_bytes
+        out.append(data[start:end].decode("utf-8", "replace"))
+        start = end
+    return out
+
+
+def entries(
+    meta: dict[str, Any],
+    request: Clipped | None,
+    response: Clipped | None,
+    chunk_bytes: int,
+) -> list[dict[str, Any]]:
+    """The entries of one request: ``meta`` (the fields every entry repeats) with the
+    request's and the answer's text in chunks of ``chunk_bytes``, entry ``SequenceNumber``
+    n holding chunk n of each (APIM's split: as many entries as the longer side needs).
+    A side that is not logged (None) is null in every entry."""
+    request_chunks = chunks(request.data, chunk_bytes) if request is not None else []
+    response_chunks = chunks(response.data, chunk_bytes) if response is not None else []
+    out: list[dict[str, Any]] = []
+    for n in range(max(len(request_chunks), len(response_chunks), 1)):
+        entry = dict(meta)
+        entry["SequenceNumber"] = n
+        entry["RequestMessages"] = _piece(request_chunks, n, request)
+        entry["ResponseMessages"] = _piece(response_chunks, n, response)
+        _sizes(entry, "Request", request)
+        _sizes(entry, "Response", response)
+        out.append(entry)
+    return out
+
+
+def _piece(pieces: list[str], n: int, side: Clipped | None) -> str | None:
+    if side is None:
+        return None
+    return pieces[n] if n < len(pieces) else ""
+
+
+def _sizes(entry: dict[str, Any], name: str, side: Clipped | None) -> None:
+    entry[f"{name}Truncated"] = side.truncated if side is not None else None
+    entry[f"{name}OriginalBytes"] = side.original_bytes if side is not None else None

@@ -1,0 +1,414 @@
+"""Prompt and completion logging (APIM's LLM logs): the real ``openai`` SDK through a real
+gateway in front of the simulator, entries read back from the JSON-lines file.
+
+One gateway serves most of the module (a product logging with the defaults, one with small
+limits, one without a message log); each test looks only at its own subscription's requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from sluicegate.accounting.records import UsageRecord
+from sluicegate.simulator.config import SimDeployment
+from sluicegate.simulator.server import SimulatorThread
+from tests.integration.conftest import Harness, sim_config
+from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
+
+PRODUCTS: list[dict[str, Any]] = [
+    {"name": "logged", "message_log": {}},
+    {"name": "small", "message_log": {"max_bytes": 4096, "chunk_bytes": 1024}},
+    {"name": "answers-only", "message_log": {"prompts": False}},
+    {"name": "limited", "message_log": {}, "limits": {"requests_per_minute": 1}},
+    {"name": "plain"},
+]
+#: Long answers: up to 16 × 1000 tokens (4,000 make a stream of more than a MiB of events).
+LONG = SimDeployment(
+    name="gpt-4o-mini",
+    model="gpt-4o-mini-2024-07-18",
+    kind="chat",
+    tpm=100_000_000,
+    rpm=100_000,
+    completion_cap_factor=1000,
+)
+
+
+class Logged:
+    """The module's gateway, its message log file, and readers of both."""
+
+    def __init__(self, harness: Harness, path: Path) -> None:
+        self.harness = harness
+        self.path = path
+
+    def key(self, product: str) -> tuple[str, str]:
+        """A new subscription of ``product``: (its id, its key)."""
+        issued = self.harness.new_key(product=product)
+        assert issued.primary_key is not None
+        return issued.subscription.id, issued.primary_key
+
+    def records(self, subscription_id: str, expect: int = 1) -> list[UsageRecord]:
+        """The ledger's records of ``subscription_id``, once there are ``expect`` (each is
+        written just after its answer)."""
+        deadline = time.monotonic() + 5
+        while True:
+            found = [r for r in self.harness.records() if r.subscription_id == subscription_id]
+            if len(found) >= expect or time.monotonic() > deadline:
+                assert len(found) == expect
+                return found
+            time.sleep(0.02)
+
+    def record(self, subscription_id: str) -> UsageRecord:
+        """The one ledger record of ``subscription_id``."""
+        (record,) = self.records(subscription_id)
+        return record
+
+    def entries(self, request_id: str) -> list[dict[str, Any]]:
+        """The entries of ``request_id``, in order (written just after its record)."""
+        return entries_in(self.path, request_id)
+
+
+def entries_in(path: Path, request_id: str, wait: float = 5) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + wait
+    while True:
+        found: list[dict[str, Any]] = []
+        if path.exists():
+            lines = path.read_bytes().splitlines()
+            found = [e for e in map(orjson.loads, lines) if e["RequestId"] == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
+    tmp = tmp_path_factory.mktemp("message-log")
+    path = tmp / "logs" / "messages.jsonl"
+    sim = SimulatorThread(sim_config(deployments=[LONG])).start()
+    config = gateway_config(
+        tmp,
+        {"sim": sim.url},
+        deployments=[{"name": "gpt-4o-mini", "backend": "sim", "model": "gpt-4o-mini"}],
+        products=PRODUCTS,
+        message_log={"path": str(path)},
+    )
+    gw = GatewayThread(config).start()
+    try:
+        yield Logged(Harness(gw, sim), path)
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def v1(logged: Logged, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{logged.harness.url}/openai/v1", api_key=key, max_retries=0)
+
+
+def test_a_chat_completion_is_logged_with_the_ledgers_id_and_tokens(logged: Logged) -> None:
+    sub, key = logged.key("logged")
+    reply = logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {"role": "system", "content": "You answer about waterworks."},
+            {"role": "user", "content": "How does a sluice gate work?"},
+        ],
+        max_tokens=7,
+        extra_headers={"x-ms-client-request-id": "client-corr-1"},
+    )
+    record = logged.record(sub)
+    (entry,) = logged.entries(record.request_id)
+    assert entry["RequestMessages"] == (
+        "system: You answer about waterworks.\nuser: How does a sluice gate work?"
+    )
+    assert entry["ResponseMessages"] == reply.choices[0].message.content
+    assert reply.usage is not None
+    tokens = (entry["PromptTokens"], entry["CompletionTokens"], entry["TotalTokens"])
+    assert tokens == (record.prompt_tokens, record.completion_tokens, record.total_tokens)
+    assert tokens == (reply.usage.prompt_tokens, 7, reply.usage.total_tokens)
+    assert entry["SubscriptionId"] == sub
+    assert entry["CorrelationId"] == "client-corr-1"
+    assert {k: entry[k] for k in FIXED} == {
+        "Product": "logged",
+        "DeploymentName": "gpt-4o-mini",
+        "ModelName": record.model,
+        "OperationName": "chat/completions",
+        "ApiVersion": "2024-10-21",
+        "IsStreamCompletion": False,
+        "StatusCode": 200,
+        "SequenceNumber": 0,
+        "RequestTruncated": False,
+        "ResponseTruncated": False,
+    }
+    assert entry["RequestOriginalBytes"] == len(entry["RequestMessages"].encode())
+    assert entry["TimeGenerated"].endswith("Z")
+    text = logged.path.read_text()
+    assert key not in text and BACKEND_KEY not in text
+    assert stat.S_IMODE(logged.path.stat().st_mode) == 0o600  # prompts: the owner's only
+
+
+FIXED = (
+    "Product",
+    "DeploymentName",
+    "ModelName",
+    "OperationName",
+    "ApiVersion",
+    "IsStreamCompletion",
+    "StatusCode",
+    "SequenceNumber",
+    "RequestTruncated",
+    "ResponseTruncated",
+)
+
+
+def test_a_streams_answer_is_reassembled(logged: Logged) -> None:
+    sub, key = logged.key("logged")
+    stream = logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Tell me about locks"}],
+        max_tokens=40,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    record = logged.record(sub)
+    (entry,) = logged.entries(record.request_id)
+    assert text and entry["ResponseMessages"] == text
+    assert entry["IsStreamCompletion"] is True
+    assert entry["CompletionTokens"] == record.completion_tokens == 40
+    assert entry["PromptTokens"] == record.prompt_tokens > 0
+    assert key not in logged.path.read_text()
+
+
+def test_a_long_stream_is_handed_over_as_it_goes_and_logged_whole(logged: Logged) -> None:
+    """More than a MiB of events: the request hands them to the log's thread on the way
+    (``STREAM_HANDOFF_BYTES``), which keeps their text only; the entry has all of it."""
+    sub, key = logged.key("logged")
+    stream = logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Tell me everything about dikes"}],
+        max_tokens=4000,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    record = logged.record(sub)
+    assert record.completion_tokens == 4000
+    found = logged.entries(record.request_id)
+    assert "".join(e["ResponseMessages"] for e in found) == text
+    assert found[0]["ResponseOriginalBytes"] == len(text.encode())
+    assert found[0]["ResponseTruncated"] is False
+    assert len(found) == -(-len(text.encode()) // 32_768)  # in 32 KiB chunks
+
+
+def test_a_responses_call_and_stream(logged: Logged) -> None:
+    sub, key = logged.key("logged")
+    client = v1(logged, key)
+    answer = client.responses.create(
+        model="gpt-4o-mini",
+        instructions="Answer briefly.",
+        input="What is a polder?",
+        max_output_tokens=12,
+    )
+    record = logged.record(sub)
+    (entry,) = logged.entries(record.request_id)
+    assert entry["RequestMessages"] == "instructions: Answer briefly.\nWhat is a polder?"
+    assert answer.output_text and entry["ResponseMessages"] == answer.output_text
+    assert (entry["OperationName"], entry["ApiVersion"]) == ("responses", "v1")
+    assert entry["CompletionTokens"] == record.completion_tokens == 12
+
+    sub, key = logged.key("logged")
+    deltas = [
+        event.delta
+        for event in v1(logged, key).responses.create(
+            model="gpt-4o-mini", input="And a dike?", max_output_tokens=10, stream=True
+        )
+        if event.type == "response.output_text.delta"
+    ]
+    record = logged.record(sub)
+    (entry,) = logged.entries(record.request_id)
+    assert entry["ResponseMessages"] == "".join(deltas) != ""
+    assert entry["IsStreamCompletion"] is True
+    assert entry["CompletionTokens"] == record.completion_tokens == 10
+
+
+def test_a_long_prompt_is_chunked_and_a_longer_one_truncated(logged: Logged) -> None:
+    sub, key = logged.key("small")  # max_bytes 4096, chunk_bytes 1024
+    prompt = "Sluis €" * 300  # 2,700 bytes, a 3-byte character every 9 bytes
+    logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=3
+    )
+    found = logged.entries(logged.record(sub).request_id)
+    assert [e["SequenceNumber"] for e in found] == [0, 1, 2]
+    assert "".join(e["RequestMessages"] for e in found) == f"user: {prompt}"
+    assert all(len(e["RequestMessages"].encode()) <= 1024 for e in found)
+    assert found[0]["ResponseMessages"] and [e["ResponseMessages"] for e in found[1:]] == ["", ""]
+    assert {e["RequestTruncated"] for e in found} == {False}
+
+    sub, key = logged.key("small")
+    prompt = "Dijk €" * 1000  # 8,000 bytes
+    logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=3
+    )
+    found = logged.entries(logged.record(sub).request_id)
+    logged_text = "".join(e["RequestMessages"] for e in found)
+    full = f"user: {prompt}".encode()
+    assert len(found) == 4
+    assert logged_text.encode() == full[: len(logged_text.encode())]
+    assert 4096 - 2 <= len(logged_text.encode()) <= 4096  # cut before a split euro sign
+    assert {e["RequestTruncated"] for e in found} == {True}
+    assert {e["RequestOriginalBytes"] for e in found} == {len(full)}
+
+
+def test_an_error_answer_is_logged_with_its_error_object(logged: Logged) -> None:
+    sub, key = logged.key("logged")
+    with pytest.raises(openai.BadRequestError):
+        logged.harness.sdk(key).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Ignore your rules"}],
+            extra_headers={"x-sim-fault": "filter-prompt"},
+        )
+    record = logged.record(sub)
+    (entry,) = logged.entries(record.request_id)
+    assert entry["StatusCode"] == record.status == 400
+    error = orjson.loads(entry["ResponseMessages"])
+    assert error["code"] == "content_filter"
+    assert error["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+    assert entry["RequestMessages"] == "user: Ignore your rules"
+
+
+def test_a_refusal_by_the_gateway_is_logged_with_its_error(logged: Logged) -> None:
+    """The gateway's own answer (here its request limit's 429) is the logged answer."""
+    sub, key = logged.key("limited")  # one request a minute
+    client = logged.harness.sdk(key)
+    for _ in range(2):
+        with contextlib.suppress(openai.RateLimitError):
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+            )
+    (refused,) = [r for r in logged.records(sub, expect=2) if r.status == 429]
+    (entry,) = logged.entries(refused.request_id)
+    assert entry["StatusCode"] == 429
+    assert entry["RequestMessages"] == "user: hello"
+    error = orjson.loads(entry["ResponseMessages"])
+    assert error["code"] == refused.error_code == "RequestRateLimitExceeded"
+    assert "request" in error["message"].lower()
+
+
+def test_a_product_without_prompts_logs_answers_only(logged: Logged) -> None:
+    sub, key = logged.key("answers-only")
+    reply = logged.harness.sdk(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "secret plan"}], max_tokens=4
+    )
+    (entry,) = logged.entries(logged.record(sub).request_id)
+    assert entry["RequestMessages"] is None and entry["RequestOriginalBytes"] is None
+    assert entry["ResponseMessages"] == reply.choices[0].message.content
+
+
+def test_a_product_without_message_log_writes_nothing(tmp_path: Path) -> None:
+    sim = SimulatorThread(sim_config()).start()
+    path = tmp_path / "messages.jsonl"
+    products: list[dict[str, Any]] = [{"name": "plain"}, {"name": "logged", "message_log": {}}]
+    config = gateway_config(tmp_path, {"sim": sim.url}, products=products)
+    config["message_log"] = {"path": str(path)}
+    try:
+        with GatewayThread(config) as gw:
+            harness = Harness(gw, sim)
+            key = harness.new_key(product="plain").primary_key
+            assert key is not None
+            harness.sdk(key).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            (record,) = harness.records(expect=1)
+            assert record.status == 200
+            assert gw.gateway.messages is not None
+            assert gw.gateway.messages.stats().requests == 0
+        assert not path.exists()  # nothing written, so never even opened
+        config["products"] = [{"name": "plain"}]
+        with GatewayThread(config) as gw:
+            assert gw.gateway.messages is None  # no product logs: no log at all
+    finally:
+        sim.stop()
+
+
+@contextlib.contextmanager
+def fifo_reader(path: Path) -> Iterator[list[bytes]]:
+    """Open the read end of the FIFO at ``path`` (which lets its writer's open return) and
+    collect the lines written to it until the block ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    lines: list[bytes] = []
+    buffer = b""
+
+    def read() -> None:
+        nonlocal buffer
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(fd, 1 << 16):
+                buffer += data
+        *whole, buffer = buffer.split(b"\n")
+        lines.extend(whole)
+
+    try:
+        yield lines
+    finally:
+        read()
+        os.close(fd)
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    """The log's file is a FIFO nobody reads yet: the writer's thread blocks opening it, one
+    request waits in the queue (``max_pending: 1``), and the others are dropped and counted
+    while every request is answered at once. A reader then gets the ones kept."""
+    fifo = tmp_path / "messages.fifo"
+    os.mkfifo(fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    sim = SimulatorThread(sim_config()).start()
+    config = gateway_config(
+        tmp_path,
+        {"sim": sim.url},
+        products=[{"name": "logged", "message_log": {}}],
+        message_log={"path": str(fifo), "max_file_bytes": 0, "max_pending": 1},
+    )
+    try:
+        with GatewayThread(config) as gw:
+            harness = Harness(gw, sim)
+            key = harness.new_key(product="logged").primary_key
+            assert key is not None
+            client = harness.sdk(key)
+            started = time.monotonic()
+            for n in range(6):
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": f"request {n}"}],
+                    max_tokens=2,
+                )
+            assert time.monotonic() - started < 5  # answered, not held by the log
+            records = harness.records(expect=6)
+            log = gw.gateway.messages
+            assert log is not None
+            deadline = time.monotonic() + 5
+            while log.stats().dropped + log.stats().pending + 1 < 6:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            stats = log.stats()
+            assert stats.dropped >= 4 and stats.requests == 0  # 1 in the thread, <= 1 queued
+            scraped = httpx.get(f"{gw.url}/metrics").text
+            assert f"sluicegate_message_log_dropped_total {float(stats.dropped)}" in scraped
+            with fifo_reader(fifo) as lines:
+                deadline = time.monotonic() + 5
+                while log.stats().requests < 6 - stats.dropped:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+            kept = {orjson.loads(line)["RequestId"] for line in lines}
+            assert len(kept) == 6 - stats.dropped
+            assert kept < {r.request_id for r in records}
+            scraped = httpx.get(f"{gw.url}/metrics").text
+            assert f"sluicegate_message_log_entries_total {float(len(kept))}" in scraped
+    finally:
+        sim.stop()

@@ -1,0 +1,214 @@
+"""Content safety's pure parts: the configuration, which text is checked, how it is cut, what
+blocks and what the client is told."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from sluicegate.config.loader import ConfigError, parse_config
+from sluicegate.config.model import ProductContentSafetyConfig
+from sluicegate.guardrails.content_safety import (
+    Findings,
+    blocking_reasons,
+    prompt_text,
+    refusal,
+    split_text,
+)
+
+SERVICE = {
+    "name": "cs",
+    "url": "https://contoso-safety.cognitiveservices.azure.com/",
+    "auth": {"type": "api-key", "key_env": "CS_KEY"},
+}
+
+
+def _config(policy: Any = None, services: Any = None) -> dict[str, Any]:
+    product: dict[str, Any] = {"name": "p"}
+    if policy is not None:
+        product["content_safety"] = policy
+    return {
+        "backends": [{"name": "b", "url": "https://b.example.com"}],
+        "deployments": [{"name": "gpt-4o", "backend": "b"}],
+        "products": [product],
+        "content_safety": [SERVICE] if services is None else services,
+    }
+
+
+def _problems(config: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config)
+    return caught.value.problems
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_a_policy_and_its_service() -> None:
+    config = parse_config(_config({"service": "cs", "categories": {"Hate": 4}}))
+    service = config.content_safety[0]
+    assert service.url == "https://contoso-safety.cognitiveservices.azure.com"
+    assert service.auth.header == "Ocp-Apim-Subscription-Key"  # Content Safety's key header
+    assert service.auth.scope == "https://cognitiveservices.azure.com/.default"
+    policy = config.products[0].content_safety
+    assert policy is not None
+    assert (policy.output_type, policy.on_error, policy.shield_prompt) == (
+        "FourSeverityLevels",
+        "block",
+        False,
+    )
+
+
+def test_unknown_services_names_and_fields_are_refused() -> None:
+    problems = _problems(_config({"service": "nope", "categories": {"Hate": 4}}))
+    assert problems == [
+        "products[0].content_safety.service: unknown content safety service 'nope' (known: cs)"
+    ]
+    problems = _problems(_config({"service": "cs", "categories": {"Hate": 4}, "mode": "x"}))
+    assert problems == ["products[0].content_safety.mode: Extra inputs are not permitted"]
+    problems = _problems(_config(services=[{**SERVICE, "timeout": 3}]))
+    assert problems == ["content_safety[0].timeout: Extra inputs are not permitted"]
+    problems = _problems(_config(services=[SERVICE, SERVICE]))
+    assert problems == ["content_safety[1].name: duplicate name 'cs'"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "where"),
+    [
+        ({"service": "cs", "categories": {"Hate": 8}}, "categories.Hate"),
+        ({"service": "cs", "categories": {"Hatred": 2}}, "categories.Hatred.[key]"),
+        ({"service": "cs", "categories": {"Hate": 2}, "output_type": "Six"}, "output_type"),
+        ({"service": "cs", "categories": {"Hate": 2}, "on_error": "500"}, "on_error"),
+        ({"service": "cs", "blocklists": ["no spaces"]}, "blocklists"),
+        ({"service": "cs"}, "products[0].content_safety"),
+    ],
+)
+def test_invalid_policies_are_refused(policy: dict[str, Any], where: str) -> None:
+    problems = _problems(_config(policy))
+    assert len(problems) == 1 and where in problems[0], problems
+
+
+def test_a_service_url_must_be_an_endpoint() -> None:
+    problems = _problems(_config(services=[{**SERVICE, "url": "contoso-safety"}]))
+    assert problems[0].startswith("content_safety[0].url: ")
+
+
+# -- which text ------------------------------------------------------------------------------------
+
+
+def test_chat_text_leaves_out_roles_and_media() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": "You help."},
+            {
+                "role": "user",
+                "name": "ann",
+                "content": [
+                    {"type": "text", "text": "Look at this"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "f", "arguments": '{"q": "x"}'}}
+                ],
+            },
+        ],
+        "max_tokens": 5,
+    }
+    text = prompt_text(body, "chat/completions")
+    assert text == 'You help.\nann\nLook at this\nf\n{"q": "x"}'
+    assert "base64" not in text and "user" not in text.split("\n")
+
+
+def test_other_operations_text() -> None:
+    assert prompt_text({"input": "hi", "instructions": "be kind"}, "responses") == "be kind\nhi"
+    assert prompt_text({"input": ["a", "b"]}, "embeddings") == "a\nb"
+    assert prompt_text({"input": [[1, 2, 3]]}, "embeddings") == ""  # tokens: no text
+    assert prompt_text({"prompt": ["x", "y"], "suffix": "z"}, "completions") == "x\ny\nz"
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+
+
+def test_short_text_is_one_piece_and_whitespace_none() -> None:
+    assert split_text("hello") == ["hello"]
+    assert split_text(" \n ") == []
+    assert split_text("") == []
+
+
+def test_long_text_is_cut_after_a_space_in_the_second_half() -> None:
+    text = "word " * 5000  # 25,000 characters
+    pieces = split_text(text, 10_000)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 10_000 for p in pieces)
+    assert all(p.endswith(" ") for p in pieces)  # no word cut in two
+    solid = "x" * 25_000  # no place to cut: at the limit
+    assert [len(p) for p in split_text(solid, 10_000)] == [10_000, 10_000, 5_000]
+
+
+# -- what blocks and what the client is told ----------------------------------------------------
+
+
+def _policy(**fields: Any) -> ProductContentSafetyConfig:
+    return ProductContentSafetyConfig(service="cs", **fields)
+
+
+def test_a_category_blocks_from_its_threshold() -> None:
+    policy = _policy(categories={"Hate": 4, "Violence": 2})
+    findings = Findings()
+    findings.add_analysis(
+        {
+            "categoriesAnalysis": [
+                {"category": "Hate", "severity": 3},
+                {"category": "Sexual", "severity": 6},
+            ]
+        }
+    )
+    assert blocking_reasons(findings, policy) == []  # Hate 3 < 4; Sexual has no threshold
+    findings.add_analysis({"categoriesAnalysis": [{"category": "Hate", "severity": 4}]})
+    findings.add_analysis({"categoriesAnalysis": [{"category": "Violence", "severity": 2}]})
+    assert blocking_reasons(findings, policy) == ["Hate", "Violence"]
+    assert findings.severities["Hate"] == 4  # the highest over every piece
+
+
+def test_blocklists_and_attacks_block_first() -> None:
+    policy = _policy(categories={"Hate": 2}, blocklists=["terms"], shield_prompt=True)
+    findings = Findings()
+    findings.add_analysis(
+        {
+            "blocklistsMatch": [
+                {"blocklistName": "terms", "blocklistItemId": "1", "blocklistItemText": "secret x"}
+            ],
+            "categoriesAnalysis": [{"category": "Hate", "severity": 2}],
+        }
+    )
+    findings.add_shield({"userPromptAnalysis": {"attackDetected": True}, "documentsAnalysis": []})
+    reasons = blocking_reasons(findings, policy)
+    assert reasons == ["PromptAttack", "Blocklist", "Hate"]
+    error = refusal("p", reasons, findings, policy)
+    assert (error.status, error.code) == (403, "content_filter")
+    body = orjson.loads(error.body())["error"]
+    assert body["message"].startswith(
+        "The prompt was refused by the gateway's content safety policy (product 'p'): Prompt "
+        "Shields detected a prompt attack; it matches blocklist 'terms'; category Hate has "
+        "severity 2 (threshold 2)."
+    )
+    assert "secret x" not in error.body().decode()  # the matched term is not told
+    assert body["innererror"] == {
+        "code": "ResponsibleAIPolicyViolation",
+        "content_filter_result": {
+            "hate": {"filtered": True, "severity": "low"},
+            "jailbreak": {"filtered": True, "detected": True},
+            "custom_blocklists": {"filtered": True, "details": [{"filtered": True, "id": "terms"}]},
+        },
+    }
+
+
+def test_an_attack_counts_only_with_shield_prompt() -> None:
+    findings = Findings(attack=True)
+    assert blocking_reasons(findings, _policy(categories={"Hate": 4})) == []
