@@ -64,6 +64,7 @@ PRODUCTS: list[dict[str, Any]] = [
     {"name": "lenient-down", "content_safety": _policy("cs-down", on_error="allow")},
     {"name": "slow", "content_safety": _policy("cs-slow")},
     {"name": "wrong-key", "content_safety": _policy("cs-wrong-key")},
+    {"name": "short", "content_safety": _policy("cs", max_text_chars=30_000)},
 ]
 
 
@@ -316,6 +317,19 @@ def test_a_long_prompt_is_sent_in_pieces_concurrently(fresh: Guarded) -> None:
     assert sorted(shielded) == sorted(analyzed)
     # Analyses and Prompt Shields of all pieces ran side by side, not one after another.
     assert fresh.safety.state.max_in_flight == 6
+
+
+def test_a_prompt_longer_than_max_text_chars_is_refused_unchecked(fresh: Guarded) -> None:
+    # 30,000 characters are three calls; one more character would be a fourth: refused
+    # before any call, rather than hundreds of billed calls for a multi-MB prompt.
+    assert chat(fresh.sdk("short"), "x" * 29_990).choices
+    before = len(fresh.calls)
+    error = refused(lambda: chat(fresh.sdk("short"), "x" * 30_001))
+    assert error.status_code == 413 and error.code == "ContentSafetyTextTooLong"
+    assert "30,000" in said(error)
+    assert len(fresh.calls) == before
+    record = fresh.record(error.response.headers["x-sluicegate-request-id"])
+    assert (record.status, record.total_tokens, record.backend) == (413, 0, None)
 
 
 # -- the service unavailable -----------------------------------------------------------------------

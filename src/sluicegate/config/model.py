@@ -425,6 +425,10 @@ class ProductContentSafetyConfig(_Strict):
     #: The service unreachable, failing or too slow: refuse the request (503/500) or let it
     #: through unchecked.
     on_error: Literal["block", "allow"] = "block"
+    #: The longest text checked: a longer prompt is refused (413) rather than sent as
+    #: hundreds of billed calls (10,000 characters each) or let through partly unchecked.
+    #: 500,000 characters is about 125,000 tokens, a 128k-context model's whole window.
+    max_text_chars: int = Field(default=500_000, ge=1, le=10_000_000)
 
     @field_validator("blocklists")
     @classmethod

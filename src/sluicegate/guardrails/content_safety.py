@@ -431,7 +431,16 @@ class ContentSafetyGuard:
         ``ContentSafetyError`` (it refused the gateway's call). A refusal marks the request's
         record (``extra.content_safety``: the first reason)."""
         body = ctx.json
-        pieces = split_text(prompt_text(body, ctx.route.operation)) if body is not None else []
+        text = prompt_text(body, ctx.route.operation) if body is not None else ""
+        if len(text) > self.policy.max_text_chars:
+            raise GatewayError(
+                413,
+                "ContentSafetyTextTooLong",
+                f"The request's text is {len(text):,} characters long; product "
+                f"{self.product!r} checks prompts of at most {self.policy.max_text_chars:,} "
+                "characters with its content safety service. Send a shorter prompt.",
+            )
+        pieces = split_text(text) if text else []
         if not pieces:
             return
         try:
