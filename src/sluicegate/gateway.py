@@ -45,6 +45,9 @@ from sluicegate.storage.quota_usage import COUNTER_KEY_COLUMNS, ledger_usage
 from sluicegate.storage.subscriptions import SubscriptionRepository
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from sluicegate.accounting.export import ExportWorker
     from sluicegate.auth.bearer import TokenAuthenticator
 
 log = logging.getLogger("sluicegate")
@@ -147,6 +150,8 @@ class Gateway:
         if any(p.message_log is not None for p in config.products):
             self.messages = MessageLog(config.message_log)
             self.metrics.watch_message_log(self.messages.stats)
+        #: Usage exports (Event Hubs, webhooks): a worker thread of their own, None without.
+        self.exports = _export_worker(config, self.engine, self.clock, env, self.metrics)
         self.pipeline = Pipeline(
             self.runtime,
             self.index,
@@ -262,6 +267,8 @@ class Gateway:
         self.ledger.start()
         if self.messages is not None:
             self.messages.start()
+        if self.exports is not None:
+            self.exports.start()
         if self.quota_seeder is not None:
             self.quota_seeder.start()
         if self.routing_store is not None:
@@ -302,6 +309,8 @@ class Gateway:
 
     async def stop(self, ledger_timeout: float = 30.0) -> None:
         await self.refresher.stop()
+        if self.exports is not None:
+            await asyncio.to_thread(self.exports.stop)  # a cycle in flight ends first
         if self.quota_seeder is not None:
             await self.quota_seeder.aclose()
         if self.token_auth is not None:
@@ -394,6 +403,23 @@ def _token_authenticator(
     from sluicegate.auth.bearer import TokenAuthenticator
 
     return TokenAuthenticator.from_config(config, clock, on_refused=on_refused)
+
+
+def _export_worker(
+    config: GatewayConfig,
+    engine: Engine,
+    clock: Clock,
+    environ: dict[str, str],
+    metrics: GatewayMetrics,
+) -> ExportWorker | None:
+    """The usage exports' worker, when the configuration has ``exports``. Imported here:
+    aiohttp loads only when an export needs it."""
+    if not config.exports:
+        return None
+    from sluicegate.accounting.export import export_worker
+
+    observer = metrics if config.metrics.enabled else None
+    return export_worker(config.exports, engine, clock, environ, observer)
 
 
 #: While the database is down, the spill file must be able to take records: less free space

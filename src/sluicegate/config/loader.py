@@ -211,6 +211,13 @@ def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list
                 f"backends[{i}].auth.key_vault.client_secret_env: environment variable "
                 f"{vault.client_secret_env} is not set"
             )
+    for i, export in enumerate(config.exports):
+        for field_name in ("sas_key_env", "secret_env"):
+            env_name = getattr(export, field_name)
+            if env_name and env_name not in environ:
+                problems.append(
+                    f"exports[{i}].{field_name}: environment variable {env_name} is not set"
+                )
     secret_env = config.security.key_secret_env
     if config.mode == "cluster" and secret_env not in environ:
         problems.append(

@@ -684,6 +684,91 @@ class RetentionConfig(_Strict):
     rollup_interval_seconds: float = Field(default=10.0, gt=0)
 
 
+#: The scope of Azure Event Hubs tokens (an export's Entra ID identity).
+EVENT_HUBS_SCOPE = "https://eventhubs.azure.net/.default"
+
+
+class ExportIdentityConfig(EntraIdentityConfig):
+    """The Entra ID identity an ``event_hub`` export sends as (it needs the "Azure Event Hubs
+    Data Sender" role on the hub): fields as for a backend's ``auth``."""
+
+    type: EntraIdentityType = "managed-identity"
+    scope: str = EVENT_HUBS_SCOPE
+    refresh_before_seconds: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _identity(self) -> ExportIdentityConfig:
+        problem = self._identity_problem(self.type)
+        if problem:
+            raise ValueError(f"identity type {problem}")
+        return self
+
+    @property
+    def identity_type(self) -> str:
+        return self.type
+
+
+class ExportConfig(_Strict):
+    """Usage records shipped, one JSON event each, to Azure Event Hubs or a webhook, off the
+    request path and at least once (docs/chargeback.md, "Exporting usage")."""
+
+    #: Unique; names the export's cursor in the database (renaming starts a new cursor).
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["event_hub", "webhook"]
+    #: Event Hubs: ``https://{namespace}.servicebus.windows.net/{hub}``; webhook: any URL.
+    url: str
+    #: Event Hubs by SAS: the policy's name and the environment variable holding its key.
+    sas_key_name: str | None = None
+    sas_key_env: str | None = None
+    #: Event Hubs by Entra ID (instead of SAS).
+    identity: ExportIdentityConfig | None = None
+    #: Webhook: a header sent with every batch, its value read from ``secret_env``.
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+    secret_env: str | None = None
+    #: Records per batch (an Event Hubs batch is also kept under 1 MB).
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    #: Seconds between looks for new records once caught up.
+    interval_seconds: float = Field(default=5.0, gt=0)
+    #: Seconds a send may take before it counts as failed.
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    #: Where a new export starts: every record in the ledger, or those committed from now on.
+    start: Literal["earliest", "latest"] = "latest"
+    #: Only records of these products (None: all).
+    products: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError(f"must be an http:// or https:// URL without a query, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth(self) -> ExportConfig:
+        sas = self.sas_key_name is not None or self.sas_key_env is not None
+        if self.type == "event_hub":
+            if self.header is not None or self.secret_env is not None:
+                raise ValueError("header and secret_env are for webhooks; Event Hubs use SAS")
+            if not urlsplit(self.url).path.strip("/"):
+                raise ValueError(
+                    "an event_hub url names the hub: https://NAMESPACE.servicebus.windows.net/HUB"
+                )
+            if sas and self.identity is not None:
+                raise ValueError("give sas_key_name and sas_key_env, or identity, not both")
+            if self.identity is None and not (self.sas_key_name and self.sas_key_env):
+                raise ValueError(
+                    "an event_hub export needs sas_key_name and sas_key_env (the environment "
+                    "variable holding the key), or an Entra ID identity"
+                )
+        else:
+            if sas or self.identity is not None:
+                raise ValueError("sas_key_name, sas_key_env and identity are for event_hub")
+            if (self.header is None) != (self.secret_env is None):
+                raise ValueError("give both header and secret_env, or neither")
+        return self
+
+
 class RetryConfig(_Strict):
     """When a request goes to another backend (or waits and tries the same one again)."""
 
@@ -811,12 +896,29 @@ class GatewayConfig(_Strict):
     token_rules: list[TokenRule] = Field(default_factory=list)
     #: Where products' ``message_log`` entries go (docs/message-log.md).
     message_log: MessageLogSink = MessageLogSink()
+    #: Usage records shipped to Event Hubs or webhooks (docs/chargeback.md).
+    exports: list[ExportConfig] = Field(default_factory=list)
     #: Azure AI Content Safety resources products check prompts with (docs/content-safety.md).
     content_safety: list[ContentSafetyServiceConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
         errors = reference_problems(ConfigParts.of(self))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _export_references(self) -> GatewayConfig:
+        errors: list[str] = []
+        _duplicates("exports", [e.name for e in self.exports], errors)
+        products = {p.name for p in self.products}
+        for i, export in enumerate(self.exports):
+            errors.extend(
+                f"exports[{i}].products: unknown product {name!r}"
+                for name in export.products or ()
+                if name not in products
+            )
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -546,6 +546,38 @@ class GatewayMetrics:
             ["product", "action"],
             registry=r,
         )
+        self.export_events = Counter(
+            "sluicegate_export_events",
+            "Usage events an export delivered (accepted by its Event Hub or webhook).",
+            ["export"],
+            registry=r,
+        )
+        self.export_failures = Counter(
+            "sluicegate_export_failures",
+            "Failed export cycles, by reason (auth, not_found, too_large, throttled, busy, "
+            "server_error, rejected, timeout, connection, credential, database).",
+            ["export", "reason"],
+            registry=r,
+        )
+        self.export_lost_records = Counter(
+            "sluicegate_export_lost_records",
+            "Record ids an export gave up on: records purged by retention before export (on "
+            "PostgreSQL, also ids no record ever committed for).",
+            ["export"],
+            registry=r,
+        )
+        self.export_lag_records = Gauge(
+            "sluicegate_export_lag_records",
+            "Record ids above the export's cursor (records not yet delivered, at most).",
+            ["export"],
+            registry=r,
+        )
+        self.export_lag_seconds = Gauge(
+            "sluicegate_export_lag_seconds",
+            "Age of the oldest record read but not yet delivered (0: caught up).",
+            ["export"],
+            registry=r,
+        )
         self._backend_collector: _BackendCollector | None = None
         self._connection_collector: _ConnectionCollector | None = None
 
@@ -590,6 +622,20 @@ class GatewayMetrics:
     def content_safety_failed(self, product: str, action: str) -> None:
         """For content safety: a check failed; ``action`` is the product's ``on_error``."""
         self._child(self.content_safety_failures, product, action).inc()
+
+    def export_sent(self, export: str, events: int) -> None:
+        """For exports (``accounting.export.ExportObserver``); from the export worker."""
+        self.export_events.labels(export).inc(events)
+
+    def export_failed(self, export: str, reason: str) -> None:
+        self.export_failures.labels(export, reason).inc()
+
+    def export_lost(self, export: str, records: int) -> None:
+        self.export_lost_records.labels(export).inc(records)
+
+    def export_lag(self, export: str, records: int, seconds: float) -> None:
+        self.export_lag_records.labels(export).set(records)
+        self.export_lag_seconds.labels(export).set(round(seconds, 3))
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""

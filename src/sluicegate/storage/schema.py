@@ -159,3 +159,20 @@ rollup_state = Table(
     Column("raw_purged_before", Double(), nullable=True),
     Column("updated_at", Double(), nullable=True),
 )
+
+#: One row per export (``exports`` in the configuration, by name): every ``usage_records`` id
+#: up to ``last_record_id`` has been shipped, except those in ``gaps`` (JSON ``[[lo, hi], ...]``,
+#: inclusive: ids missing when read, PostgreSQL only) that may still commit. ``version`` grows
+#: with every move (the move is conditional on it). Maintained by ``accounting.export``.
+export_cursors = Table(
+    "export_cursors",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("last_record_id", BigInteger(), nullable=False),
+    Column("gaps", Text(), nullable=False),
+    Column("version", BigInteger(), nullable=False),
+    Column("exported", BigInteger(), nullable=False),
+    Column("lost", BigInteger(), nullable=False),
+    Column("created_at", Double(), nullable=False),
+    Column("updated_at", Double(), nullable=False),
+)

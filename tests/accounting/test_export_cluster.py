@@ -1,0 +1,138 @@
+"""Usage exports on PostgreSQL as a cluster runs them: a record that commits below ids already
+exported (ids are handed out before commit) is still exported, once; two instances exporting
+the same export never both send a batch; and the cursor's arithmetic (``advance``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from sluicegate.accounting.export import Cursor, CursorStore, Exporter, advance
+from sluicegate.accounting.rollups import POSTGRES_OVERLAP
+from sluicegate.simulator.event_hub import FakeEventHub
+from sluicegate.storage.engine import create_engine_for
+from sluicegate.storage.migrations import migrate
+from sluicegate.storage.schema import usage_records
+from tests.accounting.conftest import write_ledger
+from tests.accounting.test_export import drain, exporter, hub, ledger_ids, received
+from tests.accounting.test_rollups_cli import T0, records
+from tests.accounting.test_rollups_races import insert_uncommitted
+from tests.support.pg import pg_database_url  # noqa: F401  (the fixture)
+
+__all__ = ["hub"]  # the fixture, shared
+
+
+@pytest.fixture
+def pg_engine(pg_database_url: str) -> Iterator[Engine]:  # noqa: F811  (the fixture)
+    migrate(pg_database_url)
+    eng = create_engine_for(pg_database_url)
+    yield eng
+    eng.dispose()
+
+
+async def test_a_record_committing_below_exported_ids_is_exported_once(
+    pg_engine: Engine, tmp_path: Path, hub: FakeEventHub
+) -> None:
+    """Two ledger transactions: the first takes an id, the second a higher one and commits
+    first; the export sends the second, then the first once it commits, and neither again."""
+    engine = pg_engine
+    write_ledger(engine, tmp_path, records(2))
+    late, newer = records(2, T0 + 600)
+    late.request_id, newer.request_id = "late", "newer"
+    async with exporter(engine, hub) as ex:
+        assert await drain(ex) == 2
+        ledger = insert_uncommitted(engine, late)
+        try:
+            write_ledger(engine, tmp_path, [newer])
+            assert await drain(ex) == 1  # newer only: late is not visible yet
+            late_id = ledger.execute(
+                select(usage_records.c.id).where(usage_records.c.request_id == "late")
+            ).scalar_one()
+            state = CursorStore(engine, "usage-hub").state()
+            assert state is not None
+            assert state[0].upto > late_id and state[0].gaps == ((late_id, late_id),)
+            ledger.commit()
+        finally:
+            ledger.close()
+        assert await drain(ex) == 1  # no newer record needed
+        assert await drain(ex) == 0
+    # Another instance (nothing in memory) sends nothing again.
+    async with exporter(engine, hub) as other:
+        assert await drain(other) == 0
+    got = [e["request_id"] for e in received(hub)]
+    assert sorted(got) == sorted(ledger_ids(engine)) and len(got) == len(set(got)) == 4
+    assert got[-2:] == ["newer", "late"]
+    state = CursorStore(engine, "usage-hub").state()
+    assert state is not None and state[0].gaps == () and state[2] == 0
+
+
+async def test_two_instances_never_send_the_same_batch(
+    pg_engine: Engine,
+    pg_database_url: str,  # noqa: F811  (the fixture)
+    tmp_path: Path,
+    hub: FakeEventHub,
+) -> None:
+    """Two gateways (two engines) run the same export on one database: while one holds the
+    cursor the other skips; run together, every record arrives exactly once."""
+    second_engine = create_engine_for(pg_database_url)
+    try:
+        write_ledger(pg_engine, tmp_path, records(30))
+        async with (
+            exporter(pg_engine, hub, batch_size=5) as a,
+            exporter(second_engine, hub, batch_size=5) as b,
+        ):
+            await a.run_once()  # creates the cursor, sends 5
+            claim = await asyncio.to_thread(a.store.claim)
+            assert claim is not None
+            try:
+                skipped = await b.run_once()
+                assert skipped.skipped and skipped.sent == 0
+            finally:
+                await asyncio.to_thread(claim.release)
+
+            async def run(ex: Exporter) -> None:
+                for _ in range(40):
+                    await ex.run_once()
+
+            await asyncio.gather(run(a), run(b))
+        assert a.sent + b.sent == 30  # however they shared the cycles
+        ids = [e["record_id"] for e in received(hub)]
+        assert sorted(ids) == sorted(ledger_ids(pg_engine).values())
+        assert len(ids) == len(set(ids)) == 30
+    finally:
+        second_engine.dispose()
+
+
+# -- the cursor's arithmetic -----------------------------------------------------------------
+
+
+def test_advance_keeps_the_missing_ids_as_gaps_on_postgresql() -> None:
+    cursor = Cursor(10, ((4, 4), (7, 8)))
+    # Read 7, 12, 15 (complete): 4 and 8 still missing, 11, 13-14 new gaps.
+    move = advance(cursor, [7, 12, 15], complete=True, keep_gaps=True)
+    assert move.upto == 15 and move.lost == 0
+    assert move.gaps == ((4, 4), (8, 8), (11, 11), (13, 14))
+    # Truncated after id 7: the gaps above it and everything above 10 stay to be read.
+    move = advance(cursor, [7], complete=False, keep_gaps=True)
+    assert move.upto == 10 and move.gaps == ((4, 4), (8, 8))
+    # SQLite: a missing id is a purged record, lost at once.
+    move = advance(Cursor(10), [11, 14], complete=True, keep_gaps=False)
+    assert move == type(move)(14, (), 2)
+
+
+def test_advance_gives_up_gaps_that_fall_out_of_the_window() -> None:
+    cursor = Cursor(100, ((50, 59),))
+    top = 100 + POSTGRES_OVERLAP + 60
+    move = advance(cursor, [top], complete=True, keep_gaps=True)
+    # 50-59 and 101-160 are more than POSTGRES_OVERLAP ids below the new top: given up.
+    assert move.upto == top and move.gaps == ((161, top - 1),) and move.lost == 10 + 60
+
+
+def test_an_incomplete_read_must_have_sent_something() -> None:
+    with pytest.raises(ValueError, match="incomplete"):
+        advance(Cursor(3), [], complete=False, keep_gaps=True)
