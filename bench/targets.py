@@ -248,11 +248,15 @@ def sluicegate_config(
     return config
 
 
-def _sg(args: list[str], work: Path, timeout: float = 120) -> str:
+def _sg(args: list[str], work: Path, timeout: float = 120, src: Path | None = None) -> str:
+    """Run the CLI; ``src``: with another checkout's code, as the target it prepares (its
+    migrations, not this checkout's, must make the database: a newer schema stops the older
+    code's ``serve``)."""
+    extra = {} if src is None else {"PYTHONPATH": str(src)}
     done = subprocess.run(
         [str(SLUICEGATE), *args],
         cwd=work,
-        env={**os.environ, **SG_ENV},
+        env={**os.environ, **SG_ENV, **extra},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -307,6 +311,7 @@ def _launch_sluicegate(
                     "--json",
                 ],
                 work,
+                src=src,
             )
         )
         env = SG_ENV if src is None else {**SG_ENV, "PYTHONPATH": str(src)}
@@ -331,6 +336,7 @@ def _launch_sluicegate(
                 "json",
             ],
             work,
+            src=src,
         )
         return {"usage_report": json.loads(out)}
 
