@@ -28,7 +28,7 @@ from sluicegate.accounting.export import EVENT_COLUMNS, CursorStore, Exporter
 from sluicegate.accounting.pricing import PriceTable
 from sluicegate.accounting.rollups import Rollups
 from sluicegate.clock import FakeClock, SystemClock
-from sluicegate.config.loader import environment_problems, parse_config
+from sluicegate.config.loader import ConfigError, environment_problems, parse_config
 from sluicegate.config.model import ExportConfig, ExportIdentityConfig
 from sluicegate.metrics.registry import GatewayMetrics
 from sluicegate.simulator.event_hub import FakeEventHub
@@ -504,3 +504,111 @@ async def test_a_webhook_gets_the_events_as_a_json_array_with_its_secret(
     assert got[0][2] == got[1][2]  # the same batch again
     assert [e["record_id"] for e in got[1][2]] == sorted(ledger_ids(engine).values())
     assert all("hook-secret-1" not in json.dumps(e) for e in got[1][2])
+
+
+async def test_a_webhook_redirect_is_a_failure_and_the_secret_stays_with_the_url(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A 3xx is not followed: aiohttp would turn a redirected POST into a GET (the events
+    dropped, its 200 taken for delivery) and carry the secret header to the redirect's host.
+    The cursor stays, and the send counts as ``rejected``."""
+    from aiohttp import web
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("X-Hook-Key")))
+        raise web.HTTPFound(f"http://localhost:{request.url.port}/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("X-Hook-Key")))
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/ingest", moved)
+    app.router.add_route("*", "/elsewhere", elsewhere)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    write_ledger(engine, tmp_path, records(2))
+    config = ExportConfig(
+        name="hook",
+        type="webhook",
+        url=f"http://127.0.0.1:{port}/ingest",
+        header="X-Hook-Key",
+        secret_env="SG_TEST_HOOK_SECRET",
+        start="earliest",
+    )
+    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": "hook-secret-1"})
+    try:
+        ex = Exporter(config, engine, sender)
+        cycle = await ex.run_once()
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+    assert seen == [("POST", "hook-secret-1")]  # not followed to another host
+    assert cycle.failure is not None and cycle.failure.reason == "rejected"
+    assert cycle.failure.status == 302
+    state = CursorStore(engine, "hook").state()
+    assert state is not None and state[1] == 0  # nothing counted as exported
+
+
+def test_an_event_hub_url_names_one_hub() -> None:
+    """The REST path's ``/messages`` is the sender's to add: a ``url`` copied from the "send
+    batch" page (``…/{hub}/messages``) or with another segment would post to
+    ``…/messages/messages`` and sign for an entity that is not a hub; refused up front."""
+    base = {
+        "backends": [{"name": "b", "url": "http://127.0.0.1:1"}],
+        "deployments": [{"name": "d", "backend": "b"}],
+        "products": [{"name": "p"}],
+    }
+    sas = {"name": "x", "type": "event_hub", "sas_key_name": "s", "sas_key_env": "E"}
+    for url in (
+        "https://ns.servicebus.windows.net/hub/messages",
+        "https://ns.servicebus.windows.net/hub/partitions/0",
+    ):
+        with pytest.raises(ConfigError, match="names the hub"):
+            parse_config({**base, "exports": [{**sas, "url": url}]})
+    ok = parse_config(
+        {**base, "exports": [{**sas, "url": "https://ns.servicebus.windows.net/hub/"}]}
+    )
+    assert ok.exports[0].url == "https://ns.servicebus.windows.net/hub"
+
+
+async def test_a_receiver_echoing_the_secret_does_not_put_it_in_the_log(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal's body goes to the log (its first 200 characters); receivers that quote the
+    credential they refused ("invalid key 'hook-…'") must not carry it there."""
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401, text=f"invalid key '{request.headers['X-Hook-Key']}'")
+
+    app = web.Application()
+    app.router.add_post("/ingest", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    write_ledger(engine, tmp_path, records(1))
+    config = ExportConfig(
+        name="hook",
+        type="webhook",
+        url=f"http://127.0.0.1:{port}/ingest",
+        header="X-Hook-Key",
+        secret_env="SG_TEST_HOOK_SECRET",
+        start="earliest",
+    )
+    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": "hook-secret-0123456789"})
+    try:
+        with caplog.at_level("WARNING", logger="sluicegate.export"):
+            cycle = await Exporter(config, engine, sender).run_once()
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+    assert cycle.failure is not None and cycle.failure.reason == "auth"
+    assert "invalid key" in cycle.failure.detail
+    assert "hook-secret-0123456789" not in cycle.failure.detail
+    assert "invalid key" in caplog.text and "hook-secret-0123456789" not in caplog.text

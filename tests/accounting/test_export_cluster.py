@@ -5,22 +5,28 @@ the same export never both send a batch; and the cursor's arithmetic (``advance`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from sluicegate.accounting.export import Cursor, CursorStore, Exporter, advance
-from sluicegate.accounting.rollups import POSTGRES_OVERLAP
+from sluicegate.accounting.pricing import PriceTable
+from sluicegate.accounting.rollups import POSTGRES_OVERLAP, Rollups
+from sluicegate.clock import FakeClock
+from sluicegate.config.loader import parse_config
+from sluicegate.metrics.registry import GatewayMetrics
 from sluicegate.simulator.event_hub import FakeEventHub
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.migrations import migrate
 from sluicegate.storage.schema import usage_records
 from tests.accounting.conftest import write_ledger
 from tests.accounting.test_export import drain, exporter, hub, ledger_ids, received
-from tests.accounting.test_rollups_cli import T0, records
+from tests.accounting.test_rollups_cli import CONFIG, T0, records
 from tests.accounting.test_rollups_races import insert_uncommitted
 from tests.support.pg import pg_database_url  # noqa: F401  (the fixture)
 
@@ -136,3 +142,73 @@ def test_advance_gives_up_gaps_that_fall_out_of_the_window() -> None:
 def test_an_incomplete_read_must_have_sent_something() -> None:
     with pytest.raises(ValueError, match="incomplete"):
         advance(Cursor(3), [], complete=False, keep_gaps=True)
+
+
+async def test_a_holder_that_stops_talking_loses_the_cursor_after_the_hold_bound(
+    pg_engine: Engine, tmp_path: Path, hub: FakeEventHub
+) -> None:
+    """The row lock is held across the send. A holder that goes silent with its connection
+    open (a frozen process or VM, a partition) would keep every other instance's export
+    skipping until the server noticed; the server ends its transaction once it has been
+    idle ``hold_seconds``, another instance takes the cursor, and the silent one's late move
+    fails (moves nothing)."""
+    write_ledger(pg_engine, tmp_path, records(3))
+    async with exporter(pg_engine, hub) as ex:
+        await asyncio.to_thread(ex.store.ensure, "earliest")
+    frozen = CursorStore(pg_engine, "usage-hub", hold_seconds=0.3)
+    claim = await asyncio.to_thread(frozen.claim)
+    assert claim is not None
+    try:
+        await asyncio.sleep(0.8)  # sending, silently, past the bound
+        async with exporter(pg_engine, hub) as other:
+            assert await drain(other) == 3  # not skipped
+        with pytest.raises(DBAPIError, match="idle-in-transaction"):
+            await asyncio.to_thread(claim.move, advance(claim.cursor, [1], True, keep_gaps=True), 1)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(claim.release)
+    state = CursorStore(pg_engine, "usage-hub").state()
+    assert state is not None and state[1] == 3  # the silent holder's move counted nothing
+
+
+async def test_start_latest_exports_a_record_in_flight_when_the_export_is_created(
+    pg_engine: Engine, tmp_path: Path, hub: FakeEventHub
+) -> None:
+    """``start: latest`` exports what commits after the export is created. On PostgreSQL a
+    record whose id was handed out before (in flight) can commit after, below the newest id:
+    the ids missing below it when the cursor is created are its first gaps, so that record
+    is exported when it commits (the committed ones are not)."""
+    write_ledger(pg_engine, tmp_path, records(2))
+    late, newer = records(2, T0 + 600)
+    late.request_id, newer.request_id = "late", "newer"
+    ledger = insert_uncommitted(pg_engine, late)
+    try:
+        write_ledger(pg_engine, tmp_path, [newer])
+        async with exporter(pg_engine, hub, start="latest") as ex:
+            assert await drain(ex) == 0  # the cursor starts above "newer"
+            ledger.commit()
+            assert await drain(ex) == 1
+            assert await drain(ex) == 0
+    finally:
+        ledger.close()
+    assert [e["request_id"] for e in received(hub)] == ["late"]
+    state = CursorStore(pg_engine, "usage-hub").state()
+    assert state is not None and state[0].gaps == () and state[2] == 0
+
+
+async def test_the_lag_is_never_negative_once_retention_emptied_the_ledger(
+    pg_engine: Engine, tmp_path: Path, hub: FakeEventHub
+) -> None:
+    """PostgreSQL's purge takes every raw record of a quiet ledger (no newest row is kept, as
+    on SQLite): the highest id is then none, not below the cursor's."""
+    metrics = GatewayMetrics()
+    write_ledger(pg_engine, tmp_path, records(3))
+    clock = FakeClock(T0)
+    rollups = Rollups(pg_engine, PriceTable(parse_config(CONFIG)), clock)
+    async with exporter(pg_engine, hub, metrics=metrics) as ex:
+        assert await drain(ex) == 3
+        rollups.catch_up()
+        clock.set(T0 + 3 * 86400)
+        assert rollups.purge(raw_days=1, hourly_days=None).raw_deleted == 3
+        assert await drain(ex) == 0
+    assert 'sluicegate_export_lag_records{export="usage-hub"} 0.0' in metrics.render().decode()

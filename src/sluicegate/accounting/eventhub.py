@@ -24,10 +24,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import orjson
@@ -98,6 +99,23 @@ def _status_reason(status: int) -> str:
     return "rejected"
 
 
+def _redacted(text: str, headers: Mapping[str, str]) -> str:
+    """``text`` (a refusal's body, for the log) without the credentials ``headers`` carried:
+    receivers quote the key or token they refused. Each value goes, and the long parts of a
+    signature or token (``sig``, as sent and decoded, a bearer token)."""
+    secrets: set[str] = set()
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            continue
+        secrets.add(value)
+        for part in re.split(r"[ &=]", value):
+            if len(part) >= 16:
+                secrets.update((part, unquote(part)))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 class Sender(Protocol):
     """What an export sends through (see the module docstring)."""
 
@@ -162,7 +180,12 @@ class _HttpSender:
             return SendResult(False, "credential", detail=str(exc)[:200])
         body = b"[" + b",".join(items) + b"]"
         try:
-            async with self._session.post(self._target(), data=body, headers=headers) as resp:
+            # Redirects are not followed: aiohttp turns a redirected POST into a bodiless GET
+            # (whose 2xx would move the cursor past events never delivered) and would carry a
+            # webhook's secret header to the redirect's host. A 3xx is a failure (rejected).
+            async with self._session.post(
+                self._target(), data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 text = (await resp.content.read(2048)).decode("utf-8", "replace")
                 status = resp.status
                 if self._ok(status):
@@ -173,7 +196,7 @@ class _HttpSender:
             return SendResult(False, "timeout", detail=f"no answer in {wait:g} s")
         except aiohttp.ClientError as exc:
             return SendResult(False, "connection", detail=f"{type(exc).__name__}: {exc}"[:200])
-        detail = " ".join(text.split())[:200]
+        detail = _redacted(" ".join(text.split()), headers)[:200]
         return SendResult(False, _status_reason(status), status, wait, detail)
 
 

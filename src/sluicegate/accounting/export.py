@@ -23,8 +23,11 @@ How an export stays exact (no record skipped; duplicates only after a failure or
 - Only one instance exports an export at a time: on PostgreSQL a cycle holds the cursor's row
   lock (``SELECT ... FOR UPDATE SKIP LOCKED``) from reading to moving it, so another
   instance's cycle finds the row locked and skips; if the holder dies, its connection ends
-  and the lock with it. SQLite has one process. The move is also conditional on the row's
-  ``version`` (a lost race moves nothing: it is logged, and the batch counts as sent twice).
+  and the lock with it; if it stops talking (frozen, cut off), the server ends its
+  transaction once idle longer than a send can take (``idle_in_transaction_session_timeout``:
+  twice ``timeout_seconds`` plus 30 s). SQLite has one process. The move is also conditional
+  on the row's ``version`` (a lost race moves nothing: it is logged, and the batch counts as
+  sent twice).
 - Records purged by retention before they were exported are lost to the export: on SQLite
   an id missing below the highest one read is such a record (counted and logged at once);
   on PostgreSQL a gap that falls out of the window is counted the same way (it may also have
@@ -56,6 +59,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     union_all,
     update,
 )
@@ -80,6 +84,9 @@ BACKOFF_MAX = 300.0
 #: Seconds a stop waits for a cycle in flight before cancelling it (then its batch goes
 #: again at the next start).
 STOP_GRACE_SECONDS = 5.0
+#: PostgreSQL: a claim's transaction may sit idle (sending) this much longer than its send can
+#: take (an Entra ID token's wait and the send's timeout) before the server ends it.
+HOLD_MARGIN_SECONDS = 30.0
 
 #: The ``usage_records`` columns an event carries (besides ``record_id``, the row's id).
 #: Never a key: the ledger holds none.
@@ -302,31 +309,46 @@ class Claim:
 class CursorStore:
     """An export's cursor in ``export_cursors``. Blocking: call from a worker thread."""
 
-    def __init__(self, engine: Engine, name: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        clock: Clock | None = None,
+        *,
+        hold_seconds: float = HOLD_MARGIN_SECONDS,
+    ) -> None:
         self.engine = engine
         self.name = name
         self.clock = clock or SystemClock()
+        #: PostgreSQL: the longest a claim's transaction may wait between its statements (the
+        #: send) before the server ends its session, and the row lock with it.
+        self.hold_seconds = hold_seconds
 
     @property
     def keeps_gaps(self) -> bool:
         return self.engine.dialect.name != "sqlite"
 
     def ensure(self, start: str) -> None:
-        """Create the cursor if it does not exist: ``latest`` above the highest record id now,
-        ``earliest`` below the lowest. An existing cursor is left alone (whatever ``start``)."""
+        """Create the cursor if it does not exist: ``latest`` above the highest record id now
+        (on PostgreSQL with the ids missing below it as gaps: records in flight then are
+        exported when they commit), ``earliest`` below the lowest. An existing cursor is left
+        alone (whatever ``start``)."""
         t, c = export_cursors.c, usage_records.c
         with self.engine.begin() as conn:
             if conn.execute(select(t.name).where(t.name == self.name)).first() is not None:
                 return
+            gaps: Ranges = ()
             if start == "latest":
                 upto = int(conn.execute(select(func.max(c.id))).scalar() or 0)
+                if conn.dialect.name == "postgresql":
+                    gaps = _missing_ids(conn, upto)
             else:
                 upto = int(conn.execute(select(func.min(c.id))).scalar() or 1) - 1
             now = self.clock.now()
             values = {
                 "name": self.name,
                 "last_record_id": upto,
-                "gaps": "[]",
+                "gaps": orjson.dumps([list(g) for g in gaps]).decode(),
                 "version": 0,
                 "exported": 0,
                 "lost": 0,
@@ -362,6 +384,15 @@ class CursorStore:
             return None if row is None else Claim(self, _cursor_of(row), None)
         conn = self.engine.connect()
         try:
+            # The lock is held across the send: bound it on the server, so that a holder
+            # that stops talking without closing its connection (a frozen process or VM, a
+            # network partition: the server's keepalives notice after hours, if ever) does
+            # not stop every instance's export until then. Its move then fails; the next
+            # holder sends the batch again (at least once).
+            idle_ms = max(1, round(self.hold_seconds * 1000))
+            conn.execute(
+                select(func.set_config("idle_in_transaction_session_timeout", str(idle_ms), True))
+            )
             row = conn.execute(query.with_for_update(skip_locked=True)).first()
         except BaseException:
             conn.close()
@@ -371,6 +402,27 @@ class CursorStore:
             conn.close()
             return None
         return Claim(self, _cursor_of(row), conn)
+
+
+def _missing_ids(conn: Connection, upto: int) -> Ranges:
+    """PostgreSQL: the ids no record has, up to ``upto`` and at most ``POSTGRES_OVERLAP`` below
+    it (not below the oldest record: those were purged), as ranges. A ``latest`` cursor starts
+    with them as gaps: a record in flight when it is created commits below ``upto``."""
+    lowest = conn.execute(select(func.min(usage_records.c.id))).scalar()
+    if lowest is None:
+        return ()
+    lo = max(int(lowest), upto - POSTGRES_OVERLAP + 1)
+    rows = conn.execute(
+        text(
+            "SELECT min(s), max(s) FROM (SELECT s, s - row_number() OVER (ORDER BY s) AS g "
+            "FROM generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint)) AS s "
+            "WHERE NOT EXISTS (SELECT 1 FROM usage_records AS r WHERE r.id = s)) AS m "
+            "GROUP BY g ORDER BY 1"
+        ),
+        {"lo": lo, "hi": upto},
+    )
+    ranges = [(int(a), int(b)) for a, b in rows]
+    return tuple(ranges[-MAX_GAP_RANGES:])
 
 
 def _cursor_of(row: Any) -> Cursor:
@@ -421,7 +473,12 @@ class Exporter:
         self.config = config
         self.sender = sender
         self.clock = clock or SystemClock()
-        self.store = CursorStore(engine, config.name, self.clock)
+        self.store = CursorStore(
+            engine,
+            config.name,
+            self.clock,
+            hold_seconds=2 * config.timeout_seconds + HOLD_MARGIN_SECONDS,
+        )
         self.observer = observer
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
@@ -465,7 +522,8 @@ class Exporter:
                 self._failed(result, top - claim.cursor.upto, oldest)
                 return Cycle(failure=result)
         if not rows:
-            self._lag(top - claim.cursor.upto, 0.0)
+            # max: retention may have taken every record (no highest id on PostgreSQL).
+            self._lag(max(top - claim.cursor.upto, 0), 0.0)
             return Cycle()
         move = advance(claim.cursor, sent_ids, complete, keep_gaps=claim.store.keeps_gaps)
         if not await asyncio.to_thread(claim.move, move, len(items)):

@@ -750,7 +750,10 @@ class ExportConfig(_Strict):
         if self.type == "event_hub":
             if self.header is not None or self.secret_env is not None:
                 raise ValueError("header and secret_env are for webhooks; Event Hubs use SAS")
-            if not urlsplit(self.url).path.strip("/"):
+            # One segment: the sender adds "/messages" (a url copied from the REST page's
+            # ".../{hub}/messages" would post to ".../messages/messages").
+            hub = urlsplit(self.url).path.strip("/")
+            if not hub or "/" in hub:
                 raise ValueError(
                     "an event_hub url names the hub: https://NAMESPACE.servicebus.windows.net/HUB"
                 )
