@@ -462,6 +462,36 @@ async def test_the_worker_loop_backs_off_and_delivers_after_failures(
     assert ex.failures == 2 and ex.last_failure is None
 
 
+@contextlib.asynccontextmanager
+async def webhook(
+    routes: dict[str, Any], secret: str = "hook-secret-1"
+) -> AsyncIterator[tuple[ExportConfig, Any]]:
+    """A receiver on 127.0.0.1 (``routes``: path → handler; ``/ingest`` takes the POSTs) and
+    a ``webhook`` export to it, sending ``secret`` in ``X-Hook-Key``: (config, sender)."""
+    from aiohttp import web
+
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_route("*", path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    config = ExportConfig(
+        name="hook",
+        type="webhook",
+        url=f"http://127.0.0.1:{runner.addresses[0][1]}/ingest",
+        header="X-Hook-Key",
+        secret_env="SG_TEST_HOOK_SECRET",
+        start="earliest",
+    )
+    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": secret})
+    try:
+        yield config, sender
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+
+
 async def test_a_webhook_gets_the_events_as_a_json_array_with_its_secret(
     engine: Engine, tmp_path: Path
 ) -> None:
@@ -476,30 +506,12 @@ async def test_a_webhook_gets_the_events_as_a_json_array_with_its_secret(
         got.append((request.headers.get("X-Hook-Key"), request.content_type, await request.json()))
         return web.Response(status=answers.pop(0) if answers else 200)
 
-    app = web.Application()
-    app.router.add_post("/ingest", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
     write_ledger(engine, tmp_path, records(3))
-    config = ExportConfig(
-        name="hook",
-        type="webhook",
-        url=f"http://127.0.0.1:{port}/ingest",
-        header="X-Hook-Key",
-        secret_env="SG_TEST_HOOK_SECRET",
-        start="earliest",
-    )
-    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": "hook-secret-1"})
-    try:
+    async with webhook({"/ingest": receive}) as (config, sender):
         ex = Exporter(config, engine, sender)
         failed = await ex.run_once()
         assert failed.failure is not None and failed.failure.reason == "server_error"
         assert await drain(ex) == 3
-    finally:
-        await sender.aclose()
-        await runner.cleanup()
     assert [(h, t) for h, t, _ in got] == [("hook-secret-1", "application/json")] * 2
     assert got[0][2] == got[1][2]  # the same batch again
     assert [e["record_id"] for e in got[1][2]] == sorted(ledger_ids(engine).values())
@@ -524,29 +536,9 @@ async def test_a_webhook_redirect_is_a_failure_and_the_secret_stays_with_the_url
         seen.append((request.method, request.headers.get("X-Hook-Key")))
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/ingest", moved)
-    app.router.add_route("*", "/elsewhere", elsewhere)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
     write_ledger(engine, tmp_path, records(2))
-    config = ExportConfig(
-        name="hook",
-        type="webhook",
-        url=f"http://127.0.0.1:{port}/ingest",
-        header="X-Hook-Key",
-        secret_env="SG_TEST_HOOK_SECRET",
-        start="earliest",
-    )
-    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": "hook-secret-1"})
-    try:
-        ex = Exporter(config, engine, sender)
-        cycle = await ex.run_once()
-    finally:
-        await sender.aclose()
-        await runner.cleanup()
+    async with webhook({"/ingest": moved, "/elsewhere": elsewhere}) as (config, sender):
+        cycle = await Exporter(config, engine, sender).run_once()
     assert seen == [("POST", "hook-secret-1")]  # not followed to another host
     assert cycle.failure is not None and cycle.failure.reason == "rejected"
     assert cycle.failure.status == 302
@@ -586,28 +578,10 @@ async def test_a_receiver_echoing_the_secret_does_not_put_it_in_the_log(
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=401, text=f"invalid key '{request.headers['X-Hook-Key']}'")
 
-    app = web.Application()
-    app.router.add_post("/ingest", refuse)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
     write_ledger(engine, tmp_path, records(1))
-    config = ExportConfig(
-        name="hook",
-        type="webhook",
-        url=f"http://127.0.0.1:{port}/ingest",
-        header="X-Hook-Key",
-        secret_env="SG_TEST_HOOK_SECRET",
-        start="earliest",
-    )
-    sender = sender_for(config, SystemClock(), {"SG_TEST_HOOK_SECRET": "hook-secret-0123456789"})
-    try:
+    async with webhook({"/ingest": refuse}, "hook-secret-0123456789") as (config, sender):
         with caplog.at_level("WARNING", logger="sluicegate.export"):
             cycle = await Exporter(config, engine, sender).run_once()
-    finally:
-        await sender.aclose()
-        await runner.cleanup()
     assert cycle.failure is not None and cycle.failure.reason == "auth"
     assert "invalid key" in cycle.failure.detail
     assert "hook-secret-0123456789" not in cycle.failure.detail

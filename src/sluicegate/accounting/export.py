@@ -70,6 +70,7 @@ from sluicegate.accounting.eventhub import Sender, SendResult, body_size, sender
 from sluicegate.accounting.rollups import POSTGRES_OVERLAP
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import ExportConfig
+from sluicegate.storage.rows import RECORD_COLUMNS
 from sluicegate.storage.schema import export_cursors, usage_records
 from sluicegate.threads import ROLLUP_NICENESS, lower_priority
 
@@ -88,33 +89,10 @@ STOP_GRACE_SECONDS = 5.0
 #: take (an Entra ID token's wait and the send's timeout) before the server ends it.
 HOLD_MARGIN_SECONDS = 30.0
 
-#: The ``usage_records`` columns an event carries (besides ``record_id``, the row's id).
-#: Never a key: the ledger holds none.
-EVENT_COLUMNS = (
-    "request_id",
-    "ts",
-    "subscription_id",
-    "owner",
-    "product",
-    "deployment",
-    "backend",
-    "operation",
-    "status",
-    "outcome",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "streamed",
-    "usage_estimated",
-    "ttfb_ms",
-    "duration_ms",
-    "attempt",
-    "caller",
-    "error_code",
-)
+#: The ``usage_records`` columns an event carries (besides ``record_id``, the row's id): all
+#: a record fills but ``extra`` (routing details, not charge-back). Never a key: the ledger
+#: holds none.
+EVENT_COLUMNS = tuple(name for name in RECORD_COLUMNS if name != "extra")
 
 Ranges = tuple[tuple[int, int], ...]
 
