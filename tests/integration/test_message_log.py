@@ -7,9 +7,12 @@ limits, one without a message log); each test looks only at its own subscription
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from sluicegate.accounting.records import UsageRecord
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness, sim_config
+from tests.integration.wire_backend import Request, WireBackend, head
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 PRODUCTS: list[dict[str, Any]] = [
@@ -412,3 +416,160 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> No
             assert f"sluicegate_message_log_entries_total {float(len(kept))}" in scraped
     finally:
         sim.stop()
+
+
+#: What the scripted backend answers: a chat answer of 7,000 characters, embeddings of about
+#: 2 MB, and speech (binary audio).
+CHAT_ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Polder " * 1000},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 1000, "total_tokens": 1004},
+    }
+)
+EMBEDDINGS_ANSWER = orjson.dumps(
+    {
+        "object": "list",
+        "model": "text-embedding-3-small",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(bytes(6144)).decode()}
+            for i in range(256)
+        ],
+        "usage": {"prompt_tokens": 256, "total_tokens": 256},
+    }
+)
+SPEECH = bytes(range(256)) * 64
+
+
+async def _scripted(request: Request, writer: asyncio.StreamWriter) -> bool:
+    if request.target.split("?")[0].endswith("/audio/speech"):
+        writer.write(head(content_type="audio/mpeg", length=len(SPEECH)) + SPEECH)
+    elif request.target.split("?")[0].endswith("/embeddings"):
+        writer.write(head(length=len(EMBEDDINGS_ANSWER)) + EMBEDDINGS_ANSWER)
+    else:
+        writer.write(head(length=len(CHAT_ANSWER)) + CHAT_ANSWER)
+    await writer.drain()
+    return True
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
+    """A gateway in front of ``_scripted`` whose products log at most 1 KiB of each side
+    (``tiny``) or APIM's 2 MiB (``logged``), with 1 MiB of bodies waiting for the writer at
+    most."""
+    tmp = tmp_path_factory.mktemp("message-log-scripted")
+    path = tmp / "messages.jsonl"
+    with WireBackend(_scripted).running() as backend:
+        config = gateway_config(
+            tmp,
+            {"wire": backend.url},
+            products=[
+                {"name": "tiny", "message_log": {"max_bytes": 1024}},
+                {"name": "logged", "message_log": {}},
+            ],
+            message_log={"path": str(path), "max_pending_bytes": 1024 * 1024},
+        )
+        with GatewayThread(config) as gw:
+            yield Logged(Harness(gw, None), path)  # type: ignore[arg-type]
+
+
+def test_an_answer_past_what_is_kept_is_logged_from_its_beginning(scripted: Logged) -> None:
+    """A whole answer larger than 4 × ``max_bytes`` comes in one part: its beginning, not
+    nothing, is the logged (raw) answer."""
+    sub, key = scripted.key("tiny")
+    scripted.harness.sdk(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Say polder"}]
+    )
+    assert len(CHAT_ANSWER) > 4 * 1024
+    (entry,) = scripted.entries(scripted.record(sub).request_id)
+    assert entry["ResponseMessages"] == CHAT_ANSWER[:1024].decode()
+    assert (entry["ResponseTruncated"], entry["ResponseOriginalBytes"]) == (True, len(CHAT_ANSWER))
+
+
+def test_an_embeddings_answers_vectors_are_never_held_for_the_log(scripted: Logged) -> None:
+    """A 2 MB embeddings answer is not kept for the log (its vectors are no text, and parsing
+    them would hold the GIL): the request is logged although ``max_pending_bytes`` (1 MiB)
+    could not hold the answer."""
+    sub, key = scripted.key("logged")
+    scripted.harness.sdk(key).embeddings.create(model="gpt-4o", input=["a dike", "a dam"])
+    assert len(EMBEDDINGS_ANSWER) > 2 * 1024 * 1024
+    (entry,) = scripted.entries(scripted.record(sub).request_id)
+    assert entry["RequestMessages"] == "a dike\na dam"
+    assert (entry["ResponseMessages"], entry["ResponseOriginalBytes"]) == ("", 0)
+
+
+def test_a_deployments_other_operations_are_not_logged(scripted: Logged) -> None:
+    """Speech (and images, transcriptions: a deployment's unmetered operations) have no
+    messages: their binary bodies never reach the log."""
+    sub, key = scripted.key("tiny")
+    client = scripted.harness.sdk(key)
+    speech = client.audio.speech.create(model="gpt-4o", voice="alloy", input="Hello")
+    assert speech.content == SPEECH
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    speech_record, chat_record = sorted(scripted.records(sub, expect=2), key=lambda r: r.ts)
+    assert speech_record.operation == "audio/speech"
+    assert scripted.entries(chat_record.request_id)  # written after the speech's would be
+    assert entries_in(scripted.path, speech_record.request_id, wait=0) == []
+
+
+def test_requests_cut_at_shutdown_are_logged_with_the_answer_they_got(tmp_path: Path) -> None:
+    """The shutdown's grace period ends while one request waits for its backend's answer and
+    another waits to retry (the backend asked for 5 s): both clients get Azure's 503 for a
+    service going away, and both requests are logged with it (the second's record was
+    written by failover, which the message log must not miss)."""
+    path = tmp_path / "messages.jsonl"
+    sim = SimulatorThread(sim_config()).start()
+    config = gateway_config(
+        tmp_path,
+        {"sim": sim.url},
+        listen={"host": "127.0.0.1", "port": 0, "graceful_shutdown_seconds": 1},
+        products=[{"name": "logged", "message_log": {}}],
+        message_log={"path": str(path)},
+    )
+    gw = GatewayThread(config).start()
+    try:
+        harness = Harness(gw, sim)
+        key = harness.new_key(product="logged").primary_key
+        assert key is not None
+
+        def call(fault: str) -> None:
+            with contextlib.suppress(openai.APIStatusError):
+                harness.sdk(key).chat.completions.create(
+                    # Two deployments: the 429 keeps its own out of routing, not the other.
+                    model="gpt-4o" if fault == "hang" else "gpt-4o-mini",
+                    messages=[{"role": "user", "content": fault}],
+                    max_tokens=3,
+                    extra_headers={"x-sim-fault": fault},
+                    timeout=30,
+                )
+
+        callers = [threading.Thread(target=call, args=(fault,)) for fault in ("hang", "429:5")]
+        for caller in callers:
+            caller.start()
+        deadline = time.monotonic() + 10
+        while not harness.sim_log():  # the 429's (a hanging request is logged at its end)
+            assert time.monotonic() < deadline, "the request did not reach the backend"
+            time.sleep(0.02)
+        time.sleep(0.2)  # the 429 is in: the gateway waits to retry
+        gw.stop()
+        for caller in callers:
+            caller.join(timeout=10)
+    finally:
+        gw.stop()
+        sim.stop()
+    found = {}
+    for line in path.read_bytes().splitlines():
+        entry = orjson.loads(line)
+        found[entry["RequestMessages"]] = entry
+    assert set(found) == {"user: hang", "user: 429:5"}
+    for entry in found.values():
+        assert entry["StatusCode"] == 503
+        assert orjson.loads(entry["ResponseMessages"])["code"] == "ServiceUnavailable"

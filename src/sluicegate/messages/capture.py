@@ -8,7 +8,10 @@ request's usage record. All parsing, flattening and writing happen in the log's 
 (``sink.MessageLog``).
 
 A JSON answer's body parts are kept up to ``ANSWER_KEPT_FACTOR × max_bytes`` (past that
-it cannot be parsed anyway, and its beginning is logged raw). A stream's events are handed to
+it cannot be parsed anyway, and its beginning is logged raw: a copy of at most ``max_bytes``
+when the answer's first part is already past the limit). A successful embeddings answer is not
+kept at all: its vectors are not text, and parsing tens of MB of them in the log's thread
+would hold the GIL, and so the event loop, for tens of ms. A stream's events are handed to
 the log's thread every ``STREAM_HANDOFF_BYTES`` as they go out: that thread flattens them
 at once and keeps only their text (up to ``max_bytes``), so a long stream holds at most
 that many bytes of events in the request, never its whole answer.
@@ -40,8 +43,10 @@ class MessageCapture:
     __slots__ = (
         "answer_limit",
         "error",
+        "finished",
         "lost",
         "model",
+        "operation",
         "overflow",
         "parts",
         "path",
@@ -60,10 +65,13 @@ class MessageCapture:
         path: str,
         query: bytes,
         model: str | None,
+        operation: str = "",
     ) -> None:
         """``path`` and ``query``: the request's (for the API version); ``model``: the
-        deployment's configured model, for an entry whose answer named none."""
+        deployment's configured model, for an entry whose answer named none; ``operation``:
+        the route's (``embeddings``: a successful answer is not kept)."""
         self.policy = policy
+        self.operation = operation
         self.sink = sink
         self.path = path
         self.query = query
@@ -82,11 +90,14 @@ class MessageCapture:
         self.error: tuple[int, str, str] | None = None
         #: The stream's text so far: the log's thread's.
         self.text: StreamText | None = None
+        #: Handed to the log (``finish``).
+        self.finished = False
 
-    def tee(self, send: Send, stream: bool) -> Send:
+    def tee(self, send: Send, stream: bool, status: int) -> Send:
         """``send``, keeping the answer's body as it goes out (nothing when the product
-        does not log completions). ``stream``: the answer is an event stream."""
-        if not self.policy.completions:
+        does not log completions, nor of a successful embeddings answer). ``stream``: the
+        answer is an event stream; ``status``: its status."""
+        if not self.policy.completions or (status < 300 and self.operation == "embeddings"):
             return send
         self.stream = stream
         keep = self._keep_events if stream else self._keep_answer
@@ -102,7 +113,13 @@ class MessageCapture:
 
     def _keep_answer(self, body: bytes) -> None:
         if self.overflow or self.size + len(body) > self.answer_limit:
-            self.overflow += len(body)
+            # Only the beginning is logged (raw): a part past the limit that finds less than
+            # that kept (a whole answer comes in one part) leaves a copy of what is missing.
+            head = max(self.policy.max_bytes - self.size, 0)
+            if head:
+                self.parts.append(body[:head])
+                self.size += head
+            self.overflow += len(body) - head
             return
         self.parts.append(body)
         self.size += len(body)
@@ -130,7 +147,11 @@ class MessageCapture:
     ) -> None:
         """Hand the request to the log with its final ``record``: its ``body`` (``parsed``
         already, unless None), ``headers`` its headers (only the client's correlation id is
-        read from them). Never blocks: a full log drops it (and counts it)."""
+        read from them). Never blocks: a full log drops it (and counts it). Once: a later
+        call does nothing."""
+        if self.finished:
+            return
+        self.finished = True
         if not self.policy.prompts:
             self.sink.submit(record, self, None, 0, headers)
         else:

@@ -187,8 +187,11 @@ class Pipeline:
             # request's task: re-raised, uvicorn would log a traceback and answer a plain 500.
             await self._settle_cancelled(ctx)
             try:
-                await send_error(send, errors.shutting_down(), ctx.response_headers)
+                gone = errors.shutting_down()
+                await send_error(send, gone, ctx.response_headers)
                 ctx.status = 503
+                if ctx.messages is not None:
+                    ctx.messages.refused(gone.status, gone.code, gone.message)
             except Exception:  # the answer had started: uvicorn closes the connection
                 log.debug("request %s cut at shutdown mid-answer", ctx.request_id)
         finally:
@@ -208,8 +211,12 @@ class Pipeline:
             log.warning("settling the limits of request %s failed: %r", ctx.request_id, exc)
 
     def _finish_sync(self, ctx: RequestContext) -> None:
-        if ctx.finished:
-            return  # written once, even if called again on cancellation
+        if ctx.finished:  # written once, even if called again on cancellation
+            if ctx.messages is not None:  # by failover, cancelled waiting to retry: logged here
+                ctx.messages.finish(
+                    ctx.record(self.clock.monotonic()), ctx.json, ctx.body, ctx.headers
+                )
+            return
         ctx.finished = True
         record = ctx.record(self.clock.monotonic())
         self._emit(record)
@@ -440,10 +447,11 @@ class Pipeline:
                 f"{name!r}. GET /openai/v1/models lists the deployments you may use.",
             )
         ctx.deployment = deployment
-        if product.message_log is not None and self.messages is not None:
+        if product.message_log is not None and self.messages is not None and route.metered:
+            # Metered operations only: a deployment's others (audio, images) carry no messages.
             ctx.messages = MessageCapture(
                 product.message_log, self.messages, scope["path"], scope["query_string"],
-                deployment.model,
+                deployment.model, route.operation,
             )  # fmt: skip
         changed = False
         if body is not None:

@@ -189,7 +189,7 @@ async def attempt(
             if status >= 300:
                 on_response_id = None
             if ctx.messages is not None:  # the message log keeps what the client is sent
-                send = ctx.messages.tee(send, response.content_type == "text/event-stream")
+                send = ctx.messages.tee(send, response.content_type == "text/event-stream", status)
             if response.content_type == "text/event-stream":
                 finished = await _relay_stream(
                     ctx, backend, response, scope, receive, send, clock, deadline, on_response_id
