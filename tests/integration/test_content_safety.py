@@ -65,6 +65,7 @@ PRODUCTS: list[dict[str, Any]] = [
     {"name": "slow", "content_safety": _policy("cs-slow")},
     {"name": "wrong-key", "content_safety": _policy("cs-wrong-key")},
     {"name": "short", "content_safety": _policy("cs", max_text_chars=30_000)},
+    {"name": "open-paths", "content_safety": _policy("cs"), "passthrough": True},
 ]
 
 
@@ -313,15 +314,15 @@ def test_a_long_prompt_is_sent_in_pieces_concurrently(fresh: Guarded) -> None:
     shielded = [c.body["userPrompt"] for c in fresh.calls if "userPrompt" in (c.body or {})]
     assert len(analyzed) == 3 and all(len(piece) <= 10_000 for piece in analyzed)
     assert sorted(analyzed) == sorted(split_text(prompt))
-    assert sum(map(len, analyzed)) == len(prompt)  # every character, once
+    assert sum(map(len, analyzed)) - len(prompt) < 2 * 2 * 256  # the cuts' overlaps only
     assert sorted(shielded) == sorted(analyzed)
     # Analyses and Prompt Shields of all pieces ran side by side, not one after another.
     assert fresh.safety.state.max_in_flight == 6
 
 
 def test_a_prompt_longer_than_max_text_chars_is_refused_unchecked(fresh: Guarded) -> None:
-    # 30,000 characters are three calls; one more character would be a fourth: refused
-    # before any call, rather than hundreds of billed calls for a multi-MB prompt.
+    # 30,000 characters are checked (four pieces, with the cuts' overlaps); one more is
+    # refused before any call, rather than hundreds of billed calls for a multi-MB prompt.
     assert chat(fresh.sdk("short"), "x" * 29_990).choices
     before = len(fresh.calls)
     error = refused(lambda: chat(fresh.sdk("short"), "x" * 30_001))
@@ -500,3 +501,131 @@ def test_the_fake_service_answers_as_content_safety_does() -> None:
             "userPromptAnalysis": {"attackDetected": True},
             "documentsAnalysis": [{"attackDetected": False}, {"attackDetected": True}],
         }
+
+
+# -- what a client might slip past the check (review) --------------------------------------------
+
+
+def test_text_in_a_tool_schema_is_checked(fresh: Guarded) -> None:
+    # The model reads a function's whole schema ($defs and their descriptions included).
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"topic": {"$ref": "#/$defs/Topic"}},
+                "$defs": {"Topic": {"type": "string", "description": "a grimhate screed"}},
+            },
+        },
+    }
+    error = refused(lambda: chat(fresh.sdk("guarded"), "hello", tools=[tool]))
+    assert error.status_code == 403 and "category Hate" in said(error)
+    assert model_calls(fresh) == []
+
+
+def test_a_blocklist_phrase_across_a_piece_boundary_is_found(fresh: Guarded) -> None:
+    # Padded so that the last space before the 10,000th character is inside the phrase.
+    prompt = "x " * 4_995 + "project nightingale" + " y" * 100
+    error = refused(lambda: chat(fresh.sdk("guarded"), prompt))
+    assert error.status_code == 403 and "blocklist 'banned-terms'" in said(error)
+    assert model_calls(fresh) == []
+
+
+def test_a_completions_prompt_of_token_ids_is_not_let_through_unchecked(fresh: Guarded) -> None:
+    error = refused(
+        lambda: fresh.sdk("guarded").completions.create(
+            model="gpt-4o-mini", prompt=[[3923, 374, 264, 1296]], max_tokens=5
+        )
+    )
+    assert error.status_code == 400 and error.code == "ContentSafetyTokenPrompt"
+    assert model_calls(fresh) == []
+    assert fresh.calls == []
+
+
+def test_an_identity_failure_stays_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # azure-identity's reasons (endpoints, tenant and client ids, AADSTS codes) are the
+    # operators' business: the log has them, the client's 503 does not.
+    for name in _AZURE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with IdentityEndpoint() as identity:
+        monkeypatch.setenv("IDENTITY_ENDPOINT", identity.url)
+        monkeypatch.setenv("IDENTITY_HEADER", "not-the-identity-header")
+        safety = ContentSafetyThread(ContentSafetySimConfig(api_keys=[])).start()
+        sim = SimulatorThread(sim_config()).start()
+        config = gateway_config(
+            tmp_path,
+            {"sim": sim.url},
+            products=[{"name": "mi", "content_safety": _policy("cs")}],
+            content_safety=[
+                {
+                    "name": "cs",
+                    "url": safety.url,
+                    "auth": {"type": "managed-identity"},
+                }
+            ],
+        )
+        gw = GatewayThread(config).start()
+        try:
+            harness = Harness(gw, sim)
+            with harness.sdk(harness.new_key(product="mi").primary_key or "") as client:
+                error = refused(lambda: chat(client, "hello"))
+            assert error.status_code == 503 and error.code == "ContentSafetyUnavailable"
+            assert "no Entra ID token" in said(error)
+            for detail in ("CredentialUnavailableError", "invalid_scope", "managed identity"):
+                assert detail not in error.response.text
+            warned = [r.getMessage() for r in caplog.records if r.name == "sluicegate.guardrails"]
+            assert any("CredentialUnavailableError" in w for w in warned)
+            assert safety.state.calls == []
+        finally:
+            gw.stop()
+            sim.stop()
+            safety.stop()
+
+
+def test_a_client_gone_during_the_check_is_not_sent_to_the_model(fresh: Guarded) -> None:
+    fresh.safety.state.delay_s = 0.4
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{fresh.harness.url}/openai/deployments/gpt-4o-mini/chat/completions",
+            params={"api-version": "2024-10-21"},
+            headers={"api-key": fresh.keys["guarded"]},
+            json={"messages": [{"role": "user", "content": "hello"}]},
+            timeout=0.15,
+        )
+    time.sleep(0.6)  # the check ends meanwhile
+    assert len(fresh.calls) == 2
+    assert model_calls(fresh) == []
+
+
+def test_a_product_with_content_safety_passes_no_body_through_by_default(fresh: Guarded) -> None:
+    # Unmetered paths are not checked (a batch's input file, an image prompt): a product
+    # with content safety may send bodies there only when its configuration says so.
+    for path in ("deployments/gpt-4o-mini/images/generations", "v1/images/generations"):
+        answer = httpx.post(
+            f"{fresh.harness.url}/openai/{path}",
+            params={"api-version": "2024-10-21"},
+            headers={"api-key": fresh.keys["guarded"]},
+            json={"model": "gpt-4o-mini", "prompt": "a grimhate poster"},
+        )
+        assert answer.status_code == 403, path
+        assert answer.json()["error"]["code"] == "OperationNotAllowed"
+    assert fresh.calls == [] and fresh.harness.sim_log() == []
+    # Bodiless requests carry no prompt: a stored response is still read (the simulator's
+    # unknown-id answer).
+    answer = httpx.get(
+        f"{fresh.harness.url}/openai/v1/responses/resp_0123456789abcdef",
+        headers={"api-key": fresh.keys["guarded"]},
+    )
+    assert answer.status_code == 404, answer.text
+    httpx.delete(f"{fresh.harness.sim.url}/_sim/log").raise_for_status()
+    # Said in so many words, it may (the simulator has no images: its 404).
+    answer = httpx.post(
+        f"{fresh.harness.url}/openai/deployments/gpt-4o-mini/images/generations",
+        params={"api-version": "2024-10-21"},
+        headers={"api-key": fresh.keys["open-paths"]},
+        json={"prompt": "a poster"},
+    )
+    assert answer.status_code == 404 and len(fresh.harness.sim_log()) == 1

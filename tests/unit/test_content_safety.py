@@ -3,6 +3,7 @@ blocks and what the client is told."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -11,12 +12,18 @@ import pytest
 from sluicegate.config.loader import ConfigError, parse_config
 from sluicegate.config.model import ProductContentSafetyConfig
 from sluicegate.guardrails.content_safety import (
+    ContentSafetyGuard,
+    ContentSafetyService,
     Findings,
     blocking_reasons,
     prompt_text,
     refusal,
     split_text,
 )
+from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.deadlines import Deadlines
+from sluicegate.proxy.errors import GatewayError
+from sluicegate.proxy.routes import match_route
 
 SERVICE = {
     "name": "cs",
@@ -125,6 +132,41 @@ def test_chat_text_leaves_out_roles_and_media() -> None:
     assert "base64" not in text and "user" not in text.split("\n")
 
 
+def test_tool_schemas_and_formats_are_read_whole() -> None:
+    # The model reads all of a tool's schema ($defs, nested descriptions, examples, property
+    # names) and a custom tool call's input: the estimate's sample of them is not enough.
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "description": "params text",
+                "properties": {"the_topic": {"$ref": "#/$defs/T", "examples": ["an example"]}},
+                "$defs": {"T": {"type": "string", "description": "defs text"}},
+            },
+        },
+    }
+    call = {"id": "c1", "type": "custom", "custom": {"name": "run", "input": "custom input"}}
+    body = {
+        "messages": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+        "tools": [tool],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}},
+    }
+    lines = prompt_text(body, "chat/completions").split("\n")
+    for text in ("custom input", "params text", "the_topic", "an example", "defs text", "T"):
+        assert text in lines, text
+    assert "function" not in lines and "string" not in lines  # ``type`` words left out
+    responses = {
+        "input": "hi",
+        "tools": [{"type": "function", "name": "g", "description": "tool text"}],
+        "text": {"format": {"type": "json_schema", "name": "n", "description": "format text"}},
+    }
+    assert prompt_text(responses, "responses").split("\n") == [
+        "hi", "g", "tool text", "n", "format text"
+    ]  # fmt: skip
+
+
 def test_other_operations_text() -> None:
     assert prompt_text({"input": "hi", "instructions": "be kind"}, "responses") == "be kind\nhi"
     assert prompt_text({"input": ["a", "b"]}, "embeddings") == "a\nb"
@@ -144,11 +186,25 @@ def test_short_text_is_one_piece_and_whitespace_none() -> None:
 def test_long_text_is_cut_after_a_space_in_the_second_half() -> None:
     text = "word " * 5000  # 25,000 characters
     pieces = split_text(text, 10_000)
-    assert "".join(pieces) == text
+    assert len(pieces) == 3 and text.startswith(pieces[0]) and text.endswith(pieces[-1])
     assert all(len(p) <= 10_000 for p in pieces)
-    assert all(p.endswith(" ") for p in pieces)  # no word cut in two
-    solid = "x" * 25_000  # no place to cut: at the limit
-    assert [len(p) for p in split_text(solid, 10_000)] == [10_000, 10_000, 5_000]
+    assert all(p.startswith("word") and p.endswith(" ") for p in pieces)  # no word cut in two
+    # Each piece repeats the last 256 characters or so of the one before.
+    assert 2 * 256 <= sum(map(len, pieces)) - len(text) <= 2 * 2 * 256  # two cuts
+    solid = "x" * 25_000  # no place to cut: at the limit, 256 characters back
+    assert [len(p) for p in split_text(solid, 10_000)] == [10_000, 10_000, 5_512]
+
+
+@pytest.mark.parametrize("gap", [" ", ""])
+def test_a_phrase_across_a_cut_is_whole_in_the_next_piece(gap: str) -> None:
+    # Padded so that the first piece ends inside the phrase (after its space, or at the
+    # limit where there is no space to cut after).
+    phrase = "project nightingale"
+    for pad in range(9_985, 10_000):
+        text = "x" * pad + gap + phrase + gap + "y" * 5_000
+        pieces = split_text(text, 10_000)
+        assert len(pieces) == 2
+        assert any(phrase in piece for piece in pieces), pad
 
 
 # -- what blocks and what the client is told ----------------------------------------------------
@@ -212,3 +268,39 @@ def test_blocklists_and_attacks_block_first() -> None:
 def test_an_attack_counts_only_with_shield_prompt() -> None:
     findings = Findings(attack=True)
     assert blocking_reasons(findings, _policy(categories={"Hate": 4})) == []
+
+
+# -- the check's work off the event loop -----------------------------------------------------------
+
+
+async def test_a_large_body_is_read_off_the_event_loop() -> None:
+    # ~2.6 MB of small Responses items: their walk takes a second or so, which the event
+    # loop (every other request) must not wait out. Too long for the policy: refused (413)
+    # before any call to the service, which is never opened.
+    policy = ProductContentSafetyConfig(service="cs", categories={"Hate": 4}, max_text_chars=10)
+    config = parse_config(_config({"service": "cs", "categories": {"Hate": 4}}))
+    service = ContentSafetyService(config.content_safety[0], {"CS_KEY": "k"})
+    guard = ContentSafetyGuard("p", policy, service)
+    body = {"input": [{"type": "x_call", "a": [{"b": "c"}] * 5} for _ in range(35_000)]}
+    ctx = RequestContext("r", 0.0, 0.0, match_route("POST", "/openai/v1/responses"), Deadlines())
+    ctx.body, ctx.json = orjson.dumps(body), body
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+
+    async def ticks() -> None:
+        nonlocal longest
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            longest = max(longest, loop.time() - before)
+
+    ticking = asyncio.create_task(ticks())
+    await asyncio.sleep(0.02)
+    started = loop.time()
+    with pytest.raises(GatewayError) as caught:
+        await guard.check(ctx)
+    took = loop.time() - started
+    await asyncio.sleep(0.02)  # the ticker's last wait ends (inline, it lasted the walk)
+    ticking.cancel()
+    assert caught.value.code == "ContentSafetyTextTooLong"
+    assert longest < max(0.15, took / 4), (longest, took)

@@ -458,7 +458,9 @@ class ProductConfig(_Strict):
     #: May the product's keys use the paths the gateway passes through unmetered (files,
     #: batches, images and audio on the v1 API, …)? Those name their model in the body or in
     #: a batch's file, past the deployment check, so by default only a product that may use
-    #: every deployment may (None: ``deployments == ["*"]``).
+    #: every deployment may (None: ``deployments == ["*"]``). With ``content_safety``, only
+    #: ``true`` lets a request with a body past the check on those paths (and on a
+    #: deployment's unmetered operations): docs/content-safety.md.
     passthrough: bool | None = None
     #: Limit policy or policies (tokens/requests per minute, quota, each with its counter
     #: key); see docs/limits.md.

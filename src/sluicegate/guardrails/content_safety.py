@@ -13,10 +13,13 @@ blocklist matches or an attack is detected. The decisions (which text, how it is
 blocks) are pure functions here; the guard only carries them out.
 
 Which text: what the token estimate reads (``tokens/estimate.py``): chat messages (text
-contents and parts, names, tool calls' arguments), tool definitions and response schemas;
-the Responses API's instructions and input items; completions' prompts; embeddings' inputs.
-Images, audio and files are left out, and so are role names (``user``, ``system``, …: a
-blocklist term never matches them). Token arrays are not text and are not checked.
+contents and parts, names, tool calls' arguments and custom tools' input); the Responses
+API's instructions and input items; completions' prompts; embeddings' inputs. Tool
+definitions and response formats are read whole (every string of their schemas, and the
+property names: the model reads them all, ``$defs`` included), not as the estimate samples
+them. Images, audio and files are left out, and so are role names (``user``, ``system``, …:
+a blocklist term never matches them). A completions prompt of token ids cannot be checked
+and is refused (400); embeddings' token arrays are not checked (nothing is generated).
 
 A check costs the request one round trip to the service (the calls run concurrently); a
 product without ``content_safety`` pays one attribute check in the pipeline.
@@ -41,6 +44,7 @@ from sluicegate.config.model import (
 )
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.tokens import estimate
+from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
 from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.identity import BackendAuthError
 
@@ -53,6 +57,9 @@ API_VERSION = "2024-09-01"
 #: The most characters (Unicode code points) one ``text:analyze`` or ``text:shieldPrompt``
 #: call takes; a longer text is sent in several calls.
 MAX_TEXT_CHARS = 10_000
+#: Characters each piece of a long text repeats of the one before: more than a blocklist item
+#: holds (at most 128 characters), so that no item is cut in two.
+OVERLAP_CHARS = 256
 #: Calls of one check in flight at once (a long prompt makes many).
 MAX_CONCURRENT_CALLS = 8
 #: The largest answer read from the service (its answers are a few hundred bytes).
@@ -91,6 +98,29 @@ class _TextCollector(estimate._Meter):
     def fixed(self, tokens: int) -> None:
         return
 
+    def strings(self, value: object) -> None:
+        """Every string in ``value`` (a tool definition, a schema), however deep, but the
+        values of ``type`` keys (JSON Schema's and the tools' own words); and the names under
+        ``properties`` and the like, which the model reads as well."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                self.string(item)
+            elif isinstance(item, Mapping):
+                for key, child in reversed(list(item.items())):
+                    if key == "type" and isinstance(child, str):
+                        continue
+                    if key in _NAMED_SCHEMAS and isinstance(child, Mapping):
+                        self.parts.extend(name for name in child if isinstance(name, str))
+                    stack.append(child)
+            elif isinstance(item, list):
+                stack.extend(reversed(item))
+
+
+#: Schema keys whose children's names are text the model reads (property and type names).
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+
 
 def prompt_text(body: Mapping[str, Any], operation: str) -> str:
     """All text of a request body for ``operation`` (a route's, e.g. ``chat/completions``),
@@ -98,9 +128,25 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
     collector = _TextCollector()
     op = estimate.normalise_operation(operation)
     if op == estimate.CHAT:
-        estimate._chat(body, collector)
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, Mapping):
+                estimate._message(message, collector)
+                calls = message.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
+                    if isinstance(call, Mapping) and "function" not in call:
+                        collector.strings(call.get("custom"))  # a custom tool's input
+        collector.strings(body.get("tools"))
+        collector.strings(body.get("functions"))
+        collector.strings(body.get("response_format"))
     elif op == estimate.RESPONSES:
-        estimate._responses(body, collector)
+        estimate._responses(
+            {"instructions": body.get("instructions"), "input": body.get("input")}, collector
+        )
+        collector.strings(body.get("tools"))
+        text = body.get("text")
+        if isinstance(text, Mapping):
+            collector.strings(text.get("format"))
     elif op == estimate.EMBEDDINGS:
         estimate._inputs(body.get("input"), collector)
     elif op == estimate.COMPLETIONS:
@@ -111,12 +157,24 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
     return "\n".join(collector.parts)
 
 
-def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
+def _token_prompt(body: Mapping[str, Any], operation: str) -> bool:
+    """Whether a completions request gives its prompt as token ids (a list of integers, or
+    a list holding one): text the model reads that no check can."""
+    if estimate.normalise_operation(operation) != estimate.COMPLETIONS:
+        return False
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and any(isinstance(p, int | list) for p in prompt)
+
+
+def split_text(text: str, limit: int = MAX_TEXT_CHARS, overlap: int = OVERLAP_CHARS) -> list[str]:
     """``text`` in pieces of at most ``limit`` characters, cut after a line break or a space
     in each piece's second half where there is one (a word cut in two would slip past a
-    blocklist), else at the limit. Pieces of whitespace only are left out (the service
-    refuses an empty text)."""
+    blocklist), else at the limit. Each piece after the first starts at least ``overlap``
+    characters before the previous one's end (after a space where there is one), so that a
+    blocklist phrase across a cut ("project nightingale" cut after "project ") is whole in
+    one piece. Pieces of whitespace only are left out (the service refuses an empty text)."""
     pieces: list[str] = []
+    overlap = min(overlap, limit // 4)
     start = 0
     while len(text) - start > limit:
         end = start + limit
@@ -125,7 +183,9 @@ def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
         )
         cut = end if cut < 0 else cut + 1
         pieces.append(text[start:cut])
-        start = cut
+        back = cut - overlap
+        space = max(text.rfind("\n", back - overlap, back), text.rfind(" ", back - overlap, back))
+        start = back if space < 0 else space + 1
     pieces.append(text[start:])
     return [piece for piece in pieces if piece.strip()]
 
@@ -261,12 +321,15 @@ def refusal(
 class ContentSafetyUnavailable(Exception):
     """A check could not be completed. ``transient``: the service was unreachable, slow,
     throttling or failing (5xx), rather than refusing the gateway's call (a wrong key, an
-    unknown blocklist): a configuration problem. The message holds no secret."""
+    unknown blocklist): a configuration problem. ``reason`` (the client is told it) holds no
+    secret; ``detail``, for the log only, what the operators need besides (azure-identity's
+    reasons carry tenant and application ids, AADSTS codes, endpoint details)."""
 
-    def __init__(self, reason: str, transient: bool = True) -> None:
+    def __init__(self, reason: str, transient: bool = True, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
+        self.detail = detail
 
 
 class ContentSafetyService:
@@ -332,7 +395,7 @@ class ContentSafetyService:
         try:
             auth = await self._backend.request_auth()
         except BackendAuthError as exc:
-            raise ContentSafetyUnavailable(f"no Entra ID token ({exc})") from None
+            raise ContentSafetyUnavailable("no Entra ID token", detail=str(exc)) from None
         headers = [("content-type", "application/json"), ("accept", "application/json"), *auth]
         try:
             response = await self._backend.client.request(
@@ -371,8 +434,8 @@ class ContentSafetyService:
         return answer
 
     def failed(self, product: str, reason: str, action: str, request_id: str) -> None:
-        """Log a failed check: at most one warning every ``_WARNING_INTERVAL_S`` seconds per
-        service, with how many failures it stands for."""
+        """Log a failed check (``reason``: its reason and detail): at most one warning every
+        ``_WARNING_INTERVAL_S`` seconds per service, with how many failures it stands for."""
         now = self._clock.monotonic()
         if self._warned_at is not None and now - self._warned_at < _WARNING_INTERVAL_S:
             self._unwarned += 1
@@ -429,9 +492,25 @@ class ContentSafetyGuard:
         ``timeout_seconds``: return (``on_error: allow``) or raise 503
         ``ContentSafetyUnavailable`` (the service unreachable, slow or failing) / 500
         ``ContentSafetyError`` (it refused the gateway's call). A refusal marks the request's
-        record (``extra.content_safety``: the first reason)."""
+        record (``extra.content_safety``: the first reason). Checked by nobody: a text longer
+        than ``max_text_chars`` (413) and a completions prompt of token ids (400)."""
         body = ctx.json
-        text = prompt_text(body, ctx.route.operation) if body is not None else ""
+        if body is not None and _token_prompt(body, ctx.route.operation):
+            raise GatewayError(
+                400,
+                "ContentSafetyTokenPrompt",
+                f"Product {self.product!r} checks prompts with its content safety service, "
+                "which reads text: send the prompt as text, not as token ids.",
+            )
+        operation = ctx.route.operation
+        if body is None:
+            text = ""
+        elif len(ctx.body) > INLINE_COUNT_BYTES:
+            # Off the event loop, as admission counts it: the walk of an 8 MB body of small
+            # items takes seconds, which every other request would wait out.
+            text = await counting_thread().run(lambda: prompt_text(body, operation))
+        else:
+            text = prompt_text(body, operation)
         if len(text) > self.policy.max_text_chars:
             raise GatewayError(
                 413,
@@ -460,6 +539,23 @@ class ContentSafetyGuard:
                 self.observer.content_safety_refused(self.product, reasons[0])
             raise refusal(self.product, reasons, findings, self.policy)
 
+    def unchecked_operation(self, ctx: RequestContext) -> None:
+        """A request the check does not read: a deployment's other operations (images,
+        audio, …) and the passthrough paths (files, batches, …). One with a body could carry
+        a prompt past the check (an image's prompt, a batch's input file): refused with 403
+        ``OperationNotAllowed`` unless the product's configuration says ``passthrough: true``
+        in so many words. Bodiless ones (reading or deleting a stored response, a cancel)
+        carry none and pass."""
+        if not ctx.body or (ctx.product is not None and ctx.product.config.passthrough):
+            return
+        raise GatewayError(
+            403,
+            "OperationNotAllowed",
+            f"Product {self.product!r} checks prompts with its content safety service, which "
+            "reads chat/completions, completions, embeddings and responses only: a body sent "
+            f"to {ctx.route.upstream_suffix!r} would not be checked.",
+        )
+
     async def _findings(self, pieces: list[str]) -> Findings:
         """Every call for every piece, concurrently (at most ``MAX_CONCURRENT_CALLS`` at a
         time); the first failure cancels the others and is raised."""
@@ -487,7 +583,8 @@ class ContentSafetyGuard:
 
     def _failed(self, ctx: RequestContext, failure: ContentSafetyUnavailable) -> None:
         action = self.policy.on_error
-        self.service.failed(self.product, failure.reason, action, ctx.request_id)
+        logged = f"{failure.reason} ({failure.detail})" if failure.detail else failure.reason
+        self.service.failed(self.product, logged, action, ctx.request_id)
         if self.observer is not None:
             self.observer.content_safety_failed(self.product, action)
         if action == "allow":

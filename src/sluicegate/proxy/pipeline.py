@@ -28,6 +28,7 @@ from sluicegate.proxy.asgi import (
     Receive,
     Scope,
     Send,
+    disconnect_hook,
     header,
     read_body,
     send_error,
@@ -262,6 +263,8 @@ class Pipeline:
                     "deployments' chat/completions, completions, embeddings, responses and "
                     "other /openai/deployments/{deployment}/… operations, not this path.",
                 )
+            if product.content_safety is not None:
+                product.content_safety.unchecked_operation(ctx)  # a body here is not checked
             backend = self.runtime.passthrough
             if route.response_id is not None:  # Responses affinity: to the holder
                 backend = (
@@ -281,6 +284,11 @@ class Pipeline:
             # After admission (the refused request counts against the request rate; its
             # reservation is released), before routing: a refused prompt reaches no backend.
             await guard.check(ctx)
+            hook = disconnect_hook(scope)
+            if hook is not None and hook.fired:
+                raise ClientGone  # it left during the check: no model runs its prompt
+        elif guard is not None:
+            guard.unchecked_operation(ctx)  # a deployment's images, audio, …: not checked
         deployment = ctx.deployment
         assert deployment is not None
 
