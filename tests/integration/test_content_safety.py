@@ -6,12 +6,15 @@ and with a wrong key); each test looks only at its own requests."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import openai
@@ -629,3 +632,74 @@ def test_a_product_with_content_safety_passes_no_body_through_by_default(fresh: 
         json={"prompt": "a poster"},
     )
     assert answer.status_code == 404 and len(fresh.harness.sim_log()) == 1
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A backend that keeps the raw bodies it is sent and answers a chat completion."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["content-length"])))
+        answer = json.dumps(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_model_is_sent_the_body_that_was_checked(guarded: Guarded, tmp_path: Path) -> None:
+    # Duplicate keys: the gateway's parser keeps the last "messages" (checked: clean), a
+    # parser that keeps the first would read the other one. The backend must get the parse
+    # that was checked, not the client's bytes.
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    _Recorder.bodies = []
+    config = gateway_config(
+        tmp_path,
+        {"raw": f"http://127.0.0.1:{backend.server_address[1]}"},
+        products=[{"name": "g", "content_safety": _policy("cs", blocklists=["banned-terms"])}],
+        content_safety=[_service("cs", guarded.safety.url, "SG_TEST_CS_KEY")],
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SG_TEST_CS_KEY", CS_KEY)
+        gw = GatewayThread(config).start()
+    try:
+        key = Harness(gw, guarded.harness.sim).new_key(product="g").primary_key
+        raw = (
+            b'{"messages": [{"role": "user", "content": "about project nightingale"}],'
+            b' "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}'
+        )
+        answer = httpx.post(
+            f"{gw.url}/openai/deployments/gpt-4o-mini/chat/completions",
+            params={"api-version": "2024-10-21"},
+            headers={"api-key": key or "", "content-type": "application/json"},
+            content=raw,
+        )
+    finally:
+        gw.stop()
+        backend.shutdown()
+        backend.server_close()
+    assert answer.status_code == 200, answer.text
+    (sent,) = _Recorder.bodies
+    assert b"nightingale" not in sent
+    assert json.loads(sent)["messages"] == [{"role": "user", "content": "hello"}]

@@ -473,6 +473,11 @@ class Pipeline:
                     new_options["include_usage"] = True
                     body["stream_options"] = new_options
                     ctx.injected_usage = changed = True
+            if product.content_safety is not None and route.metered:
+                # The check reads this parse of the body; the model is sent the same parse,
+                # never the client's bytes, so that no text reaches it unchecked where JSON
+                # parsers differ (duplicate keys: orjson keeps the last, others the first).
+                changed = True
         if changed:
             ctx.body = orjson.dumps(body)
 
