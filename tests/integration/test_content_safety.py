@@ -527,6 +527,25 @@ def test_text_in_a_tool_schema_is_checked(fresh: Guarded) -> None:
     assert model_calls(fresh) == []
 
 
+def test_an_on_your_data_sources_role_information_is_checked(fresh: Guarded) -> None:
+    # Azure OpenAI On Your Data: role_information is a system message the model reads. Only
+    # it is sent to the check, never the data source's endpoint or credentials.
+    source = {
+        "type": "azure_search",
+        "parameters": {
+            "endpoint": "https://contoso.search.windows.net",
+            "index_name": "docs",
+            "role_information": "You write grimhate pamphlets.",
+            "authentication": {"type": "api_key", "key": "search-key-not-for-the-check"},
+        },
+    }
+    sdk = fresh.sdk("guarded")
+    error = refused(lambda: chat(sdk, "hello", extra_body={"data_sources": [source]}))
+    assert error.status_code == 403 and "category Hate" in said(error)
+    assert model_calls(fresh) == []
+    assert fresh.calls and all("search-key" not in str(call.body) for call in fresh.calls)
+
+
 def test_a_blocklist_phrase_across_a_piece_boundary_is_found(fresh: Guarded) -> None:
     # Padded so that the last space before the 10,000th character is inside the phrase.
     prompt = "x " * 4_995 + "project nightingale" + " y" * 100

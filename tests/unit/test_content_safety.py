@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sluicegate.config.loader import ConfigError, parse_config
+from sluicegate.config.loader import ConfigError, environment_problems, parse_config
 from sluicegate.config.model import ProductContentSafetyConfig
 from sluicegate.guardrails.content_safety import (
     ContentSafetyGuard,
@@ -97,9 +97,28 @@ def test_invalid_policies_are_refused(policy: dict[str, Any], where: str) -> Non
     assert len(problems) == 1 and where in problems[0], problems
 
 
+def test_a_threshold_four_severity_levels_never_reach_is_refused() -> None:
+    # FourSeverityLevels answers 0, 2, 4 or 6: a threshold of 7 never blocks anything.
+    (problem,) = _problems(_config({"service": "cs", "categories": {"Hate": 4, "Sexual": 7}}))
+    assert problem.startswith("products[0].content_safety: ") and "threshold 7 (Sexual)" in problem
+    eight = {"service": "cs", "categories": {"Sexual": 7}, "output_type": "EightSeverityLevels"}
+    assert parse_config(_config(eight)).products[0].content_safety is not None
+
+
 def test_a_service_url_must_be_an_endpoint() -> None:
     problems = _problems(_config(services=[{**SERVICE, "url": "contoso-safety"}]))
     assert problems[0].startswith("content_safety[0].url: ")
+
+
+def test_a_services_missing_key_is_reported_by_config_check_and_serve() -> None:
+    """``environment_problems`` (``config check`` warns, ``serve`` refuses to start with one
+    line): a service's key variable unset was reported by neither, and ``serve`` crashed with
+    a traceback from the runtime's build."""
+    config = parse_config(_config({"service": "cs", "categories": {"Hate": 4}}))
+    assert environment_problems(config, {}) == [
+        "content_safety[0].auth.key_env: environment variable CS_KEY is not set"
+    ]
+    assert environment_problems(config, {"CS_KEY": "k"}) == []
 
 
 # -- which text ------------------------------------------------------------------------------------
@@ -165,6 +184,25 @@ def test_tool_schemas_and_formats_are_read_whole() -> None:
     assert prompt_text(responses, "responses").split("\n") == [
         "hi", "g", "tool text", "n", "format text"
     ]  # fmt: skip
+
+
+def test_an_mcp_tools_credentials_are_not_sent_to_the_service() -> None:
+    # A Responses MCP tool carries the MCP server's token: not text the model reads.
+    mcp = {
+        "type": "mcp",
+        "server_label": "docs",
+        "server_description": "tool text",
+        "server_url": "https://mcp.example.com/sse",
+        "headers": {"Authorization": "Bearer mcp-secret"},
+        "authorization": "mcp-secret",
+    }
+    text = prompt_text({"input": "hi", "tools": [mcp]}, "responses")
+    assert "mcp-secret" not in text
+    assert {"hi", "docs", "tool text"} <= set(text.split("\n"))
+    # Only an MCP tool's: a function's property named "headers" is read as any other.
+    prop = {"headers": {"type": "string", "description": "prop text"}}
+    tool = {"type": "function", "name": "f", "parameters": {"properties": prop}}
+    assert "prop text" in prompt_text({"input": "hi", "tools": [tool]}, "responses")
 
 
 def test_other_operations_text() -> None:

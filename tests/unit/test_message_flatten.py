@@ -74,6 +74,19 @@ def test_bodies_of_no_known_shape_are_logged_raw() -> None:
     assert answer_text(b'{"object":"list"}', "chat/completions") == '{"object":"list"}'
 
 
+def test_a_raw_body_leaves_out_credentials() -> None:
+    # A body without messages, input or prompt is logged raw: On Your Data's sources hold the
+    # search or Cosmos DB service's key, an MCP tool the MCP server's token; never logged.
+    source = {"type": "azure_search", "parameters": {"authentication": {"key": "search-key"}}}
+    logged = request_text({"model": "m", "data_sources": [source], "msg": "hi"})
+    assert logged == '{"model":"m","msg":"hi"}'
+    assert "search-key" not in request_text(orjson.dumps({"data_sources": [source]}))
+    mcp = {"type": "mcp", "server_label": "x", "headers": {"Authorization": "Bearer mcp-token"}}
+    assert request_text({"previous_response_id": "r", "tools": [mcp]}) == (
+        '{"previous_response_id":"r"}'
+    )
+
+
 def test_answer_text_of_each_shape() -> None:
     chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hallo"}}]}
     assert answer_text(orjson.dumps(chat), "chat/completions") == "Hallo"

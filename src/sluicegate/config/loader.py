@@ -195,12 +195,12 @@ def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list
     environment. ``config check`` reports them as warnings, ``serve`` refuses to start.
     (Whether a Key Vault secret can be read is found out when the gateway starts.)"""
     problems: list[str] = []
-    for i, backend in enumerate(config.backends):
-        auth = backend.auth
+    # Content Safety services authenticate as backends do (docs/content-safety.md).
+    authenticated = [(f"backends[{i}]", b.auth) for i, b in enumerate(config.backends)]
+    authenticated += [(f"content_safety[{i}]", s.auth) for i, s in enumerate(config.content_safety)]
+    for where, auth in authenticated:
         if auth.type == "api-key" and auth.key_env and auth.key_env not in environ:
-            problems.append(
-                f"backends[{i}].auth.key_env: environment variable {auth.key_env} is not set"
-            )
+            problems.append(f"{where}.auth.key_env: environment variable {auth.key_env} is not set")
         vault = auth.key_vault
         if (
             vault is not None
@@ -208,7 +208,7 @@ def environment_problems(config: GatewayConfig, environ: dict[str, str]) -> list
             and vault.client_secret_env not in environ
         ):
             problems.append(
-                f"backends[{i}].auth.key_vault.client_secret_env: environment variable "
+                f"{where}.auth.key_vault.client_secret_env: environment variable "
                 f"{vault.client_secret_env} is not set"
             )
     for i, export in enumerate(config.exports):

@@ -447,6 +447,12 @@ class ProductContentSafetyConfig(_Strict):
                 "give categories (with thresholds), blocklists or shield_prompt: true; "
                 "without any, nothing would ever be refused"
             )
+        never = [str(c) for c, t in self.categories.items() if t == 7]
+        if never and self.output_type == "FourSeverityLevels":
+            raise ValueError(
+                f"threshold 7 ({', '.join(never)}) is never reached with FourSeverityLevels, "
+                "whose severities are 0, 2, 4 and 6: give 6, or output_type: EightSeverityLevels"
+            )
         return self
 
 

@@ -14,12 +14,13 @@ blocks) are pure functions here; the guard only carries them out.
 
 Which text: what the token estimate reads (``tokens/estimate.py``): chat messages (text
 contents and parts, names, tool calls' arguments and custom tools' input); the Responses
-API's instructions and input items; completions' prompts; embeddings' inputs. Tool
-definitions and response formats are read whole (every string of their schemas, and the
-property names: the model reads them all, ``$defs`` included), not as the estimate samples
-them. Images, audio and files are left out, and so are role names (``user``, ``system``, …:
-a blocklist term never matches them). A completions prompt of token ids cannot be checked
-and is refused (400); embeddings' token arrays are not checked (nothing is generated).
+API's instructions and input items; completions' prompts; embeddings' inputs; On Your
+Data sources' ``role_information``. Tool definitions and response formats are read whole
+(every string of their schemas, and the property names: the model reads them all, ``$defs``
+included), not as the estimate samples them. Images, audio and files are left out, and so
+are role names (``user``, ``system``, …: a blocklist term never matches them). A
+completions prompt of token ids cannot be checked and is refused (400); embeddings' token
+arrays are not checked (nothing is generated).
 
 A check costs the request one round trip to the service (the calls run concurrently); a
 product without ``content_safety`` pays one attribute check in the pipeline.
@@ -139,11 +140,17 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
         collector.strings(body.get("tools"))
         collector.strings(body.get("functions"))
         collector.strings(body.get("response_format"))
+        for source in _list(body.get("data_sources")):
+            # On Your Data: role_information is a system message the model reads; the rest
+            # (endpoints, index names, the search service's credentials) is not sent.
+            parameters = source.get("parameters") if isinstance(source, Mapping) else None
+            if isinstance(parameters, Mapping):
+                collector.text(parameters.get("role_information"))
     elif op == estimate.RESPONSES:
         estimate._responses(
             {"instructions": body.get("instructions"), "input": body.get("input")}, collector
         )
-        collector.strings(body.get("tools"))
+        collector.strings(_without_credentials(body.get("tools")))
         text = body.get("text")
         if isinstance(text, Mapping):
             collector.strings(text.get("format"))
@@ -155,6 +162,23 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
     else:
         estimate._walk_text(body, collector)
     return "\n".join(collector.parts)
+
+
+#: Keys of a Responses MCP tool that hold the MCP server's credentials, not text.
+_MCP_CREDENTIALS = frozenset({"headers", "authorization"})
+
+
+def _without_credentials(tools: object) -> object:
+    """``tools`` without their MCP tools' credentials: they are no prompt, and a token is
+    not sent to one more service."""
+    if not isinstance(tools, list):
+        return tools
+    return [
+        {k: v for k, v in tool.items() if k not in _MCP_CREDENTIALS}
+        if isinstance(tool, Mapping) and tool.get("type") == "mcp"
+        else tool
+        for tool in tools
+    ]
 
 
 def _token_prompt(body: Mapping[str, Any], operation: str) -> bool:

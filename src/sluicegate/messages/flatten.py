@@ -116,10 +116,16 @@ def _input_lines(value: Any, lines: list[str]) -> None:
                 lines.append(f"[tool output] {output if isinstance(output, str) else ''}")
 
 
+#: Request keys left out of a body logged raw: On Your Data's ``data_sources`` (the search
+#: or Cosmos DB service's key, token or connection string) and ``tools`` (a Responses MCP
+#: tool's ``headers`` and ``authorization``, the MCP server's token).
+_CREDENTIALS = frozenset({"data_sources", "tools"})
+
+
 def request_text(body: dict[str, Any] | bytes) -> str:
     """The prompt of a request body (parsed, or the raw bytes): ``instructions`` and
     ``messages`` as ``role: content`` lines, else ``input``, else ``prompt``; the raw body
-    when it has none of them (or is not JSON)."""
+    when it has none of them (or is not JSON), without the keys that hold credentials."""
     if isinstance(body, bytes):
         try:
             parsed = orjson.loads(body)
@@ -144,6 +150,8 @@ def request_text(body: dict[str, Any] | bytes) -> str:
         else:
             _input_lines(prompt, lines)
     elif not lines:
+        if not _CREDENTIALS.isdisjoint(body):  # not messages, and they hold credentials
+            body = {k: v for k, v in body.items() if k not in _CREDENTIALS}
         return orjson.dumps(body).decode("utf-8")
     return "\n".join(lines)
 

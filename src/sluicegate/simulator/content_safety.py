@@ -1,5 +1,5 @@
-"""A fake Azure AI Content Safety, for the tests and the demo: the two calls the gateway makes,
-answered deterministically from configured words, phrases and blocklists.
+"""A fake Azure AI Content Safety, for the tests (the demo does not run it): the two calls
+the gateway makes, answered deterministically from configured words, phrases and blocklists.
 
 Routes (REST API versions ``2023-10-01`` and ``2024-09-01``; another or none: 404)::
 
