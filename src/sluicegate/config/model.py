@@ -21,6 +21,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -214,6 +215,28 @@ class TimeoutsConfig(_Strict):
     client_write: float = Field(default=60.0, gt=0)
 
 
+class BackendCircuitBreakerConfig(_Strict):
+    """A backend's own circuit breaker rule (APIM: one rule per backend): every field given
+    replaces that of ``routing.circuit_breaker`` (``CircuitBreakerConfig``, whose fields
+    these are); a field left out (or null) is the global one's. The merged rule is
+    validated again (``GatewayConfig._backend_breakers``)."""
+
+    enabled: bool | None = None
+    failures: int | None = Field(default=None, ge=1)
+    throttles: int | None = Field(default=None, ge=1)
+    interval_seconds: float | None = Field(default=None, gt=0)
+    trip_seconds: float | None = Field(default=None, gt=0)
+    max_trip_seconds: float | None = Field(default=None, gt=0)
+    honour_retry_after: bool | None = None
+
+    def over(self, base: CircuitBreakerConfig) -> CircuitBreakerConfig:
+        """This rule merged over ``base``, field by field; raises ``ValidationError`` if
+        the result is inconsistent (``max_trip_seconds`` below ``trip_seconds``)."""
+        return CircuitBreakerConfig.model_validate(
+            {**base.model_dump(), **self.model_dump(exclude_none=True)}
+        )
+
+
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str
@@ -221,6 +244,13 @@ class BackendConfig(_Strict):
     kind: Literal["ptu", "paygo", "other"] = "paygo"
     timeouts: TimeoutsConfig = TimeoutsConfig()
     max_connections: int = Field(default=256, ge=1)
+    #: This backend's circuit breaker rule, merged over ``routing.circuit_breaker``.
+    circuit_breaker: BackendCircuitBreakerConfig | None = None
+
+    def breaker(self, base: CircuitBreakerConfig) -> CircuitBreakerConfig:
+        """The rule this backend's breakers follow: its own merged over ``base`` (the
+        global ``routing.circuit_breaker``), or ``base``."""
+        return base if self.circuit_breaker is None else self.circuit_breaker.over(base)
 
     @field_validator("url")
     @classmethod
@@ -807,8 +837,12 @@ class RetryConfig(_Strict):
 
 
 class CircuitBreakerConfig(_Strict):
-    """APIM's backend circuit breaker, with a half-open probe and ``Retry-After`` honoured."""
+    """APIM's backend circuit breaker, with a half-open probe and ``Retry-After`` honoured.
+    A backend may have its own rule (``BackendConfig.circuit_breaker``), merged over this."""
 
+    #: False: the breaker never trips (the backend is always tried; failover and retries
+    #: still apply per request).
+    enabled: bool = True
     #: Trip after this many 5xx answers, timeouts or connection errors within the interval.
     failures: int = Field(default=3, ge=1)
     #: Trip after this many 429s within the interval (1: the first 429 parks the backend).
@@ -826,7 +860,10 @@ class CircuitBreakerConfig(_Strict):
     @model_validator(mode="after")
     def _cap(self) -> CircuitBreakerConfig:
         if self.max_trip_seconds < self.trip_seconds:
-            raise ValueError("max_trip_seconds must be at least trip_seconds")
+            raise ValueError(
+                f"max_trip_seconds ({self.max_trip_seconds:g}) must be at least "
+                f"trip_seconds ({self.trip_seconds:g})"
+            )
         return self
 
 
@@ -954,6 +991,25 @@ class GatewayConfig(_Strict):
                 "budget counts its period from the hourly rollups, and hours purged within "
                 "the period would no longer count as spent"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _backend_breakers(self) -> GatewayConfig:
+        # A backend's rule is checked merged over the global one: a backend may give only
+        # max_trip_seconds, below a global trip_seconds.
+        errors: list[str] = []
+        for i, backend in enumerate(self.backends):
+            try:
+                backend.breaker(self.routing.circuit_breaker)
+            except ValidationError as exc:
+                errors.extend(
+                    f"backends[{i}].circuit_breaker: backend {backend.name!r}: "
+                    + str(err["msg"]).removeprefix("Value error, ")
+                    + " (its rule merged over routing.circuit_breaker)"
+                    for err in exc.errors(include_url=False)
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
     @model_validator(mode="after")

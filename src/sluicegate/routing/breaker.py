@@ -30,6 +30,10 @@ re-opens it. (A late 429 or failure with a ``retry-after`` may still push an ope
 end out: its ``retry-after`` is the backend's word about the future, whenever the request was
 sent.)
 
+Each breaker follows its backend's rule (``BreakerSettings``: the global
+``routing.circuit_breaker``, or the backend's own merged over it), resolved when the router is
+built. A rule that is not ``enabled`` never opens.
+
 Pure state: time comes from the caller (``now``, epoch seconds of the injected clock — wall
 time because trips are shared between instances in cluster mode). Not thread-safe; used from
 one event loop.
@@ -51,6 +55,11 @@ class BreakerState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class BreakerSettings:
+    """One backend's rule (``routing.circuit_breaker``, or the backend's own merged over it).
+    ``enabled`` False: the breaker never opens — failures are not counted, and trips other
+    instances share are not applied (their rule may differ during a configuration change)."""
+
+    enabled: bool = True
     failures: int = 3
     throttles: int = 1
     interval: float = 10.0
@@ -187,6 +196,8 @@ class CircuitBreaker:
         out, never in."""
         if probe:
             self._probe_in_flight = False
+        if not self.settings.enabled:
+            return False
         state = self.state(now)
         asked = retry_after if self.settings.honour_retry_after else None
         if state is BreakerState.OPEN:
@@ -222,8 +233,8 @@ class CircuitBreaker:
 
     def force_open(self, until: float, reason: str, throttled: bool) -> bool:
         """Another instance tripped this target (cluster mode). Returns True if it changed
-        anything (a later end than the one held)."""
-        if until <= self.open_until:
+        anything (a later end than the one held; never for a breaker that is not enabled)."""
+        if until <= self.open_until or not self.settings.enabled:
             return False
         self.open_until = until
         self.reason = reason

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sluicegate.clock import Clock
-from sluicegate.config.model import RoutingConfig
+from sluicegate.config.model import BackendConfig, CircuitBreakerConfig, RoutingConfig
 from sluicegate.routing.affinity import ResponseAffinity, ResponseIdSource
 from sluicegate.routing.breaker import BreakerSettings
 from sluicegate.routing.retry import RetryPolicy
@@ -16,20 +17,35 @@ if TYPE_CHECKING:
     from sluicegate.runtime import Runtime
 
 
-def router_settings(config: RoutingConfig) -> RouterSettings:
+def breaker_settings(b: CircuitBreakerConfig) -> BreakerSettings:
+    return BreakerSettings(
+        enabled=b.enabled,
+        failures=b.failures,
+        throttles=b.throttles,
+        interval=b.interval_seconds,
+        trip=b.trip_seconds,
+        max_trip=b.max_trip_seconds,
+        honour_retry_after=b.honour_retry_after,
+    )
+
+
+def router_settings(
+    config: RoutingConfig, backends: Sequence[BackendConfig] = ()
+) -> RouterSettings:
+    """The router's settings: ``config``'s, with the breaker rule of each of ``backends``
+    that has its own (merged over ``routing.circuit_breaker``) resolved here, once, so that
+    a target carries its rule and no request looks one up."""
     b, r, h = config.circuit_breaker, config.retry, config.headroom
     return RouterSettings(
         headroom=h.enabled,
         stale_after=h.stale_seconds,
         default_completion_tokens=h.default_completion_tokens,
-        breaker=BreakerSettings(
-            failures=b.failures,
-            throttles=b.throttles,
-            interval=b.interval_seconds,
-            trip=b.trip_seconds,
-            max_trip=b.max_trip_seconds,
-            honour_retry_after=b.honour_retry_after,
-        ),
+        breaker=breaker_settings(b),
+        breakers={
+            backend.name: breaker_settings(backend.breaker(b))
+            for backend in backends
+            if backend.circuit_breaker is not None
+        },
         retry=RetryPolicy(
             max_attempts=r.max_attempts,
             statuses=r.statuses,
@@ -65,7 +81,8 @@ def router_for(
 ) -> Router:
     """A router with one pool per deployment; each backend's ``status_source`` is pointed at
     it (the admin view and the backend metrics read state and headroom from there)."""
-    router = Router(router_settings(runtime.config.routing), clock, store, observer)
+    config = runtime.config
+    router = Router(router_settings(config.routing, config.backends), clock, store, observer)
     for deployment in runtime.deployments.values():
         router.add_pool(deployment.name, deployment.members)
     router.affinity = response_affinity(runtime, store)

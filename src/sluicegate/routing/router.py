@@ -44,7 +44,7 @@ trips are shared between instances.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -76,7 +76,10 @@ class RouterSettings:
     headroom: bool = True
     stale_after: float = 10.0
     default_completion_tokens: int = 256
+    #: The breaker rule of every backend not in ``breakers``.
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    #: Backends' own rules, by backend name (resolved once, when the router is built).
+    breakers: Mapping[str, BreakerSettings] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -223,7 +226,8 @@ class Router:
         for member in pool.members:
             target = self.targets.get(member.key)
             if target is None:
-                target = self.targets[member.key] = Target(member, self.settings.breaker)
+                breaker = self.settings.breakers.get(member.backend, self.settings.breaker)
+                target = self.targets[member.key] = Target(member, breaker)
             target.pools.append(name)
         self.pools[name] = pool
         return pool
@@ -417,16 +421,16 @@ class Router:
         failure that named none and for a busy member. A member half-open with its probe out
         counts as it did while open (a probe's verdict is the only thing that changes what
         its trip said) with a wait of 1 s: its probe has been sent, and the verdict comes
-        with the probe's answer. No wait is longer than the breaker's ``max_trip``: the
-        gateway would take the backend back by then whatever it said (Azure can say "retry
-        after 86400 seconds")."""
+        with the probe's answer. No member's wait is longer than its breaker's ``max_trip``:
+        the gateway would take the backend back by then whatever it said (Azure can say
+        "retry after 86400 seconds")."""
         now = self.clock.now()
-        cap = self.settings.breaker.max_trip
         throttled: list[float] = []
         down: list[float] = []
         busy = False
         for member in pool.members:
             breaker = self.targets[member.key].breaker
+            cap = breaker.settings.max_trip
             state = breaker.state(now)
             outcome = outcomes.get(member.key)
             if state is BreakerState.OPEN:
