@@ -111,7 +111,8 @@ class Harness:
         resp = httpx.get(f"{self.sim.url}/_sim/log")
         resp.raise_for_status()
         data = resp.json()
-        return data["entries"] if isinstance(data, dict) else data
+        entries: list[dict[str, Any]] = data["entries"] if isinstance(data, dict) else data
+        return entries
 
 
 @pytest.fixture

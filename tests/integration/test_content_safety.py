@@ -6,6 +6,7 @@ and with a wrong key); each test looks only at its own requests."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
@@ -417,6 +418,31 @@ def test_a_product_without_content_safety_never_calls_the_service(fresh: Guarded
 # -- managed identity -----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def identity_guarded(
+    tmp_path: Path, safety_config: ContentSafetySimConfig
+) -> Iterator[tuple[openai.AzureOpenAI, ContentSafetyThread]]:
+    """A gateway whose product ``mi`` checks prompts with a service reached by managed
+    identity (the environment's, set by the caller), and an SDK client of that product."""
+    safety = ContentSafetyThread(safety_config).start()
+    sim = SimulatorThread(sim_config()).start()
+    config = gateway_config(
+        tmp_path,
+        {"sim": sim.url},
+        products=[{"name": "mi", "content_safety": _policy("cs")}],
+        content_safety=[{"name": "cs", "url": safety.url, "auth": {"type": "managed-identity"}}],
+    )
+    gw = GatewayThread(config).start()
+    try:
+        harness = Harness(gw, sim)
+        with harness.sdk(harness.new_key(product="mi").primary_key or "") as client:
+            yield client, safety
+    finally:
+        gw.stop()
+        sim.stop()
+        safety.stop()
+
+
 def test_managed_identity_sends_a_bearer_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -425,34 +451,16 @@ def test_managed_identity_sends_a_bearer_token(
     with IdentityEndpoint() as identity:
         for name, value in identity.environ().items():
             monkeypatch.setenv(name, value)
-        safety = ContentSafetyThread(
-            ContentSafetySimConfig(api_keys=[], bearer_tokens=identity.tokens, words=WORDS)
-        ).start()
-        sim = SimulatorThread(sim_config()).start()
-        config = gateway_config(
-            tmp_path,
-            {"sim": sim.url},
-            products=[{"name": "mi", "content_safety": _policy("cs")}],
-            content_safety=[
-                {"name": "cs", "url": safety.url, "auth": {"type": "managed-identity"}}
-            ],
-        )
-        gw = GatewayThread(config).start()
-        try:
-            harness = Harness(gw, sim)
-            with harness.sdk(harness.new_key(product="mi").primary_key or "") as client:
-                assert chat(client, "hello").choices
-                error = refused(lambda: chat(client, "grimhate"))
+        fake = ContentSafetySimConfig(api_keys=[], bearer_tokens=identity.tokens, words=WORDS)
+        with identity_guarded(tmp_path, fake) as (client, safety):
+            assert chat(client, "hello").choices
+            error = refused(lambda: chat(client, "grimhate"))
             assert error.status_code == 403
             issued = identity.issued()
             assert issued and issued[0].params["resource"] == "https://cognitiveservices.azure.com"
             for call in safety.state.calls:
                 assert call.headers["authorization"] == f"Bearer {issued[0].token}"
                 assert "ocp-apim-subscription-key" not in call.headers
-        finally:
-            gw.stop()
-            sim.stop()
-            safety.stop()
 
 
 # -- the fake service itself -----------------------------------------------------------------------
@@ -575,25 +583,8 @@ def test_an_identity_failure_stays_in_the_log(
     with IdentityEndpoint() as identity:
         monkeypatch.setenv("IDENTITY_ENDPOINT", identity.url)
         monkeypatch.setenv("IDENTITY_HEADER", "not-the-identity-header")
-        safety = ContentSafetyThread(ContentSafetySimConfig(api_keys=[])).start()
-        sim = SimulatorThread(sim_config()).start()
-        config = gateway_config(
-            tmp_path,
-            {"sim": sim.url},
-            products=[{"name": "mi", "content_safety": _policy("cs")}],
-            content_safety=[
-                {
-                    "name": "cs",
-                    "url": safety.url,
-                    "auth": {"type": "managed-identity"},
-                }
-            ],
-        )
-        gw = GatewayThread(config).start()
-        try:
-            harness = Harness(gw, sim)
-            with harness.sdk(harness.new_key(product="mi").primary_key or "") as client:
-                error = refused(lambda: chat(client, "hello"))
+        with identity_guarded(tmp_path, ContentSafetySimConfig(api_keys=[])) as (client, safety):
+            error = refused(lambda: chat(client, "hello"))
             assert error.status_code == 503 and error.code == "ContentSafetyUnavailable"
             assert "no Entra ID token" in said(error)
             for detail in ("CredentialUnavailableError", "invalid_scope", "managed identity"):
@@ -601,10 +592,6 @@ def test_an_identity_failure_stays_in_the_log(
             warned = [r.getMessage() for r in caplog.records if r.name == "sluicegate.guardrails"]
             assert any("CredentialUnavailableError" in w for w in warned)
             assert safety.state.calls == []
-        finally:
-            gw.stop()
-            sim.stop()
-            safety.stop()
 
 
 def test_a_client_gone_during_the_check_is_not_sent_to_the_model(fresh: Guarded) -> None:
