@@ -52,7 +52,7 @@ def test_admin_api_conforms_to_its_openapi_document(
         response_schema_conformance,
     ]
     operations = [result.ok() for result in admin_schema.get_all_operations()]
-    assert len(operations) == 21  # 20 + GET /budgets
+    assert len(operations) == 23  # 20 + GET /budgets + GET /exports + POST rewind
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -58,12 +58,14 @@ from sqlalchemy import (
     column,
     func,
     literal,
+    or_,
     select,
     text,
     union_all,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Select
 
 from sluicegate.accounting.eventhub import Sender, SendResult, body_size, sender_for
@@ -698,3 +700,198 @@ def export_worker(
             for c in configs
         ]
     )
+
+
+# -- operators: reading and rewinding cursors (admin API, CLI) -----------------------------
+
+#: PostgreSQL: how long a rewind waits for a cycle in flight (it holds the cursor's row lock
+#: while it sends) before it gives up (``ExportBusy``: the admin API's 409).
+REWIND_LOCK_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CursorView:
+    """An export's cursor as stored: ``last_record_id`` (every id up to it was delivered but
+    the ``gap_ids``), the events ``exported`` and the ids ``lost`` since it was created, and
+    when it was created and last moved (epoch seconds)."""
+
+    name: str
+    last_record_id: int
+    gap_ids: int
+    gap_ranges: int
+    exported: int
+    lost: int
+    created_at: float
+    updated_at: float
+
+
+def cursor_views(engine: Engine) -> dict[str, CursorView]:
+    """Every export's cursor in the database, by name (configured or not). Blocking."""
+    with engine.connect() as conn:
+        rows = list(conn.execute(select(export_cursors).order_by(export_cursors.c.name)))
+    views = {}
+    for row in rows:
+        gaps = _decode_gaps(row.gaps)
+        views[row.name] = CursorView(
+            name=row.name,
+            last_record_id=int(row.last_record_id),
+            gap_ids=_size(gaps),
+            gap_ranges=len(gaps),
+            exported=int(row.exported),
+            lost=int(row.lost),
+            created_at=float(row.created_at),
+            updated_at=float(row.updated_at),
+        )
+    return views
+
+
+def newest_record_id(engine: Engine) -> int | None:
+    """The highest id in the ledger (None: no record). Blocking."""
+    with engine.connect() as conn:
+        top = conn.execute(select(func.max(usage_records.c.id))).scalar()
+    return None if top is None else int(top)
+
+
+class ExportNotFound(Exception):
+    """No cursor by that name (the export is unknown, or has not run its first cycle)."""
+
+
+class ExportBusy(Exception):
+    """The cursor could not be taken: a cycle kept it past the wait (or kept moving it)."""
+
+
+class RewindRefused(Exception):
+    """A forward move past records not delivered yet, without ``skip``; ``skipped`` is how
+    many records it would have passed."""
+
+    def __init__(self, message: str, skipped: int) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Rewound:
+    """What :func:`rewind` did: the cursor before and after, and the records a forward move
+    passed over without sending them (``skipped``)."""
+
+    name: str
+    previous_record_id: int
+    last_record_id: int
+    skipped: int
+
+
+def rewind(
+    engine: Engine,
+    name: str,
+    *,
+    after_record_id: int | None = None,
+    since: float | None = None,
+    skip: bool = False,
+    clock: Clock | None = None,
+    lock_seconds: float = REWIND_LOCK_SECONDS,
+) -> Rewound:
+    """Move export ``name``'s cursor so that its next cycle sends every record above
+    ``after_record_id``, or from the first record at or after ``since`` (epoch seconds; with
+    no record that late, above the newest record). Exactly one of the two. Blocking.
+
+    Backward (re-send): the ids above the new point are read again; the cursor's gaps below
+    it are kept (records still awaited there are sent when they commit). Forward: every id up
+    to the new point counts as delivered; if records not delivered yet lie on the way,
+    :class:`RewindRefused` unless ``skip`` (then they are never sent, and counted in the
+    answer and in a warning).
+
+    Safe with a running worker and other instances: on PostgreSQL the move takes the cursor's
+    row lock (which a cycle holds while it sends), waiting at most ``lock_seconds`` for it
+    (:class:`ExportBusy` after that); on SQLite the move is conditional on the row's
+    ``version``, which a cycle's own move checks too (a cycle that read the old cursor moves
+    nothing: its batch goes again from the new point). Either way a cycle's later move never
+    undoes a rewind. :class:`ExportNotFound` without a cursor by that name.
+    """
+    if (after_record_id is None) == (since is None):
+        raise ValueError("give after_record_id or since, exactly one")
+    clock = clock or SystemClock()
+    t, c = export_cursors.c, usage_records.c
+    postgres = engine.dialect.name == "postgresql"
+    for _ in range(5):
+        with engine.begin() as conn:
+            query = select(export_cursors).where(t.name == name)
+            if postgres:
+                # SET LOCAL: bounds this transaction's wait for the row lock only.
+                conn.execute(
+                    select(
+                        func.set_config(
+                            "lock_timeout", str(max(1, round(lock_seconds * 1000))), True
+                        )
+                    )
+                )
+                try:
+                    row = conn.execute(query.with_for_update()).first()
+                except DBAPIError as exc:
+                    # 55P03 lock_not_available: lock_timeout ran out (a cycle is sending).
+                    if getattr(exc.orig, "sqlstate", None) == "55P03":
+                        raise ExportBusy(
+                            f"export {name!r} is sending a batch; try again in a moment"
+                        ) from None
+                    raise
+            else:
+                row = conn.execute(query).first()
+            if row is None:
+                raise ExportNotFound(f"no export {name!r} in the database")
+            cursor = _cursor_of(row)
+            if since is not None:
+                first = conn.execute(select(func.min(c.id)).where(c.ts >= since)).scalar()
+                if first is not None:
+                    target = int(first) - 1
+                else:
+                    top = conn.execute(select(func.max(c.id))).scalar()
+                    target = max(cursor.upto, int(top or 0))
+            else:
+                assert after_record_id is not None
+                target = after_record_id
+            skipped = 0
+            if target > cursor.upto:
+                pending = [(lo, min(hi, target)) for lo, hi in cursor.ranges() if lo <= target]
+                skipped = int(
+                    conn.execute(
+                        select(func.count()).where(
+                            or_(*(c.id.between(lo, hi) for lo, hi in pending))
+                        )
+                    ).scalar()
+                    or 0
+                )
+                if skipped and not skip:
+                    raise RewindRefused(
+                        f"moving export {name!r} from record {cursor.upto} forward to {target} "
+                        f"would skip {skipped} record(s) not delivered yet; give skip: true "
+                        "(the CLI's --skip) to skip them",
+                        skipped,
+                    )
+                gaps: Ranges = ()
+            else:
+                gaps = tuple((lo, min(hi, target)) for lo, hi in cursor.gaps if lo <= target)
+            if target == cursor.upto and gaps == cursor.gaps:
+                return Rewound(name, cursor.upto, target, 0)
+            done = conn.execute(
+                update(export_cursors)
+                .where(t.name == name, t.version == cursor.version)
+                .values(
+                    last_record_id=target,
+                    gaps=orjson.dumps([list(g) for g in gaps]).decode(),
+                    version=t.version + 1,
+                    updated_at=clock.now(),
+                )
+            ).rowcount
+        if done == 1:
+            if skipped:
+                log.warning(
+                    "export %s: moved forward from record %d to %d: %d record(s) skipped, "
+                    "never sent",
+                    name,
+                    cursor.upto,
+                    target,
+                    skipped,
+                )
+            else:
+                log.info("export %s: cursor moved from record %d to %d", name, cursor.upto, target)
+            return Rewound(name, cursor.upto, target, skipped)
+    raise ExportBusy(f"export {name!r} kept moving; try again in a moment")

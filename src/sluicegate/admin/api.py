@@ -608,6 +608,32 @@ class AdminApi:
         r = await run(self.service.rebuild_rollups, start, end)
         return json_response(schemas.RollupRun(**_run_fields(r)))
 
+    async def exports(self, request: Request) -> Response:
+        items = [schemas.Export.model_validate(e) for e in await run(self.service.exports)]
+        return json_response(schemas.ExportList(items=items))
+
+    async def rewind_export(self, request: Request) -> Response:
+        name = str(request.path_params["name"])
+        if len(name) > 100 or not all(ch.isalnum() or ch in "_.-" for ch in name):
+            raise AdminError(404, f"no export {name[:100]!r}")
+        body: schemas.ExportRewind = await self._body(request, schemas.ExportRewind, required=True)
+        since = None
+        if body.since is not None:
+            try:
+                since = _iso(body.since)
+            except (ValueError, OverflowError):
+                raise AdminError(422, "since: must be an ISO 8601 date or date-time") from None
+            if not MIN_TIME <= since <= MAX_TIME:
+                raise AdminError(422, "since: must be from 1970-01-01 up to 9999-01-01")
+        moved = await run(
+            self.service.rewind_export,
+            name,
+            after_record_id=body.after_record_id,
+            since=since,
+            skip=body.skip,
+        )
+        return json_response(schemas.ExportRewound.model_validate(moved))
+
     # -- the operation table (drives both the routes and the OpenAPI document) ---------------
 
     def _operations(self) -> list[Operation]:
@@ -776,6 +802,32 @@ class AdminApi:
                 errors=(404, 422),
             ),
             Operation("get", "/ledger", self.ledger, "Ledger and rollup state", schemas.Ledger),
+            Operation(
+                "get",
+                "/exports",
+                self.exports,
+                "Usage exports and where each cursor stands",
+                schemas.ExportList,
+            ),
+            Operation(
+                "post",
+                "/exports/{name}/rewind",
+                self.rewind_export,
+                "Move an export's cursor: its next cycle sends the records from there (a "
+                "forward move past undelivered records needs skip)",
+                schemas.ExportRewound,
+                [
+                    param(
+                        "name",
+                        "path",
+                        {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,100}$"},
+                        required=True,
+                    )
+                ],
+                body=schemas.ExportRewind,
+                body_required=True,
+                errors=(404, 408, 409, 413, 422),
+            ),
             Operation(
                 "post",
                 "/rollups/refresh",

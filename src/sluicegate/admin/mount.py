@@ -120,6 +120,7 @@ def admin_service(gateway: Gateway) -> AdminService:
         engine=gateway.engine,
         backend_status=lambda: backend_status(gateway),
         ledger_stats=gateway.ledger.stats,
+        exporters=() if gateway.exports is None else gateway.exports.exporters,
     )
 
 

@@ -380,3 +380,74 @@ class RollupRun(_Model):
     days: int
     last_record_id: int
     seconds: float
+
+
+class Export(_Model):
+    """A usage export and where its cursor stands (docs/chargeback.md, "Exporting usage").
+    The cursor's fields are null for an export that has not run its first cycle
+    (``started: false``); ``type``, ``url`` and ``products`` are null for one that is in the
+    database but no longer configured (``configured: false``)."""
+
+    name: str
+    configured: bool
+    type: Literal["event_hub", "webhook"] | None
+    url: str | None = Field(description="Without credentials or query string.")
+    products: list[str] | None
+    started: bool
+    last_record_id: int | None = Field(
+        description="Every record up to this id was delivered (but those in the gaps)."
+    )
+    gap_ids: int | None = Field(
+        description="PostgreSQL: ids below last_record_id still awaited (in flight when "
+        "read); always 0 on SQLite."
+    )
+    newest_record_id: int | None = Field(description="The highest record id in the ledger.")
+    lag_records: int | None = Field(
+        description="Ids between the cursor and the newest record (the lag gauge's value)."
+    )
+    exported: int | None = Field(description="Events delivered since the cursor was created.")
+    lost: int | None = Field(description="Ids given up on (records purged before export).")
+    created_at: float | None
+    updated_at: float | None = Field(
+        description="When the cursor last moved: a delivery, or a rewind."
+    )
+    sent_since_start: int | None = Field(
+        description="Events this gateway process delivered (null outside a running gateway)."
+    )
+    failures_since_start: int | None
+    last_failure: str | None
+
+
+class ExportList(_Model):
+    items: list[Export]
+
+
+class ExportRewind(_Model):
+    """Where an export's next cycle starts: after a record id, or at the first record at or
+    after a time. Exactly one of the two."""
+
+    after_record_id: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description="Send every record above this id again (0: the whole ledger).",
+    )
+    since: str | None = Field(
+        default=None,
+        max_length=64,
+        description="ISO 8601 date-time (UTC if no offset): send from the first record at "
+        "or after it.",
+        json_schema_extra={"format": "date-time"},
+    )
+    skip: bool = Field(
+        default=False,
+        description="Allow a forward move past records not delivered yet (they are never sent).",
+    )
+
+
+class ExportRewound(_Model):
+    name: str
+    previous_record_id: int
+    last_record_id: int
+    skipped: int = Field(description="Records a forward move passed over (never sent).")
+    export: Export

@@ -17,9 +17,10 @@ import builtins
 import csv
 import io
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
@@ -54,6 +55,9 @@ from sluicegate.storage.subscriptions import (
 
 #: The longest range one report may cover (days): keeps a request from scanning years.
 MAX_REPORT_DAYS = 3660
+
+if TYPE_CHECKING:
+    from sluicegate.accounting.export import Exporter
 
 
 class AdminError(Exception):
@@ -116,6 +120,7 @@ class AdminService:
         engine: Engine | None = None,
         backend_status: Callable[[], list[dict[str, Any]]] | None = None,
         ledger_stats: Callable[[], LedgerStats] | None = None,
+        exporters: Sequence[Exporter] = (),
     ) -> None:
         self.config = config
         self.repository = repository
@@ -132,6 +137,8 @@ class AdminService:
         self.rollups = Rollups(engine, self.prices, self.clock) if engine is not None else None
         self._backend_status = backend_status
         self._ledger_stats = ledger_stats
+        #: The running gateway's exports (their counts since it started); empty in the CLI.
+        self._exporters = {e.config.name: e for e in exporters}
 
     def products(self) -> list[dict[str, Any]]:
         return [
@@ -550,6 +557,114 @@ class AdminService:
             last_id, purged = self.rollups.state()
             out.update(rollup_last_record_id=last_id, raw_purged_before=purged)
         return out
+
+    # -- usage exports -------------------------------------------------------------------------
+
+    def exports(self) -> builtins.list[dict[str, Any]]:
+        """Each configured export, then each export with a cursor in the database but no
+        longer configured (``configured: false``): its cursor, the ledger's newest record
+        id and the lag (ids between them: the ``sluicegate_export_lag_records`` gauge's
+        value), the events delivered since the cursor was created (``exported``) and, in a
+        running gateway, since it started (``sent_since_start``; None in the CLI)."""
+        from sluicegate.accounting.export import cursor_views, newest_record_id
+
+        engine = self._rollups().engine
+        views = cursor_views(engine)
+        newest = newest_record_id(engine)
+        out = []
+        names = [e.name for e in self.config.exports]
+        configs = {e.name: e for e in self.config.exports}
+        for name in [*names, *(n for n in views if n not in configs)]:
+            config = configs.get(name)
+            view = views.get(name)
+            running = self._exporters.get(name)
+            upto = None if view is None else view.last_record_id
+            out.append(
+                {
+                    "name": name,
+                    "configured": config is not None,
+                    "type": None if config is None else config.type,
+                    "url": None if config is None else _bare_url(config.url),
+                    "products": None if config is None else config.products,
+                    "started": view is not None,
+                    "last_record_id": upto,
+                    "gap_ids": None if view is None else view.gap_ids,
+                    "newest_record_id": newest,
+                    "lag_records": None if upto is None else max((newest or 0) - upto, 0),
+                    "exported": None if view is None else view.exported,
+                    "lost": None if view is None else view.lost,
+                    "created_at": None if view is None else view.created_at,
+                    "updated_at": None if view is None else view.updated_at,
+                    "sent_since_start": None if running is None else running.sent,
+                    "failures_since_start": None if running is None else running.failures,
+                    "last_failure": None if running is None else running.last_failure,
+                }
+            )
+        return out
+
+    def export(self, name: str) -> dict[str, Any]:
+        """One export as :meth:`exports` shows it; 404 when neither configured nor in the
+        database."""
+        for item in self.exports():
+            if item["name"] == name:
+                return item
+        raise AdminError(404, f"no export {name!r}")
+
+    def rewind_export(
+        self,
+        name: str,
+        *,
+        after_record_id: int | None = None,
+        since: float | None = None,
+        skip: bool = False,
+    ) -> dict[str, Any]:
+        """Move export ``name``'s cursor (``accounting.export.rewind``): its next cycle sends
+        the records above ``after_record_id``, or from the first at or after ``since``. 404
+        for an unknown export (or one that has not started: no cursor yet), 409 for a forward
+        move past undelivered records without ``skip``, or while a cycle keeps the cursor,
+        422 without exactly one of ``after_record_id`` and ``since``. Answers the move
+        (``previous_record_id``, ``last_record_id``, ``skipped``) and the export after it."""
+        from sluicegate.accounting.export import ExportBusy, ExportNotFound, RewindRefused, rewind
+
+        if (after_record_id is None) == (since is None):
+            raise AdminError(422, "body: give after_record_id or since, exactly one")
+        engine = self._rollups().engine
+        try:
+            moved = rewind(
+                engine,
+                name,
+                after_record_id=after_record_id,
+                since=since,
+                skip=skip,
+                clock=self.clock,
+            )
+        except ExportNotFound:
+            configured = any(e.name == name for e in self.config.exports)
+            raise AdminError(
+                404,
+                f"export {name!r} has not started yet (no cursor)"
+                if configured
+                else f"no export {name!r}",
+            ) from None
+        except (ExportBusy, RewindRefused) as exc:
+            raise AdminError(409, str(exc)) from None
+        return {
+            "name": name,
+            "previous_record_id": moved.previous_record_id,
+            "last_record_id": moved.last_record_id,
+            "skipped": moved.skipped,
+            "export": self.export(name),
+        }
+
+
+def _bare_url(url: str) -> str:
+    """``url`` without credentials, query or fragment (what an operator may be shown)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def money(nanos: int) -> str:

@@ -1,5 +1,5 @@
 """``sluicegate`` — the command line: serve | demo | config check | keys | usage | forecast |
-budgets | backends | simulate."""
+budgets | exports | backends | simulate."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ usage_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Usage reports fr
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
+exports_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Usage exports: where each stands; move a cursor."
+)
+app.add_typer(exports_app, name="exports")
 
 #: The latest expiry a subscription may have: 3000-01-01 UTC, the admin API's bound
 #: (``schemas.SubscriptionCreate.expires_at``); the dashboard shows it as a date.
@@ -411,6 +415,51 @@ def budgets(
     cfg = _load(config)
     with _reported(cfg):
         print_budgets(cfg, subscription, as_json)
+
+
+@exports_app.command("list", cls=_Command)
+def exports_list(
+    config: ConfigOpt = Path("gateway.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Each usage export: its cursor, gaps, lag behind the ledger and events delivered
+    (docs/chargeback.md, "Exporting usage")."""
+    from sluicegate.cli.exports import print_exports
+
+    cfg = _load(config)
+    with _reported(cfg):
+        print_exports(cfg, as_json)
+
+
+@exports_app.command("rewind", cls=_Command)
+def exports_rewind(
+    name: Annotated[str, typer.Argument(help="The export's name.")],
+    config: ConfigOpt = Path("gateway.yaml"),
+    after_record_id: Annotated[
+        int | None,
+        typer.Option(min=0, help="Send every record above this id (again)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="ISO date/time (UTC): send from the first record at or after it."),
+    ] = None,
+    skip: Annotated[
+        bool, typer.Option("--skip", help="Allow moving forward past undelivered records.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Move an export's cursor: its next cycle sends the records from there (consumers drop
+    duplicates by record_id). Give --after-record-id or --since."""
+    from sluicegate.cli.exports import rewind_export
+
+    if (after_record_id is None) == (since is None):
+        raise typer.BadParameter("give --after-record-id or --since (one of them)")
+    when = None if since is None else _parse_time(since, 0.0)
+    cfg = _load(config)
+    with _reported(cfg):
+        rewind_export(
+            cfg, name, after_record_id=after_record_id, since=when, skip=skip, as_json=as_json
+        )
 
 
 @app.command(cls=_Command)
