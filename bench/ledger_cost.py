@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 from psycopg import sql
@@ -140,6 +140,15 @@ def drain(writer: LedgerWriter, timeout: float) -> float:
 _PROBE_SLEEP = 0.0002
 
 
+class Run(TypedDict):
+    """One run's costs: its rate, and the writer's and the database's CPU per record."""
+
+    records_per_s: int
+    writer_cpu_us: float
+    database_cpu_us: float | None  # None: the database is not on this machine
+    longest_wait_ms: float
+
+
 def measure(url: str, records: int, repeats: int, spill_dir: Path) -> dict[str, Any]:
     """Write ``records`` records ``repeats`` times through one writer; the best run's costs."""
     engine = create_engine_for(url)
@@ -164,7 +173,7 @@ def measure(url: str, records: int, repeats: int, spill_dir: Path) -> dict[str, 
             raise SystemExit(f"expected one running ledger-writer thread, found {len(tids)}")
         me, tid = os.getpid(), tids[0]
         pid = backend_pid(engine) if engine.dialect.name == "postgresql" else None
-        runs = []
+        runs: list[Run] = []
         for run in range(repeats):
             batch = build_records(records, start=(run + 1) * 10_000_000)
             db_before = proc_cpu_seconds(pid) if pid else 0.0

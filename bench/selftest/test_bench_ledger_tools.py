@@ -15,6 +15,7 @@ import ledger_cost
 from backlog import Trace
 from sluicegate.storage.engine import create_engine_for
 from sluicegate.storage.migrations import migrate
+from targets import PG_SERVER
 
 
 def _count(url: str) -> int:
@@ -91,12 +92,12 @@ def test_growth_is_the_slope_over_the_second_half() -> None:
 def test_an_outage_refuses_the_targets_database_and_cuts_its_connections() -> None:
     with ledger_cost.postgres_database("postgresql://postgres@127.0.0.1:5432/postgres") as url:
         database = url.rsplit("/", 1)[1]
-        held = psycopg.connect(backlog.PG_SERVER + database, autocommit=True)
+        held = psycopg.connect(PG_SERVER + database, autocommit=True)
         try:
             assert backlog.stored_records(database) == 0
             backlog.set_connections(database, allowed=False)
             with pytest.raises(psycopg.OperationalError):
-                psycopg.connect(backlog.PG_SERVER + database, connect_timeout=5)
+                psycopg.connect(PG_SERVER + database, connect_timeout=5)
             with pytest.raises(psycopg.OperationalError):
                 held.execute("SELECT 1")  # an open connection is cut too
             backlog.set_connections(database, allowed=True)

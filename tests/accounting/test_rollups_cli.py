@@ -6,6 +6,7 @@ import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,7 +26,7 @@ from sluicegate.storage.reports import ledger_totals, usage_report
 from tests.accounting.conftest import write_ledger
 
 T0 = datetime(2026, 3, 3, 22, 0, tzinfo=UTC).timestamp()
-CONFIG = {
+CONFIG: dict[str, Any] = {  # a config document, as parse_config reads it
     "storage": {"url": "sqlite:///x.db"},
     "backends": [{"name": "east", "url": "http://e"}],
     "deployments": [
@@ -70,7 +71,7 @@ def test_rollups_match_the_raw_ledger_incrementally(engine: Engine, tmp_path: Pa
     rollups.catch_up()  # idempotent
     start, end = T0 - 86400, T0 + 3 * 86400
     for by in ("subscription", "owner", "deployment"):
-        raw = {r.key: r for r in usage_report(engine, start=start, end=end, by=by)}  # type: ignore[arg-type]
+        raw = {r.key: r for r in usage_report(engine, start=start, end=end, by=by)}
         rep = charge_report(engine, prices, start=start, end=end, by=by)
         tokens = {k: r.total_tokens for k, r in raw.items()}
         assert {r.key: r.total_tokens for r in rep.rows} == tokens

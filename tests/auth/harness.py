@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.admin.service import AdminService
@@ -31,7 +32,9 @@ from tests.support.idp import AUDIENCE, TestIdentityProvider
 
 API_VERSION = "2024-10-21"
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-MESSAGES = [{"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}
+]
 
 
 #: The Entra harness serves its gateway like every other test (tests/support/gateway.py).

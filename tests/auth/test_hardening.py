@@ -328,7 +328,7 @@ def test_passthrough_paths_only_for_products_that_may_use_every_deployment(
     """Passthrough paths are forwarded unmetered and name their model in the body (images
     on the v1 API) or in a batch's file, past the deployment check: a product limited to
     some deployments may not use them unless it says ``passthrough: true``."""
-    products = [
+    products: list[dict[str, Any]] = [
         {"name": "open", "deployments": ["*"]},
         {"name": "narrow", "deployments": ["gpt-4o-mini"]},
         {"name": "narrow-with-files", "deployments": ["gpt-4o-mini"], "passthrough": True},
@@ -474,7 +474,9 @@ def test_tls_with_the_sdk(tmp_path: Path, simulator: SimulatorThread) -> None:
         assert h.url.startswith("https://")
         trust = ssl.create_default_context(cafile=str(cert))
         with httpx.Client(verify=trust) as http:
-            client = openai.AzureOpenAI(
+            # openai annotates http_client as httpx2.Client only, but accepts (and checks at
+            # run time, is_legacy_httpx_sync_client) the httpx.Client this test passes.
+            client = openai.AzureOpenAI(  # type: ignore[call-overload]
                 azure_endpoint=h.url,
                 api_key=h.keys["team-a"],
                 api_version=API_VERSION,

@@ -136,7 +136,7 @@ def test_product_that_requires_a_token_refuses_subscription_keys(
     (APIM: an API behind ``validate-jwt`` answers 401 without a token); its tokens, and a key
     with a token of the same subscription, pass; another product's keys still work. Without
     an ``oidc`` section the setting is a configuration error."""
-    products = [
+    products: list[dict[str, Any]] = [
         {"name": "starter", "deployments": ["*"]},
         {"name": "tokens-only", "deployments": ["*"], "require_token": True},
     ]

@@ -16,7 +16,7 @@ from jwt.api_jws import PyJWS
 from sluicegate.auth.oidc import FetchError
 from sluicegate.auth.tokens import TokenError, TokenFailure, TokenValidator
 from sluicegate.clock import FakeClock
-from sluicegate.config.oidc import OidcConfig
+from sluicegate.config.oidc import OidcConfig, OidcIssuerConfig
 from tests.support.idp import AUDIENCE, TestIdentityProvider
 
 NOW = 1_800_000_000
@@ -25,7 +25,7 @@ NOW = 1_800_000_000
 def _config(idp: TestIdentityProvider, **overrides: Any) -> OidcConfig:
     issuer: dict[str, Any] = {"discovery_url": idp.discovery_url, "audiences": [AUDIENCE]}
     issuer.update(overrides.pop("issuer", {}))
-    return OidcConfig(issuers=[issuer], **overrides)
+    return OidcConfig(issuers=[OidcIssuerConfig(**issuer)], **overrides)
 
 
 @pytest.fixture
@@ -247,11 +247,11 @@ async def test_symmetric_and_encryption_keys_in_the_jwks_are_ignored(
     )
     config = OidcConfig(
         issuers=[
-            {
-                "discovery_url": "https://idp.test/.well-known/openid-configuration",
-                "audiences": [AUDIENCE],
-                "allowed_algorithms": ["RS256"],
-            }
+            OidcIssuerConfig(
+                discovery_url="https://idp.test/.well-known/openid-configuration",
+                audiences=[AUDIENCE],
+                allowed_algorithms=["RS256"],
+            )
         ],
         jwks_min_refresh_seconds=0,
     )
@@ -279,7 +279,7 @@ async def test_symmetric_and_encryption_keys_in_the_jwks_are_ignored(
 async def test_issuer_down_then_back(idp: TestIdentityProvider, clock: FakeClock) -> None:
     docs = _Documents({})
     config = OidcConfig(
-        issuers=[{"discovery_url": "https://idp.test/oidc", "audiences": [AUDIENCE]}],
+        issuers=[OidcIssuerConfig(discovery_url="https://idp.test/oidc", audiences=[AUDIENCE])],
         jwks_min_refresh_seconds=30,
     )
     v = TokenValidator(config, clock, fetch=docs)
@@ -301,8 +301,8 @@ async def test_two_issuers_are_told_apart_by_iss(clock: FakeClock) -> None:
     with TestIdentityProvider(tenant="tenant-a") as a, TestIdentityProvider(tenant="tenant-b") as b:
         config = OidcConfig(
             issuers=[
-                {"discovery_url": a.discovery_url, "audiences": [AUDIENCE]},
-                {"discovery_url": b.discovery_url, "audiences": ["api://b"]},
+                OidcIssuerConfig(discovery_url=a.discovery_url, audiences=[AUDIENCE]),
+                OidcIssuerConfig(discovery_url=b.discovery_url, audiences=["api://b"]),
             ]
         )
         v = TokenValidator(config, clock)
@@ -328,8 +328,8 @@ async def test_one_of_two_issuers_down(idp: TestIdentityProvider, clock: FakeClo
     docs = _Documents({})
     config = OidcConfig(
         issuers=[
-            {"discovery_url": idp.discovery_url, "audiences": [AUDIENCE]},
-            {"discovery_url": "https://down.test/oidc", "audiences": [AUDIENCE]},
+            OidcIssuerConfig(discovery_url=idp.discovery_url, audiences=[AUDIENCE]),
+            OidcIssuerConfig(discovery_url="https://down.test/oidc", audiences=[AUDIENCE]),
         ],
         jwks_min_refresh_seconds=30,
     )

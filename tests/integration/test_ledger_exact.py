@@ -24,13 +24,13 @@ async def _one(client: openai.AsyncAzureOpenAI, rng: random.Random, i: int) -> N
             max_tokens=max_tokens,
         )
     else:
-        kwargs = {"stream_options": {"include_usage": True}} if kind == "stream_usage" else {}
         stream = await client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": words}],
             max_tokens=max_tokens,
             stream=True,
-            **kwargs,
+            # omit: the SDK's default, the field is not sent at all
+            stream_options={"include_usage": True} if kind == "stream_usage" else openai.omit,
         )
         async for _ in stream:
             pass

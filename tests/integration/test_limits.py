@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from sluicegate.clock import FakeClock
 from sluicegate.simulator.server import SimulatorThread
@@ -17,7 +18,19 @@ from tests.integration.conftest import Harness, OffsetClock
 from tests.support.gateway import GatewayThread, gateway_config
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-ONE_MESSAGE = {"messages": [{"role": "user", "content": "hello hello hello"}], "max_tokens": 10}
+
+
+class _ChatBody(TypedDict):
+    """A chat request's body, typed so that ``**ONE_MESSAGE`` checks as SDK arguments."""
+
+    messages: list[ChatCompletionMessageParam]
+    max_tokens: int
+
+
+ONE_MESSAGE: _ChatBody = {
+    "messages": [{"role": "user", "content": "hello hello hello"}],
+    "max_tokens": 10,
+}
 # The simulator counts 4 per message + words + 3 = 10 prompt tokens, so one request uses 20.
 TOKENS_PER_REQUEST = 20
 

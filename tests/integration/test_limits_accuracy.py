@@ -14,7 +14,9 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,6 +34,9 @@ TPM = 30_000
 CLIENTS = 100
 SECONDS = float(os.environ.get("SLUICEGATE_ACCURACY_SECONDS", "180"))
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+#: What one run leaves for the checks: its ledger, the count of each status, when it began.
+_Result = tuple[list[UsageRecord], dict[int, int], float]
 
 
 def _body(rng: random.Random) -> dict[str, object]:
@@ -116,7 +121,7 @@ def _sim() -> SimulatorThread:
     return sim
 
 
-def _limited(tmp: Path, sim: SimulatorThread, **extra: object) -> dict[str, object]:
+def _limited(tmp: Path, sim: SimulatorThread, **extra: Any) -> dict[str, Any]:
     return gateway_config(
         tmp,
         {"sim": sim.url},
@@ -127,7 +132,7 @@ def _limited(tmp: Path, sim: SimulatorThread, **extra: object) -> dict[str, obje
     )
 
 
-def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
+def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, _Result]) -> None:
     gw = GatewayProcess(tmp, _limited(tmp, sim))
     try:
         gw.start()
@@ -143,7 +148,7 @@ def _embedded(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
     engine.dispose()
 
 
-def _cluster(tmp: Path, sim: SimulatorThread, out: dict[str, object]) -> None:
+def _cluster(tmp: Path, sim: SimulatorThread, out: dict[str, _Result]) -> None:
     prefix = "sgt" + secrets.token_hex(4)
     gws: list[GatewayProcess] = []
     with throwaway_database() as db_url:
@@ -178,13 +183,13 @@ def test_accuracy_embedded_and_cluster(tmp_path: Path) -> None:
     """Both runs at once (they share nothing but the simulator, which has no limits here),
     so the suite pays three minutes, not six."""
     sim = _sim()
-    out: dict[str, object] = {}
+    out: dict[str, _Result] = {}
     errors: list[BaseException] = []
 
-    def run(fn: object, sub: str) -> None:
+    def run(fn: Callable[[Path, SimulatorThread, dict[str, _Result]], None], sub: str) -> None:
         try:
             (tmp_path / sub).mkdir()
-            fn(tmp_path / sub, sim, out)  # type: ignore[operator]
+            fn(tmp_path / sub, sim, out)
         except BaseException as exc:  # reported below, in the test's own thread
             errors.append(exc)
 
@@ -202,6 +207,6 @@ def test_accuracy_embedded_and_cluster(tmp_path: Path) -> None:
     if errors:
         raise errors[0]
     for label, result in out.items():
-        records, statuses, since = result  # type: ignore[misc]
+        records, statuses, since = result
         _check(records, statuses, since, label)
     assert set(out) == {"embedded", "cluster x3"}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integration.conftest import Harness
 
 API_VERSION = "2024-10-21"
-MESSAGES = [{"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Tell me about the sluice gates of the Netherlands"}
+]
 
 
 def azure(h: Harness, key: str) -> openai.AzureOpenAI:
@@ -70,9 +73,13 @@ def test_streaming_with_and_without_include_usage(harness: Harness, include_usag
     key = harness.new_key().primary_key
     assert key
     for client in (azure(harness, key), v1(harness, key)):
-        kwargs = {"stream_options": {"include_usage": True}} if include_usage else {}
         stream = client.chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=True, **kwargs
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            # omit: the SDK's default, the field is not sent at all
+            stream_options={"include_usage": True} if include_usage else openai.omit,
         )
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

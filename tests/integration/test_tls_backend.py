@@ -99,7 +99,12 @@ def test_an_https_backend_is_verified_against_the_trust_store(
 ) -> None:
     tls, cert = front
     closing: list[openai.AzureOpenAI] = []
-    request.addfinalizer(lambda: [client.close() for client in closing])
+
+    def close_all() -> None:
+        for client in closing:
+            client.close()
+
+    request.addfinalizer(close_all)
     config = gateway_config(tmp_path, {"sim": f"https://127.0.0.1:{tls.port}"})
     trusting = GatewayProcess(
         tmp_path, config, env=dict(gateway_environ(), SSL_CERT_FILE=str(cert))

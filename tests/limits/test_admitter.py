@@ -16,13 +16,13 @@ from sluicegate.auth.subscriptions import Subscription, SubscriptionState
 from sluicegate.clock import FakeClock
 from sluicegate.limits import Limiter, LimitPolicy, MemoryStore
 from sluicegate.proxy import admission as admission_module
-from sluicegate.proxy.admission import INLINE_COUNT_BYTES, LimitsAdmitter
+from sluicegate.proxy.admission import LimitsAdmitter
 from sluicegate.proxy.context import RequestContext
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.proxy.routes import match_route
 from sluicegate.tokens.estimate import TokenEstimate, estimate_request_tokens
-from sluicegate.tokens.offload import counting_thread
+from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
 
 CHAT = "/openai/deployments/gpt-4o/chat/completions"
 SMALL = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 5}

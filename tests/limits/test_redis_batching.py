@@ -179,6 +179,7 @@ async def test_a_batch_resent_after_its_reply_was_lost_runs_once(
         assert dropping_proxy.dropped == 2
 
         bucket, total = await redis_client.hmget(redis_prefix + "k:tpm", [str(slot), "-1"])
+        assert bucket is not None and total is not None
         assert (int(bucket), int(total)) == (700, 700)  # charged 1000 once, refunded 300 once
         assert store.batching.connections == 1 and dropping_proxy.connections >= 3
         assert store.available and store.stats.outages == 0
@@ -235,7 +236,9 @@ async def test_a_resent_batch_answers_the_replies_of_its_one_run_as_they_were(
                 batcher.call("count", [key], []),
             ]
             answers[name] = _comparable(await asyncio.gather(*calls, return_exceptions=True))
-            assert int(await redis_client.get(key)) == 2  # each call ran once
+            count = await redis_client.get(key)
+            assert count is not None
+            assert int(count) == 2  # each call ran once
     finally:
         for batcher in batchers.values():
             await batcher.aclose()

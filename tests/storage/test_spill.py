@@ -255,10 +255,12 @@ def test_appends_do_not_wait_for_a_replay_whose_sink_hangs(tmp_path: Path) -> No
     replayer.start()
     try:
         assert in_sink.wait(10)
-        appender = threading.Thread(
-            target=lambda: (spill.append([build_record(5)]), other.append([build_record(6)])),
-            daemon=True,
-        )
+
+        def append_to_both() -> None:
+            spill.append([build_record(5)])
+            other.append([build_record(6)])
+
+        appender = threading.Thread(target=append_to_both, daemon=True)
         appender.start()
         appender.join(5)
         assert not appender.is_alive(), "an append waited for the replay's sink"

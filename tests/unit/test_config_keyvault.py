@@ -3,7 +3,7 @@ reference, exactly one; mistakes are reported with their location."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -11,7 +11,15 @@ from sluicegate.config.loader import ConfigError, environment_problems, parse_co
 from sluicegate.config.model import KeyVaultSecretConfig
 from sluicegate.upstream.identity import credential_for
 
-VAULT = {"vault_url": "https://myvault.vault.azure.net/", "secret": "aoai-key"}
+
+class _Vault(TypedDict):
+    """The two required fields of a vault reference, typed so that ``**VAULT`` checks."""
+
+    vault_url: str
+    secret: str
+
+
+VAULT: _Vault = {"vault_url": "https://myvault.vault.azure.net/", "secret": "aoai-key"}
 
 
 def _config(auth: dict[str, Any]) -> dict[str, Any]:
