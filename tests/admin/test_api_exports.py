@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from sluicegate.accounting.export import CursorStore, ExportBusy, rewind
+from sluicegate.accounting.export import CursorStore, ExportBusy, RewindRefused, rewind
 from sluicegate.simulator.event_hub import EventHubThread, FakeEventHub
 from sluicegate.storage.schema import usage_records
 from tests.accounting.conftest import chat_record, engine, write_ledger  # noqa: F401  (fixture)
@@ -273,3 +273,62 @@ def test_a_listed_url_has_no_credentials_or_query() -> None:
         "https://hooks.example:8443/in"
     )
     assert _bare_url("http://[::1]:9/hub") == "http://[::1]:9/hub"
+    # A port the configuration let through but urllib cannot read: shown as given, no
+    # ValueError (the whole listing was a 500, the CLI a traceback).
+    assert _bare_url("https://u:p@hooks.example:99999/in") == "https://hooks.example:99999/in"
+    assert _bare_url("https://u:p@[::1]:x/in") == "https://[::1]:x/in"
+
+
+# -- forward moves: the ledger's end and the ids in flight ----------------------------------
+
+
+def test_a_move_past_the_newest_record_is_refused(
+    engine: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A point above the ledger's newest record would pass over records not written yet
+    (none of them counted as skipped): refused, with skip too; up to the newest it moves."""
+    write_ledger(engine, tmp_path, [chat_record(f"r{i}", 1e9 + i, "s", 10) for i in range(2)])
+    store = CursorStore(engine, "usage")
+    store.ensure("latest")
+    state = store.state()
+    assert state is not None
+    top = state[0].upto
+    for skip in (False, True):
+        with pytest.raises(RewindRefused, match="newest record"):
+            rewind(engine, "usage", after_record_id=top + 100, skip=skip)
+    state = store.state()
+    assert state is not None and state[0].upto == top
+    assert rewind(engine, "usage", after_record_id=top).last_record_id == top
+
+
+def test_a_forward_move_keeps_the_ids_in_flight_as_gaps(
+    engine: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL: an id with no record yet (in flight: it commits later) is not skipped by
+    a forward move — it stays a gap, below the cursor's old point and on the way; the
+    records passed over are. SQLite keeps no gaps."""
+    write_ledger(engine, tmp_path, [chat_record(f"r{i}", 1e9 + i, "s", 10) for i in range(3)])
+    with engine.begin() as conn:
+        ids = [int(i) for i in conn.execute(select(usage_records.c.id).order_by("id")).scalars()]
+        conn.execute(usage_records.delete().where(usage_records.c.id == ids[1]))
+    store = CursorStore(engine, "usage")
+    store.ensure("latest")
+    write_ledger(engine, tmp_path, [chat_record(f"s{i}", 2e9 + i, "s", 10) for i in range(3)])
+    with engine.begin() as conn:
+        later = [
+            int(i)
+            for i in conn.execute(
+                select(usage_records.c.id).where(usage_records.c.id > ids[2]).order_by("id")
+            ).scalars()
+        ]
+        conn.execute(usage_records.delete().where(usage_records.c.id == later[1]))
+    moved = rewind(engine, "usage", after_record_id=later[2], skip=True)
+    state = store.state()
+    assert state is not None
+    if engine.dialect.name == "postgresql":
+        assert moved.skipped == 2
+        assert state[0].gaps == ((ids[1], ids[1]), (later[1], later[1]))
+    else:
+        assert moved.skipped == 2 and state[0].gaps == ()

@@ -156,3 +156,45 @@ def test_exports_list_and_rewind(
     assert code == 1 and "no export 'nope'" in err
     code, out, err = run_cli(capsys, "exports", "rewind", "usage-hub", "-c", c)
     assert code == 2 and "--after-record-id or --since" in err
+
+
+def test_a_rewind_below_the_oldest_record_counts_nothing_lost(
+    tmp_path: Path, hub: FakeEventHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Retention purged the oldest records (delivered long ago): a rewind to 0 ("the whole
+    ledger") re-sends what is left, and counts none of the purged ids as lost (they were
+    delivered; the lost count and its warning are for records purged before export)."""
+    export: dict[str, Any] = {
+        "name": "usage-hub",
+        "type": "event_hub",
+        "url": hub.url,
+        "sas_key_name": "send",
+        "sas_key_env": KEY_ENV,
+        "start": "earliest",
+    }
+    path = write_config(tmp_path, f"sqlite:///{tmp_path / 'l.db'}", exports=[export])
+    config = load_config(path)
+    c = str(path)
+    write_records(
+        path, tmp_path, [record(i, T0 + 10 * i, "sub-1", refused=False) for i in range(4)]
+    )
+    ids = ledger_ids(config)
+    assert export_cycles(config, hub) == 4
+    engine = create_engine_for(config.storage.url)
+    try:
+        with engine.begin() as conn:  # what retention does
+            conn.execute(usage_records.delete().where(usage_records.c.id <= ids[1]))
+    finally:
+        engine.dispose()
+
+    code, out, err = run_cli(
+        capsys, "exports", "rewind", "usage-hub", "-c", c, "--after-record-id", "0", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["last_record_id"] == ids[1]  # below it: no record to send
+    assert export_cycles(config, hub) == 2
+    assert record_ids(hub)[4:] == ids[2:]
+    code, out, err = run_cli(capsys, "exports", "list", "-c", c, "--json")
+    assert code == 0, err
+    [item] = json.loads(out)["items"]
+    assert item["lost"] == 0 and item["exported"] == 6

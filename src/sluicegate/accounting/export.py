@@ -405,6 +405,22 @@ def _missing_ids(conn: Connection, upto: int) -> Ranges:
     return tuple(ranges[-MAX_GAP_RANGES:])
 
 
+def _overlap(a: Ranges, b: Sequence[tuple[int, int]]) -> Ranges:
+    """The ids in both ``a`` and ``b`` (sorted, disjoint ranges), as ranges. Linear: each
+    may hold ``MAX_GAP_RANGES`` ranges."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
+
+
 def _cursor_of(row: Any) -> Cursor:
     return Cursor(int(row.last_record_id), _decode_gaps(row.gaps), int(row.version))
 
@@ -798,7 +814,10 @@ def rewind(
     it are kept (records still awaited there are sent when they commit). Forward: every id up
     to the new point counts as delivered; if records not delivered yet lie on the way,
     :class:`RewindRefused` unless ``skip`` (then they are never sent, and counted in the
-    answer and in a warning).
+    answer and in a warning). On PostgreSQL the ids on the way with no record (in flight,
+    perhaps) stay gaps. A point above the newest record: :class:`RewindRefused`, ``skip``
+    or not (records written later would be passed over uncounted). A point below the
+    oldest record is taken as just below it (the ids under it were purged).
 
     Safe with a running worker and other instances: on PostgreSQL the move takes the cursor's
     row lock (which a cycle holds while it sends), waiting at most ``lock_seconds`` for it
@@ -848,8 +867,24 @@ def rewind(
             else:
                 assert after_record_id is not None
                 target = after_record_id
+                if target < cursor.upto:
+                    # Below the oldest record nothing is left to send: the ids there would
+                    # only be read as missing and counted lost (they were delivered, then
+                    # purged), with a warning.
+                    oldest = conn.execute(select(func.min(c.id))).scalar()
+                    floor = cursor.upto if oldest is None else min(cursor.upto, int(oldest) - 1)
+                    target = max(target, floor)
             skipped = 0
             if target > cursor.upto:
+                top = int(conn.execute(select(func.max(c.id))).scalar() or 0)
+                if target > top:
+                    # Records written later with ids up to it would never be sent, and no
+                    # count could say how many: never, skip or not.
+                    raise RewindRefused(
+                        f"record {target} is above the newest record ({top}): moving export "
+                        f"{name!r} there would skip records not written yet",
+                        0,
+                    )
                 pending = [(lo, min(hi, target)) for lo, hi in cursor.ranges() if lo <= target]
                 skipped = int(
                     conn.execute(
@@ -866,7 +901,9 @@ def rewind(
                         "(the CLI's --skip) to skip them",
                         skipped,
                     )
-                gaps: Ranges = ()
+                # PostgreSQL: an id on the way with no record may be in flight (it commits
+                # later): it stays a gap, as for a cursor started at ``latest``.
+                gaps: Ranges = _overlap(_missing_ids(conn, target), pending) if postgres else ()
             else:
                 gaps = tuple((lo, min(hi, target)) for lo, hi in cursor.gaps if lo <= target)
             if target == cursor.upto and gaps == cursor.gaps:

@@ -621,9 +621,10 @@ class AdminService:
         """Move export ``name``'s cursor (``accounting.export.rewind``): its next cycle sends
         the records above ``after_record_id``, or from the first at or after ``since``. 404
         for an unknown export (or one that has not started: no cursor yet), 409 for a forward
-        move past undelivered records without ``skip``, or while a cycle keeps the cursor,
-        422 without exactly one of ``after_record_id`` and ``since``. Answers the move
-        (``previous_record_id``, ``last_record_id``, ``skipped``) and the export after it."""
+        move past undelivered records without ``skip`` or past the newest record, or while a
+        cycle keeps the cursor, 422 without exactly one of ``after_record_id`` and ``since``.
+        Answers the move (``previous_record_id``, ``last_record_id``, ``skipped``) and the
+        export after it."""
         from sluicegate.accounting.export import ExportBusy, ExportNotFound, RewindRefused, rewind
 
         if (after_record_id is None) == (since is None):
@@ -660,10 +661,8 @@ class AdminService:
 def _bare_url(url: str) -> str:
     """``url`` without credentials, query or fragment (what an operator may be shown)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    # The host and port as written (``parts.port`` raises on a port it cannot read).
+    netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
