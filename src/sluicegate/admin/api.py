@@ -47,6 +47,7 @@ from sluicegate.admin.service import (
     validation_message,
 )
 from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.storage.engine import database_busy, database_unreachable
 
 log = logging.getLogger("sluicegate.admin")
 
@@ -261,6 +262,10 @@ def _no_currency(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "currency"}
 
 
+#: The wait a 503 for a busy or unreachable database asks for (SQLite's busy timeout).
+RETRY_AFTER_BUSY_SECONDS = 5
+
+
 class AdminApi:
     """The handlers, bound to one service and one set of credentials."""
 
@@ -284,11 +289,25 @@ class AdminApi:
                 response = await handler(request)
             except AdminError as exc:
                 response = error_response(exc.status, exc.message)
-            except Exception:
-                log.exception("admin API: %s %s failed", request.method, request.url.path)
-                response = error_response(
-                    500, "the admin API failed; see the gateway's log", "InternalError"
-                )
+            except Exception as exc:
+                if database_busy(exc) or database_unreachable(exc):
+                    # Passes by itself (SQLite's write lock held past the busy timeout, the
+                    # server restarting): "retry", not a failure of the admin API.
+                    log.warning(
+                        "admin API: %s %s: the database is busy or unreachable (%s)",
+                        request.method,
+                        request.url.path,
+                        type(exc).__name__,
+                    )
+                    response = error_response(
+                        503, "the database is busy or unreachable; retry shortly", "DatabaseBusy"
+                    )
+                    response.headers["Retry-After"] = str(RETRY_AFTER_BUSY_SECONDS)
+                else:
+                    log.exception("admin API: %s %s failed", request.method, request.url.path)
+                    response = error_response(
+                        500, "the admin API failed; see the gateway's log", "InternalError"
+                    )
             if request.method != "GET":
                 # An audit trail of changes: who (the admin token, or the Entra ID caller),
                 # what, and how it ended. Never a credential: paths hold ids only.

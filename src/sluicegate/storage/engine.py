@@ -174,6 +174,16 @@ _UNREACHABLE_SQLSTATES = frozenset(
 )
 
 
+def database_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked": another connection held the write
+    lock for longer than the busy timeout (a long rollup rebuild, a purge). It passes by
+    itself, so callers answer "retry", not "failed"."""
+    if not isinstance(exc, SQLAlchemyError):
+        return False
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig)
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database server is down or unreachable (connection refused,
     timed out, starting up or shutting down): a condition that may pass by itself, as
