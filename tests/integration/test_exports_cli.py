@@ -75,12 +75,9 @@ def ledger_ids(config: GatewayConfig) -> list[int]:
         engine.dispose()
 
 
-def test_exports_list_and_rewind(
-    tmp_path: Path,
-    hub: FakeEventHub,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def exported_ledger(tmp_path: Path, hub: FakeEventHub) -> tuple[GatewayConfig, str, list[int]]:
+    """A configuration with the export ``usage-hub`` to ``hub`` and a ledger of four records,
+    all exported: (the configuration, its path, the records' ids)."""
     export: dict[str, Any] = {
         "name": "usage-hub",
         "type": "event_hub",
@@ -91,12 +88,21 @@ def test_exports_list_and_rewind(
     }
     path = write_config(tmp_path, f"sqlite:///{tmp_path / 'l.db'}", exports=[export])
     config = load_config(path)
-    c = str(path)
     write_records(
         path, tmp_path, [record(i, T0 + 10 * i, "sub-1", refused=False) for i in range(4)]
     )
     ids = ledger_ids(config)
     assert export_cycles(config, hub) == 4
+    return config, str(path), ids
+
+
+def test_exports_list_and_rewind(
+    tmp_path: Path,
+    hub: FakeEventHub,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config, c, ids = exported_ledger(tmp_path, hub)
 
     code, out, err = run_cli(capsys, "exports", "list", "-c", c, "--json")
     assert code == 0, err
@@ -130,7 +136,9 @@ def test_exports_list_and_rewind(
     assert record_ids(hub)[6:] == ids[1:]
 
     # Forward past records not sent yet: refused, then skipped with --skip.
-    write_records(path, tmp_path, [record(i, T0 + 100 + i, "sub-1", refused=False) for i in (4, 5)])
+    write_records(
+        Path(c), tmp_path, [record(i, T0 + 100 + i, "sub-1", refused=False) for i in (4, 5)]
+    )
     newest = ledger_ids(config)[-1]
     code, out, err = run_cli(
         capsys, "exports", "rewind", "usage-hub", "-c", c, "--after-record-id", str(newest)
@@ -164,22 +172,7 @@ def test_a_rewind_below_the_oldest_record_counts_nothing_lost(
     """Retention purged the oldest records (delivered long ago): a rewind to 0 ("the whole
     ledger") re-sends what is left, and counts none of the purged ids as lost (they were
     delivered; the lost count and its warning are for records purged before export)."""
-    export: dict[str, Any] = {
-        "name": "usage-hub",
-        "type": "event_hub",
-        "url": hub.url,
-        "sas_key_name": "send",
-        "sas_key_env": KEY_ENV,
-        "start": "earliest",
-    }
-    path = write_config(tmp_path, f"sqlite:///{tmp_path / 'l.db'}", exports=[export])
-    config = load_config(path)
-    c = str(path)
-    write_records(
-        path, tmp_path, [record(i, T0 + 10 * i, "sub-1", refused=False) for i in range(4)]
-    )
-    ids = ledger_ids(config)
-    assert export_cycles(config, hub) == 4
+    config, c, ids = exported_ledger(tmp_path, hub)
     engine = create_engine_for(config.storage.url)
     try:
         with engine.begin() as conn:  # what retention does
