@@ -261,6 +261,80 @@ async def test_a_wrong_key_fails_as_auth_and_moves_nothing(
         assert await drain(ex) == 2
 
 
+async def test_the_hub_answers_throttling_and_quota_as_event_hubs_does(
+    hub: FakeEventHub,
+) -> None:
+    """``fail_next`` answers as the service: the status, an XML ``<Error>`` body whose detail
+    names the condition (ServerBusy's error code 50002, QuotaExceeded's SubCode=40300, a
+    network rule refusing the sender), and the ``Retry-After`` asked for."""
+    now = int(SystemClock().now())
+    headers = {
+        "Content-Type": "application/vnd.microsoft.servicebus.json",
+        "Authorization": sas_token(hub.url, "send", hub.key, now + 60),
+    }
+    hub.fail_next(1, "server_busy", retry_after=4)
+    hub.fail_next(1, "throttled")
+    hub.fail_next(1, "quota_exceeded")
+    hub.fail_next(1, "forbidden")
+    hub.fail_next(1, 500)
+    got = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            async with http.post(
+                f"{hub.url}/messages", data='[{"Body": "x"}]', headers=headers
+            ) as r:
+                got.append((r.status, r.content_type, r.headers.get("Retry-After"), await r.text()))
+    assert [(s, t, w) for s, t, w, _ in got] == [
+        (503, "application/xml", "4"),
+        (429, "application/xml", None),
+        (403, "application/xml", None),
+        (403, "application/xml", None),
+        (500, "application/xml", None),
+    ]
+    bodies = [b for _, _, _, b in got]
+    assert all(b.startswith(f"<Error><Code>{s}</Code><Detail>") for s, _, _, b in got)
+    assert "Error code : 50002" in bodies[0] and "SubCode=40300" in bodies[2]
+    assert "Ip has been prevented" in bodies[3]
+    with pytest.raises(ValueError, match="no fault"):
+        hub.fail_next(1, "nonsense")
+    assert hub.events() == []
+
+
+async def test_throttling_and_quota_back_off_and_are_not_auth_failures(
+    engine: Engine, tmp_path: Path, hub: FakeEventHub
+) -> None:
+    """What the hub cannot take now (503 ServerBusy, 429, 403 QuotaExceeded) leaves the cursor
+    and waits (its ``Retry-After``, else the backoff) under its own reason, never ``auth``:
+    that stays for 401 and for a 403 refusing the sender itself (here a network rule)."""
+    metrics = GatewayMetrics()
+    write_ledger(engine, tmp_path, records(3))
+    hub.fail_next(1, "quota_exceeded", retry_after=9)
+    hub.fail_next(1, "quota_exceeded")
+    hub.fail_next(1, "server_busy")
+    hub.fail_next(1, "throttled", retry_after=3)
+    hub.fail_next(1, "forbidden")
+    async with exporter(engine, hub, metrics=metrics) as ex:
+        cycles = [await ex.run_once() for _ in range(5)]
+        failures = [c.failure for c in cycles if c.failure is not None]
+        assert [(f.reason, f.status) for f in failures] == [
+            ("quota", 403),
+            ("quota", 403),
+            ("busy", 503),
+            ("throttled", 429),
+            ("auth", 403),
+        ]
+        assert [ex.next_wait(c, 0.5) for c in cycles] == [9, 0.5, 0.5, 3, 0.5]
+        assert "SubCode=40300" in failures[0].detail and "50002" in failures[2].detail
+        state = CursorStore(engine, "usage-hub").state()
+        assert state is not None and state[0].upto == 0  # not moved
+        assert received(hub) == []
+        assert await drain(ex) == 3
+    text = metrics.render().decode()
+    assert 'sluicegate_export_failures_total{export="usage-hub",reason="quota"} 2.0' in text
+    assert 'sluicegate_export_failures_total{export="usage-hub",reason="auth"} 1.0' in text
+    assert [e["record_id"] for e in received(hub)] == sorted(ledger_ids(engine).values())
+
+
 async def test_batches_stay_under_the_size_limit(
     engine: Engine, tmp_path: Path, hub: FakeEventHub
 ) -> None:
@@ -566,6 +640,39 @@ def test_an_event_hub_url_names_one_hub() -> None:
         {**base, "exports": [{**sas, "url": "https://ns.servicebus.windows.net/hub/"}]}
     )
     assert ok.exports[0].url == "https://ns.servicebus.windows.net/hub"
+
+
+def test_an_export_url_with_an_unusable_port_is_refused_naming_the_export() -> None:
+    """A port of 0, above 65535 or not a number (or no host at all) can never be sent to: the
+    export would fail every cycle (or crash it) until someone read the log. Refused when the
+    configuration is loaded, naming the export."""
+    base = {
+        "backends": [{"name": "b", "url": "http://127.0.0.1:1"}],
+        "deployments": [{"name": "d", "backend": "b"}],
+        "products": [{"name": "p"}],
+    }
+    sas = {"type": "event_hub", "sas_key_name": "s", "sas_key_env": "E"}
+    kinds = (
+        ("billing-hub", "https://ns.servicebus.windows.net{port}/hub", sas),
+        ("billing-hook", "https://finance.example.com{port}/ingest", {"type": "webhook"}),
+    )
+    for name, url, settings in kinds:
+        for port in (":0", ":99999", ":https", ":-1"):
+            export = {"name": name, **settings, "url": url.format(port=port)}
+            with pytest.raises(
+                ConfigError, match="port must be a number from 1 to 65535"
+            ) as refused:
+                parse_config({**base, "exports": [export]})
+            assert f"export {name!r}" in str(refused.value)
+            assert "exports[0].url" in str(refused.value)
+        nohost = {"name": name, **settings, "url": "https://:443/hub"}
+        with pytest.raises(ConfigError, match="no host") as refused:
+            parse_config({**base, "exports": [nohost]})
+        assert f"export {name!r}" in str(refused.value)
+        ok = parse_config(
+            {**base, "exports": [{"name": name, **settings, "url": url.format(port=":8443")}]}
+        )
+        assert ok.exports[0].url == url.format(port=":8443")
 
 
 async def test_a_receiver_echoing_the_secret_does_not_put_it_in_the_log(

@@ -114,6 +114,51 @@ async def test_two_instances_never_send_the_same_batch(
         second_engine.dispose()
 
 
+def lag_lines(metrics: GatewayMetrics) -> list[str]:
+    """The export lag series ``metrics`` exposes (no HELP/TYPE lines)."""
+    text = metrics.render().decode()
+    return [line for line in text.splitlines() if line.startswith("sluicegate_export_lag_")]
+
+
+async def test_an_instance_that_finds_the_cursor_held_reports_no_lag(
+    pg_engine: Engine,
+    pg_database_url: str,  # noqa: F811  (the fixture)
+    tmp_path: Path,
+    hub: FakeEventHub,
+) -> None:
+    """Each instance reports the lag it saw in its last cycle; one whose cycle found the
+    cursor held by another saw nothing: it drops its series rather than repeat an old figure
+    (which summed, or maxed, with the holder's would report a backlog already delivered), and
+    reports again once it holds the cursor."""
+    second_engine = create_engine_for(pg_database_url)
+    ma, mb = GatewayMetrics(), GatewayMetrics()
+    try:
+        write_ledger(pg_engine, tmp_path, records(12))
+        async with (
+            exporter(pg_engine, hub, metrics=ma, batch_size=5) as a,
+            exporter(second_engine, hub, metrics=mb, batch_size=5) as b,
+        ):
+            assert (await b.run_once()).sent == 5
+            assert 'sluicegate_export_lag_records{export="usage-hub"} 7.0' in lag_lines(mb)
+            claim = await asyncio.to_thread(a.store.claim)  # a's cycle, sending
+            assert claim is not None
+            try:
+                assert (await b.run_once()).skipped
+            finally:
+                await asyncio.to_thread(claim.release)
+            assert lag_lines(mb) == []
+            assert await drain(a) == 7
+            assert 'sluicegate_export_lag_records{export="usage-hub"} 0.0' in lag_lines(ma)
+            assert lag_lines(mb) == []  # still nothing seen: not the old 7
+            assert (await b.run_once()).sent == 0  # holds it again: reports again
+            assert lag_lines(mb) == [
+                'sluicegate_export_lag_records{export="usage-hub"} 0.0',
+                'sluicegate_export_lag_seconds{export="usage-hub"} 0.0',
+            ]
+    finally:
+        second_engine.dispose()
+
+
 # -- the cursor's arithmetic -----------------------------------------------------------------
 
 

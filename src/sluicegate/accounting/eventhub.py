@@ -14,7 +14,11 @@ Webhook: the events as a JSON array, ``application/json``, with an optional secr
 any 2xx is success.
 
 Every answer becomes a :class:`SendResult`: success, or a failure ``reason`` (a small fixed
-set, used as a metric label) with the wait the receiver asked for (``Retry-After``). Nothing
+set, used as a metric label) with the wait the receiver asked for (``Retry-After``). What the
+receiver cannot take now is not an auth failure: 503 (Event Hubs' ServerBusy, its throughput
+units used up), 429, and a 403 whose body names a quota (Event Hubs and Service Bus answer an
+exceeded quota with 403 ``QuotaExceeded``, ``SubCode=40300``). A 403 that names none (an IP
+or network rule refusing the sender, a missing role) is ``auth``, as is every 401. Nothing
 here logs or returns a key, a signature or a token. One sender per export, used from one event
 loop (the export worker's): ``start()`` there, then ``send()``, then ``aclose()``.
 """
@@ -48,7 +52,8 @@ EVENT_HUB_QUERY = "?timeout=60&api-version=2014-01"
 
 #: Failure reasons (``SendResult.reason``), the values of the failures metric's label.
 REASONS = (
-    "auth",  # 401/403: bad key, signature, token or role
+    "auth",  # 401, and a 403 refusing the sender: bad key, signature, token, role or network
+    "quota",  # 403 naming a quota (QuotaExceeded, SubCode=40300): wait and try again
     "not_found",  # 404: no such hub (or path)
     "too_large",  # 413: the batch is too large
     "throttled",  # 429
@@ -83,7 +88,16 @@ def sas_token(resource_uri: str, key_name: str, key: str, expiry: int) -> str:
     return f"SharedAccessSignature sr={encoded}&sig={signature}&se={expiry}&skn={key_name}"
 
 
-def _status_reason(status: int) -> str:
+#: A 403 body that names a quota rather than refusing the sender: Event Hubs and Service Bus
+#: word an exceeded quota ``QuotaExceeded`` with ``SubCode=40300`` (the send batch API
+#: documents its 403 as "quota exceeded"); a webhook may say it rate limits.
+_QUOTA_REFUSAL = re.compile(r"quota|subcode=40300|throttl|rate.?limit", re.IGNORECASE)
+
+
+def _status_reason(status: int, text: str) -> str:
+    """The failure reason for an answer with ``status`` and (the start of) body ``text``."""
+    if status == 403 and _QUOTA_REFUSAL.search(text):
+        return "quota"
     if status in (401, 403):
         return "auth"
     if status == 404:
@@ -197,7 +211,7 @@ class _HttpSender:
         except aiohttp.ClientError as exc:
             return SendResult(False, "connection", detail=f"{type(exc).__name__}: {exc}"[:200])
         detail = _redacted(" ".join(text.split()), headers)[:200]
-        return SendResult(False, _status_reason(status), status, wait, detail)
+        return SendResult(False, _status_reason(status, text), status, wait, detail)
 
 
 class EventHubSender(_HttpSender):

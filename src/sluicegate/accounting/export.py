@@ -22,7 +22,8 @@ How an export stays exact (no record skipped; duplicates only after a failure or
   ``accounting.rollups``). On SQLite ids become visible in commit order: no gaps are kept.
 - Only one instance exports an export at a time: on PostgreSQL a cycle holds the cursor's row
   lock (``SELECT ... FOR UPDATE SKIP LOCKED``) from reading to moving it, so another
-  instance's cycle finds the row locked and skips; if the holder dies, its connection ends
+  instance's cycle finds the row locked and skips (dropping its lag gauges: it saw no lag,
+  and its last figure may be long delivered); if the holder dies, its connection ends
   and the lock with it; if it stops talking (frozen, cut off), the server ends its
   transaction once idle longer than a send can take (``idle_in_transaction_session_timeout``:
   twice ``timeout_seconds`` plus 30 s). SQLite has one process. The move is also conditional
@@ -439,6 +440,10 @@ class ExportObserver(Protocol):
 
     def export_lag(self, export: str, records: int, seconds: float) -> None: ...
 
+    def export_lag_unknown(self, export: str) -> None:
+        """This instance saw no lag: its last cycle found the cursor held by another."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Cycle:
@@ -500,6 +505,11 @@ class Exporter:
             self._ensured = True
         claim = await asyncio.to_thread(self.store.claim)
         if claim is None:
+            # Another instance's cycle holds the cursor: what this one last saw may be long
+            # delivered (the holder runs back to back while records wait). Its lag series go,
+            # rather than go on reporting that backlog beside the holder's figure.
+            if self.observer is not None:
+                self.observer.export_lag_unknown(self.config.name)
             return Cycle(skipped=True)
         try:
             return await self._cycle(claim)

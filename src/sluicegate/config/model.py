@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -776,10 +777,23 @@ class ExportConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
             raise ValueError(f"must be an http:// or https:// URL without a query, got {value!r}")
+        # A url no send can reach would fail every cycle (or end it with an error of the HTTP
+        # client's) until someone read the log: refused here, naming the export.
+        export = f"export {info.data.get('name', '?')!r}"
+        try:
+            port = parts.port  # ValueError: not a number, or outside 0-65535
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(
+                f"{export}: the url's port must be a number from 1 to 65535, got {value!r}"
+            )
+        if not parts.hostname:
+            raise ValueError(f"{export}: the url has no host, got {value!r}")
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -554,8 +554,8 @@ class GatewayMetrics:
         )
         self.export_failures = Counter(
             "sluicegate_export_failures",
-            "Failed export cycles, by reason (auth, not_found, too_large, throttled, busy, "
-            "server_error, rejected, timeout, connection, credential, database).",
+            "Failed export cycles, by reason (auth, quota, not_found, too_large, throttled, "
+            "busy, server_error, rejected, timeout, connection, credential, database).",
             ["export", "reason"],
             registry=r,
         )
@@ -636,6 +636,11 @@ class GatewayMetrics:
     def export_lag(self, export: str, records: int, seconds: float) -> None:
         self.export_lag_records.labels(export).set(records)
         self.export_lag_seconds.labels(export).set(round(seconds, 3))
+
+    def export_lag_unknown(self, export: str) -> None:
+        """No lag seen (another instance held the cursor): the series go, not stay stale."""
+        self.export_lag_records.remove(export)
+        self.export_lag_seconds.remove(export)
 
     def count_spillover(self, deployment: str, from_backend: str, to_backend: str) -> None:
         """For routing: a request left ``from_backend`` for ``to_backend``."""

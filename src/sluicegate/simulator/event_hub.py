@@ -8,7 +8,10 @@ application/vnd.microsoft.servicebus.json``; the body a JSON array of ``{"Body":
 accepted, else the status with its XML error body (``<Error><Code>…</Code><Detail>…
 </Detail></Error>``): 401 for a missing, malformed, wrong or expired signature, 404 for
 another hub, 413 above ``max_bytes`` (1 MB), 400 for a body that is not a batch. It can be
-told to answer 503 (``ServerBusy``) or 429 for the next N sends (``fail_next``), with a
+told to refuse the next N sends (``fail_next``) as the service refuses what it cannot take
+now, each with its status and its ``<Error>`` body (:data:`FAULTS`): 503 ServerBusy (the
+namespace's throughput units used up: error code 50002), 429, 403 QuotaExceeded
+(``SubCode=40300``), a 403 refusing the sender itself (a network rule), or a 500; with a
 ``Retry-After`` if given. What it accepted is kept (``events()``, ``batches``) for the tests.
 
 Thread-safe reads: the hub runs on one event loop (``start``), or in a thread of its own
@@ -40,6 +43,32 @@ MAX_BATCH_BYTES = 1_048_576
 CONTENT_TYPE = "application/vnd.microsoft.servicebus.json"
 #: What an item of a batch may hold.
 _ITEM_KEYS = frozenset({"Body", "UserProperties", "BrokerProperties"})
+
+#: The refusals ``fail_next`` can make, by name: the status and the start of the error's
+#: ``Detail``, as the messaging REST APIs (Event Hubs', Service Bus's) word them. A 403 is
+#: either a quota (the Service Bus family's ``QuotaExceeded``, ``SubCode=40300``; the send
+#: batch API documents 403 as "quota exceeded") or the sender itself refused (an IP or
+#: network rule): the same status, told apart only by the detail.
+FAULTS: dict[str, tuple[int, str]] = {
+    "server_busy": (
+        503,
+        "The request was terminated because the entity is being throttled. "
+        "Error code : 50002. Sub error : 102.",
+    ),
+    "throttled": (429, "The request was throttled."),
+    "quota_exceeded": (
+        403,
+        "QuotaExceeded: SubCode=40300. The quota of the namespace has been reached or exceeded.",
+    ),
+    "forbidden": (
+        403,
+        "Ip has been prevented to connect to the endpoint. For more information see: "
+        "Virtual Network service endpoints.",
+    ),
+    "internal": (500, "The server was unable to process the request; please retry."),
+}
+#: The fault ``fail_next`` makes when given a status.
+_FAULT_OF_STATUS = {503: "server_busy", 429: "throttled", 403: "quota_exceeded", 500: "internal"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +124,7 @@ class FakeEventHub:
         self.batches: list[int] = []
         #: Every send, accepted or not: ``(status, Authorization header, query string)``.
         self.requests: list[tuple[int, str, str]] = []
-        self._faults: deque[tuple[int, float | None]] = deque()
+        self._faults: deque[tuple[int, str, float | None]] = deque()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -110,11 +139,23 @@ class FakeEventHub:
         with self._lock:
             return list(self._events)
 
-    def fail_next(self, count: int, status: int = 503, retry_after: float | None = None) -> None:
-        """Answer the next ``count`` sends (that pass auth) with ``status`` (503 ServerBusy,
-        429, 500, ...), with ``Retry-After: retry_after`` if given."""
+    def fail_next(
+        self, count: int, fault: str | int = "server_busy", retry_after: float | None = None
+    ) -> None:
+        """Refuse the next ``count`` sends (that pass auth) with ``fault``: a name of
+        :data:`FAULTS`, or a status (503, 429, 403 and 500 answer as their fault, the 403 as
+        ``quota_exceeded``; another status with a generic detail), with ``Retry-After:
+        retry_after`` if given."""
+        if isinstance(fault, str):
+            if fault not in FAULTS:
+                raise ValueError(f"no fault {fault!r}; one of {', '.join(FAULTS)}")
+            status, detail = FAULTS[fault]
+        elif fault in _FAULT_OF_STATUS:
+            status, detail = FAULTS[_FAULT_OF_STATUS[fault]]
+        else:
+            status, detail = fault, "The request failed."
         with self._lock:
-            self._faults.extend([(status, retry_after)] * count)
+            self._faults.extend([(status, detail, retry_after)] * count)
 
     def statuses(self) -> list[int]:
         with self._lock:
@@ -172,13 +213,8 @@ class FakeEventHub:
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
         if fault is not None:
-            status, wait = fault
+            status, detail, wait = fault
             headers = None if wait is None else {"Retry-After": f"{wait:g}"}
-            detail = (
-                "The server is busy. Please retry the operation."
-                if status != 429
-                else "The request was throttled."
-            )
             return _error(status, detail, headers)
         if request.content_type != CONTENT_TYPE:
             return _error(400, f"A batch needs Content-Type {CONTENT_TYPE}.")
