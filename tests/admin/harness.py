@@ -88,8 +88,14 @@ class AdminHarness:
 
 
 @contextmanager
-def admin_gateway(tmp: Path, clock: Clock | None = None, **config: Any) -> Iterator[AdminHarness]:
-    """Simulator + gateway with the admin token set; extra keys go into gateway.yaml."""
+def admin_gateway(
+    tmp: Path,
+    clock: Clock | None = None,
+    breakers: dict[str, dict[str, Any]] | None = None,
+    **config: Any,
+) -> Iterator[AdminHarness]:
+    """Simulator + gateway with the admin token set; extra keys go into gateway.yaml.
+    ``breakers``: backends' own ``circuit_breaker`` rules, by backend name."""
     sim = SimulatorThread(sim_config())
     sim.start()
     previous = os.environ.get(ADMIN_TOKEN_ENV)
@@ -100,6 +106,9 @@ def admin_gateway(tmp: Path, clock: Clock | None = None, **config: Any) -> Itera
         backends = {name: (sim.url if url == "SIM" else url) for name, url in backends.items()}
         config.setdefault("admin", {"token_env": ADMIN_TOKEN_ENV})
         data = gateway_config(tmp, backends, **config)
+        for backend in data["backends"]:
+            if breakers and backend["name"] in breakers:
+                backend["circuit_breaker"] = breakers[backend["name"]]
         gw = GatewayThread(data, clock=clock)
         gw.start()
         harness = AdminHarness(gw, sim)

@@ -157,10 +157,21 @@ def test_abandoned_probe_frees_the_slot() -> None:
     assert b.available(clock.now())
 
 
+def test_a_peer_trip_is_capped_at_the_own_max_trip() -> None:
+    b, clock = _breaker(trip=5.0, max_trip=60.0)
+    now = clock.now()
+    # A peer's rule gave 600 s: adopted as 60 s from now, the longest this rule allows.
+    assert b.force_open(now + 600, "429", True, now)
+    assert b.open_until == now + 60.0
+    # Not capped at the own trip (5 s): a peer's retry-after or doubled trip stands.
+    b2, _ = _breaker(trip=5.0, max_trip=60.0)
+    assert b2.force_open(now + 40, "503", False, now) and b2.open_until == now + 40
+
+
 def test_force_open_from_another_instance() -> None:
     b, clock = _breaker()
-    assert b.force_open(clock.now() + 30, "429", True)
+    assert b.force_open(clock.now() + 30, "429", True, clock.now())
     assert b.state(clock.now()) is BreakerState.OPEN and b.throttled
-    assert not b.force_open(clock.now() + 10, "500", False), "never shortened"
+    assert not b.force_open(clock.now() + 10, "500", False, clock.now()), "never shortened"
     clock.advance(30)
     assert b.state(clock.now()) is BreakerState.HALF_OPEN

@@ -19,6 +19,7 @@ from sluicegate.config.loader import ConfigError, parse_config
 from sluicegate.routing.breaker import BreakerSettings, BreakerState
 from sluicegate.routing.build import router_settings
 from sluicegate.routing.pool import Member
+from sluicegate.routing.redis_state import RedisStateStore
 from sluicegate.routing.retry import Outcome
 from sluicegate.routing.router import Router, RouterSettings
 from sluicegate.routing.state import MemoryStateStore, SharedTrip
@@ -190,6 +191,48 @@ def test_a_backend_whose_breaker_is_off_never_trips_nor_takes_shared_trips() -> 
     # The other member keeps the global rule.
     router.failed(router.begin(router.targets[PAYG.key], 10), Outcome(500))
     assert router.targets[PAYG.key].breaker.state(clock.now()) is BreakerState.OPEN
+
+
+async def test_a_trip_adopted_from_another_instance_is_capped_at_the_own_max_trip(
+    redis_prefix: str,
+) -> None:
+    """Two routers sharing real Redis, the second with a shorter rule for ``ptu`` (a rolling
+    configuration change): the first's 300-s trip reaches the second as at most its own
+    ``max_trip`` (30 s) from when it arrived, not the first's end."""
+    clock = FakeClock()
+    stores = [RedisStateStore(REDIS_URL, f"{redis_prefix}:routing:", interval=0.05) for _ in "12"]
+    rules = (
+        BreakerSettings(throttles=1, trip=300.0, max_trip=600.0),
+        BreakerSettings(throttles=1, trip=10.0, max_trip=30.0),
+    )
+    one, two = (
+        Router(RouterSettings(breakers={"ptu": rule}), clock, store)
+        for rule, store in zip(rules, stores, strict=True)
+    )
+    for router in (one, two):
+        router.add_pool("gpt-4o", [PTU, PAYG])
+    try:
+        one.failed(one.begin(one.targets[PTU.key], 10), Outcome(429))
+        ends = one.targets[PTU.key].breaker.open_until
+        assert ends - clock.now() == 300.0
+        clock.advance(5.0)  # the trip arrives 5 s after it was made
+        for store in stores:
+            await store.sync()
+        adopted = two.targets[PTU.key].breaker
+        assert adopted.state(clock.now()) is BreakerState.OPEN
+        assert adopted.open_until - clock.now() == 30.0  # its own max_trip, not 295 s
+        assert adopted.reason == "429" and adopted.throttled
+        # Its own later trip may still be longer than what it adopted (never shortened);
+        # the first keeps its own end (the second published nothing).
+        clock.advance(30.0)
+        assert adopted.state(clock.now()) is BreakerState.HALF_OPEN
+        assert one.targets[PTU.key].breaker.open_until == ends
+        # A peer's trip shorter than the own cap is adopted as it is.
+        two.targets[PAYG.key].breaker.force_open(clock.now() + 4.0, "500", False, clock.now())
+        assert two.targets[PAYG.key].breaker.open_until == clock.now() + 4.0
+    finally:
+        for store in stores:
+            await store.aclose()
 
 
 # --- end to end ------------------------------------------------------------------------------

@@ -361,7 +361,7 @@ def test_a_probe_stream_that_breaks_after_another_trip_is_a_stale_verdict() -> N
     clock.advance(5.0)
     newer = router.begin(ptu, 1)
     router.probe_streaming(newer, 200)
-    ptu.breaker.force_open(clock.now() + 3.0, "500", False)  # a peer's trip
+    ptu.breaker.force_open(clock.now() + 3.0, "500", False, clock.now())  # a peer's trip
     clock.advance(3.0)
     third = router.begin(ptu, 1)
     router.succeeded(third, 200)  # a probe that answered whole

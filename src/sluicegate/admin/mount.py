@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
-    """Each backend: configuration, in-flight requests, and what recent records say.
+    """Each backend: configuration, its breakers' rule, in-flight requests, and what recent
+    records say.
 
     A ``state`` attribute on the backend object (routing's circuit breaker, where present)
     wins over the state derived from recent records."""
@@ -58,6 +59,8 @@ def backend_status(gateway: Gateway) -> list[dict[str, Any]]:
                 **recent,
                 # Circuit state, open-until, headroom and last error per backend deployment.
                 "routing": routing.get(backend.name, []),
+                # The rule its breakers follow (its own merged over the global one).
+                "circuit_breaker": gateway.router.breaker_rule(backend.name),
             }
         )
     return out

@@ -310,11 +310,28 @@ class BreakEvenList(_Model):
     items: list[BreakEven]
 
 
+class BreakerRule(_Model):
+    """The rule a backend's circuit breakers follow (docs/routing.md, "A rule per backend"):
+    ``source`` ``backend`` is its own ``backends[].circuit_breaker`` merged over
+    ``routing.circuit_breaker``, ``routing`` the global rule alone."""
+
+    source: Literal["backend", "routing"]
+    enabled: bool
+    failures: int
+    throttles: int
+    interval_seconds: float
+    trip_seconds: float
+    max_trip_seconds: float
+    honour_retry_after: bool
+
+
 class Backend(_Model):
     name: str
     url: str
     kind: str
     state: str
+    #: The rule its breakers follow (the same for each of its deployments).
+    circuit_breaker: BreakerRule | None = None
     in_flight: int | None = None
     attempts: int | None = None
     errors: int | None = None

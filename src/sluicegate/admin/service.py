@@ -533,8 +533,16 @@ class AdminService:
     def backends(self) -> builtins.list[dict[str, Any]]:
         """Each backend's state as the running gateway sees it (empty outside a gateway)."""
         if self._backend_status is None:
+            from sluicegate.routing.overview import breaker_rule
+
             return [
-                {"name": b.name, "url": b.url, "kind": b.kind, "state": "unknown"}
+                {
+                    "name": b.name,
+                    "url": b.url,
+                    "kind": b.kind,
+                    "state": "unknown",
+                    "circuit_breaker": breaker_rule(self.config, b.name),
+                }
                 for b in self.config.backends
             ]
         return self._backend_status()

@@ -36,7 +36,7 @@ a member that would not know the id; its refusal says why. A Responses creation'
 ``"store": false``) teaches the router its id (``on_response_id``, per attempt, with the
 attempt's backend and the subscription as its owner). A request naming an id another
 subscription created gets Azure's answer for an unknown id (``unknown_response``), and no
-backend is contacted.
+backend is contacted. A 2xx ``DELETE responses/{id}`` forgets the id (``forget_deleted``).
 """
 
 from __future__ import annotations
@@ -202,6 +202,8 @@ async def forward_routed(
             router.abandoned(ticket)
             raise
         _settle(router, ticket, ctx)
+        if route.response_id is not None:  # …/deployments/{d}/responses/{id}…: rare
+            forget_deleted(ctx, scope, affinity)
         return
 
 
@@ -240,6 +242,26 @@ async def held_backend(
     if product is None or not affinity.reaches(product.allowed, holder):
         return None
     return backends.get(holder)
+
+
+def forget_deleted(ctx: RequestContext, scope: Scope, affinity: ResponseAffinity | None) -> None:
+    """Responses affinity: after a relayed answer to a request whose path names a stored
+    response, a 2xx ``DELETE …/responses/{id}`` (the response itself, not a path under it)
+    deleted it at its holder, so the id is forgotten (``ResponseAffinity.forget``: here and
+    in Redis). Any other answer leaves it: a 404 or a 5xx deleted nothing, or nothing the
+    gateway could tell."""
+    response_id = ctx.route.response_id
+    if (
+        affinity is not None
+        and response_id is not None
+        and scope["method"] == "DELETE"
+        and 200 <= ctx.status < 300
+        and ctx.route.upstream_suffix.rstrip("/").endswith(_RESPONSES_PATH + response_id)
+    ):
+        affinity.forget(response_id)
+
+
+_RESPONSES_PATH = "responses/"
 
 
 class _UnknownResponse(GatewayError):

@@ -37,7 +37,7 @@ from sluicegate.proxy.asgi import (
 from sluicegate.proxy.context import RequestContext, new_request_id
 from sluicegate.proxy.deadlines import Deadlines
 from sluicegate.proxy.errors import GatewayError
-from sluicegate.proxy.failover import forward_routed, forward_single, held_backend
+from sluicegate.proxy.failover import forget_deleted, forward_routed, forward_single, held_backend
 from sluicegate.proxy.network import NetworkPolicy
 from sluicegate.proxy.routes import RouteKind, match_route
 from sluicegate.routing.build import router_for
@@ -275,6 +275,8 @@ class Pipeline:
             if query:
                 url = f"{url}?{query}"
             await forward_single(ctx, backend, scope, receive, send, url, self.clock)
+            if route.response_id is not None:  # Responses affinity: a deleted id is forgotten
+                forget_deleted(ctx, scope, self.router.affinity)
             return
         self._prepare(ctx, scope)
         if self.admitter is not None and route.metered:

@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -143,7 +144,9 @@ async def attempt(
     carry as built: not an attempt that failed, so no backend is blamed for it.
     ``on_response_id`` (Responses creations only, for Responses affinity) receives the id of
     a 2xx answer: a JSON answer's top-level ``id`` (from the parse that reads its usage),
-    before the answer goes out; a stream's from its first event, ``response.created``."""
+    before the answer goes out (past ``WHOLE_ANSWER_LIMIT``, from its first bytes when the
+    ``id`` is the object's first member: ``leading_response_id``); a stream's from its first
+    event, ``response.created``."""
     headers = upstream_request_headers(scope["headers"], list(auth), ctx.request_id)
     deadlines = ctx.deadlines
     client = backend.client
@@ -335,6 +338,12 @@ async def _relay_answer(
             return False
         raise _broken(backend, exc) from None
     _set_status(ctx, status)
+    if on_response_id is not None:
+        # A Responses creation's answer past the limit (large images, say): its id is
+        # learned from its first bytes, before they go out.
+        response_id = leading_response_id(parts)
+        if response_id is not None:
+            on_response_id(response_id)
     headers = client_response_headers(response.raw_headers, ctx.response_headers)
     if (length := relayed_length(response.raw_headers)) is not None:
         # Relayed byte for byte: the backend's length holds, and the client can tell a whole
@@ -439,6 +448,31 @@ def _usage_and_id(body: bytes) -> tuple[Usage | None, str | None, str | None]:
         model_name(obj.get("model")),
         response_id if isinstance(response_id, str) and response_id else None,
     )
+
+
+#: A Responses object whose first member is its id: ``{"id": "resp_…"``, compact or indented
+#: (Azure and OpenAI write ``id`` first). Only the top level's first member is the object's
+#: own id; an ``"id"`` further in may be an output item's.
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_-]{1,133})"')
+#: How much of an answer's start ``leading_response_id`` looks at.
+_LEADING_BYTES = 512
+
+
+def leading_response_id(parts: Sequence[bytes]) -> str | None:
+    """The id of a Responses object from its first bytes (``parts``: the answer's first
+    reads), when it is the object's first member; None otherwise. For answers too large to
+    be parsed whole (``WHOLE_ANSWER_LIMIT``): reading on for an ``id`` placed later would mean
+    holding the whole answer back."""
+    head = parts[0] if parts else b""
+    if len(head) < _LEADING_BYTES and len(parts) > 1:
+        joined = bytearray()
+        for part in parts:
+            joined += part[: _LEADING_BYTES - len(joined)]
+            if len(joined) >= _LEADING_BYTES:
+                break
+        head = bytes(joined)
+    match = _LEADING_ID.match(head, 0, _LEADING_BYTES)
+    return match.group(1).decode("ascii") if match is not None else None
 
 
 class _CreatedId:

@@ -12,13 +12,19 @@ Isolation: Azure isolates stored responses per resource only; tenants of the gat
 share a resource are isolated by subscription. A request naming an id another subscription
 created gets Azure's answer for an unknown id, and no backend is contacted (the caller
 learns nothing it could not learn by guessing). Ids the gateway does not know (created
-around it, forgotten by the LRU or expired from Redis) are routed as usual.
+around it, forgotten by the LRU or expired from Redis) are routed as usual: a passthrough
+path to ``passthrough_backend`` alone. They are not searched for across the backends (each
+tried in turn until one does not answer 404): that would give every tenant, on every
+resource its product reaches, the stored responses of other tenants whose ids the gateway
+forgot, and cost a request per backend for every guess.
 
 Learning: ``learn(id, backend, owner)`` (synchronous: a dict insert, and for cluster mode a
-queued write that a background task sends to Redis). Routing: ``holder(id)`` (synchronous,
-the local map) and, in cluster mode on a local miss only, ``lookup(id)`` (at most one Redis
-``GET``; only for ids shaped like Azure's, ``valid_id``; misses and failures are remembered
-briefly by the shared store so that repeats cost nothing). ``pinned(pool, backend)``: the
+queued write that a background task sends to Redis). Forgetting: ``forget(id)`` after a 2xx
+``DELETE responses/{id}`` (the same: a dict pop and a queued ``DEL``). Routing:
+``holder(id)`` (synchronous, the local map) and, in cluster mode on a local miss only,
+``lookup(id)`` (at most one Redis ``GET``; only for ids shaped like Azure's, ``valid_id``;
+misses and failures are remembered briefly by the shared store so that repeats cost
+nothing). ``pinned(pool, backend)``: the
 pool's members on that backend as a pool (cached), so that the request is served by them
 alone: when they are out (breakers open) the client gets their refusal (429/503 with a
 wait), never another member's 404. ``reaches(allowed, backend)``: whether a product with
@@ -62,6 +68,10 @@ class SharedResponseIds(Protocol):
 
     async def lookup(self, response_id: str) -> Held | None:
         """Who holds ``response_id``; None when unknown or unreachable."""
+
+    def forget(self, response_id: str) -> None:
+        """Queue the removal of ``response_id`` (never waits; after any ``remember`` of it
+        queued before)."""
 
 
 @runtime_checkable
@@ -122,6 +132,15 @@ class ResponseAffinity:
         ids.move_to_end(response_id)
         if len(ids) > self.max_ids:
             ids.popitem(last=False)
+
+    def forget(self, response_id: str) -> None:
+        """``response_id`` was deleted (a 2xx ``DELETE responses/{id}``): dropped here and,
+        in cluster mode, from the shared store. Another instance that looked it up before
+        keeps it in its local map until its LRU drops it; a request routed by that entry
+        reaches the holder, whose answer for a deleted id is the right one (404)."""
+        self._ids.pop(response_id, None)
+        if self.shared is not None and valid_id(response_id):
+            self.shared.forget(response_id)
 
     def holder(self, response_id: str) -> Held | None:
         """Who this instance knows to hold ``response_id`` (None: unknown here)."""

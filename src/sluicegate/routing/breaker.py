@@ -67,6 +67,18 @@ class BreakerSettings:
     max_trip: float = 60.0
     honour_retry_after: bool = True
 
+    def as_config(self) -> dict[str, bool | int | float]:
+        """The rule under ``routing.circuit_breaker``'s field names (the admin views)."""
+        return {
+            "enabled": self.enabled,
+            "failures": self.failures,
+            "throttles": self.throttles,
+            "interval_seconds": self.interval,
+            "trip_seconds": self.trip,
+            "max_trip_seconds": self.max_trip,
+            "honour_retry_after": self.honour_retry_after,
+        }
+
 
 class CircuitBreaker:
     """One target's breaker (see the module docstring)."""
@@ -231,9 +243,17 @@ class CircuitBreaker:
             return True
         return False
 
-    def force_open(self, until: float, reason: str, throttled: bool) -> bool:
-        """Another instance tripped this target (cluster mode). Returns True if it changed
-        anything (a later end than the one held; never for a breaker that is not enabled)."""
+    def force_open(self, until: float, reason: str, throttled: bool, now: float) -> bool:
+        """Another instance tripped this target (cluster mode) until ``until``; ``now``: the
+        time it arrived. The end adopted is capped at ``now`` + this breaker's own
+        ``max_trip``: the peer computed it by its rule, which may be longer during a
+        configuration change, and this instance's rule says no trip (a backend's
+        ``retry-after`` included) keeps the backend out longer. It is not capped at this
+        rule's ``trip``: a peer's end may be a ``retry-after`` the backend gave, or a
+        failed probe's doubled trip, both of which this rule would honour too. Returns True
+        if it changed anything (a later end than the one held; never for a breaker that is
+        not enabled)."""
+        until = min(until, now + self.settings.max_trip)
         if until <= self.open_until or not self.settings.enabled:
             return False
         self.open_until = until

@@ -40,6 +40,8 @@ class Row:
     headroom_requests: int | None = None
     headroom_age_seconds: float | None = None
     in_flight: int | None = None
+    #: The rule the backend's breakers follow (``breaker_rule``; the JSON output shows it).
+    circuit_breaker: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -49,8 +51,24 @@ class Row:
         return asdict(self)
 
 
+def breaker_rule(config: GatewayConfig, backend: str) -> dict[str, Any] | None:
+    """The rule ``backend``'s breakers follow, from the configuration, as
+    ``Router.breaker_rule`` gives it for a running gateway (None: no such backend)."""
+    from sluicegate.routing.build import breaker_settings
+
+    for b in config.backends:
+        if b.name == backend:
+            rule: dict[str, Any] = breaker_settings(
+                b.breaker(config.routing.circuit_breaker)
+            ).as_config()
+            rule["source"] = "routing" if b.circuit_breaker is None else "backend"
+            return rule
+    return None
+
+
 def configured_rows(config: GatewayConfig) -> list[Row]:
     kinds = {b.name: b.kind for b in config.backends}
+    rules = {b.name: breaker_rule(config, b.name) for b in config.backends}
     rows: list[Row] = []
     for dep in config.deployments:
         for m in sorted(dep.members(), key=lambda m: m.priority):
@@ -62,6 +80,7 @@ def configured_rows(config: GatewayConfig) -> list[Row]:
                     m.priority,
                     m.weight,
                     kinds.get(m.backend, "?"),
+                    circuit_breaker=rules.get(m.backend),
                 )
             )
     return rows

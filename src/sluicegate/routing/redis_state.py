@@ -14,7 +14,9 @@ interval (0.25 s by default), and the cost is two round trips per instance per i
 whatever the traffic. Concurrent writers of one field: the last write wins — for trips, each
 instance's breaker keeps the later end it has seen (``force_open`` never shortens), so a
 shorter trip written last is harmless; for reports, a slightly older report may win for one
-interval.
+interval. A trip's end is adopted capped at the adopting breaker's own ``max_trip`` from when
+it arrives (``Router.apply``): a peer with a longer rule cannot keep a backend out longer than
+this instance's rule allows.
 
 When Redis cannot be reached each instance keeps routing on its own state (fail open: a
 routing store outage must not stop traffic); a warning is logged once per outage and the
@@ -262,7 +264,8 @@ class RedisResponseIds:
 
     ``remember`` never waits: it queues the id, and one writer task (started when the queue
     was empty) sends everything queued meanwhile as one pipeline of ``SET … EX``; under load
-    the writes of many answers share a round trip. A write that fails is dropped (the id is
+    the writes of many answers share a round trip. ``forget`` (a deleted response) queues a
+    ``DEL`` the same way. A write that fails is dropped (the id is
     still known to this instance) and counted in ``write_errors``, with a warning once per
     outage. ``lookup`` is at most one ``GET``: an id found missing is remembered as missing
     for ``MISS_SECONDS`` (at most ``MAX_MISSES`` of them), and after a failure (counted in
@@ -283,7 +286,8 @@ class RedisResponseIds:
         self._clock = clock
         self.key_prefix = f"{prefix}resp:"
         self.ttl = ttl
-        self._queued: dict[str, Held] = {}
+        #: Writes to send: an id's holder, or None to delete it (the latest call wins).
+        self._queued: dict[str, Held | None] = {}
         self._writer: asyncio.Task[None] | None = None
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._retry_at = 0.0
@@ -296,6 +300,14 @@ class RedisResponseIds:
     def remember(self, response_id: str, held: Held) -> None:
         self._queued[response_id] = held
         self._misses.pop(response_id, None)
+        self._start_writer()
+
+    def forget(self, response_id: str) -> None:
+        """Queue a ``DEL`` of ``response_id`` (a deleted response), with the writes."""
+        self._queued[response_id] = None
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write(), name="sluicegate-response-ids"
@@ -307,10 +319,12 @@ class RedisResponseIds:
                 batch, self._queued = self._queued, {}
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for response_id, (backend, owner) in batch.items():
-                            pipe.set(
-                                self.key_prefix + response_id, f"{backend}\t{owner}", ex=self.ttl
-                            )
+                        for response_id, held in batch.items():
+                            key = self.key_prefix + response_id
+                            if held is None:
+                                pipe.delete(key)
+                            else:
+                                pipe.set(key, f"{held[0]}\t{held[1]}", ex=self.ttl)
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
                     self.write_errors += len(batch)

@@ -491,7 +491,7 @@ class Router:
         if (
             trip is not None
             and trip.open_until > now
-            and target.breaker.force_open(trip.open_until, trip.reason, trip.throttled)
+            and target.breaker.force_open(trip.open_until, trip.reason, trip.throttled, now)
         ):
             target.headroom.forget()
         if update.headroom is not None:
@@ -527,6 +527,15 @@ class Router:
                 )
             )
         return out
+
+    def breaker_rule(self, backend: str) -> dict[str, Any]:
+        """The rule ``backend``'s breakers follow, as the admin views show it: the fields of
+        ``routing.circuit_breaker`` and ``source``, ``"backend"`` for the backend's own rule
+        merged over the global one, ``"routing"`` for the global one alone."""
+        own = self.settings.breakers.get(backend)
+        rule: dict[str, Any] = (own or self.settings.breaker).as_config()
+        rule["source"] = "routing" if own is None else "backend"
+        return rule
 
     def backend_state(self, backend: str) -> tuple[str | None, int | None]:
         """(the worst state of the backend's targets, their summed known headroom tokens);
