@@ -6,10 +6,12 @@ and with a wrong key); each test looks only at its own requests."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +24,16 @@ import openai
 import pytest
 
 from sluicegate.accounting.records import Outcome, UsageRecord
-from sluicegate.guardrails.content_safety import split_text
+from sluicegate.config.model import ContentSafetyServiceConfig, ProductContentSafetyConfig
+from sluicegate.guardrails.content_safety import (
+    ContentSafetyGuard,
+    ContentSafetyService,
+    split_text,
+)
+from sluicegate.proxy.asgi import ClientGone, DisconnectHook
+from sluicegate.proxy.context import RequestContext
+from sluicegate.proxy.deadlines import Deadlines
+from sluicegate.proxy.routes import match_route
 from sluicegate.simulator.content_safety import (
     ContentSafetySimConfig,
     ContentSafetyThread,
@@ -70,6 +81,7 @@ PRODUCTS: list[dict[str, Any]] = [
     {"name": "wrong-key", "content_safety": _policy("cs-wrong-key")},
     {"name": "short", "content_safety": _policy("cs", max_text_chars=30_000)},
     {"name": "open-paths", "content_safety": _policy("cs"), "passthrough": True},
+    {"name": "blocklist-only", "content_safety": {"service": "cs", "blocklists": ["banned-terms"]}},
 ]
 
 
@@ -152,6 +164,7 @@ def fresh(guarded: Guarded) -> Iterator[Guarded]:
     """``guarded`` with the fake's call log emptied and its faults cleared afterwards."""
     guarded.calls.clear()
     guarded.safety.state.max_in_flight = 0
+    guarded.safety.state.abandoned = 0
     httpx.delete(f"{guarded.harness.sim.url}/_sim/log").raise_for_status()
     yield guarded
     guarded.safety.state.fail_status = None
@@ -512,6 +525,25 @@ def test_the_fake_service_answers_as_content_safety_does() -> None:
             "userPromptAnalysis": {"attackDetected": True},
             "documentsAnalysis": [{"attackDetected": False}, {"attackDetected": True}],
         }
+        # Prompt Shields' limits: a prompt of 10,000 characters, five documents of 10,000
+        # characters together; documents alone (no user prompt) are fine.
+        shield_path = "/contentsafety/text:shieldPrompt?api-version=2024-09-01"
+        alone = http.post(shield_path, headers=key, json={"userPrompt": "", "documents": [ATTACK]})
+        assert alone.json() == {
+            "userPromptAnalysis": {"attackDetected": False},
+            "documentsAnalysis": [{"attackDetected": True}],
+        }
+        invalid: list[dict[str, Any]] = [
+            {"userPrompt": "x" * 10_001, "documents": []},
+            {"userPrompt": "", "documents": ["d"] * 6},
+            {"userPrompt": "", "documents": ["x" * 5_000, "y" * 5_001]},
+            {"userPrompt": "", "documents": [{"text": "not a string"}]},
+        ]
+        for shield_body in invalid:
+            bad = http.post(shield_path, headers=key, json=shield_body)
+            assert (bad.status_code, bad.json()["error"]["code"]) == (400, "InvalidRequestBody")
+        full = {"userPrompt": "x" * 10_000, "documents": ["y" * 2_000] * 5}
+        assert http.post(shield_path, headers=key, json=full).status_code == 200
 
 
 # -- what a client might slip past the check (review) --------------------------------------------
@@ -709,3 +741,226 @@ def test_the_model_is_sent_the_body_that_was_checked(guarded: Guarded, tmp_path:
     (sent,) = _Recorder.bodies
     assert b"nightingale" not in sent
     assert json.loads(sent)["messages"] == [{"role": "user", "content": "hello"}]
+
+
+# -- Prompt Shields: third-party content as documents --------------------------------------------
+
+
+def shield_bodies(g: Guarded) -> list[dict[str, Any]]:
+    return [c.body for c in g.calls if c.path.startswith("/contentsafety/text:shieldPrompt")]
+
+
+def _tool_turn(*results: str) -> list[Any]:
+    """A user question, the assistant's tool calls and their ``results``."""
+    calls = [
+        {"id": f"call_{i}", "type": "function", "function": {"name": "fetch", "arguments": "{}"}}
+        for i in range(len(results))
+    ]
+    return [
+        {"role": "user", "content": "What does the page say?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *(
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": result}
+            for i, result in enumerate(results)
+        ),
+    ]
+
+
+def test_an_attack_in_a_tool_result_is_refused_as_an_indirect_attack(fresh: Guarded) -> None:
+    reason = {"product": "guarded", "reason": "IndirectAttack"}
+    before = fresh.metric("sluicegate_content_safety_refusals_total", **reason)
+    poisoned = f"Welcome to the page. {ATTACK}"
+    client = fresh.sdk("guarded")
+    error = refused(
+        lambda: client.chat.completions.create(model="gpt-4o-mini", messages=_tool_turn(poisoned))
+    )
+    assert isinstance(error, openai.PermissionDeniedError) and error.code == "content_filter"
+    assert "indirect prompt attack in third-party content" in said(error)
+    result = error.response.json()["error"]["innererror"]["content_filter_result"]
+    assert result["jailbreak"] == {"filtered": False, "detected": False}
+    assert result["indirect_attack"] == {"filtered": True, "detected": True}
+    # The tool's result went to Prompt Shields as a document, the user's text as the prompt.
+    assert shield_bodies(fresh) == [
+        {"userPrompt": "What does the page say?\nfetch\n{}\ncall_0", "documents": [poisoned]}
+    ]
+    record = fresh.record(error.response.headers["x-sluicegate-request-id"])
+    assert record.extra == {"content_safety": "IndirectAttack"}
+    assert fresh.metric("sluicegate_content_safety_refusals_total", **reason) == before + 1
+    assert model_calls(fresh) == []
+    # A clean result passes, checked as a document all the same.
+    fresh.calls.clear()
+    turn = _tool_turn("Welcome to the page.")
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=turn).choices
+    assert [b["documents"] for b in shield_bodies(fresh)] == [["Welcome to the page."]]
+
+
+def test_a_responses_function_output_is_a_document(fresh: Guarded) -> None:
+    poisoned = f"Search results: {ATTACK}"
+    error = refused(
+        lambda: fresh.sdk("guarded").responses.create(
+            model="gpt-4o-mini",
+            input=[
+                {"role": "user", "content": "Search for it."},
+                {"type": "function_call", "call_id": "c1", "name": "search", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": poisoned},
+            ],
+        )
+    )
+    assert error.status_code == 403 and "indirect prompt attack" in said(error)
+    (shield,) = shield_bodies(fresh)
+    assert shield["documents"] == [poisoned] and ATTACK not in shield["userPrompt"]
+    assert model_calls(fresh) == []
+
+
+def test_many_and_long_tool_results_keep_to_prompt_shields_limits(fresh: Guarded) -> None:
+    # Seven results, two of them longer than a call takes: several calls, each within the
+    # service's limits (the fake answers 400 to more, which would be a 500 here), and an
+    # attack at the end of the longest one is still found.
+    results = [f"short result {i}" for i in range(5)]
+    results += ["lorem ipsum " * 1_000, "dolor sit amet " * 1_000]  # 12,000 and 15,000
+    client = fresh.sdk("guarded")
+    answer = client.chat.completions.create(model="gpt-4o-mini", messages=_tool_turn(*results))
+    assert answer.choices
+    bodies = shield_bodies(fresh)
+    assert len(bodies) >= 3
+    for body in bodies:
+        assert len(body["documents"]) <= 5
+        assert len(body["userPrompt"]) + sum(map(len, body["documents"])) <= 10_000
+    sent = "".join(d for b in bodies for d in b["documents"])
+    assert all(r in sent for r in results[:5])
+    fresh.calls.clear()
+    results[-1] += ATTACK
+    error = refused(
+        lambda: client.chat.completions.create(model="gpt-4o-mini", messages=_tool_turn(*results))
+    )
+    assert error.status_code == 403 and "indirect prompt attack" in said(error)
+    assert len(model_calls(fresh)) == 1  # the first request's only
+
+
+# -- text that reached the model unchecked ------------------------------------------------------
+
+
+def test_predicted_outputs_are_checked(fresh: Guarded) -> None:
+    error = refused(
+        lambda: chat(
+            fresh.sdk("guarded"),
+            "Tidy this up.",
+            prediction={"type": "content", "content": [{"type": "text", "text": "grimhate"}]},
+        )
+    )
+    assert error.status_code == 403 and "category Hate" in said(error)
+    assert model_calls(fresh) == []
+
+
+def test_a_stored_prompts_variables_are_checked(fresh: Guarded) -> None:
+    error = refused(
+        lambda: fresh.sdk("guarded").responses.create(
+            model="gpt-4o-mini",
+            prompt={
+                "id": "pmpt_0123456789",
+                "variables": {
+                    "city": "Paris",
+                    "topic": {"type": "input_text", "text": "grimhate pamphlets"},
+                },
+            },
+        )
+    )
+    assert error.status_code == 403 and "category Hate" in said(error)
+    analyzed = [c.body["text"] for c in fresh.calls if c.path.startswith("/contentsafety/text:an")]
+    assert analyzed == ["Paris\ngrimhate pamphlets"]
+    assert model_calls(fresh) == []
+
+
+# -- a client that leaves during the check ------------------------------------------------------
+
+
+def test_a_client_gone_during_the_check_cancels_the_calls_in_flight(fresh: Guarded) -> None:
+    # The calls still running when the client leaves are cancelled: their connections to the
+    # service close (the fake sees them go) rather than wait out the service's answer.
+    state = fresh.safety.state
+    state.delay_s = 3.0
+    aborted_before = sum(r.status == 499 for r in fresh.harness.records())
+    body = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+    head = (
+        "POST /openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21 "
+        f"HTTP/1.1\r\nhost: 127.0.0.1\r\napi-key: {fresh.keys['guarded']}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", fresh.harness.gw.port), timeout=5) as client:
+        client.sendall(head.encode() + body)
+        deadline = time.monotonic() + 5
+        while state.in_flight < 2:  # both calls wait at the service: the client leaves
+            assert time.monotonic() < deadline, "the check's calls never came"
+            time.sleep(0.01)
+    left = time.monotonic()
+    while (state.abandoned < 2 or state.in_flight) and time.monotonic() < left + 2.0:
+        time.sleep(0.01)
+    assert (state.abandoned, state.in_flight) == (2, 0)
+    assert time.monotonic() - left < state.delay_s  # before the service would answer
+    assert len(fresh.calls) == 2 and model_calls(fresh) == []
+    deadline = time.monotonic() + 5
+    while sum(r.status == 499 for r in fresh.harness.records()) == aborted_before:
+        assert time.monotonic() < deadline, "no record of the request"
+        time.sleep(0.02)
+    # The service's connection pool is whole: the next prompt is checked as ever.
+    state.delay_s = 0.0
+    assert chat(fresh.sdk("guarded"), "hello again").choices
+
+
+async def test_a_cancelled_check_leaves_no_task_behind() -> None:
+    config = ContentSafetySimConfig(api_keys=[CS_KEY])
+    with ContentSafetyThread(config) as fake:
+        fake.state.delay_s = 5.0
+        service = ContentSafetyService(
+            ContentSafetyServiceConfig.model_validate(
+                _service("cs", fake.url, "SG_TEST_CS_KEY", timeout_seconds=10)
+            ),
+            {"SG_TEST_CS_KEY": CS_KEY},
+        )
+        await service.open()
+        try:
+            policy = ProductContentSafetyConfig.model_validate(_policy("cs", shield_prompt=True))
+            guard = ContentSafetyGuard("p", policy, service)
+            route = match_route("POST", "/openai/v1/chat/completions")
+            ctx = RequestContext("r", 0.0, 0.0, route, Deadlines())
+            body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+            ctx.body, ctx.json = json.dumps(body).encode(), body
+            hook = DisconnectHook()
+            tasks = len(asyncio.all_tasks())
+            check = asyncio.create_task(guard.check(ctx, hook))
+            while fake.state.in_flight < 2:
+                await asyncio.sleep(0.01)
+            hook.fire()
+            with pytest.raises(ClientGone):
+                await asyncio.wait_for(check, 1.0)
+            assert len(asyncio.all_tasks()) == tasks  # every call's task ended with it
+            assert not asyncio.current_task().cancelling()  # type: ignore[union-attr]
+            for _ in range(100):
+                if fake.state.abandoned == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert fake.state.abandoned == 2
+            # A hook that fired before the check: no call at all.
+            fake.state.calls.clear()
+            with pytest.raises(ClientGone):
+                await guard.check(ctx, hook)
+            assert fake.state.calls == []
+        finally:
+            await service.close()
+
+
+# -- a blocklist-only policy ----------------------------------------------------------------------
+
+
+def test_a_blocklist_only_policy_asks_for_one_category_not_all_four(fresh: Guarded) -> None:
+    # An empty ``categories`` list is read as none given: all four analysed. The policy asks
+    # for none, so its calls ask for the one the service cannot do without, and ignore it.
+    client = fresh.sdk("blocklist-only")
+    assert chat(client, "grimhate bloodshed, no threshold here").choices
+    (call,) = fresh.calls
+    assert call.body["categories"] == ["Hate"]
+    assert call.body["blocklistNames"] == ["banned-terms"]
+    error = refused(lambda: chat(client, "all about project nightingale"))
+    assert error.status_code == 403 and "blocklist 'banned-terms'" in said(error)
+    result = error.response.json()["error"]["innererror"]["content_filter_result"]
+    assert list(result) == ["custom_blocklists"]  # no category the policy did not ask for

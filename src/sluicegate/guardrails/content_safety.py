@@ -15,15 +15,20 @@ blocks) are pure functions here; the guard only carries them out.
 Which text: what the token estimate reads (``tokens/estimate.py``): chat messages (text
 contents and parts, names, tool calls' arguments and custom tools' input); the Responses
 API's instructions and input items; completions' prompts; embeddings' inputs; On Your
-Data sources' ``role_information``. Tool definitions and response formats are read whole
-(every string of their schemas, and the property names: the model reads them all, ``$defs``
-included), not as the estimate samples them. Images, audio and files are left out, and so
-are role names (``user``, ``system``, …: a blocklist term never matches them). A
-completions prompt of token ids cannot be checked and is refused (400); embeddings' token
-arrays are not checked (nothing is generated).
+Data sources' ``role_information``; and what the estimate leaves out: chat's Predicted
+Outputs (``prediction.content``) and a stored prompt's ``prompt.variables`` (Responses).
+Tool definitions and response formats are read whole (every string of their schemas, and
+the property names: the model reads them all, ``$defs`` included), not as the estimate
+samples them. Images, audio and files are left out, and so are role names (``user``,
+``system``, …: a blocklist term never matches them). A completions prompt of token ids
+cannot be checked and is refused (400); embeddings' token arrays are not checked (nothing
+is generated). Prompt Shields gets the third-party content in it (tool results:
+:func:`prompt_parts`) as ``documents``, the rest as ``userPrompt``, within its limits per
+call (:func:`shield_calls`).
 
 A check costs the request one round trip to the service (the calls run concurrently); a
-product without ``content_safety`` pays one attribute check in the pipeline.
+product without ``content_safety`` pays one attribute check in the pipeline. A client that
+leaves during the check has its calls cancelled (``ContentSafetyGuard.check``'s ``hook``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from sluicegate.config.model import (
     ProductContentSafetyConfig,
     TimeoutsConfig,
 )
+from sluicegate.proxy.asgi import ClientGone
 from sluicegate.proxy.errors import GatewayError
 from sluicegate.tokens import estimate
 from sluicegate.tokens.offload import INLINE_COUNT_BYTES, counting_thread
@@ -50,6 +56,7 @@ from sluicegate.upstream.backend import Backend
 from sluicegate.upstream.identity import BackendAuthError
 
 if TYPE_CHECKING:
+    from sluicegate.proxy.asgi import DisconnectHook
     from sluicegate.proxy.context import RequestContext
 
 log = logging.getLogger("sluicegate.guardrails")
@@ -61,6 +68,9 @@ MAX_TEXT_CHARS = 10_000
 #: Characters each piece of a long text repeats of the one before: more than a blocklist item
 #: holds (at most 128 characters), so that no item is cut in two.
 OVERLAP_CHARS = 256
+#: The most documents one ``text:shieldPrompt`` call takes (their characters count towards
+#: :data:`MAX_TEXT_CHARS` together with the user prompt's: see :func:`shield_calls`).
+MAX_SHIELD_DOCUMENTS = 5
 #: Calls of one check in flight at once (a long prompt makes many).
 MAX_CONCURRENT_CALLS = 8
 #: The largest answer read from the service (its answers are a few hundred bytes).
@@ -68,7 +78,12 @@ _MAX_ANSWER_BYTES = 1024 * 1024
 #: At most one warning per service in this many seconds about failed checks.
 _WARNING_INTERVAL_S = 10.0
 #: Why a request was refused, in this order of precedence (the metric's ``reason``).
-REASONS = ("PromptAttack", "Blocklist", "Hate", "SelfHarm", "Sexual", "Violence")
+REASONS = (
+    "PromptAttack", "IndirectAttack", "Blocklist", "Hate", "SelfHarm", "Sexual", "Violence"
+)  # fmt: skip
+_CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
+#: The one category a blocklist-only policy's ``text:analyze`` calls ask for (and ignore).
+BLOCKLIST_ONLY_CATEGORY = "Hate"
 #: Content Safety's category → Azure OpenAI's content filter name.
 _FILTER_NAMES = {
     "Hate": "hate",
@@ -84,20 +99,39 @@ _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "functio
 
 class _TextCollector(estimate._Meter):
     """The token estimate's walk over a request body, keeping the text instead of counting it
-    (fixed costs, for images and the like, are dropped)."""
+    (fixed costs, for images and the like, are dropped). Every text goes to ``parts``; text
+    walked between :meth:`begin_document` and :meth:`end_document` (third-party content: a
+    tool's result) makes one of ``documents``, the rest goes to ``user`` as well."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("_document", "documents", "parts", "user")
 
     def __init__(self) -> None:
         super().__init__(None)
         self.parts: list[str] = []
+        self.user: list[str] = []
+        self.documents: list[str] = []
+        self._document: list[str] | None = None
 
     def string(self, text: str) -> None:
         if text and text not in _ROLES:
-            self.parts.append(text)
+            self._keep(text)
+
+    def _keep(self, text: str) -> None:
+        self.parts.append(text)
+        (self.user if self._document is None else self._document).append(text)
 
     def fixed(self, tokens: int) -> None:
         return
+
+    def begin_document(self) -> None:
+        self._document = []
+
+    def end_document(self) -> None:
+        """One document of the text walked since :meth:`begin_document` (none if it had no
+        text)."""
+        if self._document:
+            self.documents.append("\n".join(self._document))
+        self._document = None
 
     def strings(self, value: object) -> None:
         """Every string in ``value`` (a tool definition, a schema), however deep, but the
@@ -113,30 +147,66 @@ class _TextCollector(estimate._Meter):
                     if key == "type" and isinstance(child, str):
                         continue
                     if key in _NAMED_SCHEMAS and isinstance(child, Mapping):
-                        self.parts.extend(name for name in child if isinstance(name, str))
+                        for name in child:
+                            if isinstance(name, str) and name:
+                                self._keep(name)
                     stack.append(child)
             elif isinstance(item, list):
                 stack.extend(reversed(item))
+
+    def document(self, value: object) -> None:
+        """Every text of ``value`` (a tool's output: a string, content parts, a list of
+        search results, …) as one document; its images, audio and files left out."""
+        self.begin_document()
+        self.strings(estimate._without_media(value, estimate._Meter(None), 0))
+        self.end_document()
 
 
 #: Schema keys whose children's names are text the model reads (property and type names).
 _NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
 
 
+@dataclass(frozen=True, slots=True)
+class PromptText:
+    """A request's text as the check sends it: ``text``, all of it (``text:analyze``), and
+    the same text apart for Prompt Shields: ``documents``, the third-party content in it
+    (each tool result one document), and ``user``, the rest (what the client, its user and
+    its system prompt wrote)."""
+
+    text: str
+    user: str
+    documents: list[str]
+
+
 def prompt_text(body: Mapping[str, Any], operation: str) -> str:
     """All text of a request body for ``operation`` (a route's, e.g. ``chat/completions``),
     joined by line breaks (see the module docstring); ``""`` when it has none."""
+    return prompt_parts(body, operation).text
+
+
+def prompt_parts(body: Mapping[str, Any], operation: str) -> PromptText:
+    """The text of a request body for ``operation`` (:func:`prompt_text`), with its
+    third-party content apart: chat messages of role ``tool`` and ``function`` (their
+    content; their names and call ids are the user's), the Responses API's tool outputs
+    (``function_call_output`` and every other ``*_call_output`` item, an MCP call's output
+    or error, an MCP server's tool list, file search results, code interpreter outputs)."""
     collector = _TextCollector()
     op = estimate.normalise_operation(operation)
     if op == estimate.CHAT:
         messages = body.get("messages")
         for message in messages if isinstance(messages, list) else ():
-            if isinstance(message, Mapping):
-                estimate._message(message, collector)
-                calls = message.get("tool_calls")
-                for call in calls if isinstance(calls, list) else ():
-                    if isinstance(call, Mapping) and "function" not in call:
-                        collector.strings(call.get("custom"))  # a custom tool's input
+            if not isinstance(message, Mapping):
+                continue
+            if message.get("role") in _TOOL_ROLES:
+                estimate._message({k: v for k, v in message.items() if k != "content"}, collector)
+                collector.document(message.get("content"))
+                continue
+            estimate._message(message, collector)
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, Mapping) and "function" not in call:
+                    collector.strings(call.get("custom"))  # a custom tool's input
+        _prediction(body.get("prediction"), collector)
         collector.strings(body.get("tools"))
         collector.strings(body.get("functions"))
         collector.strings(body.get("response_format"))
@@ -147,9 +217,8 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
             if isinstance(parameters, Mapping):
                 collector.text(parameters.get("role_information"))
     elif op == estimate.RESPONSES:
-        estimate._responses(
-            {"instructions": body.get("instructions"), "input": body.get("input")}, collector
-        )
+        _responses_input(body, collector)
+        _prompt_variables(body.get("prompt"), collector)
         collector.strings(_without_credentials(body.get("tools")))
         text = body.get("text")
         if isinstance(text, Mapping):
@@ -161,7 +230,59 @@ def prompt_text(body: Mapping[str, Any], operation: str) -> str:
         collector.text(body.get("suffix"))
     else:
         estimate._walk_text(body, collector)
-    return "\n".join(collector.parts)
+    return PromptText("\n".join(collector.parts), "\n".join(collector.user), collector.documents)
+
+
+_TOOL_ROLES = frozenset({"tool", "function"})
+#: Responses input items → their keys that hold third-party content (besides every
+#: ``*_call_output`` item's ``output``).
+_DOCUMENT_KEYS: dict[str, tuple[str, ...]] = {
+    "mcp_call": ("output", "error"),
+    "mcp_list_tools": ("tools", "error"),
+    "file_search_call": ("results",),
+    "code_interpreter_call": ("outputs",),
+}
+
+
+def _responses_input(body: Mapping[str, Any], collector: _TextCollector) -> None:
+    """The Responses API's ``instructions`` and ``input``, as the estimate walks them, each
+    tool output item's output as a document of its own."""
+    items = body.get("input")
+    if not isinstance(items, list):
+        estimate._responses({"instructions": body.get("instructions"), "input": items}, collector)
+        return
+    estimate._responses({"instructions": body.get("instructions")}, collector)
+    for item in items:
+        kind = item.get("type") if isinstance(item, Mapping) else None
+        keys = _DOCUMENT_KEYS.get(kind) if isinstance(kind, str) else None
+        if keys is None and isinstance(kind, str) and kind.endswith("_call_output"):
+            keys = ("output",)
+        if keys is None:
+            estimate._responses({"input": [item]}, collector)
+            continue
+        assert isinstance(item, Mapping)
+        # The item's ids, names and arguments are the client's own (the model's calls).
+        rest = {k: v for k, v in item.items() if k not in keys}
+        estimate._responses({"input": [rest]}, collector)
+        collector.document([item.get(key) for key in keys])
+
+
+def _prediction(prediction: object, collector: _TextCollector) -> None:
+    """A chat request's Predicted Outputs (``{"type": "content", "content": …}``, a string
+    or text parts): text the model is given, the client's own."""
+    if isinstance(prediction, Mapping):
+        estimate._content(prediction.get("content"), collector)
+
+
+def _prompt_variables(prompt: object, collector: _TextCollector) -> None:
+    """The values a Responses request substitutes into a stored prompt (``prompt.variables``:
+    strings, or input items of which text is read: ``input_text``; images and files are
+    not sent). The stored prompt itself is the operators' (kept by the service, not
+    in the request)."""
+    variables = prompt.get("variables") if isinstance(prompt, Mapping) else None
+    if isinstance(variables, Mapping):
+        for value in variables.values():
+            estimate._part(value, collector)
 
 
 #: Keys of a Responses MCP tool that hold the MCP server's credentials, not text.
@@ -214,17 +335,53 @@ def split_text(text: str, limit: int = MAX_TEXT_CHARS, overlap: int = OVERLAP_CH
     return [piece for piece in pieces if piece.strip()]
 
 
+def shield_calls(
+    user: str,
+    documents: list[str],
+    limit: int = MAX_TEXT_CHARS,
+    max_documents: int = MAX_SHIELD_DOCUMENTS,
+) -> list[tuple[str, list[str]]]:
+    """The ``(userPrompt, documents)`` of each ``text:shieldPrompt`` call that checks
+    ``user`` and ``documents``: the user text in :func:`split_text`'s pieces, one a call;
+    each document too (a long one in several pieces, each a document). The documents fill
+    the room the last user piece leaves, then calls of their own (``userPrompt`` empty).
+    A call holds at most ``max_documents`` documents, and at most ``limit`` characters
+    all told (user prompt and documents: the stricter reading of the service's limits of
+    10,000 characters for the prompt and 10,000 for its at most five documents); past
+    ``max_documents`` a piece joins the call's last document (both third-party content),
+    rather than open a call for five short tool results each."""
+    calls: list[tuple[str, list[str]]] = [(piece, []) for piece in split_text(user, limit)]
+    room = limit - len(calls[-1][0]) if calls else 0
+    for document in documents:
+        for piece in split_text(document, limit):
+            docs = calls[-1][1] if calls else None
+            if docs is not None and len(piece) + 1 <= room and len(docs) >= max_documents:
+                docs[-1] = f"{docs[-1]}\n{piece}"
+                room -= len(piece) + 1
+            elif docs is not None and len(piece) <= room:
+                docs.append(piece)
+                room -= len(piece)
+            else:
+                calls.append(("", [piece]))
+                room = limit - len(piece)
+    return calls
+
+
 # -- what blocks --------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Findings:
     """What the service found in all pieces of a prompt: each category's highest severity,
-    the blocklists that matched, whether Prompt Shields saw an attack."""
+    the blocklists that matched, whether Prompt Shields saw an attack in the user prompt
+    (``attack``) or in a document (``indirect_attack``), and whether it was given documents
+    at all (``documents``)."""
 
     severities: dict[str, int] = field(default_factory=dict)
     blocklists: list[str] = field(default_factory=list)
     attack: bool = False
+    indirect_attack: bool = False
+    documents: bool = False
 
     def add_analysis(self, answer: Mapping[str, Any]) -> None:
         """Merge a ``text:analyze`` answer (``categoriesAnalysis``, ``blocklistsMatch``)."""
@@ -240,10 +397,14 @@ class Findings:
                 self.blocklists.append(name)
 
     def add_shield(self, answer: Mapping[str, Any]) -> None:
-        """Merge a ``text:shieldPrompt`` answer (``userPromptAnalysis.attackDetected``)."""
+        """Merge a ``text:shieldPrompt`` answer (``userPromptAnalysis.attackDetected``, and
+        each of ``documentsAnalysis``'s)."""
         analysis = answer.get("userPromptAnalysis")
         if isinstance(analysis, Mapping) and analysis.get("attackDetected") is True:
             self.attack = True
+        for document in _list(answer.get("documentsAnalysis")):
+            if isinstance(document, Mapping) and document.get("attackDetected") is True:
+                self.indirect_attack = True
 
 
 def _list(value: object) -> list[Any]:
@@ -256,10 +417,12 @@ def blocking_reasons(findings: Findings, policy: ProductContentSafetyConfig) -> 
     reasons: list[str] = []
     if policy.shield_prompt and findings.attack:
         reasons.append("PromptAttack")
+    if policy.shield_prompt and findings.indirect_attack:
+        reasons.append("IndirectAttack")
     if findings.blocklists:
         reasons.append("Blocklist")
     thresholds = _thresholds(policy)
-    for category in REASONS[2:]:
+    for category in _CATEGORIES:
         threshold = thresholds.get(category)
         if threshold is not None and findings.severities.get(category, 0) >= threshold:
             reasons.append(category)
@@ -310,6 +473,11 @@ def refusal(
     for reason in reasons:
         if reason == "PromptAttack":
             said.append("Prompt Shields detected a prompt attack")
+        elif reason == "IndirectAttack":
+            said.append(
+                "Prompt Shields detected an indirect prompt attack in third-party content "
+                "(a tool's result)"
+            )
         elif reason == "Blocklist":
             names = ", ".join(repr(n) for n in findings.blocklists)
             said.append(f"it matches blocklist {names}")
@@ -326,6 +494,10 @@ def refusal(
         }
     if policy.shield_prompt:
         result["jailbreak"] = {"filtered": findings.attack, "detected": findings.attack}
+        if findings.documents:
+            # Azure OpenAI's name for an attack in documents, there only when it had any.
+            indirect = findings.indirect_attack
+            result["indirect_attack"] = {"filtered": indirect, "detected": indirect}
     if policy.blocklists:
         result["custom_blocklists"] = {
             "filtered": bool(findings.blocklists),
@@ -400,7 +572,10 @@ class ContentSafetyService:
         """``text:analyze`` of one piece of text with ``policy``'s categories and blocklists."""
         payload: dict[str, Any] = {
             "text": text,
-            "categories": list(policy.categories),
+            # A blocklist-only policy asks for one category (its severity is not looked at):
+            # categories not given means the default set, all four, and an empty list is
+            # documented as nothing else. The price, per 1,000 characters, is the same.
+            "categories": list(policy.categories) or [BLOCKLIST_ONLY_CATEGORY],
             "outputType": policy.output_type,
         }
         if policy.blocklists:
@@ -410,9 +585,11 @@ class ContentSafetyService:
             payload["haltOnBlocklistHit"] = True
         return await self._post("text:analyze", payload)
 
-    async def shield(self, text: str) -> dict[str, Any]:
-        """``text:shieldPrompt`` of one piece of text as the user prompt."""
-        return await self._post("text:shieldPrompt", {"userPrompt": text, "documents": []})
+    async def shield(self, user: str, documents: list[str] | None = None) -> dict[str, Any]:
+        """``text:shieldPrompt`` of a user prompt and documents (within the service's limits:
+        :func:`shield_calls`)."""
+        payload = {"userPrompt": user, "documents": documents or []}
+        return await self._post("text:shieldPrompt", payload)
 
     async def _post(self, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.config.url}/contentsafety/{operation}?api-version={API_VERSION}"
@@ -510,14 +687,18 @@ class ContentSafetyGuard:
         self.analyze = bool(policy.categories or policy.blocklists)
         self.observer: ContentSafetyObserver | None = None
 
-    async def check(self, ctx: RequestContext) -> None:
+    async def check(self, ctx: RequestContext, hook: DisconnectHook | None = None) -> None:
         """Check the request's text; return if it passes, raise ``ContentFiltered`` (403) if
         the policy refuses it. When the check cannot be completed within the service's
         ``timeout_seconds``: return (``on_error: allow``) or raise 503
         ``ContentSafetyUnavailable`` (the service unreachable, slow or failing) / 500
         ``ContentSafetyError`` (it refused the gateway's call). A refusal marks the request's
         record (``extra.content_safety``: the first reason). Checked by nobody: a text longer
-        than ``max_text_chars`` (413) and a completions prompt of token ids (400)."""
+        than ``max_text_chars`` (413) and a completions prompt of token ids (400).
+
+        ``hook``: the client's connection; when it is lost during the check, the calls in
+        flight are cancelled (their connections to the service closed) and ``ClientGone`` is
+        raised: nobody waits for the verdict."""
         body = ctx.json
         if body is not None and _token_prompt(body, ctx.route.operation):
             raise GatewayError(
@@ -528,13 +709,14 @@ class ContentSafetyGuard:
             )
         operation = ctx.route.operation
         if body is None:
-            text = ""
+            parts = PromptText("", "", [])
         elif len(ctx.body) > INLINE_COUNT_BYTES:
             # Off the event loop, as admission counts it: the walk of an 8 MB body of small
             # items takes seconds, which every other request would wait out.
-            text = await counting_thread().run(lambda: prompt_text(body, operation))
+            parts = await counting_thread().run(lambda: prompt_parts(body, operation))
         else:
-            text = prompt_text(body, operation)
+            parts = prompt_parts(body, operation)
+        text = parts.text
         if len(text) > self.policy.max_text_chars:
             raise GatewayError(
                 413,
@@ -543,12 +725,12 @@ class ContentSafetyGuard:
                 f"{self.product!r} checks prompts of at most {self.policy.max_text_chars:,} "
                 "characters with its content safety service. Send a shorter prompt.",
             )
-        pieces = split_text(text) if text else []
-        if not pieces:
+        pieces = split_text(text) if self.analyze else []
+        shields = shield_calls(parts.user, parts.documents) if self.policy.shield_prompt else []
+        if not pieces and not shields:
             return
         try:
-            async with asyncio.timeout(self.service.timeout):
-                findings = await self._findings(pieces)
+            findings = await self._in_time(pieces, shields, hook)
         except (ContentSafetyUnavailable, TimeoutError) as exc:
             if isinstance(exc, ContentSafetyUnavailable):
                 failure = exc
@@ -580,27 +762,73 @@ class ContentSafetyGuard:
             f"to {ctx.route.upstream_suffix!r} would not be checked.",
         )
 
-    async def _findings(self, pieces: list[str]) -> Findings:
-        """Every call for every piece, concurrently (at most ``MAX_CONCURRENT_CALLS`` at a
-        time); the first failure cancels the others and is raised."""
-        findings = Findings()
+    async def _in_time(
+        self,
+        pieces: list[str],
+        shields: list[tuple[str, list[str]]],
+        hook: DisconnectHook | None,
+    ) -> Findings:
+        """:meth:`_findings` within the service's ``timeout_seconds`` (else ``TimeoutError``),
+        cancelled when ``hook`` says that the client left (then ``ClientGone``). The
+        request's own task is cancelled, as ``asyncio.timeout`` does it: the task group
+        cancels every call and waits for them, and each call closes its connection, so
+        nothing of the check outlives it."""
+        if hook is None:
+            async with asyncio.timeout(self.service.timeout):
+                return await self._findings(pieces, shields)
+        if hook.fired:
+            raise ClientGone
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def left() -> None:
+            nonlocal gone
+            gone = True
+            task.cancel()
+
+        hook.add(left)
+        try:
+            async with asyncio.timeout(self.service.timeout):
+                return await self._findings(pieces, shields)
+        except asyncio.CancelledError:
+            # Ours only when no one else (shutdown) cancelled the task as well.
+            if gone and task.uncancel() == 0:
+                raise ClientGone from None
+            raise
+        except BaseException:
+            if gone:
+                # A call failed just as the client left: the task group took the
+                # cancellation for its own. The client is gone all the same.
+                task.uncancel()
+                raise ClientGone from None
+            raise
+        finally:
+            hook.remove(left)
+
+    async def _findings(self, pieces: list[str], shields: list[tuple[str, list[str]]]) -> Findings:
+        """Every call, concurrently (at most ``MAX_CONCURRENT_CALLS`` at a time): the
+        analysis of each of ``pieces``, Prompt Shields of each of ``shields``. The first
+        failure cancels the others and is raised."""
+        findings = Findings(documents=any(documents for _, documents in shields))
         slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
 
         async def analyze(piece: str) -> None:
             async with slots:
                 findings.add_analysis(await self.service.analyze(piece, self.policy))
 
-        async def shield(piece: str) -> None:
+        async def shield(user: str, documents: list[str]) -> None:
             async with slots:
-                findings.add_shield(await self.service.shield(piece))
+                findings.add_shield(await self.service.shield(user, documents))
 
         try:
             async with asyncio.TaskGroup() as group:
-                for piece in pieces:
-                    if self.analyze:
-                        group.create_task(analyze(piece))
-                    if self.policy.shield_prompt:
-                        group.create_task(shield(piece))
+                # Side by side, so that a long prompt's first pieces get both answers first.
+                for i in range(max(len(pieces), len(shields))):
+                    if i < len(pieces):
+                        group.create_task(analyze(pieces[i]))
+                    if i < len(shields):
+                        group.create_task(shield(*shields[i]))
         except BaseExceptionGroup as failures:
             raise failures.exceptions[0] from None
         return findings

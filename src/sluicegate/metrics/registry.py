@@ -535,7 +535,8 @@ class GatewayMetrics:
         self.content_safety_refusals = Counter(
             "sluicegate_content_safety_refusals",
             "Prompts refused by a product's content safety policy, by product and reason "
-            "(PromptAttack, Blocklist, Hate, SelfHarm, Sexual, Violence: the first that applied).",
+            "(PromptAttack, IndirectAttack, Blocklist, Hate, SelfHarm, Sexual, Violence: the "
+            "first that applied).",
             ["product", "reason"],
             registry=r,
         )

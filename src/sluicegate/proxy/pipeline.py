@@ -285,8 +285,8 @@ class Pipeline:
         if guard is not None and route.metered:
             # After admission (the refused request counts against the request rate; its
             # reservation is released), before routing: a refused prompt reaches no backend.
-            await guard.check(ctx)
             hook = disconnect_hook(scope)
+            await guard.check(ctx, hook)  # cancelled (ClientGone) if the client leaves
             if hook is not None and hook.fired:
                 raise ClientGone  # it left during the check: no model runs its prompt
         elif guard is not None:

@@ -11,7 +11,9 @@ Routes (REST API versions ``2023-10-01`` and ``2024-09-01``; another or none: 40
 
 As the service does: the key in ``Ocp-Apim-Subscription-Key`` (or an Entra ID token as
 ``Authorization: Bearer``; here one of ``bearer_tokens``), else 401; a body that is not valid
-(empty text, more than 10,000 characters, an unknown category or output type) 400
+(empty text, more than 10,000 characters, an unknown category or output type; for Prompt
+Shields a user prompt of more than 10,000 characters, more than five documents or documents
+of more than 10,000 characters together, a document that is not text) 400
 ``InvalidRequestBody``; an unknown blocklist 404 ``BlocklistNotFound``; errors in the shape
 ``{"error": {"code", "message", "details": []}}``.
 
@@ -19,10 +21,14 @@ What it finds: a category's severity is the highest one configured in ``words`` 
 the text contains (case-insensitive; 0 if none), rounded down to 0, 2, 4 or 6 for
 ``FourSeverityLevels`` (the service's default output type); a blocklist item matches when the
 text contains it (case-insensitive), and with ``haltOnBlocklistHit`` no category is then
-analysed; Prompt Shields detects an attack in a text that contains one of ``attack_phrases``.
+analysed; Prompt Shields detects an attack in a text that contains one of ``attack_phrases``:
+in the user prompt (``userPromptAnalysis``) and in each document on its own
+(``documentsAnalysis``, one answer per document, in their order).
 
 ``ContentSafetyState`` keeps every call (path, headers, body) in ``calls``, and can be made to
-fail (``fail_status``) or to answer late (``delay_s``) while it runs, for outage tests.
+fail (``fail_status``) or to answer late (``delay_s``) while it runs, for outage tests. A call
+whose client closes its connection while it waits out ``delay_s`` is answered no more
+(``abandoned`` counts them).
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ Category = Literal["Hate", "SelfHarm", "Sexual", "Violence"]
 CATEGORIES: tuple[Category, ...] = ("Hate", "SelfHarm", "Sexual", "Violence")
 API_VERSIONS = frozenset({"2023-10-01", "2024-09-01"})
 MAX_TEXT_CHARS = 10_000
+#: Prompt Shields' limits: documents per call, and their characters together.
+MAX_DOCUMENTS = 5
+MAX_DOCUMENTS_CHARS = 10_000
+#: How often a delayed answer looks whether its client is still connected.
+_CLOSED_POLL_S = 0.01
 #: The key ``ContentSafetySimConfig`` accepts by default.
 DEFAULT_CONTENT_SAFETY_KEY = "sim-content-safety-key-0000"
 _START_TIMEOUT_S = 30.0
@@ -88,6 +99,8 @@ class ContentSafetyState:
     #: Calls waiting out ``delay_s`` now, and the most there were at once.
     in_flight: int = 0
     max_in_flight: int = 0
+    #: Calls whose client closed the connection while they waited out ``delay_s``.
+    abandoned: int = 0
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -133,9 +146,11 @@ class _ContentSafety:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             try:
-                await asyncio.sleep(state.delay_s)
+                left = await self._left(request, state.delay_s)
             finally:
                 state.in_flight -= 1
+            if left:  # an answer nobody reads (aiohttp drops it)
+                return body, _error(499, "ClientClosedRequest", "The client left.")
         if self.state.fail_status is not None:
             return body, _error(
                 self.state.fail_status,
@@ -153,6 +168,19 @@ class _ContentSafety:
         if not isinstance(body, dict):
             return body, _error(400, "InvalidRequestBody", "The request body is not valid JSON.")
         return body, None
+
+    async def _left(self, request: web.Request, seconds: float) -> bool:
+        """Sleep ``seconds``; True (sooner) if the client closes its connection meanwhile
+        (aiohttp does not cancel a handler whose client left: this looks)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while (remaining := until - loop.time()) > 0:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.state.abandoned += 1
+                return True
+            await asyncio.sleep(min(remaining, _CLOSED_POLL_S))
+        return False
 
     async def _analyze(self, request: web.Request) -> web.Response:
         body, refused = await self._received(request)
@@ -210,7 +238,11 @@ class _ContentSafety:
             return refused
         prompt = body.get("userPrompt", "")
         documents = body.get("documents") or []
-        if not isinstance(prompt, str) or not isinstance(documents, list):
+        if (
+            not isinstance(prompt, str)
+            or not isinstance(documents, list)
+            or not all(isinstance(d, str) for d in documents)
+        ):
             return _error(400, "InvalidRequestBody", "userPrompt and documents must be text.")
         if not prompt and not documents:
             return _error(400, "InvalidRequestBody", "Give a userPrompt or documents.")
@@ -220,12 +252,17 @@ class _ContentSafety:
                 "InvalidRequestBody",
                 f"The userPrompt is too long: at most {MAX_TEXT_CHARS} characters.",
             )
+        if len(documents) > MAX_DOCUMENTS or sum(map(len, documents)) > MAX_DOCUMENTS_CHARS:
+            return _error(
+                400,
+                "InvalidRequestBody",
+                f"Too many documents: at most {MAX_DOCUMENTS}, of at most "
+                f"{MAX_DOCUMENTS_CHARS} characters together.",
+            )
         return _ok(
             {
-                "userPromptAnalysis": {"attackDetected": self._attack(prompt)},
-                "documentsAnalysis": [
-                    {"attackDetected": isinstance(d, str) and self._attack(d)} for d in documents
-                ],
+                "userPromptAnalysis": {"attackDetected": bool(prompt) and self._attack(prompt)},
+                "documentsAnalysis": [{"attackDetected": self._attack(d)} for d in documents],
             }
         )
 
