@@ -105,6 +105,8 @@ class Gateway:
             for product in self.runtime.products.values():
                 if product.content_safety is not None:
                     product.content_safety.observer = self.metrics
+                if product.semantic_cache is not None:
+                    product.semantic_cache.observer = self.metrics
         spill = Path(config.storage.spill_dir) / "ledger-spill.jsonl"
         self.ledger = LedgerWriter(
             self.engine,

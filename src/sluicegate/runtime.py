@@ -18,6 +18,7 @@ from sluicegate.routing.pool import Member
 from sluicegate.upstream.backend import Backend
 
 if TYPE_CHECKING:
+    from sluicegate.cache.semantic import SemanticCache
     from sluicegate.guardrails.content_safety import ContentSafetyGuard, ContentSafetyService
 
 
@@ -47,6 +48,9 @@ class Product:
     #: What the product's message log keeps (None: no message log; then reading this is all
     #: the feature costs a request).
     message_log: MessageLogPolicy | None = None
+    #: Chat completions answered from earlier answers (None: no cache; then reading this is
+    #: all the feature costs a request).
+    semantic_cache: SemanticCache | None = None
 
     def allows(self, deployment: str) -> bool:
         return self.allowed is None or deployment in self.allowed
@@ -91,6 +95,7 @@ def compile_runtime(
             p,
             content_safety=_guard(p, services),
             message_log=p.message_log,
+            semantic_cache=_semantic_cache(p, clock),
         )
         for p in config.products
     }
@@ -119,6 +124,16 @@ def _guard(
 
     policy = product.content_safety
     return ContentSafetyGuard(product.name, policy, services[policy.service])
+
+
+def _semantic_cache(product: ProductConfig, clock: Clock | None) -> SemanticCache | None:
+    """The product's semantic cache (empty), if it has a ``semantic_cache`` policy."""
+    if product.semantic_cache is None:
+        return None
+    from sluicegate.cache.semantic import SemanticCache
+    from sluicegate.clock import SystemClock
+
+    return SemanticCache(product.name, product.semantic_cache, clock or SystemClock())
 
 
 def _deployment(d: DeploymentConfig, backends: dict[str, Backend]) -> Deployment:

@@ -487,6 +487,36 @@ class ProductContentSafetyConfig(_Strict):
         return self
 
 
+class ProductSemanticCacheConfig(_Strict):
+    """APIM's ``azure-openai-semantic-cache-lookup`` / ``-store`` for a product: chat
+    completions answered from earlier answers to prompts of the same meaning
+    (docs/semantic-cache.md). In memory, per gateway process."""
+
+    #: A deployment of this gateway (``deployments``) whose backends serve embeddings: the
+    #: prompts are embedded through it (same backends, credentials, retries and breakers).
+    embeddings_deployment: str
+    #: The largest distance (``1 - cosine similarity``, APIM's ``score-threshold``) at which a
+    #: stored answer is reused: lower is stricter. Microsoft: start near 0.05; above 0.2
+    #: risks wrong answers.
+    score_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: Seconds a stored answer is reused (APIM's ``duration``).
+    ttl_seconds: int = Field(default=120, ge=1, le=30 * 86_400)
+    #: Leave system and developer messages out of the text compared (and out of the
+    #: partition): a change of system prompt does not empty the cache.
+    ignore_system_messages: bool = True
+    #: Requests whose dialog has more messages than this (after leaving out system messages)
+    #: are neither looked up nor stored.
+    max_message_count: int = Field(default=10, ge=1, le=1_000)
+    #: Who shares answers: each ``subscription`` (default), the whole ``product``, or each
+    #: ``caller`` (the Entra ID / OIDC identity of a token; a request with a key alone
+    #: partitions by its subscription). Never shared across products.
+    vary_by: Literal["subscription", "product", "caller"] = "subscription"
+    #: Answers kept for this product in each gateway process; the least recently used go.
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: Seconds the embeddings call may take before the request goes on without the cache.
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+
 class ProductConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -516,6 +546,8 @@ class ProductConfig(_Strict):
     message_log: MessageLogPolicy | None = None
     #: Check prompts with Azure AI Content Safety before routing (docs/content-safety.md).
     content_safety: ProductContentSafetyConfig | None = None
+    #: Answer chat completions from earlier answers of similar prompts (docs/semantic-cache.md).
+    semantic_cache: ProductSemanticCacheConfig | None = None
 
     @field_validator("allowed_ips")
     @classmethod
@@ -1143,6 +1175,17 @@ def reference_problems(parts: ConfigParts) -> list[str]:
     for i, prod in enumerate(parts.products):
         if prod is not None and prod.require_token and not parts.has_oidc:
             errors.append(f"products[{i}].require_token: needs an oidc section (tokens)")
+        cache = prod.semantic_cache if prod is not None else None
+        if cache is not None and cache.embeddings_deployment not in deployment_names:
+            errors.append(
+                f"products[{i}].semantic_cache.embeddings_deployment: unknown deployment "
+                f"{cache.embeddings_deployment!r}"
+            )
+        if cache is not None and cache.vary_by == "caller" and not parts.has_oidc:
+            errors.append(
+                f"products[{i}].semantic_cache.vary_by: 'caller' needs an oidc section (callers "
+                "are the identities of tokens)"
+            )
     if parts.content_safety is not None:
         _duplicates("content_safety", parts.content_safety, errors)
         services = [n for n in parts.content_safety if n is not None]

@@ -547,6 +547,14 @@ class GatewayMetrics:
             ["product", "action"],
             registry=r,
         )
+        self.semantic_cache_lookups = Counter(
+            "sluicegate_semantic_cache_lookups",
+            "Semantic cache lookups of chat completions, by product and result (hit, miss, "
+            "error: the embeddings call failed and the request went on without the cache, "
+            "skipped: not looked up, a stream or a dialog too long or not all text).",
+            ["product", "result"],
+            registry=r,
+        )
         self.export_events = Counter(
             "sluicegate_export_events",
             "Usage events an export delivered (accepted by its Event Hub or webhook).",
@@ -623,6 +631,10 @@ class GatewayMetrics:
     def content_safety_failed(self, product: str, action: str) -> None:
         """For content safety: a check failed; ``action`` is the product's ``on_error``."""
         self._child(self.content_safety_failures, product, action).inc()
+
+    def semantic_cache_lookup(self, product: str, result: str) -> None:
+        """For the semantic cache (``cache.semantic.SemanticCacheObserver``)."""
+        self._child(self.semantic_cache_lookups, product, result).inc()
 
     def export_sent(self, export: str, events: int) -> None:
         """For exports (``accounting.export.ExportObserver``); from the export worker."""

@@ -208,9 +208,14 @@ class LimitsAdmitter:
         if admission is None or admission.reservation is None:
             return
         if ctx.usage is not None:
-            await self.limiter.settle(admission.reservation, ctx.usage.total_tokens)
+            tokens = ctx.usage.total_tokens + ctx.side_tokens
+            await self.limiter.settle(admission.reservation, tokens)
         elif ctx.outcome in (Outcome.BACKEND_ERROR, Outcome.REJECTED) or ctx.status >= 400:
-            await self.limiter.release(admission.reservation)
+            if ctx.side_tokens:
+                # Released, but for what the gateway spent on the request's behalf.
+                await self.limiter.settle(admission.reservation, ctx.side_tokens)
+            else:
+                await self.limiter.release(admission.reservation)
         # Otherwise (a success without usage, e.g. a backend that reports none) the estimate
         # stays charged: the safe side for a limit.
 

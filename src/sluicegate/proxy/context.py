@@ -70,6 +70,9 @@ class RequestContext:
     settled: bool = False
     #: The record has been written.
     finished: bool = False
+    #: Tokens the gateway spent for this request besides its answer (the semantic cache's
+    #: embeddings call, recorded on its own): charged to its limits when they are settled.
+    side_tokens: int = 0
     #: The upstream attempt this context describes now (1, 2, … as the request fails over).
     attempt: int = 1
     #: Routing details for the record (backend deployment and kind, the upstream's status

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     # Imported where used: PyJWT and cryptography load only when tokens are accepted.
     from sluicegate.auth.bearer import TokenAuthenticator
+    from sluicegate.cache.semantic import Embedder
     from sluicegate.messages.sink import MessageLog
 
 log = logging.getLogger("sluicegate.proxy")
@@ -131,6 +132,13 @@ class Pipeline:
         self.deadlines = Deadlines()
         self.budgets = budgets
         self.messages = messages
+        #: The semantic cache's embeddings calls, through this pipeline's router (None: no
+        #: product has a cache).
+        self.embedder: Embedder | None = None
+        if any(p.semantic_cache is not None for p in runtime.products.values()):
+            from sluicegate.cache.semantic import Embedder
+
+            self.embedder = Embedder(self.router, runtime, clock, self._emit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext(
@@ -291,6 +299,15 @@ class Pipeline:
                 raise ClientGone  # it left during the check: no model runs its prompt
         elif guard is not None:
             guard.unchecked_operation(ctx)  # a deployment's images, audio, …: not checked
+        cache = ctx.product.semantic_cache if ctx.product is not None else None
+        if cache is not None and route.operation == "chat/completions":
+            # After admission (a hit counts against the request rate) and content safety (a
+            # prompt it refuses is never answered from the cache), before routing.
+            assert self.embedder is not None
+            relay_send = await cache.lookup(ctx, send, self.embedder)
+            if relay_send is None:
+                return  # answered from the cache
+            send = relay_send
         deployment = ctx.deployment
         assert deployment is not None
 

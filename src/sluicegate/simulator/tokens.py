@@ -38,6 +38,7 @@ import base64
 import binascii
 import hashlib
 import math
+import operator
 import re
 import struct
 import sys
@@ -337,20 +338,36 @@ def token_piece(i: int) -> str:
     return _LATER_PIECES[i % _WORD_COUNT]
 
 
+#: What the simulator's embeddings count as words: runs of letters and digits, lower-cased.
+_EMBEDDED_WORD = re.compile(r"\w+")
+
+
 @lru_cache(maxsize=2048)
 def embedding_vector(key: str, dimensions: int) -> tuple[float, ...]:
     """A unit vector of ``dimensions`` floats that depends only on ``key`` and the length.
 
-    The components come from SHAKE-256 of the key, so the same input always embeds the same
-    way and different inputs almost never collide; shortening a vector (``dimensions``) keeps
-    its leading components before renormalising, as text-embedding-3 models do.
+    A hashed bag of words, so that similarity behaves as a real model's does for a semantic
+    cache: each word (a run of letters and digits, lower-cased) adds a direction drawn from
+    SHAKE-256 of the word, and the sum is normalised. Two wordings sharing most of their
+    words are close (a cosine of about shared / all words), unrelated texts nearly orthogonal,
+    the same text always embeds the same way. A key without words is hashed whole.
+    Shortening a vector (``dimensions``) keeps its leading components before renormalising,
+    as text-embedding-3 models do (SHAKE's shorter digests are prefixes of longer ones).
     """
-    raw = hashlib.shake_256(key.encode("utf-8")).digest(2 * dimensions)
+    sums = [0.0] * dimensions
+    for word in _EMBEDDED_WORD.findall(key.lower()) or [key]:
+        sums = list(map(operator.add, sums, _word_direction(word, dimensions)))
+    norm = math.sqrt(sum(v * v for v in sums)) or 1.0
+    return tuple(round(v / norm, 8) for v in sums)
+
+
+@lru_cache(maxsize=8192)
+def _word_direction(word: str, dimensions: int) -> tuple[float, ...]:
+    """The pseudo-random direction one word adds (components in [-1, 1))."""
+    raw = hashlib.shake_256(word.encode("utf-8")).digest(2 * dimensions)
     ints = array("h")
     ints.frombytes(raw)
-    values = [v / 32768.0 for v in ints]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return tuple(round(v / norm, 8) for v in values)
+    return tuple(v / 32768.0 for v in ints)
 
 
 def embedding_base64(vector: tuple[float, ...]) -> str:

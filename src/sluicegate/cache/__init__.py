@@ -1,0 +1,1 @@
+"""Response caches: the semantic cache of chat completions (docs/semantic-cache.md)."""
