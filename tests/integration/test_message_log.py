@@ -24,10 +24,11 @@ import orjson
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
+from sluicegate.proxy import relay
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness, sim_config
-from tests.integration.wire_backend import Request, WireBackend, head
+from tests.integration.wire_backend import Request, WireBackend, chunk, content_event, event, head
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 PRODUCTS: list[dict[str, Any]] = [
@@ -194,7 +195,7 @@ def test_a_streams_answer_is_reassembled(logged: Logged) -> None:
 
 def test_a_long_stream_is_handed_over_as_it_goes_and_logged_whole(logged: Logged) -> None:
     """More than a MiB of events: the request hands them to the log's thread on the way
-    (``STREAM_HANDOFF_BYTES``), which keeps their text only; the entry has all of it."""
+    (``MessageLog.handoff_bytes``), which keeps their text only; the entry has all of it."""
     sub, key = logged.key("logged")
     stream = logged.harness.sdk(key).chat.completions.create(
         model="gpt-4o-mini",
@@ -449,8 +450,74 @@ EMBEDDINGS_ANSWER = orjson.dumps(
 SPEECH = bytes(range(256)) * 64
 
 
+def _tool_chunk(call: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    delta: dict[str, Any] = {"tool_calls": [call]} if call else {}
+    return {
+        "id": "chatcmpl-2",
+        "object": "chat.completion.chunk",
+        "created": 1750697159,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+#: A chat stream whose answer is two parallel tool calls, as Azure streams them: the name
+#: first (empty arguments), then the arguments in fragments, each naming its call's index.
+TOOL_STREAM = [
+    {
+        "id": "chatcmpl-2",
+        "object": "chat.completion.chunk",
+        "created": 1750697159,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": None, "refusal": None},
+                "finish_reason": None,
+                "logprobs": None,
+            }
+        ],
+    },
+    _tool_chunk(
+        {
+            "index": 0,
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "water_level", "arguments": ""},
+        }
+    ),
+    _tool_chunk({"index": 0, "function": {"arguments": '{"lock": '}}),
+    _tool_chunk(
+        {
+            "index": 1,
+            "id": "call_b",
+            "type": "function",
+            "function": {"name": "open_gate", "arguments": ""},
+        }
+    ),
+    _tool_chunk({"index": 0, "function": {"arguments": '"Kornwerderzand"}'}}),
+    _tool_chunk({"index": 1, "function": {"arguments": '{"gate": 3}'}}),
+    _tool_chunk({}, finish="tool_calls"),
+    {
+        "id": "chatcmpl-2",
+        "object": "chat.completion.chunk",
+        "created": 1750697159,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 30, "total_tokens": 50},
+    },
+]
+
+
 async def _scripted(request: Request, writer: asyncio.StreamWriter) -> bool:
-    if request.target.split("?")[0].endswith("/audio/speech"):
+    if request.method == "POST" and request.json().get("stream"):
+        for n, data in enumerate(TOOL_STREAM):  # in several writes: relayed event by event
+            if n == 0:
+                writer.write(head(content_type="text/event-stream"))
+            writer.write(chunk(event(data)))
+            await writer.drain()
+        writer.write(chunk(b"data: [DONE]\n\n") + chunk(b""))
+    elif request.target.split("?")[0].endswith("/audio/speech"):
         writer.write(head(content_type="audio/mpeg", length=len(SPEECH)) + SPEECH)
     elif request.target.split("?")[0].endswith("/embeddings"):
         writer.write(head(length=len(EMBEDDINGS_ANSWER)) + EMBEDDINGS_ANSWER)
@@ -573,3 +640,154 @@ def test_requests_cut_at_shutdown_are_logged_with_the_answer_they_got(tmp_path: 
     for entry in found.values():
         assert entry["StatusCode"] == 503
         assert orjson.loads(entry["ResponseMessages"])["code"] == "ServiceUnavailable"
+
+
+def test_a_streams_tool_calls_are_logged_as_a_whole_answers(scripted: Logged) -> None:
+    """A streamed answer of tool calls (no content) logs each call as a whole answer does,
+    assembled from its name and argument fragments by index."""
+    sub, key = scripted.key("logged")
+    stream = scripted.harness.sdk(key).chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "How high is the water at the lock?"}],
+        tools=[{"type": "function", "function": {"name": "water_level", "parameters": {}}}],
+        stream=True,
+    )
+    calls: dict[int, list[str]] = {}
+    for part in stream:
+        for choice in part.choices:
+            for call in choice.delta.tool_calls or ():
+                fn = call.function
+                calls.setdefault(call.index, []).append((fn and (fn.name or fn.arguments)) or "")
+    assert calls == {
+        0: ["water_level", '{"lock": ', '"Kornwerderzand"}'],
+        1: ["open_gate", '{"gate": 3}'],
+    }
+    (entry,) = scripted.entries(scripted.record(sub).request_id)
+    assert entry["ResponseMessages"] == (
+        '[tool call water_level] {"lock": "Kornwerderzand"}\n[tool call open_gate] {"gate": 3}'
+    )
+    assert entry["IsStreamCompletion"] is True and entry["ResponseTruncated"] is False
+    assert entry["CompletionTokens"] == 30
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, name: str, subject: Any) -> None:
+    """Make ``subject`` (a callable of ``sluicegate.proxy.relay``) raise: a bug of the
+    gateway's, after the request's capture began and before anything was sent."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(subject, name, broken)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_unexpected_failure_is_logged_with_the_500_the_client_got(
+    scripted: Logged, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    """A bug in the request path after the answer came (a whole answer before it is sent;
+    a stream before its first event): the client gets the gateway's 500, and the entry
+    logs that error, not an empty answer."""
+    if streamed:
+        _failing(monkeypatch, "client_response_headers", relay)  # before its head
+    else:
+        _failing(monkeypatch, "_send_whole", relay)
+    sub, key = scripted.key("logged")
+    with pytest.raises(openai.InternalServerError) as failed:
+        scripted.harness.sdk(key).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Say polder"}], stream=streamed
+        )
+    record = scripted.record(sub)
+    (entry,) = scripted.entries(record.request_id)
+    assert entry["StatusCode"] == record.status == failed.value.status_code == 500
+    logged = orjson.loads(entry["ResponseMessages"])
+    assert isinstance(failed.value.body, dict)
+    assert logged == failed.value.body  # what the client got: the SDK's error body
+    assert logged["code"] == "InternalServerError" and record.request_id in logged["message"]
+    assert entry["RequestMessages"] == "user: Say polder"
+
+
+#: Streams running at once, each holding this much text before its backend goes on: together
+#: twice the log's smallest ``max_pending_bytes`` (1 MiB), each under its hand-over size.
+STREAMS = 24
+HELD_EVENTS = 90
+EVENT_TEXT = "Sluis " * 170  # 1,020 bytes: an event of about 1.1 KB
+
+
+def test_many_streams_in_flight_hold_no_more_than_the_logs_budget(tmp_path: Path) -> None:
+    """Streams that have sent part of their answer and wait for the rest hold their events
+    for the log. What they hold counts against ``max_pending_bytes``: past it, a stream's
+    events are not kept (its entry says ``ResponseTruncated``, counted as a stream cut, as
+    when the queue is full) and the rest are logged whole; once all are written nothing is
+    held any more."""
+    gate = threading.Event()
+
+    async def held_streams(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head(content_type="text/event-stream"))
+        for _ in range(HELD_EVENTS):
+            writer.write(chunk(content_event(EVENT_TEXT)))
+            await writer.drain()
+        while not gate.is_set():
+            await asyncio.sleep(0.01)
+        writer.write(chunk(content_event("Dam.")) + chunk(b"data: [DONE]\n\n") + chunk(b""))
+        await writer.drain()
+        return True
+
+    path = tmp_path / "messages.jsonl"
+    budget = 1024 * 1024
+    with WireBackend(held_streams).running() as backend:
+        config = gateway_config(
+            tmp_path,
+            {"wire": backend.url},
+            products=[{"name": "logged", "message_log": {}}],
+            message_log={"path": str(path), "max_pending_bytes": budget},
+        )
+        with GatewayThread(config) as gw:
+            harness = Harness(gw, None)  # type: ignore[arg-type]
+            key = harness.new_key(product="logged").primary_key
+            assert key is not None
+            log = gw.gateway.messages
+            assert log is not None
+            received: list[str] = []
+            halfway = threading.Semaphore(0)
+
+            def call() -> None:
+                stream = harness.sdk(key).chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "dams"}], stream=True
+                )
+                text = []
+                for n, part in enumerate(stream, 1):
+                    text.append(part.choices[0].delta.content or "")
+                    if n == HELD_EVENTS:
+                        halfway.release()
+                received.append("".join(text))
+
+            callers = [threading.Thread(target=call) for _ in range(STREAMS)]
+            for caller in callers:
+                caller.start()
+            try:
+                for _ in range(STREAMS):  # every stream has sent what it holds
+                    assert halfway.acquire(timeout=30)
+                held = log.stats().pending_bytes
+                assert STREAMS * HELD_EVENTS * len(EVENT_TEXT) > 2 * budget
+                assert budget // 2 < held <= budget  # counted, and within the budget
+            finally:
+                gate.set()
+                for caller in callers:
+                    caller.join(timeout=30)
+            assert len(received) == STREAMS
+            assert set(received) == {EVENT_TEXT * HELD_EVENTS + "Dam."}
+            records = harness.records(expect=STREAMS)
+            deadline = time.monotonic() + 10
+            while log.stats().requests < STREAMS:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            stats = log.stats()
+            assert (stats.pending, stats.pending_bytes) == (0, 0)  # all given back
+        entries = [entries_in(path, r.request_id, wait=0) for r in records]
+        assert all(entries)
+        cut = [e for e in entries if e[0]["ResponseTruncated"]]
+        whole = [e for e in entries if not e[0]["ResponseTruncated"]]
+        assert len(cut) == stats.streams_cut >= STREAMS // 3  # about half did not fit
+        assert whole and {"".join(x["ResponseMessages"] for x in e) for e in whole} == set(received)
+        for e in cut:
+            assert len("".join(x["ResponseMessages"] for x in e)) < len(received[0])

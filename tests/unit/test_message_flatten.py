@@ -188,3 +188,160 @@ def test_entries_split_both_sides_and_number_them() -> None:
     (only,) = entries({}, None, clip("", 10), 1024)
     assert only["RequestMessages"] is None and only["RequestTruncated"] is None
     assert only["ResponseMessages"] == "" and only["ResponseOriginalBytes"] == 0
+
+
+def _sse(obj: dict[str, object], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _tool_delta(index: int, call: dict[str, object], content: str | None = None) -> bytes:
+    delta: dict[str, object] = {"tool_calls": [call]}
+    if content is not None:
+        delta["content"] = content
+    choice = {"index": index, "delta": delta, "finish_reason": None}
+    return _sse({"object": "chat.completion.chunk", "choices": [choice]})
+
+
+def test_a_chat_streams_tool_calls_are_assembled_as_a_whole_answers() -> None:
+    """Azure streams a tool call as its name (with empty arguments) then the arguments in
+    fragments, each delta naming the call's index; parallel calls' fragments interleave.
+    The stream's text is what the same answer whole would log."""
+    first = {"index": 0, "id": "call_1", "type": "function"}
+    second = {"index": 1, "id": "call_2", "type": "function"}
+    events = [
+        _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]}),
+        _tool_delta(0, {**first, "function": {"name": "get_level", "arguments": ""}}),
+        _tool_delta(0, {"index": 0, "function": {"arguments": '{"gate": "'}}),
+        _tool_delta(0, {**second, "function": {"name": "open_gate", "arguments": ""}}),
+        _tool_delta(0, {"index": 1, "function": {"arguments": '{"width"'}}),
+        _tool_delta(0, {"index": 0, "function": {"arguments": 'Sluis €1"}'}}),
+        _tool_delta(0, {"index": 1, "function": {"arguments": ": 2}"}}),
+        _sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        b"data: [DONE]\n\n",
+    ]
+    stream = StreamText(1024)
+    stream.feed(b"".join(events[:4]))  # handed over in two parts, split between fragments
+    stream.feed(b"".join(events[4:]))
+    whole = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            **first,
+                            "function": {"name": "get_level", "arguments": '{"gate": "Sluis €1"}'},
+                        },
+                        {**second, "function": {"name": "open_gate", "arguments": '{"width": 2}'}},
+                    ],
+                },
+            }
+        ]
+    }
+    expected = answer_text(orjson.dumps(whole), "chat/completions")
+    assert (
+        expected == '[tool call get_level] {"gate": "Sluis €1"}\n[tool call open_gate] {"width": 2}'
+    )
+    assert stream.text() == expected
+    assert clip(stream.text(), 1024, stream.original_bytes) == clip(expected, 1024)  # uncut
+
+    # Text and a call in the same choice, and a second choice: content first, then the call.
+    mixed = StreamText(1024)
+    mixed.feed(
+        _chat_event(0, "Let me look.")
+        + _tool_delta(0, {"index": 0, "function": {"name": "look", "arguments": "{}"}})
+        + _chat_event(1, "No tools here.")
+    )
+    assert mixed.text() == "Let me look.\n[tool call look] {}\nNo tools here."
+
+
+def test_a_responses_streams_function_calls_are_assembled_as_a_whole_answers() -> None:
+    item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_level"}
+    events = [
+        _sse({"type": "response.created", "response": {}}, "response.created"),
+        _sse(
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**item, "arguments": ""},
+            },
+            "response.output_item.added",
+        ),
+        *(
+            _sse(
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "output_index": 0,
+                    "item_id": "fc_1",
+                    "delta": d,
+                },
+                "response.function_call_arguments.delta",
+            )
+            for d in ('{"gate"', ': "Dijk"}')
+        ),
+        _sse(
+            {
+                "type": "response.function_call_arguments.done",
+                "output_index": 0,
+                "item_id": "fc_1",
+                "arguments": '{"gate": "Dijk"}',
+            },
+            "response.function_call_arguments.done",
+        ),
+        _sse(
+            {
+                "type": "response.output_item.done",
+                "output_index": 0,
+                "item": {**item, "arguments": '{"gate": "Dijk"}'},
+            },
+            "response.output_item.done",
+        ),
+        _sse(
+            {
+                "type": "response.output_text.delta",
+                "output_index": 1,
+                "content_index": 0,
+                "delta": "Checking",
+            },
+            "response.output_text.delta",
+        ),
+        _sse(
+            {
+                "type": "response.output_text.delta",
+                "output_index": 1,
+                "content_index": 0,
+                "delta": " now.",
+            },
+            "response.output_text.delta",
+        ),
+    ]
+    stream = StreamText(1024)
+    stream.feed(b"".join(events))
+    whole = {
+        "object": "response",
+        "output": [
+            {**item, "arguments": '{"gate": "Dijk"}'},
+            {"type": "message", "content": [{"type": "output_text", "text": "Checking now."}]},
+        ],
+    }
+    expected = answer_text(orjson.dumps(whole), "responses")
+    assert expected == '[tool call get_level] {"gate": "Dijk"}\nChecking now.'
+    assert stream.text() == expected  # the arguments once: not again from the ".done" events
+
+    # A stream that carried no argument deltas: the call's arguments from its "done" event.
+    done_only = StreamText(1024)
+    done_only.feed(events[1] + events[5])
+    assert done_only.text() == '[tool call get_level] {"gate": "Dijk"}'
+
+
+def test_tool_call_fragments_count_against_the_limit() -> None:
+    stream = StreamText(20)
+    stream.feed(_tool_delta(0, {"index": 0, "function": {"name": "f", "arguments": ""}}))
+    for _ in range(100):
+        stream.feed(_tool_delta(0, {"index": 0, "function": {"arguments": "€bc"}}))  # 5 bytes
+    assert stream.kept_bytes <= 20
+    assert stream.original_bytes >= 500
+    assert stream.text().startswith("[tool call f] €bc€bc€bc")

@@ -3,8 +3,11 @@ and a destination that cannot be written."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -13,14 +16,15 @@ import pytest
 from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.messages.capture import MessageCapture
 from sluicegate.messages.config import MessageLogPolicy, MessageLogSink
-from sluicegate.messages.sink import MessageLog
+from sluicegate.messages.sink import MessageLog, MessageLogInUse, lock_path
+from sluicegate.proxy.asgi import Message
 
 SECRET_PROMPT = "the launch code is 0000"
 
 
-def _submit(log: MessageLog, n: int, prompt: str = SECRET_PROMPT) -> None:
-    record = UsageRecord(
-        request_id=f"req-{n}",
+def _record(request_id: str = "req") -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
         ts=1_765_130_000.25,
         subscription_id="sub-1",
         owner="team-a",
@@ -34,6 +38,10 @@ def _submit(log: MessageLog, n: int, prompt: str = SECRET_PROMPT) -> None:
         completion_tokens=2,
         total_tokens=7,
     )
+
+
+def _submit(log: MessageLog, n: int, prompt: str = SECRET_PROMPT) -> None:
+    record = _record(f"req-{n}")
     capture = MessageCapture(MessageLogPolicy(), log, "/openai/deployments/x", b"", None)
     body = orjson.dumps({"messages": [{"role": "user", "content": prompt}]})
     assert log.submit(record, capture, None, 0, [])  # a body of None: prompts not logged
@@ -68,7 +76,7 @@ def test_the_file_rotates_and_keeps_backup_count_files(tmp_path: Path) -> None:
     for n in range(12):
         _submit(log, n, "x" * 300)
     log.close()
-    files = sorted(p.name for p in path.parent.iterdir())
+    files = sorted(p.name for p in path.parent.glob("messages.jsonl*"))  # a shipper's pattern
     assert files == ["messages.jsonl", "messages.jsonl.1", "messages.jsonl.2"]
     for name in files:
         data = (path.parent / name).read_bytes()
@@ -89,3 +97,114 @@ def test_a_failed_write_is_counted_and_never_logs_the_text(
     assert (stats.write_failures, stats.requests, stats.entries) == (2, 0, 0)
     assert "writing" in caplog.text and str(tmp_path) in caplog.text
     assert SECRET_PROMPT not in caplog.text + capsys.readouterr().err  # not even on stderr
+
+
+def test_a_file_another_live_process_writes_is_refused(tmp_path: Path) -> None:
+    """Two processes writing one file would rename it under each other when they rotate it:
+    the second to start is refused while the first lives, and starts once it has gone."""
+    path = tmp_path / "messages.jsonl"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from sluicegate.messages.config import MessageLogSink\n"
+            "from sluicegate.messages.sink import MessageLog\n"
+            f"log = MessageLog(MessageLogSink(path={str(path)!r}))\n"
+            "log.start()\n"
+            "print('started', flush=True)\n"
+            "sys.stdin.read()\n"
+            "log.close()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"started\n"
+        second = MessageLog(MessageLogSink(path=str(path)))
+        with pytest.raises(MessageLogInUse) as refused:
+            second.start()
+        assert f"pid {holder.pid}" in str(refused.value) and str(path) in str(refused.value)
+        assert lock_path(str(path)) == tmp_path / ".messages.jsonl.lock"
+    finally:
+        holder.communicate(timeout=10)  # its stdin closed: it closes its log and exits
+    assert holder.returncode == 0
+    second = MessageLog(MessageLogSink(path=str(path)))
+    second.start()
+    _submit(second, 1)
+    second.close()
+    assert second.stats().requests == 2
+    # Its lock goes with it: a third instance in this process may start after it closed.
+    third = MessageLog(MessageLogSink(path=str(path)))
+    third.start()
+    third.close()
+
+
+def test_a_killed_instance_leaves_no_stale_lock(tmp_path: Path) -> None:
+    path = tmp_path / "messages.jsonl"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from sluicegate.messages.config import MessageLogSink\n"
+            "from sluicegate.messages.sink import MessageLog\n"
+            f"MessageLog(MessageLogSink(path={str(path)!r})).start()\n"
+            "print('started', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"started\n"
+    holder.kill()
+    holder.wait(timeout=10)
+    holder.stdout.close()
+    log = MessageLog(MessageLogSink(path=str(path)))
+    log.start()  # the lock died with its process
+    log.close()
+
+
+EVENTS = 4000
+
+
+def test_a_long_stream_under_a_small_budget_is_handed_over_and_gives_everything_back(
+    tmp_path: Path,
+) -> None:
+    """3 MiB of events through a log of 1 MiB: handed to the thread in eighths of the budget,
+    the stream's events in hand and its text kept stay charged to the budget (never past
+    it), its entry is whole, and once written the log holds nothing."""
+    path = tmp_path / "messages.jsonl"
+    log = MessageLog(MessageLogSink(path=str(path), max_pending_bytes=1024 * 1024))
+    assert log.handoff_bytes == 128 * 1024
+    log.start()
+    policy = MessageLogPolicy(max_bytes=256 * 1024)
+    capture = MessageCapture(policy, log, "/openai/v1/chat/completions", b"", "m")
+    sent: list[bytes] = []
+    highest = 0
+
+    async def send(message: Message) -> None:
+        sent.append(message.get("body", b""))
+
+    async def relay() -> None:
+        nonlocal highest
+        teed = capture.tee(send, True, 200)
+        for n in range(EVENTS):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"{n:04d}" * 200}}]}
+            body = b"data: " + orjson.dumps(chunk) + b"\n\n"
+            await teed({"type": "http.response.body", "body": body, "more_body": True})
+            highest = max(highest, log.stats().pending_bytes)
+            if n % 50 == 0:
+                await asyncio.sleep(0.005)  # the thread gets its turn, as between reads
+
+    asyncio.run(relay())
+    assert sum(map(len, sent)) > 3 * 1024 * 1024
+    record = dataclasses.replace(_record("long"), streamed=True)
+    capture.finish(record, None, b"{}", [])
+    log.close()
+    assert 0 < highest <= 1024 * 1024
+    stats = log.stats()
+    assert (stats.requests, stats.streams_cut, stats.pending_bytes) == (1, 0, 0)
+    found = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    text = "".join(e["ResponseMessages"] for e in found)
+    assert text == "".join(f"{n:04d}" * 200 for n in range(EVENTS))[: 256 * 1024]
+    assert found[0]["ResponseTruncated"] is True  # past max_bytes: cut there, not lost

@@ -12,9 +12,19 @@ it cannot be parsed anyway, and its beginning is logged raw: a copy of at most `
 when the answer's first part is already past the limit). A successful embeddings answer is not
 kept at all: its vectors are not text, and parsing tens of MB of them in the log's thread
 would hold the GIL, and so the event loop, for tens of ms. A stream's events are handed to
-the log's thread every ``STREAM_HANDOFF_BYTES`` as they go out: that thread flattens them
-at once and keeps only their text (up to ``max_bytes``), so a long stream holds at most
-that many bytes of events in the request, never its whole answer.
+the log's thread every MiB as they go out (less under a small ``max_pending_bytes``:
+``MessageLog.handoff_bytes``): that thread flattens them at once and keeps only
+their text (up to ``max_bytes``), so a long stream holds at most that many bytes of events in
+the request, never its whole answer.
+
+What a stream holds for the log counts against the log's ``max_pending_bytes`` while the
+stream runs, not only once it is queued: its events in hand are reserved in blocks of
+``RESERVE_BYTES`` before they are kept, and the text the log's thread keeps for it is charged
+as its events are handed over (at most ``max_bytes``: the text of events is never longer than
+they are), until its entry is written. A stream whose events find the budget spent gives up the
+events it holds and keeps no more (its entry has the text handed over before, if any, and says
+``ResponseTruncated``; counted as a stream cut), so many concurrent streams cannot grow the
+log's memory past its budget, and those that fit are logged whole.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ if TYPE_CHECKING:
 
 #: A whole answer is kept (by reference) up to this many times ``max_bytes`` of raw body.
 ANSWER_KEPT_FACTOR = 4
-#: A stream's events go to the log's thread in batches of about this many bytes.
-STREAM_HANDOFF_BYTES = 1024 * 1024
+#: A stream's events in hand are reserved against ``max_pending_bytes`` in blocks of this
+#: many bytes: one lock per block, not per event (most streams need one).
+RESERVE_BYTES = 16 * 1024
 
 
 class MessageCapture:
@@ -44,6 +55,8 @@ class MessageCapture:
         "answer_limit",
         "error",
         "finished",
+        "handed",
+        "held",
         "lost",
         "model",
         "operation",
@@ -56,6 +69,7 @@ class MessageCapture:
         "size",
         "stream",
         "text",
+        "text_charge",
     )
 
     def __init__(
@@ -84,7 +98,8 @@ class MessageCapture:
         self.overflow = 0
         #: The answer is an event stream.
         self.stream = False
-        #: Events of the stream could not be handed over (the log's queue was full).
+        #: Events of the stream could not be kept (``max_pending_bytes`` was spent) or handed
+        #: over (the log's queue was full): the rest of it is not kept either.
         self.lost = False
         #: The gateway's own refusal (status, code, message) when it answered for itself.
         self.error: tuple[int, str, str] | None = None
@@ -92,6 +107,12 @@ class MessageCapture:
         self.text: StreamText | None = None
         #: Handed to the log (``finish``).
         self.finished = False
+        #: A stream's: bytes reserved for the events in ``parts`` (at least ``size``).
+        self.held = 0
+        #: A stream's: bytes of events handed to the log's thread so far.
+        self.handed = 0
+        #: A stream's: bytes charged for the text the log's thread keeps of those events.
+        self.text_charge = 0
 
     def tee(self, send: Send, stream: bool, status: int) -> Send:
         """``send``, keeping the answer's body as it goes out (nothing when the product
@@ -125,13 +146,42 @@ class MessageCapture:
         self.size += len(body)
 
     def _keep_events(self, body: bytes) -> None:
-        self.parts.append(body)
-        self.size += len(body)
-        if self.size >= STREAM_HANDOFF_BYTES:
-            if not self.sink.hand_over(self, self.parts, self.size):
+        if self.lost or self.finished:  # its text is not whole, or nothing more is logged
+            return
+        size = self.size + len(body)
+        if size > self.held:
+            more = max(size - self.held, RESERVE_BYTES)
+            if not self.sink.reserve(more):
+                # The budget is spent: this stream gives up what it holds and keeps nothing
+                # more, so that the others can finish whole (keeping on, every stream would
+                # lose some of its text).
                 self.lost = True
-            self.parts = []
-            self.size = 0
+                self.sink.release(self.held)
+                self.parts = []
+                self.size = 0
+                self.held = 0
+                return
+            self.held += more
+        self.parts.append(body)
+        self.size = size
+        if size >= self.sink.handoff_bytes:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Queue the events in hand for the log's thread. Their reservation stays charged
+        until that thread has flattened them; then only what their text may add to what it
+        keeps stays charged (``text_charge``, at most ``max_bytes`` for the whole stream)."""
+        cap = self.policy.max_bytes
+        text = min(self.handed + self.size, cap) - min(self.handed, cap)
+        if self.sink.hand_over(self, self.parts, self.size, self.held - text):
+            self.handed += self.size
+            self.text_charge += text
+        else:
+            self.lost = True
+            self.sink.release(self.held)
+        self.parts = []
+        self.size = 0
+        self.held = 0
 
     def refused(self, status: int, code: str, message: str) -> None:
         """The gateway answered the request itself (a limit, a backend it could not reach):

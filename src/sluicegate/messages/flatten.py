@@ -5,8 +5,10 @@ lines, ``input``, ``prompt``; ``choices[].message.content``, ``choices[].text``,
 ``output_text``, ``output[].content[].text``, or the ``error`` object), and falls back to the
 raw body text where a body has none of those shapes. Images, audio and files in messages are
 named (``[image]``), never copied: their data is not text. Streams are flattened event by
-event (``StreamText``): chat ``delta.content`` (and ``text`` of completions) per choice,
-Responses ``response.output_text.delta``, and any error an event carries.
+event (``StreamText``): chat ``delta.content`` (and ``text`` of completions) and
+``delta.tool_calls`` per choice, Responses ``response.output_text.delta`` and function calls
+(``response.function_call_arguments.delta``) per output item, and any error an event carries;
+tool calls are assembled from their fragments by index and written as a whole answer's are.
 
 Sizes are UTF-8 bytes; cuts never split a character. Everything here runs in the message
 log's thread, never on the request path. Pure and thread-safe (no shared state).
@@ -33,6 +35,9 @@ _PART_NAMES = {
 _ANSWER_KEYS = ("choices", "output", "output_text")
 #: Responses stream events that carry answer text in ``delta``.
 _TEXT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta"})
+#: Responses stream events that carry a whole output item (a function call's name, and once
+#: done its arguments).
+_CALL_ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +75,16 @@ def _content(content: Any) -> str:
     return "\n".join(texts)
 
 
+def _tool_call_line(name: Any, arguments: Any) -> str:
+    """A tool call as a line of text, in a request, a whole answer or a stream."""
+    return f"[tool call {name}] {arguments}"
+
+
 def _tool_calls(calls: Any) -> Iterable[str]:
     for call in calls if isinstance(calls, list) else ():
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
-            yield f"[tool call {function.get('name')}] {function.get('arguments') or ''}"
+            yield _tool_call_line(function.get("name"), function.get("arguments") or "")
 
 
 def _message_text(message: dict[str, Any]) -> str:
@@ -110,7 +120,7 @@ def _input_lines(value: Any, lines: list[str]) -> None:
             if "role" in item:
                 lines.append(_message_line(item))
             elif kind == "function_call":
-                lines.append(f"[tool call {item.get('name')}] {item.get('arguments') or ''}")
+                lines.append(_tool_call_line(item.get("name"), item.get("arguments") or ""))
             elif kind == "function_call_output":
                 output = item.get("output")
                 lines.append(f"[tool output] {output if isinstance(output, str) else ''}")
@@ -194,27 +204,78 @@ def answer_text(body: bytes, operation: str) -> str:
             if not isinstance(item, dict):
                 continue
             if item.get("type") == "function_call":
-                texts.append(f"[tool call {item.get('name')}] {item.get('arguments') or ''}")
+                texts.append(_tool_call_line(item.get("name"), item.get("arguments") or ""))
             elif isinstance(item.get("content"), list):
                 texts.append(_content(item["content"]))
     return "\n".join(texts)
 
 
+def _size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+class _Call:
+    """One tool call of a stream: its name and its arguments' fragments (in order)."""
+
+    __slots__ = ("arguments", "name", "seen")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.arguments: list[str] = []
+        #: Argument fragments arrived (kept or not): a ``…arguments.done`` adds nothing.
+        self.seen = False
+
+
+class _Slot:
+    """A chat choice (by ``index``) or a Responses output item (by ``output_index``): its
+    text's deltas, then its tool calls by their index."""
+
+    __slots__ = ("calls", "part", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.calls: dict[int, _Call] = {}
+        #: The Responses content part the last text delta belonged to.
+        self.part: Any = None
+
+    def render(self) -> str:
+        """The content, then the tool calls, a line each (``_message_text``'s order)."""
+        lines = ["".join(self.text)] if self.text else []
+        for n in sorted(self.calls):
+            call = self.calls[n]
+            lines.append(_tool_call_line(call.name, "".join(call.arguments)))
+        return "\n".join(line for line in lines if line)
+
+
+#: A list of deltas longer than this is joined into one string after a ``feed``: a stream
+#: of 2 MiB in deltas of a few characters would otherwise hold ~700,000 string objects
+#: (~40 MB), twenty times the text they hold.
+_COMPACT_AT = 64
+
+
 class StreamText:
     """The text of a stream, fed its events as the relay sent them (whole SSE events, LF
-    line ends; in several parts for a long stream). Keeps at most ``limit`` bytes of text
-    (plus one delta) and counts the rest, so a long stream holds no more than the log keeps.
-    Not thread-safe: fed by the message log's thread only."""
+    line ends; in several parts for a long stream): per choice (chat) or output item
+    (Responses), its text deltas, then its tool calls assembled from their name and argument
+    fragments by index, written as a whole answer's are (``[tool call name] arguments``).
+    Holds at most ``limit`` bytes of text, names and errors (a delta that crosses it is cut
+    between characters) and counts the rest, so a long stream holds no more than the log
+    keeps. Not thread-safe: fed by the message log's thread only."""
 
-    __slots__ = ("_choices", "_errors", "_kept", "limit", "original_bytes")
+    __slots__ = ("_errors", "_kept", "_slots", "limit", "original_bytes")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._choices: dict[int, list[str]] = {}
+        self._slots: dict[int, _Slot] = {}
         self._errors: list[str] = []
         self._kept = 0
         #: UTF-8 bytes of all the text seen (kept or not).
         self.original_bytes = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        """UTF-8 bytes of text, names and errors held: at most ``limit``."""
+        return self._kept
 
     def feed(self, events: bytes) -> None:
         for event in events.split(b"\n\n"):
@@ -227,18 +288,12 @@ class StreamText:
                 continue
             if isinstance(obj, dict):
                 self._event(obj)
+        self._compact()
 
     def _event(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
         if isinstance(kind, str):  # the Responses API's named events
-            if kind in _TEXT_DELTAS and isinstance(obj.get("delta"), str):
-                self._add(0, obj["delta"])
-            elif kind == "error":
-                self._error({k: v for k, v in obj.items() if k not in ("type", "sequence_number")})
-            elif kind == "response.failed":
-                response = obj.get("response")
-                if isinstance(response, dict) and response.get("error"):
-                    self._error(response["error"])
+            self._responses_event(kind, obj)
             return
         error = obj.get("error")
         if error:  # an error event (the backend's, or the gateway's StreamInterrupted)
@@ -254,27 +309,135 @@ class StreamText:
                 text = delta.get("content")
                 if not isinstance(text, str):
                     text = delta.get("refusal")
-                if isinstance(text, str):
-                    self._add(index, text)
+                if isinstance(text, str) and text:
+                    self._text(index, text)
+                calls = delta.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
+                    if isinstance(call, dict):
+                        self._chat_call(index, call)
             elif isinstance(choice.get("text"), str):
-                self._add(index, choice["text"])
+                self._text(index, choice["text"])
 
-    def _add(self, index: int, text: str) -> None:
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    def _chat_call(self, index: int, call: dict[str, Any]) -> None:
+        """A ``delta.tool_calls`` item: the first of a call has its name (and often empty
+        arguments), the next ones its arguments' fragments, all with the call's ``index``."""
+        n = call.get("index")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            return
+        name, arguments = function.get("name"), function.get("arguments")
+        self._call(
+            index,
+            n if isinstance(n, int) else 0,
+            name if isinstance(name, str) else None,
+            arguments if isinstance(arguments, str) else None,
+        )
+
+    def _responses_event(self, kind: str, obj: dict[str, Any]) -> None:
+        index = obj.get("output_index")
+        index = index if isinstance(index, int) else 0
+        if kind in _TEXT_DELTAS and isinstance(obj.get("delta"), str):
+            slot = self._slots.get(index)
+            part = obj.get("content_index")
+            if slot is not None and slot.text and slot.part != part:
+                self._text(index, "\n")  # another content part: a line of its own
+            self._text(index, obj["delta"])
+            if (slot := self._slots.get(index)) is not None:
+                slot.part = part
+        elif kind == "response.function_call_arguments.delta":
+            delta = obj.get("delta")
+            if isinstance(delta, str):
+                self._call(index, 0, None, delta)
+        elif kind in _CALL_ITEM_EVENTS:
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                self._call_whole(index, item.get("name"), item.get("arguments"))
+        elif kind == "response.function_call_arguments.done":
+            self._call_whole(index, obj.get("name"), obj.get("arguments"))
+        elif kind == "error":
+            self._error({k: v for k, v in obj.items() if k not in ("type", "sequence_number")})
+        elif kind == "response.failed":
+            response = obj.get("response")
+            if isinstance(response, dict) and response.get("error"):
+                self._error(response["error"])
+
+    def _call_whole(self, index: int, name: Any, arguments: Any) -> None:
+        """A Responses function call item as announced (``output_item.added``: its name,
+        empty arguments) or finished (``…done``: whole arguments): what the deltas did not
+        already bring."""
+        slot = self._slots.get(index)
+        call = slot.calls.get(0) if slot is not None else None
+        seen = call is not None and call.seen
+        self._call(
+            index,
+            0,
+            name if isinstance(name, str) else None,
+            arguments if isinstance(arguments, str) and not seen else None,
+        )
+
+    def _call(self, index: int, n: int, name: str | None, arguments: str | None) -> None:
+        slot = self._slot(index)
+        call = slot.calls.get(n)
+        if call is None:
+            if self._kept >= self.limit:  # the prefix would be counted for nothing kept
+                self.original_bytes += _size(_tool_call_line(name or "", arguments or ""))
+                return
+            call = slot.calls[n] = _Call()
+            # Its prefix; not the line breaks between calls: an uncut text's size must not
+            # exceed what it is, or it would read as cut (``clip``).
+            self.original_bytes += _size(_tool_call_line("", ""))
+        if name and call.name is None:
+            call.name = self._keep(name) or None
+        if arguments:
+            call.seen = True
+            kept = self._keep(arguments)
+            if kept:
+                call.arguments.append(kept)
+
+    def _slot(self, index: int) -> _Slot:
+        slot = self._slots.get(index)
+        if slot is None:
+            slot = self._slots[index] = _Slot()
+        return slot
+
+    def _text(self, index: int, text: str) -> None:
+        kept = self._keep(text)
+        if kept:
+            self._slot(index).text.append(kept)
+
+    def _keep(self, text: str) -> str:
+        """Count ``text``; what of it fits in the limit (cut between characters), or ""."""
+        size = _size(text)
         self.original_bytes += size
-        if self._kept < self.limit:
-            self._choices.setdefault(index, []).append(text)
-            self._kept += size
+        room = self.limit - self._kept
+        if room <= 0:
+            return ""
+        if size > room:
+            data = text.encode("utf-8")
+            text = data[: _boundary(data, room)].decode("utf-8")
+            size = _size(text)
+        self._kept += size
+        return text
 
     def _error(self, error: Any) -> None:
-        text = _error_text(error)
-        self._errors.append(text)
-        self.original_bytes += len(text.encode("utf-8")) + 1
+        text = self._keep(_error_text(error))
+        self.original_bytes += 1  # its line
+        if text:
+            self._errors.append(text)
+
+    def _compact(self) -> None:
+        for slot in self._slots.values():
+            if len(slot.text) > _COMPACT_AT:
+                slot.text[:] = ["".join(slot.text)]
+            for call in slot.calls.values():
+                if len(call.arguments) > _COMPACT_AT:
+                    call.arguments[:] = ["".join(call.arguments)]
 
     def text(self) -> str:
-        """The choices' texts in their order (one line apart), then the errors."""
-        texts = ["".join(self._choices[i]) for i in sorted(self._choices)]
-        return "\n".join(texts + self._errors)
+        """The choices' (or output items') texts in their order, one line apart, each with
+        its tool calls a line each; then the errors."""
+        texts = [self._slots[i].render() for i in sorted(self._slots)]
+        return "\n".join([t for t in texts if t] + self._errors)
 
 
 def _event_data(event: bytes) -> bytes:

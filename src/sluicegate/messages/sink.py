@@ -2,11 +2,17 @@
 
 The request path calls ``submit`` (a finished request) and ``hand_over`` (a long stream's
 events so far); both take a lock for a few counters and put a reference on a queue, and
-never wait: when ``max_pending`` requests or ``max_pending_bytes`` of bodies wait already,
-the item is dropped and counted (``stats``). The thread flattens, cuts and chunks
-(``flatten``) and writes each request's entries as one write, so a request's chunks stay
+never wait: when ``max_pending`` requests or ``max_pending_bytes`` of bodies are held
+already, the item is dropped and counted (``stats``). A stream in flight ``reserve``s what it
+holds against the same ``max_pending_bytes`` (``capture.MessageCapture``), so the bytes the
+log holds, queued or in streams still running, stay within it. The thread flattens, cuts and
+chunks (``flatten``) and writes each request's entries as one write, so a request's chunks stay
 together in one file. This log is not the ledger: usage records are never lost, message
 logs may be (a full queue, a full disk, a crash before the thread wrote them).
+
+One file per instance: ``start`` takes an advisory lock (``flock``, Linux and other POSIX
+systems) on a lock file beside the log file and refuses to start when another live process
+holds it, since processes sharing a file rename it under each other when they rotate it.
 
 No key or token reaches an entry: entries hold the subscription's id, the request's and the
 answer's text, and the client's ``x-ms-client-request-id`` (as CorrelationId), nothing else
@@ -15,6 +21,7 @@ of the request's headers. A write that fails is counted and logged without the e
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -46,6 +53,9 @@ if TYPE_CHECKING:
     from sluicegate.accounting.records import UsageRecord
     from sluicegate.messages.capture import MessageCapture
 
+#: A stream's events go to the log's thread in batches of about this many bytes.
+STREAM_HANDOFF_BYTES = 1024 * 1024
+
 log = logging.getLogger("sluicegate.messages")
 
 #: The client's correlation id (Azure's), sent on to the backend as it came.
@@ -57,7 +67,8 @@ _WARN_EVERY = 60.0
 
 @dataclass(slots=True)
 class _Events:
-    """A long stream's events so far (``MessageCapture.STREAM_HANDOFF_BYTES``)."""
+    """A long stream's events so far (``MessageLog.handoff_bytes``); ``weight``: the
+    part of their reservation released once they are flattened."""
 
     capture: MessageCapture
     parts: list[bytes]
@@ -77,7 +88,9 @@ class _Finished:
 class MessageLogStats:
     """Counts since start: requests logged, entries (lines) written, requests dropped (the
     queue was full or the log closed), streams logged without some of their events (the
-    queue was full when they were handed over), failed writes; and what waits now."""
+    queue or ``max_pending_bytes`` was full when they came), failed writes; and what waits
+    now: requests queued, and bytes held (queued bodies, and streams' events and text
+    reserved while they run)."""
 
     requests: int
     entries: int
@@ -88,6 +101,44 @@ class MessageLogStats:
     pending_bytes: int
 
 
+class MessageLogInUse(RuntimeError):
+    """Another live process writes the same message log file (``MessageLog.start``)."""
+
+
+def lock_path(path: str) -> Path:
+    """The lock file of the message log file ``path``: hidden beside it (``.NAME.lock``),
+    so that a shipper's ``messages.jsonl*`` pattern does not take it for a log file."""
+    file = Path(path)
+    return file.with_name(f".{file.name}.lock")
+
+
+def _lock(path: str) -> int | None:
+    """Hold the lock of the log file ``path`` for this process (its descriptor, to keep
+    open until the log closes); None for a path that is not a regular file (a FIFO, a
+    device: nothing is rotated there). Raises ``MessageLogInUse`` when another process holds
+    it. ``flock`` locks die with their process: a crashed instance leaves no stale lock."""
+    file = Path(path)
+    if file.exists() and not file.is_file():
+        return None
+    where = lock_path(path)
+    fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise MessageLogInUse(
+            f"message log {path} is written by another process (pid {holder or 'unknown'}, "
+            f"holding {where}): give each instance its own message_log.path"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 class MessageLog:
     """Writes prompt and completion entries (``docs/message-log.md``). ``start()`` once,
     ``close()`` at shutdown (writes what waits, within its timeout). ``submit`` and
@@ -95,6 +146,10 @@ class MessageLog:
 
     def __init__(self, config: MessageLogSink) -> None:
         self.config = config
+        #: A stream hands its events to the thread in batches of this many bytes: at most an
+        #: eighth of the budget, so that under a small one a long stream's events in hand
+        #: do not take it all before the thread can take them over.
+        self.handoff_bytes = min(STREAM_HANDOFF_BYTES, config.max_pending_bytes // 8)
         self._queue: queue.SimpleQueue[_Events | _Finished | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
@@ -104,15 +159,18 @@ class MessageLog:
         self._last_warning = 0.0
         self._thread: threading.Thread | None = None
         self._handler: logging.Handler | None = None
+        self._lock_fd: int | None = None
         self._line = logging.makeLogRecord({"msg": ""})  # reused: one writer thread
 
     def start(self) -> None:
-        """Open the destination (the file's directory is created) and start the thread."""
+        """Open the destination (the file's directory is created) and start the thread.
+        Raises ``MessageLogInUse`` when another live process writes the same file."""
         path = self.config.path
         if path == "-":
             self._handler = _StreamHandler(sys.stdout, self._write_failed)
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(path)
             self._handler = _FileHandler(
                 path,
                 maxBytes=self.config.max_file_bytes,
@@ -136,24 +194,49 @@ class MessageLog:
         headers: Sequence[tuple[bytes, bytes]],
     ) -> bool:
         """Queue a finished request (its ``record``, what ``capture`` kept, the request's
-        ``body`` of ``body_bytes`` when prompts are logged); False when dropped."""
-        weight = capture.size + body_bytes
-        item = _Finished(record, capture, body, headers, weight)
-        if self._admit(weight):
+        ``body`` of ``body_bytes`` when prompts are logged); False when dropped. What a
+        stream's capture reserved already goes with it (released once written, or now when
+        dropped); the rest (the body, a whole answer) must fit in what is left."""
+        charged = capture.held + capture.text_charge
+        fresh = body_bytes + max(capture.size - capture.held, 0)
+        item = _Finished(record, capture, body, headers, charged + fresh)
+        if self._admit(fresh):
             self._queue.put(item)
             return True
         with self._lock:
             self._dropped += 1
+            self._pending_bytes -= charged
         return False
 
-    def hand_over(self, capture: MessageCapture, parts: list[bytes], size: int) -> bool:
-        """Queue a stream's events so far, to be flattened now; False when dropped."""
-        if not self._admit(size):
-            return False
-        self._queue.put(_Events(capture, parts, size))
+    def hand_over(
+        self, capture: MessageCapture, parts: list[bytes], size: int, release: int
+    ) -> bool:
+        """Queue a stream's events so far (``size`` bytes, reserved already), to be
+        flattened now; ``release``: what of their reservation to release then. False when
+        dropped (the reservation is then the caller's to release)."""
+        with self._lock:
+            if self._closed or self._pending >= self.config.max_pending:
+                return False
+            self._pending += 1
+        self._queue.put(_Events(capture, parts, release))
         return True
 
+    def reserve(self, size: int) -> bool:
+        """Charge ``size`` bytes a stream holds for the log to ``max_pending_bytes``; False
+        (nothing charged) when they do not fit."""
+        with self._lock:
+            if self._closed or self._pending_bytes + size > self.config.max_pending_bytes:
+                return False
+            self._pending_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back ``size`` bytes of ``reserve``."""
+        with self._lock:
+            self._pending_bytes -= size
+
     def _admit(self, weight: int) -> bool:
+        """Count one more request queued holding ``weight`` more bytes, if they fit."""
         config = self.config
         with self._lock:
             if (
@@ -272,6 +355,9 @@ class MessageLog:
                 return  # the thread still uses the handler; the process exit ends it
         if self._handler is not None:
             self._handler.close()
+        if self._lock_fd is not None:  # after the last write: the next instance may start
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def stats(self) -> MessageLogStats:
         with self._lock:
@@ -287,10 +373,11 @@ class MessageLog:
 
 
 def _response(capture: MessageCapture, operation: str) -> tuple[Clipped, bool]:
-    """The logged answer: a stream's text, a whole answer's, the gateway's own error, or
-    nothing (no answer reached the client); and whether events of a stream are missing."""
+    """The logged answer: a stream's text, a whole answer's, the gateway's own error (also
+    when its relay had begun but sent nothing), or nothing (no answer reached the client);
+    and whether events of a stream are missing."""
     limit = capture.policy.max_bytes
-    if capture.stream:
+    if capture.stream and (capture.parts or capture.text is not None or capture.lost):
         text = capture.text or StreamText(limit)
         for part in capture.parts:
             text.feed(part)

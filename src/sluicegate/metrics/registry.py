@@ -352,7 +352,8 @@ class _MessageLogCollector(Collector):
             ("dropped", "Requests not logged: the message log's queue was full.", s.dropped),
             (
                 "streams_cut",
-                "Streams logged without some of their text (the queue was full mid-stream).",
+                "Streams logged without some of their text (the log's memory budget, "
+                "max_pending_bytes, was spent mid-stream).",
                 s.streams_cut,
             ),
             ("write_failures", "Failed writes of the message log.", s.write_failures),
@@ -365,7 +366,8 @@ class _MessageLogCollector(Collector):
         )
         yield GaugeMetricFamily(
             "sluicegate_message_log_pending_bytes",
-            "Bytes of bodies held for the message log's writer.",
+            "Bytes held for the message log: queued entries and the events and text of streams in "
+            "flight (bounded by max_pending_bytes).",
             value=s.pending_bytes,
         )
 

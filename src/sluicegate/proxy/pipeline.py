@@ -180,6 +180,8 @@ class Pipeline:
                 )
                 try:
                     await send_error(send, err, ctx.response_headers)
+                    if ctx.messages is not None:  # the answer the client got: this error
+                        ctx.messages.refused(err.status, err.code, err.message)
                 except Exception:  # the response had already started; nothing more to say
                     log.debug("could not send the error response", exc_info=True)
             if self.admitter is not None and ctx.admission is not None:
