@@ -460,3 +460,143 @@ async def test_no_limits_admits_without_headers(limiter: Limiter) -> None:
     assert admission.allowed
     assert admission.headers() == []
     await limiter.settle(admission.reservation, 10)
+
+
+async def test_request_quota_counts_admitted_requests_and_refuses_with_403_until_renewal(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    """APIM's quota-by-key calls: every admitted request counts 1 (tokens are no matter), a
+    released request (its backend failed) still counts, and the quota answers 403 with
+    Retry-After until its calendar period renews."""
+    policy = LimitPolicy(
+        request_quota=3,
+        request_quota_period="daily",
+        remaining_requests_quota_header="x-remaining-requests-quota",
+    )
+    clock.set(epoch("2024-01-31T23:59:50"))
+    first = await use(limiter, 50_000, policy)
+    assert first.allowed
+    assert headers(first)["x-remaining-requests-quota"] == "2"
+    failed = await admit(limiter, 10, policy)
+    await limiter.release(failed.reservation)  # the backend failed: still counted
+    third = await use(limiter, 0, policy)
+    assert headers(third)["x-remaining-requests-quota"] == "0"
+
+    clock.advance(2)
+    refused = await admit(limiter, 1, policy)
+    assert (refused.status, refused.code) == (403, "RequestQuotaExceeded")
+    assert refused.reservation is None
+    assert refused.retry_after_s == pytest.approx(8.0)
+    h = headers(refused)
+    assert h["Retry-After"] == "8" and h["retry-after-ms"] == "8000"
+    assert h["x-should-retry"] == "false"
+    assert h["x-remaining-requests-quota"] == "0"
+    assert refused.reason.startswith("Request quota of 3 requests per day is exhausted for sub:a")
+    assert "2024-02-01T00:00:00+00:00" in refused.reason
+
+    clock.set(epoch("2024-02-01T00:00:00") - 0.001)
+    assert not (await admit(limiter, 1, policy)).allowed  # refusals charged nothing
+    clock.set(epoch("2024-02-01T00:00:00"))
+    renewed = await admit(limiter, 1, policy)
+    assert renewed.allowed
+    assert headers(renewed)["x-remaining-requests-quota"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("period", "timezone", "full_at", "renews_at"),
+    [
+        ("monthly", "UTC", "2024-02-29T23:59:59", "2024-03-01T00:00:00"),
+        ("weekly", "UTC", "2024-03-10T12:00:00", "2024-03-11T00:00:00"),
+        ("hourly", "UTC", "2024-03-10T23:15:00", "2024-03-11T00:00:00"),
+        ("daily", "Asia/Tokyo", "2024-01-01T14:59:59", "2024-01-01T15:00:00"),
+        ("daily", "America/New_York", "2024-03-10T10:00:00", "2024-03-11T04:00:00"),
+        ("monthly", "Europe/Berlin", "2024-03-31T21:00:00", "2024-03-31T22:00:00"),
+    ],
+)
+async def test_request_quota_periods_are_cut_as_the_token_quotas(
+    limiter: Limiter,
+    clock: FakeClock,
+    period: str,
+    timezone: str,
+    full_at: str,
+    renews_at: str,
+) -> None:
+    """The same calendar cut as the token quota, in the policy's quota_timezone: the same
+    period, renewing at the same instant, for both quotas of one policy."""
+    policy = LimitPolicy.model_validate(
+        {
+            "request_quota": 2,
+            "request_quota_period": period,
+            "token_quota": 1_000,
+            "token_quota_period": period,
+            "quota_timezone": timezone,
+        }
+    )
+    clock.set(epoch(full_at))
+    assert (await use(limiter, 1, policy)).allowed
+    assert (await use(limiter, 1, policy)).allowed
+    refused = await admit(limiter, 1, policy)
+    assert (refused.status, refused.code) == (403, "RequestQuotaExceeded")
+    assert refused.retry_after_s == pytest.approx(epoch(renews_at) - epoch(full_at))
+    clock.set(epoch(renews_at) - 0.001)
+    assert not (await admit(limiter, 1, policy)).allowed
+    clock.set(epoch(renews_at))
+    assert (await use(limiter, 1_000, policy)).allowed  # both renewed
+    assert (await admit(limiter, 0, policy)).code == "TokenQuotaExceeded"
+
+
+async def test_token_and_request_quotas_are_separate_counters_charged_all_or_none(
+    limiter: Limiter,
+) -> None:
+    """Either quota can bind; a request refused by one charges neither (the other's count is
+    untouched); the refusal's code and message say which quota it was."""
+    policy = LimitPolicy(
+        token_quota=1_000,
+        token_quota_period="daily",
+        request_quota=3,
+        request_quota_period="daily",
+        remaining_quota_header="x-remaining-quota-tokens",
+        remaining_requests_quota_header="x-remaining-requests-quota",
+    )
+    first = await use(limiter, 900, policy)
+    assert headers(first)["x-remaining-quota-tokens"] == "100"
+    assert headers(first)["x-remaining-requests-quota"] == "2"
+    over_tokens = await admit(limiter, 200, policy)
+    assert (over_tokens.status, over_tokens.code) == (403, "TokenQuotaExceeded")
+    assert over_tokens.reason.startswith("Token quota")
+    assert (await use(limiter, 50, policy)).allowed  # the refusal took no request
+    last = await use(limiter, 50, policy)
+    assert headers(last)["x-remaining-requests-quota"] == "0"
+    assert headers(last)["x-remaining-quota-tokens"] == "0"
+    refused = await admit(limiter, 0, policy)
+    assert refused.status == 403
+    # Both are exhausted (tokens at the limit, requests too): either code is right; with
+    # tokens left only the request quota can refuse.
+    assert refused.code in {"TokenQuotaExceeded", "RequestQuotaExceeded"}
+    requests_only = LimitPolicy(request_quota=3, request_quota_period="daily")
+    assert (await admit(limiter, 0, requests_only, key="sub:b")).allowed
+    for _ in range(2):
+        assert (await admit(limiter, 0, requests_only, key="sub:b")).allowed
+    only = await admit(limiter, 0, requests_only, key="sub:b")
+    assert (only.status, only.code) == (403, "RequestQuotaExceeded")
+
+
+async def test_a_request_quota_wins_over_rate_refusals_and_is_shared_by_policies_of_one_key(
+    limiter: Limiter,
+) -> None:
+    """Two policies of one key with the same request quota period share its counter,
+    charged once per request against the lower limit (APIM: several quota-by-key policies
+    on one key increment once per request); an exhausted request quota wins over an RPM
+    refusal (waiting a minute would not help)."""
+    loose = LimitPolicy(request_quota=10, request_quota_period="monthly")
+    tight = LimitPolicy(request_quota=2, request_quota_period="monthly", requests_per_minute=2)
+    both = [LimitRequest("sub:a", loose, 10), LimitRequest("sub:a", tight, 10)]
+    assert (await limiter.admit(both)).allowed
+    assert (await limiter.admit(both)).allowed
+    refused = await limiter.admit(both)
+    assert (refused.status, refused.code) == (403, "RequestQuotaExceeded")
+    assert "Request quota of 2 requests per month" in refused.reason
+    # The loose policy alone has had 2 of its 10: charged once per request, not twice.
+    alone = await limiter.admit([LimitRequest("sub:a", loose, 10)])
+    assert alone.allowed
+    assert [s.used for s in alone.limits] == [3]

@@ -6,9 +6,11 @@ storage layer, as anything that writes the database could."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -125,3 +127,54 @@ def test_an_invalid_override_is_ignored_with_one_warning_and_the_products_limits
     assert _chat(h, key)[0] == 429
     warnings = [r.getMessage() for r in caplog.records if r.name == "sluicegate.limits"]
     assert len(warnings) == 2 and warnings[1] == warnings[0]
+
+
+def test_a_request_quota_refuses_with_403_and_retry_after_and_a_subscription_overrides_it(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
+    """Through the real gateway and the openai SDK: a subscription's override lowers the
+    product's request quota (merged field by field: the product's period and header stay);
+    the request past it gets 403 RequestQuotaExceeded with Retry-After until the day
+    renews (UTC midnight), never reaching the backend; another subscription keeps the
+    product's quota."""
+    h = _gateway(
+        tmp_path,
+        simulator,
+        {
+            "request_quota": 100,
+            "request_quota_period": "daily",
+            "remaining_requests_quota_header": "x-remaining-requests-quota",
+        },
+    )
+    stop_later.append(h)
+    _, limited = _subscription(h, "limited", {"limits": {"request_quota": 2}})
+    _, other = _subscription(h, "other")
+    client = h.sdk(limited)
+    try:
+        remaining = []
+        for _ in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=10
+            )
+            remaining.append(raw.headers.get("x-remaining-requests-quota"))
+        assert remaining == ["1", "0"]
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
+    finally:
+        client.close()
+    error = refused.value
+    assert error.status_code == 403
+    assert isinstance(error.body, dict) and error.body.get("code") == "RequestQuotaExceeded"
+    assert str(error.body.get("message", "")).startswith(
+        "Request quota of 2 requests per day is exhausted for"
+    )
+    now = time.time()
+    to_midnight = 86_400 - now % 86_400
+    retry_after = int(error.response.headers["retry-after"])
+    assert to_midnight - 5 <= retry_after <= to_midnight + 5
+    assert error.response.headers["x-should-retry"] == "false"
+    assert error.response.headers["x-remaining-requests-quota"] == "0"
+    assert sum(1 for _ in h.sim_log()) == 2  # the refused request reached no backend
+    assert _chat(h, other)[0] == 200  # the product's 100 a day
+    metrics = httpx.get(f"{h.url}/metrics").text  # counted among the limits' refusals
+    assert 'sluicegate_limit_rejections_total{reason="RequestQuotaExceeded"} 1.0' in metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
+from sluicegate.config.loader import ConfigError, parse_config
 from sluicegate.limits.ceiling import apply_max_tokens_ceiling
 from sluicegate.limits.policy import LimitPolicy, merge, resolve_counter_key, tokens_to_reserve
 from sluicegate.tokens.estimate import TokenEstimate
@@ -119,3 +120,58 @@ def test_ceiling_rejects_or_clamps_what_the_client_asked_for() -> None:
     assert absent.error is None and not absent.changed
     assert apply_max_tokens_ceiling(body, "embeddings", reject).error is None
     assert apply_max_tokens_ceiling(body, "chat.completions", LimitPolicy()).error is None
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"request_quota": 100}, "request_quota and request_quota_period must be set together"),
+        ({"request_quota_period": "daily"}, "must be set together"),
+        ({"request_quota": 0, "request_quota_period": "daily"}, "greater than 0"),
+        ({"request_quota": 10, "request_quota_period": "fortnightly"}, "Input should be 'hourly'"),
+        ({"remaining_requests_quota_header": "Remaining Requests"}, "not a valid HTTP header"),
+    ],
+)
+def test_invalid_request_quotas_are_errors(data: dict[str, object], problem: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=problem):
+        LimitPolicy.model_validate(data)
+
+
+def test_a_request_quota_is_a_limit_alone_or_beside_a_token_quota() -> None:
+    alone = LimitPolicy.model_validate({"request_quota": 5, "request_quota_period": "Monthly"})
+    assert alone.has_limits and alone.request_quota_period == "monthly"
+    both = LimitPolicy(
+        token_quota=1000, token_quota_period="daily", request_quota=5, request_quota_period="hourly"
+    )
+    assert both.has_limits
+
+
+def test_the_config_check_refuses_a_request_quota_without_its_period() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "backends": [{"name": "b", "url": "https://b.example.com"}],
+                "deployments": [{"name": "d", "backend": "b"}],
+                "products": [{"name": "p", "deployments": ["d"], "limits": [{"request_quota": 5}]}],
+            }
+        )
+    assert info.value.problems == [
+        "products[0].limits[0]: request_quota and request_quota_period must be set together"
+    ]
+
+
+def test_subscription_overrides_merge_the_request_quota_field_by_field() -> None:
+    product = LimitPolicy(
+        request_quota=1000,
+        request_quota_period="monthly",
+        remaining_requests_quota_header="x-remaining-requests-quota",
+    )
+    lowered = merge(product, {"request_quota": 10})
+    assert (lowered.request_quota, lowered.request_quota_period) == (10, "monthly")
+    assert lowered.remaining_requests_quota_header == "x-remaining-requests-quota"
+    lifted = merge(product, {"request_quota": None, "request_quota_period": None})
+    assert lifted.request_quota is None and not lifted.has_limits
+    added = merge(None, {"request_quota": 3, "request_quota_period": "daily"})
+    assert added.request_quota == 3
+    with pytest.raises(pydantic.ValidationError, match="must be set together"):
+        merge(product, {"request_quota_period": None})

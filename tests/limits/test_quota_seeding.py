@@ -30,7 +30,9 @@ from sluicegate.limits.limiter import (
     Limiter,
     LimitRequest,
     parse_quota_counter_name,
+    quota_counter_measure,
     quota_counter_name,
+    request_quota_counter_name,
 )
 from sluicegate.limits.memory import MemoryStore
 from sluicegate.limits.periods import period_bounds
@@ -678,3 +680,131 @@ def test_config_check_warns_about_a_header_keyed_quota() -> None:
     [warning] = header_quota_warnings(parse_config(config))
     assert warning.startswith("products['gold']: a monthly token_quota with counter_key: header")
     assert "1,500 bytes" in warning and "tokens_per_minute" in warning
+
+
+REQUEST_QUOTA = LimitPolicy(
+    request_quota=100,
+    request_quota_period="monthly",
+    token_quota=1_000_000,
+    token_quota_period="monthly",
+)
+
+
+def request_name_of(key: str) -> str:
+    return request_quota_counter_name(key, "monthly", START_MS)
+
+
+def test_request_quota_counter_names_parse_back_apart_from_token_quotas() -> None:
+    name = request_quota_counter_name("owner:team:quota:x", "daily", 1_700_000_000_000)
+    assert name == "owner:team:quota:x:request-quota:daily:1700000000000"
+    assert parse_quota_counter_name(name) == ("owner:team:quota:x", "daily", 1_700_000_000_000)
+    assert quota_counter_measure(name) == "requests"
+    tokens = quota_counter_name("owner:a:request-quota:b", "daily", 1_700_000_000_000)
+    assert parse_quota_counter_name(tokens) == (
+        "owner:a:request-quota:b",
+        "daily",
+        1_700_000_000_000,
+    )
+    assert quota_counter_measure(tokens) == "tokens"
+    assert quota_counter_measure("sub:a:rpm") is None
+
+
+def _ledger_of_the_period(engine: Engine) -> None:
+    """This period's records before the restart: 3 requests admitted (one of them failed
+    over: two attempts, counted once), plus what a request quota does not count."""
+    period_start = START_MS / 1000
+    insert(
+        engine,
+        record(1, period_start + 10, 1000),
+        record(2, period_start + 20, 0, outcome=Outcome.BACKEND_ERROR, status=502),
+        record(3, period_start + 30, 0, attempt=1, outcome=Outcome.BACKEND_ERROR, status=503),
+        record(3, period_start + 30, 300, attempt=2),  # the same request's retry
+        # Refused (by the limits, or before them): never admitted.
+        record(4, period_start + 40, 0, outcome=Outcome.REJECTED, status=429),
+        record(5, period_start + 50, 0, outcome=Outcome.REJECTED, status=400),
+        record(6, period_start + 60, 0, operation="passthrough"),  # unmetered: not admitted
+        record(7, period_start - 10, 500),  # last month
+        record(8, period_start + 70, 700, sub="sub-b"),  # another key
+    )
+
+
+async def test_memory_restart_seeds_the_request_quota_with_the_periods_admitted_requests(
+    sqlite_engine: Engine,
+) -> None:
+    """Embedded mode after a restart: the request quota's counter is seeded with the number
+    of requests of the period before the restart (one per request, admitted ones only),
+    beside the token quota's seed of their tokens; the requests since are not counted
+    twice."""
+    _ledger_of_the_period(sqlite_engine)
+    clock = FakeClock(start=T0)
+    store = MemoryStore(counting_since_ms=NOW_MS - 5000)
+    limiter = Limiter(store, clock)
+    seeder = seeder_of(store, sqlite_engine)
+    limiter.quota_seen = seeder.notice
+    store.quota_created = seeder.created
+    seeder.start()
+    try:
+        admission = await limiter.admit([LimitRequest("sub:sub-a", REQUEST_QUOTA, 60)])
+        assert admission.allowed
+        await limiter.settle(admission.reservation, 40)
+        insert(sqlite_engine, record(9, T0 - 1, 40))  # arrived after the start: in the counter
+        assert seeder.pending == 2  # the token quota's counter and the request quota's
+        await wait_for(lambda: seeder.applied == 2)
+        assert (seeder.applied_requests, seeder.applied_tokens) == (3, 1300)
+        after = await limiter.admit([LimitRequest("sub:sub-a", REQUEST_QUOTA, 0)])
+        used_by = {status.kind: status.used for status in after.limits}
+        assert used_by == {"quota": 1300 + 40, "request_quota": 3 + 2}
+        assert not await seeder.seed_now(request_name_of("sub:sub-a"))  # once
+    finally:
+        await seeder.aclose()
+
+
+async def test_redis_loss_seeds_the_request_quota_from_postgresql_and_it_refuses_at_its_limit(
+    pg_engine: Engine, redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """Cluster mode: Redis lost the request quota's key; the next admission creates it and
+    the seeder adds the ledger's admitted requests of the period before it, so the quota
+    refuses where it would have without the loss."""
+    _ledger_of_the_period(pg_engine)
+    policy = LimitPolicy(request_quota=5, request_quota_period="monthly")
+    store = RedisStore(redis_client, redis_prefix, clock, fail_mode="closed")
+    limiter = Limiter(store, clock)
+    seeder = seeder_of(store, pg_engine)
+    limiter.quota_seen = seeder.notice
+    store.quota_created = seeder.created
+    name = request_name_of("sub:sub-a")
+    try:
+        first = await limiter.admit([LimitRequest("sub:sub-a", policy, 10)])
+        assert first.allowed and seeder.pending == 1
+        insert(pg_engine, record(9, T0, 10))  # the creating request: in the counter already
+        assert await seeder.seed_now(name)
+        assert seeder.applied_requests == 3
+        origin = await store.quota_origin(name)
+        assert origin is not None and origin.seeded
+        assert (await limiter.admit([LimitRequest("sub:sub-a", policy, 10)])).allowed  # 5th
+        refused = await limiter.admit([LimitRequest("sub:sub-a", policy, 10)])
+        assert (refused.status, refused.code) == (403, "RequestQuotaExceeded")
+    finally:
+        await seeder.aclose()
+        await store.aclose()
+
+
+def test_config_check_warns_about_a_request_quota_as_about_a_token_quota() -> None:
+    """Seeded from the raw records too (their count): retention shorter than its period is
+    warned about; a header-keyed one keeps a counter per header value."""
+    header = {"counter_key": "header", "counter_header": "x-user-id"}
+    quota = {"request_quota": 10, "request_quota_period": "monthly"}
+    config = minimal_config(
+        products=[
+            {"name": "gold", "deployments": ["d"], "limits": [quota]},
+            {"name": "silver", "deployments": ["d"], "limits": [{**header, **quota}]},
+        ],
+        retention={"raw_records_days": 7},
+    )
+    parsed = parse_config(config)
+    [warning] = retention_warnings(parsed)
+    assert "than the monthly request quota of product 'gold'" in warning
+    [warning] = header_quota_warnings(parsed)
+    assert warning.startswith(
+        "products['silver']: a monthly request_quota with counter_key: header"
+    )

@@ -244,10 +244,10 @@ _QUOTA_PERIOD_DAYS: dict[str, float] = {
 
 def retention_warnings(config: GatewayConfig) -> list[str]:
     """Settings that work but weaken something: raw usage records kept for less than the
-    longest token quota period of a product. A quota counter created after its period
-    began (after a restart, or after Redis lost it) is seeded from the raw records of the
-    period (docs/limits.md); records purged before it are missing from the seed. Products'
-    policies only: a subscription's override is not known here."""
+    longest token or request quota period of a product. A quota counter created after its
+    period began (after a restart, or after Redis lost it) is seeded from the raw records of
+    the period (docs/limits.md); records purged before it are missing from the seed.
+    Products' policies only: a subscription's override is not known here."""
     days = config.retention.raw_records_days
     if days is None:
         return []
@@ -256,13 +256,19 @@ def retention_warnings(config: GatewayConfig) -> list[str]:
         limits = product.limits
         policies = limits if isinstance(limits, list) else [] if limits is None else [limits]
         for policy in policies:
-            period = policy.token_quota_period
-            if period is not None and (longest is None or _QUOTA_PERIOD_DAYS[period] > longest[0]):
-                longest = (_QUOTA_PERIOD_DAYS[period], period, product.name)
+            # The request quota is seeded from the same records (its count of them).
+            for period, what in (
+                (policy.token_quota_period, "token"),
+                (policy.request_quota_period, "request"),
+            ):
+                if period is not None and (
+                    longest is None or _QUOTA_PERIOD_DAYS[period] > longest[0]
+                ):
+                    longest = (_QUOTA_PERIOD_DAYS[period], f"{period} {what}", product.name)
     if longest is None or days >= longest[0]:
         return []
     return [
-        f"retention.raw_records_days: {days:g} day(s) is shorter than the {longest[1]} token "
+        f"retention.raw_records_days: {days:g} day(s) is shorter than the {longest[1]} "
         f"quota of product {longest[2]!r}: a quota counter seeded from the ledger after a "
         "restart (or a Redis loss) misses the usage of purged records"
     ]
@@ -313,17 +319,24 @@ QUOTA_COUNTER_BYTES = 1_500
 
 
 def header_quota_warnings(config: GatewayConfig) -> list[str]:
-    """A product policy with ``counter_key: header`` and a ``token_quota``: one quota counter
-    per distinct header value, kept until the period ends (idle sweeping frees only TPM and
-    RPM windows), so memory (or Redis) grows with every value clients send. Products'
-    policies only: a subscription's override is not known here."""
+    """A product policy with ``counter_key: header`` and a ``token_quota`` (or a
+    ``request_quota``): one quota counter per distinct header value, kept until the period
+    ends (idle sweeping frees only TPM and RPM windows), so memory (or Redis) grows with
+    every value clients send. Products' policies only: a subscription's override is not
+    known here."""
     warnings: list[str] = []
     for product in config.products:
         for policy in product.limit_policies():
-            if policy.counter_key != "header" or policy.token_quota is None:
+            if policy.counter_key != "header":
+                continue
+            if policy.token_quota is not None:
+                quota = f"{policy.token_quota_period} token_quota"
+            elif policy.request_quota is not None:
+                quota = f"{policy.request_quota_period} request_quota"
+            else:
                 continue
             warnings.append(
-                f"products[{product.name!r}]: a {policy.token_quota_period} token_quota with "
+                f"products[{product.name!r}]: a {quota} with "
                 f"counter_key: header ({policy.counter_header}) keeps one quota counter per "
                 f"distinct header value until the period ends (about "
                 f"{QUOTA_COUNTER_BYTES:,} bytes of memory each; in cluster mode, Redis keys): "

@@ -6,7 +6,9 @@ Pure data and pure functions; no I/O. :func:`decide` turns a store's answer into
 * all counters had room → allowed, with a :class:`Reservation` to settle or release;
 * a token quota is exhausted → **403** ``TokenQuotaExceeded`` (quota wins over rate limits,
   since waiting a minute would not help), ``Retry-After`` until the period renews and
-  ``x-should-retry: false``;
+  ``x-should-retry: false``; a request quota (``request_quota``, APIM's ``quota-by-key
+  calls``) likewise → **403** ``RequestQuotaExceeded``, its message naming the request
+  quota (of the exhausted quotas, the one that renews last binds);
 * a token quota is full only because of reservations of requests still in progress (the
   usage settled so far leaves room for this request) → **429** ``TokenQuotaInFlight`` with
   ``Retry-After`` :data:`IN_FLIGHT_RETRY_MS`: those requests settle to their real usage
@@ -35,7 +37,7 @@ from sluicegate.limits.store import NEVER, CounterKind
 if TYPE_CHECKING:
     from sluicegate.limits.limiter import LimitRequest
 
-LimitKind = Literal["tokens", "requests", "quota"]
+LimitKind = Literal["tokens", "requests", "quota", "request_quota"]
 
 LIMIT_TOKENS_HEADER = "x-ratelimit-limit-tokens"
 REMAINING_TOKENS_HEADER = "x-ratelimit-remaining-tokens"
@@ -47,6 +49,8 @@ SHOULD_RETRY_HEADER = "x-should-retry"
 CODE_TOKENS = "TokenRateLimitExceeded"
 CODE_REQUESTS = "RequestRateLimitExceeded"
 CODE_QUOTA = "TokenQuotaExceeded"
+#: A request quota exhausted (403 until its period renews), as TokenQuotaExceeded for tokens.
+CODE_REQUEST_QUOTA = "RequestQuotaExceeded"
 #: A quota held by reservations of requests in progress (429): not the rate limits' codes,
 #: so that logs and the ledger tell it from a TPM refusal, and not TokenQuotaExceeded, which
 #: means "until the period renews" to a client.
@@ -164,7 +168,7 @@ class Admission:
 
     def headers(self) -> list[tuple[str, str]]:
         """``x-ratelimit-*`` for the tightest TPM and RPM limit, the policies' configured
-        remaining-tokens/-quota headers, and on refusal the retry headers."""
+        remaining-tokens/-quota/-requests-quota headers, and on refusal the retry headers."""
         # One pass, no intermediate lists: this runs on every admitted request.
         tokens: tuple[int, int] | None = None  # (limit, remaining) of the tightest TPM
         requests: tuple[int, int] | None = None
@@ -182,8 +186,10 @@ class Admission:
                 if requests is None or remaining < requests[1]:
                     requests = (status.limit, remaining)
                 continue
-            else:
+            elif kind == "quota":
                 name = status.request.policy.remaining_quota_header
+            else:
+                name = status.request.policy.remaining_requests_quota_header
             if name is not None:
                 if configured is None:
                     configured = {}
@@ -234,6 +240,18 @@ def _refusal(status: LimitStatus, now_ms: int) -> tuple[int, str, str, bool]:
     """``(http status, code, reason, should_retry)`` for the limit that binds."""
     label = _label(status.request)
     policy = status.request.policy
+    if status.kind == "request_quota":
+        # Never too large (a request costs 1, a quota is at least 1), never held in flight
+        # (nothing is reserved): exhausted until the period renews.
+        noun = PERIOD_NOUNS[policy.request_quota_period or "daily"]
+        renews = datetime.fromtimestamp(
+            status.period_end_ms / 1000, zone(policy.quota_timezone)
+        ).isoformat()
+        reason = (
+            f"Request quota of {status.limit} requests per {noun} is exhausted for {label}; "
+            f"it renews at {renews} (in {_duration(status.period_end_ms - now_ms)})."
+        )
+        return 403, CODE_REQUEST_QUOTA, reason, False
     if status.kind == "quota":
         noun = PERIOD_NOUNS[policy.token_quota_period or "daily"]
         renews = datetime.fromtimestamp(
@@ -291,10 +309,20 @@ def decide(
         return Admission(True, 200, None, "", 0.0, reservation, statuses)
     refused = [status for status in statuses if status.refused]
     # An exhausted quota wins; one held by requests in progress competes with the rates.
-    quotas = [status for status in refused if status.kind == "quota" and not status.in_flight]
+    quotas = [
+        status
+        for status in refused
+        if (status.kind == "quota" or status.kind == "request_quota") and not status.in_flight
+    ]
     candidates = quotas or refused
     never = [status for status in candidates if status.retry_after_ms == NEVER]
-    binding = never[0] if never else max(candidates, key=lambda status: status.retry_after_ms)
+    # Among equal waits the lowest limit: a counter shared by two policies of one key is
+    # refused under the lower one, which the message must name.
+    binding = (
+        never[0]
+        if never
+        else max(candidates, key=lambda status: (status.retry_after_ms, -status.limit))
+    )
     http_status, code, reason, should_retry = _refusal(binding, now_ms)
     retry_ms = 0 if never else binding.retry_after_ms
     names = tuple(dict.fromkeys(status.request.policy.retry_after_header for status in refused))

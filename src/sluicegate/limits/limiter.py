@@ -13,8 +13,11 @@ Usage by the request pipeline::
         await limiter.settle(admission.reservation, usage.total_tokens)
 
 Every limit of every :class:`LimitRequest` becomes one counter: ``{key}:tpm`` and
-``{key}:rpm`` (sliding windows of 61 one-second buckets, see :data:`WINDOW_MS`) and
-``{key}:quota:{period}:{start_ms}`` (the calendar period). All are checked and charged in one
+``{key}:rpm`` (sliding windows of 61 one-second buckets, see :data:`WINDOW_MS`),
+``{key}:quota:{period}:{start_ms}`` (the token quota's calendar period) and
+``{key}:request-quota:{period}:{start_ms}`` (the request quota's: charged 1 at admission and
+never adjusted, like ``:rpm``, so a request that then fails upstream still counts, as APIM's
+``quota-by-key`` counts every call that reached it). All are checked and charged in one
 atomic store call, all or none. Two requests naming the same counter (the same key used by
 two policies) share it, as in APIM, and it is charged once, against the lower limit.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from sluicegate.clock import Clock
 from sluicegate.limits.admission import (
@@ -117,6 +121,8 @@ class _Bind:
     counter: int
     limit: int
     period_end_ms: int
+    #: Its cost is the request itself (1: RPM, the request quota), not the request's tokens.
+    per_request: bool = False
 
 
 @dataclass(slots=True)
@@ -134,25 +140,57 @@ class _Shape:
 _FOREVER_MS = 2**62
 
 _QUOTA_MARK = ":quota:"
+_REQUEST_QUOTA_MARK = ":request-quota:"
+
+QuotaMeasure = Literal["tokens", "requests"]
+"""What a quota counter counts: tokens (``token_quota``) or admitted requests
+(``request_quota``)."""
 
 
 def quota_counter_name(key: str, period: str, start_ms: int) -> str:
-    """The name of ``key``'s quota counter of the period starting at ``start_ms``, e.g.
+    """The name of ``key``'s token quota counter of the period starting at ``start_ms``, e.g.
     ``sub:abc:quota:monthly:1700000000000`` (docs/limits.md)."""
     return f"{key}{_QUOTA_MARK}{period}:{start_ms}"
 
 
+def request_quota_counter_name(key: str, period: str, start_ms: int) -> str:
+    """The name of ``key``'s request quota counter of the period starting at ``start_ms``,
+    e.g. ``sub:abc:request-quota:monthly:1700000000000`` (docs/limits.md)."""
+    return f"{key}{_REQUEST_QUOTA_MARK}{period}:{start_ms}"
+
+
 def parse_quota_counter_name(name: str) -> tuple[str, str, int] | None:
-    """``(key, period, start_ms)`` of a name made by :func:`quota_counter_name`; ``None`` for
-    any other name. The key may hold colons (an owner's name): the period and start are cut
-    from the right."""
-    key, mark, rest = name.rpartition(_QUOTA_MARK)
-    if not mark or not key:
+    """``(key, period, start_ms)`` of a name made by :func:`quota_counter_name` or
+    :func:`request_quota_counter_name`; ``None`` for any other name (see
+    :func:`quota_counter_measure` for which of them it is)."""
+    parsed = _parse_quota(name)
+    return None if parsed is None else parsed[:3]
+
+
+def quota_counter_measure(name: str) -> QuotaMeasure | None:
+    """What the quota counter called ``name`` counts; ``None`` for a name that is not a
+    quota counter's."""
+    parsed = _parse_quota(name)
+    return None if parsed is None else parsed[3]
+
+
+def _parse_quota(name: str) -> tuple[str, str, int, QuotaMeasure] | None:
+    # The key may hold colons (an owner's name), even a mark: the rightmost mark is the
+    # counter's, and the period and start are cut from the right.
+    tokens_at = name.rfind(_QUOTA_MARK)
+    requests_at = name.rfind(_REQUEST_QUOTA_MARK)
+    measure: QuotaMeasure
+    if requests_at > tokens_at:
+        at, mark, measure = requests_at, _REQUEST_QUOTA_MARK, "requests"
+    else:
+        at, mark, measure = tokens_at, _QUOTA_MARK, "tokens"
+    if at <= 0:
         return None
+    key, rest = name[:at], name[at + len(mark) :]
     period, _, start = rest.partition(":")
     if not period or not start.isdigit():
         return None
-    return key, period, int(start)
+    return key, period, int(start), measure
 
 
 def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
@@ -172,7 +210,7 @@ def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
             # Shared by several requests: charged once, against the lower limit.
             shared.limit = min(shared.limit, spec.limit)
             shared.sources = tuple(dict.fromkeys(shared.sources + spec.sources))
-        binds.append(_Bind(kind, number, index, spec.limit, spec.end_ms))
+        binds.append(_Bind(kind, number, index, spec.limit, spec.end_ms, not spec.sources))
 
     for number, request in enumerate(requests):
         policy, key = request.policy, request.key
@@ -204,6 +242,19 @@ def shape_of(requests: Sequence[LimitRequest], now: float) -> _Shape:
                 _Spec(
                     quota_counter_name(key, period, start_ms), "fixed", policy.token_quota, 0,
                     0, end_ms, (number,),
+                ),
+            )  # fmt: skip
+        if policy.request_quota is not None and policy.request_quota_period is not None:
+            period = policy.request_quota_period
+            start_ms, end_ms = period_bounds(period, now, policy.quota_timezone)
+            until_ms = min(until_ms, end_ms)
+            # No sources: charged 1 per request, never settled (like :rpm).
+            add(
+                "request_quota",
+                number,
+                _Spec(
+                    request_quota_counter_name(key, period, start_ms), "fixed",
+                    policy.request_quota, 0, 0, end_ms, (),
                 ),
             )  # fmt: skip
     return _Shape(tuple(specs), tuple(binds), until_ms, tuple(r.policy for r in requests))
@@ -313,7 +364,7 @@ class Limiter:
             seen = self.quota_seen
             if seen is not None:
                 for bind in shape.binds:
-                    if bind.kind == "quota":
+                    if bind.kind == "quota" or bind.kind == "request_quota":
                         seen(
                             shape.specs[bind.counter].name, shape.policies[bind.request].counter_key
                         )
@@ -384,7 +435,7 @@ def _decide(
                 requests[bind.request],
                 bind.limit,
                 state.used,
-                1 if bind.kind == "requests" else tokens[bind.request],
+                1 if bind.per_request else tokens[bind.request],
                 state.retry_after_ms,
                 bind.period_end_ms,
             )

@@ -2,8 +2,8 @@
 
 A :class:`LimitPolicy` is immutable and validated once when the configuration is loaded;
 typos are errors (``extra="forbid"``). Every limit is optional: a policy with none of
-``tokens_per_minute``, ``requests_per_minute`` and ``token_quota`` admits everything. See
-``docs/limits.md`` for the attribute-by-attribute mapping to APIM.
+``tokens_per_minute``, ``requests_per_minute``, ``token_quota`` and ``request_quota`` admits
+everything. See ``docs/limits.md`` for the attribute-by-attribute mapping to APIM.
 """
 
 from __future__ import annotations
@@ -74,7 +74,11 @@ class LimitPolicy(BaseModel):
 
     ``tokens_per_minute`` and ``requests_per_minute`` are sliding windows: no 60-second span
     of arrivals holds more than the limit (429 when exceeded); ``token_quota`` is a fixed
-    calendar window of ``token_quota_period`` in ``quota_timezone`` (403 when exhausted).
+    calendar window of ``token_quota_period`` in ``quota_timezone`` (403 when exhausted);
+    ``request_quota`` (APIM's ``quota-by-key calls``) counts admitted requests in a fixed
+    calendar window of ``request_quota_period``, cut like the token quota's in the same
+    ``quota_timezone`` (403 when exhausted). Each quota is set with its period; either may
+    be set alone, or both.
     ``counter_key`` says whose counter is charged (``counter_header`` names the header of
     ``counter_key: header``).
     ``estimate_prompt_tokens=False`` is APIM's "use only usage from the response": nothing
@@ -91,6 +95,9 @@ class LimitPolicy(BaseModel):
     requests_per_minute: int | None = Field(default=None, gt=0)
     token_quota: int | None = Field(default=None, gt=0)
     token_quota_period: QuotaPeriod | None = None
+    #: Requests admitted per ``request_quota_period`` (APIM's ``quota-by-key calls``).
+    request_quota: int | None = Field(default=None, gt=0)
+    request_quota_period: QuotaPeriod | None = None
     quota_timezone: str = "UTC"
     counter_key: CounterKeyKind = "subscription"
     #: The request header whose value is the counter key with ``counter_key: header``
@@ -102,10 +109,13 @@ class LimitPolicy(BaseModel):
     max_tokens_action: MaxTokensAction = "reject"
     remaining_tokens_header: HeaderName | None = None
     remaining_quota_header: HeaderName | None = None
+    #: The request quota's remaining requests (``remaining_quota_header`` is the token
+    #: quota's).
+    remaining_requests_quota_header: HeaderName | None = None
     tokens_consumed_header: HeaderName | None = None
     retry_after_header: HeaderName = "Retry-After"
 
-    @field_validator("token_quota_period", mode="before")
+    @field_validator("token_quota_period", "request_quota_period", mode="before")
     @classmethod
     def _lower_period(cls, value: object) -> object:
         # APIM spells the periods "Hourly", "Daily", …: accept that spelling too.
@@ -135,6 +145,8 @@ class LimitPolicy(BaseModel):
     def _quota_has_period(self) -> LimitPolicy:
         if (self.token_quota is None) != (self.token_quota_period is None):
             raise ValueError("token_quota and token_quota_period must be set together")
+        if (self.request_quota is None) != (self.request_quota_period is None):
+            raise ValueError("request_quota and request_quota_period must be set together")
         if (self.counter_key == "header") != (self.counter_header is not None):
             raise ValueError(
                 "counter_header must be set with counter_key: header (and only with it)"
@@ -147,6 +159,7 @@ class LimitPolicy(BaseModel):
             self.tokens_per_minute is not None
             or self.requests_per_minute is not None
             or self.token_quota is not None
+            or self.request_quota is not None
         )
 
 

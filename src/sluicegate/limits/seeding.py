@@ -42,6 +42,12 @@ records without a caller when it is only the fallback of a ``caller`` policy (re
 a key and no token), and is not seeded when it is only the fallback of a ``header`` policy
 (the ledger has no header column; nor when no policy was reported for it).
 
+A request quota's counter (``request_quota``) is seeded the same way with the number of
+requests the ledger holds for its key in the same range instead of their tokens
+(``measure="requests"``: one record per request, of a metered operation, not refused;
+``storage/quota_usage.py`` says which records those are): its group is read apart from the
+token quotas' of the same key kind and period.
+
 Errors (database, Redis) are retried with a backoff doubling from :attr:`retry_s` to
 :attr:`max_retry_s`; they never reach the request path. One warning per outage (with the
 number of counters waiting), one line when seeding works again. Keys the ledger cannot
@@ -59,7 +65,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sluicegate.limits.limiter import parse_quota_counter_name
+from sluicegate.limits.limiter import (
+    QuotaMeasure,
+    parse_quota_counter_name,
+    quota_counter_measure,
+)
 from sluicegate.limits.store import SeedableStore
 from sluicegate.threads import in_daemon_thread
 
@@ -70,13 +80,19 @@ class UsageSource(Protocol):
     """Where seeds come from (``storage.quota_usage.LedgerUsage``)."""
 
     def batch(
-        self, kind: str, start_ms: int, sinces: Mapping[str, int], *, without_caller: bool
+        self,
+        kind: str,
+        start_ms: int,
+        sinces: Mapping[str, int],
+        *,
+        without_caller: bool,
+        measure: QuotaMeasure = "tokens",
     ) -> tuple[dict[str, int], float | None]:
         """``(tokens by value, raw records purged before (epoch s) or None)``: for each
         value of ``sinces``, the ledger's tokens of key ``{kind}:{value}`` in ``start_ms <=
-        ts < sinces[value]``; ``without_caller``: records without a caller only. Blocking
-        (runs in a thread); raises on a database error (the message must hold no key or
-        secret)."""
+        ts < sinces[value]`` (``measure="requests"``: its number of admitted requests);
+        ``without_caller``: records without a caller only. Blocking (runs in a thread);
+        raises on a database error (the message must hold no key or secret)."""
         ...
 
 
@@ -90,13 +106,23 @@ _WHOLE_SUBSCRIPTION = frozenset({"subscription", "owner", "product"})
 CLOSE_WAIT_S = 2.0
 
 
+def _parse_quota(name: str) -> tuple[str, str, int, QuotaMeasure] | None:
+    """``(key, period, start_ms, measure)`` of a quota counter's name; ``None`` for another."""
+    parsed = parse_quota_counter_name(name)
+    measure = quota_counter_measure(name)
+    if parsed is None or measure is None:
+        return None
+    return parsed[0], parsed[1], parsed[2], measure
+
+
 @dataclass(frozen=True, slots=True)
 class _Group:
-    """Seeds read together: one key kind, period start and scope."""
+    """Seeds read together: one key kind, period start, scope and measure."""
 
     kind: str
     start_ms: int
     without_caller: bool
+    measure: QuotaMeasure = "tokens"
 
 
 class QuotaSeeder:
@@ -141,9 +167,11 @@ class QuotaSeeder:
         self._ready_deadline = 0.0
         self._warned_purge = False
         self._warned_replay = False
-        #: Seeds applied by this process, and their tokens (for tests and metrics).
+        #: Seeds applied by this process, and their tokens (token quotas) and requests
+        #: (request quotas) (for tests and metrics).
         self.applied = 0
         self.applied_tokens = 0
+        self.applied_requests = 0
 
     def __repr__(self) -> str:
         return f"QuotaSeeder(due={len(self._due)}, applied={self.applied})"
@@ -253,16 +281,16 @@ class QuotaSeeder:
 
     # -- the work -------------------------------------------------------------------------
 
-    def _sub_group(self, name: str, start_ms: int) -> _Group | None:
+    def _sub_group(self, name: str, start_ms: int, measure: QuotaMeasure) -> _Group | None:
         """How ``sub:`` counter ``name`` is seeded (the policies charging it), or None when
         it is not (module docstring)."""
         policies = self._sub_policies.get(name)
         if policies is None:
             return None  # no policy reported: whose fallback it is is unknown
         if policies & _WHOLE_SUBSCRIPTION:
-            return _Group("sub", start_ms, False)
+            return _Group("sub", start_ms, False, measure)
         if "caller" in policies:
-            return _Group("sub", start_ms, True)  # requests without a token only
+            return _Group("sub", start_ms, True, measure)  # requests without a token only
         return None  # a header policy's fallback only: the ledger cannot tell
 
     async def _collect(
@@ -274,15 +302,15 @@ class QuotaSeeder:
         seed at once."""
         groups: dict[_Group, dict[str, tuple[str, int]]] = {}
         for name in names:
-            parsed = parse_quota_counter_name(name)
+            parsed = _parse_quota(name)
             group = None
             if parsed is not None:
-                key, _period, start_ms = parsed
+                key, _period, start_ms, measure = parsed
                 kind = key.partition(":")[0]
                 group = (
-                    self._sub_group(name, start_ms)
+                    self._sub_group(name, start_ms, measure)
                     if kind == "sub"
-                    else _Group(kind, start_ms, False)
+                    else _Group(kind, start_ms, False, measure)
                 )
             if parsed is None or group is None:
                 self._done(name)
@@ -313,8 +341,16 @@ class QuotaSeeder:
         usage = self._usage
 
         def read() -> tuple[dict[str, int], float | None]:
+            if group.measure == "tokens":  # as before the request quota: any usage source
+                return usage.batch(
+                    group.kind, group.start_ms, sinces, without_caller=group.without_caller
+                )
             return usage.batch(
-                group.kind, group.start_ms, sinces, without_caller=group.without_caller
+                group.kind,
+                group.start_ms,
+                sinces,
+                without_caller=group.without_caller,
+                measure=group.measure,
             )
 
         return await in_daemon_thread("quota-seed", read)
@@ -354,12 +390,16 @@ class QuotaSeeder:
             self._recovered()
             await self._land(group, members, found, strict=False)
 
-    async def _apply(self, name: str, since_ms: int, tokens: int) -> bool:
-        applied = await self.store.apply_seed(name, since_ms, tokens)
+    async def _apply(self, name: str, since_ms: int, amount: int) -> bool:
+        applied = await self.store.apply_seed(name, since_ms, amount)
         if applied:
             self.applied += 1
-            self.applied_tokens += tokens
-            log.debug("quota counter seeded with %d token(s) from the ledger", tokens)
+            if quota_counter_measure(name) == "requests":
+                self.applied_requests += amount
+                log.debug("request quota counter seeded with %d request(s) from the ledger", amount)
+            else:
+                self.applied_tokens += amount
+                log.debug("quota counter seeded with %d token(s) from the ledger", amount)
         return applied
 
     def _done(self, name: str) -> None:

@@ -40,6 +40,7 @@ _LIMIT_CODES = frozenset(
         "TokenRateLimitExceeded",
         "RequestRateLimitExceeded",
         "TokenQuotaExceeded",
+        "RequestQuotaExceeded",
         "TokenRequestTooLarge",
         "LimitStoreUnavailable",
         "MaxTokensCeilingExceeded",

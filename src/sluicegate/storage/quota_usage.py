@@ -21,6 +21,14 @@ and each key whose own ``since`` is later adds a short tail ``[since_min, since)
 index). In embedded mode every counter has the same ``since`` (the gateway's start): one
 query per kind and period.
 
+A request quota's counter (``measure="requests"``) is seeded with the number of requests
+instead: records of a request's first attempt (``attempt = 1``, one per request) of a metered
+operation (the ones admission counts) whose outcome is not ``rejected`` (a refusal by the
+limits, or before them, was never admitted). A request the gateway refused after admitting
+it (content safety) is left out too: the ledger cannot tell it from one refused before, so
+after a restart such requests are forgiven (an under-count, never an over-count of what the
+counter held).
+
 A ``sub:`` counter that is the fallback of a ``counter_key: caller`` policy (requests with a
 subscription key and no token) is seeded from the subscription's records without a caller
 only (``without_caller``); the seeder decides that (``limits/seeding.py``).
@@ -34,12 +42,14 @@ reader of a WAL database does not wait for writers anyway.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from sluicegate.accounting.records import Outcome
+from sluicegate.proxy.routes import METERED_OPERATIONS
 from sluicegate.storage.engine import database_problem
 from sluicegate.storage.schema import rollup_state, usage_records
 
@@ -50,6 +60,10 @@ COUNTER_KEY_COLUMNS: dict[str, ColumnElement[Any]] = {
     "product": usage_records.c.product,
     "caller": usage_records.c.caller,  # the token's caller (RequestContext.caller)
 }
+
+Measure = Literal["tokens", "requests"]
+"""What a seed sums: the records' ``total_tokens`` (a token quota), or the requests admitted
+(a request quota: see the module docstring)."""
 
 #: Keys per ``IN (...)`` list of a batched seed query.
 IN_CHUNK = 500
@@ -76,6 +90,7 @@ def quota_usages(
     sinces: Mapping[str, int],
     *,
     without_caller: bool = False,
+    measure: Measure = "tokens",
     statement_timeout_s: float = SEED_STATEMENT_TIMEOUT_S,
     lock_timeout_s: float = SEED_LOCK_TIMEOUT_S,
 ) -> tuple[dict[str, int], float | None]:
@@ -83,6 +98,8 @@ def quota_usages(
     (value -> ``since_ms``): each value's tokens in ``start_ms <= ts < since_ms`` (epoch ms),
     every value of ``sinces`` present (0 when none), and the time (epoch s) before which raw
     records have been purged (None: none). ``without_caller``: only records with no caller.
+    ``measure="requests"``: the number of requests admitted instead of tokens (the module
+    docstring).
     At most ``ceil(len / IN_CHUNK)`` grouped queries, one tail query per value whose
     ``since`` is later than the smallest, and one read of the purge horizon. Blocks on the
     database; raises :class:`QuotaUsageError`, and ``ValueError`` for a kind the ledger
@@ -94,8 +111,17 @@ def quota_usages(
     # A counter created when its period began (or before) has nothing before it to add.
     values = [value for value, since in sinces.items() if since > start_ms]
     since_min = min([sinces[value] for value in values], default=start_ms)
-    total = func.coalesce(func.sum(usage_records.c.total_tokens), 0)
+    total: ColumnElement[Any]
     scope: list[ColumnElement[bool]] = []
+    if measure == "requests":
+        total = func.count()
+        scope += [
+            usage_records.c.attempt == 1,
+            usage_records.c.outcome != Outcome.REJECTED.value,
+            usage_records.c.operation.in_(sorted(METERED_OPERATIONS)),
+        ]
+    else:
+        total = func.coalesce(func.sum(usage_records.c.total_tokens), 0)
     if without_caller:
         scope.append(usage_records.c.caller.is_(None))
     try:
@@ -183,7 +209,13 @@ class LedgerUsage:
         return quota_usage(self.engine, key, start_ms, before_ms)
 
     def batch(
-        self, kind: str, start_ms: int, sinces: Mapping[str, int], *, without_caller: bool
+        self,
+        kind: str,
+        start_ms: int,
+        sinces: Mapping[str, int],
+        *,
+        without_caller: bool,
+        measure: Measure = "tokens",
     ) -> tuple[dict[str, int], float | None]:
         """:func:`quota_usages` (blocking)."""
         return quota_usages(
@@ -192,6 +224,7 @@ class LedgerUsage:
             start_ms,
             sinces,
             without_caller=without_caller,
+            measure=measure,
             statement_timeout_s=self.statement_timeout_s,
             lock_timeout_s=self.lock_timeout_s,
         )
