@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import orjson
@@ -94,9 +94,13 @@ def sas_token(resource_uri: str, key_name: str, key: str, expiry: int) -> str:
 _QUOTA_REFUSAL = re.compile(r"quota|subcode=40300|throttl|rate.?limit", re.IGNORECASE)
 
 
-def _status_reason(status: int, text: str) -> str:
-    """The failure reason for an answer with ``status`` and (the start of) body ``text``."""
-    if status == 403 and _QUOTA_REFUSAL.search(text):
+def _status_reason(status: int, text: str, url: str) -> str:
+    """The failure reason for an answer with ``status`` and (the start of) body ``text``, to
+    a send to ``url``. A 403 names a quota only in its own words: the names the url gives
+    its receiver, which refusals quote (Event Hubs' ``SystemTracker:<namespace>:<hub>``,
+    ``sb://<namespace>/<hub>``), are left out first, so that a network rule's 403 from a hub
+    called ``llm-quota`` stays ``auth``."""
+    if status == 403 and _QUOTA_REFUSAL.search(_unnamed(text, url)):
         return "quota"
     if status in (401, 403):
         return "auth"
@@ -111,6 +115,17 @@ def _status_reason(status: int, text: str) -> str:
     if status >= 500:
         return "server_error"
     return "rejected"
+
+
+def _unnamed(text: str, url: str) -> str:
+    """``text`` without the names in ``url`` (its host, the host's first label — an Event
+    Hubs namespace — and each path segment), each where it stands as a whole name."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    names = {host, host.split(".", 1)[0], *parts.path.split("/")} - {""}
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", " ", text, flags=re.IGNORECASE)
+    return text
 
 
 def _redacted(text: str, headers: Mapping[str, str]) -> str:
@@ -211,7 +226,9 @@ class _HttpSender:
         except aiohttp.ClientError as exc:
             return SendResult(False, "connection", detail=f"{type(exc).__name__}: {exc}"[:200])
         detail = _redacted(" ".join(text.split()), headers)[:200]
-        return SendResult(False, _status_reason(status, text), status, wait, detail)
+        return SendResult(
+            False, _status_reason(status, text, self.config.url), status, wait, detail
+        )
 
 
 class EventHubSender(_HttpSender):

@@ -489,6 +489,8 @@ class Exporter:
         self._ensured = False
         self.cycles = self.failures = self.sent = 0
         self.last_failure: str | None = None
+        #: Whether the observer holds lag series of this export that this one set.
+        self._lag_shown = False
 
     def __repr__(self) -> str:
         return (
@@ -507,8 +509,10 @@ class Exporter:
         if claim is None:
             # Another instance's cycle holds the cursor: what this one last saw may be long
             # delivered (the holder runs back to back while records wait). Its lag series go,
-            # rather than go on reporting that backlog beside the holder's figure.
-            if self.observer is not None:
+            # rather than go on reporting that backlog beside the holder's figure. Only
+            # series it set: prometheus_client before 0.22 raises removing one it lacks.
+            if self.observer is not None and self._lag_shown:
+                self._lag_shown = False
                 self.observer.export_lag_unknown(self.config.name)
             return Cycle(skipped=True)
         try:
@@ -601,6 +605,7 @@ class Exporter:
     def _lag(self, records: int, seconds: float) -> None:
         if self.observer is not None:
             self.observer.export_lag(self.config.name, records, seconds)
+            self._lag_shown = True
 
     def next_wait(self, cycle: Cycle | None, backoff: float) -> float:
         """Seconds before the next cycle after ``cycle`` (None: it raised), ``backoff``

@@ -810,12 +810,15 @@ class ExportConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str, info: ValidationInfo) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-            raise ValueError(f"must be an http:// or https:// URL without a query, got {value!r}")
         # A url no send can reach would fail every cycle (or end it with an error of the HTTP
         # client's) until someone read the log: refused here, naming the export.
         export = f"export {info.data.get('name', '?')!r}"
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:  # an unclosed IPv6 literal ("https://[::1/x")
+            raise ValueError(f"{export}: the url cannot be read ({exc}), got {value!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError(f"must be an http:// or https:// URL without a query, got {value!r}")
         try:
             port = parts.port  # ValueError: not a number, or outside 0-65535
         except ValueError:

@@ -6,8 +6,9 @@ that ``sr`` covers the hub) or ``Bearer`` one of ``bearer_tokens``; ``Content-Ty
 application/vnd.microsoft.servicebus.json``; the body a JSON array of ``{"Body": "<text>",
 "UserProperties": {...}}``. Answers as the service does: 201 with an empty body when
 accepted, else the status with its XML error body (``<Error><Code>…</Code><Detail>…
-</Detail></Error>``): 401 for a missing, malformed, wrong or expired signature, 404 for
-another hub, 413 above ``max_bytes`` (1 MB), 400 for a body that is not a batch. It can be
+TrackingId:…, SystemTracker:<host>:<hub>, Timestamp:…</Detail></Error>``: the detail names
+the entity, as the service's do): 401 for a missing, malformed, wrong or expired signature,
+404 for another hub, 413 above ``max_bytes`` (1 MB), 400 for a body that is not a batch. It can be
 told to refuse the next N sends (``fail_next``) as the service refuses what it cannot take
 now, each with its status and its ``<Error>`` body (:data:`FAULTS`): 503 ServerBusy (the
 namespace's throughput units used up: error code 50002), 429, 403 QuotaExceeded
@@ -82,10 +83,15 @@ class ReceivedEvent:
         return json.loads(self.body)
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, detail: str, tracker: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The service's error answer. Its detail ends as the service's do, naming the entity
+    refused (``tracker``: ``<namespace host>:<hub>``, the service's ``SystemTracker``)."""
     tracking = secrets.token_hex(16)
     text = (
         f"<Error><Code>{status}</Code><Detail>{detail} TrackingId:{tracking}, "
+        f"SystemTracker:{tracker}, "
         f"Timestamp:{time.strftime('%m/%d/%Y %H:%M:%S')}</Detail></Error>"
     )
     return web.Response(
@@ -194,14 +200,16 @@ class FakeEventHub:
 
     async def _answer(self, request: web.Request) -> web.Response:
         entity = f"{request.host}/{request.match_info['hub']}".lower()
+        tracker = f"{request.url.host}:{request.match_info['hub']}"
         problem = self._auth_problem(request.headers.get("Authorization"), entity)
         if problem is not None:
-            return _error(401, problem)
+            return _error(401, problem, tracker)
         if request.match_info["hub"] != self.hub:
             return _error(
                 404,
                 f"The messaging entity 'sb://{entity}' could not be found. To know more visit "
                 "https://aka.ms/sbResourceMgrExceptions.",
+                tracker,
             )
         body = await request.read()
         if len(body) > self.max_bytes:
@@ -209,19 +217,22 @@ class FakeEventHub:
                 413,
                 f"The received message (size: {len(body)} bytes) exceeds the limit "
                 f"({self.max_bytes} bytes) currently allowed on the link.",
+                tracker,
             )
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
         if fault is not None:
             status, detail, wait = fault
             headers = None if wait is None else {"Retry-After": f"{wait:g}"}
-            return _error(status, detail, headers)
+            return _error(status, detail, tracker, headers)
         if request.content_type != CONTENT_TYPE:
-            return _error(400, f"A batch needs Content-Type {CONTENT_TYPE}.")
+            return _error(400, f"A batch needs Content-Type {CONTENT_TYPE}.", tracker)
         events = _batch(body)
         if events is None:
             return _error(
-                400, 'The batch must be a JSON array of {"Body": string, "UserProperties": {}}.'
+                400,
+                'The batch must be a JSON array of {"Body": string, "UserProperties": {}}.',
+                tracker,
             )
         with self._lock:
             self._events.extend(events)
