@@ -16,7 +16,8 @@ Which text: what the token estimate reads (``tokens/estimate.py``): chat message
 contents and parts, names, tool calls' arguments and custom tools' input); the Responses
 API's instructions and input items; completions' prompts; embeddings' inputs; On Your
 Data sources' ``role_information``; and what the estimate leaves out: chat's Predicted
-Outputs (``prediction.content``) and a stored prompt's ``prompt.variables`` (Responses).
+Outputs (``prediction.content``), a stored prompt's ``prompt.variables`` and a reasoning
+item's reasoning text (Responses).
 Tool definitions and response formats are read whole (every string of their schemas, and
 the property names: the model reads them all, ``$defs`` included), not as the estimate
 samples them. Images, audio and files are left out, and so are role names (``user``,
@@ -259,6 +260,12 @@ def _responses_input(body: Mapping[str, Any], collector: _TextCollector) -> None
             keys = ("output",)
         if keys is None:
             estimate._responses({"input": [item]}, collector)
+            if kind == "reasoning" and isinstance(item, Mapping):
+                # Its reasoning text (``reasoning_text`` parts), which the estimate leaves
+                # out: what an open-weight model is given back of its earlier turn.
+                content = item.get("content")
+                for part in content if isinstance(content, list) else ():
+                    estimate._part(part, collector)
             continue
         assert isinstance(item, Mapping)
         # The item's ids, names and arguments are the client's own (the model's calls).
@@ -355,9 +362,13 @@ def shield_calls(
     for document in documents:
         for piece in split_text(document, limit):
             docs = calls[-1][1] if calls else None
-            if docs is not None and len(piece) + 1 <= room and len(docs) >= max_documents:
-                docs[-1] = f"{docs[-1]}\n{piece}"
-                room -= len(piece) + 1
+            if docs is not None and len(docs) >= max_documents:
+                if len(piece) + 1 <= room:  # (a sixth document would be refused: 400)
+                    docs[-1] = f"{docs[-1]}\n{piece}"
+                    room -= len(piece) + 1
+                else:
+                    calls.append(("", [piece]))
+                    room = limit - len(piece)
             elif docs is not None and len(piece) <= room:
                 docs.append(piece)
                 room -= len(piece)
@@ -809,7 +820,18 @@ class ContentSafetyGuard:
     async def _findings(self, pieces: list[str], shields: list[tuple[str, list[str]]]) -> Findings:
         """Every call, concurrently (at most ``MAX_CONCURRENT_CALLS`` at a time): the
         analysis of each of ``pieces``, Prompt Shields of each of ``shields``. The first
-        failure cancels the others and is raised."""
+        failure cancels the others and is raised.
+
+        The calls' task group runs in a task of its own, which the request's task awaits (a
+        cancellation of the request's task, the client leaving or the deadline, reaches the
+        group all the same): Python 3.11's ``TaskGroup`` leaves the task it runs in marked
+        as cancelling when a call fails while it waits for the others (a CPython bug), and
+        a request's task so marked turns its later backend deadlines (``Deadlines``) into a
+        cancellation instead of ``TimeoutError``: the shutdown path, 503, no failover."""
+        return await asyncio.create_task(self._calls(pieces, shields))
+
+    async def _calls(self, pieces: list[str], shields: list[tuple[str, list[str]]]) -> Findings:
+        """:meth:`_findings`, in the task it awaits."""
         findings = Findings(documents=any(documents for _, documents in shields))
         slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
 

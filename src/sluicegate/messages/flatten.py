@@ -320,15 +320,24 @@ class StreamText:
 
     def _chat_call(self, index: int, call: dict[str, Any]) -> None:
         """A ``delta.tool_calls`` item: the first of a call has its name (and often empty
-        arguments), the next ones its arguments' fragments, all with the call's ``index``."""
+        arguments), the next ones its arguments' fragments, all with the call's ``index``.
+        Without one (some servers leave it out): an item with an ``id`` starts a call, one
+        without continues the last."""
         n = call.get("index")
         function = call.get("function")
         if not isinstance(function, dict):
             return
+        if not isinstance(n, int):
+            slot = self._slots.get(index)
+            last = max(slot.calls) if slot is not None and slot.calls else None
+            if last is None:
+                n = 0
+            else:
+                n = last + 1 if isinstance(call.get("id"), str) and call["id"] else last
         name, arguments = function.get("name"), function.get("arguments")
         self._call(
             index,
-            n if isinstance(n, int) else 0,
+            n,
             name if isinstance(name, str) else None,
             arguments if isinstance(arguments, str) else None,
         )
