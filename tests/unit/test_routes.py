@@ -93,3 +93,27 @@ def test_other_operations_are_still_passed_through() -> None:
         ("POST", "/openai/deployments/gpt-4o/chat/completions/", RouteKind.DEPLOYMENT),
     ):
         assert match_route(method, path).kind is kind, (method, path)
+
+
+def test_a_stored_response_named_in_another_letter_case_is_refused() -> None:
+    """Responses affinity guards a stored response by its id: another subscription naming it
+    gets 404 and no backend is asked. The guard reads the id from ``responses/{id}`` in the
+    SDKs' spelling; a backend that reads paths case-insensitively would serve
+    ``Responses/{id}`` or ``V1/responses/{id}`` too, so those spellings are refused rather
+    than forwarded past the guard."""
+    for method in ("GET", "DELETE", "POST"):
+        for path in (
+            "/openai/v1/Responses/resp_1",
+            "/openai/V1/responses/resp_1",
+            "/openai/RESPONSES/resp_1/input_items",
+            "/openai/Deployments/gpt-4o/responses/resp_1",
+            "/openai/deployments/gpt-4o/Responses/resp_1",
+            "/openai/v1/rESPONSES/resp_1/cancel",
+        ):
+            assert match_route(method, path).kind is RouteKind.REFUSED, (method, path)
+    # The SDKs' spelling is still forwarded, with the id the guard reads (ids keep their case).
+    for path in ("/openai/v1/responses/resp_AbC", "/openai/responses/resp_AbC/input_items"):
+        route = match_route("GET", path)
+        assert (route.kind, route.response_id) == (RouteKind.PASSTHROUGH, "resp_AbC"), path
+    route = match_route("GET", "/openai/deployments/Gpt-4O/responses/resp_AbC")
+    assert (route.kind, route.response_id) == (RouteKind.DEPLOYMENT, "resp_AbC")

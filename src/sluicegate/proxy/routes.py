@@ -75,7 +75,7 @@ def match_route(method: str, path: str) -> Route:
                     # Azure has no such operation (a GET of chat/completions): its "wrong
                     # path" answer, not a complaint about the empty body, and nothing sent.
                     return Route(RouteKind.NOT_FOUND)
-            elif not _forwardable(method, path):
+            elif not _forwardable(method, path) or _responses_respelled(operation):
                 return Route(RouteKind.REFUSED)
             route = Route(RouteKind.DEPLOYMENT, operation, parts[1], operation)
             if operation.startswith(_RESPONSES):
@@ -105,10 +105,31 @@ def _passthrough(method: str, path: str, rest: str) -> Route:
     tail = rest[3:] if rest.startswith("v1/") else rest
     if tail.startswith(_RESPONSES):
         route.response_id = _response_id(tail)
+    elif _responses_respelled(rest):
+        return Route(RouteKind.REFUSED)
     return route
 
 
 _RESPONSES = "responses/"
+
+
+def _responses_respelled(rest: str) -> bool:
+    """True when ``rest`` (the path after ``/openai/``, or a deployment's operation) names
+    what the SDKs spell ``v1/``, ``deployments/`` or ``responses/{id}`` in another letter
+    case. Responses affinity guards a stored response by the id it reads from the SDKs'
+    spelling (another subscription naming it gets 404, no backend asked); a backend that
+    reads paths case-insensitively would serve ``Responses/{id}`` past that guard. Only
+    non-metered paths reach this check, and only their fixed words are compared: deployment
+    names and ids keep their case."""
+    lowered = rest.lower()
+    if lowered.startswith(("v1/", "deployments/")) and not rest.startswith(("v1/", "deployments/")):
+        return True
+    if lowered.startswith("deployments/"):
+        lowered = lowered.split("/", 2)[2] if lowered.count("/") >= 2 else ""
+        rest = rest.split("/", 2)[2] if rest.count("/") >= 2 else ""
+    if lowered.startswith("v1/"):
+        lowered, rest = lowered[3:], rest[3:]
+    return lowered.startswith(_RESPONSES) and not rest.startswith(_RESPONSES)
 
 
 def _response_id(tail: str) -> str | None:
