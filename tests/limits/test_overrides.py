@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from sluicegate.admin.service import AdminError
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness
 from tests.support.gateway import GatewayThread, gateway_config
@@ -178,3 +179,22 @@ def test_a_request_quota_refuses_with_403_and_retry_after_and_a_subscription_ove
     assert _chat(h, other)[0] == 200  # the product's 100 a day
     metrics = httpx.get(f"{h.url}/metrics").text  # counted among the limits' refusals
     assert 'sluicegate_limit_rejections_total{reason="RequestQuotaExceeded"} 1.0' in metrics
+
+
+def test_the_admin_api_lifts_a_request_quota_with_both_fields_null_and_never_one_alone(
+    tmp_path: Path, simulator: SimulatorThread, stop_later: list[Harness]
+) -> None:
+    """docs/limits.md: ``{"request_quota": null}`` alone would leave the product's period
+    without a quota (422, nothing stored); both null lift it for that subscription only."""
+    h = _gateway(tmp_path, simulator, {"request_quota": 1, "request_quota_period": "daily"})
+    stop_later.append(h)
+    lifted, key = _subscription(h, "lifted")
+    _, other = _subscription(h, "other")
+    with pytest.raises(AdminError) as refused:
+        h.admin.set_overrides(lifted, {"limits": {"request_quota": None}})
+    assert refused.value.status == 422
+    assert "request_quota and request_quota_period must be set together" in refused.value.message
+    h.admin.set_overrides(lifted, {"limits": {"request_quota": None, "request_quota_period": None}})
+    h.gw.gateway.refresher.refresh_now()
+    assert [_chat(h, key)[0] for _ in range(3)] == [200, 200, 200]
+    assert [_chat(h, other)[0] for _ in range(2)] == [200, 403]

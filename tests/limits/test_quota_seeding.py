@@ -808,3 +808,117 @@ def test_config_check_warns_about_a_request_quota_as_about_a_token_quota() -> No
     assert warning.startswith(
         "products['silver']: a monthly request_quota with counter_key: header"
     )
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_request_quota_seed_counts_exactly_the_requests_the_counter_admitted(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    """The ledger's records of a period, as the gateway writes them, against what the lost
+    counter held (1 per admitted request): a request the semantic cache answered or
+    embedded for is one request, not two (its embeddings call, ``extra.semantic_cache =
+    "embedding"``, and that call's failed first attempt, are not requests of the client's);
+    a client gone while sending its body was never admitted (no deployment resolved yet);
+    one refused by content safety after its admission was counted, and one gone during
+    the check too; one refused by the limits or a budget was not."""
+    engine: Engine = request.getfixturevalue(
+        "sqlite_engine" if database == "sqlite" else "pg_engine"
+    )
+    base = START_MS / 1000
+    routed = {"backend_deployment": "emb", "backend_kind": "standard"}
+    embedding = {**routed, "semantic_cache": "embedding"}
+    insert(
+        engine,
+        # Admitted, each one request of the counter (6).
+        record(1, base + 1, 100),
+        record(2, base + 2, 0, extra={"semantic_cache": "hit"}),  # answered from the cache
+        record(3, base + 3, 30, operation="embeddings", deployment="emb"),  # the client's own
+        record(  # refused by content safety after admission (403 content_filter)
+            4, base + 4, 0, status=403, outcome=Outcome.REJECTED, error_code="content_filter",
+            backend=None, extra={"content_safety": "hate"},
+        ),
+        record(  # the content safety service down, the product failing closed
+            5, base + 5, 0, status=503, outcome=Outcome.REJECTED,
+            error_code="ContentSafetyUnavailable", backend=None,
+        ),
+        record(6, base + 6, 0, status=499, outcome=Outcome.ABORTED, backend=None),  # gone in it
+        # The semantic cache's embeddings calls for requests 1 and 2: not the client's.
+        record(
+            7, base + 1, 8, operation="embeddings", deployment="emb",
+            extra={**embedding, "for_request": "req-000001"},
+        ),
+        record(  # a call that failed over: its first attempt's record has no marker
+            8, base + 2, 0, operation="embeddings", deployment="emb", attempt=1,
+            outcome=Outcome.BACKEND_ERROR, status=429, error_code="429", extra=routed,
+        ),
+        record(
+            8, base + 2, 8, operation="embeddings", deployment="emb", attempt=2,
+            extra={**embedding, "for_request": "req-000002"},
+        ),
+        # Never admitted.
+        record(  # the client left while sending its body
+            9, base + 9, 0, status=499, outcome=Outcome.ABORTED, deployment=None, backend=None,
+            model=None,
+        ),
+        record(
+            10, base + 10, 0, status=429, outcome=Outcome.REJECTED,
+            error_code="RequestRateLimitExceeded", backend=None,
+        ),
+        record(
+            11, base + 11, 0, status=403, outcome=Outcome.REJECTED, error_code="BudgetExceeded",
+            backend=None, deployment=None,
+        ),
+    )  # fmt: skip
+    counted, _ = quota_usages(engine, "sub", START_MS, {"sub-a": NOW_MS}, measure="requests")
+    assert counted == {"sub-a": 6}
+
+
+def test_config_check_counts_both_quotas_of_a_header_keyed_policy() -> None:
+    """A header-keyed policy with both quotas keeps two counters per header value, the
+    request quota's until its own (here longer) period ends: the warning names both."""
+    policy = {
+        "counter_key": "header",
+        "counter_header": "x-user-id",
+        "token_quota": 1000,
+        "token_quota_period": "daily",
+        "request_quota": 10,
+        "request_quota_period": "yearly",
+    }
+    config = minimal_config(products=[{"name": "gold", "deployments": ["d"], "limits": [policy]}])
+    [warning] = header_quota_warnings(parse_config(config))
+    assert warning.startswith(
+        "products['gold']: a daily token_quota and a yearly request_quota with counter_key: "
+        "header (x-user-id) keeps two quota counters per distinct header value, each until "
+        "its period ends"
+    )
+
+
+async def test_two_instances_seeding_a_lost_request_quota_at_once_count_it_once(
+    pg_engine: Engine, redis_client: aioredis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """Cluster mode, a request quota keyed by an owner whose name holds colons (and the
+    counter's own mark): the key is created mid-period (as after Redis lost it) with the
+    owner's request of the period in the ledger; both instances compute the seed at once
+    and one lands, so the counter holds that request once beside the two admitted since."""
+    _ledger_of_the_period(pg_engine)
+    insert(pg_engine, record(20, START_MS / 1000 + 80, 5, owner="team:request-quota:x"))
+    policy = LimitPolicy(request_quota=5, request_quota_period="monthly", counter_key="owner")
+    key = "owner:team:request-quota:x"
+    stores = [RedisStore(redis_client, redis_prefix, clock, fail_mode="closed") for _ in "ab"]
+    limiters = [Limiter(store, clock) for store in stores]
+    seeders = [seeder_of(store, pg_engine) for store in stores]
+    for limiter, store, seeder in zip(limiters, stores, seeders, strict=True):
+        limiter.quota_seen = seeder.notice
+        store.quota_created = seeder.created
+    name = request_name_of(key)
+    try:
+        assert (await limiters[0].admit([LimitRequest(key, policy, 10)])).allowed
+        assert (await limiters[1].admit([LimitRequest(key, policy, 10)])).allowed
+        applied = await asyncio.gather(*(seeder.seed_now(name) for seeder in seeders))
+        assert sorted(applied) == [False, True]
+        assert sum(seeder.applied_requests for seeder in seeders) == 1  # team:request-quota:x
+        used_now = (await limiters[1].admit([LimitRequest(key, policy, 10)])).limits[0].used
+        assert used_now == 1 + 2 + 1  # the seed, the two admissions, this one
+    finally:
+        for store in stores:
+            await store.aclose()

@@ -329,16 +329,23 @@ def header_quota_warnings(config: GatewayConfig) -> list[str]:
         for policy in product.limit_policies():
             if policy.counter_key != "header":
                 continue
+            # Each quota is a counter of its own per value, living until its own period ends.
+            quotas = []
             if policy.token_quota is not None:
-                quota = f"{policy.token_quota_period} token_quota"
-            elif policy.request_quota is not None:
-                quota = f"{policy.request_quota_period} request_quota"
-            else:
+                quotas.append(f"{policy.token_quota_period} token_quota")
+            if policy.request_quota is not None:
+                quotas.append(f"{policy.request_quota_period} request_quota")
+            if not quotas:
                 continue
+            keeps = (
+                "keeps one quota counter per distinct header value until the period ends"
+                if len(quotas) == 1
+                else "keeps two quota counters per distinct header value, each until its "
+                "period ends"
+            )
             warnings.append(
-                f"products[{product.name!r}]: a {quota} with "
-                f"counter_key: header ({policy.counter_header}) keeps one quota counter per "
-                f"distinct header value until the period ends (about "
+                f"products[{product.name!r}]: a {' and a '.join(quotas)} with "
+                f"counter_key: header ({policy.counter_header}) {keeps} (about "
                 f"{QUOTA_COUNTER_BYTES:,} bytes of memory each; in cluster mode, Redis keys): "
                 "a client sending "
                 "many values grows it without bound; prefer tokens_per_minute for a header "

@@ -22,12 +22,17 @@ index). In embedded mode every counter has the same ``since`` (the gateway's sta
 query per kind and period.
 
 A request quota's counter (``measure="requests"``) is seeded with the number of requests
-instead: records of a request's first attempt (``attempt = 1``, one per request) of a metered
-operation (the ones admission counts) whose outcome is not ``rejected`` (a refusal by the
-limits, or before them, was never admitted). A request the gateway refused after admitting
-it (content safety) is left out too: the ledger cannot tell it from one refused before, so
-after a restart such requests are forgiven (an under-count, never an over-count of what the
-counter held).
+instead, the ones the counter charged: records of a request's first attempt (``attempt = 1``,
+one per request) of a metered operation (the ones admission counts) with a deployment (a
+request is admitted only once its deployment is resolved: a client gone while sending its
+body was not), whose outcome is not ``rejected`` (a refusal by the limits, or before them,
+was never admitted) unless its code is one of :data:`ADMITTED_REFUSAL_CODES` (content
+safety's, which refuses only admitted requests); not the semantic cache's embeddings calls
+(``cache/semantic.py``: a record of the call marked ``extra.semantic_cache = "embedding"``,
+whose failed attempts before it share its ``request_id``), which the gateway makes on a
+request's behalf without admitting them. Where the ledger cannot tell (a request refused
+after admission with a code also answered before it: ``InvalidRequest`` from the relay), the
+seed counts less than the counter held, never more.
 
 A ``sub:`` counter that is the fallback of a ``counter_key: caller`` policy (requests with a
 subscription key and no token) is seeded from the subscription's records without a caller
@@ -44,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, select, text
+from sqlalchemy import ColumnElement, exists, func, or_, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -60,6 +65,24 @@ COUNTER_KEY_COLUMNS: dict[str, ColumnElement[Any]] = {
     "product": usage_records.c.product,
     "caller": usage_records.c.caller,  # the token's caller (RequestContext.caller)
 }
+
+#: Error codes of refusals the gateway answers only after admitting the request (a record
+#: ``rejected`` with one of them was counted by a request quota): content safety's
+#: (``guardrails/content_safety.py``) and a continuation of a stored response the
+#: subscription does not hold (``proxy/failover.py``, ``unknown_response``).
+ADMITTED_REFUSAL_CODES = frozenset(
+    {
+        "content_filter",
+        "ContentSafetyTokenPrompt",
+        "ContentSafetyTextTooLong",
+        "ContentSafetyUnavailable",
+        "ContentSafetyError",
+        "previous_response_not_found",
+    }
+)
+#: How ``cache/semantic.py`` marks the record of an embeddings call it made for a request
+#: (``extra`` is stored as compact JSON with sorted keys, ``storage/rows.py``).
+_EMBEDDING_MARK = '"semantic_cache":"embedding"'
 
 Measure = Literal["tokens", "requests"]
 """What a seed sums: the records' ``total_tokens`` (a token quota), or the requests admitted
@@ -115,10 +138,28 @@ def quota_usages(
     scope: list[ColumnElement[bool]] = []
     if measure == "requests":
         total = func.count()
+        records = usage_records.c
+        # The semantic cache's call: its marked record (the last attempt) shares the
+        # request_id of its failed attempts before it (the UNIQUE (request_id, attempt)
+        # index finds it). Looked for on embeddings records only.
+        marked = usage_records.alias("marked")
+        embedding_call = (
+            exists()
+            .where(
+                marked.c.request_id == records.request_id,
+                marked.c.extra.contains(_EMBEDDING_MARK, autoescape=True),
+            )
+            .correlate(usage_records)
+        )
         scope += [
-            usage_records.c.attempt == 1,
-            usage_records.c.outcome != Outcome.REJECTED.value,
-            usage_records.c.operation.in_(sorted(METERED_OPERATIONS)),
+            records.attempt == 1,
+            records.operation.in_(sorted(METERED_OPERATIONS)),
+            records.deployment.is_not(None),
+            or_(
+                records.outcome != Outcome.REJECTED.value,
+                records.error_code.in_(sorted(ADMITTED_REFUSAL_CODES)),
+            ),
+            or_(records.operation != "embeddings", ~embedding_call),
         ]
     else:
         total = func.coalesce(func.sum(usage_records.c.total_tokens), 0)
