@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import tracemalloc
 from array import array
 
 import pytest
@@ -106,3 +107,40 @@ def test_an_evicted_entry_lets_go_of_its_answer_and_matches_nothing() -> None:
     store.put(b"p", _random(rng), b"y", None, 100.0, 0.0)
     assert entry.body == b"" and len(entry.vector.values) == 0
     assert nearest(held, first, 1.0, 0.0) is None
+
+
+def test_evicted_entries_do_not_pile_up_until_they_expire() -> None:
+    """Memory is bounded by ``max_entries``, not by how many answers were stored within
+    ``ttl_seconds``: with a long ttl and a busy product, the evicted entries' places in the
+    expiry order must not accumulate (30 days of stores would hold gigabytes)."""
+    store = VectorStore(10)
+    vector = _random(random.Random(7))
+    for i in range(20_000):
+        store.put(b"p", vector, b"answer", None, 30 * 86_400.0, i * 0.001)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000, 60_000):
+            store.put(b"p", vector, b"answer", None, 30 * 86_400.0, i * 0.001)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(store) == 10
+    assert grown < 200_000  # 40,000 more stores: each evicted entry kept would be ~150 bytes
+
+
+def test_the_stored_bytes_are_bounded_as_well_as_the_entries() -> None:
+    """``max_entries`` counts answers, whatever their size: the store also keeps at most
+    ``max_bytes`` of answers and vectors, dropping the least recently used past it."""
+    rng = random.Random(11)
+    store = VectorStore(1_000, max_bytes=50_000)
+    vectors = [_random(rng) for _ in range(40)]
+    for vector in vectors:
+        store.put(b"p", vector, bytes(4_000), None, 100.0, 0.0)
+        assert store.size <= 50_000
+    per_entry = 4_000 + 4 * DIMENSIONS
+    assert len(store) == 50_000 // per_entry
+    # The newest stay; the oldest went (the least recently used).
+    assert nearest(store.candidates(b"p", 0.0), vectors[-1], 0.0, 0.0) is not None
+    assert nearest(store.candidates(b"p", 0.0), vectors[0], 0.0, 0.0) is None
+    assert store.candidates(b"p", 200.0) == [] and store.size == 0

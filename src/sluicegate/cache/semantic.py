@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
@@ -60,6 +61,13 @@ API_VERSION = "2024-10-21"
 #: Dialog texts longer than this are not looked up: ~6,000 tokens, near the 8,192-token
 #: input limit of the embeddings models, and a call that would fail is not made.
 MAX_TEXT_CHARS = 24_000
+#: Answers of more bytes than this are not stored: one of many MiB (many choices with their
+#: logprobs) would push hundreds of others out of the store (``VectorStore.max_bytes``).
+MAX_ANSWER_BYTES = 1024 * 1024
+#: Seconds a product's lookups pause after its embeddings call timed out. A call given up at
+#: ``timeout_seconds`` is no failure the backend's breaker hears of (it only abandons the
+#: attempt); without the pause every request would wait that long while the backend hangs.
+PAUSE_AFTER_TIMEOUT_SECONDS = 30.0
 #: Partitions with more entries than this are searched in the counting thread. Measured
 #: (1,536 dimensions, Python 3.11): ~0.15 µs an entry for the signs (2,000 entries: 0.3 ms)
 #: and ~80 µs for each of the at most 8 exact cosines: up to ~1 ms inline.
@@ -82,12 +90,13 @@ def dialog_text(
     max_chars: int = MAX_TEXT_CHARS,
 ) -> str | None:
     """The canonical text of a dialog: one line per message, ``role: text`` (whitespace runs
-    made one space; a message's name, and its tool calls' names and arguments, after its
-    text), system and developer messages left out when ``ignore_system``. None when the
-    dialog is not looked up: not a list of messages, a part that is not text (image, audio,
-    file), no text at all, more than ``max_messages`` messages (system messages left out as
-    above) or more than ``max_chars`` characters of text (counted as sent, before whitespace
-    is collapsed: the walk stops there, so a huge prompt costs no more than that)."""
+    made one space; a message's name, and its tool calls' (or legacy ``function_call``'s)
+    names and arguments, after its text), system and developer messages left out when
+    ``ignore_system``. None when the dialog is not looked up: not a list of messages, a part
+    that is not text (image, audio, file; an assistant's earlier ``audio``), no text at all,
+    more than ``max_messages`` messages (system messages left out as above) or more than
+    ``max_chars`` characters of text (counted as sent, before whitespace is collapsed: the
+    walk stops there, so a huge prompt costs no more than that)."""
     if not isinstance(messages, list):
         return None
     lines: list[str] = []
@@ -106,9 +115,16 @@ def dialog_text(
         name = message.get("name")
         if isinstance(name, str) and name:
             words.append(f"({name})")
+        if message.get("audio") is not None:
+            return None  # an earlier audio answer, by its id: its meaning is not in the text
         calls = message.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, Mapping) else None
+        functions = [
+            call.get("function") if isinstance(call, Mapping) else None
+            for call in (calls if isinstance(calls, list) else ())
+        ]
+        if message.get("function_call") is not None:  # the legacy single call
+            functions.append(message.get("function_call"))
+        for function in functions:
             if not isinstance(function, Mapping):
                 return None  # a custom tool's call: not compared
             words.append(f"{function.get('name')}({function.get('arguments')})")
@@ -141,16 +157,19 @@ def _content_text(content: object) -> list[str] | None:
     return pieces
 
 
-def partition_key(product: str, who: str, deployment: str, body: Mapping[str, Any]) -> bytes | None:
+def partition_key(
+    product: str, who: str, deployment: str, body: Mapping[str, Any], query: str = ""
+) -> bytes | None:
     """The partition a request's answer is stored in and looked up from: the product, whom
-    it is shared with (``who``: ``vary_by``'s value), the deployment and every body member
-    but :data:`IGNORED_PARAMETERS` (temperature, tools, response format, n, seed, max
-    tokens, logprobs, …: only the messages are matched by meaning). None when the body
-    cannot be serialised canonically."""
+    it is shared with (``who``: ``vary_by``'s value), the deployment, the query string (the
+    ``api-version``, on which the answer's shape depends; the key taken out already) and
+    every body member but :data:`IGNORED_PARAMETERS` (temperature, tools, response format,
+    n, seed, max tokens, logprobs, …: only the messages are matched by meaning). None when
+    the body cannot be serialised canonically."""
     parameters = {k: v for k, v in body.items() if k not in IGNORED_PARAMETERS}
     try:
         canonical = orjson.dumps(
-            [product, who, deployment, parameters], option=orjson.OPT_SORT_KEYS
+            [product, who, deployment, query, parameters], option=orjson.OPT_SORT_KEYS
         )
     except TypeError:
         return None
@@ -187,11 +206,13 @@ def storable_model(body: bytes) -> tuple[bool, str | None]:
 
 
 class EmbeddingFailed(Exception):
-    """The embeddings call gave no vector; ``reason`` says why (for the log)."""
+    """The embeddings call gave no vector; ``reason`` says why (for the log); ``timed_out``:
+    no answer came within the bound (the call was given up)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, timed_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.timed_out = timed_out
 
 
 class _Answer:
@@ -263,6 +284,12 @@ class Embedder:
             json=payload,
         )
         answer = _Answer()
+        # Every record of the call carries these: an attempt that failed over is written by
+        # the router as its own record (with its own ``extra``), and is the cache's too.
+        marks = {"semantic_cache": "embedding", "for_request": parent.request_id}
+
+        def emit(record: UsageRecord) -> None:
+            self.emit(dataclasses.replace(record, extra={**record.extra, **marks}))
 
         def upstream(member: Member, backend: Backend) -> tuple[str, bytes]:
             path = f"/openai/deployments/{member.deployment}/embeddings"
@@ -274,12 +301,12 @@ class Embedder:
                 await forward_routed(
                     call, self.router, self.router.pools[deployment_name],
                     self.runtime.backends, upstream, _SCOPE, receive, answer.send,
-                    self.clock, self.emit,
+                    self.clock, emit,
                 )  # fmt: skip
         except TimeoutError:
             call.status = call.status or 504
             call.outcome, call.error_code = Outcome.BACKEND_ERROR, "EmbeddingsTimeout"
-            raise EmbeddingFailed(f"no answer within {within:g} s") from None
+            raise EmbeddingFailed(f"no answer within {within:g} s", timed_out=True) from None
         except GatewayError as exc:
             call.status, call.error_code = exc.status, exc.code
             if call.outcome is Outcome.OK:
@@ -293,10 +320,7 @@ class Embedder:
                 parent.side_tokens += call.usage.total_tokens
             if not call.finished:
                 call.finished = True
-                call.extra = {
-                    **call.extra, "semantic_cache": "embedding", "for_request": parent.request_id
-                }  # fmt: skip
-                self.emit(call.record(self.clock.monotonic()))
+                emit(call.record(self.clock.monotonic()))
         if answer.status != 200:
             raise EmbeddingFailed(f"the embeddings deployment answered {answer.status}")
         return _vector(b"".join(answer.parts))
@@ -333,15 +357,22 @@ class SemanticCache:
         self.clock = clock
         self.store = VectorStore(policy.max_entries)
         self.observer: SemanticCacheObserver | None = None
+        #: Lookups are skipped until then (monotonic): the embeddings call timed out.
+        self.paused_until = 0.0
 
     def __repr__(self) -> str:
         return f"SemanticCache(product={self.product!r}, store={self.store!r})"
 
-    async def lookup(self, ctx: RequestContext, send: Send, embedder: Embedder) -> Send | None:
+    async def lookup(
+        self, ctx: RequestContext, send: Send, embedder: Embedder, query_string: str
+    ) -> Send | None:
         """Answer ``ctx`` from the cache (None: answered) or return the ``send`` to relay its
-        answer with (on a miss, one that stores the answer). Raises only what the client's
-        own connection raises while a hit is sent."""
-        found = self._partition(ctx)
+        answer with (on a miss, one that stores the answer). ``query_string``: the request's,
+        without its key (its ``api-version`` partitions the cache). Raises only what the
+        client's own connection raises while a hit is sent."""
+        if self.paused_until and self.clock.monotonic() < self.paused_until:
+            return self._result(ctx, send, "skipped", b"skip")
+        found = self._partition(ctx, query_string)
         if found is None:
             return self._result(ctx, send, "skipped", b"skip")
         partition, text = found
@@ -351,9 +382,13 @@ class SemanticCache:
                 ctx, policy.embeddings_deployment, text, policy.timeout_seconds
             )
         except EmbeddingFailed as exc:
+            pause = ""
+            if exc.timed_out:
+                self.paused_until = self.clock.monotonic() + PAUSE_AFTER_TIMEOUT_SECONDS
+                pause = f"; lookups paused for {PAUSE_AFTER_TIMEOUT_SECONDS:g} s"
             log.info(
-                "request %s: no semantic cache lookup for product %s: %s",
-                ctx.request_id, self.product, exc.reason,
+                "request %s: no semantic cache lookup for product %s: %s%s",
+                ctx.request_id, self.product, exc.reason, pause,
             )  # fmt: skip
             return self._result(ctx, send, "error", b"skip")
         now = self.clock.monotonic()
@@ -372,7 +407,7 @@ class SemanticCache:
         self._result(ctx, send, "miss", b"miss")
         return self._storing(send, partition, query)
 
-    def _partition(self, ctx: RequestContext) -> tuple[bytes, str] | None:
+    def _partition(self, ctx: RequestContext, query_string: str) -> tuple[bytes, str] | None:
         """The request's partition and text, or None when it is not looked up."""
         body = ctx.json
         if body is None or ctx.stream or ctx.deployment is None or ctx.subscription is None:
@@ -390,7 +425,7 @@ class SemanticCache:
             who = f"{ctx.subscription.id}\n{ctx.caller or ''}"
         else:
             who = ctx.subscription.id
-        key = partition_key(self.product, who, ctx.deployment.name, body)
+        key = partition_key(self.product, who, ctx.deployment.name, body, query_string)
         return None if key is None else (key, text)
 
     def _result(self, ctx: RequestContext, send: Send, result: str, header: bytes) -> Send:
@@ -436,6 +471,8 @@ class SemanticCache:
         return storing
 
     def _store(self, partition: bytes, query: Vector, body: bytes) -> None:
+        if len(body) > MAX_ANSWER_BYTES:
+            return
         ok, model = storable_model(body)
         if ok:
             now = self.clock.monotonic()

@@ -31,6 +31,11 @@ EXACT_CHECKS = 8
 #: Share of differing signs added to the expected share at the threshold (see module docs).
 SIGN_MARGIN = 0.15
 
+#: The bytes of answers and vectors one product's store keeps at most (``max_entries``
+#: counts answers whatever their size): 10,000 answers of 2 KiB with 1,536-dimension vectors
+#: take ~80 MiB.
+MAX_STORE_BYTES = 256 * 1024 * 1024
+
 #: What float32 components may leave of an exact match (so threshold 0 still finds the same
 #: text: its cosine with itself may come out as 0.99999994).
 _ROUNDING = 1e-6
@@ -143,15 +148,19 @@ def nearest(
 
 
 class VectorStore:
-    """One product's stored answers, by partition, at most ``max_entries`` of them: the least
-    recently used (stored or hit) goes first; expired ones are dropped as time passes (every
-    entry lives as long, so they expire in the order they were stored).
+    """One product's stored answers, by partition, at most ``max_entries`` of them and at
+    most ``max_bytes`` of answers and vectors (:attr:`size`): the least recently used (stored
+    or hit) goes first; expired ones are dropped as time passes (every entry lives as long,
+    so they expire in the order they were stored).
 
     Not thread-safe: the event loop's thread changes it; a search in another thread reads
     the list :meth:`candidates` returned."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int = MAX_STORE_BYTES) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        #: Bytes of the answers and vectors held.
+        self.size = 0
         self._keys = itertools.count()
         self._recent: OrderedDict[int, Entry] = OrderedDict()
         self._partitions: dict[bytes, dict[int, Entry]] = {}
@@ -188,9 +197,15 @@ class VectorStore:
         self._recent[entry.key] = entry
         self._partitions.setdefault(partition, {})[entry.key] = entry
         self._expiring.append(entry)
-        while len(self._recent) > self.max_entries:
+        self.size += _size(entry)
+        while len(self._recent) > self.max_entries or self.size > self.max_bytes:
             _, oldest = self._recent.popitem(last=False)
             self._drop(oldest)
+        if len(self._expiring) > 2 * len(self._recent) + 64:
+            # Evicted entries keep their places until they expire: with a long ttl these
+            # would pile up (a store's worth each), so they are let go of once they are
+            # half the queue (amortised: at most one pass per as many stores).
+            self._expiring = deque(e for e in self._expiring if e.key in self._recent)
         return entry
 
     def used(self, entry: Entry) -> None:
@@ -216,9 +231,15 @@ class VectorStore:
             members.pop(entry.key, None)
             if not members:
                 del self._partitions[entry.partition]
+        self.size -= _size(entry)
         entry.body = b""
         entry.vector = _GONE
 
 
 #: What an evicted entry's vector becomes: no components, so no search matches it.
 _GONE = Vector(array("f"), 0)
+
+
+def _size(entry: Entry) -> int:
+    """The bytes an entry holds that count against ``max_bytes``: its answer and vector."""
+    return len(entry.body) + 4 * len(entry.vector.values)

@@ -306,9 +306,12 @@ class Pipeline:
             # After admission (a hit counts against the request rate) and content safety (a
             # prompt it refuses is never answered from the cache), before routing.
             assert self.embedder is not None
-            relay_send = await cache.lookup(ctx, send, self.embedder)
+            relay_send = await cache.lookup(ctx, send, self.embedder, query)
             if relay_send is None:
                 return  # answered from the cache
+            hook = disconnect_hook(scope)
+            if hook is not None and hook.fired:
+                raise ClientGone  # it left during the lookup: no model runs its prompt
             send = relay_send
         deployment = ctx.deployment
         assert deployment is not None
