@@ -235,21 +235,23 @@ async def test_quota_refuses_with_403_until_the_month_renews(
     assert (await admit(limiter, 1000, policy)).allowed
 
 
-@pytest.mark.parametrize(
-    ("period", "timezone", "full_at", "renews_at"),
-    [
-        ("monthly", "UTC", "2024-02-29T23:59:59", "2024-03-01T00:00:00"),  # leap day
-        ("monthly", "UTC", "2023-02-28T23:59:59", "2023-03-01T00:00:00"),
-        ("yearly", "UTC", "2024-12-31T23:59:59.5", "2025-01-01T00:00:00"),
-        ("weekly", "UTC", "2024-03-10T12:00:00", "2024-03-11T00:00:00"),  # Sunday → Monday
-        ("daily", "UTC", "2024-03-10T23:00:00", "2024-03-11T00:00:00"),
-        ("hourly", "UTC", "2024-03-10T23:15:00", "2024-03-11T00:00:00"),
-        ("daily", "Asia/Tokyo", "2024-01-01T14:59:59", "2024-01-01T15:00:00"),
-        # New York on the day clocks go forward: the local day is 23 hours long.
-        ("daily", "America/New_York", "2024-03-10T10:00:00", "2024-03-11T04:00:00"),
-        ("monthly", "Europe/Berlin", "2024-03-31T21:00:00", "2024-03-31T22:00:00"),
-    ],
-)
+#: (period, zone, an instant in the period, the instant it renews): calendar cuts that quotas
+#: of tokens and of requests must both make.
+PERIOD_EDGES = [
+    ("monthly", "UTC", "2024-02-29T23:59:59", "2024-03-01T00:00:00"),  # leap day
+    ("monthly", "UTC", "2023-02-28T23:59:59", "2023-03-01T00:00:00"),
+    ("yearly", "UTC", "2024-12-31T23:59:59.5", "2025-01-01T00:00:00"),
+    ("weekly", "UTC", "2024-03-10T12:00:00", "2024-03-11T00:00:00"),  # Sunday → Monday
+    ("daily", "UTC", "2024-03-10T23:00:00", "2024-03-11T00:00:00"),
+    ("hourly", "UTC", "2024-03-10T23:15:00", "2024-03-11T00:00:00"),
+    ("daily", "Asia/Tokyo", "2024-01-01T14:59:59", "2024-01-01T15:00:00"),
+    # New York on the day clocks go forward: the local day is 23 hours long.
+    ("daily", "America/New_York", "2024-03-10T10:00:00", "2024-03-11T04:00:00"),
+    ("monthly", "Europe/Berlin", "2024-03-31T21:00:00", "2024-03-31T22:00:00"),
+]
+
+
+@pytest.mark.parametrize(("period", "timezone", "full_at", "renews_at"), PERIOD_EDGES)
 async def test_quota_period_edges(
     limiter: Limiter,
     clock: FakeClock,
@@ -502,17 +504,7 @@ async def test_request_quota_counts_admitted_requests_and_refuses_with_403_until
     assert headers(renewed)["x-remaining-requests-quota"] == "2"
 
 
-@pytest.mark.parametrize(
-    ("period", "timezone", "full_at", "renews_at"),
-    [
-        ("monthly", "UTC", "2024-02-29T23:59:59", "2024-03-01T00:00:00"),
-        ("weekly", "UTC", "2024-03-10T12:00:00", "2024-03-11T00:00:00"),
-        ("hourly", "UTC", "2024-03-10T23:15:00", "2024-03-11T00:00:00"),
-        ("daily", "Asia/Tokyo", "2024-01-01T14:59:59", "2024-01-01T15:00:00"),
-        ("daily", "America/New_York", "2024-03-10T10:00:00", "2024-03-11T04:00:00"),
-        ("monthly", "Europe/Berlin", "2024-03-31T21:00:00", "2024-03-31T22:00:00"),
-    ],
-)
+@pytest.mark.parametrize(("period", "timezone", "full_at", "renews_at"), PERIOD_EDGES)
 async def test_request_quota_periods_are_cut_as_the_token_quotas(
     limiter: Limiter,
     clock: FakeClock,
