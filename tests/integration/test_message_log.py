@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import stat
 import threading
@@ -24,11 +25,20 @@ import orjson
 import pytest
 
 from sluicegate.accounting.records import UsageRecord
-from sluicegate.proxy import relay
+from sluicegate.messages.capture import CUT_KEPT_BYTES, MessageCapture
+from sluicegate.proxy import pipeline, relay
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
 from tests.integration.conftest import Harness, sim_config
-from tests.integration.wire_backend import Request, WireBackend, chunk, content_event, event, head
+from tests.integration.wire_backend import (
+    Request,
+    WireBackend,
+    chunk,
+    content_event,
+    event,
+    head,
+    wait_for,
+)
 from tests.support.gateway import BACKEND_KEY, GatewayThread, gateway_config
 
 PRODUCTS: list[dict[str, Any]] = [
@@ -791,3 +801,154 @@ def test_many_streams_in_flight_hold_no_more_than_the_logs_budget(tmp_path: Path
         assert whole and {"".join(x["ResponseMessages"] for x in e) for e in whole} == set(received)
         for e in cut:
             assert len("".join(x["ResponseMessages"] for x in e)) < len(received[0])
+
+
+#: Whole answers running at once, of about 1.9 MB of text each, relayed in parts: each has
+#: sent ``ANSWER_HELD`` bytes when its backend waits. Together more than three times the log's
+#: budget (4 MiB).
+ANSWERS = 8
+ANSWER_HELD = 1_500_000
+LARGE_TEXT = "Sluis " * 320_000
+LARGE_ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-3",
+        "object": "chat.completion",
+        "created": 1750697159,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": LARGE_TEXT},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 320_000, "total_tokens": 320_009},
+    }
+)
+
+
+def test_large_answers_in_flight_hold_no_more_than_the_logs_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers relayed in parts (a metered answer past ``WHOLE_ANSWER_LIMIT``, here lowered
+    to 64 KiB so that 2 MB answers are such answers) keep their parts for the log until the
+    request ends. What they keep counts against ``max_pending_bytes`` from the moment it is
+    kept, as a stream's events do: many such answers in flight at once (their backends, or
+    their clients, slow) hold at most the budget between them. An answer whose part finds the
+    budget spent keeps the beginning that fits, logged raw with ``ResponseTruncated`` (counted
+    as an answer cut) and gives back the rest, so that those that fit are logged whole; none
+    is dropped, and once all are written nothing is held."""
+    captures: list[MessageCapture] = []
+
+    class Recorded(MessageCapture):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            captures.append(self)
+
+    monkeypatch.setattr(pipeline, "MessageCapture", Recorded)
+    monkeypatch.setattr(relay, "WHOLE_ANSWER_LIMIT", 65_536)
+    gate = threading.Event()
+
+    async def large(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head(length=len(LARGE_ANSWER)))
+        for start in range(0, len(LARGE_ANSWER), 65_536):
+            if start >= ANSWER_HELD:
+                while not gate.is_set():
+                    await asyncio.sleep(0.01)
+            writer.write(LARGE_ANSWER[start : start + 65_536])
+            await writer.drain()
+        return True
+
+    path = tmp_path / "messages.jsonl"
+    budget = 4 * 1024 * 1024
+    assert 2 * budget < ANSWERS * ANSWER_HELD
+    with WireBackend(large).running() as backend:
+        config = gateway_config(
+            tmp_path,
+            {"wire": backend.url},
+            products=[{"name": "logged", "message_log": {}}],
+            message_log={"path": str(path), "max_pending_bytes": budget},
+        )
+        with GatewayThread(config) as gw:
+            harness = Harness(gw, None)  # type: ignore[arg-type]
+            key = harness.new_key(product="logged").primary_key
+            assert key is not None
+            log = gw.gateway.messages
+            assert log is not None
+            received: list[str | None] = []
+
+            def call() -> None:
+                answer = harness.sdk(key).chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "sluices"}]
+                )
+                received.append(answer.choices[0].message.content)
+
+            callers = [threading.Thread(target=call) for _ in range(ANSWERS)]
+            for caller in callers:
+                caller.start()
+            try:
+                wait_for(
+                    lambda: (
+                        len(captures) == ANSWERS
+                        and all(c.size + c.overflow >= ANSWER_HELD for c in captures)
+                    ),
+                    what="every answer relayed as far as its backend has sent it",
+                )
+                held = sum(c.size for c in captures)
+                assert not any(c.finished for c in captures)  # all in flight
+                assert captures[0].policy.max_bytes > len(LARGE_TEXT)  # each fits max_bytes
+                assert 0 < held <= log.stats().pending_bytes <= budget  # counted, within it
+            finally:
+                gate.set()
+                for caller in callers:
+                    caller.join(timeout=30)
+            assert received == [LARGE_TEXT] * ANSWERS  # the clients got everything
+            records = harness.records(expect=ANSWERS)
+            wait_for(lambda: log.stats().requests == ANSWERS, within=10)
+            stats = log.stats()
+            assert (stats.pending, stats.pending_bytes, stats.dropped) == (0, 0, 0)
+        entries = [entries_in(path, r.request_id, wait=0) for r in records]
+        assert all(entries)
+        whole = [e for e in entries if not e[0]["ResponseTruncated"]]
+        cut = [e for e in entries if e[0]["ResponseTruncated"]]
+        assert whole and len(cut) == stats.answers_cut >= ANSWERS // 2
+        for e in whole:
+            assert "".join(x["ResponseMessages"] for x in e) == LARGE_TEXT
+        for e in cut:  # the beginning that fitted, raw (perhaps nothing), unparsed
+            assert e[0]["ResponseOriginalBytes"] == len(LARGE_ANSWER)
+            text = "".join(x["ResponseMessages"] for x in e)
+            assert LARGE_ANSWER.decode().startswith(text)
+            assert len(text) <= CUT_KEPT_BYTES
+
+
+def test_a_gateway_whose_log_file_cannot_be_locked_starts_when_it_never_rotates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pre-created log file beside which the lock file cannot be created (here its name
+    would be too long; a read-only directory does the same for any user but root), with
+    ``max_file_bytes: 0``: the gateway starts, warns once, and logs as it did before the
+    lock existed (the same file set to rotate is refused: ``tests/unit/test_message_sink``)."""
+    path = tmp_path / ("m" * 249 + ".jsonl")  # a name as long as may be; the lock's is longer
+    path.touch(mode=0o600)
+    sim = SimulatorThread(sim_config()).start()
+    config = gateway_config(
+        tmp_path,
+        {"sim": sim.url},
+        products=[{"name": "logged", "message_log": {}}],
+        message_log={"path": str(path), "max_file_bytes": 0},
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="sluicegate"), GatewayThread(config) as gw:
+            harness = Harness(gw, sim)
+            key = harness.new_key(product="logged").primary_key
+            assert key is not None
+            harness.sdk(key).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Say dike"}], max_tokens=2
+            )
+            (record,) = harness.records(expect=1)
+            (entry,) = entries_in(path, record.request_id)
+            assert entry["RequestMessages"] == "user: Say dike"
+    finally:
+        sim.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sluicegate.messages"]
+    assert len(warnings) == 1 and "running without it" in warnings[0]

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import fcntl
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from sluicegate.accounting.records import Outcome, UsageRecord
-from sluicegate.messages.capture import MessageCapture
+from sluicegate.messages.capture import CUT_KEPT_BYTES, RESERVE_BYTES, MessageCapture
 from sluicegate.messages.config import MessageLogPolicy, MessageLogSink
-from sluicegate.messages.sink import MessageLog, MessageLogInUse, lock_path
+from sluicegate.messages.sink import MessageLog, MessageLogInUse, MessageLogUnlockable, lock_path
 from sluicegate.proxy.asgi import Message
 
 SECRET_PROMPT = "the launch code is 0000"
@@ -208,3 +212,141 @@ def test_a_long_stream_under_a_small_budget_is_handed_over_and_gives_everything_
     text = "".join(e["ResponseMessages"] for e in found)
     assert text == "".join(f"{n:04d}" * 200 for n in range(EVENTS))[: 256 * 1024]
     assert found[0]["ResponseTruncated"] is True  # past max_bytes: cut there, not lost
+
+
+#: A log file whose name is as long as a file name may be: its lock file's (``.NAME.lock``)
+#: cannot be created (ENAMETOOLONG), whoever runs the tests (root passes permission checks).
+LONGEST_NAME = "m" * 249 + ".jsonl"
+
+
+def test_a_log_that_never_rotates_runs_without_a_lock_file_it_cannot_create(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pre-created, writable log file whose lock file cannot be created (a read-only
+    directory, a name too long for the lock's) and ``max_file_bytes: 0``: as before the
+    lock existed, the log starts, with one warning, and writes; nothing rotates, which is
+    all the lock protects."""
+    path = tmp_path / LONGEST_NAME
+    path.touch(mode=0o600)
+    log = MessageLog(MessageLogSink(path=str(path), max_file_bytes=0))
+    with caplog.at_level(logging.WARNING, logger="sluicegate.messages"):
+        log.start()
+        _submit(log, 1)
+        log.close()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "running without it" in warning.getMessage()
+    assert "File name too long" in warning.getMessage()
+    assert log.stats().requests == 2
+    assert len(path.read_bytes().splitlines()) == 2
+
+
+def test_a_log_that_rotates_without_a_lock_is_refused_saying_what_to_change(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / LONGEST_NAME
+    path.touch(mode=0o600)
+    for sink in (
+        MessageLogSink(path=str(path)),
+        MessageLogSink(path=str(path), max_file_bytes=1000, backup_count=1),
+    ):
+        with pytest.raises(MessageLogUnlockable) as refused:
+            MessageLog(sink).start()
+        message = str(refused.value)
+        assert str(path) in message and "File name too long" in message
+        assert "message_log.max_file_bytes: 0" in message
+    # backup_count 0 never renames the file either: no lock needed.
+    log = MessageLog(MessageLogSink(path=str(path), backup_count=0))
+    log.start()
+    log.close()
+
+
+@pytest.mark.parametrize("failing", ["open", "flock"])
+def test_a_lock_file_that_cannot_be_opened_or_locked(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failing: str,
+) -> None:
+    """The lock file's directory refuses it (EACCES, as a read-only directory does for a
+    user other than root), or its file system has no ``flock`` (ENOLCK): the log runs
+    without the lock when it never rotates, and is refused when it does. The log file itself
+    is opened as usual."""
+    path = tmp_path / "messages.jsonl"
+    where = str(lock_path(str(path)))
+    real_open, real_flock = os.open, fcntl.flock
+
+    def open_(file: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if str(file) == where:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), where)
+        return real_open(file, flags, mode, **kwargs)
+
+    def flock(fd: int, operation: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == where:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        real_flock(fd, operation)
+
+    if failing == "open":
+        monkeypatch.setattr(os, "open", open_)
+    else:
+        monkeypatch.setattr(fcntl, "flock", flock)
+    reason = os.strerror(errno.EACCES if failing == "open" else errno.ENOLCK)
+    with pytest.raises(MessageLogUnlockable, match=reason):
+        MessageLog(MessageLogSink(path=str(path))).start()
+    log = MessageLog(MessageLogSink(path=str(path), max_file_bytes=0))
+    with caplog.at_level(logging.WARNING, logger="sluicegate.messages"):
+        log.start()
+        _submit(log, 1)
+        log.close()
+    assert reason in caplog.text
+    assert log.stats().requests == 2 and len(path.read_bytes().splitlines()) == 2
+
+
+def test_a_whole_answer_is_charged_while_kept_and_cut_when_the_budget_is_spent(
+    tmp_path: Path,
+) -> None:
+    """A whole answer's body is charged to ``max_pending_bytes`` as the relay sends it, not
+    only once queued, and given back once written. One that finds the budget (nearly) spent
+    keeps the beginning that fits, at most ``CUT_KEPT_BYTES`` and a block left free for the
+    requests finishing meanwhile: its entry is that beginning, raw, ``ResponseTruncated``,
+    counted as an answer cut."""
+    path = tmp_path / "messages.jsonl"
+    budget = 1024 * 1024
+    log = MessageLog(MessageLogSink(path=str(path), max_pending_bytes=budget))
+    log.start()
+    text = "Sluis " * 50_000
+    answer = orjson.dumps({"choices": [{"index": 0, "message": {"content": text}}]})
+
+    async def send(message: Message) -> None:
+        pass
+
+    def relay(capture: MessageCapture) -> None:
+        async def sent() -> None:
+            teed = capture.tee(send, False, 200)
+            await teed({"type": "http.response.body", "body": answer, "more_body": False})
+
+        asyncio.run(sent())
+
+    whole = MessageCapture(MessageLogPolicy(), log, "/openai/v1/chat/completions", b"", "m")
+    relay(whole)
+    assert log.stats().pending_bytes == len(answer)  # charged while the request runs
+    others = budget - len(answer) - 50_000
+    assert log.reserve(others)  # what other requests hold meanwhile
+    cut = MessageCapture(MessageLogPolicy(), log, "/openai/v1/chat/completions", b"", "m")
+    relay(cut)
+    head = 50_000 - RESERVE_BYTES  # less than CUT_KEPT_BYTES: all that fits, a block left
+    assert log.stats().pending_bytes == budget - RESERVE_BYTES
+    whole.finish(_record("whole"), None, b"{}", [])
+    cut.finish(_record("cut"), None, b"{}", [])
+    log.close()
+    stats = log.stats()
+    assert (stats.requests, stats.dropped, stats.answers_cut) == (2, 0, 1)
+    assert stats.pending_bytes == others  # the answers' charges all given back
+    found = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    first = [e for e in found if e["RequestId"] == "whole"]
+    second = [e for e in found if e["RequestId"] == "cut"]
+    assert first[0]["ResponseTruncated"] is False
+    assert "".join(e["ResponseMessages"] for e in first) == text
+    assert second[0]["ResponseTruncated"] is True
+    assert second[0]["ResponseOriginalBytes"] == len(answer)
+    assert "".join(e["ResponseMessages"] for e in second) == answer[:head].decode()
+    assert head < CUT_KEPT_BYTES

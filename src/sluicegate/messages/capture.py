@@ -9,7 +9,14 @@ request's usage record. All parsing, flattening and writing happen in the log's 
 
 A JSON answer's body parts are kept up to ``ANSWER_KEPT_FACTOR × max_bytes`` (past that
 it cannot be parsed anyway, and its beginning is logged raw: a copy of at most ``max_bytes``
-when the answer's first part is already past the limit). A successful embeddings answer is not
+when the answer's first part is already past the limit). What an answer keeps is reserved
+against the log's ``max_pending_bytes`` before it is kept, as a stream's events are (but
+leaving a block of ``RESERVE_BYTES`` free for the bodies of requests finishing meanwhile), and
+stays charged until its entry is written: many large answers to slow clients at once cannot grow
+the log's memory (nor keep the relay's parts alive) past its budget. An answer whose parts
+find the budget spent keeps the beginning that fits (at most ``CUT_KEPT_BYTES``, logged raw, its
+entry ``ResponseTruncated``; counted as an answer cut) and gives back the rest, so that
+the answers that fit are logged whole. A successful embeddings answer is not
 kept at all: its vectors are not text, and parsing tens of MB of them in the log's thread
 would hold the GIL, and so the event loop, for tens of ms. A stream's events are handed to
 the log's thread every MiB as they go out (less under a small ``max_pending_bytes``:
@@ -45,6 +52,10 @@ ANSWER_KEPT_FACTOR = 4
 #: A stream's events in hand are reserved against ``max_pending_bytes`` in blocks of this
 #: many bytes: one lock per block, not per event (most streams need one).
 RESERVE_BYTES = 16 * 1024
+#: A whole answer whose part finds the budget spent keeps at most this much of its beginning
+#: (logged raw) and gives back the rest of what it held, so that the answers that fit can be
+#: logged whole rather than every large answer in flight ending cut.
+CUT_KEPT_BYTES = 64 * 1024
 
 
 class MessageCapture:
@@ -53,6 +64,7 @@ class MessageCapture:
 
     __slots__ = (
         "answer_limit",
+        "cut",
         "error",
         "finished",
         "handed",
@@ -94,8 +106,10 @@ class MessageCapture:
         #: The answer's body parts kept (a stream's since the last hand-over).
         self.parts: list[bytes] = []
         self.size = 0
-        #: Bytes of a whole answer beyond ``answer_limit``, not kept.
+        #: Bytes of a whole answer not kept (past ``answer_limit``, or the budget was spent).
         self.overflow = 0
+        #: A whole answer's: some of it was not kept because ``max_pending_bytes`` was spent.
+        self.cut = False
         #: The answer is an event stream.
         self.stream = False
         #: Events of the stream could not be kept (``max_pending_bytes`` was spent) or handed
@@ -107,7 +121,8 @@ class MessageCapture:
         self.text: StreamText | None = None
         #: Handed to the log (``finish``).
         self.finished = False
-        #: A stream's: bytes reserved for the events in ``parts`` (at least ``size``).
+        #: Bytes reserved for what ``parts`` holds (at least ``size``): a stream's events in
+        #: hand, a whole answer's parts.
         self.held = 0
         #: A stream's: bytes of events handed to the log's thread so far.
         self.handed = 0
@@ -133,17 +148,63 @@ class MessageCapture:
         return teed
 
     def _keep_answer(self, body: bytes) -> None:
-        if self.overflow or self.size + len(body) > self.answer_limit:
-            # Only the beginning is logged (raw): a part past the limit that finds less than
-            # that kept (a whole answer comes in one part) leaves a copy of what is missing.
-            head = max(self.policy.max_bytes - self.size, 0)
-            if head:
-                self.parts.append(body[:head])
-                self.size += head
-            self.overflow += len(body) - head
+        if self.finished:  # handed to the log already: nothing more is logged
             return
-        self.parts.append(body)
-        self.size += len(body)
+        if self.overflow:  # only the beginning is logged: the rest is counted, not kept
+            self.overflow += len(body)
+            return
+        size = self.size + len(body)
+        if size <= self.answer_limit and self._reserve(size - self.held):
+            self.parts.append(body)
+            self.size = size
+            return
+        # Past the limit, or past the budget: only the beginning is logged (raw), at most
+        # ``max_bytes`` of it (``CUT_KEPT_BYTES`` when the budget is spent).
+        self.cut = size <= self.answer_limit
+        head = min(self.policy.max_bytes, CUT_KEPT_BYTES) if self.cut else self.policy.max_bytes
+        self._trim(head)
+        want = min(head - self.size, len(body))
+        # A block is left free: requests finishing meanwhile need room for their bodies, or
+        # their entries would be dropped whole for the sake of this one's answer.
+        room = self.sink.reserve_some(want, RESERVE_BYTES) if want > 0 else 0
+        if room:
+            # A copy of the beginning that fits: the part itself may be much larger.
+            self.parts.append(body[:room])
+            self.size += room
+            self.held += room
+        self.cut = self.cut or room < want
+        self.overflow += len(body) - room
+
+    def _reserve(self, more: int) -> bool:
+        """Charge ``more`` bytes a whole answer keeps to the log's budget, leaving a block of
+        it free for the requests finishing meanwhile (their bodies); False when they do not
+        fit (nothing charged)."""
+        if more <= 0:
+            return True
+        if not self.sink.reserve(more, RESERVE_BYTES):
+            return False
+        self.held += more
+        return True
+
+    def _trim(self, limit: int) -> None:
+        """Keep at most ``limit`` bytes of the answer's parts (its beginning), giving back
+        the reservation of the rest."""
+        if self.size <= limit:
+            return
+        kept: list[bytes] = []
+        size = 0
+        for part in self.parts:
+            if size + len(part) > limit:
+                part = part[: limit - size]
+            if part:
+                kept.append(part)
+                size += len(part)
+            if size >= limit:
+                break
+        self.parts = kept
+        self.overflow += self.size - size
+        self.sink.release(self.held - size)
+        self.size = self.held = size
 
     def _keep_events(self, body: bytes) -> None:
         if self.lost or self.finished:  # its text is not whole, or nothing more is logged

@@ -5,10 +5,12 @@ lines, ``input``, ``prompt``; ``choices[].message.content``, ``choices[].text``,
 ``output_text``, ``output[].content[].text``, or the ``error`` object), and falls back to the
 raw body text where a body has none of those shapes. Images, audio and files in messages are
 named (``[image]``), never copied: their data is not text. Streams are flattened event by
-event (``StreamText``): chat ``delta.content`` (and ``text`` of completions) and
-``delta.tool_calls`` per choice, Responses ``response.output_text.delta`` and function calls
-(``response.function_call_arguments.delta``) per output item, and any error an event carries;
-tool calls are assembled from their fragments by index and written as a whole answer's are.
+event (``StreamText``): chat ``delta.content`` (and ``text`` of completions),
+``delta.tool_calls`` and the deprecated ``delta.function_call`` per choice, Responses
+``response.output_text.delta`` and tool calls (function calls, custom tools' input, MCP calls'
+arguments, the code interpreter's code: ``_CALL_ITEMS``) per output item, and any error an
+event carries; tool calls are assembled from their fragments and written as a whole answer's
+are (``[tool call name] arguments``).
 
 Sizes are UTF-8 bytes; cuts never split a character. Everything here runs in the message
 log's thread, never on the request path. Pure and thread-safe (no shared state).
@@ -38,6 +40,31 @@ _TEXT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta"
 #: Responses stream events that carry a whole output item (a function call's name, and once
 #: done its arguments).
 _CALL_ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
+#: The Responses API's tool call items: the key of what the model wrote for the tool (its
+#: arguments, a custom tool's input, the code interpreter's code), and the name logged for a
+#: kind whose items carry none.
+_CALL_ITEMS: dict[str, tuple[str, str | None]] = {
+    "function_call": ("arguments", None),
+    "custom_tool_call": ("input", None),
+    "mcp_call": ("arguments", None),
+    "code_interpreter_call": ("code", "code_interpreter"),
+}
+#: Responses stream events carrying a fragment (``delta``) of a tool call item's arguments.
+_CALL_DELTAS = frozenset(
+    {
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.mcp_call_arguments.delta",
+        "response.code_interpreter_call_code.delta",
+    }
+)
+#: Responses stream events carrying a tool call item's whole arguments once done: the key.
+_CALL_DONE = {
+    "response.function_call_arguments.done": "arguments",
+    "response.custom_tool_call_input.done": "input",
+    "response.mcp_call_arguments.done": "arguments",
+    "response.code_interpreter_call_code.done": "code",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +114,22 @@ def _tool_calls(calls: Any) -> Iterable[str]:
             yield _tool_call_line(function.get("name"), function.get("arguments") or "")
 
 
+def _call_item_line(item: dict[str, Any]) -> str | None:
+    """A Responses tool call item (``_CALL_ITEMS``) as a line; None for another item."""
+    kind = _CALL_ITEMS.get(str(item.get("type")))
+    if kind is None:
+        return None
+    key, name = kind
+    return _tool_call_line(name or item.get("name"), item.get(key) or "")
+
+
 def _message_text(message: dict[str, Any]) -> str:
-    """A chat message's content, then its tool calls, a line each."""
+    """A chat message's content, then its (deprecated) function call and its tool calls, a
+    line each."""
     texts = [_content(message.get("content")) or message.get("refusal") or ""]
+    function_call = message.get("function_call")
+    if isinstance(function_call, dict):
+        texts.extend(_tool_calls([{"function": function_call}]))
     texts.extend(_tool_calls(message.get("tool_calls")))
     return "\n".join(t for t in texts if isinstance(t, str) and t)
 
@@ -119,9 +159,9 @@ def _input_lines(value: Any, lines: list[str]) -> None:
             kind = item.get("type")
             if "role" in item:
                 lines.append(_message_line(item))
-            elif kind == "function_call":
-                lines.append(_tool_call_line(item.get("name"), item.get("arguments") or ""))
-            elif kind == "function_call_output":
+            elif (call := _call_item_line(item)) is not None:
+                lines.append(call)
+            elif kind in ("function_call_output", "custom_tool_call_output"):
                 output = item.get("output")
                 lines.append(f"[tool output] {output if isinstance(output, str) else ''}")
 
@@ -203,8 +243,8 @@ def answer_text(body: bytes, operation: str) -> str:
         for item in obj.get("output") or ():
             if not isinstance(item, dict):
                 continue
-            if item.get("type") == "function_call":
-                texts.append(_tool_call_line(item.get("name"), item.get("arguments") or ""))
+            if (call := _call_item_line(item)) is not None:
+                texts.append(call)
             elif isinstance(item.get("content"), list):
                 texts.append(_content(item["content"]))
     return "\n".join(texts)
@@ -246,6 +286,10 @@ class _Slot:
             lines.append(_tool_call_line(call.name, "".join(call.arguments)))
         return "\n".join(line for line in lines if line)
 
+
+#: The key of a chat choice's ``delta.function_call`` among its calls: before its tool calls
+#: (numbered from 0), and never taken for one of them.
+_FUNCTION_CALL = -1
 
 #: A list of deltas longer than this is joined into one string after a ``feed``: a stream
 #: of 2 MiB in deltas of a few characters would otherwise hold ~700,000 string objects
@@ -315,6 +359,9 @@ class StreamText:
                 for call in calls if isinstance(calls, list) else ():
                     if isinstance(call, dict):
                         self._chat_call(index, call)
+                function_call = delta.get("function_call")
+                if isinstance(function_call, dict):
+                    self._function_call(index, function_call)
             elif isinstance(choice.get("text"), str):
                 self._text(index, choice["text"])
 
@@ -329,7 +376,8 @@ class StreamText:
             return
         if not isinstance(n, int):
             slot = self._slots.get(index)
-            last = max(slot.calls) if slot is not None and slot.calls else None
+            numbers = [k for k in slot.calls if k >= 0] if slot is not None else []
+            last = max(numbers) if numbers else None
             if last is None:
                 n = 0
             else:
@@ -338,6 +386,18 @@ class StreamText:
         self._call(
             index,
             n,
+            name if isinstance(name, str) else None,
+            arguments if isinstance(arguments, str) else None,
+        )
+
+    def _function_call(self, index: int, function: dict[str, Any]) -> None:
+        """A ``delta.function_call`` (the deprecated ``functions``): one call per choice, its
+        name first, then its arguments' fragments; before the choice's tool calls, as
+        ``_message_text`` writes a whole answer's."""
+        name, arguments = function.get("name"), function.get("arguments")
+        self._call(
+            index,
+            _FUNCTION_CALL,
             name if isinstance(name, str) else None,
             arguments if isinstance(arguments, str) else None,
         )
@@ -353,16 +413,18 @@ class StreamText:
             self._text(index, obj["delta"])
             if (slot := self._slots.get(index)) is not None:
                 slot.part = part
-        elif kind == "response.function_call_arguments.delta":
+        elif kind in _CALL_DELTAS:
             delta = obj.get("delta")
             if isinstance(delta, str):
                 self._call(index, 0, None, delta)
         elif kind in _CALL_ITEM_EVENTS:
             item = obj.get("item")
-            if isinstance(item, dict) and item.get("type") == "function_call":
-                self._call_whole(index, item.get("name"), item.get("arguments"))
-        elif kind == "response.function_call_arguments.done":
-            self._call_whole(index, obj.get("name"), obj.get("arguments"))
+            call = _CALL_ITEMS.get(str(item.get("type"))) if isinstance(item, dict) else None
+            if isinstance(item, dict) and call is not None:
+                key, name = call
+                self._call_whole(index, name or item.get("name"), item.get(key))
+        elif (done := _CALL_DONE.get(kind)) is not None:
+            self._call_whole(index, obj.get("name"), obj.get(done))
         elif kind == "error":
             self._error({k: v for k, v in obj.items() if k not in ("type", "sequence_number")})
         elif kind == "response.failed":
@@ -371,9 +433,9 @@ class StreamText:
                 self._error(response["error"])
 
     def _call_whole(self, index: int, name: Any, arguments: Any) -> None:
-        """A Responses function call item as announced (``output_item.added``: its name,
-        empty arguments) or finished (``…done``: whole arguments): what the deltas did not
-        already bring."""
+        """A Responses tool call item as announced (``output_item.added``: its name, empty
+        arguments) or finished (``…done``: whole arguments, input or code): what the deltas
+        did not already bring."""
         slot = self._slots.get(index)
         call = slot.calls.get(0) if slot is not None else None
         seen = call is not None and call.seen

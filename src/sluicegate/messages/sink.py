@@ -3,9 +3,10 @@
 The request path calls ``submit`` (a finished request) and ``hand_over`` (a long stream's
 events so far); both take a lock for a few counters and put a reference on a queue, and
 never wait: when ``max_pending`` requests or ``max_pending_bytes`` of bodies are held
-already, the item is dropped and counted (``stats``). A stream in flight ``reserve``s what it
-holds against the same ``max_pending_bytes`` (``capture.MessageCapture``), so the bytes the
-log holds, queued or in streams still running, stay within it. The thread flattens, cuts and
+already, the item is dropped and counted (``stats``). A stream or a whole answer in flight
+``reserve``s what it holds against the same ``max_pending_bytes``
+(``capture.MessageCapture``), so the bytes the log holds, queued or in requests still running,
+stay within it. The thread flattens, cuts and
 chunks (``flatten``) and writes each request's entries as one write, so a request's chunks stay
 together in one file. This log is not the ledger: usage records are never lost, message
 logs may be (a full queue, a full disk, a crash before the thread wrote them).
@@ -89,8 +90,10 @@ class MessageLogStats:
     """Counts since start: requests logged, entries (lines) written, requests dropped (the
     queue was full or the log closed), streams logged without some of their events (the
     queue or ``max_pending_bytes`` was full when they came), failed writes; and what waits
-    now: requests queued, and bytes held (queued bodies, and streams' events and text
-    reserved while they run)."""
+    now: requests queued, and bytes held (queued bodies, and streams' events and text and
+    whole answers' parts reserved while they run); then whole answers logged without some
+    of their body (``max_pending_bytes`` was spent when it came: only the beginning that
+    fitted is logged, raw)."""
 
     requests: int
     entries: int
@@ -99,10 +102,16 @@ class MessageLogStats:
     write_failures: int
     pending: int
     pending_bytes: int
+    answers_cut: int = 0
 
 
 class MessageLogInUse(RuntimeError):
     """Another live process writes the same message log file (``MessageLog.start``)."""
+
+
+class MessageLogUnlockable(RuntimeError):
+    """The lock file of a message log that rotates cannot be created or locked
+    (``MessageLog.start``)."""
 
 
 def lock_path(path: str) -> Path:
@@ -112,16 +121,26 @@ def lock_path(path: str) -> Path:
     return file.with_name(f".{file.name}.lock")
 
 
-def _lock(path: str) -> int | None:
+def _lock(path: str, rotates: bool) -> int | None:
     """Hold the lock of the log file ``path`` for this process (its descriptor, to keep
     open until the log closes); None for a path that is not a regular file (a FIFO, a
     device: nothing is rotated there). Raises ``MessageLogInUse`` when another process holds
-    it. ``flock`` locks die with their process: a crashed instance leaves no stale lock."""
+    it. ``flock`` locks die with their process: a crashed instance leaves no stale lock.
+
+    A lock file that cannot be created or locked (a read-only directory holding a writable
+    log file, a name too long for the lock's, a file system without ``flock``): the lock only
+    keeps instances from rotating one file under each other, so a log that never
+    ``rotates`` runs without it (None, after one warning); one that rotates is refused
+    (``MessageLogUnlockable``, saying what to change)."""
     file = Path(path)
     if file.exists() and not file.is_file():
         return None
     where = lock_path(path)
-    fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        _unlocked(path, where, rotates, exc)
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -131,12 +150,37 @@ def _lock(path: str) -> int | None:
             f"message log {path} is written by another process (pid {holder or 'unknown'}, "
             f"holding {where}): give each instance its own message_log.path"
         ) from None
+    except OSError as exc:  # no flock here (some network file systems)
+        os.close(fd)
+        _unlocked(path, where, rotates, exc)
+        return None
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def _unlocked(path: str, where: Path, rotates: bool, exc: OSError) -> None:
+    """No lock for the log file ``path`` (``where`` failed with ``exc``): refused when the
+    file rotates, else a warning."""
+    reason = exc.strerror or type(exc).__name__
+    if rotates:
+        raise MessageLogUnlockable(
+            f"message log {path}: its lock file {where} cannot be used ({reason}); the lock "
+            "keeps two instances from rotating one file under each other. Let the gateway "
+            "create that file (a writable directory), or set message_log.max_file_bytes: 0 "
+            "to leave rotation to logrotate (copytruncate) and run without the lock"
+        ) from None
+    log.warning(
+        "message log %s: its lock file %s cannot be used (%s); running without it, which "
+        "is safe as the file never rotates (max_file_bytes or backup_count 0), but nothing "
+        "keeps another instance from writing the same file",
+        path,
+        where,
+        reason,
+    )
 
 
 class MessageLog:
@@ -156,6 +200,7 @@ class MessageLog:
         self._pending_bytes = 0
         self._closed = False
         self._requests = self._entries = self._dropped = self._cut = self._failures = 0
+        self._answers_cut = 0
         self._last_warning = 0.0
         self._thread: threading.Thread | None = None
         self._handler: logging.Handler | None = None
@@ -164,13 +209,16 @@ class MessageLog:
 
     def start(self) -> None:
         """Open the destination (the file's directory is created) and start the thread.
-        Raises ``MessageLogInUse`` when another live process writes the same file."""
+        Raises ``MessageLogInUse`` when another live process writes the same file, and
+        ``MessageLogUnlockable`` when a file that rotates cannot be locked (``_lock``)."""
         path = self.config.path
         if path == "-":
             self._handler = _StreamHandler(sys.stdout, self._write_failed)
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _lock(path)
+            config = self.config
+            rotates = config.max_file_bytes > 0 and config.backup_count > 0
+            self._lock_fd = _lock(path, rotates)
             self._handler = _FileHandler(
                 path,
                 maxBytes=self.config.max_file_bytes,
@@ -194,9 +242,10 @@ class MessageLog:
         headers: Sequence[tuple[bytes, bytes]],
     ) -> bool:
         """Queue a finished request (its ``record``, what ``capture`` kept, the request's
-        ``body`` of ``body_bytes`` when prompts are logged); False when dropped. What a
-        stream's capture reserved already goes with it (released once written, or now when
-        dropped); the rest (the body, a whole answer) must fit in what is left."""
+        ``body`` of ``body_bytes`` when prompts are logged); False when dropped. What
+        ``capture`` reserved already (a stream's events and text, a whole answer's parts) goes
+        with it (released once written, or now when dropped); the rest (the request's body)
+        must fit in what is left."""
         charged = capture.held + capture.text_charge
         fresh = body_bytes + max(capture.size - capture.held, 0)
         item = _Finished(record, capture, body, headers, charged + fresh)
@@ -221,14 +270,30 @@ class MessageLog:
         self._queue.put(_Events(capture, parts, release))
         return True
 
-    def reserve(self, size: int) -> bool:
-        """Charge ``size`` bytes a stream holds for the log to ``max_pending_bytes``; False
-        (nothing charged) when they do not fit."""
+    def reserve(self, size: int, spare: int = 0) -> bool:
+        """Charge ``size`` bytes a stream or an answer holds for the log to
+        ``max_pending_bytes``, if they fit with ``spare`` bytes of it left free; False
+        (nothing charged) when they do not."""
         with self._lock:
-            if self._closed or self._pending_bytes + size > self.config.max_pending_bytes:
+            limit = self.config.max_pending_bytes - spare
+            if self._closed or self._pending_bytes + size > limit:
                 return False
             self._pending_bytes += size
         return True
+
+    def reserve_some(self, size: int, spare: int = 0) -> int:
+        """Charge at most ``size`` bytes a whole answer keeps to ``max_pending_bytes``: as
+        many as fit with ``spare`` bytes of it left free (0 when none do); returns the number
+        charged."""
+        with self._lock:
+            if self._closed:
+                return 0
+            free = self.config.max_pending_bytes - self._pending_bytes - spare
+            room = min(size, free)
+            if room <= 0:
+                return 0
+            self._pending_bytes += room
+        return room
 
     def release(self, size: int) -> None:
         """Give back ``size`` bytes of ``reserve``."""
@@ -287,9 +352,12 @@ class MessageLog:
         response = None
         if policy.completions:
             response, cut = _response(capture, record.operation)
-            if cut:
+            if cut or capture.cut:
                 with self._lock:
-                    self._cut += 1
+                    if cut:
+                        self._cut += 1
+                    else:
+                        self._answers_cut += 1
         meta = {
             "TimeGenerated": _iso(record.ts),
             "RequestId": record.request_id,
@@ -369,6 +437,7 @@ class MessageLog:
                 self._failures,
                 self._pending,
                 self._pending_bytes,
+                self._answers_cut,
             )
 
 
@@ -387,7 +456,7 @@ def _response(capture: MessageCapture, operation: str) -> tuple[Clipped, bool]:
         return clipped, False
     if capture.parts or capture.overflow:
         body = capture.parts[0] if len(capture.parts) == 1 else b"".join(capture.parts)
-        if capture.overflow:  # too large to parse: its beginning, raw
+        if capture.overflow:  # too large to parse, or cut for the budget: its beginning, raw
             raw = body.decode("utf-8", "replace")
             return clip(raw, limit, len(body) + capture.overflow), False
         return clip(answer_text(body, operation), limit), False

@@ -357,6 +357,12 @@ class _MessageLogCollector(Collector):
                 "max_pending_bytes, was spent mid-stream).",
                 s.streams_cut,
             ),
+            (
+                "answers_cut",
+                "Whole answers logged from the beginning that fitted (the log's memory budget, "
+                "max_pending_bytes, was spent when they came).",
+                s.answers_cut,
+            ),
             ("write_failures", "Failed writes of the message log.", s.write_failures),
         ):
             yield CounterMetricFamily(f"sluicegate_message_log_{name}", text, value=value)
