@@ -59,7 +59,8 @@ def test_admin_api_conforms_to_its_openapi_document(
     for result in admin_schema.get_all_operations():
         assert isinstance(result, Ok), result.err()  # every operation of the document loads
         operations.append(result.ok())
-    assert len(operations) == 23  # 20 + GET /budgets + GET /exports + POST rewind
+    # 20 + GET /budgets + GET /exports + POST rewind + POST approve and reject
+    assert len(operations) == 25
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -7,7 +7,8 @@ ID access token of an administrator (see ``admin.access``), also the OpenAPI doc
 through a model of ``admin.schemas``. Errors are ``{"error": {"code", "message"}}``: 401
 without valid credentials, 403 for a valid token of someone who is not an administrator, 404
 for an unknown subscription or path, 408 for a request body that does not arrive within
-``security.body_read_timeout_seconds``, 409 for a change a cancelled subscription cannot take,
+``security.body_read_timeout_seconds``, 409 for a change the subscription's state does not
+allow (a cancelled subscription takes none; ``auth.subscriptions.TRANSITIONS``),
 413 for a request body over ``BODY_LIMIT`` (or ``security.max_body_bytes``, if smaller), 422
 for invalid input, 503 when the admin API is disabled (or the IdP's keys are unavailable).
 """
@@ -46,7 +47,7 @@ from sluicegate.admin.service import (
     subscription_view,
     validation_message,
 )
-from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.auth.subscriptions import TRANSITIONS, SubscriptionState
 from sluicegate.storage.engine import database_busy, database_unreachable
 
 log = logging.getLogger("sluicegate.admin")
@@ -401,6 +402,8 @@ class AdminApi:
             name=body.name,
             expires_at=body.expires_at,
             overrides=None if overrides is None else overrides.model_dump(exclude_unset=True),
+            state=body.state,
+            state_comment=body.state_comment,
         )
         assert issued.primary_key is not None and issued.secondary_key is not None
         out = schemas.IssuedSubscription(
@@ -416,7 +419,9 @@ class AdminApi:
 
     def _state_change(self, action: str) -> Handler:
         async def handler(request: Request) -> Response:
-            sub = await run(getattr(self.service, action), _subscription_id(request))
+            sub_id = _subscription_id(request)
+            body = await self._body(request, schemas.StateChange)
+            sub = await run(self.service.change_state, sub_id, action, body.state_comment)
             return json_response(subscription_model(sub))
 
         handler.__name__ = action
@@ -713,16 +718,19 @@ class AdminApi:
                 errors=(404,),
             ),
         ]
-        for action in ("suspend", "resume", "cancel"):
+        for action, transition in TRANSITIONS.items():
+            sources = ", ".join(sorted(s.value for s in transition.sources))
             ops.append(
                 Operation(
                     "post",
                     f"/subscriptions/{{subscription_id}}/{action}",
                     self._state_change(action),
-                    f"{action.capitalize()} a subscription",
+                    f"{action.capitalize()} a subscription: to {transition.target.value}, "
+                    f"from {sources} (else 409)",
                     sub,
                     [sid],
-                    errors=(404, 409),
+                    body=schemas.StateChange,
+                    errors=(404, 408, 409, 413, 422),
                 )
             )
         ops += [

@@ -73,6 +73,12 @@ Text = Annotated[
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f-\x9f]+$"}),
     AfterValidator(_printable),
 ]
+#: A state comment (APIM's ``stateComment``): one line of at most 1000 characters.
+Comment = Annotated[
+    str,
+    Field(max_length=1000, json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}),
+    AfterValidator(_printable),
+]
 Money = Annotated[str, Field(pattern=r"^-?[0-9]+\.[0-9]{9}$", examples=["12.340000000"])]
 
 
@@ -94,6 +100,7 @@ class Product(_Model):
     description: str
     deployments: list[str]
     limits: Any = None
+    approval_required: bool = False
 
 
 class ProductList(_Model):
@@ -105,7 +112,13 @@ class Subscription(_Model):
     name: str
     owner: str
     product: str
-    state: Literal["active", "suspended", "cancelled"]
+    state: Literal["submitted", "active", "suspended", "rejected", "cancelled", "expired"] = Field(
+        description="The effective state: 'expired' once expires_at has passed (unless "
+        "rejected or cancelled). Only 'active' keys work (docs/subscriptions.md)."
+    )
+    state_comment: str | None = Field(
+        default=None, description="The comment given with the last state change."
+    )
     primary_key_prefix: str
     secondary_key_prefix: str
     created_at: float
@@ -147,6 +160,21 @@ class SubscriptionCreate(_Model):
     name: Text
     expires_at: float | None = Field(default=None, ge=0, le=32503680000)
     overrides: Overrides | None = None
+    state: Literal["submitted", "active"] | None = Field(
+        default=None,
+        description="Default: 'submitted' (awaiting approval) for a product with "
+        "approval_required, else 'active'.",
+    )
+    state_comment: Comment | None = None
+
+
+class StateChange(_Model):
+    """The optional body of a state change (approve, reject, suspend, resume, cancel)."""
+
+    state_comment: Comment | None = Field(
+        default=None,
+        description="Kept with the new state (APIM's stateComment); absent clears the last one.",
+    )
 
 
 class IssuedSubscription(_Model):

@@ -17,6 +17,7 @@ import builtins
 import csv
 import io
 import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,13 @@ from sluicegate.accounting.records import UsageRecord
 from sluicegate.accounting.rollups import RollupRun, Rollups
 from sluicegate.admin import schemas
 from sluicegate.auth.keys import KeyHasher, display_prefix, generate_key
-from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
+from sluicegate.auth.subscriptions import (
+    STATE_COMMENT_MAX,
+    TRANSITIONS,
+    KeySlot,
+    Subscription,
+    SubscriptionState,
+)
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.config.model import BUDGET_PERIOD_DAYS, BudgetConfig, GatewayConfig
 from sluicegate.limits.policy import LimitPolicy, merge
@@ -88,14 +95,17 @@ class IssuedKeys:
     secondary_key: str | None = None
 
 
-def subscription_view(sub: Subscription) -> dict[str, Any]:
-    """What may be shown of a subscription (no hashes, only key prefixes)."""
+def subscription_view(sub: Subscription, now: float | None = None) -> dict[str, Any]:
+    """What may be shown of a subscription (no hashes, only key prefixes). ``state`` is the
+    effective state at ``now`` (default: the current time): ``expired`` past ``expires_at``."""
+    when = time.time() if now is None else now
     return {
         "id": sub.id,
         "name": sub.name,
         "owner": sub.owner,
         "product": sub.product,
-        "state": sub.state.value,
+        "state": sub.effective_state(when).value,
+        "state_comment": sub.state_comment,
         "primary_key_prefix": sub.primary_key_prefix,
         "secondary_key_prefix": sub.secondary_key_prefix,
         "created_at": sub.created_at,
@@ -127,6 +137,8 @@ class AdminService:
         self.hasher = hasher
         self.clock = clock or SystemClock()
         self._products = {p.name for p in config.products}
+        #: Products whose new subscriptions await an administrator's approval.
+        self._approval_required = {p.name for p in config.products if p.approval_required}
         #: Per product, the policies a subscription's limit overrides are merged into.
         self._per_subscription: dict[str, tuple[LimitPolicy, ...]] = {
             p.name: tuple(x for x in p.limit_policies() if x.counter_key == "subscription")
@@ -147,6 +159,7 @@ class AdminService:
                 "description": p.description,
                 "deployments": p.deployments,
                 "limits": p.limits,
+                "approval_required": p.approval_required,
             }
             for p in self.config.products
         ]
@@ -159,7 +172,14 @@ class AdminService:
         name: str,
         expires_at: float | None = None,
         overrides: dict[str, Any] | None = None,
+        state: SubscriptionState | str | None = None,
+        state_comment: str | None = None,
     ) -> IssuedKeys:
+        """A new subscription and its two keys. Its ``state`` is ``submitted`` (awaiting
+        ``approve``) or ``active``; None: ``submitted`` for a product with
+        ``approval_required``, else ``active``. Only administrators call this (the admin API,
+        the CLI and the dashboard are all theirs), so one may pass ``active`` to skip the
+        approval. 422 for an unknown product, empty texts, bad overrides or another state."""
         if product not in self._products:
             raise AdminError(
                 422, f"unknown product {product!r} (known: {', '.join(sorted(self._products))})"
@@ -167,6 +187,19 @@ class AdminService:
         if not owner.strip() or not name.strip():
             raise AdminError(422, "owner and name must not be empty")
         checked = self.check_overrides(product, overrides or {}, where="overrides")
+        if state is None:
+            initial = (
+                SubscriptionState.SUBMITTED
+                if product in self._approval_required
+                else SubscriptionState.ACTIVE
+            )
+        else:
+            if str(state) not in (SubscriptionState.SUBMITTED, SubscriptionState.ACTIVE):
+                raise AdminError(
+                    422, f"state: a new subscription is 'submitted' or 'active', not {state!r}"
+                )
+            initial = SubscriptionState(state)
+        comment = _comment(state_comment)
         primary, secondary = generate_key(), generate_key()
         now = self.clock.now()
         sub = Subscription(
@@ -174,7 +207,7 @@ class AdminService:
             name=name.strip(),
             owner=owner.strip(),
             product=product,
-            state=SubscriptionState.ACTIVE,
+            state=initial,
             primary_key_hash=self._digest(primary),
             secondary_key_hash=self._digest(secondary),
             primary_key_prefix=display_prefix(primary),
@@ -183,6 +216,7 @@ class AdminService:
             updated_at=now,
             expires_at=expires_at,
             overrides=checked,
+            state_comment=comment,
         )
         try:
             # The repository checks the columns' lengths (name, owner: 200), on every database.
@@ -296,25 +330,49 @@ class AdminService:
         except SubscriptionNotFound:
             raise AdminError(404, f"no subscription {subscription_id!r}") from None
 
-    def set_state(self, subscription_id: str, state: SubscriptionState) -> Subscription:
-        """404 for an unknown subscription; 409 to move a cancelled one (for good, checked
-        by the database's UPDATE itself, so a concurrent cancel is never undone)."""
-        self.get(subscription_id)
+    def change_state(
+        self, subscription_id: str, action: str, comment: str | None = None
+    ) -> Subscription:
+        """Carry out ``action`` (a key of ``auth.subscriptions.TRANSITIONS``: approve, reject,
+        suspend, resume, cancel) and keep ``comment`` with the new state (None clears the
+        last one). 404 for an unknown subscription, 409 when its effective state is not one
+        the action starts from (checked by the database's UPDATE itself, so a concurrent
+        change is never undone: a cancelled subscription stays cancelled), 422 for an
+        unknown action or a comment that is too long or holds control characters."""
+        transition = TRANSITIONS.get(action)
+        if transition is None:
+            raise AdminError(422, f"unknown action {action!r}")
+        text = _comment(comment)
         try:
-            return self.repository.set_state(subscription_id, state)
+            return self.repository.set_state(
+                subscription_id, transition.target, allowed_from=transition.sources, comment=text
+            )
         except SubscriptionNotFound:
             raise AdminError(404, f"no subscription {subscription_id!r}") from None
         except SubscriptionConflict as exc:
-            raise AdminError(409, str(exc)) from None
+            raise AdminError(409, f"{exc}: cannot {action} it") from None
+        except SubscriptionInvalid as exc:
+            raise AdminError(422, str(exc)) from None
 
-    def suspend(self, subscription_id: str) -> Subscription:
-        return self.set_state(subscription_id, SubscriptionState.SUSPENDED)
+    def approve(self, subscription_id: str, comment: str | None = None) -> Subscription:
+        """submitted → active."""
+        return self.change_state(subscription_id, "approve", comment)
 
-    def resume(self, subscription_id: str) -> Subscription:
-        return self.set_state(subscription_id, SubscriptionState.ACTIVE)
+    def reject(self, subscription_id: str, comment: str | None = None) -> Subscription:
+        """submitted → rejected (for good: a new request is a new subscription)."""
+        return self.change_state(subscription_id, "reject", comment)
 
-    def cancel(self, subscription_id: str) -> Subscription:
-        return self.set_state(subscription_id, SubscriptionState.CANCELLED)
+    def suspend(self, subscription_id: str, comment: str | None = None) -> Subscription:
+        """active → suspended."""
+        return self.change_state(subscription_id, "suspend", comment)
+
+    def resume(self, subscription_id: str, comment: str | None = None) -> Subscription:
+        """suspended → active."""
+        return self.change_state(subscription_id, "resume", comment)
+
+    def cancel(self, subscription_id: str, comment: str | None = None) -> Subscription:
+        """Any state → cancelled, for good."""
+        return self.change_state(subscription_id, "cancel", comment)
 
     # -- usage, cost, forecasts ----------------------------------------------------------------
 
@@ -664,6 +722,21 @@ class AdminService:
             "skipped": moved.skipped,
             "export": self.export(name),
         }
+
+
+def _comment(comment: str | None) -> str | None:
+    """A state comment as stored (stripped; None when empty), or ``AdminError(422)``."""
+    if comment is None or not comment.strip():
+        return None
+    text = comment.strip()
+    if len(text) > STATE_COMMENT_MAX:
+        raise AdminError(
+            422, f"state_comment must be at most {STATE_COMMENT_MAX} characters ({len(text)})"
+        )
+    problem = schemas.text_problem(text)
+    if problem is not None:
+        raise AdminError(422, f"state_comment {problem}")
+    return text
 
 
 def _bare_url(url: str) -> str:

@@ -378,14 +378,16 @@ def demo_key(admin: AdminService) -> tuple[str, bool]:
     directory reuses it instead of adding another each time: keys are stored hashed, so the
     key printed before cannot be shown again, and its primary key is rotated instead (the
     key printed before stops working; the secondary, never shown, is untouched). A suspended
-    demo subscription is resumed; a cancelled one never works again, so a new one is made."""
+    demo subscription is resumed (a submitted one approved); a cancelled or rejected one never
+    works again, so a new one is made."""
     found, _ = admin.list(search=DEMO_NAME, product=DEMO_PRODUCT, limit=1000)
     reusable = sorted(
         (
             sub
             for sub in found
             if (sub.owner, sub.name) == (DEMO_OWNER, DEMO_NAME)
-            and sub.state is not SubscriptionState.CANCELLED
+            and sub.state not in (SubscriptionState.CANCELLED, SubscriptionState.REJECTED)
+            and sub.expires_at is None
         ),
         key=lambda sub: sub.created_at,
     )
@@ -396,6 +398,8 @@ def demo_key(admin: AdminService) -> tuple[str, bool]:
     sub = reusable[0]
     if sub.state is SubscriptionState.SUSPENDED:
         admin.resume(sub.id)
+    elif sub.state is SubscriptionState.SUBMITTED:
+        admin.approve(sub.id)
     rotated = admin.rotate(sub.id, "primary")
     assert rotated.primary_key is not None
     return rotated.primary_key, False

@@ -208,6 +208,8 @@ def _print_sub(data: dict[str, Any], as_json: bool) -> None:
     for key, value in data.items():
         if key in _TIMES:
             shown = "never" if value is None else _iso(value)
+        elif key == "state_comment" and value is None:
+            shown = "-"
         elif key == "overrides":
             shown = json.dumps(value)
         else:
@@ -225,17 +227,36 @@ def keys_create(
         float | None,
         typer.Option(help="Expire after this many days (more than 0; default: never)."),
     ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="submitted or active (default: submitted if the product has "
+            "approval_required, else active)."
+        ),
+    ] = None,
+    comment: Annotated[
+        str | None, typer.Option(help="A comment kept with the state (state_comment).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a subscription and print its two keys (shown only this once)."""
     from sluicegate.admin.service import subscription_view
 
     _printable(product=product, owner=owner, name=name)
+    if comment is not None:
+        _printable(comment=comment)
+    if state is not None and state not in ("submitted", "active"):
+        raise typer.BadParameter("must be submitted or active", param_hint="'--state'")
     expires = _expiry(expires_in_days, time.time())
     cfg = _load(config)
     with _reported(cfg):
         issued = _admin(cfg, issues_keys=True).create_subscription(
-            product=product, owner=owner, name=name, expires_at=expires
+            product=product,
+            owner=owner,
+            name=name,
+            expires_at=expires,
+            state=state,
+            state_comment=comment,
         )
     data = subscription_view(issued.subscription)
     data["primary_key"] = issued.primary_key
@@ -249,16 +270,23 @@ def keys_create(
 def keys_list(
     config: ConfigOpt = Path("gateway.yaml"),
     search: Annotated[str | None, typer.Option(help="Filter by id, name or owner.")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="Only this state: submitted, active, suspended, rejected, cancelled or expired."
+        ),
+    ] = None,
     offset: int = 0,
     limit: int = 100,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """List subscriptions (keys are never shown, only their prefixes)."""
+    """List subscriptions (keys are never shown, only their prefixes). The state shown is
+    the effective one: expired once the expiry has passed."""
     from sluicegate.admin.service import subscription_view
 
     cfg = _load(config)
     with _reported(cfg):
-        subs, total = _admin(cfg).list(offset=offset, limit=limit, search=search)
+        subs, total = _admin(cfg).list(offset=offset, limit=limit, search=search, state=state)
     rows = [subscription_view(s) for s in subs]
     if as_json:
         typer.echo(json.dumps({"total": total, "items": rows}, indent=2))
@@ -285,30 +313,44 @@ def keys_list(
     Console().print(table)
 
 
-def _state_command(action: str):  # type: ignore[no-untyped-def]
+def _state_command(action: str, summary: str):  # type: ignore[no-untyped-def]
     def command(
         subscription_id: Annotated[str, typer.Argument(metavar="ID")],
         config: ConfigOpt = Path("gateway.yaml"),
+        comment: Annotated[
+            str | None,
+            typer.Option(help="Keep this comment with the new state (state_comment)."),
+        ] = None,
         as_json: Annotated[
             bool, typer.Option("--json", help="Print the subscription as JSON.")
         ] = False,
     ) -> None:
         from sluicegate.admin.service import subscription_view
 
+        if comment is not None:
+            _printable(comment=comment)
         cfg = _load(config)
         with _reported(cfg):
-            sub = getattr(_admin(cfg), action)(subscription_id)
+            sub = _admin(cfg).change_state(subscription_id, action, comment)
         if as_json:
             typer.echo(json.dumps(subscription_view(sub), indent=2))
         else:
-            typer.echo(f"{sub.id}: {sub.state.value}")
+            typer.echo(f"{sub.id}: {subscription_view(sub)['state']}")
 
-    command.__doc__ = f"{action.capitalize()} a subscription."
+    command.__doc__ = (
+        f"{summary} A state the subscription cannot leave that way is refused (exit status 1)."
+    )
     return command
 
 
-for _action in ("suspend", "resume", "cancel"):
-    keys_app.command(_action, cls=_Command)(_state_command(_action))
+for _action, _summary in (
+    ("approve", "Approve a submitted subscription: its keys start working."),
+    ("reject", "Reject a submitted subscription, for good."),
+    ("suspend", "Suspend an active subscription: its keys stop working."),
+    ("resume", "Resume a suspended subscription."),
+    ("cancel", "Cancel a subscription, for good."),
+):
+    keys_app.command(_action, cls=_Command)(_state_command(_action, _summary))
 
 
 @keys_app.command("show", cls=_Command)

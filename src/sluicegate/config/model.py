@@ -539,6 +539,10 @@ class ProductConfig(_Strict):
     #: ``validate-jwt`` only): a request with a subscription key and no token gets 401
     #: ``TokenRequired``. Needs an ``oidc`` section. Default: keys and tokens.
     require_token: bool = False
+    #: New subscriptions of this product start ``submitted`` (APIM's ``approvalRequired``):
+    #: their keys work once an administrator approves them (docs/subscriptions.md). An
+    #: administrator creating one may still give ``state: active``. Default: they start active.
+    approval_required: bool = False
     #: A spending budget for each of the product's subscriptions (a subscription's
     #: overrides may replace or lift it); see docs/chargeback.md, "Budgets".
     budget: BudgetConfig | None = None

@@ -51,7 +51,7 @@ from sluicegate.admin.signin import (
     EntraSignIn,
     SignInError,
 )
-from sluicegate.auth.subscriptions import SubscriptionState
+from sluicegate.auth.subscriptions import TRANSITIONS, SubscriptionState
 from sluicegate.dashboard import charts
 
 log = logging.getLogger("sluicegate.admin")
@@ -575,6 +575,7 @@ class Dashboard:
                 "pages": max(1, -(-total // PAGE_SIZE)),
                 "search": search or "",
                 "state": state or "",
+                "states": [str(st) for st in SubscriptionState],
                 "products": self.service.products(),
                 "issued": issued,
                 "error": error,
@@ -590,8 +591,9 @@ class Dashboard:
         shown_key: tuple[str, str] | None = None
         if request.method == "POST":
             action = request.state.form.get("action", "")
-            if action in ("suspend", "resume", "cancel"):
-                await run(getattr(self.service, action), sub_id)
+            if action in TRANSITIONS:
+                comment = request.state.form.get("state_comment") or None
+                await run(self.service.change_state, sub_id, action, comment)
             elif action in ("rotate-primary", "rotate-secondary"):
                 slot = action.split("-", 1)[1]
                 issued = await run(self.service.rotate, sub_id, slot)

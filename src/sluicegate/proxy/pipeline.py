@@ -94,6 +94,13 @@ class Admitter(Protocol):
         """Settle the reservation with the usage in ``ctx`` (or release it on failure)."""
 
 
+#: What the operators can do for an inactive subscription, by state (the refusal says it).
+_REACTIVATE = {
+    SubscriptionState.SUBMITTED: "approve it.",
+    SubscriptionState.SUSPENDED: "resume it or to issue a new subscription.",
+}
+
+
 class Pipeline:
     """Serves everything under ``/openai/`` (and APIM's ``/deployments/``)."""
 
@@ -357,7 +364,7 @@ class Pipeline:
                 403,
                 "SubscriptionInactive",
                 f"Subscription {sub.id} is {sub.state.value}. Ask the gateway's operators to "
-                "resume it or to issue a new subscription.",
+                + _REACTIVATE.get(sub.state, "issue a new subscription."),
             )
         if sub.expires_at is not None and sub.expires_at <= ctx.ts:
             raise GatewayError(

@@ -183,6 +183,7 @@ def subscription_to_row(sub: Subscription) -> dict[str, Any]:
         "updated_at": sub.updated_at,
         "expires_at": sub.expires_at,
         "overrides": encode_json(sub.overrides),
+        "state_comment": sub.state_comment,
     }
 
 
@@ -202,4 +203,5 @@ def subscription_from_row(row: Mapping[Any, Any]) -> Subscription:
         updated_at=float(row["updated_at"]),
         expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
         overrides=json.loads(row["overrides"]),
+        state_comment=row["state_comment"],
     )

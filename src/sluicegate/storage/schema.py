@@ -66,6 +66,8 @@ subscriptions = Table(
     Column("updated_at", Double(), nullable=False),
     Column("expires_at", Double(), nullable=True),
     Column("overrides", Text(), nullable=False),
+    # The comment given with the last state change (APIM's stateComment); migration 0004.
+    Column("state_comment", String(1000), nullable=True),
     Index(None, "primary_key_hash", unique=True),
     Index(None, "secondary_key_hash", unique=True),
     Index(None, "owner"),

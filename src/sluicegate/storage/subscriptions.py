@@ -9,13 +9,20 @@ guaranteed to see the change.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, false, func, not_, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from sluicegate.auth.subscriptions import KeySlot, Subscription, SubscriptionState
+from sluicegate.auth.subscriptions import (
+    FINAL_STATES,
+    STORED_STATES,
+    KeySlot,
+    Subscription,
+    SubscriptionState,
+)
 from sluicegate.clock import Clock, SystemClock
 from sluicegate.storage.engine import first_line
 from sluicegate.storage.rows import encode_json, subscription_from_row, subscription_to_row
@@ -43,7 +50,7 @@ class SubscriptionConflict(ValueError):
 
     ``field`` names what clashed: ``"id"`` (the id is taken), ``"key"`` (a key hash is
     already used by some subscription; regenerate the key) or ``"state"`` (the subscription
-    is cancelled, for good).
+    is in a state the change may not start from: cancelled for good, for one).
     """
 
     def __init__(self, message: str, *, field: str) -> None:
@@ -138,6 +145,10 @@ class SubscriptionRepository:
     ) -> tuple[builtins.list[Subscription], int]:
         """One page of subscriptions and the total number matching the filters.
 
+        ``state`` filters by the effective state at this repository's clock
+        (``Subscription.effective_state``): ``expired`` finds the subscriptions past their
+        ``expires_at``, ``active`` only those that are not.
+
         ``search`` matches a case-insensitive substring of id, name or owner (``%`` and ``_``
         are literal). Ordered by creation time, then id. ``limit`` is capped at ``MAX_PAGE``.
         """
@@ -156,7 +167,8 @@ class SubscriptionRepository:
         if product is not None:
             conditions.append(subscriptions.c.product == product)
         if state is not None:
-            conditions.append(subscriptions.c.state == str(state))
+            # The effective state: ``expired`` and the states it hides depend on the time.
+            conditions.append(_effective_state_in((state,), self._clock.now()))
         where = and_(*conditions) if conditions else None
         page = select(subscriptions).order_by(subscriptions.c.created_at, subscriptions.c.id)
         count = select(func.count()).select_from(subscriptions)
@@ -170,16 +182,38 @@ class SubscriptionRepository:
             rows = conn.execute(page).all()
         return [subscription_from_row(r._mapping) for r in rows], int(total)
 
-    def set_state(self, subscription_id: str, state: SubscriptionState) -> Subscription:
-        """Change the state; return the updated subscription. Raises ``SubscriptionNotFound``,
-        or ``SubscriptionConflict`` (field ``"state"``) for a cancelled subscription and any
-        state but cancelled: cancelling is for good. Checked by the UPDATE itself, so that a
-        resume racing a cancel cannot bring the subscription (and its keys) back."""
+    def set_state(
+        self,
+        subscription_id: str,
+        state: SubscriptionState,
+        *,
+        allowed_from: Collection[SubscriptionState] | None = None,
+        comment: str | None = None,
+    ) -> Subscription:
+        """Change the state and its comment (None clears it: a comment describes the state it
+        came with); return the updated subscription.
+
+        ``allowed_from``: the *effective* states (``Subscription.effective_state``, at this
+        repository's clock) the subscription may be in; None: any but cancelled, or any at all
+        to cancel. Raises ``SubscriptionNotFound``, ``ValueError`` for ``expired`` (computed,
+        never stored), ``SubscriptionInvalid`` for a comment longer than its column, or
+        ``SubscriptionConflict`` (field ``"state"``) when the subscription
+        is in another state. Checked by the UPDATE itself, so that a resume racing a cancel
+        cannot bring the subscription (and its keys) back, nor an approval a rejection."""
         state = SubscriptionState(state)
+        if state not in STORED_STATES:
+            raise ValueError(f"state {state.value!r} is computed, never stored")
+        if allowed_from is None:
+            allowed_from = set(SubscriptionState)
+            if state is not SubscriptionState.CANCELLED:
+                allowed_from.discard(SubscriptionState.CANCELLED)
+        now = self._clock.now()
         guard = None
-        if state is not SubscriptionState.CANCELLED:
-            guard = subscriptions.c.state != str(SubscriptionState.CANCELLED)
-        return self._update(subscription_id, {"state": str(state)}, guard=guard)
+        if set(allowed_from) != set(SubscriptionState):
+            guard = _effective_state_in(allowed_from, now)
+        values = {"state": str(state), "state_comment": comment}
+        _check_lengths(values)
+        return self._update(subscription_id, values, guard=guard, now=now)
 
     def set_key(
         self, subscription_id: str, slot: KeySlot, key_hash: bytes, prefix: str
@@ -231,10 +265,12 @@ class SubscriptionRepository:
         *,
         new_key: tuple[bytes, KeySlot] | None = None,
         guard: ColumnElement[bool] | None = None,
+        now: float | None = None,
     ) -> Subscription:
         """Update one subscription's ``values``; with ``guard``, only if the row meets it
         (else ``SubscriptionConflict``, field ``"state"``: the only guard is on the state)."""
-        values = {**values, "updated_at": self._clock.now()}
+        now = self._clock.now() if now is None else now
+        values = {**values, "updated_at": now}
         statement = update(subscriptions).where(subscriptions.c.id == subscription_id)
         if guard is not None:
             statement = statement.where(guard)
@@ -247,8 +283,12 @@ class SubscriptionRepository:
                 ).first()
                 if found is None:
                     raise SubscriptionNotFound(subscription_id)
+                current = conn.execute(
+                    select(subscriptions).where(subscriptions.c.id == subscription_id)
+                ).one()
                 raise SubscriptionConflict(
-                    f"subscription {subscription_id} is cancelled for good", field="state"
+                    _state_conflict(subscription_from_row(current._mapping), now),
+                    field="state",
                 )
             if new_key is not None:
                 key_hash, slot = new_key
@@ -259,6 +299,32 @@ class SubscriptionRepository:
                 select(subscriptions).where(subscriptions.c.id == subscription_id)
             ).one()
         return subscription_from_row(row._mapping)
+
+
+def _state_conflict(sub: Subscription, now: float) -> str:
+    """Why a guarded state change was refused: the state the subscription is in."""
+    state = sub.effective_state(now)
+    if state is SubscriptionState.CANCELLED:
+        return f"subscription {sub.id} is cancelled for good"
+    return f"subscription {sub.id} is {state.value}"
+
+
+def _effective_state_in(states: Collection[SubscriptionState], now: float) -> ColumnElement[bool]:
+    """SQL: the row's effective state (``Subscription.effective_state`` at ``now``) is one
+    of ``states``."""
+    c = subscriptions.c
+    expired = and_(c.expires_at.is_not(None), c.expires_at <= now)
+    wanted = set(states)
+    final = [str(s) for s in wanted & FINAL_STATES]
+    live = [str(s) for s in (wanted & STORED_STATES) - FINAL_STATES]
+    either: builtins.list[ColumnElement[bool]] = []
+    if final:
+        either.append(c.state.in_(final))
+    if live:
+        either.append(and_(c.state.in_(live), not_(expired)))
+    if SubscriptionState.EXPIRED in wanted:
+        either.append(and_(c.state.not_in([str(s) for s in FINAL_STATES]), expired))
+    return or_(*either) if either else false()
 
 
 def _check_lengths(row: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ SCRIPT_LOCATION = Path(__file__).resolve().parent
 #: The newest revision in ``versions/``, known without loading Alembic: a gateway starting
 #: on an up-to-date database never imports it (about 11 MiB of resident memory per worker).
 #: ``tests/storage/test_migrations.py`` checks it against Alembic's own view.
-HEAD = "0003"
+HEAD = "0004"
 
 # Alembic 1.16+ announces each of its autogenerate plugins at INFO whenever it runs (eight
 # lines before "Running upgrade …" in every new gateway's log); they say nothing to an operator.

@@ -1,0 +1,31 @@
+"""Subscription states: state_comment on subscriptions (APIM's stateComment).
+
+The three new states (submitted, rejected and the computed expired) need no schema change:
+``state`` is a VARCHAR(16) without a CHECK constraint, and ``submitted`` and ``rejected``
+fit. Existing rows keep their state and get no comment.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    # batch_alter_table: SQLite adds a nullable column in place (no table copy is needed).
+    with op.batch_alter_table("subscriptions") as batch:
+        batch.add_column(sa.Column("state_comment", sa.String(1000), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("subscriptions") as batch:
+        batch.drop_column("state_comment")
