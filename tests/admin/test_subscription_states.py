@@ -263,3 +263,33 @@ def test_state_changes_are_audited_without_their_comment(
         f"admin API: POST /admin/api/subscriptions/{sub_id}/approve by token: 409",
     ]
     assert "secret-ish" not in caplog.text
+
+
+def test_a_key_is_refused_with_the_state_the_admin_api_shows(h: AdminHarness) -> None:
+    """The refusal names the effective state: a submitted or suspended subscription past its
+    expiry is ``expired`` in the admin API (approving it is refused), so its key gets the
+    expiry refusal, not an invitation to approve or resume it; a rejected one past its
+    expiry stays rejected."""
+    past = time.time() - 60
+    waiting = _create(h, state="submitted", expires_at=past)
+    held = _create(h, expires_at=past)
+    assert h.api.post(f"/subscriptions/{held['subscription']['id']}/suspend").status_code in (
+        200,
+        409,
+    )
+    turned_down = _create(h, state="submitted", expires_at=time.time() + 3600)
+    down_id = turned_down["subscription"]["id"]
+    assert h.api.post(f"/subscriptions/{down_id}/reject").status_code == 200
+    h.gw.gateway.refresher.refresh_now()
+    for made in (waiting, held):
+        assert h.api.get(f"/subscriptions/{made['subscription']['id']}").json()["state"] == (
+            "expired"
+        )
+        with _sdk(h, made["primary_key"]) as client:
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+        body = refused.value.body
+        assert isinstance(body, dict) and body.get("code") == "SubscriptionExpired", body
+        assert "issue a new subscription" in str(body.get("message")), body
+    with _sdk(h, turned_down["primary_key"]) as client:
+        assert _refusal(client) == (403, "SubscriptionInactive")

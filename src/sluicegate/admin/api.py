@@ -742,7 +742,7 @@ class AdminApi:
                 schemas.RotatedKey,
                 [sid],
                 body=schemas.RotateRequest,
-                errors=(404, 408, 413, 422),
+                errors=(404, 408, 409, 413, 422),
             ),
             Operation(
                 "put",

@@ -258,10 +258,16 @@ class AdminService:
         )
 
     def rotate(self, subscription_id: str, slot: KeySlot) -> IssuedKeys:
-        """A new key in ``slot``. 409 for a cancelled subscription: its keys never work
-        again, so issuing one would only hand out a useless secret."""
-        if self.get(subscription_id).state is SubscriptionState.CANCELLED:
+        """A new key in ``slot``. 409 for a cancelled, rejected or expired subscription
+        (its effective state): its keys never work again, so issuing one would only hand out
+        a useless secret. A submitted one's key may be replaced (it works once approved)."""
+        state = self.get(subscription_id).effective_state(self.clock.now())
+        if state is SubscriptionState.CANCELLED:
             raise AdminError(409, f"subscription {subscription_id} is cancelled for good")
+        if state in (SubscriptionState.REJECTED, SubscriptionState.EXPIRED):
+            raise AdminError(
+                409, f"subscription {subscription_id} is {state.value}: its keys never work again"
+            )
         key = generate_key()
         sub = self.repository.set_key(subscription_id, slot, self._digest(key), display_prefix(key))
         if slot == "primary":

@@ -359,21 +359,8 @@ class Pipeline:
             sub, ctx.caller = by_token, caller
         if sub is None:
             raise errors.missing_key()
-        if sub.state is not SubscriptionState.ACTIVE:
-            raise GatewayError(
-                403,
-                "SubscriptionInactive",
-                f"Subscription {sub.id} is {sub.state.value}. Ask the gateway's operators to "
-                + _REACTIVATE.get(sub.state, "issue a new subscription."),
-            )
-        if sub.expires_at is not None and sub.expires_at <= ctx.ts:
-            raise GatewayError(
-                403,
-                "SubscriptionExpired",
-                f"Subscription {sub.id} expired at "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sub.expires_at))}. "
-                "Ask the gateway's operators to extend it.",
-            )
+        if sub.state is not SubscriptionState.ACTIVE or sub.expires_at is not None:
+            self._refuse_inactive(sub, ctx.ts)
         product = self.runtime.products.get(sub.product)
         if product is None:
             raise GatewayError(
@@ -394,6 +381,29 @@ class Pipeline:
         ctx.subscription, ctx.product = sub, product
 
     # -- token authentication (auth.bearer): the hook _authenticate calls ----------------------
+
+    @staticmethod
+    def _refuse_inactive(sub: Subscription, now: float) -> None:
+        """Raise the refusal of a subscription whose keys do not work at ``now``: expired
+        (past ``expires_at``, unless rejected or cancelled first: the state the admin API
+        shows, ``effective_state``) or not active, saying what the operators can do."""
+        state = sub.effective_state(now)
+        if state is SubscriptionState.EXPIRED:
+            assert sub.expires_at is not None
+            raise GatewayError(
+                403,
+                "SubscriptionExpired",
+                f"Subscription {sub.id} expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sub.expires_at))}. "
+                "Ask the gateway's operators to issue a new subscription.",
+            )
+        if state is not SubscriptionState.ACTIVE:
+            raise GatewayError(
+                403,
+                "SubscriptionInactive",
+                f"Subscription {sub.id} is {state.value}. Ask the gateway's operators to "
+                + _REACTIVATE.get(state, "issue a new subscription."),
+            )
 
     async def _token_subscription(
         self, ctx: RequestContext, token: str

@@ -27,5 +27,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Revision 0003's code reads active, suspended and cancelled only: a row in another state
+    # fails its whole load (no key is served). A submitted subscription goes back as
+    # suspended (still refused, and resumable: the approval it awaited), a rejected one as
+    # cancelled (for good, as it was).
+    subscriptions = sa.table("subscriptions", sa.column("state", sa.String(16)))
+    for new_state, old_state in (("submitted", "suspended"), ("rejected", "cancelled")):
+        op.execute(
+            subscriptions.update().where(subscriptions.c.state == new_state).values(state=old_state)
+        )
     with op.batch_alter_table("subscriptions") as batch:
         batch.drop_column("state_comment")
