@@ -285,9 +285,11 @@ def test_a_key_is_refused_with_the_state_the_admin_api_shows(h: AdminHarness) ->
         assert h.api.get(f"/subscriptions/{made['subscription']['id']}").json()["state"] == (
             "expired"
         )
-        with _sdk(h, made["primary_key"]) as client:
-            with pytest.raises(openai.PermissionDeniedError) as refused:
-                client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+        with (
+            _sdk(h, made["primary_key"]) as client,
+            pytest.raises(openai.PermissionDeniedError) as refused,
+        ):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
         body = refused.value.body
         assert isinstance(body, dict) and body.get("code") == "SubscriptionExpired", body
         assert "issue a new subscription" in str(body.get("message")), body
