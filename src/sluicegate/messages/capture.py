@@ -172,8 +172,10 @@ class MessageCapture:
             self.parts.append(body[:room])
             self.size += room
             self.held += room
-        self.cut = self.cut or room < want
         self.overflow += len(body) - room
+        # Cut for the budget only if something was lost: the log's thread may have given back
+        # enough between the refused reservation and this one, and then the part is whole.
+        self.cut = (self.cut or room < want) and self.overflow > 0
 
     def _reserve(self, more: int) -> bool:
         """Charge ``more`` bytes a whole answer keeps to the log's budget, leaving a block of

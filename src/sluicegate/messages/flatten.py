@@ -102,13 +102,33 @@ def _content(content: Any) -> str:
     return "\n".join(texts)
 
 
+def _list(value: Any) -> list[Any] | tuple[()]:
+    """``value`` when it is a list, else nothing to walk (a backend's ``choices: 1``)."""
+    return value if isinstance(value, list) else ()
+
+
+def _json_text(value: Any) -> str:
+    """A value from a parsed body as text: a string as it is, anything else as its JSON;
+    "" for null and for a value nested past what ``orjson.dumps`` writes (254 levels,
+    where ``orjson.loads`` reads 1024): never Python's repr, which a deep value makes
+    raise (``RecursionError``) in the log's thread, costing the request its entry."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except orjson.JSONEncodeError:
+        return ""
+
+
 def _tool_call_line(name: Any, arguments: Any) -> str:
     """A tool call as a line of text, in a request, a whole answer or a stream."""
-    return f"[tool call {name}] {arguments}"
+    return f"[tool call {_json_text(name)}] {_json_text(arguments)}"
 
 
 def _tool_calls(calls: Any) -> Iterable[str]:
-    for call in calls if isinstance(calls, list) else ():
+    for call in _list(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             yield _tool_call_line(function.get("name"), function.get("arguments") or "")
@@ -135,7 +155,7 @@ def _message_text(message: dict[str, Any]) -> str:
 
 
 def _message_line(message: dict[str, Any]) -> str:
-    role = message.get("role") or message.get("type") or "message"
+    role = _json_text(message.get("role") or message.get("type")) or "message"
     return f"{role}: {_message_text(message)}"
 
 
@@ -202,12 +222,12 @@ def request_text(body: dict[str, Any] | bytes) -> str:
     elif not lines:
         if not _CREDENTIALS.isdisjoint(body):  # not messages, and they hold credentials
             body = {k: v for k, v in body.items() if k not in _CREDENTIALS}
-        return orjson.dumps(body).decode("utf-8")
+        return _json_text(body)
     return "\n".join(lines)
 
 
 def _error_text(error: Any) -> str:
-    return error if isinstance(error, str) else orjson.dumps(error).decode("utf-8")
+    return _json_text(error)
 
 
 def answer_text(body: bytes, operation: str) -> str:
@@ -222,13 +242,13 @@ def answer_text(body: bytes, operation: str) -> str:
         return _raw(body)
     error = obj.get("error")
     if error:
-        return _error_text(error)
+        return _error_text(error) or _raw(body)  # nested too deep for JSON: as it came
     if operation == "embeddings":
         return ""
     if not any(key in obj for key in _ANSWER_KEYS):
         return _raw(body)
     texts: list[str] = []
-    for choice in obj.get("choices") or ():
+    for choice in _list(obj.get("choices")):
         if not isinstance(choice, dict):
             continue
         message = choice.get("message")
@@ -240,7 +260,7 @@ def answer_text(body: bytes, operation: str) -> str:
     if isinstance(output_text, str):
         texts.append(output_text)
     else:
-        for item in obj.get("output") or ():
+        for item in _list(obj.get("output")):
             if not isinstance(item, dict):
                 continue
             if (call := _call_item_line(item)) is not None:
@@ -291,6 +311,14 @@ class _Slot:
 #: (numbered from 0), and never taken for one of them.
 _FUNCTION_CALL = -1
 
+#: What a new choice or output item (``_Slot``) and a new tool call (``_Call``) count against
+#: a stream's limit besides their text, past the first ``_FREE_OBJECTS`` (the answers of real
+#: models): about the memory their objects take. A stream of many one-character choices (or
+#: empty tool calls) would otherwise hold hundreds of bytes per byte kept, while the log
+#: charges a stream's text as at most ``max_bytes``.
+_OBJECT_BYTES = 320
+_FREE_OBJECTS = 16
+
 #: A list of deltas longer than this is joined into one string after a ``feed``: a stream
 #: of 2 MiB in deltas of a few characters would otherwise hold ~700,000 string objects
 #: (~40 MB), twenty times the text they hold.
@@ -306,19 +334,22 @@ class StreamText:
     between characters) and counts the rest, so a long stream holds no more than the log
     keeps. Not thread-safe: fed by the message log's thread only."""
 
-    __slots__ = ("_errors", "_kept", "_slots", "limit", "original_bytes")
+    __slots__ = ("_errors", "_kept", "_objects", "_slots", "limit", "original_bytes")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._slots: dict[int, _Slot] = {}
         self._errors: list[str] = []
         self._kept = 0
+        #: Slots and calls made (``_OBJECT_BYTES``).
+        self._objects = 0
         #: UTF-8 bytes of all the text seen (kept or not).
         self.original_bytes = 0
 
     @property
     def kept_bytes(self) -> int:
-        """UTF-8 bytes of text, names and errors held: at most ``limit``."""
+        """UTF-8 bytes of text, names and errors held, and what choices and tool calls past
+        the first few count (``_OBJECT_BYTES``): at most ``limit``."""
         return self._kept
 
     def feed(self, events: bytes) -> None:
@@ -343,7 +374,7 @@ class StreamText:
         if error:  # an error event (the backend's, or the gateway's StreamInterrupted)
             self._error(error)
             return
-        for choice in obj.get("choices") or ():
+        for choice in _list(obj.get("choices")):
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index")
@@ -448,9 +479,9 @@ class StreamText:
 
     def _call(self, index: int, n: int, name: str | None, arguments: str | None) -> None:
         slot = self._slot(index)
-        call = slot.calls.get(n)
+        call = slot.calls.get(n) if slot is not None else None
         if call is None:
-            if self._kept >= self.limit:  # the prefix would be counted for nothing kept
+            if slot is None or not self._new_object():  # nothing kept
                 self.original_bytes += _size(_tool_call_line(name or "", arguments or ""))
                 return
             call = slot.calls[n] = _Call()
@@ -465,16 +496,36 @@ class StreamText:
             if kept:
                 call.arguments.append(kept)
 
-    def _slot(self, index: int) -> _Slot:
+    def _slot(self, index: int) -> _Slot | None:
+        """The choice's or output item's slot; None when a new one would pass the limit
+        (``_OBJECT_BYTES``)."""
         slot = self._slots.get(index)
         if slot is None:
+            if not self._new_object():
+                return None
             slot = self._slots[index] = _Slot()
         return slot
 
+    def _new_object(self) -> bool:
+        """Count a new slot or call against the limit (past ``_FREE_OBJECTS``); False when
+        it does not fit (nothing counted), or nothing more is kept."""
+        if self._kept >= self.limit:  # it would hold nothing: only counted
+            return False
+        if self._objects >= _FREE_OBJECTS:
+            if self._kept + _OBJECT_BYTES > self.limit:
+                return False
+            self._kept += _OBJECT_BYTES
+        self._objects += 1
+        return True
+
     def _text(self, index: int, text: str) -> None:
+        slot = self._slot(index) if text else None
+        if slot is None:
+            self.original_bytes += _size(text)  # counted, not kept
+            return
         kept = self._keep(text)
         if kept:
-            self._slot(index).text.append(kept)
+            slot.text.append(kept)
 
     def _keep(self, text: str) -> str:
         """Count ``text``; what of it fits in the limit (cut between characters), or ""."""
@@ -497,6 +548,8 @@ class StreamText:
             self._errors.append(text)
 
     def _compact(self) -> None:
+        if len(self._errors) > _COMPACT_AT:  # as ``text`` writes them: a line each
+            self._errors[:] = ["\n".join(self._errors)]
         for slot in self._slots.values():
             if len(slot.text) > _COMPACT_AT:
                 slot.text[:] = ["".join(slot.text)]

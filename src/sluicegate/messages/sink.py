@@ -128,16 +128,18 @@ def _lock(path: str, rotates: bool) -> int | None:
     it. ``flock`` locks die with their process: a crashed instance leaves no stale lock.
 
     A lock file that cannot be created or locked (a read-only directory holding a writable
-    log file, a name too long for the lock's, a file system without ``flock``): the lock only
-    keeps instances from rotating one file under each other, so a log that never
-    ``rotates`` runs without it (None, after one warning); one that rotates is refused
-    (``MessageLogUnlockable``, saying what to change)."""
+    log file, a name too long for the lock's, a symbolic link in its place, a file system
+    without ``flock``): the lock only keeps instances from rotating one file under each
+    other, so a log that never ``rotates`` runs without it (None, after one warning); one
+    that rotates is refused (``MessageLogUnlockable``, saying what to change)."""
     file = Path(path)
     if file.exists() and not file.is_file():
         return None
     where = lock_path(path)
     try:
-        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symbolic link: the lock file is truncated below, and a link planted
+        # in its place would have the gateway truncate whatever it points to.
+        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         _unlocked(path, where, rotates, exc)
         return None

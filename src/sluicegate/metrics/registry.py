@@ -373,8 +373,8 @@ class _MessageLogCollector(Collector):
         )
         yield GaugeMetricFamily(
             "sluicegate_message_log_pending_bytes",
-            "Bytes held for the message log: queued entries and the events and text of streams in "
-            "flight (bounded by max_pending_bytes).",
+            "Bytes held for the message log: queued entries, the events and text of streams in "
+            "flight and the answers of requests running (bounded by max_pending_bytes).",
             value=s.pending_bytes,
         )
 
