@@ -303,3 +303,23 @@ def test_answer_text_is_the_generated_text_of_every_kind_of_answer() -> None:
     assert answer_text(orjson.dumps({"data": [{"embedding": [0.1]}]})) == ""
     assert answer_text(b"not json") == answer_text(b"[1]") == ""
     assert answer_text(orjson.dumps({"choices": [None, {"message": None}], "output": [1]})) == ""
+
+
+def test_answer_text_of_an_answer_of_unexpected_shape_is_empty_not_an_error() -> None:
+    """A backend's answer without usage is estimated from its text; members of the wrong
+    type hold no text (the gateway must relay the answer, not fail with a 500)."""
+    for body in (
+        b'{"choices": 1}',
+        b'{"choices": {"a": 1}}',
+        b'{"output": true}',
+        b'{"output": [{"content": 5}]}',
+        b'{"output": [{"content": "text"}]}',
+    ):
+        assert answer_text(body) == "", body
+    assert answer_text(b'{"output": [{"content": [{"text": "hi"}]}], "choices": 1}') == "hi"
+
+
+def test_relayed_text_of_events_of_unexpected_shape_is_empty_not_an_error() -> None:
+    scanner = StreamScanner(strip_usage_chunk=False)
+    scanner.feed(b'data: {"choices": 1}\n\ndata: {"choices": [{"delta": {"content": "ok"}}]}\n\n')
+    assert scanner.relayed_text() == "ok"

@@ -88,14 +88,17 @@ def answer_text(body: bytes) -> str:
     if not isinstance(obj, dict):
         return ""
     parts: list[str] = []
-    for choice in obj.get("choices") or ():
+    # A backend's answer is untrusted: a member of the wrong type is no text, never a 500.
+    choices, output = obj.get("choices"), obj.get("output")
+    for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict):
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else choice.get("text")
             if isinstance(text, str):
                 parts.append(text)
-    for item in obj.get("output") or ():  # Responses: message items hold output_text parts
-        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+    for item in output if isinstance(output, list) else ():  # Responses: output_text parts
+        content = item.get("content") if isinstance(item, dict) else None
+        for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
     return "".join(parts)
@@ -355,7 +358,8 @@ class StreamScanner:
                     continue
                 if not isinstance(obj, dict):
                     continue
-                for choice in obj.get("choices") or ():
+                choices = obj.get("choices")  # untrusted: a non-list holds no text
+                for choice in choices if isinstance(choices, list) else ():
                     if isinstance(choice, dict):
                         delta = choice.get("delta") or {}
                         text = delta.get("content") if isinstance(delta, dict) else None
