@@ -26,6 +26,7 @@ import pytest
 
 from sluicegate.accounting.records import UsageRecord
 from sluicegate.messages.capture import CUT_KEPT_BYTES, MessageCapture
+from sluicegate.messages.sink import MessageLog
 from sluicegate.proxy import pipeline, relay
 from sluicegate.simulator.config import SimDeployment
 from sluicegate.simulator.server import SimulatorThread
@@ -460,6 +461,27 @@ EMBEDDINGS_ANSWER = orjson.dumps(
 SPEECH = bytes(range(256)) * 64
 
 
+@contextlib.contextmanager
+def _logged_gateway(
+    tmp_path: Path, url: str, path: Path, budget: int
+) -> Iterator[tuple[Harness, str, MessageLog]]:
+    """A gateway in front of the backend at ``url`` whose product ``logged`` writes its
+    message log to ``path`` within ``budget`` bytes held; with a key of that product."""
+    config = gateway_config(
+        tmp_path,
+        {"wire": url},
+        products=[{"name": "logged", "message_log": {}}],
+        message_log={"path": str(path), "max_pending_bytes": budget},
+    )
+    with GatewayThread(config) as gw:
+        harness = Harness(gw, None)  # type: ignore[arg-type]
+        key = harness.new_key(product="logged").primary_key
+        assert key is not None
+        log = gw.gateway.messages
+        assert log is not None
+        yield harness, key, log
+
+
 def _tool_chunk(call: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {"tool_calls": [call]} if call else {}
     return {
@@ -744,63 +766,54 @@ def test_many_streams_in_flight_hold_no_more_than_the_logs_budget(tmp_path: Path
 
     path = tmp_path / "messages.jsonl"
     budget = 1024 * 1024
-    with WireBackend(held_streams).running() as backend:
-        config = gateway_config(
-            tmp_path,
-            {"wire": backend.url},
-            products=[{"name": "logged", "message_log": {}}],
-            message_log={"path": str(path), "max_pending_bytes": budget},
-        )
-        with GatewayThread(config) as gw:
-            harness = Harness(gw, None)  # type: ignore[arg-type]
-            key = harness.new_key(product="logged").primary_key
-            assert key is not None
-            log = gw.gateway.messages
-            assert log is not None
-            received: list[str] = []
-            halfway = threading.Semaphore(0)
+    with (
+        WireBackend(held_streams).running() as backend,
+        _logged_gateway(tmp_path, backend.url, path, budget) as (harness, key, log),
+    ):
+        received: list[str] = []
+        halfway = threading.Semaphore(0)
 
-            def call() -> None:
-                stream = harness.sdk(key).chat.completions.create(
-                    model="gpt-4o", messages=[{"role": "user", "content": "dams"}], stream=True
-                )
-                text = []
-                for n, part in enumerate(stream, 1):
-                    text.append(part.choices[0].delta.content or "")
-                    if n == HELD_EVENTS:
-                        halfway.release()
-                received.append("".join(text))
+        def call() -> None:
+            stream = harness.sdk(key).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "dams"}], stream=True
+            )
+            text = []
+            for n, part in enumerate(stream, 1):
+                text.append(part.choices[0].delta.content or "")
+                if n == HELD_EVENTS:
+                    halfway.release()
+            received.append("".join(text))
 
-            callers = [threading.Thread(target=call) for _ in range(STREAMS)]
+        callers = [threading.Thread(target=call) for _ in range(STREAMS)]
+        for caller in callers:
+            caller.start()
+        try:
+            for _ in range(STREAMS):  # every stream has sent what it holds
+                assert halfway.acquire(timeout=30)
+            held = log.stats().pending_bytes
+            assert STREAMS * HELD_EVENTS * len(EVENT_TEXT) > 2 * budget
+            assert budget // 2 < held <= budget  # counted, and within the budget
+        finally:
+            gate.set()
             for caller in callers:
-                caller.start()
-            try:
-                for _ in range(STREAMS):  # every stream has sent what it holds
-                    assert halfway.acquire(timeout=30)
-                held = log.stats().pending_bytes
-                assert STREAMS * HELD_EVENTS * len(EVENT_TEXT) > 2 * budget
-                assert budget // 2 < held <= budget  # counted, and within the budget
-            finally:
-                gate.set()
-                for caller in callers:
-                    caller.join(timeout=30)
-            assert len(received) == STREAMS
-            assert set(received) == {EVENT_TEXT * HELD_EVENTS + "Dam."}
-            records = harness.records(expect=STREAMS)
-            deadline = time.monotonic() + 10
-            while log.stats().requests < STREAMS:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            stats = log.stats()
-            assert (stats.pending, stats.pending_bytes) == (0, 0)  # all given back
-        entries = [entries_in(path, r.request_id, wait=0) for r in records]
-        assert all(entries)
-        cut = [e for e in entries if e[0]["ResponseTruncated"]]
-        whole = [e for e in entries if not e[0]["ResponseTruncated"]]
-        assert len(cut) == stats.streams_cut >= STREAMS // 3  # about half did not fit
-        assert whole and {"".join(x["ResponseMessages"] for x in e) for e in whole} == set(received)
-        for e in cut:
-            assert len("".join(x["ResponseMessages"] for x in e)) < len(received[0])
+                caller.join(timeout=30)
+        assert len(received) == STREAMS
+        assert set(received) == {EVENT_TEXT * HELD_EVENTS + "Dam."}
+        records = harness.records(expect=STREAMS)
+        deadline = time.monotonic() + 10
+        while log.stats().requests < STREAMS:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stats = log.stats()
+        assert (stats.pending, stats.pending_bytes) == (0, 0)  # all given back
+    entries = [entries_in(path, r.request_id, wait=0) for r in records]
+    assert all(entries)
+    cut = [e for e in entries if e[0]["ResponseTruncated"]]
+    whole = [e for e in entries if not e[0]["ResponseTruncated"]]
+    assert len(cut) == stats.streams_cut >= STREAMS // 3  # about half did not fit
+    assert whole and {"".join(x["ResponseMessages"] for x in e) for e in whole} == set(received)
+    for e in cut:
+        assert len("".join(x["ResponseMessages"] for x in e)) < len(received[0])
 
 
 #: Whole answers running at once, of about 1.9 MB of text each, relayed in parts: each has
@@ -862,63 +875,54 @@ def test_large_answers_in_flight_hold_no_more_than_the_logs_budget(
     path = tmp_path / "messages.jsonl"
     budget = 4 * 1024 * 1024
     assert 2 * budget < ANSWERS * ANSWER_HELD
-    with WireBackend(large).running() as backend:
-        config = gateway_config(
-            tmp_path,
-            {"wire": backend.url},
-            products=[{"name": "logged", "message_log": {}}],
-            message_log={"path": str(path), "max_pending_bytes": budget},
-        )
-        with GatewayThread(config) as gw:
-            harness = Harness(gw, None)  # type: ignore[arg-type]
-            key = harness.new_key(product="logged").primary_key
-            assert key is not None
-            log = gw.gateway.messages
-            assert log is not None
-            received: list[str | None] = []
+    with (
+        WireBackend(large).running() as backend,
+        _logged_gateway(tmp_path, backend.url, path, budget) as (harness, key, log),
+    ):
+        received: list[str | None] = []
 
-            def call() -> None:
-                answer = harness.sdk(key).chat.completions.create(
-                    model="gpt-4o", messages=[{"role": "user", "content": "sluices"}]
-                )
-                received.append(answer.choices[0].message.content)
+        def call() -> None:
+            answer = harness.sdk(key).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "sluices"}]
+            )
+            received.append(answer.choices[0].message.content)
 
-            callers = [threading.Thread(target=call) for _ in range(ANSWERS)]
+        callers = [threading.Thread(target=call) for _ in range(ANSWERS)]
+        for caller in callers:
+            caller.start()
+        try:
+            wait_for(
+                lambda: (
+                    len(captures) == ANSWERS
+                    and all(c.size + c.overflow >= ANSWER_HELD for c in captures)
+                ),
+                what="every answer relayed as far as its backend has sent it",
+            )
+            held = sum(c.size for c in captures)
+            assert not any(c.finished for c in captures)  # all in flight
+            assert captures[0].policy.max_bytes > len(LARGE_TEXT)  # each fits max_bytes
+            assert 0 < held <= log.stats().pending_bytes <= budget  # counted, within it
+        finally:
+            gate.set()
             for caller in callers:
-                caller.start()
-            try:
-                wait_for(
-                    lambda: (
-                        len(captures) == ANSWERS
-                        and all(c.size + c.overflow >= ANSWER_HELD for c in captures)
-                    ),
-                    what="every answer relayed as far as its backend has sent it",
-                )
-                held = sum(c.size for c in captures)
-                assert not any(c.finished for c in captures)  # all in flight
-                assert captures[0].policy.max_bytes > len(LARGE_TEXT)  # each fits max_bytes
-                assert 0 < held <= log.stats().pending_bytes <= budget  # counted, within it
-            finally:
-                gate.set()
-                for caller in callers:
-                    caller.join(timeout=30)
-            assert received == [LARGE_TEXT] * ANSWERS  # the clients got everything
-            records = harness.records(expect=ANSWERS)
-            wait_for(lambda: log.stats().requests == ANSWERS, within=10)
-            stats = log.stats()
-            assert (stats.pending, stats.pending_bytes, stats.dropped) == (0, 0, 0)
-        entries = [entries_in(path, r.request_id, wait=0) for r in records]
-        assert all(entries)
-        whole = [e for e in entries if not e[0]["ResponseTruncated"]]
-        cut = [e for e in entries if e[0]["ResponseTruncated"]]
-        assert whole and len(cut) == stats.answers_cut >= ANSWERS // 2
-        for e in whole:
-            assert "".join(x["ResponseMessages"] for x in e) == LARGE_TEXT
-        for e in cut:  # the beginning that fitted, raw (perhaps nothing), unparsed
-            assert e[0]["ResponseOriginalBytes"] == len(LARGE_ANSWER)
-            text = "".join(x["ResponseMessages"] for x in e)
-            assert LARGE_ANSWER.decode().startswith(text)
-            assert len(text) <= CUT_KEPT_BYTES
+                caller.join(timeout=30)
+        assert received == [LARGE_TEXT] * ANSWERS  # the clients got everything
+        records = harness.records(expect=ANSWERS)
+        wait_for(lambda: log.stats().requests == ANSWERS, within=10)
+        stats = log.stats()
+        assert (stats.pending, stats.pending_bytes, stats.dropped) == (0, 0, 0)
+    entries = [entries_in(path, r.request_id, wait=0) for r in records]
+    assert all(entries)
+    whole = [e for e in entries if not e[0]["ResponseTruncated"]]
+    cut = [e for e in entries if e[0]["ResponseTruncated"]]
+    assert whole and len(cut) == stats.answers_cut >= ANSWERS // 2
+    for e in whole:
+        assert "".join(x["ResponseMessages"] for x in e) == LARGE_TEXT
+    for e in cut:  # the beginning that fitted, raw (perhaps nothing), unparsed
+        assert e[0]["ResponseOriginalBytes"] == len(LARGE_ANSWER)
+        text = "".join(x["ResponseMessages"] for x in e)
+        assert LARGE_ANSWER.decode().startswith(text)
+        assert len(text) <= CUT_KEPT_BYTES
 
 
 def test_a_gateway_whose_log_file_cannot_be_locked_starts_when_it_never_rotates(

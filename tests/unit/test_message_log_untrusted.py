@@ -12,33 +12,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sluicegate.accounting.records import Outcome, UsageRecord
 from sluicegate.messages.capture import MessageCapture
 from sluicegate.messages.config import MessageLogPolicy, MessageLogSink
 from sluicegate.messages.flatten import StreamText, answer_text, request_text
 from sluicegate.messages.sink import MessageLog, MessageLogUnlockable, lock_path
 from sluicegate.proxy.asgi import Message
+from tests.unit.test_message_sink import _record
 
 _DEEP = b"[" * 300 + b"]" * 300  # within orjson.loads' 1024 levels, past orjson.dumps' 254
 _DEEPER = b"[" * 1000 + b"]" * 1000  # past Python's recursion limit for repr
-
-
-def _record(request_id: str) -> UsageRecord:
-    return UsageRecord(
-        request_id=request_id,
-        ts=1_765_130_000.25,
-        subscription_id="sub-1",
-        owner="team-a",
-        product="logged",
-        deployment="gpt-4o-mini",
-        backend="sim",
-        operation="chat/completions",
-        status=200,
-        outcome=Outcome.OK,
-        prompt_tokens=5,
-        completion_tokens=2,
-        total_tokens=7,
-    )
 
 
 #: Answers a backend (or something posing as one) may send: JSON, but not in the shapes the
